@@ -1,0 +1,74 @@
+"""Shared command line for the pipelines: ``--config FILE.yaml``, ``--set a.b=value``, ``--help``.
+
+The help text lists every config field with its default and description, generated from the
+pydantic models so it never drifts from what is validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel
+
+from linearard_ray.config import Config, ConfigError, load_config
+
+
+def _type_name(ann: Any) -> str:
+    origin = get_origin(ann)
+    if origin is None:
+        return getattr(ann, "__name__", str(ann))
+    args = ", ".join(_type_name(a) for a in get_args(ann))
+    return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per leaf field: dotted name, type, default and description."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        dotted = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not type(None):
+            lines.append(f"[{dotted}]")
+            lines.extend(describe_fields(ann, dotted + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        desc = f"  {field.description}" if field.description else ""
+        lines.append(f"  {dotted} ({_type_name(ann)}) = {default!r}{desc}")
+    return lines
+
+
+def build_parser(prog: str, description: str, sections: list[str] | None = None) -> argparse.ArgumentParser:
+    fields = describe_fields()
+    if sections:
+        keep, on = [], False
+        for line in fields:
+            if line.startswith("["):
+                on = line.strip("[]").split(".")[0] in sections
+            if on:
+                keep.append(line)
+        fields = keep
+    epilog = "configuration fields (set in YAML or with --set):\n" + "\n".join(fields)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", "-c", default=None, help="YAML config file (default: the embedded default)")
+    p.add_argument(
+        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted override, e.g. --set data.ctx_len=2048 (repeatable; values parsed as YAML)",
+    )
+    return p
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """Parse argv and validate the config; a bad config exits with the field named (status 2)."""
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return args, cfg

@@ -1,0 +1,463 @@
+"""Validated configuration for every stage.
+
+One YAML file describes a whole job; each stage reads its own section. Every model forbids
+unknown keys so that a typo fails at load time with the field's dotted path, before any Ray
+worker starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model / rope
+
+
+class ModelConfig(_Section):
+    teacher: str = Field("smollm2-135m", description="Hub id, local directory, .gguf file, or built-in name 'smollm2-135m'.")
+    student: str | None = Field(None, description="Checkpoint the student starts from; default: the teacher's weights.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' = bfloat16 on GPU, float32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    cache_dir: str | None = Field(None, description="Where built-in models are fetched and converted (default ~/.cache/linearard_ray).")
+
+
+RopeType = Literal["linear", "dynamic", "yarn", "llama3", "longrope"]
+
+
+class RopeConfig(_Section):
+    type: RopeType = Field("linear", description="Student RoPE scaling: linear (PI), dynamic (NTK), yarn, llama3, longrope.")
+    factor: float = Field(4.0, description="Context extension factor; must be > 1.")
+    original_max_position_embeddings: int | None = Field(None, description="Native window; default: the teacher's max_position_embeddings.")
+    max_position_embeddings: int | None = Field(None, description="New window; default: native × factor.")
+    # yarn
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    # llama3
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    # longrope
+    long_factor: list[float] | None = None
+    short_factor: list[float] | None = None
+    yarn_logit_correction: Literal["divide", "keep"] = Field(
+        "divide",
+        description="YaRN multiplies cos/sin by an attention factor m, so Q·Qᵀ/K·Kᵀ logits carry m²; "
+        "'divide' scales the student's relation logits by 1/m² so the loss compares the shapes of the distributions.",
+    )
+
+    @field_validator("factor")
+    @classmethod
+    def _factor_gt_one(cls, v: float) -> float:
+        if not v > 1.0:
+            raise ValueError(f"rope.factor must be > 1 to extend the context window, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------- objective
+
+
+class LayerSelection(_Section):
+    """Which decoder layers the relation loss aligns.
+
+    Also accepted as a string: "all", "first:4", "last:8", "every:3", "range:2-10", "0,5,7".
+    """
+
+    strategy: Literal["all", "list", "first", "last", "every", "range"] = "all"
+    n: int | None = Field(None, ge=1, description="for first/last")
+    k: int | None = Field(None, ge=1, description="for every (every k-th layer, starting at offset)")
+    offset: int = Field(0, ge=0)
+    layers: list[int] | None = Field(None, description="for list")
+    start: int | None = Field(None, ge=0, description="for range (inclusive)")
+    stop: int | None = Field(None, ge=0, description="for range (exclusive)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return {"strategy": "list", "layers": v}
+        if not isinstance(v, str):
+            return v
+        s = v.strip().lower()
+        if s == "all":
+            return {"strategy": "all"}
+        if ":" in s:
+            kind, arg = s.split(":", 1)
+            if kind in ("first", "last"):
+                return {"strategy": kind, "n": int(arg)}
+            if kind == "every":
+                return {"strategy": "every", "k": int(arg)}
+            if kind == "range":
+                a, b = arg.split("-", 1)
+                return {"strategy": "range", "start": int(a), "stop": int(b)}
+        try:
+            return {"strategy": "list", "layers": [int(x) for x in s.split(",") if x.strip()]}
+        except ValueError:
+            raise ValueError(f"cannot parse layer selection {v!r}; use all, first:N, last:N, every:K, range:A-B or a list")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LayerSelection":
+        need = {"first": "n", "last": "n", "every": "k", "list": "layers", "range": "start"}
+        f = need.get(self.strategy)
+        if f and getattr(self, f) is None:
+            raise ValueError(f"layer selection strategy {self.strategy!r} needs field {f!r}")
+        if self.strategy == "range" and (self.stop is None or self.stop <= self.start):
+            raise ValueError("layer selection 'range' needs stop > start")
+        return self
+
+    def resolve(self, num_layers: int) -> list[int]:
+        """The sorted layer indices this selection picks in a model of `num_layers` layers."""
+        L = num_layers
+        if self.strategy == "all":
+            out = list(range(L))
+        elif self.strategy == "first":
+            out = list(range(min(self.n, L)))
+        elif self.strategy == "last":
+            out = list(range(max(0, L - self.n), L))
+        elif self.strategy == "every":
+            out = list(range(self.offset, L, self.k))
+        elif self.strategy == "range":
+            out = list(range(self.start, min(self.stop, L)))
+        else:
+            bad = [i for i in self.layers if not -L <= i < L]
+            if bad:
+                raise ConfigError(f"objective.relation.layers: layer indices {bad} out of range for a model with {L} layers")
+            out = sorted({i % L for i in self.layers})
+        if not out:
+            raise ConfigError(f"objective.relation.layers selects no layer of a model with {L} layers")
+        return out
+
+
+class RelationTerm(_Section):
+    weight: float = Field(1.0, ge=0)
+    weights: dict[Literal["q", "k", "v"], float] = Field(
+        default_factory=lambda: {"q": 1.0, "k": 1.0, "v": 1.0}, description="Per-relation weights (Q/Q, K/K, V/V)."
+    )
+    layers: LayerSelection = Field(default_factory=LayerSelection)
+    fused: bool = Field(True, description="One op call per layer for the three relations.")
+
+    @field_validator("weights")
+    @classmethod
+    def _nonneg(cls, v: dict) -> dict:
+        for k, w in v.items():
+            if w < 0:
+                raise ValueError(f"relation weight {k} must be >= 0, got {w}")
+        return {"q": v.get("q", 0.0), "k": v.get("k", 0.0), "v": v.get("v", 0.0)}
+
+
+class LogitTerm(_Section):
+    weight: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k_positions: int | None = Field(None, ge=1, description="Only the k positions with the largest teacher-student KL contribute.")
+    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk; the full fp32 logits are never materialised.")
+
+
+class NextTokenTerm(_Section):
+    weight: float = Field(0.0, ge=0)
+
+
+class ObjectiveConfig(_Section):
+    name: Literal["linearard", "linearard+logits", "cpt", "custom"] = "linearard"
+    relation: RelationTerm = Field(default_factory=RelationTerm)
+    logits: LogitTerm = Field(default_factory=LogitTerm)
+    next_token: NextTokenTerm = Field(default_factory=NextTokenTerm)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, v: Any) -> Any:
+        # A named recipe fills in the term weights the user did not set explicitly.
+        if not isinstance(v, dict):
+            return v
+        v = copy.deepcopy(v)
+        name = v.get("name", "linearard")
+        presets = {
+            "linearard": {"relation": 1.0, "logits": 0.0, "next_token": 0.0},
+            "linearard+logits": {"relation": 1.0, "logits": 1.0, "next_token": 0.0},
+            "cpt": {"relation": 0.0, "logits": 0.0, "next_token": 1.0},
+        }
+        if name in presets:
+            for term, w in presets[name].items():
+                sec = v.setdefault(term, {})
+                if isinstance(sec, dict):
+                    sec.setdefault("weight", w)
+        return v
+
+    @model_validator(mode="after")
+    def _some_term(self) -> "ObjectiveConfig":
+        if self.relation.weight == 0 and self.logits.weight == 0 and self.next_token.weight == 0:
+            raise ValueError("objective: every term has weight 0; nothing to train")
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.relation.weight > 0 or self.logits.weight > 0
+
+
+# --------------------------------------------------------------------------- lora
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(True, description="LoRA adapters on the target modules; false = full fine-tuning of them.")
+    r: int = Field(128, ge=1)
+    alpha: float = Field(256.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _default_sources() -> list[str]:
+    return ["builtin:sotu/train"]
+
+
+class DataConfig(_Section):
+    sources: list[str] = Field(
+        default_factory=_default_sources,
+        description="Files, globs, directories (local, s3://, gs://), 'hf:<dataset>[:split]', or 'builtin:sotu/<split>'.",
+    )
+    format: Literal["auto", "text", "jsonl", "json", "parquet"] = "auto"
+    text_column: str = "text"
+    ctx_len: int = Field(512, ge=8, description="Tokens per training block.")
+    pack: bool = Field(False, description="Pack across documents with EOS separators instead of cutting per document.")
+    tail: Literal["drop", "pad"] = Field("drop", description="What to do with a document's last partial block.")
+    min_doc_tokens: int = Field(64, ge=1, description="Documents with fewer tokens are skipped (and counted).")
+    add_bos: bool | None = Field(None, description="Default: what the tokenizer does.")
+    add_eos: bool = True
+    shuffle: bool = True
+    seed: int = 0
+    output_dir: str | None = Field(None, description="Where token blocks go; default outputs/data/<hash of config>.")
+    preprocessed: str | None = Field(None, description="Directory with manifest.json from an earlier preprocess run.")
+    tokenizer_actors: int = Field(1, ge=1)
+    tokenizer_batch_size: int = Field(16, ge=1)
+    rows_per_shard: int = Field(2048, ge=1)
+    lm_ctx_len: int | None = Field(None, description="Block length for the next-token term's own stream; default ctx_len.")
+    lm_sources: list[str] | None = Field(None, description="Data for the next-token term; default: sources.")
+
+
+# --------------------------------------------------------------------------- train
+
+
+class TrainConfig(_Section):
+    run_name: str = Field("linearard-default", description="Deterministic name; starting a job again with it resumes.")
+    storage_path: str = Field("outputs/ray", description="Ray Train storage (local dir or s3://).")
+    output_dir: str = Field("outputs/students", description="Where the exported student goes (<output_dir>/<run_name>).")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = Field(None, description="Default: true when the cluster has GPUs.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(4, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(5.0, gt=0)
+    budget_tokens: int | None = Field(None, ge=1, description="Stop after this many training tokens (all workers).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    epochs_max: int = Field(100, ge=1, description="Upper bound on passes over the data to reach the budget.")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    op_backend: Literal["auto", "triton", "torch"] = "auto"
+    log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="Held-out NLL gap every N steps (used by sweeps).")
+    eval_texts: int = Field(4, ge=1, description="Held-out blocks for the in-training evaluation.")
+    eval_long_len: int | None = Field(None, description="Also report NLL at this length during training.")
+    evaluate_at_end: bool = False
+    fail_at_step: int | None = Field(None, description="Testing aid: raise once at this step (simulates a worker failure).")
+
+    @model_validator(mode="after")
+    def _budget(self) -> "TrainConfig":
+        if self.budget_tokens is None and self.max_steps is None:
+            raise ValueError("train: set budget_tokens or max_steps")
+        return self
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="Default: sqlite:///<cwd>/mlflow.db (one absolute URI for every worker).")
+    experiment: str = "linearard"
+
+    def resolved_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvalModelSpec(_Section):
+    name: str
+    path: str = Field(..., description="Hub id, directory, exported student, .gguf or 'smollm2-135m'.")
+    rope: RopeConfig | None = Field(None, description="RoPE settings to apply; default: as in the checkpoint.")
+
+
+class EvalConfig(_Section):
+    models: list[EvalModelSpec] = Field(default_factory=list, description="Default: teacher, unrestored student, restored student.")
+    student_path: str | None = Field(None, description="The restored student to evaluate (exported directory).")
+    texts: list[str] = Field(default_factory=lambda: ["builtin:sotu/eval"])
+    other_texts: list[str] = Field(default_factory=list, description="A second domain not used in training.")
+    short_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
+    long_lengths: list[int] = Field(default_factory=lambda: [4096, 8192])
+    max_windows: int = Field(8, ge=1, description="Windows per length (more = less noise, more time).")
+    passkey_lengths: list[int] = Field(default_factory=lambda: [1024, 4096])
+    passkey_depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    passkey_trials: int = Field(3, ge=1)
+    relation_kl: bool = True
+    batch_size: int = Field(1, ge=1)
+    seed: int = 0
+    output_dir: str = "outputs/eval"
+    device: str = "auto"
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- tune
+
+
+class TuneConfig(_Section):
+    sweep_name: str = "linearard-sweep"
+    space: dict[str, Any] = Field(
+        default_factory=lambda: {"rope.factor": {"grid": [2.0, 4.0]}, "objective.relation.layers": {"grid": ["all", "last:2"]}},
+        description="Dotted config path -> {grid: [...]} | {choice: [...]} | {uniform: [a,b]} | {loguniform: [a,b]} | {randint: [a,b]}.",
+    )
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1, description="Repeats of the grid, or samples for random/optuna.")
+    metric: str = "nll_gap"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent: int | None = None
+    trial_max_failures: int = Field(1, ge=0)
+    storage_path: str = "outputs/tune"
+
+
+# --------------------------------------------------------------------------- top level
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rope: RopeConfig = Field(default_factory=RopeConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=30))
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_value(raw: str) -> Any:
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
+    """Set d[a][b][c] = value for dotted 'a.b.c', creating sections as needed."""
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+def _format_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build_config(data: dict | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a raw dict (plus dotted overrides) into a Config, or raise ConfigError naming the field."""
+    raw = copy.deepcopy(data or {})
+    for k, v in (overrides or {}).items():
+        set_dotted(raw, k, v)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read YAML (or nothing: the embedded default), apply `--set` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        data = loaded or {}
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    return build_config(data, ov)
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML that `load_config` accepts as it is."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: Config | dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> scalar, for MLflow params."""
+    d = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

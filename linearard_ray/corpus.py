@@ -1,0 +1,43 @@
+"""The embedded corpus: 233 State of the Union addresses (public domain), shipped compressed.
+
+Splits: ``train`` 1790–1989, ``eval`` 1990–2016, ``extra`` 2017–2021. Referred to in configs as
+``builtin:sotu/<split>`` (``builtin:sotu`` = every split).
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+from importlib import resources
+from typing import Iterator
+
+BUILTIN_PREFIX = "builtin:"
+SPLITS = ("train", "eval", "extra")
+
+
+def sotu_path() -> str:
+    return str(resources.files("linearard_ray") / "assets" / "sotu.jsonl.xz")
+
+
+def iter_sotu(split: str | None = None) -> Iterator[dict]:
+    """Yield {'id', 'year', 'president', 'party', 'split', 'text'} in chronological order."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown SOTU split {split!r}; choose one of {SPLITS}")
+    with lzma.open(sotu_path(), "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if split is None or row["split"] == split:
+                yield row
+
+
+def is_builtin(source: str) -> bool:
+    return source.startswith(BUILTIN_PREFIX)
+
+
+def iter_builtin(source: str) -> Iterator[dict]:
+    """Documents of a ``builtin:`` source."""
+    name = source[len(BUILTIN_PREFIX):]
+    corpus, _, split = name.partition("/")
+    if corpus != "sotu":
+        raise ValueError(f"unknown built-in corpus {source!r}; available: builtin:sotu[/train|/eval|/extra]")
+    return iter_sotu(split or None)
