@@ -1,0 +1,38 @@
+"""Next-token negative log-likelihood, computed in chunks of positions so long contexts never
+materialise a [T, vocab] fp32 logit matrix."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _decoder_and_head(model):
+    """(decoder returning hidden states, lm_head) for a HF causal LM, peft-wrapped or not."""
+    base = model
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    return base.model, base.lm_head
+
+
+@torch.no_grad()
+def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 chunk_size: int = 1024) -> tuple[float, int]:
+    """Summed NLL (nats) over predicted tokens and how many were predicted.
+
+    Position t predicts token t+1; positions whose target is padding are not counted.
+    """
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = input_ids[:, 1:]
+    valid = torch.ones_like(targets, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
+    total, count = 0.0, 0
+    T = targets.shape[1]
+    for s in range(0, T, chunk_size):
+        e = min(T, s + chunk_size)
+        logits = head(hidden[:, s:e]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets[:, s:e], reduction="none")
+        m = valid[:, s:e]
+        total += float(nll[m].sum())
+        count += int(m.sum())
+    return total, count
