@@ -38,6 +38,26 @@ def iter_builtin(source: str) -> Iterator[dict]:
     """Documents of a ``builtin:`` source."""
     name = source[len(BUILTIN_PREFIX):]
     corpus, _, split = name.partition("/")
+    if corpus == "pydocs":
+        return iter_pydocs(split or None)
     if corpus != "sotu":
-        raise ValueError(f"unknown built-in corpus {source!r}; available: builtin:sotu[/train|/eval|/extra]")
+        raise ValueError(f"unknown built-in corpus {source!r}; available: builtin:sotu[/train|/eval|/extra], "
+                         f"builtin:pydocs[/{'|/'.join(PYDOCS_SECTIONS)}]")
     return iter_sotu(split or None)
+
+
+# Second, out-of-training domain: Python 3.11 documentation pages as plain text (PSF licence,
+# assets/pydocs.LICENSE.txt; built by scripts/build_pydocs_asset.py). Splits are doc sections.
+PYDOCS_SECTIONS = ("tutorial", "howto", "faq", "reference", "library")
+
+
+def iter_pydocs(section: str | None = None) -> Iterator[dict]:
+    """Yield {'id', 'section', 'title', 'text'}, one per documentation page."""
+    if section is not None and section not in PYDOCS_SECTIONS:
+        raise ValueError(f"unknown pydocs section {section!r}; choose one of {PYDOCS_SECTIONS}")
+    path = resources.files("linearard_ray") / "assets" / "pydocs.jsonl.xz"
+    with lzma.open(str(path), "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if section is None or row["section"] == section:
+                yield row
