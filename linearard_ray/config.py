@@ -264,6 +264,9 @@ class TrainConfig(_Section):
     use_gpu: bool | None = Field(None, description="Default: true when the cluster has GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
+    accelerator_type: str | None = Field(
+        None, description="GPU model the workers need, e.g. 'A10G', 'A100', 'H100' (ScalingConfig.accelerator_type; cluster.yaml node types)."
+    )
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-4, gt=0)
