@@ -1,0 +1,219 @@
+"""The training objective: a weighted sum of relation KL, output-logit KL and next-token CE.
+
+    loss = w_rel · relation + w_logit · logit_kl + w_nt · next_token
+
+relation: for every selected layer l and relation r ∈ {q, k, v} (the self-relations Q·Qᵀ, K·Kᵀ,
+V·Vᵀ, causal, row-wise softmax, KL(teacher ‖ student) per row),
+
+    R_{l,r} = Σ_{b, h, valid rows i} KL_{b,h,i} / (H_r · N)
+
+where N is the number of valid tokens of the batch (attention_mask = 1) and H_r the number of
+heads that relation has: the query heads for Q/Q, the KV heads for K/K and V/V (GQA heads are not
+repeated, so no head is counted twice). relation_r is the mean of R_{l,r} over the selected
+layers, and ``relation = Σ_r w_r · relation_r`` with the per-relation weights
+(``objective.relation.weights``). Relations use the attention's own softmax scale (1/√D).
+
+YaRN (and LongRoPE) multiply cos/sin by an attention factor m, so post-RoPE q and k carry m and
+Q·Qᵀ, K·Kᵀ carry m² (V/V does not). With ``rope.yarn_logit_correction = 'divide'`` (default) the
+student's Q/Q and K/K scales are divided by m², so the loss compares the shapes of the relation
+distributions the rotation produces, not m's deliberate sharpening: m exists to make the long
+context attention sharper than the teacher's, and a loss that penalised it would train LoRA to
+shrink q and k by m and undo YaRN. 'keep' compares the raw distributions.
+
+logit_kl: τ²·KL(teacher ‖ student) of the next-token distributions at temperature τ, averaged
+over valid positions (or over the top-k positions per sequence), computed chunk-wise from final
+hidden states (``ops.logit_kl``).
+
+next_token: mean CE of the student over predicted tokens of ``lm_batch`` (or ``batch``): position
+t predicts token t+1, counted where both are valid.
+
+A term with weight 0 costs nothing: without relation and logit terms the teacher does not run;
+without the logit term no LM head runs on the teacher; relations with weight 0 are not captured
+or computed. Metrics of terms that are off are absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from linearard_ray import ops
+from linearard_ray.capture import _unwrap, capture_qkv
+from linearard_ray.config import ObjectiveConfig, RopeConfig
+from linearard_ray.ops.logit_kl import chunked_cross_entropy, chunked_logit_kl
+from linearard_ray.rope import rope_attention_factor
+
+RELATIONS = ("q", "k", "v")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def decoder_and_head(model):
+    """(decoder returning last_hidden_state, lm_head) of a HF causal LM, peft/DDP-wrapped or not."""
+    base = _unwrap(model)
+    dec = getattr(base, "model", None)
+    head = getattr(base, "lm_head", None)
+    if dec is None or head is None:
+        raise ValueError(f"{type(base).__name__} has no .model decoder and .lm_head; not a supported causal LM")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("LM heads with a bias are not supported by the chunked logit terms")
+    if getattr(base.config, "final_logit_softcapping", None):
+        raise ValueError("models with final logit softcapping are not supported by the chunked logit terms")
+    return dec, head
+
+
+def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if "input_ids" not in batch:
+        raise KeyError("batch needs 'input_ids'")
+    ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    if ids.dim() != 2 or mask.shape != ids.shape:
+        raise ValueError(f"batch input_ids {tuple(ids.shape)} / attention_mask {tuple(mask.shape)} must both be [B, T]")
+    return ids, mask
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class Objective:
+    """``Objective(objective_cfg, rope_cfg, num_layers)(teacher, student, batch, lm_batch)``."""
+
+    def __init__(self, objective_cfg: ObjectiveConfig, rope_cfg: RopeConfig | None, num_layers: int,
+                 backend: str = "auto"):
+        self.cfg = objective_cfg
+        self.rope_cfg = rope_cfg or RopeConfig()
+        self.num_layers = int(num_layers)
+        self.backend = backend
+        rel = objective_cfg.relation
+        self.w_rel = float(rel.weight)
+        self.w_logit = float(objective_cfg.logits.weight)
+        self.w_nt = float(objective_cfg.next_token.weight)
+        self.rel_weights = {r: float(rel.weights.get(r, 0.0)) for r in RELATIONS}
+        self.relations = tuple(r for r in RELATIONS if self.rel_weights[r] > 0) if self.w_rel > 0 else ()
+        if self.w_rel > 0 and not self.relations:
+            raise ValueError("objective.relation.weight > 0 but every per-relation weight is 0")
+        self.layers = rel.layers.resolve(self.num_layers) if self.relations else []
+        self.needs_teacher = bool(self.relations) or self.w_logit > 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _scale_correction(self, model) -> float:
+        """1/m² for the Q/Q and K/K scales of a model whose RoPE multiplies cos/sin by m."""
+        if self.rope_cfg.yarn_logit_correction == "keep":
+            return 1.0
+        m = rope_attention_factor(_unwrap(model).config)
+        return 1.0 / (m * m)
+
+    def _relations(self, tcap, scap, mask, corr_s: float, corr_t: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n_tok = mask.sum().clamp_min(1).to(torch.float32)
+        per_rel: dict[str, list[torch.Tensor]] = {r: [] for r in self.relations}
+        logs: dict[str, torch.Tensor] = {}
+        fused = self.cfg.relation.fused and len(self.relations) == 3
+        for l in self.layers:
+            s_scale = scap.scaling[l]
+            t_scale = tcap.scaling[l]
+            scales_s = {"q": s_scale * corr_s, "k": s_scale * corr_s, "v": s_scale}
+            scales_t = {"q": t_scale * corr_t, "k": t_scale * corr_t, "v": t_scale}
+            if fused:
+                vals = ops.relation_kl_layer(
+                    scap.q[l], scap.k[l], scap.v[l], tcap.q[l], tcap.k[l], tcap.v[l], attention_mask=mask,
+                    causal=True, student_scales=tuple(scales_s[r] for r in RELATIONS),
+                    teacher_scales=tuple(scales_t[r] for r in RELATIONS), reduction="sum", backend=self.backend)
+                sums = dict(zip(RELATIONS, vals))
+            else:
+                sums = {}
+                for r in self.relations:
+                    s, t = getattr(scap, r)[l], getattr(tcap, r)[l]
+                    sums[r] = ops.relation_kl(s, None, t, None, attention_mask=mask, causal=True,
+                                              student_scale=scales_s[r], teacher_scale=scales_t[r],
+                                              reduction="sum", backend=self.backend)
+            for r in self.relations:
+                heads = getattr(scap, r)[l].shape[1]
+                v = sums[r].float() / (heads * n_tok)
+                per_rel[r].append(v)
+                logs[f"relation_layer{l}_{r}"] = v
+        total = torch.zeros((), device=mask.device)
+        for r in self.relations:
+            mean_r = torch.stack(per_rel[r]).mean()
+            logs[f"relation_{r}"] = mean_r
+            total = total + self.rel_weights[r] * mean_r
+        logs["relation"] = total
+        return total, logs
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, teacher, student, batch: dict, lm_batch: dict | None = None) -> LossOutput:
+        dev = _device_of(student)
+        ids, mask = _batch_to(batch, dev)
+        s_dec, s_head = decoder_and_head(student)
+        logs: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=dev)
+
+        tcap = None
+        t_hidden = None
+        if self.needs_teacher:
+            if teacher is None:
+                raise ValueError("this objective needs a teacher (relation or logit weight > 0) but teacher is None")
+            t_dec, t_head = decoder_and_head(teacher)
+            with torch.no_grad():
+                if self.relations:
+                    with capture_qkv(teacher, self.layers, what=self.relations) as tcap:
+                        t_out = t_dec(input_ids=ids.to(_device_of(teacher)), attention_mask=mask.to(_device_of(teacher)),
+                                      use_cache=False)
+                    tcap.check_complete()
+                else:
+                    t_out = t_dec(input_ids=ids.to(_device_of(teacher)), attention_mask=mask.to(_device_of(teacher)),
+                                  use_cache=False)
+                if self.w_logit > 0:
+                    t_hidden = t_out.last_hidden_state.to(dev)
+                del t_out
+
+        # The student's forward on `batch` serves the KL terms, and the next-token term when it
+        # has no stream of its own.
+        nt_on_batch = self.w_nt > 0 and lm_batch is None
+        if self.needs_teacher or nt_on_batch:
+            if self.relations:
+                with capture_qkv(student, self.layers, what=self.relations) as scap:
+                    s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
+                scap.check_complete()
+                rel, rel_logs = self._relations(tcap, scap, mask, self._scale_correction(student),
+                                                self._scale_correction(teacher))
+                logs.update(rel_logs)
+                loss = loss + self.w_rel * rel
+                del scap, tcap
+            else:
+                s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
+            s_hidden = s_out.last_hidden_state
+            if self.w_logit > 0:
+                lc = self.cfg.logits
+                kl = chunked_logit_kl(s_hidden, t_hidden, s_head.weight, t_head.weight, attention_mask=mask,
+                                      temperature=lc.temperature, top_k_positions=lc.top_k_positions,
+                                      chunk_size=lc.chunk_size, reduction="mean")
+                logs["logit_kl"] = kl
+                loss = loss + self.w_logit * kl
+            if nt_on_batch:
+                nt = self._next_token(s_hidden, s_head, ids, mask)
+                logs["next_token"] = nt
+                loss = loss + self.w_nt * nt
+        if self.w_nt > 0 and lm_batch is not None:
+            lids, lmask = _batch_to(lm_batch, dev)
+            h = s_dec(input_ids=lids, attention_mask=lmask, use_cache=False).last_hidden_state
+            nt = self._next_token(h, s_head, lids, lmask)
+            logs["next_token"] = nt
+            loss = loss + self.w_nt * nt
+        logs["loss"] = loss
+        keys = list(logs)
+        vals = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist()  # one device sync
+        return LossOutput(loss=loss, metrics=dict(zip(keys, vals)))
+
+    def _next_token(self, hidden, head, ids, mask) -> torch.Tensor:
+        chunk = self.cfg.logits.chunk_size
+        valid = mask[:, :-1].bool() & mask[:, 1:].bool()
+        return chunked_cross_entropy(hidden[:, :-1], head.weight, ids[:, 1:], valid, chunk, reduction="mean")
