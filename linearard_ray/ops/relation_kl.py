@@ -1,0 +1,651 @@
+"""Relation KL on the GPU: Triton kernels, their launchers and the autograd Function.
+
+One head: student rows a_i, columns b_j (b = a for a self-relation), teacher c_i, d_j,
+s = a_s A Bᵀ, t = a_t C Dᵀ, KL_i = Σ_j p^t_ij (t_ij - s_ij) - LSE_t(i) + LSE_s(i) over the valid
+columns of row i. Logits are kept in base 2 (log2(e) folded into the scales, exp2 on the chip).
+
+Forward (``_fwd_kernel``): a program owns BLOCK_M rows and sweeps the column tiles once, keeping
+online max/sum for the student and the teacher row plus Σ exp2(t - m_t)(t - s), rescaled when m_t
+moves (FlashAttention-style). It writes only LSE_s, LSE_t and KL per row (fp32, [B, H, T]).
+Invalid rows (padding) get LSE = +inf, which makes every recomputed probability of that row 0.
+
+Backward (``_bwd_kernel``): ∂KL_i/∂s_ij = p^s_ij - p^t_ij = G_ij; dA = a_s G B, dB = a_s Gᵀ A,
+both tiles recomputed from the saved LSEs. No atomics: a program owns one block I of *output*
+rows and writes it once, so results are bitwise reproducible.
+- Self-relation (B = A): grad_I = a_s Σ_J (G_IJ + G_JIᵀ) A_J. Since s and t are symmetric, one
+  logit tile X_IJ gives both the row part (G_IJ, normalised by the LSEs of rows I) and the column
+  part (G_JIᵀ, normalised by the LSEs of rows J), so a single sweep over J does dA + dB. With
+  causal masking the row part lives on J < I, the column part on J > I, both on the diagonal
+  tiles: every program sweeps all column tiles once, so the causal work is balanced.
+- Cross-relation with GQA: the program for (key head g, block I) first writes dA of block I for
+  each of the REP query heads of g (row sweeps over J <= I), then dB of block I, summing over
+  those query heads in a fixed order (column sweeps over J >= I).
+Causal tiles entirely above (row part) or below (column part) the diagonal are never visited.
+
+``relation_kl_layer`` runs the Q/Q, K/K and V/V self-relations in the same launches: the grid's
+head axis spans the heads of all three (NREL = 3) and each program picks its relation's tensors.
+
+Precision: fp16/bf16 inputs go to the tensor cores with fp32 accumulation; G is rounded to the
+input dtype for the second product (as FlashAttention does with dS). fp32 inputs use full-fp32
+("ieee") dots, so they are exact but several times slower than 16-bit inputs; there is no tf32
+mode. Under TRITON_INTERPRET=1 (CPU tests) the tiles are upcast to fp32 before each dot (numpy
+has no bf16): exact for the inputs, and G is still rounded to the input dtype first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Let Triton 3.6's CPU interpreter use tensor scalars as loop bounds under NumPy >= 2.3.
+
+    The interpreter stores scalars as 1-element arrays and turns them into ints with int(array),
+    which recent NumPy rejects, so ``range(lo, hi)`` on program-dependent bounds fails. Only the
+    interpreter (tests) is touched, and only when NumPy has that behaviour.
+    """
+    import numpy as np
+
+    try:
+        int(np.array([1]))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter as it
+
+    orig = getattr(it, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_scalar_index_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fixed = True
+    it._patch_lang_tensor = patched
+
+
+if _interpreting():
+    _fix_interpreter_scalar_index()
+
+
+# ----------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _pick_ptr(r, p0, p1, p2, NREL: tl.constexpr):
+    out = p0
+    if NREL > 1:
+        if r == 1:
+            out = p1
+        elif r == 2:
+            out = p2
+    return out
+
+
+@triton.jit
+def _pick(r, v0, v1, v2, NREL: tl.constexpr):
+    out = v0
+    if NREL > 1:
+        out = tl.where(r == 0, v0, tl.where(r == 1, v1, v2))
+    return out
+
+
+@triton.jit
+def _load_tile(ptrs, rows, T, dmask, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=(rows < T)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows < T)[:, None] & dmask[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _decode(hh, H0, H1, NREL: tl.constexpr):
+    """Flat head index over the relations -> (relation, head within it, offset of its heads)."""
+    if NREL > 1:
+        r = (hh >= H0).to(tl.int32) + (hh >= H0 + H1).to(tl.int32)
+        off = tl.where(r == 0, 0, tl.where(r == 1, H0, H0 + H1))
+    else:
+        r = hh * 0
+        off = hh * 0
+    return r, hh - off, off
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_tile(qs, qt, SK, TK, k_base, sk_t, j0, offs_m, offs_d, dmask, T, Mask, mask_base,
+              m_s, l_s, m_t, l_t, acc, sc_s, sc_t,
+              BLOCK_N: tl.constexpr, CMASK: tl.constexpr, BMASK: tl.constexpr, HAS_MASK: tl.constexpr,
+              EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    kp = k_base + offs_n[:, None] * sk_t + offs_d[None, :]
+    ks = _load_tile(SK + kp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    kt = _load_tile(TK + kp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    x = _dot(qs, tl.trans(ks), IEEE)  # raw student logits (scale > 0 applied below)
+    y = _dot(qt, tl.trans(kt), IEEE)
+    dd = y * sc_t - x * sc_s
+    if CMASK or BMASK or HAS_MASK:
+        valid = offs_n[None, :] < T + 0 * offs_m[:, None]
+        if CMASK:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_MASK:
+            cm = tl.load(Mask + mask_base + offs_n, mask=offs_n < T, other=0)
+            valid = valid & (cm != 0)[None, :]
+        x = tl.where(valid, x, float("-inf"))
+        y = tl.where(valid, y, float("-inf"))
+    m_s_new = tl.maximum(m_s, tl.max(x, 1) * sc_s)
+    l_s = l_s * tl.exp2(m_s - m_s_new) + tl.sum(tl.exp2(x * sc_s - m_s_new[:, None]), 1)
+    m_t_new = tl.maximum(m_t, tl.max(y, 1) * sc_t)
+    alpha_t = tl.exp2(m_t - m_t_new)
+    p_t = tl.exp2(y * sc_t - m_t_new[:, None])
+    l_t = l_t * alpha_t + tl.sum(p_t, 1)
+    acc = acc * alpha_t + tl.sum(p_t * dd, 1)
+    return m_s_new, l_s, m_t_new, l_t, acc
+
+
+@triton.jit
+def _fwd_kernel(
+    S0, SK0, TS0, TK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0,
+    S1, SK1, TS1, TK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1,
+    S2, SK2, TS2, TK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2,
+    Mask, LseS, LseT, Kl, T, HTOT, REP,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NREL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid_m = num_m - 1 - tl.program_id(0)  # longest causal rows first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HTOT
+    hh = pid_bh % HTOT
+    r, h, _ = _decode(hh, H0, H1, NREL)
+    S = _pick_ptr(r, S0, S1, S2, NREL)
+    SK = _pick_ptr(r, SK0, SK1, SK2, NREL)
+    TS = _pick_ptr(r, TS0, TS1, TS2, NREL)
+    TK = _pick_ptr(r, TK0, TK1, TK2, NREL)
+    ss_b = _pick(r, ss_b0, ss_b1, ss_b2, NREL)
+    ss_h = _pick(r, ss_h0, ss_h1, ss_h2, NREL)
+    ss_t = _pick(r, ss_t0, ss_t1, ss_t2, NREL)
+    sk_b = _pick(r, sk_b0, sk_b1, sk_b2, NREL)
+    sk_h = _pick(r, sk_h0, sk_h1, sk_h2, NREL)
+    sk_t = _pick(r, sk_t0, sk_t1, sk_t2, NREL)
+    sc_s = _pick(r, scs0, scs1, scs2, NREL)
+    sc_t = _pick(r, sct0, sct1, sct2, NREL)
+
+    b64 = b.to(tl.int64)
+    q_base = b64 * ss_b + h.to(tl.int64) * ss_h
+    k_base = b64 * sk_b + (h // REP).to(tl.int64) * sk_h
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qp = q_base + offs_m[:, None] * ss_t + offs_d[None, :]
+    qs = _load_tile(S + qp, offs_m, T, dmask, not EVEN_T, EVEN_D=(D == BLOCK_D), UPCAST=UPCAST)
+    qt = _load_tile(TS + qp, offs_m, T, dmask, not EVEN_T, EVEN_D=(D == BLOCK_D), UPCAST=UPCAST)
+    mask_base = b64 * T
+
+    m_s = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: empty rows never make NaN
+    m_t = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    num_n = tl.cdiv(T, BLOCK_N)
+    if CAUSAL:
+        lo = i0 // BLOCK_N
+        hi = tl.minimum(tl.cdiv(i0 + BLOCK_M, BLOCK_N), num_n)
+        for j in range(0, lo):
+            m_s, l_s, m_t, l_t, acc = _fwd_tile(
+                qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
+                m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
+                D == BLOCK_D, IEEE, UPCAST)
+        for j in range(lo, hi):
+            m_s, l_s, m_t, l_t, acc = _fwd_tile(
+                qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
+                m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, True, False, HAS_MASK, EVEN_T,
+                D == BLOCK_D, IEEE, UPCAST)
+    else:
+        n_full = T // BLOCK_N
+        for j in range(0, n_full):
+            m_s, l_s, m_t, l_t, acc = _fwd_tile(
+                qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
+                m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
+                D == BLOCK_D, IEEE, UPCAST)
+        for j in range(n_full, num_n):
+            m_s, l_s, m_t, l_t, acc = _fwd_tile(
+                qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
+                m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, True, HAS_MASK, EVEN_T,
+                D == BLOCK_D, IEEE, UPCAST)
+
+    # l = 0 only on rows with nothing valid (padding, past T); they are overwritten below.
+    l_s = tl.where(l_s > 0, l_s, 1.0)
+    l_t = tl.where(l_t > 0, l_t, 1.0)
+    lse_s = m_s + tl.log2(l_s)
+    lse_t = m_t + tl.log2(l_t)
+    kl = LN2 * (acc / l_t - lse_t + lse_s)
+    row_ok = offs_m < T
+    if HAS_MASK:
+        rm = tl.load(Mask + mask_base + offs_m, mask=row_ok, other=0)
+        row_ok = row_ok & (rm != 0)
+    stat = (b64 * HTOT + hh) * T + offs_m
+    tl.store(LseS + stat, tl.where(row_ok, lse_s, float("inf")), mask=offs_m < T)
+    tl.store(LseT + stat, tl.where(row_ok, lse_t, float("inf")), mask=offs_m < T)
+    tl.store(Kl + stat, tl.where(row_ok, kl, 0.0), mask=offs_m < T)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
+              lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t,
+              BLOCK_N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr, CMASK: tl.constexpr,
+              BMASK: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
+              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += G~ @ C_J for one tile J; G~ holds the row part and/or the transposed column part."""
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    cp = c_base + offs_n[:, None] * c_st + offs_d[None, :]
+    cs = _load_tile(C + cp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    ct = _load_tile(TC + cp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    x = _dot(rs, tl.trans(cs), IEEE) * sc_s
+    y = _dot(rt, tl.trans(ct), IEEE) * sc_t
+    g = tl.zeros_like(x)
+    if ROW:  # entries (i in I, j in J), normalised over row i
+        gr = (tl.exp2(x - lse_s_r[:, None]) - tl.exp2(y - lse_t_r[:, None])) * dkl_r[:, None]
+        if CMASK:
+            gr = tl.where(offs_n[None, :] <= offs_m[:, None], gr, 0.0)
+        if BMASK or HAS_MASK:
+            cv = offs_n < T
+            if HAS_MASK:
+                cm = tl.load(Mask + mask_base + offs_n, mask=cv, other=0)
+                cv = cv & (cm != 0)
+            gr = tl.where(cv[None, :], gr, 0.0)
+        g += gr
+    if COL:  # entries (j in J, i in I) transposed, normalised over row j; lse = +inf past T
+        if EVEN_T:
+            ls = tl.load(LseS + stat_base + offs_n)
+            lt = tl.load(LseT + stat_base + offs_n)
+            dk = tl.load(DKl + stat_base + offs_n)
+        else:
+            ls = tl.load(LseS + stat_base + offs_n, mask=offs_n < T, other=float("inf"))
+            lt = tl.load(LseT + stat_base + offs_n, mask=offs_n < T, other=float("inf"))
+            dk = tl.load(DKl + stat_base + offs_n, mask=offs_n < T, other=0.0)
+        gc = (tl.exp2(x - ls[None, :]) - tl.exp2(y - lt[None, :])) * dk[None, :]
+        if CMASK:
+            gc = tl.where(offs_m[:, None] <= offs_n[None, :], gc, 0.0)
+        g += gc
+    gd = g.to(C.dtype.element_ty)
+    if UPCAST:
+        gd = gd.to(tl.float32)
+    acc += _dot(gd, cs, IEEE)
+    return acc
+
+
+@triton.jit
+def _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T: tl.constexpr):
+    if EVEN_T:
+        ls = tl.load(LseS + stat_base + offs_m)
+        lt = tl.load(LseT + stat_base + offs_m)
+        dk = tl.load(DKl + stat_base + offs_m)
+    else:
+        ls = tl.load(LseS + stat_base + offs_m, mask=offs_m < T, other=float("inf"))
+        lt = tl.load(LseT + stat_base + offs_m, mask=offs_m < T, other=float("inf"))
+        dk = tl.load(DKl + stat_base + offs_m, mask=offs_m < T, other=0.0)
+    return ls, lt, dk
+
+
+@triton.jit
+def _sweep(acc, rs, rt, C, TC, c_base, c_st, i0, offs_m, offs_d, dmask, T,
+           lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
+           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
+           IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """All column tiles of one block I that hold valid entries of the requested part(s)."""
+    num_n = tl.cdiv(T, BLOCK_N)
+    if CAUSAL:
+        lo = i0 // BLOCK_N  # tiles < lo: row part only, fully below the diagonal
+        hi = tl.minimum(tl.cdiv(i0 + BLOCK_M, BLOCK_N), num_n)  # tiles >= hi: column part only
+        if ROW:
+            for j in range(0, lo):
+                acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
+                                lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
+                                sc_s, sc_t, BLOCK_N, True, False, False, False, HAS_MASK, EVEN_T, EVEN_D,
+                                IEEE, UPCAST)
+        for j in range(lo, hi):
+            acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
+                            lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
+                            sc_s, sc_t, BLOCK_N, ROW, COL, True, False, HAS_MASK, EVEN_T, EVEN_D,
+                            IEEE, UPCAST)
+        if COL:
+            for j in range(hi, num_n):
+                acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
+                                lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
+                                sc_s, sc_t, BLOCK_N, False, True, False, False, HAS_MASK, EVEN_T, EVEN_D,
+                                IEEE, UPCAST)
+    else:
+        n_full = T // BLOCK_N
+        for j in range(0, n_full):
+            acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
+                            lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
+                            sc_s, sc_t, BLOCK_N, ROW, COL, False, False, HAS_MASK, EVEN_T, EVEN_D,
+                            IEEE, UPCAST)
+        for j in range(n_full, num_n):
+            acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
+                            lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
+                            sc_s, sc_t, BLOCK_N, ROW, COL, False, True, HAS_MASK, EVEN_T, EVEN_D,
+                            IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
+def _store_rows(G, g_base, offs_m, offs_d, dmask, T, acc, Mask, mask_base,
+                HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, D: tl.constexpr):
+    if HAS_MASK:  # a padded position is neither a valid row nor a valid column: its grad is 0
+        rm = tl.load(Mask + mask_base + offs_m, mask=offs_m < T, other=0)
+        acc = tl.where((rm != 0)[:, None], acc, 0.0)
+    ptrs = G + g_base + offs_m[:, None] * D + offs_d[None, :]
+    out = acc.to(G.dtype.element_ty)
+    if EVEN_T:
+        if EVEN_D:
+            tl.store(ptrs, out)
+        else:
+            tl.store(ptrs, out, mask=dmask[None, :])
+    else:
+        tl.store(ptrs, out, mask=(offs_m < T)[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _bwd_kernel(
+    S0, SK0, TS0, TK0, GS0, GK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0, al0,
+    S1, SK1, TS1, TK1, GS1, GK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1, al1,
+    S2, SK2, TS2, TK2, GS2, GK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2, al2,
+    Mask, LseS, LseT, DKl, GScale, T, HTOT, HKTOT, REP,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NREL: tl.constexpr, SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    EVEN_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKTOT
+    kk = pid_bh % HKTOT  # flat *key* head over the relations (= query head when SELF)
+    r, g, _ = _decode(kk, H0 // REP, H1 // REP, NREL)
+    S = _pick_ptr(r, S0, S1, S2, NREL)
+    SK = _pick_ptr(r, SK0, SK1, SK2, NREL)
+    TS = _pick_ptr(r, TS0, TS1, TS2, NREL)
+    TK = _pick_ptr(r, TK0, TK1, TK2, NREL)
+    GS = _pick_ptr(r, GS0, GS1, GS2, NREL)
+    GK = _pick_ptr(r, GK0, GK1, GK2, NREL)
+    ss_b = _pick(r, ss_b0, ss_b1, ss_b2, NREL)
+    ss_h = _pick(r, ss_h0, ss_h1, ss_h2, NREL)
+    ss_t = _pick(r, ss_t0, ss_t1, ss_t2, NREL)
+    sk_b = _pick(r, sk_b0, sk_b1, sk_b2, NREL)
+    sk_h = _pick(r, sk_h0, sk_h1, sk_h2, NREL)
+    sk_t = _pick(r, sk_t0, sk_t1, sk_t2, NREL)
+    H = _pick(r, H0, H1, H2, NREL)
+    sc_s = _pick(r, scs0, scs1, scs2, NREL)
+    sc_t = _pick(r, sct0, sct1, sct2, NREL)
+    alpha = _pick(r, al0, al1, al2, NREL) * tl.load(GScale)
+    hoff = _pick(r, 0, H0, H0 + H1, NREL)
+
+    b64 = b.to(tl.int64)
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    mask_base = b64 * T
+    EVEN_D: tl.constexpr = D == BLOCK_D
+
+    if SELF:
+        base = b64 * ss_b + g.to(tl.int64) * ss_h
+        rp = base + offs_m[:, None] * ss_t + offs_d[None, :]
+        rs = _load_tile(S + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+        rt = _load_tile(TS + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+        stat_base = (b64 * HTOT + hoff + g) * T
+        ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
+                     LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
+                     True, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST)
+        _store_rows(GS, ((b64 * H + g) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
+                    HAS_MASK, EVEN_T, EVEN_D, D)
+    else:
+        k_base = b64 * sk_b + g.to(tl.int64) * sk_h
+        # dA of block I for each query head of this key head: rows I against key tiles J <= I.
+        for rr in range(0, REP):
+            h = g * REP + rr
+            base = b64 * ss_b + h.to(tl.int64) * ss_h
+            rp = base + offs_m[:, None] * ss_t + offs_d[None, :]
+            rs = _load_tile(S + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+            rt = _load_tile(TS + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+            stat_base = (b64 * HTOT + hoff + h) * T
+            ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            acc = _sweep(acc, rs, rt, SK, TK, k_base, sk_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
+                         LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
+                         True, False, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST)
+            _store_rows(GS, ((b64 * H + h) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
+                        False, EVEN_T, EVEN_D, D)
+        # dB of key block I: summed over the group's query heads in a fixed order.
+        kp = k_base + offs_m[:, None] * sk_t + offs_d[None, :]
+        rs = _load_tile(SK + kp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+        rt = _load_tile(TK + kp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for rr in range(0, REP):
+            h = g * REP + rr
+            base = b64 * ss_b + h.to(tl.int64) * ss_h
+            stat_base = (b64 * HTOT + hoff + h) * T
+            acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, zero, zero, zero,
+                         LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
+                         False, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST)
+        _store_rows(GK, ((b64 * (H // REP) + g) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask,
+                    mask_base, HAS_MASK, EVEN_T, EVEN_D, D)
+
+
+# ----------------------------------------------------------------------------- launchers
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Hand-picked for H100 (see benchmarks/RESULTS.md); BLOCK_M must be a multiple of BLOCK_N.
+_FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 4, 2)}
+_BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
+_INTERP_CFG = TileConfig(32, 16, 1, 1)
+_overrides: dict = {}
+
+
+def set_tile_config(kind: str, cfg: Optional[TileConfig]) -> None:
+    """Force the tiles of 'fwd' or 'bwd' (benchmarks and tests); None restores the defaults."""
+    if cfg is None:
+        _overrides.pop(kind, None)
+    else:
+        if cfg.block_m % cfg.block_n:
+            raise ValueError(f"block_m {cfg.block_m} must be a multiple of block_n {cfg.block_n}")
+        _overrides[kind] = cfg
+
+
+def _config(kind: str, block_d: int) -> TileConfig:
+    if kind in _overrides:
+        return _overrides[kind]
+    if _interpreting():
+        return _INTERP_CFG
+    table = _FWD_CFG if kind == "fwd" else _BWD_CFG
+    return table[max(64, block_d)]
+
+
+@dataclass
+class _Rel:
+    s: torch.Tensor
+    sk: torch.Tensor  # == s for a self-relation
+    ts: torch.Tensor
+    tk: torch.Tensor
+    sc_s: float  # natural-log scale a_s
+    sc_t: float
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor):
+    """Unit stride on D and identical strides for student and teacher (they share offsets)."""
+    if a.stride(-1) != 1 or b.stride() != a.stride():
+        a, b = a.contiguous(), b.contiguous()
+        if b.stride() != a.stride():  # size-1 dims can leave odd strides even when contiguous
+            a, b = a.clone(memory_format=torch.contiguous_format), b.clone(memory_format=torch.contiguous_format)
+    return a, b
+
+
+def _prep(rel: _Rel, self_rel: bool) -> _Rel:
+    s, ts = _same_layout(rel.s, rel.ts)
+    if self_rel:
+        return _Rel(s, s, ts, ts, rel.sc_s, rel.sc_t)
+    sk, tk = _same_layout(rel.sk, rel.tk)
+    return _Rel(s, sk, ts, tk, rel.sc_s, rel.sc_t)
+
+
+def _flags(x: torch.Tensor):
+    D = x.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    upcast = _interpreting() and x.dtype != torch.float32
+    ieee = upcast or x.dtype == torch.float32
+    return D, block_d, ieee, upcast
+
+
+def _fwd_args(rels: Sequence[_Rel]):
+    args = []
+    for i in range(3):
+        rel = rels[min(i, len(rels) - 1)]
+        H = rel.s.shape[1] if i < len(rels) else 0
+        args += [rel.s, rel.sk, rel.ts, rel.tk, *rel.s.stride()[:3], *rel.sk.stride()[:3], H,
+                 rel.sc_s * LOG2E, rel.sc_t * LOG2E]
+    return args
+
+
+def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, rep: int):
+    B, _, T, _ = rels[0].s.shape
+    htot = sum(r.s.shape[1] for r in rels)
+    dev = rels[0].s.device
+    lse_s = torch.empty(B, htot, T, dtype=torch.float32, device=dev)
+    lse_t = torch.empty_like(lse_s)
+    kl = torch.empty_like(lse_s)
+    D, block_d, ieee, upcast = _flags(rels[0].s)
+    cfg = _config("fwd", block_d)
+    m = mask if mask is not None else lse_s  # unused when HAS_MASK is False
+    even = T % cfg.block_m == 0 and T % cfg.block_n == 0
+    grid = (triton.cdiv(T, cfg.block_m), B * htot)
+    _fwd_kernel[grid](*_fwd_args(rels), m, lse_s, lse_t, kl, T, htot, rep,
+                      D=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NREL=len(rels),
+                      CAUSAL=causal, HAS_MASK=mask is not None, EVEN_T=even, IEEE=ieee, UPCAST=upcast,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return lse_s, lse_t, kl
+
+
+def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool, lse_s, lse_t, dkl):
+    B, _, T, _ = rels[0].s.shape
+    htot = sum(r.s.shape[1] for r in rels)
+    hktot = htot // rep
+    dkl = dkl.float().contiguous()
+    # Normalise the upstream grads so that G = dkl * (P_s - P_t) keeps its precision when rounded
+    # to fp16 (a "mean" over 10^6 rows would otherwise underflow); the scale is applied at the end.
+    amax = dkl.abs().amax()
+    gscale = torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(1)
+    dkl = dkl / gscale
+    grads_s = [torch.empty(r.s.shape, dtype=r.s.dtype, device=r.s.device) for r in rels]
+    grads_k = grads_s if self_rel else [torch.empty(r.sk.shape, dtype=r.sk.dtype, device=r.sk.device) for r in rels]
+    args = []
+    for i in range(3):
+        j = min(i, len(rels) - 1)
+        rel = rels[j]
+        H = rel.s.shape[1] if i < len(rels) else 0
+        args += [rel.s, rel.sk, rel.ts, rel.tk, grads_s[j], grads_k[j], *rel.s.stride()[:3],
+                 *rel.sk.stride()[:3], H, rel.sc_s * LOG2E, rel.sc_t * LOG2E, rel.sc_s]
+    D, block_d, ieee, upcast = _flags(rels[0].s)
+    cfg = _config("bwd", block_d)
+    m = mask if mask is not None else lse_s
+    even = T % cfg.block_m == 0 and T % cfg.block_n == 0
+    grid = (triton.cdiv(T, cfg.block_m), B * hktot)
+    _bwd_kernel[grid](*args, m, lse_s, lse_t, dkl, gscale, T, htot, hktot, rep,
+                      D=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NREL=len(rels),
+                      SELF=self_rel, CAUSAL=causal, HAS_MASK=mask is not None, EVEN_T=even, IEEE=ieee,
+                      UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return grads_s, (None if self_rel else grads_k)
+
+
+class TritonRelationKL(torch.autograd.Function):
+    """Per-row KL [B, sum of heads, T] of 1 cross- or 1..3 self-relations; student-only grads.
+
+    Inputs: (meta, mask, *students, *teachers) with meta = (self_rel, causal, scales_s, scales_t)
+    and for a cross-relation students = (sq, sk), teachers = (tq, tk).
+    """
+
+    @staticmethod
+    def forward(ctx, meta, mask, *tensors):
+        self_rel, causal, scales_s, scales_t = meta
+        n = len(tensors) // 2
+        students, teachers = tensors[:n], tensors[n:]
+        if self_rel:
+            rels = [_prep(_Rel(s, None, t, None, a, b), True)
+                    for s, t, a, b in zip(students, teachers, scales_s, scales_t)]
+            rep = 1
+        else:
+            rels = [_prep(_Rel(students[0], students[1], teachers[0], teachers[1], scales_s[0], scales_t[0]), False)]
+            rep = students[0].shape[1] // students[1].shape[1]
+        mask_i8 = None if mask is None else mask.to(torch.int8).contiguous()
+        lse_s, lse_t, kl = _forward(rels, mask_i8, causal, rep)
+        ctx.rels, ctx.rep, ctx.meta = rels, rep, meta
+        ctx.save_for_backward(mask_i8, lse_s, lse_t)
+        return kl
+
+    @staticmethod
+    def backward(ctx, dkl):
+        mask_i8, lse_s, lse_t = ctx.saved_tensors
+        self_rel, causal, _, _ = ctx.meta
+        n_in = len(ctx.needs_input_grad) - 2
+        if not any(ctx.needs_input_grad[2:2 + n_in // 2]):
+            return (None,) * (2 + n_in)
+        gs, gk = _backward(ctx.rels, mask_i8, causal, ctx.rep, self_rel, lse_s, lse_t, dkl)
+        grads = gs if self_rel else [gs[0], gk[0]]
+        return (None, None, *grads, *([None] * (n_in // 2)))
+
+
+def relation_kl_rows(sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float) -> torch.Tensor:
+    """Per-row KL [B, H, T] fp32 of one relation (sk = tk = None: self-relation)."""
+    self_rel = sk is None
+    meta = (self_rel, causal, (scale_s,), (scale_t,))
+    if self_rel:
+        return TritonRelationKL.apply(meta, mask, sq, tq.detach())
+    return TritonRelationKL.apply(meta, mask, sq, sk, tq.detach(), tk.detach())
+
+
+def relation_kl_layer_rows(students, teachers, mask, causal: bool, scales_s, scales_t):
+    """Per-row KL of the q/q, k/k, v/v self-relations of one layer, one launch per pass."""
+    meta = (True, causal, tuple(scales_s), tuple(scales_t))
+    kl = TritonRelationKL.apply(meta, mask, *students, *(t.detach() for t in teachers))
+    return tuple(kl.split([s.shape[1] for s in students], dim=1))
