@@ -1,0 +1,815 @@
+"""Distillation on Ray Train V2: one ``TorchTrainer`` job per run name.
+
+The driver (``run_distill``) validates what the config alone cannot (cluster GPUs, data volume
+against the budget), preprocesses the data, opens the MLflow run and starts the trainer. Each
+worker (``train_loop_per_worker``) holds a frozen teacher and a DDP-wrapped student, streams its
+share of the token blocks deterministically, and writes checkpoints that let a failed worker
+group, or the same job started again, continue at the exact step with the same data position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linearard_ray.checkpointing import (
+    StreamPosition,
+    TrainState,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from linearard_ray.config import Config, ConfigError, build_config, dump_config, flatten
+from linearard_ray.schedule import build_scheduler
+from linearard_ray.train_stream import DEFAULT_SHUFFLE_TOKENS, BlockStream
+
+FAIL_MARKER = "linearard_fail_at_step.fired"
+JOB_FILE = "linearard_job.json"
+_FORWARDED_ENV = ("LINEARARD_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "TRITON_INTERPRET", "TOKENIZERS_PARALLELISM",
+                  "RAY_AUTH_MODE", "CUDA_LAUNCH_BLOCKING")
+
+
+# --------------------------------------------------------------------------- job plan (driver side)
+
+
+@dataclass
+class StreamSpec:
+    """One token-block stream the workers read: its data dir, size and block length."""
+
+    name: str
+    directory: str
+    num_rows: int
+    ctx_len: int
+
+
+@dataclass
+class JobSpec:
+    """What the driver resolved for the workers (everything here is plain data)."""
+
+    run_name: str
+    storage_dir: str  # <storage_path>/<run_name>
+    output_dir: str  # where the student is exported
+    total_steps: int
+    tokens_per_step: int
+    streams: dict[str, StreamSpec]
+    primary: str  # the stream the main batch comes from
+    use_gpu: bool
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobSpec":
+        d = dict(d)
+        d["streams"] = {k: StreamSpec(**v) for k, v in d["streams"].items()}
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    student_dir: str | None
+    final_step: int
+    tokens_seen: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint_path: str | None = None
+    storage_dir: str | None = None
+    tracking_uri: str | None = None
+    mlflow_experiment_id: str | None = None
+    mlflow_run_id: str | None = None
+    evaluation: dict[str, Any] | None = None
+
+
+def uses_lm_stream(cfg: Config) -> bool:
+    """Whether the next-token term reads its own blocks (own sources or own block length)."""
+    if cfg.objective.next_token.weight <= 0:
+        return False
+    d = cfg.data
+    return d.lm_sources is not None or (d.lm_ctx_len is not None and d.lm_ctx_len != d.ctx_len)
+
+
+def plan_steps(cfg: Config, streams: dict[str, StreamSpec], primary: str, world_size: int) -> tuple[int, int]:
+    """(total optimizer steps, tokens per optimizer step over all workers).
+
+    Tokens per step counts every block a step reads (both streams when the next-token term has its
+    own); with both ``budget_tokens`` and ``max_steps`` set, the smaller budget wins.
+    """
+    t = cfg.train
+    per_rank_rows = t.micro_batch_size * t.grad_accum
+    tokens_per_step = world_size * per_rank_rows * sum(s.ctx_len for s in streams.values())
+    candidates = []
+    if t.max_steps is not None:
+        candidates.append(t.max_steps)
+    if t.budget_tokens is not None:
+        candidates.append(max(1, math.ceil(t.budget_tokens / tokens_per_step)))
+    total = min(candidates)
+    for s in streams.values():
+        rows_per_epoch = (s.num_rows // world_size) // t.micro_batch_size * t.micro_batch_size
+        if rows_per_epoch == 0:
+            raise ConfigError(
+                f"data: the {s.name} stream has {s.num_rows} blocks of {s.ctx_len} tokens, too few for "
+                f"train.num_workers={world_size} × train.micro_batch_size={t.micro_batch_size}"
+            )
+        epochs = math.ceil(total * per_rank_rows / rows_per_epoch)
+        if epochs > t.epochs_max:
+            raise ConfigError(
+                f"train.budget_tokens/train.max_steps: {total} steps need {epochs} passes over the {s.name} stream "
+                f"({s.num_rows} blocks), more than train.epochs_max={t.epochs_max}; add data or raise train.epochs_max"
+            )
+    return total, tokens_per_step
+
+
+def _prepare_streams(cfg: Config) -> tuple[dict[str, StreamSpec], str, dict[str, Any]]:
+    """Preprocess (or find) the token blocks of every stream; returns specs, the primary name and
+    the Ray datasets."""
+    from linearard_ray import data as data_mod
+
+    specs: dict[str, StreamSpec] = {}
+    datasets: dict[str, Any] = {}
+    needs_main = cfg.objective.needs_teacher or not uses_lm_stream(cfg)
+    wanted = (["train"] if needs_main else []) + (["lm"] if uses_lm_stream(cfg) else [])
+    for name in wanted:
+        d = data_mod.ensure_preprocessed(cfg) if name == "train" else data_mod.ensure_preprocessed(cfg, stream="lm")
+        ds = data_mod.load_blocks(d)
+        # Workers iterate it many times (every epoch, every resume); per-pass progress bars would
+        # drown the step lines.
+        ds.context.enable_progress_bars = False
+        ds.context.enable_operator_progress_bars = False
+        manifest = data_mod.read_manifest(d)
+        n = _manifest_blocks(manifest)
+        if n is None:
+            n = ds.count()
+        ctx = _manifest_ctx_len(manifest) or (cfg.data.ctx_len if name == "train" else (cfg.data.lm_ctx_len or cfg.data.ctx_len))
+        specs[name] = StreamSpec(name=name, directory=str(Path(d).resolve()), num_rows=int(n), ctx_len=int(ctx))
+        datasets[name] = ds
+    primary = "train" if needs_main else "lm"
+    return specs, primary, datasets
+
+
+def _manifest_blocks(m: dict) -> int | None:
+    for k in ("num_blocks", "blocks", "n_blocks"):
+        if isinstance(m.get(k), int):
+            return m[k]
+    return None
+
+
+def _manifest_ctx_len(m: dict) -> int | None:
+    v = m.get("ctx_len")
+    return v if isinstance(v, int) else None
+
+
+# --------------------------------------------------------------------------- storage helpers
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_storage_path(path: str) -> str:
+    return path if _is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def _fs_and_path(path: str):
+    import pyarrow.fs as pafs
+
+    if _is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def storage_read_text(path: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    fs, p = _fs_and_path(path)
+    if fs.get_file_info(p).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def storage_write_text(path: str, text: str) -> None:
+    fs, p = _fs_and_path(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+# --------------------------------------------------------------------------- worker helpers
+
+
+def _device_for_worker(use_gpu: bool) -> torch.device:
+    if use_gpu:
+        import ray.train.torch
+
+        dev = ray.train.torch.get_device()
+        torch.cuda.set_device(dev)
+        return dev
+    # Ray sets OMP_NUM_THREADS to the worker's logical CPUs (often 1); on CPU, use this node's cores
+    # shared among the workers placed on it.
+    import ray.train
+
+    local = max(1, ray.train.get_context().get_local_world_size())
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return torch.device("cpu")
+
+
+def _quiet_libraries() -> None:
+    """Weight-loading progress bars from every worker would interleave with the step lines."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def _autocast(cfg: Config, device: torch.device):
+    prec = cfg.train.precision
+    if prec == "auto":
+        prec = "bf16" if device.type == "cuda" else "fp32"
+    if prec == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class ObjectiveModule(torch.nn.Module):
+    """The objective as a module whose only submodule is the student.
+
+    The objective runs the student's decoder directly (not its top-level forward), so DDP cannot
+    wrap the student itself: its reducer is armed in the wrapper's forward. Wrapping this module
+    instead makes one DDP forward = one objective evaluation. The teacher and the objective are
+    kept out of the module tree so DDP neither broadcasts nor tracks the frozen teacher.
+    """
+
+    def __init__(self, objective, student, teacher):
+        super().__init__()
+        self.student = student
+        self._frozen = {"objective": objective, "teacher": teacher}
+        self.last_metrics: dict[str, float] = {}
+
+    def forward(self, batch: dict, lm_batch: dict | None = None) -> torch.Tensor:
+        out = self._frozen["objective"](self._frozen["teacher"], self.student, batch, lm_batch)
+        self.last_metrics = out.metrics
+        return out.loss
+
+
+def wrap_ddp(module: ObjectiveModule, device: torch.device):
+    """DDP over the student's trainable parameters only.
+
+    Frozen weights and buffers are excluded from DDP's start-up broadcast (every rank loads the
+    same checkpoint; a 7B base would otherwise be sent over the wire for nothing).
+    find_unused_parameters: with a layer selection that stops early, or a relation weight of 0,
+    some adapters get no gradient in a step.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ignore = [n for n, p in module.named_parameters() if not p.requires_grad]
+    ignore += [n for n, _ in module.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
+    kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    return DDP(module, find_unused_parameters=True, broadcast_buffers=False, **kw)
+
+
+def _num_layers(model) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(base.config.num_hidden_layers)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, total: int, m: dict[str, float], eta_s: float) -> str:
+    rel = " ".join(f"{k[-1]} {m[k]:.4f}" for k in ("relation_q", "relation_k", "relation_v") if k in m)
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
+    if rel:
+        parts.append(f"rel {rel}")
+    for k, label in (("logit_kl", "logit_kl"), ("next_token", "ce")):
+        if k in m:
+            parts.append(f"{label} {m[k]:.4f}")
+    parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:.0f} tok/s", f"ETA {_fmt_eta(eta_s)}"]
+    return "[distill] " + " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- in-training evaluation
+
+
+class HeldOutEval:
+    """Mean next-token NLL of the student (and once, the teacher) on held-out SOTU blocks.
+
+    Windows are split across workers and the sums all-reduced, so every worker ends with the same
+    numbers (they are reported through ``ray.train.report``, where a sweep reads them).
+    """
+
+    SOURCE = "builtin:sotu/eval"
+
+    def __init__(self, cfg: Config, tokenizer, device: torch.device, rank: int, world: int):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        ids = self._documents(tokenizer)
+        T = cfg.data.ctx_len
+        short = [d[:T] for d in ids if len(d) >= T][: cfg.train.eval_texts]
+        if not short:
+            raise ConfigError(f"train.eval_every: no held-out document of {self.SOURCE} has data.ctx_len={T} tokens")
+        self.short = short
+        self.long: list[list[int]] = []
+        L = cfg.train.eval_long_len
+        if L:
+            flat = [t for d in ids for t in d]
+            n = min(max(1, world), len(flat) // L)
+            if n == 0:
+                raise ConfigError(f"train.eval_long_len={L}: the held-out text has only {len(flat)} tokens")
+            self.long = [flat[i * L:(i + 1) * L] for i in range(n)]
+        self.teacher_nll: float | None = None
+
+    @staticmethod
+    def _documents(tokenizer) -> list[list[int]]:
+        from linearard_ray.corpus import iter_builtin
+
+        eos = tokenizer.eos_token_id
+        out = []
+        for doc in iter_builtin(HeldOutEval.SOURCE):
+            ids = tokenizer(doc["text"])["input_ids"]
+            out.append(list(ids) + ([eos] if eos is not None else []))
+        return out
+
+    def _mean_nll(self, model, windows: list[list[int]]) -> float:
+        from linearard_ray.metrics import sequence_nll
+
+        total, count = 0.0, 0
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), _autocast(self.cfg, self.device):
+            for i, w in enumerate(windows):
+                if i % self.world != self.rank:
+                    continue
+                ids = torch.tensor([w], dtype=torch.long, device=self.device)
+                s, c = sequence_nll(model, ids, torch.ones_like(ids))
+                total += s
+                count += c
+        if was_training:
+            model.train()
+        total, count = _all_reduce_sum([total, float(count)], self.device)
+        return total / max(count, 1.0)
+
+    def compute_teacher(self, teacher) -> None:
+        self.teacher_nll = self._mean_nll(teacher, self.short)
+
+    def __call__(self, student) -> dict[str, float]:
+        s = self._mean_nll(student, self.short)
+        out = {"student_nll": s}
+        if self.teacher_nll is not None:
+            out["teacher_nll"] = self.teacher_nll
+            out["nll_gap"] = s - self.teacher_nll
+        if self.long:
+            out["long_nll"] = self._mean_nll(student, self.long)
+        return out
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+
+def _open_stream(name: str, spec: StreamSpec, cfg: Config, rank: int, world: int, start: StreamPosition | None):
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    if shard is None:
+        raise RuntimeError(f"dataset {name!r} was not passed to the trainer")
+    buffer = max(1, DEFAULT_SHUFFLE_TOKENS // spec.ctx_len)
+    return BlockStream(
+        lambda: shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=1),
+        num_rows=spec.num_rows, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size,
+        seed=cfg.train.seed + (0 if name == "train" else 7919), shuffle=cfg.data.shuffle, shuffle_buffer=buffer,
+        max_epochs=cfg.train.epochs_max, start=start, name=name,
+    )
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _fail_marker_path(job: JobSpec) -> str:
+    return f"{job.storage_dir.rstrip('/')}/{FAIL_MARKER}"
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Ray Train worker: ``config = {"cfg": <Config as dict>, "job": <JobSpec as dict>}``."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from linearard_ray import models
+    from linearard_ray.loss import Objective
+
+    cfg = build_config(config["cfg"])
+    job = JobSpec.from_dict(config["job"])
+    _quiet_libraries()
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device_for_worker(job.use_gpu)
+
+    # ---- resume state
+    loaded = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            loaded = load_checkpoint(d)
+        if loaded.state.world_size != world:
+            raise RuntimeError(
+                f"checkpoint was written by {loaded.state.world_size} workers; resuming with {world} would change "
+                "the data order. Keep train.num_workers or start a new train.run_name."
+            )
+
+    # ---- models (identical init on every rank; DDP also broadcasts rank 0's weights)
+    torch.manual_seed(t.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    teacher = models.load_teacher(cfg.model, device=device) if cfg.objective.needs_teacher else None
+    student = models.load_student(cfg.model, cfg.rope, cfg.lora, device=device,
+                                  gradient_checkpointing=t.gradient_checkpointing)
+    if loaded is not None:
+        models.load_trainable_state_dict(student, loaded.trainable)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the student has no trainable parameters (check lora.target_modules)")
+
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, job.total_steps, t.min_lr_ratio)
+    if loaded is not None:
+        optimizer.load_state_dict(loaded.optimizer_state)
+        scheduler.load_state_dict(loaded.scheduler_state)
+        state = loaded.state
+        state.total_steps = job.total_steps
+        restore_rng(loaded.rng_states[rank])
+    else:
+        state = TrainState(total_steps=job.total_steps, world_size=world, mlflow_run_id=job.mlflow_run_id,
+                           lm_data=StreamPosition() if "lm" in job.streams and job.primary != "lm" else None)
+        torch.manual_seed(t.seed + 1000 + rank)  # dropout etc. differ per rank
+
+    objective = Objective(cfg.objective, cfg.rope, _num_layers(student), t.op_backend)
+    loss_module = ObjectiveModule(objective, student, teacher)
+    step_fn = wrap_ddp(loss_module, device) if world > 1 else loss_module
+
+    # ---- data
+    primary = _open_stream(job.primary, job.streams[job.primary], cfg, rank, world,
+                           state.data if job.primary == "train" else (state.lm_data or state.data))
+    lm_stream = None
+    if "lm" in job.streams and job.primary != "lm":
+        lm_stream = _open_stream("lm", job.streams["lm"], cfg, rank, world, state.lm_data)
+
+    # ---- tracking (rank 0 only)
+    logger = None
+    run_id = state.mlflow_run_id or job.mlflow_run_id
+    if rank == 0 and job.tracking_uri and run_id:
+        from linearard_ray.tracking import RunLogger
+
+        logger = RunLogger(job.tracking_uri, run_id)
+        params_flat = flatten(cfg)
+        params_flat.update({"job.total_steps": job.total_steps, "job.tokens_per_step": job.tokens_per_step,
+                            "job.world_size": world})
+        for name, spec in job.streams.items():
+            params_flat[f"job.{name}.blocks"] = spec.num_rows
+            params_flat[f"job.{name}.ctx_len"] = spec.ctx_len
+        params_flat["job.train.dropped_blocks_per_epoch"] = primary.dropped_per_epoch
+        logger.log_params(params_flat)
+        if loaded is not None:
+            logger.set_tags({"resumed_from_step": state.step})
+    state.mlflow_run_id = run_id
+    if rank == 0:
+        if primary.dropped_per_epoch:
+            print(f"[distill] {primary.dropped_per_epoch} of {primary.num_rows} blocks per epoch are left out so that "
+                  f"{world} workers × micro-batch {t.micro_batch_size} divide evenly", flush=True)
+        if loaded is not None:
+            print(f"[distill] resumed at step {state.step}/{job.total_steps} ({state.tokens_seen} tokens seen)", flush=True)
+
+    # ---- held-out evaluation
+    evaluator = None
+    if t.eval_every:
+        evaluator = HeldOutEval(cfg, tokenizer, device, rank, world)
+        if teacher is not None:
+            evaluator.compute_teacher(teacher)
+        else:  # cpt trains without a teacher; load it only for this one measurement
+            tmp = models.load_teacher(cfg.model, device=device)
+            evaluator.compute_teacher(tmp)
+            del tmp
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    fail_at = t.fail_at_step
+    # The injected failure fires on the last rank (a worker other than rank 0 when there are two).
+    if fail_at is not None and rank != world - 1:
+        fail_at = None
+    if fail_at is not None:
+        if storage_read_text(_fail_marker_path(job)) is not None:
+            fail_at = None  # already fired on an earlier attempt
+
+    last_eval: dict[str, float] = {}
+    step_times: list[float] = []
+    metrics: dict[str, float] = {}
+    while state.step < job.total_steps:
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        tokens_local = 0
+        for micro in range(t.grad_accum):
+            batch = _to_device(next(primary), device)
+            lm_batch = _to_device(next(lm_stream), device) if lm_stream is not None else None
+            tokens_local += int(batch["attention_mask"].sum()) + (int(lm_batch["attention_mask"].sum()) if lm_batch else 0)
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            sync = step_fn.no_sync() if world > 1 and micro < t.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with _autocast(cfg, device):
+                    loss = step_fn(batch, lm_batch)
+                (loss / t.grad_accum).backward()
+            for k, v in loss_module.last_metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / t.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+
+        keys = sorted(sums)
+        reduced = _all_reduce_sum([sums[k] for k in keys] + [float(tokens_local)], device)
+        metrics = {k: v / world for k, v in zip(keys, reduced[:-1])}
+        step_tokens = int(reduced[-1])
+        state.tokens_seen += step_tokens
+        state.data = primary.position if job.primary == "train" else state.data
+        if job.primary == "lm":
+            state.lm_data = primary.position
+        elif lm_stream is not None:
+            state.lm_data = lm_stream.position
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=step_tokens / dt, step_time_s=dt,
+                       tokens_seen=float(state.tokens_seen), epoch=float(primary.position.epoch))
+        if device.type == "cuda":
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+        if fail_at is not None and state.step == fail_at:
+            storage_write_text(_fail_marker_path(job), f"fired at step {state.step}\n")
+            raise RuntimeError(f"train.fail_at_step={fail_at}: injected worker failure (rank {rank})")
+
+        is_last = state.step == job.total_steps
+        did_eval = evaluator is not None and (state.step % t.eval_every == 0 or is_last)
+        if did_eval:
+            last_eval = evaluator(student)
+            metrics.update(last_eval)
+
+        if rank == 0:
+            recent = step_times[-10:]
+            eta = (job.total_steps - state.step) * (sum(recent) / len(recent))
+            if state.step % t.log_every == 0 or is_last:
+                print(progress_line(state.step, job.total_steps, metrics, eta), flush=True)
+                if did_eval:
+                    print("[distill] eval " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()), flush=True)
+            if logger is not None:
+                logger.log_metrics(metrics, step=state.step)
+
+        do_ckpt = state.step % t.checkpoint_every == 0 or is_last
+        if do_ckpt or did_eval:
+            report = {"step": state.step, "tokens_seen": state.tokens_seen, **metrics, **last_eval}
+            if do_ckpt:
+                rng_states = _gather_objects(capture_rng())
+                if rank == 0:
+                    with tempfile.TemporaryDirectory(prefix="linearard_ckpt_") as tmp:
+                        save_checkpoint(tmp, trainable=models.trainable_state_dict(student),
+                                        optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                                        rng_states=rng_states, state=state)
+                        ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
+                                         checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
+                else:
+                    ray.train.report(report)
+            else:
+                ray.train.report(report)
+
+    # ---- export (rank 0): the merged student and the adapter
+    if rank != 0:
+        return None
+    out_dir = Path(job.output_dir)
+    paths = models.export_student(student, tokenizer, out_dir, cfg.rope)
+    (out_dir / "distill_config.yaml").write_text(dump_config(cfg))
+    print(f"[distill] student exported to {paths.get('merged', out_dir)}", flush=True)
+    if logger is not None:
+        logger.log_text(dump_config(cfg), "config.yaml")
+        for name, spec in job.streams.items():
+            mf = Path(spec.directory) / "manifest.json"
+            if mf.exists():
+                logger.log_artifact(mf, f"data/{name}")
+        if "adapter" in paths:
+            logger.log_artifact(paths["adapter"], "adapter")
+        logger.log_artifact(paths["merged"], "student")
+        logger.finish("FINISHED")
+    return {"student_dir": str(paths.get("merged", out_dir)), "export_dir": str(out_dir),
+            "step": state.step, "tokens_seen": state.tokens_seen, "mlflow_run_id": run_id,
+            "metrics": {k: float(v) for k, v in {**metrics, **last_eval}.items()}}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _worker_env(tracking_uri: str | None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def _ensure_ray(env: dict[str, str]) -> None:
+    """Connect to the cluster (RAY_ADDRESS, e.g. under `ray job submit`) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # A local cluster started here: workers must import this package even from a checkout that
+    # is not installed and a driver started outside the repo root.
+    import linearard_ray
+
+    root = str(Path(linearard_ray.__file__).resolve().parent.parent)
+    local_env = dict(env)
+    local_env["PYTHONPATH"] = os.pathsep.join([root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    ray.init(runtime_env={"env_vars": local_env}, log_to_driver=True)
+
+
+def resolve_use_gpu(cfg: Config) -> bool:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.train.use_gpu is None:
+        return gpus > 0
+    if cfg.train.use_gpu and gpus == 0:
+        raise ConfigError("train.use_gpu is true but the Ray cluster has no GPUs")
+    return cfg.train.use_gpu
+
+
+def build_trainer(cfg: Config, job: JobSpec, datasets: dict[str, Any], *, worker_env: dict[str, str] | None = None,
+                  callbacks: list | None = None):
+    """The ``TorchTrainer`` for this job (does not start it)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if job.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources,
+                            accelerator_type=t.accelerator_type if job.use_gpu else None)
+    storage_root, _, name = job.storage_dir.rstrip("/").rpartition("/")
+    run_config = RunConfig(
+        name=name, storage_path=storage_root,
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        worker_runtime_env={"env_vars": worker_env or {}},
+        callbacks=callbacks,
+    )
+    # Every worker reads the whole order-preserving stream and keeps its own rows (train_stream.py
+    # says why), so nothing is split here.
+    data_config = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        scaling_config=scaling, run_config=run_config, datasets=datasets, dataset_config=data_config,
+    )
+
+
+def _open_mlflow_run(cfg: Config, storage_dir: str) -> tuple[str | None, str | None, str | None]:
+    """(uri, experiment id, run id): the run recorded for this run name, or a new one."""
+    if not cfg.tracking.enabled:
+        return None, None, None
+    from linearard_ray import tracking
+
+    uri = cfg.tracking.resolved_uri()
+    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    job_file = f"{storage_dir}/{JOB_FILE}"
+    prior = storage_read_text(job_file)
+    if prior:
+        info = json.loads(prior)
+        if info.get("tracking_uri") == uri and info.get("mlflow_run_id"):
+            try:
+                tracking.RunLogger(uri, info["mlflow_run_id"])  # exists and is marked running again
+                return uri, info.get("experiment_id", exp_id), info["mlflow_run_id"]
+            except Exception:
+                pass  # the run was deleted from the store: start a new one
+    run_id = tracking.create_run(uri, exp_id, cfg.train.run_name, tags={"linearard.storage": storage_dir})
+    storage_write_text(job_file, json.dumps({"tracking_uri": uri, "experiment_id": exp_id, "mlflow_run_id": run_id}))
+    return uri, exp_id, run_id
+
+
+def prepare_job(cfg: Config) -> tuple[JobSpec, dict[str, Any]]:
+    """Everything the driver checks and resolves before any worker starts."""
+    storage_dir = f"{resolve_storage_path(cfg.train.storage_path).rstrip('/')}/{cfg.train.run_name}"
+    output_dir = str(Path(cfg.train.output_dir).expanduser().resolve() / cfg.train.run_name)
+    use_gpu = resolve_use_gpu(cfg)
+    streams, primary, datasets = _prepare_streams(cfg)
+    total, tokens_per_step = plan_steps(cfg, streams, primary, cfg.train.num_workers)
+    uri, exp_id, run_id = _open_mlflow_run(cfg, storage_dir)
+    job = JobSpec(run_name=cfg.train.run_name, storage_dir=storage_dir, output_dir=output_dir, total_steps=total,
+                  tokens_per_step=tokens_per_step, streams=streams, primary=primary, use_gpu=use_gpu,
+                  tracking_uri=uri, experiment_id=exp_id, mlflow_run_id=run_id)
+    return job, datasets
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Checks that need no cluster: fail before Ray starts."""
+    t = cfg.train
+    if t.eval_long_len is not None and t.eval_long_len < 2:
+        raise ConfigError("train.eval_long_len must be at least 2 tokens")
+    if t.fail_at_step is not None and t.fail_at_step < 1:
+        raise ConfigError("train.fail_at_step must be a step number >= 1")
+    if "/" in t.run_name or not t.run_name.strip():
+        raise ConfigError(f"train.run_name {t.run_name!r} must be a non-empty name without '/'")
+
+
+def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:
+    """Run (or resume) the distillation job named ``cfg.train.run_name``; export and report where
+    the student and the MLflow run are."""
+    _check_semantics(cfg)
+    uri = cfg.tracking.resolved_uri() if cfg.tracking.enabled else None
+    env = _worker_env(uri)
+    _ensure_ray(env)
+    job, datasets = prepare_job(cfg)
+    print(f"[distill] run {job.run_name}: {job.total_steps} steps × {job.tokens_per_step} tokens "
+          f"on {cfg.train.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); storage {job.storage_dir}", flush=True)
+    trainer = build_trainer(cfg, job, datasets, worker_env=env, callbacks=callbacks)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    ret = result.return_value or {}
+    res = TrainResult(
+        run_name=job.run_name, student_dir=ret.get("student_dir"), final_step=int(ret.get("step", 0)),
+        tokens_seen=int(ret.get("tokens_seen", 0)), metrics=ret.get("metrics", dict(result.metrics or {})),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None, storage_dir=job.storage_dir,
+        tracking_uri=job.tracking_uri, mlflow_experiment_id=job.experiment_id,
+        mlflow_run_id=ret.get("mlflow_run_id") or job.mlflow_run_id,
+    )
+    if cfg.train.evaluate_at_end and res.student_dir:
+        res.evaluation = _evaluate_student(cfg, res)
+    print(f"[distill] student: {res.student_dir}", flush=True)
+    if res.mlflow_run_id:
+        from linearard_ray.tracking import run_url
+
+        print(f"[distill] MLflow run: {run_url(res.tracking_uri, res.mlflow_experiment_id, res.mlflow_run_id)}", flush=True)
+    return res
+
+
+def _evaluate_student(cfg: Config, res: TrainResult) -> dict[str, Any] | None:
+    try:
+        from linearard_ray.evaluate import evaluate
+    except ImportError as e:
+        print(f"[distill] train.evaluate_at_end: evaluation is unavailable ({e}); skipped", file=sys.stderr, flush=True)
+        return None
+    ecfg = cfg.model_copy(deep=True)
+    ecfg.eval.student_path = res.student_dir
+    report = evaluate(ecfg)
+    if res.mlflow_run_id and res.tracking_uri:
+        from linearard_ray.tracking import RunLogger
+
+        flat = {k: v for k, v in flatten(report if isinstance(report, dict) else {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        lg = RunLogger(res.tracking_uri, res.mlflow_run_id)
+        lg.log_metrics({f"eval.{k}": v for k, v in flat.items()}, step=res.final_step)
+        lg.finish("FINISHED")
+    return report
