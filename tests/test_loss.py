@@ -1,0 +1,284 @@
+"""Objective: each term against a direct float64 computation, normalisation, YaRN correction,
+gradients only on trainable q/k/v parameters, weight 0 skips work."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linearard_ray.loss as loss_mod
+from linearard_ray.capture import capture_qkv
+from linearard_ray.config import LoraConfig, ModelConfig, ObjectiveConfig, RopeConfig
+from linearard_ray.loss import Objective
+from linearard_ray.models import load_student, load_teacher
+
+
+def _mc(cache_dir, family):
+    return ModelConfig(teacher=f"tiny:{family}", cache_dir=str(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def teachers(cache_dir):
+    return {f: load_teacher(_mc(cache_dir, f), device="cpu") for f in ("llama", "qwen3")}
+
+
+def _student(cache_dir, family="llama", rope=None, lora=None, seed=0, perturb=0.0):
+    torch.manual_seed(seed)
+    s = load_student(_mc(cache_dir, family), rope or RopeConfig(type="linear", factor=4.0),
+                     lora or LoraConfig(r=4), device="cpu")
+    if perturb:
+        with torch.no_grad():
+            for n, p in s.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, perturb)
+    return s
+
+
+def _batch(T=40, seed=0, B=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 512, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, T - 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _obj(rel=1.0, logits=0.0, nt=0.0, weights=None, layers="all", fused=True, tau=1.0, top_k=None, corr="divide",
+         rope=None):
+    cfg = ObjectiveConfig(name="custom", relation={"weight": rel, "weights": weights or {"q": 1.0, "k": 1.0, "v": 1.0},
+                                                   "layers": layers, "fused": fused},
+                          logits={"weight": logits, "temperature": tau, "top_k_positions": top_k, "chunk_size": 16},
+                          next_token={"weight": nt})
+    rope = (rope or RopeConfig(type="linear", factor=4.0)).model_copy(update={"yarn_logit_correction": corr})
+    return Objective(cfg, rope, num_layers=2, backend="torch")
+
+
+def _ref_self_kl(s, t, mask, a_s, a_t):
+    """Σ over valid rows of KL(teacher row ‖ student row), causal self-relations, float64."""
+    s, t = s.double(), t.double()
+    S = (s @ s.transpose(-1, -2)) * a_s
+    Tt = (t @ t.transpose(-1, -2)) * a_t
+    T = s.shape[2]
+    m = mask.bool()
+    valid = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None] & m[:, None, None, :]
+    ls = torch.log_softmax(S.masked_fill(~valid, float("-inf")), -1)
+    lt = torch.log_softmax(Tt.masked_fill(~valid, float("-inf")), -1)
+    kl = (lt.exp() * (lt - ls)).masked_fill(~valid, 0).sum(-1)  # [B, H, T]
+    return (kl * m[:, None, :]).sum()
+
+
+def _captures(model, batch):
+    with torch.no_grad(), capture_qkv(model, [0, 1]) as cap:
+        model(**batch)
+    return cap
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_relation_term_matches_direct_computation(cache_dir, teachers, family):
+    teacher = teachers[family]
+    student = _student(cache_dir, family, perturb=0.05)
+    batch = _batch(seed=1)
+    w = {"q": 1.0, "k": 0.5, "v": 2.0}
+    out = _obj(weights=w)(teacher, student, batch)
+    sc, tc = _captures(student, batch), _captures(teacher, batch)
+    mask = batch["attention_mask"]
+    n_tok = mask.sum().item()
+    alpha = teacher.config.head_dim ** -0.5
+    per_rel = {}
+    for r in "qkv":
+        vals = []
+        for l in (0, 1):
+            s, t = getattr(sc, r)[l], getattr(tc, r)[l]
+            ref = _ref_self_kl(s, t, mask, alpha, alpha).item() / (s.shape[1] * n_tok)
+            assert out.metrics[f"relation_layer{l}_{r}"] == pytest.approx(ref, rel=1e-4, abs=1e-7)
+            vals.append(ref)
+        per_rel[r] = sum(vals) / 2
+        assert out.metrics[f"relation_{r}"] == pytest.approx(per_rel[r], rel=1e-4)
+    # q relations normalise by 4 query heads, k/v by 2 kv heads
+    assert sc.q[0].shape[1] == 4 and sc.k[0].shape[1] == 2
+    total = sum(w[r] * per_rel[r] for r in "qkv")
+    assert out.metrics["relation"] == pytest.approx(total, rel=1e-4)
+    assert out.metrics["loss"] == pytest.approx(total, rel=1e-4)
+    assert out.metrics["relation"] > 0.05  # PI×4 student is far from the teacher
+    assert float(out.loss.detach()) == pytest.approx(out.metrics["loss"])
+    # the unfused path (one op call per relation) gives the same numbers
+    unfused = _obj(weights=w, fused=False)(teacher, student, batch)
+    for k, v in out.metrics.items():
+        assert unfused.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-8)
+
+
+def test_layer_selection(cache_dir, teachers):
+    student = _student(cache_dir)
+    out = _obj(layers="last:1")(teachers["llama"], student, _batch())
+    assert {k for k in out.metrics if k.startswith("relation_layer")} == {"relation_layer1_q", "relation_layer1_k",
+                                                                          "relation_layer1_v"}
+    assert out.metrics["relation_q"] == pytest.approx(out.metrics["relation_layer1_q"])
+
+
+def test_zero_when_student_is_teacher(cache_dir, teachers):
+    teacher = teachers["llama"]
+    batch = _batch(seed=2)
+    out = _obj(rel=1.0, logits=1.0)(teacher, teacher, batch)
+    assert abs(out.metrics["relation"]) < 1e-6 and abs(out.metrics["logit_kl"]) < 1e-6
+    # a dynamic-NTK ×4 student equals the teacher inside the native window
+    dyn = _student(cache_dir, rope=RopeConfig(type="dynamic", factor=4.0))
+    out = _obj(rel=1.0, logits=1.0, rope=RopeConfig(type="dynamic", factor=4.0))(teacher, dyn, batch)
+    assert abs(out.metrics["relation"]) < 1e-6 and abs(out.metrics["logit_kl"]) < 1e-6
+    # while PI×4 on the same batch is clearly positive, on every relation except layer-0 V/V
+    pi = _obj(rel=1.0, logits=1.0)(teacher, _student(cache_dir), batch).metrics
+    assert pi["relation"] > 0.05 and pi["logit_kl"] > 1e-4
+    assert all(pi[f"relation_layer{l}_{r}"] > 1e-3 for l in (0, 1) for r in "qk") and pi["relation_layer1_v"] > 1e-3
+    assert abs(pi["relation_layer0_v"]) < 1e-6  # V is not rotated and layer 0 sees the same embeddings
+
+
+@pytest.mark.parametrize("tau,top_k", [(1.0, None), (2.0, None), (1.0, 6)])
+def test_logit_term_matches_direct_computation(cache_dir, teachers, tau, top_k):
+    teacher = teachers["llama"]
+    student = _student(cache_dir, perturb=0.05)
+    batch = _batch(seed=3)
+    out = _obj(rel=0.0, logits=0.7, tau=tau, top_k=top_k)(teacher, student, batch)
+    with torch.no_grad():
+        s = student(**batch).logits.double() / tau
+        t = teacher(**batch).logits.double() / tau
+    per = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1) * tau * tau
+    mask = batch["attention_mask"].bool()
+    if top_k is None:
+        ref = per[mask].mean().item()
+    else:
+        ref = per.masked_fill(~mask, float("-inf")).topk(top_k, -1).values.mean().item()
+    assert out.metrics["logit_kl"] == pytest.approx(ref, rel=1e-4)
+    assert out.metrics["loss"] == pytest.approx(0.7 * ref, rel=1e-4)
+    assert "relation" not in out.metrics
+
+
+def _ref_nt(model, batch):
+    with torch.no_grad():
+        logits = model(**batch).logits.double()
+    ids, m = batch["input_ids"], batch["attention_mask"].bool()
+    valid = m[:, :-1] & m[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return (nll.view(valid.shape) * valid).sum().item() / valid.sum().item()
+
+
+def test_next_token_term_on_batch_and_on_its_own_stream(cache_dir, teachers):
+    teacher = teachers["llama"]
+    student = _student(cache_dir, perturb=0.05)
+    batch, lm = _batch(seed=4), _batch(T=56, seed=5, B=3)
+    out = _obj(rel=1.0, nt=0.3)(teacher, student, batch)
+    ref = _ref_nt(student, batch)
+    assert out.metrics["next_token"] == pytest.approx(ref, rel=1e-5)
+    assert out.metrics["loss"] == pytest.approx(out.metrics["relation"] + 0.3 * ref, rel=1e-5)
+    out2 = _obj(rel=1.0, nt=0.3)(teacher, student, batch, lm_batch=lm)
+    assert out2.metrics["next_token"] == pytest.approx(_ref_nt(student, lm), rel=1e-5)
+    assert out2.metrics["relation"] == pytest.approx(out.metrics["relation"], rel=1e-6)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_gradients_only_on_trainable_qkv(cache_dir, teachers, lora):
+    student = _student(cache_dir, lora=LoraConfig(r=4, enabled=lora), perturb=0.05 if lora else 0.0)
+    out = _obj(rel=1.0, logits=1.0, nt=1.0)(teachers["llama"], student, _batch(seed=6))
+    out.loss.backward()
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in student.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    if lora:
+        assert len(trainable) == 2 * 3 * 2 and all(".lora_" in n for n in trainable)
+        assert all(student.get_parameter(n).grad.abs().sum() > 0 for n in trainable if "lora_B" in n)
+    else:
+        assert sorted(trainable) == sorted(f"model.layers.{l}.self_attn.{p}_proj.weight" for l in (0, 1) for p in "qkv")
+        assert all(student.get_parameter(n).grad.abs().sum() > 0 for n in trainable)
+    assert all(p.grad is None for p in teachers["llama"].parameters())
+
+
+def test_yarn_attention_factor_is_divided_out(cache_dir, teachers):
+    # Two YaRN students that differ only in the cos/sin multiplier m: their layer-0 Q/Q and K/K
+    # relations differ only by m² in the logits. 'divide' removes it, 'keep' does not.
+    teacher = teachers["llama"]
+    batch = _batch(seed=7)
+    res = {}
+    for m in (1.0, 1.7):
+        rope = RopeConfig(type="yarn", factor=4.0, attention_factor=m)
+        student = _student(cache_dir, rope=rope)
+        for corr in ("divide", "keep"):
+            res[m, corr] = _obj(layers="first:1", corr=corr, rope=rope)(teacher, student, batch).metrics
+        if m == 1.7:  # 'divide' equals the direct computation with the student scale α/m²
+            sc, tc = _captures(student, batch), _captures(teacher, batch)
+            a = teacher.config.head_dim ** -0.5
+            n = batch["attention_mask"].sum().item()
+            ref = _ref_self_kl(sc.q[0], tc.q[0], batch["attention_mask"], a / m**2, a).item() / (4 * n)
+            assert res[m, "divide"]["relation_layer0_q"] == pytest.approx(ref, rel=1e-4)
+    for r in "qk":
+        assert res[1.0, "divide"][f"relation_{r}"] == pytest.approx(res[1.7, "divide"][f"relation_{r}"], rel=1e-4)
+        assert res[1.7, "keep"][f"relation_{r}"] > 1.5 * res[1.7, "divide"][f"relation_{r}"]
+        assert res[1.0, "keep"][f"relation_{r}"] == pytest.approx(res[1.0, "divide"][f"relation_{r}"], rel=1e-6)
+    assert res[1.7, "keep"]["relation_v"] == pytest.approx(res[1.7, "divide"]["relation_v"], rel=1e-6)
+
+
+class _Counter:
+    def __init__(self, fn):
+        self.fn, self.calls, self.args = fn, 0, []
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        self.args.append((a, kw))
+        return self.fn(*a, **kw)
+
+
+def _count_forwards(model):
+    n = {"calls": 0}
+    h = model.model.register_forward_pre_hook(lambda *_: n.__setitem__("calls", n["calls"] + 1))
+    return n, h
+
+
+def test_weight_zero_skips_work(cache_dir, teachers, monkeypatch):
+    teacher = teachers["llama"]
+    student = _student(cache_dir)
+    batch = _batch(seed=8)
+    cap = _Counter(loss_mod.capture_qkv)
+    lkl = _Counter(loss_mod.chunked_logit_kl)
+    ce = _Counter(loss_mod.chunked_cross_entropy)
+    layer_op = _Counter(loss_mod.ops.relation_kl_layer)
+    rel_op = _Counter(loss_mod.ops.relation_kl)
+    monkeypatch.setattr(loss_mod, "capture_qkv", cap)
+    monkeypatch.setattr(loss_mod, "chunked_logit_kl", lkl)
+    monkeypatch.setattr(loss_mod, "chunked_cross_entropy", ce)
+    monkeypatch.setattr(loss_mod.ops, "relation_kl_layer", layer_op)
+    monkeypatch.setattr(loss_mod.ops, "relation_kl", rel_op)
+    tf, h = _count_forwards(teacher)
+    try:
+        def reset():
+            for c in (cap, lkl, ce, layer_op, rel_op):
+                c.calls, c.args = 0, []
+            tf["calls"] = 0
+
+        # CPT: no teacher at all (None is accepted), no capture, no KL
+        reset()
+        out = _obj(rel=0.0, nt=1.0)(None, student, batch)
+        assert set(out.metrics) == {"loss", "next_token"}
+        assert (cap.calls, lkl.calls, layer_op.calls, rel_op.calls, ce.calls) == (0, 0, 0, 0, 1)
+        out = _obj(rel=0.0, nt=1.0)(teacher, student, batch)
+        assert tf["calls"] == 0
+        # relation only: one teacher forward, no logit KL, no CE
+        reset()
+        out = _obj()(teacher, student, batch)
+        assert tf["calls"] == 1 and cap.calls == 2 and lkl.calls == 0 and ce.calls == 0 and layer_op.calls == 2
+        assert "logit_kl" not in out.metrics and "next_token" not in out.metrics
+        # logit only: teacher runs without capture
+        reset()
+        _obj(rel=0.0, logits=1.0)(teacher, student, batch)
+        assert tf["calls"] == 1 and cap.calls == 0 and lkl.calls == 1 and layer_op.calls == 0
+        # only Q/Q weighted: only q captured and computed
+        reset()
+        out = _obj(weights={"q": 1.0, "k": 0.0, "v": 0.0})(teacher, student, batch)
+        assert [a[1].get("what", a[0][2] if len(a[0]) > 2 else None) for a in cap.args] == [("q",), ("q",)]
+        assert layer_op.calls == 0 and rel_op.calls == 2
+        assert "relation_k" not in out.metrics and "relation_q" in out.metrics
+    finally:
+        h.remove()
+
+
+def test_errors(cache_dir, teachers):
+    with pytest.raises(ValueError, match="per-relation weight"):
+        _obj(weights={"q": 0.0, "k": 0.0, "v": 0.0})
+    with pytest.raises(ValueError, match="needs a teacher"):
+        _obj()(None, teachers["llama"], _batch())
+    with pytest.raises(ValueError, match="must both be"):
+        _obj()(teachers["llama"], teachers["llama"], {"input_ids": torch.zeros(3, dtype=torch.long)})
