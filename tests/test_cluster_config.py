@@ -229,8 +229,11 @@ def test_mlflow_server_command_parses_with_mlflows_own_cli(raw, tmp_path):
     assert p["backend_store_uri"].split(":", 1)[0] in ("sqlite", "postgresql")
     assert p["serve_artifacts"] is True
     assert p["artifacts_destination"].startswith("s3://")
-    # A start command must not leave ssh waiting on the server's output.
-    assert "nohup" in start and "< /dev/null" in start and "server.pid" in start
+    # A start command must not leave ssh waiting on the server's output, and the recorded pid must
+    # be the server's own: the backgrounded statement starts at `nohup`, not at an `a && b` list.
+    background = re.split(r"(?<![>&])&(?!&)", start.split(";")[-1], maxsplit=1)[0]  # not 2>&1, not &&
+    assert background.strip().startswith("nohup mlflow server") and "&&" not in background
+    assert "< /dev/null" in background and "echo $! > ~/mlflow/server.pid" in start
 
 
 # --------------------------------------------------------------------------- recipes vs node types
