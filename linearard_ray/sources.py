@@ -40,6 +40,7 @@ _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 _REMOTE_SCHEMES = ("s3", "gs", "gcs", "file")
 _GLOB_CHARS = "*?["
 HF_PREFIX = "hf:"
+_BUILTIN_DOCS_PER_ITEM = 16
 # Bytes looked at to decide that a file is binary rather than text.
 _SNIFF_BYTES = 8192
 
@@ -77,6 +78,7 @@ class InputFile:
     size: int = -1
     mtime_ns: int = -1
     skip_reason: str = ""   # set for files listed but not readable as a corpus
+    rows: tuple[int, int] | None = None   # a built-in corpus is read in slices of documents
 
     @property
     def compression(self) -> str | None:
@@ -256,8 +258,14 @@ def resolve_source(idx: int, source: str, fmt: str = "auto") -> list[InputFile]:
         corpus = source[len("builtin:"):].partition("/")[0]
         asset = Path(str(resources.files("linearard_ray") / "assets" / f"{corpus}.jsonl.xz"))
         st = asset.stat() if asset.exists() else None
-        return [InputFile(idx, source, source, "builtin", str(asset), None,
-                          st.st_size if st else -1, st.st_mtime_ns if st else -1)]
+        n = sum(1 for _ in iter_builtin(source))
+        # Slices, so that several tokenizer actors share the corpus.
+        step = _BUILTIN_DOCS_PER_ITEM
+        size = (st.st_size * 5 // max(n, 1)) if st else -1   # ~ uncompressed bytes per document
+        return [InputFile(idx, source, f"{source}[{a}:{min(a + step, n)}]", "builtin", str(asset), None,
+                          size * (min(a + step, n) - a) if st else -1, st.st_mtime_ns if st else -1,
+                          rows=(a, min(a + step, n)))
+                for a in range(0, n, step)]
     if source.startswith(HF_PREFIX):
         return _resolve_hf(idx, source, fmt)
     return _resolve_fs_source(idx, source, fmt)
@@ -285,7 +293,7 @@ def fingerprint(items: list[InputFile]) -> str:
 
 
 def _open_bytes(item: InputFile) -> io.RawIOBase:
-    raw = item.fs.open_input_stream(item.path)
+    raw = item.fs.open_input_stream(item.path, compression=None)  # we decompress: pyarrow has no xz
     comp = item.compression
     if comp == "gzip":
         return gzip.GzipFile(fileobj=raw)
@@ -460,8 +468,12 @@ def _read_parquet(item: InputFile, column: str) -> Iterator[Document]:
 
 def _read_builtin(item: InputFile, column: str) -> Iterator[Document]:
     corpus = item.source[len("builtin:"):].partition("/")[0]
-    for row in iter_builtin(item.source):
-        yield _doc_from_value(f"{corpus}/{row['id']}", row.get("text"))
+    a, b = item.rows
+    for i, row in enumerate(iter_builtin(item.source)):
+        if i >= b:
+            break
+        if i >= a:
+            yield _doc_from_value(f"{corpus}/{row['id']}", row.get("text"))
 
 
 def iter_documents(item: InputFile, text_column: str = "text") -> Iterator[Document]:
