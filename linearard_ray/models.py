@@ -73,9 +73,24 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            # transformers dequantises GGUF weights into ordinary float tensors but keeps its GGUF
+            # "quantizer" attached, which refuses to save; the weights themselves are plain.
+            bad = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
+            if bad:
+                raise ModelError(f"GGUF {gguf_path.name} loaded with non-float weights ({bad}); cannot convert")
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer = None
+            for obj in (model.config, model):
+                if "quantization_config" in vars(obj):
+                    delattr(obj, "quantization_config")
+            if hasattr(model, "is_quantized"):
+                with contextlib.suppress(AttributeError):
+                    model.is_quantized = False
+            model.config.use_cache = True
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             (tmp / _DONE).write_text(json.dumps({"source": str(gguf_path)}))
