@@ -329,7 +329,8 @@ class EvalConfig(_Section):
     models: list[EvalModelSpec] = Field(default_factory=list, description="Default: teacher, unrestored student, restored student.")
     student_path: str | None = Field(None, description="The restored student to evaluate (exported directory).")
     texts: list[str] = Field(default_factory=lambda: ["builtin:sotu/eval"])
-    other_texts: list[str] = Field(default_factory=list, description="A second domain not used in training.")
+    other_texts: list[str] = Field(default_factory=lambda: ["builtin:pydocs"],
+                                   description="A second domain not used in training (default: Python 3.11 docs); [] = none.")
     short_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
     long_lengths: list[int] = Field(default_factory=lambda: [4096, 8192])
     max_windows: int = Field(8, ge=1, description="Windows per length (more = less noise, more time).")

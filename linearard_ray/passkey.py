@@ -1,0 +1,115 @@
+"""Passkey retrieval, generated offline: a five-digit key hidden at a chosen depth inside filler
+text of an exact token length, then greedy decoding of the answer.
+
+The prompt follows the common passkey test (Mohtashami & Jaggi 2023): an instruction, filler
+sentences, the key line at `depth` (0 = start of the filler, 1 = end), the filler's remainder and
+the question. Pieces are tokenised separately and joined as ids, so the prompt has exactly the
+requested number of tokens and the key sits at a known token position.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+               "I will quiz you about the important info there.\n")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyPrompt:
+    input_ids: list[int]
+    key: str
+    length: int
+    depth: float
+    key_start: int   # token index where the key line starts
+    key_tokens: int  # tokens of the key line
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def make_key(seed: int, length: int, depth: float, trial: int) -> str:
+    """The trial's five-digit key; a function of (seed, length, depth, trial) only."""
+    rng = np.random.default_rng([seed, length, int(round(depth * 1000)), trial])
+    return str(int(rng.integers(10000, 100000)))
+
+
+def min_length(tokenizer, prefix: list[int] | None = None) -> int:
+    """Shortest prompt possible (no filler) with this tokenizer."""
+    return (len(prefix or []) + len(_ids(tokenizer, INSTRUCTION)) + len(_ids(tokenizer, KEY_LINE.format(key="99999")))
+            + len(_ids(tokenizer, QUESTION)) + 1)
+
+
+def build_prompt(tokenizer, length: int, depth: float, key: str, prefix: list[int] | None = None) -> PasskeyPrompt:
+    """A prompt of exactly `length` tokens with `key` at `depth` of the filler."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"eval.passkey_depths: depth {depth} must be within [0, 1]")
+    prefix = list(prefix or [])
+    head = prefix + _ids(tokenizer, INSTRUCTION)
+    key_ids = _ids(tokenizer, KEY_LINE.format(key=key))
+    tail = _ids(tokenizer, QUESTION)
+    n_filler = length - len(head) - len(key_ids) - len(tail)
+    if n_filler < 1:
+        raise ValueError(f"eval.passkey_lengths: {length} tokens is shorter than the passkey prompt itself "
+                         f"(needs at least {len(head) + len(key_ids) + len(tail) + 1})")
+    unit = _ids(tokenizer, FILLER)
+    filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
+    before = int(round(depth * n_filler))
+    ids = head + filler[:before] + key_ids + filler[before:] + tail
+    assert len(ids) == length
+    return PasskeyPrompt(ids, key, length, depth, len(head) + before, len(key_ids))
+
+
+def prompts_for(tokenizer, length: int, depths: list[float], trials: int, seed: int,
+                prefix: list[int] | None = None) -> list[PasskeyPrompt]:
+    return [build_prompt(tokenizer, length, d, make_key(seed, length, d, t), prefix)
+            for d in depths for t in range(trials)]
+
+
+def extract_answer(text: str) -> str | None:
+    """The first number in the generated text (the model's answer)."""
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else None
+
+
+@torch.no_grad()
+def run_passkey(model, tokenizer, prompts: list[PasskeyPrompt], batch_size: int, device,
+                max_new_tokens: int | None = None) -> list[dict]:
+    """Greedy-decode each prompt; one {'depth', 'key', 'answer', 'correct'} per prompt.
+
+    Prompts of one length have the same number of tokens, so batches need no padding.
+    """
+    if max_new_tokens is None:
+        max_new_tokens = len(_ids(tokenizer, " 99999.")) + 2
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        if len({len(p.input_ids) for p in chunk}) != 1:
+            raise ValueError("passkey prompts of one batch must have the same length")
+        ids = torch.tensor([p.input_ids for p in chunk], dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        for p, g in zip(chunk, gen[:, ids.shape[1]:]):
+            text = tokenizer.decode(g.tolist(), skip_special_tokens=True)
+            ans = extract_answer(text)
+            out.append({"depth": p.depth, "key": p.key, "answer": ans, "output": text, "correct": ans == p.key})
+    return out
+
+
+def accuracy_grid(results: list[dict], depths: list[float]) -> list[float]:
+    """Accuracy per depth (in the order of `depths`)."""
+    acc = []
+    for d in depths:
+        rows = [r for r in results if r["depth"] == d]
+        acc.append(float(np.mean([r["correct"] for r in rows])) if rows else float("nan"))
+    return acc

@@ -1,0 +1,389 @@
+"""The evaluation report: figures computed from raw job results, ``report.json``, ``report.md``
+(tables), PNG plots (perplexity against context length; a passkey heatmap per model) and the
+MLflow run that carries them."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFINITIONS = {
+    "nll": "mean next-token negative log-likelihood in nats over every predicted token of the windows "
+           "(each window of L tokens predicts its last L-1 tokens)",
+    "ppl": "perplexity = exp(nll)",
+    "recovery_pct": "restoration, figure 1: 100 × teacher perplexity ÷ model perplexity at the same length "
+                    "and windows (100 = as good as the teacher; above 100 = better than the teacher on this text)",
+    "gap_closed_pct": "restoration, figure 2: share of the scaled-vs-teacher gap closed, "
+                      "100 × (nll_scaled − nll_model) ÷ (nll_scaled − nll_teacher), in NLL (log-perplexity); "
+                      "0 = no better than the unrestored RoPE-scaled model, 100 = the teacher; undefined when "
+                      "the scaled model is as good as the teacher (|gap| < 1e-6)",
+    "relation_kl": "mean over rows (batch × heads × positions) of KL(teacher ‖ model) between the causal "
+                   "softmax rows of the self-relation logits Q·Qᵀ/√D, K·Kᵀ/√D, V·Vᵀ/√D of each layer "
+                   "(post-RoPE q and k; yarn/longrope attention factor m² divided out when "
+                   "rope.yarn_logit_correction is 'divide')",
+    "passkey_accuracy": "share of trials where the first number greedily generated after the question equals "
+                        "the 5-digit key hidden at that depth of a prompt of exactly that many tokens",
+    "windows": "non-overlapping windows of exactly L tokens chosen with a seeded generator; cut from single "
+               "documents when at least eval.max_windows such windows exist, otherwise from the documents "
+               "joined in order with EOS separators ('concatenated documents')",
+}
+
+
+def restoration(nll_teacher: float, nll_scaled: float | None, nll_model: float, eps: float = 1e-6) -> dict:
+    """The two restoration figures of a model at one length (see DEFINITIONS)."""
+    out: dict[str, Any] = {"recovery_pct": 100.0 * math.exp(nll_teacher - nll_model)}
+    if nll_scaled is None:
+        out["gap_closed_pct"] = None
+    else:
+        gap = nll_scaled - nll_teacher
+        out["gap_closed_pct"] = None if abs(gap) < eps else 100.0 * (nll_scaled - nll_model) / gap
+    return out
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf become None, numpy scalars become Python ones."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def build_report(cfg, models: list[dict], domains: dict, results: list[dict], skipped: list[dict],
+                 passkey_prompts: dict) -> dict:
+    """Assemble the report dict from raw job results (sums, counts, passkey answers)."""
+    ev = cfg.eval
+    names = [m["name"] for m in models]
+    teacher = next(m["name"] for m in models if m["role"] == "teacher")
+    scaled = next((m["name"] for m in models if m["role"] == "scaled"), None)
+    short = sorted(set(ev.short_lengths))
+    windows_max = {}
+    for r in results:
+        windows_max[r["model"]] = r.get("max_position_embeddings")
+    for m in models:
+        m["max_position_embeddings"] = windows_max.get(m["name"])
+
+    nll: dict = {d: {n: {} for n in names} for d in domains}
+    for r in results:
+        if r["kind"] == "nll":
+            v = r["nll_sum"] / r["tokens"]
+            nll[r["domain"]][r["model"]][str(r["length"])] = {"nll": v, "ppl": math.exp(v), "tokens": r["tokens"]}
+
+    rest: dict = {d: {} for d in domains}
+    for d in domains:
+        for n in names:
+            if n == teacher:
+                continue
+            for L in short:
+                t = nll[d][teacher].get(str(L))
+                m = nll[d][n].get(str(L))
+                if t is None or m is None:
+                    continue
+                s = nll[d][scaled].get(str(L)) if scaled else None
+                rest[d].setdefault(n, {})[str(L)] = restoration(t["nll"], s["nll"] if s else None, m["nll"])
+
+    relkl: dict = {d: {} for d in domains}
+    for r in results:
+        if r["kind"] != "relkl":
+            continue
+        per_layer = [{"layer": int(l), **{k: v[k] / r["rows"][k] for k in "qkv"}}
+                     for l, v in sorted(r["sums"].items(), key=lambda kv: int(kv[0]))]
+        mean = {k: float(np.mean([p[k] for p in per_layer])) for k in "qkv"}
+        relkl[r["domain"]].setdefault(r["model"], {})[str(r["length"])] = {"mean": mean, "per_layer": per_layer}
+
+    depths = list(ev.passkey_depths)
+    pk_lengths = sorted(passkey_prompts)
+    passkey: dict = {}
+    for n in names:
+        by_len = {r["length"]: r["results"] for r in results if r["kind"] == "passkey" and r["model"] == n}
+        if not by_len:
+            continue
+        grid = []
+        for d in depths:
+            row = []
+            for L in pk_lengths:
+                trials = [x for x in by_len.get(L, []) if x["depth"] == d]
+                row.append(float(np.mean([x["correct"] for x in trials])) if trials else None)
+            grid.append(row)
+        allr = [x["correct"] for rs in by_len.values() for x in rs]
+        per_len = {str(L): float(np.mean([x["correct"] for x in by_len[L]])) for L in pk_lengths if L in by_len}
+        samples = {str(L): [{k: x[k] for k in ("depth", "key", "answer", "correct")} for x in by_len[L]]
+                   for L in pk_lengths if L in by_len}
+        passkey[n] = {"lengths": pk_lengths, "depths": depths, "trials": ev.passkey_trials, "accuracy": grid,
+                      "accuracy_by_length": per_len, "accuracy_overall": float(np.mean(allr)), "answers": samples}
+
+    seconds: dict = {}
+    for r in results:
+        seconds[r["model"]] = seconds.get(r["model"], 0.0) + r.get("seconds", 0.0)
+
+    report = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "definitions": DEFINITIONS,
+        "reference": {"teacher": teacher, "scaled": scaled},
+        "config": {"model": cfg.model.model_dump(mode="json"), "rope": cfg.rope.model_dump(mode="json"),
+                   "eval": cfg.eval.model_dump(mode="json")},
+        "models": models,
+        "domains": domains,
+        "short_lengths": short,
+        "long_lengths": sorted(set(ev.long_lengths)),
+        "nll": nll,
+        "restoration": rest,
+        "relation_kl": relkl,
+        "passkey": passkey,
+        "skipped": skipped,
+        "job_seconds": seconds,
+    }
+    return _clean(report)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_json(report: dict, path: Path) -> Path:
+    path.write_text(json.dumps(_clean(report), indent=2, ensure_ascii=False, allow_nan=False))
+    return path
+
+
+def _f(x, fmt="{:.3f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _domain_title(dom: str, info: dict) -> str:
+    kind = "main texts (eval.texts)" if dom == "main" else "second domain (eval.other_texts)"
+    return f"{kind}: {', '.join(info['sources'])}"
+
+
+def render_markdown(report: dict) -> str:
+    lines: list[str] = ["# Evaluation report", ""]
+    ref = report["reference"]
+    lines += [f"Created {report['created']}. Reference model: **{ref['teacher']}**"
+              + (f"; unrestored baseline: **{ref['scaled']}**." if ref["scaled"] else "; no unrestored baseline (gap closed not computed)."), ""]
+    lines += ["## Models", "", "| name | role | path | RoPE | max_position_embeddings |", "|---|---|---|---|---|"]
+    for m in report["models"]:
+        rope = m["rope"] if isinstance(m["rope"], str) else ", ".join(f"{k}={v}" for k, v in m["rope"].items()
+                                                                        if k in ("type", "factor", "max_position_embeddings"))
+        lines.append(f"| {m['name']} | {m['role']} | `{m['path']}` | {rope} | {_f(m.get('max_position_embeddings'), '{}')} |")
+    lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()] + [""]
+
+    names = [m["name"] for m in report["models"]]
+    for dom, info in report["domains"].items():
+        lines += [f"## Texts: {_domain_title(dom, info)}", "",
+                  f"{info['documents']} documents, {info['tokens']} tokens"
+                  + (f" ({info['empty_documents_skipped']} empty documents skipped)" if info["empty_documents_skipped"] else "") + ".", "",
+                  "| length | windows | built from | documents per window |", "|---|---|---|---|"]
+        for L, w in info["lengths"].items():
+            if w["skipped"]:
+                lines.append(f"| {L} | skipped | {w.get('reason', '')} | |")
+            else:
+                note = "" if w["n_windows"] == w["requested_windows"] else f" of {w['requested_windows']} requested"
+                lines.append(f"| {L} | {w['n_windows']}{note} | {w['construction']} | {w['docs_per_window']:.2f} |")
+        concat = [L for L, w in info["lengths"].items() if not w["skipped"] and w["construction"] == "concatenated documents"]
+        if concat:
+            lines += ["", f"Windows of {', '.join(concat)} tokens were cut from **concatenated documents** (the documents "
+                          "joined in order, EOS-separated), because fewer than eval.max_windows single documents are that long."]
+        short = [str(L) for L in report["short_lengths"]]
+        long = [str(L) for L in report["long_lengths"] if str(L) not in short]
+        for title, lengths in (("Short text: perplexity (mean NLL in nats)", short),
+                               ("Long context: perplexity (mean NLL in nats)", long)):
+            if not lengths:
+                continue
+            lines += ["", f"### {title}", "", "| model | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
+            for n in names:
+                cells = []
+                for L in lengths:
+                    v = report["nll"][dom].get(n, {}).get(L)
+                    cells.append("skipped" if v is None else f"{v['ppl']:.3f} ({v['nll']:.4f})")
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        rest = report["restoration"].get(dom, {})
+        if rest:
+            sl = [str(L) for L in report["short_lengths"]]
+            lines += ["", f"### Restoration on {'the main texts' if dom == 'main' else 'the second domain'} "
+                          "(recovery % = teacher ppl ÷ model ppl; gap closed % in NLL)", "",
+                      "| model | " + " | ".join(f"recovery {L} | gap closed {L}" for L in sl) + " |",
+                      "|---|" + "---|---|" * len(sl)]
+            for n, by_len in rest.items():
+                cells = []
+                for L in sl:
+                    r = by_len.get(L)
+                    cells += ["–", "–"] if r is None else [_f(r["recovery_pct"], "{:.1f}%"), _f(r["gap_closed_pct"], "{:.1f}%")]
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        rk = report["relation_kl"].get(dom, {})
+        if rk:
+            lines += ["", "### Relation KL to the teacher (mean over layers)", "",
+                      "| model | length | Q/Q | K/K | V/V |", "|---|---|---|---|---|"]
+            for n, by_len in rk.items():
+                for L, v in by_len.items():
+                    lines.append(f"| {n} | {L} | {v['mean']['q']:.4g} | {v['mean']['k']:.4g} | {v['mean']['v']:.4g} |")
+            lines += ["", "Per layer (first short length):", ""]
+            for n, by_len in rk.items():
+                L, v = next(iter(by_len.items()))
+                lines += [f"{n} at {L} tokens:", "", "| layer | Q/Q | K/K | V/V |", "|---|---|---|---|"]
+                lines += [f"| {p['layer']} | {p['q']:.4g} | {p['k']:.4g} | {p['v']:.4g} |" for p in v["per_layer"]]
+                lines.append("")
+        lines.append("")
+
+    if report["passkey"]:
+        lines += ["## Passkey retrieval (accuracy per depth × length)", ""]
+        for n, pk in report["passkey"].items():
+            Ls = [str(L) for L in pk["lengths"]]
+            lines += [f"**{n}** ({pk['trials']} trials per cell; overall {pk['accuracy_overall']:.2f})", "",
+                      "| depth | " + " | ".join(Ls) + " |", "|---|" + "---|" * len(Ls)]
+            for d, row in zip(pk["depths"], pk["accuracy"]):
+                lines.append(f"| {d:g} | " + " | ".join(_f(x, "{:.2f}") for x in row) + " |")
+            lines.append("")
+
+    if report.get("lm_eval"):
+        lines += ["## lm-evaluation-harness", "", "```", json.dumps(report["lm_eval"], indent=1), "```", ""]
+
+    lines += ["## Skipped", ""]
+    if report["skipped"]:
+        for s in report["skipped"]:
+            where = f"{s['section']} {s.get('domain', '')} length {s['length']}".replace("  ", " ")
+            lines.append(f"- {where}: {s['reason']}")
+    else:
+        lines.append("Nothing was skipped.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def plot_ppl_vs_length(report: dict, path: Path) -> Path:
+    """One panel per text domain: perplexity against context length, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    doms = list(report["domains"])
+    fig, axes = plt.subplots(1, max(len(doms), 1), figsize=(6 * max(len(doms), 1), 4.2), squeeze=False)
+    native = {m["name"]: m.get("max_position_embeddings") for m in report["models"]}
+    for ax, dom in zip(axes[0], doms):
+        for n, by_len in report["nll"][dom].items():
+            pts = sorted((int(L), v["ppl"]) for L, v in by_len.items())
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{n} (window {native.get(n)})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(_domain_title(dom, report["domains"][dom]), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_passkey(report: dict, name: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pk = report["passkey"][name]
+    grid = np.array([[np.nan if x is None else x for x in row] for row in pk["accuracy"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 * len(pk["lengths"]) + 2.5, 0.6 * len(pk["depths"]) + 1.8))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(pk["lengths"])), [str(L) for L in pk["lengths"]])
+    ax.set_yticks(range(len(pk["depths"])), [f"{d:g}" for d in pk["depths"]])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title(f"passkey accuracy: {name}")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, "–" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    """report.json, report.md, ppl_vs_length.png and passkey_<model>.png; the report lists its plots."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = [plot_ppl_vs_length(report, out_dir / "ppl_vs_length.png")]
+    for n in report["passkey"]:
+        plots.append(plot_passkey(report, n, out_dir / f"passkey_{_safe(n)}.png"))
+    report["plots"] = [p.name for p in plots]
+    md = out_dir / "report.md"
+    md.write_text(render_markdown(report) + "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    return [write_json(report, out_dir / "report.json"), md, *plots]
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """MLflow metric name -> value. Names: <domain>.<model>.<figure>_<length>, passkey.<model>.acc_<length>."""
+    m: dict[str, float] = {}
+    for dom, by_model in report["nll"].items():
+        for n, by_len in by_model.items():
+            for L, v in by_len.items():
+                m[f"{dom}.{_safe(n)}.nll_{L}"] = v["nll"]
+                m[f"{dom}.{_safe(n)}.ppl_{L}"] = v["ppl"]
+    for dom, by_model in report["restoration"].items():
+        for n, by_len in by_model.items():
+            for L, v in by_len.items():
+                for k in ("recovery_pct", "gap_closed_pct"):
+                    if v.get(k) is not None:
+                        m[f"{dom}.{_safe(n)}.{k}_{L}"] = v[k]
+    for dom, by_model in report["relation_kl"].items():
+        for n, by_len in by_model.items():
+            for L, v in by_len.items():
+                for r in "qkv":
+                    m[f"{dom}.{_safe(n)}.relkl_{r}_{L}"] = v["mean"][r]
+    for n, pk in report["passkey"].items():
+        for L, a in pk["accuracy_by_length"].items():
+            m[f"passkey.{_safe(n)}.acc_{L}"] = a
+        m[f"passkey.{_safe(n)}.acc"] = pk["accuracy_overall"]
+    return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
+
+
+def log_mlflow(cfg, report: dict, out_dir: Path) -> dict:
+    """One MLflow run with the config, every figure as a metric (perplexity also as a curve over
+    length: metric <domain>.<model>.ppl with step = length) and the report files as artifacts."""
+    from linearard_ray.config import flatten
+    from linearard_ray.tracking import RunLogger, create_run, ensure_experiment
+
+    uri = cfg.tracking.resolved_uri()
+    exp = ensure_experiment(uri, cfg.tracking.experiment)
+    names = "+".join(m["name"] for m in report["models"])
+    run_id = create_run(uri, exp, f"eval-{names}", tags={"linearard.stage": "evaluate"})
+    log = RunLogger(uri, run_id)
+    try:
+        params = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in ("model", "rope", "eval")}
+        log.log_params(params)
+        log.log_metrics(flat_metrics(report), step=0)
+        for dom, by_model in report["nll"].items():
+            for n, by_len in by_model.items():
+                for L, v in by_len.items():
+                    log.log_metrics({f"{dom}.{_safe(n)}.ppl": v["ppl"]}, step=int(L))
+        log.log_artifact(out_dir, "eval")
+        log.finish("FINISHED")
+    except Exception:
+        log.finish("FAILED")
+        raise
+    return {"tracking_uri": uri, "experiment_id": exp, "run_id": run_id}

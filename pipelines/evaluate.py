@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Evaluate restoration and long context: the teacher, the RoPE-scaled (unrestored) student and the
+restored student on held-out text of two domains, long documents and passkey retrieval.
+
+    python pipelines/evaluate.py --set eval.student_path=outputs/students/linearard-default
+    python pipelines/evaluate.py --config configs/<recipe>.yaml --set eval.long_lengths=[16384,32768]
+    python pipelines/evaluate.py --set 'eval.models=[{name: a, path: ./ckpt-a}, {name: b, path: ./ckpt-b}]'
+    ray job submit --working-dir . -- python pipelines/evaluate.py --ray-address auto ...
+
+Writes report.json, report.md and PNG plots to eval.output_dir and logs an MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Runnable from a checkout without installing the package.
+_ROOT = Path(__file__).resolve().parent.parent
+if (_ROOT / "linearard_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from linearard_ray.cli import build_parser, parse_config  # noqa: E402
+from linearard_ray.config import ConfigError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(
+        "evaluate.py",
+        "Short-text perplexity, relation KL and restoration figures on two text domains, long-context NLL and "
+        "passkey retrieval for the teacher, the unrestored RoPE-scaled student and the restored student "
+        "(eval.student_path), or any list of models (eval.models).",
+        sections=["model", "rope", "eval", "tracking"],
+    )
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to spread (model, length) jobs over, one GPU each (e.g. 'auto'); "
+                             "used when the cluster has more than one GPU")
+    args, cfg = parse_config(parser, argv)
+    from linearard_ray.evaluate import EvalError, evaluate
+    from linearard_ray.models import ModelError
+    from linearard_ray.rope import RopeError
+    from linearard_ray.texts import TextsError
+
+    try:
+        report = evaluate(cfg, ray_address=args.ray_address)
+    except (ConfigError, EvalError, TextsError, ModelError, RopeError) as e:
+        print(f"evaluate.py: {e}", file=sys.stderr)
+        return 2
+    print(f"evaluate.py: report in {Path(cfg.eval.output_dir).resolve()}")
+    if report.get("mlflow"):
+        from linearard_ray.tracking import run_url
+
+        m = report["mlflow"]
+        print(f"evaluate.py: MLflow run: {run_url(m['tracking_uri'], m['experiment_id'], m['run_id'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
