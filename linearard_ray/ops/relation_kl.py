@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # used inside the kernels
 
 
 def _interpreting() -> bool:
@@ -84,25 +84,6 @@ if _interpreting():
 
 # ----------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _pick_ptr(r, p0, p1, p2, NREL: tl.constexpr):
-    out = p0
-    if NREL > 1:
-        if r == 1:
-            out = p1
-        elif r == 2:
-            out = p2
-    return out
-
-
-@triton.jit
-def _pick(r, v0, v1, v2, NREL: tl.constexpr):
-    out = v0
-    if NREL > 1:
-        out = tl.where(r == 0, v0, tl.where(r == 1, v1, v2))
-    return out
-
-
-@triton.jit
 def _load_tile(ptrs, rows, T, dmask, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     if MASK_ROWS:
         if EVEN_D:
@@ -128,19 +109,6 @@ def _dot(a, b, IEEE: tl.constexpr):
     return out
 
 
-@triton.jit
-def _decode(hh, H0, H1, NREL: tl.constexpr):
-    """Flat head index over the relations -> (relation, head within it, offset of its heads)."""
-    if NREL > 1:
-        r = (hh >= H0).to(tl.int32) + (hh >= H0 + H1).to(tl.int32)
-        off = tl.where(r == 0, 0, tl.where(r == 1, H0, H0 + H1))
-    else:
-        r = hh * 0
-        off = hh * 0
-    return r, hh - off, off
-
-
-# ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_tile(qs, qt, SK, TK, k_base, sk_t, j0, offs_m, offs_d, dmask, T, Mask, mask_base,
               m_s, l_s, m_t, l_t, acc, sc_s, sc_t,
@@ -173,34 +141,12 @@ def _fwd_tile(qs, qt, SK, TK, k_base, sk_t, j0, offs_m, offs_d, dmask, T, Mask, 
 
 
 @triton.jit
-def _fwd_kernel(
-    S0, SK0, TS0, TK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0,
-    S1, SK1, TS1, TK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1,
-    S2, SK2, TS2, TK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2,
-    Mask, LseS, LseT, Kl, T, HTOT, REP,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NREL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
-):
-    num_m = tl.cdiv(T, BLOCK_M)
-    pid_m = num_m - 1 - tl.program_id(0)  # longest causal rows first
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HTOT
-    hh = pid_bh % HTOT
-    r, h, _ = _decode(hh, H0, H1, NREL)
-    S = _pick_ptr(r, S0, S1, S2, NREL)
-    SK = _pick_ptr(r, SK0, SK1, SK2, NREL)
-    TS = _pick_ptr(r, TS0, TS1, TS2, NREL)
-    TK = _pick_ptr(r, TK0, TK1, TK2, NREL)
-    ss_b = _pick(r, ss_b0, ss_b1, ss_b2, NREL)
-    ss_h = _pick(r, ss_h0, ss_h1, ss_h2, NREL)
-    ss_t = _pick(r, ss_t0, ss_t1, ss_t2, NREL)
-    sk_b = _pick(r, sk_b0, sk_b1, sk_b2, NREL)
-    sk_h = _pick(r, sk_h0, sk_h1, sk_h2, NREL)
-    sk_t = _pick(r, sk_t0, sk_t1, sk_t2, NREL)
-    sc_s = _pick(r, scs0, scs1, scs2, NREL)
-    sc_t = _pick(r, sct0, sct1, sct2, NREL)
-
+def _fwd_body(S, SK, TS, TK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, sc_s, sc_t, b, h, hh, pid_m,
+              Mask, LseS, LseT, Kl, T, HTOT, REP,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
+              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows of block pid_m of query head h (flat head hh over the relations) of batch b."""
     b64 = b.to(tl.int64)
     q_base = b64 * ss_b + h.to(tl.int64) * ss_h
     k_base = b64 * sk_b + (h // REP).to(tl.int64) * sk_h
@@ -208,9 +154,10 @@ def _fwd_kernel(
     offs_m = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
+    EVEN_D: tl.constexpr = D == BLOCK_D
     qp = q_base + offs_m[:, None] * ss_t + offs_d[None, :]
-    qs = _load_tile(S + qp, offs_m, T, dmask, not EVEN_T, EVEN_D=(D == BLOCK_D), UPCAST=UPCAST)
-    qt = _load_tile(TS + qp, offs_m, T, dmask, not EVEN_T, EVEN_D=(D == BLOCK_D), UPCAST=UPCAST)
+    qs = _load_tile(S + qp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    qt = _load_tile(TS + qp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
     mask_base = b64 * T
 
     m_s = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: empty rows never make NaN
@@ -226,24 +173,24 @@ def _fwd_kernel(
             m_s, l_s, m_t, l_t, acc = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
                 m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
-                D == BLOCK_D, IEEE, UPCAST)
+                EVEN_D, IEEE, UPCAST)
         for j in range(lo, hi):
             m_s, l_s, m_t, l_t, acc = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
                 m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, True, False, HAS_MASK, EVEN_T,
-                D == BLOCK_D, IEEE, UPCAST)
+                EVEN_D, IEEE, UPCAST)
     else:
         n_full = T // BLOCK_N
         for j in range(0, n_full):
             m_s, l_s, m_t, l_t, acc = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
                 m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
-                D == BLOCK_D, IEEE, UPCAST)
+                EVEN_D, IEEE, UPCAST)
         for j in range(n_full, num_n):
             m_s, l_s, m_t, l_t, acc = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
                 m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, True, HAS_MASK, EVEN_T,
-                D == BLOCK_D, IEEE, UPCAST)
+                EVEN_D, IEEE, UPCAST)
 
     # l = 0 only on rows with nothing valid (padding, past T); they are overwritten below.
     l_s = tl.where(l_s > 0, l_s, 1.0)
@@ -259,6 +206,42 @@ def _fwd_kernel(
     tl.store(LseS + stat, tl.where(row_ok, lse_s, float("inf")), mask=offs_m < T)
     tl.store(LseT + stat, tl.where(row_ok, lse_t, float("inf")), mask=offs_m < T)
     tl.store(Kl + stat, tl.where(row_ok, kl, 0.0), mask=offs_m < T)
+
+
+@triton.jit
+def _fwd_kernel(
+    S0, SK0, TS0, TK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0,
+    S1, SK1, TS1, TK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1,
+    S2, SK2, TS2, TK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2,
+    Mask, LseS, LseT, Kl, T, HTOT, REP,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NREL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid_m = num_m - 1 - tl.program_id(0)  # longest causal rows first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HTOT
+    hh = pid_bh % HTOT
+    # Each relation gets its own specialised copy of the body (a runtime-selected pointer would
+    # lose the alignment facts the compiler needs for wide loads).
+    if NREL == 1:
+        _fwd_body(S0, SK0, TS0, TK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, scs0, sct0, b, hh, hh, pid_m,
+                  Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK,
+                  EVEN_T, IEEE, UPCAST)
+    else:
+        if hh < H0:
+            _fwd_body(S0, SK0, TS0, TK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, scs0, sct0, b, hh, hh,
+                      pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                      HAS_MASK, EVEN_T, IEEE, UPCAST)
+        elif hh < H0 + H1:
+            _fwd_body(S1, SK1, TS1, TK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, scs1, sct1, b, hh - H0,
+                      hh, pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                      HAS_MASK, EVEN_T, IEEE, UPCAST)
+        else:
+            _fwd_body(S2, SK2, TS2, TK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, scs2, sct2, b,
+                      hh - H0 - H1, hh, pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
+                      BLOCK_N, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -381,38 +364,12 @@ def _store_rows(G, g_base, offs_m, offs_d, dmask, T, acc, Mask, mask_base,
 
 
 @triton.jit
-def _bwd_kernel(
-    S0, SK0, TS0, TK0, GS0, GK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0, al0,
-    S1, SK1, TS1, TK1, GS1, GK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1, al1,
-    S2, SK2, TS2, TK2, GS2, GK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2, al2,
-    Mask, LseS, LseT, DKl, GScale, T, HTOT, HKTOT, REP,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NREL: tl.constexpr, SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    EVEN_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKTOT
-    kk = pid_bh % HKTOT  # flat *key* head over the relations (= query head when SELF)
-    r, g, _ = _decode(kk, H0 // REP, H1 // REP, NREL)
-    S = _pick_ptr(r, S0, S1, S2, NREL)
-    SK = _pick_ptr(r, SK0, SK1, SK2, NREL)
-    TS = _pick_ptr(r, TS0, TS1, TS2, NREL)
-    TK = _pick_ptr(r, TK0, TK1, TK2, NREL)
-    GS = _pick_ptr(r, GS0, GS1, GS2, NREL)
-    GK = _pick_ptr(r, GK0, GK1, GK2, NREL)
-    ss_b = _pick(r, ss_b0, ss_b1, ss_b2, NREL)
-    ss_h = _pick(r, ss_h0, ss_h1, ss_h2, NREL)
-    ss_t = _pick(r, ss_t0, ss_t1, ss_t2, NREL)
-    sk_b = _pick(r, sk_b0, sk_b1, sk_b2, NREL)
-    sk_h = _pick(r, sk_h0, sk_h1, sk_h2, NREL)
-    sk_t = _pick(r, sk_t0, sk_t1, sk_t2, NREL)
-    H = _pick(r, H0, H1, H2, NREL)
-    sc_s = _pick(r, scs0, scs1, scs2, NREL)
-    sc_t = _pick(r, sct0, sct1, sct2, NREL)
-    alpha = _pick(r, al0, al1, al2, NREL) * tl.load(GScale)
-    hoff = _pick(r, 0, H0, H0 + H1, NREL)
-
+def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s, sc_t, alpha, b, g, hoff,
+              pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
+              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Output block pid_m of key head g (its H/REP query heads when not SELF) of batch b."""
     b64 = b.to(tl.int64)
     i0 = pid_m * BLOCK_M
     offs_m = i0 + tl.arange(0, BLOCK_M)
@@ -468,6 +425,42 @@ def _bwd_kernel(
                     mask_base, HAS_MASK, EVEN_T, EVEN_D, D)
 
 
+
+
+@triton.jit
+def _bwd_kernel(
+    S0, SK0, TS0, TK0, GS0, GK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0, al0,
+    S1, SK1, TS1, TK1, GS1, GK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1, al1,
+    S2, SK2, TS2, TK2, GS2, GK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2, al2,
+    Mask, LseS, LseT, DKl, GScale, T, HTOT, HKTOT, REP,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NREL: tl.constexpr, SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    EVEN_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKTOT
+    kk = pid_bh % HKTOT  # flat *key* head over the relations (= query head when SELF)
+    gs = tl.load(GScale)
+    if NREL == 1:
+        _bwd_body(S0, SK0, TS0, TK0, GS0, GK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0,
+                  al0 * gs, b, kk, 0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
+                  BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
+    else:  # one specialised copy per relation (see _fwd_kernel)
+        if kk < H0 // REP:
+            _bwd_body(S0, SK0, TS0, TK0, GS0, GK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0,
+                      al0 * gs, b, kk, 0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
+                      BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
+        elif kk < (H0 + H1) // REP:
+            _bwd_body(S1, SK1, TS1, TK1, GS1, GK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1,
+                      al1 * gs, b, kk - H0 // REP, H0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D,
+                      BLOCK_D, BLOCK_M, BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
+        else:
+            _bwd_body(S2, SK2, TS2, TK2, GS2, GK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2,
+                      al2 * gs, b, kk - (H0 + H1) // REP, H0 + H1, pid_m, Mask, LseS, LseT, DKl, T, HTOT,
+                      REP, D, BLOCK_D, BLOCK_M, BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
+
+
 # ----------------------------------------------------------------------------- launchers
 @dataclass(frozen=True)
 class TileConfig:
@@ -478,7 +471,8 @@ class TileConfig:
 
 
 # Hand-picked for H100 (see benchmarks/RESULTS.md); BLOCK_M must be a multiple of BLOCK_N.
-_FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 4, 2)}
+# (Picked by the sweep in benchmarks/bench_relation_kl.py at T=8K, B=1, H=32, bf16, causal.)
+_FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 128, 8, 2), 256: TileConfig(64, 32, 4, 2)}
 _BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
 _INTERP_CFG = TileConfig(32, 16, 1, 1)
 _overrides: dict = {}
@@ -494,13 +488,43 @@ def set_tile_config(kind: str, cfg: Optional[TileConfig]) -> None:
         _overrides[kind] = cfg
 
 
-def _config(kind: str, block_d: int) -> TileConfig:
+# fp32 tiles take twice the shared memory (and run full-fp32 dots): smaller tiles.
+_FP32_CFG = {64: TileConfig(64, 32, 4, 2), 128: TileConfig(64, 32, 4, 2), 256: TileConfig(32, 16, 4, 1)}
+last_compiled: dict = {}  # kind -> the kernel object of the last launch (registers/spills, benchmarks)
+_working: dict = {}  # (kind, (block_d, dtype, flags), wanted config) -> config that fit the device
+
+
+def _config(kind: str, block_d: int, dtype: torch.dtype) -> TileConfig:
     if kind in _overrides:
         return _overrides[kind]
     if _interpreting():
         return _INTERP_CFG
+    if dtype == torch.float32:
+        return _FP32_CFG[max(64, block_d)]
     table = _FWD_CFG if kind == "fwd" else _BWD_CFG
     return table[max(64, block_d)]
+
+
+def _launch(kernel, kind: str, cfg: TileConfig, key, T: int, grid_rows: int, args, consts) -> None:
+    """Launch with cfg; on a shared-memory/register overflow retry with smaller tiles (other GPUs
+    have less shared memory than an H100) and remember what fit."""
+    wanted = cfg
+    cfg = _working.get((kind, key, wanted), cfg)
+    for attempt in range(5):
+        try:
+            last_compiled[kind] = kernel[(triton.cdiv(T, cfg.block_m), grid_rows)](
+                *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                EVEN_T=T % cfg.block_m == 0 and T % cfg.block_n == 0,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _working[(kind, key, wanted)] = cfg
+            return
+        except triton.runtime.errors.OutOfResources:
+            if attempt == 4 or (cfg.block_n <= 16 and cfg.num_stages <= 1):
+                raise
+            if cfg.num_stages > 1:
+                cfg = TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
+            else:
+                cfg = TileConfig(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps, 1)
 
 
 @dataclass
@@ -556,14 +580,12 @@ def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, r
     lse_t = torch.empty_like(lse_s)
     kl = torch.empty_like(lse_s)
     D, block_d, ieee, upcast = _flags(rels[0].s)
-    cfg = _config("fwd", block_d)
+    dtype = rels[0].s.dtype
     m = mask if mask is not None else lse_s  # unused when HAS_MASK is False
-    even = T % cfg.block_m == 0 and T % cfg.block_n == 0
-    grid = (triton.cdiv(T, cfg.block_m), B * htot)
-    _fwd_kernel[grid](*_fwd_args(rels), m, lse_s, lse_t, kl, T, htot, rep,
-                      D=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NREL=len(rels),
-                      CAUSAL=causal, HAS_MASK=mask is not None, EVEN_T=even, IEEE=ieee, UPCAST=upcast,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), CAUSAL=causal, HAS_MASK=mask is not None,
+                  IEEE=ieee, UPCAST=upcast)
+    _launch(_fwd_kernel, "fwd", _config("fwd", block_d, dtype), (block_d, dtype, causal, len(rels)), T,
+            B * htot, [*_fwd_args(rels), m, lse_s, lse_t, kl, T, htot, rep], consts)
     return lse_s, lse_t, kl
 
 
@@ -587,14 +609,12 @@ def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool
         args += [rel.s, rel.sk, rel.ts, rel.tk, grads_s[j], grads_k[j], *rel.s.stride()[:3],
                  *rel.sk.stride()[:3], H, rel.sc_s * LOG2E, rel.sc_t * LOG2E, rel.sc_s]
     D, block_d, ieee, upcast = _flags(rels[0].s)
-    cfg = _config("bwd", block_d)
+    dtype = rels[0].s.dtype
     m = mask if mask is not None else lse_s
-    even = T % cfg.block_m == 0 and T % cfg.block_n == 0
-    grid = (triton.cdiv(T, cfg.block_m), B * hktot)
-    _bwd_kernel[grid](*args, m, lse_s, lse_t, dkl, gscale, T, htot, hktot, rep,
-                      D=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NREL=len(rels),
-                      SELF=self_rel, CAUSAL=causal, HAS_MASK=mask is not None, EVEN_T=even, IEEE=ieee,
-                      UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), SELF=self_rel, CAUSAL=causal,
+                  HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast)
+    _launch(_bwd_kernel, "bwd", _config("bwd", block_d, dtype), (block_d, dtype, causal, len(rels), self_rel),
+            T, B * hktot, [*args, m, lse_s, lse_t, dkl, gscale, T, htot, hktot, rep], consts)
     return grads_s, (None if self_rel else grads_k)
 
 

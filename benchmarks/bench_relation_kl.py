@@ -1,0 +1,409 @@
+"""Time and measure linearard_ray.ops.relation_kl on a GPU against PyTorch SDPA flash attention.
+
+    PYTHONPATH=$PWD python benchmarks/bench_relation_kl.py [--check] [--sweep] [--quick]
+
+--check  GPU correctness against a dense float64 reference (values, grads, determinism) first.
+--sweep  time a few tile configurations at T=8K and use the fastest for the tables.
+Prints markdown tables: median times (triton.testing.do_bench), peak memory beyond inputs and
+returned tensors, and ratios to SDPA of the same shape in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from linearard_ray.ops import relation_kl, relation_kl_layer
+
+rk = importlib.import_module("linearard_ray.ops.relation_kl")
+DEV = "cuda"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------- reference
+def dense_reference(sq, sk, tq, tk, mask, causal, a_s, a_t):
+    """Float64 per-row KL, materialised (vectorised; finite -1e300 fill keeps grads NaN-free)."""
+    B, H, T, D = sq.shape
+    sk = sq if sk is None else sk
+    tk = tq if tk is None else tk
+    rep = H // sk.shape[1]
+    s = a_s * sq.double() @ sk.double().repeat_interleave(rep, 1).transpose(-1, -2)
+    t = a_t * tq.double() @ tk.double().repeat_interleave(rep, 1).transpose(-1, -2)
+    i = torch.arange(T, device=sq.device)
+    valid = (i[None] <= i[:, None]) if causal else torch.ones(T, T, dtype=torch.bool, device=sq.device)
+    valid = valid[None, None]
+    if mask is not None:
+        valid = valid & mask[:, None, :, None].bool() & mask[:, None, None, :].bool()
+    row_ok = valid.any(-1, keepdim=True)
+    valid_rows = valid | ~row_ok  # empty rows: any finite map, zeroed below
+    ls = torch.log_softmax(s.masked_fill(~valid_rows, -1e300), -1)
+    lt = torch.log_softmax(t.masked_fill(~valid_rows, -1e300), -1)
+    kl = (lt.exp() * (lt - ls)).masked_fill(~valid, 0).sum(-1)
+    return kl * row_ok[..., 0]
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("nan")
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check() -> bool:
+    ok = True
+    g = torch.Generator(device=DEV).manual_seed(1)
+    cases = [  # B, H, Hk, T, D, dtype, self, causal, masked, scales
+        (2, 4, 4, 1000, 128, torch.bfloat16, True, True, True, (None, None)),
+        (1, 8, 2, 777, 64, torch.float16, False, True, True, (None, 0.1)),
+        (1, 4, 4, 513, 256, torch.bfloat16, True, False, False, (0.05, None)),
+        (2, 4, 4, 300, 80, torch.float32, True, True, True, (None, None)),
+        (1, 4, 1, 259, 32, torch.float32, False, False, True, (0.2, 0.3)),
+        (1, 32, 8, 2048, 128, torch.bfloat16, False, True, False, (None, None)),
+    ]
+    for B, H, Hk, T, D, dt, self_rel, causal, masked, (a_s, a_t) in cases:
+        sq = torch.randn(B, H, T, D, device=DEV, generator=g)
+        sk = torch.randn(B, Hk, T, D, device=DEV, generator=g)
+        tq, tk = sq + 0.7 * torch.randn_like(sq), sk + 0.7 * torch.randn_like(sk)
+        sq, sk, tq, tk = (x.to(dt) for x in (sq, sk, tq, tk))
+        if self_rel:
+            sk = tk = None
+        mask = None
+        if masked:
+            mask = torch.ones(B, T, dtype=torch.long, device=DEV)
+            mask[0, : T // 5] = 0
+            mask[-1, T - 7:] = 0
+        runs = []
+        for _ in range(2):
+            a = sq.clone().requires_grad_(True)
+            b = None if self_rel else sk.clone().requires_grad_(True)
+            kl = relation_kl(a, b, tq, tk, attention_mask=mask, causal=causal, student_scale=a_s,
+                             teacher_scale=a_t, reduction="none", backend="triton")
+            w = torch.rand(kl.shape, device=DEV, generator=g) if not runs else runs[0][3]
+            (kl * w).sum().backward()
+            runs.append((kl.detach(), a.grad, None if b is None else b.grad, w))
+        kl, ga, gb, w = runs[0]
+        det = all(torch.equal(x, y) for x, y in zip(runs[0][:3], runs[1][:3]) if x is not None)
+        ra = sq.double().requires_grad_(True)
+        rb = None if self_rel else sk.double().requires_grad_(True)
+        ref = dense_reference(ra, rb, tq, tk, mask, causal, a_s or 1 / math.sqrt(D), a_t or 1 / math.sqrt(D))
+        (ref * w.double()).sum().backward()
+        tol = 1e-5 if dt == torch.float32 else 1e-2
+        errs = [rel(kl, ref), rel(ga, ra.grad)] + ([] if self_rel else [rel(gb, rb.grad)])
+        good = det and all(e <= tol for e in errs)
+        ok &= good
+        log(f"check B{B} H{H}/{Hk} T{T} D{D} {str(dt)[6:]} {'self' if self_rel else 'cross'} "
+            f"{'causal' if causal else 'full'} {'mask' if masked else ''}: errs "
+            + " ".join(f"{e:.2e}" for e in errs) + f" deterministic={det} -> {'OK' if good else 'FAIL'}")
+        del ra, rb, ref
+    # the fused layer call against three single calls
+    q = torch.randn(2, 8, 600, 64, device=DEV, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(2, 2, 600, 64, device=DEV, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(2, 2, 600, 64, device=DEV, dtype=torch.bfloat16, generator=g)
+    tq, tk, tv = (x + 0.5 * torch.randn_like(x) for x in (q, k, v))
+    mask = torch.ones(2, 600, dtype=torch.long, device=DEV)
+    mask[1, :50] = 0
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    outs = relation_kl_layer(*leaves, tq, tk, tv, attention_mask=mask, student_scales=(None, 0.1, 0.2),
+                             reduction="mean", backend="triton")
+    sum(outs).backward()
+    for i, (s, t, sc) in enumerate(zip((q, k, v), (tq, tk, tv), (1 / 8, 0.1, 0.2))):
+        x = s.clone().requires_grad_(True)
+        one = relation_kl(x, None, t, None, attention_mask=mask, student_scale=sc, reduction="mean",
+                          backend="triton")
+        one.backward()
+        e = (rel(outs[i], one), rel(leaves[i].grad, x.grad))
+        good = all(v_ <= 1e-6 for v_ in e)
+        ok &= good
+        log(f"check layer relation {i}: vs single call {e[0]:.1e} {e[1]:.1e} -> {'OK' if good else 'FAIL'}")
+    return ok
+
+
+# ----------------------------------------------------------------------------- timing helpers
+def bench(fn, grad_to_none=None, rep=200):
+    return do_bench(fn, warmup=50, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def peak_extra(fn, keep_bytes=0):
+    """Peak bytes allocated while fn runs, beyond what was allocated before and what it returns."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base - keep_bytes
+    del out
+    return peak
+
+
+def nbytes(*xs):
+    return sum(x.numel() * x.element_size() for x in xs)
+
+
+def inputs(B, H, Hk, T, D, dtype=torch.bfloat16):
+    q = torch.randn(B, H, T, D, device=DEV, dtype=dtype)
+    k = torch.randn(B, Hk, T, D, device=DEV, dtype=dtype)
+    v = torch.randn(B, Hk, T, D, device=DEV, dtype=dtype)
+    return q, k, v
+
+
+def ours_fns(q, tq, k=None, tk=None):
+    def fwd():
+        return relation_kl(q, k, tq, tk)
+
+    qg = q.detach().clone().requires_grad_(True)
+    kg = None if k is None else k.detach().clone().requires_grad_(True)
+    leaves = [qg] + ([] if kg is None else [kg])
+
+    def fb():
+        relation_kl(qg, kg, tq, tk).backward()
+        return None
+
+    return fwd, fb, leaves
+
+
+def naive_fns(q, tq):
+    D = q.shape[-1]
+
+    def loss(a):
+        T = a.shape[2]
+        causal = torch.ones(T, T, dtype=torch.bool, device=DEV).triu(1)
+        s = (a.float() @ a.float().transpose(-1, -2) / math.sqrt(D)).masked_fill(causal, float("-inf"))
+        t = (tq.float() @ tq.float().transpose(-1, -2) / math.sqrt(D)).masked_fill(causal, float("-inf"))
+        ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+        return (lt.exp() * (lt - ls)).masked_fill(causal, 0).sum()
+
+    qg = q.detach().clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return loss(q)
+
+    def fb():
+        loss(qg).backward()
+
+    return fwd, fb, [qg]
+
+
+def sdpa_fns(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = q.shape[1] != k.shape[1]
+
+    def fwd():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    dout = torch.randn_like(q)
+
+    def fb():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=gqa).backward(dout)
+
+    return fwd, fb, leaves
+
+
+def sdpa_cudnn_fns(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    dout = torch.randn_like(q)
+
+    def fb():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(*leaves, is_causal=True).backward(dout)
+
+    return fwd, fb, leaves
+
+
+def measure(name, fwd, fb, leaves, fwd_keep=0):
+    row = {"name": name}
+    try:
+        row["fwd"] = bench(fwd)
+        row["fb"] = bench(fb, grad_to_none=leaves)
+        for x in leaves:
+            x.grad = None
+        row["mem_fwd"] = peak_extra(fwd, fwd_keep)
+        row["mem_fb"] = peak_extra(fb, nbytes(*leaves))  # the returned grads are not "extra"
+        for x in leaves:
+            x.grad = None
+    except torch.cuda.OutOfMemoryError:
+        row["oom"] = "OOM"
+    except Exception as e:  # e.g. a backend that refuses the shape: report, keep going
+        row["oom"] = f"error: {type(e).__name__}: {str(e)[:80]}"
+        log(f"{name}: {row['oom']}")
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def fmt_ms(v):
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def fmt_mb(v):
+    return "-" if v is None else f"{v / 2**20:.1f}"
+
+
+def table(title, rows):
+    log(f"\n### {title}\n")
+    log("| T | case | fwd ms | fwd+bwd ms | fwd / SDPA | fwd+bwd / SDPA | peak extra fwd MiB | peak extra fwd+bwd MiB |")
+    log("|---|---|---|---|---|---|---|---|")
+    for T, rs in rows:
+        sd = next((r for r in rs if r["name"].startswith("SDPA flash")), None)
+        for r in rs:
+            if r.get("oom"):
+                log(f"| {T} | {r['name']} | {r['oom']} | | | | | |")
+                continue
+            rf = r["fwd"] / sd["fwd"] if sd and "fwd" in sd else None
+            rb = r["fb"] / sd["fb"] if sd and "fb" in sd else None
+            log(f"| {T} | {r['name']} | {fmt_ms(r['fwd'])} | {fmt_ms(r['fb'])} | "
+                f"{'-' if rf is None else f'{rf:.2f}x'} | {'-' if rb is None else f'{rb:.2f}x'} | "
+                f"{fmt_mb(r['mem_fwd'])} | {fmt_mb(r['mem_fb'])} |")
+
+
+# ----------------------------------------------------------------------------- sweep
+def sweep(D):
+    T, H = 8192, 32
+    q, _, _ = inputs(1, H, H, T, D)
+    tq = q + 0.5 * torch.randn_like(q)
+    TC = rk.TileConfig
+    if D == 128:
+        fwd_c = [TC(128, 128, 8, 2), TC(128, 64, 8, 3), TC(128, 128, 8, 3), TC(256, 64, 8, 2)]
+        bwd_c = [TC(64, 64, 4, 2), TC(128, 64, 8, 2), TC(64, 32, 4, 2), TC(128, 128, 8, 1)]
+    else:
+        fwd_c = [TC(128, 64, 4, 3), TC(128, 128, 4, 2), TC(128, 64, 4, 4), TC(256, 64, 8, 2), TC(128, 128, 8, 3)]
+        bwd_c = [TC(64, 64, 4, 3), TC(64, 64, 4, 4), TC(128, 64, 8, 3), TC(64, 32, 4, 3)]
+    best = {}
+    qg = q.clone().requires_grad_(True)
+    kl = relation_kl(qg, None, tq, None)
+    for kind, cands in (("fwd", fwd_c), ("bwd", bwd_c)):
+        res = []
+        for c in cands:
+            rk.set_tile_config(kind, c)
+            try:
+                t0 = time.time()
+                if kind == "fwd":
+                    ms = bench(lambda: relation_kl(q, None, tq, None), rep=100)
+                else:
+                    kl = relation_kl(qg, None, tq, None)
+                    ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
+                res.append((ms, c))
+                kern = rk.last_compiled.get(kind)
+                regs = f"regs {kern.n_regs} spills {kern.n_spills}" if kern is not None else ""
+                log(f"sweep D{D} {kind} {c}: {ms:.3f} ms {regs} (compile+time {time.time() - t0:.1f}s)")
+            except Exception as e:  # out of resources etc.
+                log(f"sweep D{D} {kind} {c}: failed {type(e).__name__}: {str(e)[:120]}")
+        rk.set_tile_config(kind, None)
+        if res:
+            best[kind] = min(res, key=lambda x: x[0])[1]
+    return best
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes")
+    args = ap.parse_args()
+    log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {importlib.import_module('triton').__version__}")
+    torch.manual_seed(0)
+    if args.check:
+        ok = check()
+        log(f"CHECK {'PASSED' if ok else 'FAILED'}")
+    if args.sweep:
+        for D in (128, 64):
+            best = sweep(D)
+            log(f"best tiles D{D}: {best}")
+            for kind, c in best.items():
+                (rk._FWD_CFG if kind == "fwd" else rk._BWD_CFG)[D] = c
+
+    Ts = [2048, 8192, 32768] if args.quick else [2048, 4096, 8192, 16384, 32768]
+    rows = []
+    for T in Ts:
+        q, k, v = inputs(1, 32, 32, T, 128)
+        tq = q + 0.5 * torch.randn_like(q)
+        rs = [measure("SDPA flash (32 heads)", *sdpa_fns(q, k, v), fwd_keep=nbytes(q))]
+        rs.append(measure("SDPA cuDNN (32 heads; not in the ratios)", *sdpa_cudnn_fns(q, k, v), fwd_keep=nbytes(q)))
+        rs.append(measure("relation_kl Q/Q (ours)", *ours_fns(q, tq)))
+        if T <= 8192:
+            rs.append(measure("naive materialised", *naive_fns(q, tq)))
+        rows.append((T, rs))
+        log(f"T={T} done")
+        del q, k, v, tq
+    table("B=1, H=32, D=128, bf16, causal self-relation", rows)
+
+    rows = []
+    for T in ([8192] if args.quick else [4096, 16384]):
+        q, k, v = inputs(1, 32, 32, T, 64)
+        tq = q + 0.5 * torch.randn_like(q)
+        rows.append((T, [measure("SDPA flash (32 heads)", *sdpa_fns(q, k, v), fwd_keep=nbytes(q)),
+                         measure("relation_kl Q/Q D=64 (ours)", *ours_fns(q, tq))]))
+        del q, k, v, tq
+    table("B=1, H=32, D=64, bf16, causal self-relation", rows)
+
+    rows = []
+    for T in ([8192] if args.quick else [4096, 16384]):
+        q, k, v = inputs(1, 32, 8, T, 128)
+        tq, tk = q + 0.5 * torch.randn_like(q), k + 0.5 * torch.randn_like(k)
+        rows.append((T, [measure("SDPA flash GQA 32/8", *sdpa_fns(q, k, v), fwd_keep=nbytes(q)),
+                         measure("relation_kl K/K, 8 heads (ours)", *ours_fns(k, tk)),
+                         measure("relation_kl Q/K cross GQA 32/8 (ours)", *ours_fns(q, tq, k, tk))]))
+        del q, k, v, tq, tk
+    table("GQA 32 query / 8 KV heads, D=128, bf16, causal", rows)
+
+    log("\n### One layer: fused Q/Q+K/K+V/V call vs three calls (GQA 32/8, D=128, bf16, causal)\n")
+    log("| T | fused fwd ms | 3 calls fwd ms | fwd ratio | fused fwd+bwd ms | 3 calls fwd+bwd ms | fwd+bwd ratio |")
+    log("|---|---|---|---|---|---|---|")
+    for T in ([2048, 8192] if args.quick else [2048, 4096, 8192, 16384]):
+        q, k, v = inputs(1, 32, 8, T, 128)
+        t = [x + 0.5 * torch.randn_like(x) for x in (q, k, v)]
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+
+        def fused_f():
+            return relation_kl_layer(q, k, v, *t)
+
+        def three_f():
+            return [relation_kl(s, None, tt, None) for s, tt in zip((q, k, v), t)]
+
+        def fused_fb():
+            sum(relation_kl_layer(*leaves, *t)).backward()
+
+        def three_fb():
+            sum(relation_kl(s, None, tt, None) for s, tt in zip(leaves, t)).backward()
+
+        a, b = bench(fused_f), bench(three_f)
+        c, d = bench(fused_fb, grad_to_none=leaves), bench(three_fb, grad_to_none=leaves)
+        log(f"| {T} | {fmt_ms(a)} | {fmt_ms(b)} | {a / b:.2f}x | {fmt_ms(c)} | {fmt_ms(d)} | {c / d:.2f}x |")
+        if T == 2048:
+            fused_fb()
+            kf, kb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
+            three_fb()
+            sf, sb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
+            log(f"(registers/spills fused fwd {kf.n_regs}/{kf.n_spills} bwd {kb.n_regs}/{kb.n_spills}; "
+                f"single fwd {sf.n_regs}/{sf.n_spills} bwd {sb.n_regs}/{sb.n_spills})")
+        del q, k, v, t, leaves
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
