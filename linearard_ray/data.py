@@ -319,6 +319,9 @@ def _our_file(name: str) -> bool:
 
 
 def _check_output_dir(out: Path) -> None:
+    if "://" in str(out) or str(out).startswith(("s3:", "gs:")):
+        raise DataError(f"data.output_dir {str(out)!r}: write to a local or shared-filesystem directory "
+                        "(object-store output is not supported)")
     if out.exists():
         if not out.is_dir():
             raise DataError(f"data.output_dir {str(out)!r} is a file, not a directory")
@@ -344,10 +347,34 @@ def default_output_dir(h: str) -> Path:
 # --------------------------------------------------------------------------- public API
 
 
-def _progress_bar(progress: bool):
-    from tqdm.auto import tqdm
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (job logs) a line every `every` seconds."""
 
-    return tqdm(total=None, unit="doc", desc="preprocess", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    def __init__(self, enabled: bool, every: float = 10.0):
+        self.enabled, self.every = enabled, every
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=None, unit="doc", desc="preprocess", file=sys.stderr)
+
+    def update(self, docs: int, blocks: int, tokens: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(docs - self.bar.n)
+            self.bar.set_postfix(blocks=blocks, tokens=tokens, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"preprocess: {docs} documents, {blocks} blocks, {tokens} tokens "
+                  f"({tokens / (now - self.t0):.0f} tokens/s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def preprocess(data_cfg: DataConfig, tokenizer_path: str | Path, *, progress: bool = True) -> Path:
@@ -422,15 +449,14 @@ def _run(items: list[InputFile], data_cfg: DataConfig, tokenizer_path, spec: Tok
 
     if readable:
         _ensure_ray()
-    bar = _progress_bar(progress)
+    bar = _Progress(progress)
     try:
         if readable:
             with _data_context(progress):
                 ds = _build_dataset(readable, data_cfg, str(tokenizer_path), spec)
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     _consume(batch, stats, packer, put)
-                    bar.update(stats.docs_used + stats.docs_skipped - bar.n)
-                    bar.set_postfix(blocks=stats.blocks, tokens=stats.tokens, refresh=False)
+                    bar.update(stats.docs_used + stats.docs_skipped, stats.blocks, stats.tokens)
         if packer is not None:
             last, dropped = packer.finish()
             stats.dropped += dropped

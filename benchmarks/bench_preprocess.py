@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Tokens per second of the Ray Data preprocessing pipeline against a single-process loop.
+
+Both sides tokenize the embedded SOTU 1790-1989 corpus (builtin:sotu/train) with the same fast
+tokenizer in batches of the same size and cut per-document blocks. The single-process loop is
+only that (no file output); the Ray side is the whole `preprocess` call: reading, tokenizing in
+the actor pool, cutting, the seeded shuffle and writing parquet shards plus the manifest (Ray
+startup itself is excluded and reported separately).
+
+    python benchmarks/bench_preprocess.py                        # smollm2-135m tokenizer, 1 and 2 actors
+    python benchmarks/bench_preprocess.py --tokenizer tiny:llama --actors 1 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if (_ROOT / "linearard_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+
+def _single_process(tok_path: str, batch: int, ctx_len: int, parallel: bool, q) -> None:
+    # A fresh process, so TOKENIZERS_PARALLELISM takes effect before the tokenizer starts threads.
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
+    from linearard_ray.blocks import cut_document, frame_document, resolve_token_spec
+    from linearard_ray.corpus import iter_sotu
+    from linearard_ray.data import _plain_backend, encode_texts, load_tokenizer
+
+    tok = _plain_backend(load_tokenizer(tok_path))
+    spec = resolve_token_spec(tok, None, True, pack=False)
+    t0 = time.perf_counter()
+    tokens = blocks = 0
+    buf: list[str] = []
+
+    def flush():
+        nonlocal tokens, blocks
+        for ids in encode_texts(tok, buf):
+            framed = frame_document(ids, spec)
+            tokens += len(framed)
+            blocks += len(cut_document(framed, "d", ctx_len, "drop", spec.pad_id)[0])
+        buf.clear()
+
+    for doc in iter_sotu("train"):
+        buf.append(doc["text"])
+        if len(buf) == batch:
+            flush()
+    flush()
+    dt = time.perf_counter() - t0
+    q.put({"tokens": tokens, "blocks": blocks, "seconds": dt, "tokens_per_s": tokens / dt})
+
+
+def single_process(tok_path: str, batch: int, ctx_len: int, parallel: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_single_process, args=(tok_path, batch, ctx_len, parallel, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def ray_pipeline(tok_path: str, batch: int, ctx_len: int, actors: int) -> dict:
+    from linearard_ray.config import DataConfig
+    from linearard_ray.data import preprocess, read_manifest
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = DataConfig(sources=["builtin:sotu/train"], ctx_len=ctx_len, output_dir=str(Path(d) / "out"),
+                         tokenizer_actors=actors, tokenizer_batch_size=batch)
+        t0 = time.perf_counter()
+        out = preprocess(cfg, tok_path, progress=False)
+        dt = time.perf_counter() - t0
+        m = read_manifest(out)
+    return {"tokens": m["tokens"], "blocks": m["blocks"], "seconds": dt, "tokens_per_s": m["tokens"] / dt}
+
+
+def resolve_tokenizer(name: str) -> str:
+    if Path(name).is_dir():
+        return name
+    from linearard_ray.data import tokenizer_path_for
+
+    return tokenizer_path_for(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", default="smollm2-135m", help="model name (smollm2-135m, tiny:llama, hub id) or tokenizer dir")
+    ap.add_argument("--actors", default="1,2", help="comma-separated tokenizer actor counts to time")
+    ap.add_argument("--batch", type=int, default=16, help="documents per tokenizer batch (both sides)")
+    ap.add_argument("--ctx-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    tok_path = resolve_tokenizer(args.tokenizer)
+    results: dict = {"tokenizer": args.tokenizer, "tokenizer_path": tok_path, "batch": args.batch,
+                     "ctx_len": args.ctx_len, "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus,
+                     "machine": platform.processor() or platform.machine(), "runs": []}
+
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    results["ray_init_s"] = time.perf_counter() - t0
+    settings = [(f"single process, TOKENIZERS_PARALLELISM={'true' if p else 'false'}", single_process,
+                 {"parallel": p}) for p in (False, True)]
+    settings += [(f"Ray Data preprocess, {n} tokenizer actor(s), end to end", ray_pipeline, {"actors": n})
+                 for n in (int(x) for x in args.actors.split(","))]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
+    results["load_avg_before"] = os.getloadavg()
+    try:
+        # Settings interleaved round by round, so that load from other processes hits all alike.
+        for _ in range(args.repeats):
+            for name, fn, kw in settings:
+                r = fn(tok_path=tok_path, batch=args.batch, ctx_len=args.ctx_len, **kw)
+                runs[name].append(r)
+                print(f"  {name:<58} {r['tokens_per_s']:>10.0f} tok/s  ({r['tokens']} tokens, {r['seconds']:.1f} s)", flush=True)
+    finally:
+        ray.shutdown()
+    results["load_avg_after"] = os.getloadavg()
+    print(f"\nbest of {args.repeats} (tokenizer {args.tokenizer}, batch {args.batch}, ctx_len {args.ctx_len}, "
+          f"{os.cpu_count()} CPUs, load average {results['load_avg_before'][0]:.1f} -> {results['load_avg_after'][0]:.1f}):")
+    for name, rs in runs.items():
+        b = max(rs, key=lambda r: r["tokens_per_s"])
+        med = sorted(r["tokens_per_s"] for r in rs)[len(rs) // 2]
+        results["runs"].append({"setting": name, "best": b, "median_tokens_per_s": med, "all": rs})
+        print(f"  {name:<58} {b['tokens_per_s']:>10.0f} tok/s best, {med:>10.0f} median")
+    print(f"(ray.init: {results['ray_init_s']:.1f} s, not counted; TOKENIZERS_PARALLELISM in Ray workers: "
+          f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
