@@ -35,6 +35,10 @@ from linearard_ray.schedule import build_scheduler
 from linearard_ray.train_stream import DEFAULT_SHUFFLE_TOKENS, BlockStream
 
 FAIL_MARKER = "linearard_fail_at_step.fired"
+# Token blocks up to this size are read by the driver and held in the object store (int32 ids +
+# int8 mask per token); larger corpora are streamed from parquet on every pass.
+MATERIALIZE_BYTES = 2 << 30
+BYTES_PER_TOKEN = 5
 JOB_FILE = "linearard_job.json"
 _FORWARDED_ENV = ("LINEARARD_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "TRITON_INTERPRET", "TOKENIZERS_PARALLELISM",
                   "RAY_AUTH_MODE", "CUDA_LAUNCH_BLOCKING")
@@ -144,20 +148,43 @@ def _prepare_streams(cfg: Config) -> tuple[dict[str, StreamSpec], str, dict[str,
     wanted = (["train"] if needs_main else []) + (["lm"] if uses_lm_stream(cfg) else [])
     for name in wanted:
         d = data_mod.ensure_preprocessed(cfg) if name == "train" else data_mod.ensure_preprocessed(cfg, stream="lm")
-        ds = data_mod.load_blocks(d)
+        manifest = data_mod.read_manifest(d)
+        ctx = _manifest_ctx_len(manifest) or (cfg.data.ctx_len if name == "train" else (cfg.data.lm_ctx_len or cfg.data.ctx_len))
+        n = _manifest_blocks(manifest)
+        ds = None
+        if n is not None and n * ctx * BYTES_PER_TOKEN <= MATERIALIZE_BYTES:
+            ds = _in_memory_blocks(Path(d), manifest)
+        if ds is None:
+            ds = data_mod.load_blocks(d)
+            if n is None:
+                n = ds.count()
         # Workers iterate it many times (every epoch, every resume); per-pass progress bars would
         # drown the step lines.
         ds.context.enable_progress_bars = False
         ds.context.enable_operator_progress_bars = False
-        manifest = data_mod.read_manifest(d)
-        n = _manifest_blocks(manifest)
-        if n is None:
-            n = ds.count()
-        ctx = _manifest_ctx_len(manifest) or (cfg.data.ctx_len if name == "train" else (cfg.data.lm_ctx_len or cfg.data.ctx_len))
         specs[name] = StreamSpec(name=name, directory=str(Path(d).resolve()), num_rows=int(n), ctx_len=int(ctx))
         datasets[name] = ds
     primary = "train" if needs_main else "lm"
     return specs, primary, datasets
+
+
+def _in_memory_blocks(directory: Path, manifest: dict):
+    """Small corpora: the blocks read once here and put in the object store.
+
+    Every worker reads the whole stream on every epoch (train_stream.py says why); from memory a
+    pass launches no read tasks, which on a small cluster would also compete for the CPUs the
+    training workers hold. Same rows, same order as ``data.load_blocks``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    shards = manifest.get("shards")
+    if not shards or not all(isinstance(s, dict) and "file" in s for s in shards):
+        return None
+    cols = ["input_ids", "attention_mask", "doc_id", "block_index"]
+    tables = [pq.read_table(directory / s["file"], columns=cols) for s in shards]
+    return ray.data.from_arrow(pa.concat_tables(tables))
 
 
 def _manifest_blocks(m: dict) -> int | None:
@@ -307,6 +334,13 @@ def _gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def say(msg: str) -> None:
+    """One line to stdout. Ray Train patches ``print`` in workers and, when stdout is wrapped,
+    emits every line twice; writing to the stream directly keeps it once."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -512,10 +546,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
     state.mlflow_run_id = run_id
     if rank == 0:
         if primary.dropped_per_epoch:
-            print(f"[distill] {primary.dropped_per_epoch} of {primary.num_rows} blocks per epoch are left out so that "
-                  f"{world} workers × micro-batch {t.micro_batch_size} divide evenly", flush=True)
+            say(f"[distill] {primary.dropped_per_epoch} of {primary.num_rows} blocks per epoch are left out so that "
+                f"{world} workers × micro-batch {t.micro_batch_size} divide evenly")
         if loaded is not None:
-            print(f"[distill] resumed at step {state.step}/{job.total_steps} ({state.tokens_seen} tokens seen)", flush=True)
+            say(f"[distill] resumed at step {state.step}/{job.total_steps} ({state.tokens_seen} tokens seen)")
 
     # ---- held-out evaluation
     evaluator = None
@@ -597,9 +631,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
             recent = step_times[-10:]
             eta = (job.total_steps - state.step) * (sum(recent) / len(recent))
             if state.step % t.log_every == 0 or is_last:
-                print(progress_line(state.step, job.total_steps, metrics, eta), flush=True)
+                say(progress_line(state.step, job.total_steps, metrics, eta))
                 if did_eval:
-                    print("[distill] eval " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()), flush=True)
+                    say("[distill] eval " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if logger is not None:
                 logger.log_metrics(metrics, step=state.step)
 
@@ -626,7 +660,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     out_dir = Path(job.output_dir)
     paths = models.export_student(student, tokenizer, out_dir, cfg.rope)
     (out_dir / "distill_config.yaml").write_text(dump_config(cfg))
-    print(f"[distill] student exported to {paths.get('merged', out_dir)}", flush=True)
+    say(f"[distill] student exported to {paths.get('merged', out_dir)}")
     if logger is not None:
         logger.log_text(dump_config(cfg), "config.yaml")
         for name, spec in job.streams.items():

@@ -1,0 +1,175 @@
+"""End to end on a local Ray cluster: 2 gloo workers distil a tiny Llama.
+
+One uninterrupted run is the reference; a run with an injected worker failure and a job that
+dies and is started again under the same run name must end with the same trainable weights, the
+same step and the same token count, in one MLflow run each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few SOTU openings as a small jsonl corpus (a few hundred tiny-tokenizer blocks)."""
+    from linearard_ray.corpus import iter_sotu
+
+    d = tmp_path_factory.mktemp("corpus")
+    p = d / "docs.jsonl"
+    docs = [doc for _, doc in zip(range(6), iter_sotu("train"))]
+    p.write_text("".join(json.dumps({"text": doc["text"][:3000]}) + "\n" for doc in docs))
+    return p
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cache_dir):
+    import ray
+
+    # address="local": never attach to some other `ray start` cluster on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"LINEARARD_CACHE": str(cache_dir)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+def _cfg(workdir: Path, corpus: Path, run_name: str, **over):
+    from linearard_ray.config import build_config
+
+    base = {
+        "model": {"teacher": "tiny:llama"},
+        "rope": {"type": "linear", "factor": 4.0},
+        "lora": {"r": 4, "alpha": 8.0},
+        "data": {"sources": [str(corpus)], "ctx_len": 64, "output_dir": str(workdir / "data")},
+        "train": {
+            "run_name": run_name, "storage_path": str(workdir / "ray"), "output_dir": str(workdir / "students"),
+            "num_workers": 2, "cpus_per_worker": 1, "max_steps": STEPS, "checkpoint_every": 2,
+            "keep_checkpoints": 2, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 1,
+            "eval_every": 3, "eval_texts": 2, "eval_long_len": 256, "max_failures": 1, "seed": 0,
+        },
+        "tracking": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": "e2e"},
+    }
+    return build_config(base, over)
+
+
+def _final_trainable(res) -> dict[str, torch.Tensor]:
+    """The trainable tensors of the run's last checkpoint."""
+    from linearard_ray.checkpointing import load_checkpoint
+
+    return load_checkpoint(res.checkpoint_path).trainable
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tiny_model_dir, workdir, corpus):
+    from linearard_ray.train import run_distill
+
+    tiny_model_dir("llama")
+    cfg = _cfg(workdir, corpus, "ref")
+    return cfg, run_distill(cfg)
+
+
+def _runs_named(uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("e2e")
+    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`linearard.run_name` = '{name}'")
+
+
+def test_two_workers_end_to_end_with_mlflow(reference, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg, res = reference
+    assert res.final_step == STEPS
+    assert res.tokens_seen > 0 and res.tokens_seen <= STEPS * 2 * 2 * 2 * 64
+    for k in ("nll_gap", "student_nll", "teacher_nll", "long_nll", "loss", "relation_q"):
+        assert k in res.metrics
+    assert res.metrics["nll_gap"] == pytest.approx(res.metrics["student_nll"] - res.metrics["teacher_nll"])
+
+    client, runs = _runs_named(cfg.tracking.resolved_uri(), "ref")
+    assert len(runs) == 1 and runs[0].info.run_id == res.mlflow_run_id
+    run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["train.lr"] == "0.01" and p["model.teacher"] == "tiny:llama" and p["rope.factor"] == "4.0"
+    assert p["lora.r"] == "4" and p["job.total_steps"] == str(STEPS) and p["job.world_size"] == "2"
+    for name in ("loss", "relation_q", "relation_k", "relation_v", "lr", "grad_norm", "tokens_per_s", "tokens_seen"):
+        hist = client.get_metric_history(res.mlflow_run_id, name)
+        assert sorted(h.step for h in hist) == list(range(1, STEPS + 1)), name
+    lr = {h.step: h.value for h in client.get_metric_history(res.mlflow_run_id, "lr")}
+    assert lr[1] == pytest.approx(0.01) and lr[STEPS] == pytest.approx(0.001)  # warmup 1, cosine to 0.1×
+    tokens = sorted(client.get_metric_history(res.mlflow_run_id, "tokens_seen"), key=lambda h: h.step)
+    assert tokens[-1].value == res.tokens_seen
+    for name in ("nll_gap", "student_nll", "teacher_nll", "long_nll"):
+        assert sorted(h.step for h in client.get_metric_history(res.mlflow_run_id, name)) == [3, 6]
+
+    root = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
+    assert {"config.yaml", "data", "adapter", "student"} <= root
+    student_files = {Path(a.path).name for a in client.list_artifacts(res.mlflow_run_id, "student")}
+    assert {"config.json", "model.safetensors"} <= student_files
+    assert "manifest.json" in {Path(a.path).name for a in client.list_artifacts(res.mlflow_run_id, "data/train")}
+    assert "adapter_model.safetensors" in {Path(a.path).name for a in client.list_artifacts(res.mlflow_run_id, "adapter")}
+
+    # the exported student loads with plain transformers and carries the student's RoPE
+    model = AutoModelForCausalLM.from_pretrained(res.student_dir)
+    rp = model.config.rope_parameters
+    assert rp["rope_type"] == "linear" and rp["factor"] == 4.0
+    # and holds the trained adapters merged in: its q_proj differs from the teacher's
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(model.state_dict()[key], teacher.state_dict()[key])
+    assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                       teacher.state_dict()["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_worker_failure_resumes_to_the_same_weights(reference, workdir, corpus):
+    from linearard_ray.train import run_distill
+
+    ref_cfg, ref = reference
+    cfg = _cfg(workdir, corpus, "fail-once", **{"train.fail_at_step": 5})
+    res = run_distill(cfg)
+    assert res.final_step == STEPS and res.tokens_seen == ref.tokens_seen
+    assert (Path(res.storage_dir) / "linearard_fail_at_step.fired").exists()
+    a, b = _final_trainable(ref), _final_trainable(res)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    client, runs = _runs_named(cfg.tracking.resolved_uri(), "fail-once")
+    assert len(runs) == 1
+    assert runs[0].data.tags.get("resumed_from_step") == "4"
+    steps = {h.step for h in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert steps == set(range(1, STEPS + 1))
+
+
+def test_job_started_again_with_the_same_name_resumes_exactly(reference, workdir, corpus):
+    from linearard_ray.train import run_distill
+
+    _, ref = reference
+    cfg = _cfg(workdir, corpus, "restart", **{"train.fail_at_step": 3, "train.max_failures": 0})
+    with pytest.raises(Exception, match="fail_at_step"):
+        run_distill(cfg)
+    client, runs = _runs_named(cfg.tracking.resolved_uri(), "restart")
+    assert len(runs) == 1
+    first_run_id = runs[0].info.run_id
+
+    res = run_distill(cfg)  # the same job again: resumes from the step-2 checkpoint
+    assert res.final_step == STEPS and res.tokens_seen == ref.tokens_seen
+    assert res.mlflow_run_id == first_run_id
+    _, runs = _runs_named(cfg.tracking.resolved_uri(), "restart")
+    assert len(runs) == 1 and runs[0].data.tags.get("resumed_from_step") == "2"
+    a, b = _final_trainable(ref), _final_trainable(res)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
