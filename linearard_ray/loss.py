@@ -101,6 +101,7 @@ class Objective:
             raise ValueError("objective.relation.weight > 0 but every per-relation weight is 0")
         self.layers = rel.layers.resolve(self.num_layers) if self.relations else []
         self.needs_teacher = bool(self.relations) or self.w_logit > 0
+        self._corr_cache: dict[int, tuple[object, float]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -108,8 +109,12 @@ class Objective:
         """1/m² for the Q/Q and K/K scales of a model whose RoPE multiplies cos/sin by m."""
         if self.rope_cfg.yarn_logit_correction == "keep":
             return 1.0
-        m = rope_attention_factor(_unwrap(model).config)
-        return 1.0 / (m * m)
+        cfg = _unwrap(model).config
+        hit = self._corr_cache.get(id(cfg))
+        if hit is None or hit[0] is not cfg:
+            m = rope_attention_factor(cfg)
+            hit = self._corr_cache[id(cfg)] = (cfg, 1.0 / (m * m))
+        return hit[1]
 
     def _relations(self, tcap, scap, mask, corr_s: float, corr_t: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n_tok = mask.sum().clamp_min(1).to(torch.float32)

@@ -108,6 +108,22 @@ def test_logit_kl_never_saves_vocab_sized_tensors():
     assert saved and max(saved) < Tn * Vb / 16
 
 
+def test_enclosing_autocast_does_not_change_results():
+    hs, ht, ws, wt, mask = _inputs(9)
+    y = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(9))
+    grads = []
+    for amp in (False, True):
+        h = hs.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            kl = chunked_logit_kl(h, ht, ws, wt, attention_mask=mask, chunk_size=8)
+            ce = chunked_cross_entropy(h, ws, y, mask, 8)
+        assert kl.dtype == ce.dtype == torch.float32
+        (kl + ce).backward()
+        grads.append((kl.detach(), ce.detach(), h.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def _ref_ce(h, w, y, valid):
     logits = h.double() @ w.double().T
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.clamp_min(0).reshape(-1), reduction="none")

@@ -28,11 +28,22 @@ def _logits(h: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return F.linear(h, w.to(h.dtype)).to(acc)
 
 
+def _no_autocast(t: torch.Tensor):
+    # Dtypes are managed explicitly here; an enclosing autocast region (the training loop's bf16
+    # autocast) would otherwise recast the matmuls in forward but not in backward.
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 class _ChunkedLogitKL(torch.autograd.Function):
     """Per-position τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) for rows of hidden states."""
 
     @staticmethod
     def forward(ctx, hs, ht, ws, wt, tau: float, chunk: int):
+        with _no_autocast(hs):
+            return _ChunkedLogitKL._forward(ctx, hs, ht, ws, wt, tau, chunk)
+
+    @staticmethod
+    def _forward(ctx, hs, ht, ws, wt, tau, chunk):
         acc = _acc_dtype(hs)
         n = hs.shape[0]
         kl = torch.empty(n, dtype=acc, device=hs.device)
@@ -54,6 +65,11 @@ class _ChunkedLogitKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with _no_autocast(g):
+            return _ChunkedLogitKL._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         hs, ht, ws, wt, lse_s, lse_t = ctx.saved_tensors
         tau, chunk = ctx.tau, ctx.chunk
         acc = lse_s.dtype
@@ -80,6 +96,11 @@ class _ChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, y, chunk: int):
+        with _no_autocast(h):
+            return _ChunkedCE._forward(ctx, h, w, y, chunk)
+
+    @staticmethod
+    def _forward(ctx, h, w, y, chunk):
         acc = _acc_dtype(h)
         n = h.shape[0]
         nll = torch.empty(n, dtype=acc, device=h.device)
@@ -97,6 +118,11 @@ class _ChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with _no_autocast(g):
+            return _ChunkedCE._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         h, w, y, lse = ctx.saved_tensors
         acc = lse.dtype
         need_h, need_w = ctx.needs_input_grad[:2]
