@@ -363,6 +363,7 @@ class TuneConfig(_Section):
     reduction_factor: int = Field(2, ge=2)
     max_concurrent: int | None = None
     trial_max_failures: int = Field(1, ge=0)
+    keep_students: Literal["best", "all"] = Field("best", description="Exported students kept after the sweep: the best trial's, or every trial's.")
     storage_path: str = "outputs/tune"
 
 
