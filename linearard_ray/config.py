@@ -292,6 +292,15 @@ class TrainConfig(_Section):
     evaluate_at_end: bool = False
     fail_at_step: int | None = Field(None, description="Testing aid: raise once at this step (simulates a worker failure).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget(cls, v: Any) -> Any:
+        # The embedded default's 30 steps apply whenever neither budget is given, not only when
+        # the whole train section is absent (a `--set train.lr=...` must not drop it).
+        if isinstance(v, dict) and "budget_tokens" not in v and "max_steps" not in v:
+            v = {**v, "max_steps": 30}
+        return v
+
     @model_validator(mode="after")
     def _budget(self) -> "TrainConfig":
         if self.budget_tokens is None and self.max_steps is None:
