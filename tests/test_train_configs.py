@@ -1,0 +1,61 @@
+"""The shipped configs: the default equals the embedded one, the recipes hold the settings they
+claim, and their step plans come out as documented."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from linearard_ray.config import Config, load_config
+from linearard_ray.train import StreamSpec, plan_steps, uses_lm_stream
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+def test_default_yaml_is_the_embedded_default():
+    assert load_config(CONFIGS / "default.yaml").model_dump() == Config().model_dump()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_validates(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.train.budget_tokens or cfg.train.max_steps
+
+
+def test_expected_recipes_exist():
+    want = {"default.yaml", "llama2-7b-32k.yaml", "llama3-8b-x4.yaml", "mistral-7b-x4.yaml", "smollm2-135m-x4.yaml",
+            "smollm2-135m-x4-logits.yaml", "smollm2-135m-x4-cpt.yaml"}
+    assert want <= set(RECIPES)
+
+
+def test_llama2_recipe_is_the_papers_setting():
+    c = load_config(CONFIGS / "llama2-7b-32k.yaml")
+    assert (c.rope.type, c.rope.factor, c.rope.original_max_position_embeddings) == ("linear", 8.0, 4096)
+    assert (c.lora.r, c.lora.alpha, sorted(c.lora.target_modules)) == (1024, 2048.0, ["k_proj", "q_proj", "v_proj"])
+    t = c.train
+    assert (t.lr, t.warmup_steps, t.min_lr_ratio, t.max_grad_norm, t.budget_tokens) == (2e-5, 4, 0.9, 5.0, 4_250_000)
+    assert c.data.ctx_len == 4096 and c.objective.name == "linearard"
+    streams = {"train": StreamSpec("train", "/x", 10_000, 4096)}
+    total, per_step = plan_steps(c, streams, "train", t.num_workers)
+    assert per_step == t.num_workers * 4096 and total == math.ceil(4_250_000 / per_step)
+
+
+def test_objective_recipes():
+    base = load_config(CONFIGS / "smollm2-135m-x4.yaml")
+    logits = load_config(CONFIGS / "smollm2-135m-x4-logits.yaml")
+    cpt = load_config(CONFIGS / "smollm2-135m-x4-cpt.yaml")
+    assert logits.objective.logits.weight == 1.0 and logits.objective.relation.weight == 1.0
+    assert base.objective.logits.weight == 0.0
+    assert not cpt.objective.needs_teacher and cpt.objective.relation.weight == 0
+    assert uses_lm_stream(cpt) and cpt.data.lm_ctx_len == 8192
+    # same budget, so the three compare at equal tokens
+    assert base.train.budget_tokens == logits.train.budget_tokens == cpt.train.budget_tokens
+
+
+def test_overriding_one_train_field_keeps_the_default_budget():
+    assert load_config(None, ["train.lr=1e-4"]).train.max_steps == Config().train.max_steps
+    only_tokens = load_config(None, ["train.budget_tokens=100000"]).train
+    assert only_tokens.max_steps is None and only_tokens.budget_tokens == 100000
