@@ -209,39 +209,48 @@ def _fwd_body(S, SK, TS, TK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, sc_s, sc_t, b, 
 
 
 @triton.jit
+def _hint(x, ALIGN: tl.constexpr):
+    if ALIGN > 1:
+        x = tl.multiple_of(x, ALIGN)
+    return x
+
+
+@triton.jit
+def _sel(r, v0, v1, v2):
+    return tl.where(r == 0, v0, tl.where(r == 1, v1, v2))
+
+
+@triton.jit
 def _fwd_kernel(
-    S0, SK0, TS0, TK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0,
-    S1, SK1, TS1, TK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1,
-    S2, SK2, TS2, TK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2,
-    Mask, LseS, LseT, Kl, T, HTOT, REP,
+    S, SK, TS, TK, Mask, LseS, LseT, Kl,
+    off_s1, off_t1, off_s2, off_t2,
+    ss_b0, ss_h0, ss_t0, ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, sk_b, sk_h, sk_t,
+    H0, H1, scs0, scs1, scs2, sct0, sct1, sct2, T, HTOT, REP,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NREL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
 ):
     num_m = tl.cdiv(T, BLOCK_M)
     pid_m = num_m - 1 - tl.program_id(0)  # longest causal rows first
     pid_bh = tl.program_id(1)
     b = pid_bh // HTOT
     hh = pid_bh % HTOT
-    # Each relation gets its own specialised copy of the body (a runtime-selected pointer would
-    # lose the alignment facts the compiler needs for wide loads).
     if NREL == 1:
-        _fwd_body(S0, SK0, TS0, TK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, scs0, sct0, b, hh, hh, pid_m,
+        _fwd_body(S, SK, TS, TK, ss_b0, ss_h0, ss_t0, sk_b, sk_h, sk_t, scs0, sct0, b, hh, hh, pid_m,
                   Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK,
                   EVEN_T, IEEE, UPCAST)
     else:
-        if hh < H0:
-            _fwd_body(S0, SK0, TS0, TK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, scs0, sct0, b, hh, hh,
-                      pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                      HAS_MASK, EVEN_T, IEEE, UPCAST)
-        elif hh < H0 + H1:
-            _fwd_body(S1, SK1, TS1, TK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, scs1, sct1, b, hh - H0,
-                      hh, pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                      HAS_MASK, EVEN_T, IEEE, UPCAST)
-        else:
-            _fwd_body(S2, SK2, TS2, TK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, scs2, sct2, b,
-                      hh - H0 - H1, hh, pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
-                      BLOCK_N, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
+        # Self-relations of one layer: relation r's tensors sit at element offsets from S / TS
+        # (one body, so no extra registers; the hints keep the 16-byte alignment facts).
+        r = (hh >= H0).to(tl.int32) + (hh >= H0 + H1).to(tl.int32)
+        Sr = S + _hint(_sel(r, 0, off_s1, off_s2), ALIGN)
+        TSr = TS + _hint(_sel(r, 0, off_t1, off_t2), ALIGN)
+        sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
+        sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
+        st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
+        _fwd_body(Sr, Sr, TSr, TSr, sb, sh, st, sb, sh, st, _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2),
+                  b, hh - _sel(r, 0, H0, H0 + H1), hh, pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D,
+                  BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -250,7 +259,7 @@ def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
               lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t,
               BLOCK_N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr, CMASK: tl.constexpr,
               BMASK: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr):
     """acc += G~ @ C_J for one tile J; G~ holds the row part and/or the transposed column part."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
     cp = c_base + offs_n[:, None] * c_st + offs_d[None, :]
@@ -260,7 +269,9 @@ def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
     y = _dot(rt, tl.trans(ct), IEEE) * sc_t
     g = tl.zeros_like(x)
     if ROW:  # entries (i in I, j in J), normalised over row i
-        gr = (tl.exp2(x - lse_s_r[:, None]) - tl.exp2(y - lse_t_r[:, None])) * dkl_r[:, None]
+        gr = tl.exp2(x - lse_s_r[:, None]) - tl.exp2(y - lse_t_r[:, None])
+        if not UNI:
+            gr = gr * dkl_r[:, None]
         if CMASK:
             gr = tl.where(offs_n[None, :] <= offs_m[:, None], gr, 0.0)
         if BMASK or HAS_MASK:
@@ -271,15 +282,11 @@ def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
             gr = tl.where(cv[None, :], gr, 0.0)
         g += gr
     if COL:  # entries (j in J, i in I) transposed, normalised over row j; lse = +inf past T
-        if EVEN_T:
-            ls = tl.load(LseS + stat_base + offs_n)
-            lt = tl.load(LseT + stat_base + offs_n)
-            dk = tl.load(DKl + stat_base + offs_n)
+        ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_n, T, EVEN_T, UNI)
+        if UNI:
+            gc = tl.exp2(x - ls[None, :]) - tl.exp2(y - lt[None, :])
         else:
-            ls = tl.load(LseS + stat_base + offs_n, mask=offs_n < T, other=float("inf"))
-            lt = tl.load(LseT + stat_base + offs_n, mask=offs_n < T, other=float("inf"))
-            dk = tl.load(DKl + stat_base + offs_n, mask=offs_n < T, other=0.0)
-        gc = (tl.exp2(x - ls[None, :]) - tl.exp2(y - lt[None, :])) * dk[None, :]
+            gc = (tl.exp2(x - ls[None, :]) - tl.exp2(y - lt[None, :])) * dk[None, :]
         if CMASK:
             gc = tl.where(offs_m[:, None] <= offs_n[None, :], gc, 0.0)
         g += gc
@@ -291,14 +298,19 @@ def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
 
 
 @triton.jit
-def _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T: tl.constexpr):
+def _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T: tl.constexpr, UNI: tl.constexpr):
+    """LSEs (+inf past T) and normalised upstream grads of some rows (1 when they are uniform)."""
     if EVEN_T:
         ls = tl.load(LseS + stat_base + offs_m)
         lt = tl.load(LseT + stat_base + offs_m)
-        dk = tl.load(DKl + stat_base + offs_m)
     else:
         ls = tl.load(LseS + stat_base + offs_m, mask=offs_m < T, other=float("inf"))
         lt = tl.load(LseT + stat_base + offs_m, mask=offs_m < T, other=float("inf"))
+    if UNI:
+        dk = tl.full(ls.shape, 1.0, tl.float32)
+    elif EVEN_T:
+        dk = tl.load(DKl + stat_base + offs_m)
+    else:
         dk = tl.load(DKl + stat_base + offs_m, mask=offs_m < T, other=0.0)
     return ls, lt, dk
 
@@ -308,7 +320,7 @@ def _sweep(acc, rs, rt, C, TC, c_base, c_st, i0, offs_m, offs_d, dmask, T,
            lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
-           IEEE: tl.constexpr, UPCAST: tl.constexpr):
+           IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr):
     """All column tiles of one block I that hold valid entries of the requested part(s)."""
     num_n = tl.cdiv(T, BLOCK_N)
     if CAUSAL:
@@ -319,30 +331,30 @@ def _sweep(acc, rs, rt, C, TC, c_base, c_st, i0, offs_m, offs_d, dmask, T,
                 acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                                 lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                                 sc_s, sc_t, BLOCK_N, True, False, False, False, HAS_MASK, EVEN_T, EVEN_D,
-                                IEEE, UPCAST)
+                                IEEE, UPCAST, UNI)
         for j in range(lo, hi):
             acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                             lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                             sc_s, sc_t, BLOCK_N, ROW, COL, True, False, HAS_MASK, EVEN_T, EVEN_D,
-                            IEEE, UPCAST)
+                            IEEE, UPCAST, UNI)
         if COL:
             for j in range(hi, num_n):
                 acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                                 lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                                 sc_s, sc_t, BLOCK_N, False, True, False, False, HAS_MASK, EVEN_T, EVEN_D,
-                                IEEE, UPCAST)
+                                IEEE, UPCAST, UNI)
     else:
         n_full = T // BLOCK_N
         for j in range(0, n_full):
             acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                             lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                             sc_s, sc_t, BLOCK_N, ROW, COL, False, False, HAS_MASK, EVEN_T, EVEN_D,
-                            IEEE, UPCAST)
+                            IEEE, UPCAST, UNI)
         for j in range(n_full, num_n):
             acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                             lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                             sc_s, sc_t, BLOCK_N, ROW, COL, False, True, HAS_MASK, EVEN_T, EVEN_D,
-                            IEEE, UPCAST)
+                            IEEE, UPCAST, UNI)
     return acc
 
 
@@ -368,7 +380,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
               pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP,
               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr):
     """Output block pid_m of key head g (its H/REP query heads when not SELF) of batch b."""
     b64 = b.to(tl.int64)
     i0 = pid_m * BLOCK_M
@@ -384,11 +396,11 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
         rs = _load_tile(S + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
         rt = _load_tile(TS + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
         stat_base = (b64 * HTOT + hoff + g) * T
-        ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T)
+        ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T, UNI)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
                      LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                     True, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST)
+                     True, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
         _store_rows(GS, ((b64 * H + g) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
                     HAS_MASK, EVEN_T, EVEN_D, D)
     else:
@@ -401,11 +413,11 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
             rs = _load_tile(S + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
             rt = _load_tile(TS + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
             stat_base = (b64 * HTOT + hoff + h) * T
-            ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T)
+            ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T, UNI)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             acc = _sweep(acc, rs, rt, SK, TK, k_base, sk_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
                          LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                         True, False, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST)
+                         True, False, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
             _store_rows(GS, ((b64 * H + h) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
                         False, EVEN_T, EVEN_D, D)
         # dB of key block I: summed over the group's query heads in a fixed order.
@@ -420,7 +432,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
             stat_base = (b64 * HTOT + hoff + h) * T
             acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, zero, zero, zero,
                          LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                         False, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST)
+                         False, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
         _store_rows(GK, ((b64 * (H // REP) + g) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask,
                     mask_base, HAS_MASK, EVEN_T, EVEN_D, D)
 
@@ -429,13 +441,14 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
 
 @triton.jit
 def _bwd_kernel(
-    S0, SK0, TS0, TK0, GS0, GK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0, al0,
-    S1, SK1, TS1, TK1, GS1, GK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1, al1,
-    S2, SK2, TS2, TK2, GS2, GK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2, al2,
-    Mask, LseS, LseT, DKl, GScale, T, HTOT, HKTOT, REP,
+    S, SK, TS, TK, GS, GK, Mask, LseS, LseT, DKl, GScale,
+    off_s1, off_t1, off_g1, off_s2, off_t2, off_g2,
+    ss_b0, ss_h0, ss_t0, ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, sk_b, sk_h, sk_t,
+    H0, H1, H2, scs0, scs1, scs2, sct0, sct1, sct2, al0, al1, al2, T, HTOT, HKTOT, REP,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NREL: tl.constexpr, SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    EVEN_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
+    UNIFORM_DKL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -443,22 +456,22 @@ def _bwd_kernel(
     kk = pid_bh % HKTOT  # flat *key* head over the relations (= query head when SELF)
     gs = tl.load(GScale)
     if NREL == 1:
-        _bwd_body(S0, SK0, TS0, TK0, GS0, GK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0,
-                  al0 * gs, b, kk, 0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
-                  BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
-    else:  # one specialised copy per relation (see _fwd_kernel)
-        if kk < H0 // REP:
-            _bwd_body(S0, SK0, TS0, TK0, GS0, GK0, ss_b0, ss_h0, ss_t0, sk_b0, sk_h0, sk_t0, H0, scs0, sct0,
-                      al0 * gs, b, kk, 0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
-                      BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
-        elif kk < (H0 + H1) // REP:
-            _bwd_body(S1, SK1, TS1, TK1, GS1, GK1, ss_b1, ss_h1, ss_t1, sk_b1, sk_h1, sk_t1, H1, scs1, sct1,
-                      al1 * gs, b, kk - H0 // REP, H0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D,
-                      BLOCK_D, BLOCK_M, BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
-        else:
-            _bwd_body(S2, SK2, TS2, TK2, GS2, GK2, ss_b2, ss_h2, ss_t2, sk_b2, sk_h2, sk_t2, H2, scs2, sct2,
-                      al2 * gs, b, kk - (H0 + H1) // REP, H0 + H1, pid_m, Mask, LseS, LseT, DKl, T, HTOT,
-                      REP, D, BLOCK_D, BLOCK_M, BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
+        _bwd_body(S, SK, TS, TK, GS, GK, ss_b0, ss_h0, ss_t0, sk_b, sk_h, sk_t, H0, scs0, sct0, al0 * gs,
+                  b, kk, 0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, SELF,
+                  CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
+    else:  # self-relations only (REP = 1); see _fwd_kernel
+        r = (kk >= H0).to(tl.int32) + (kk >= H0 + H1).to(tl.int32)
+        Sr = S + _hint(_sel(r, 0, off_s1, off_s2), ALIGN)
+        TSr = TS + _hint(_sel(r, 0, off_t1, off_t2), ALIGN)
+        Gr = GS + _hint(_sel(r, 0, off_g1, off_g2), ALIGN)
+        sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
+        sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
+        st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
+        hoff = _sel(r, 0, H0, H0 + H1)
+        _bwd_body(Sr, Sr, TSr, TSr, Gr, Gr, sb, sh, st, sb, sh, st, _sel(r, H0, H1, H2),
+                  _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2), _sel(r, al0, al1, al2) * gs,
+                  b, kk - hoff, hoff, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
+                  BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -473,7 +486,7 @@ class TileConfig:
 # Hand-picked for H100 (see benchmarks/RESULTS.md); BLOCK_M must be a multiple of BLOCK_N.
 # (Picked by the sweep in benchmarks/bench_relation_kl.py at T=8K, B=1, H=32, bf16, causal.)
 _FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 128, 8, 2), 256: TileConfig(64, 32, 4, 2)}
-_BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
+_BWD_CFG = {64: TileConfig(64, 32, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
 _INTERP_CFG = TileConfig(32, 16, 1, 1)
 _overrides: dict = {}
 
@@ -562,14 +575,36 @@ def _flags(x: torch.Tensor):
     return D, block_d, ieee, upcast
 
 
-def _fwd_args(rels: Sequence[_Rel]):
-    args = []
+def _offset(x: torch.Tensor, base: torch.Tensor) -> int:
+    """Element offset of x's data from base's (same dtype): the kernels reach relation r by it."""
+    return (x.data_ptr() - base.data_ptr()) // x.element_size()
+
+
+def _common_args(rels: Sequence[_Rel], grads: Optional[Sequence[torch.Tensor]]):
+    """Offsets of relations 1, 2 from relation 0, row strides of all three, key strides of 0,
+    and the alignment (in elements) that all of them share, for the kernels' hints."""
+    r0 = rels[0]
+    offs = []
+    for i in (1, 2):
+        rel = rels[i] if i < len(rels) else r0
+        offs += [_offset(rel.s, r0.s), _offset(rel.ts, r0.ts)]
+        if grads is not None:
+            offs.append(_offset(grads[min(i, len(rels) - 1)], grads[0]))
+    strides = []
     for i in range(3):
-        rel = rels[min(i, len(rels) - 1)]
-        H = rel.s.shape[1] if i < len(rels) else 0
-        args += [rel.s, rel.sk, rel.ts, rel.tk, *rel.s.stride()[:3], *rel.sk.stride()[:3], H,
-                 rel.sc_s * LOG2E, rel.sc_t * LOG2E]
-    return args
+        strides += list(rels[min(i, len(rels) - 1)].s.stride()[:3])
+    strides += list(r0.sk.stride()[:3])
+    vec = max(1, 16 // r0.s.element_size())
+    ptrs = [r.s.data_ptr() for r in rels] + [r.ts.data_ptr() for r in rels]
+    if grads is not None:
+        ptrs += [g.data_ptr() for g in grads]
+    aligned = all(p % 16 == 0 for p in ptrs) and all(v % vec == 0 for v in offs + strides)
+    return offs, strides, (vec if aligned else 1)
+
+
+def _heads(rels):
+    hs = [r.s.shape[1] for r in rels] + [0, 0]
+    return hs[:3]
 
 
 def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, rep: int):
@@ -582,10 +617,17 @@ def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, r
     D, block_d, ieee, upcast = _flags(rels[0].s)
     dtype = rels[0].s.dtype
     m = mask if mask is not None else lse_s  # unused when HAS_MASK is False
+    offs, strides, align = _common_args(rels, None)
+    H = _heads(rels)
+    sc = [r.sc_s * LOG2E for r in rels] + [1.0, 1.0]
+    st = [r.sc_t * LOG2E for r in rels] + [1.0, 1.0]
+    r0 = rels[0]
+    args = [r0.s, r0.sk, r0.ts, r0.tk, m, lse_s, lse_t, kl, *offs, *strides, H[0], H[1], *sc[:3], *st[:3],
+            T, htot, rep]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), CAUSAL=causal, HAS_MASK=mask is not None,
-                  IEEE=ieee, UPCAST=upcast)
+                  IEEE=ieee, UPCAST=upcast, ALIGN=align)
     _launch(_fwd_kernel, "fwd", _config("fwd", block_d, dtype), (block_d, dtype, causal, len(rels)), T,
-            B * htot, [*_fwd_args(rels), m, lse_s, lse_t, kl, T, htot, rep], consts)
+            B * htot, args, consts)
     return lse_s, lse_t, kl
 
 
@@ -593,28 +635,39 @@ def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool
     B, _, T, _ = rels[0].s.shape
     htot = sum(r.s.shape[1] for r in rels)
     hktot = htot // rep
-    dkl = dkl.float().contiguous()
-    # Normalise the upstream grads so that G = dkl * (P_s - P_t) keeps its precision when rounded
-    # to fp16 (a "mean" over 10^6 rows would otherwise underflow); the scale is applied at the end.
-    amax = dkl.abs().amax()
-    gscale = torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(1)
-    dkl = dkl / gscale
-    grads_s = [torch.empty(r.s.shape, dtype=r.s.dtype, device=r.s.device) for r in rels]
+    uniform = dkl.dim() == 3 and dkl.stride() == (0, 0, 0)
+    if uniform:  # sum / mean reductions: one upstream value for every row, no per-row loads
+        gscale = dkl.reshape(-1)[:1].float()
+        dkl = gscale
+    else:
+        dkl = dkl.float().contiguous()
+        # Normalise the upstream grads so that G = dkl * (P_s - P_t) keeps its precision when
+        # rounded to fp16 (per-row weights of 1e-6 would underflow); the scale comes back at the end.
+        amax = dkl.abs().amax()
+        gscale = torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(1)
+        dkl = dkl / gscale
+    if self_rel and len(rels) > 1:  # one buffer, so the kernels reach each relation by offset
+        sizes = [r.s.numel() for r in rels]
+        flat = torch.empty(sum(sizes), dtype=rels[0].s.dtype, device=rels[0].s.device)
+        grads_s = [c.view(r.s.shape) for c, r in zip(flat.split(sizes), rels)]
+    else:
+        grads_s = [torch.empty(r.s.shape, dtype=r.s.dtype, device=r.s.device) for r in rels]
     grads_k = grads_s if self_rel else [torch.empty(r.sk.shape, dtype=r.sk.dtype, device=r.sk.device) for r in rels]
-    args = []
-    for i in range(3):
-        j = min(i, len(rels) - 1)
-        rel = rels[j]
-        H = rel.s.shape[1] if i < len(rels) else 0
-        args += [rel.s, rel.sk, rel.ts, rel.tk, grads_s[j], grads_k[j], *rel.s.stride()[:3],
-                 *rel.sk.stride()[:3], H, rel.sc_s * LOG2E, rel.sc_t * LOG2E, rel.sc_s]
     D, block_d, ieee, upcast = _flags(rels[0].s)
     dtype = rels[0].s.dtype
     m = mask if mask is not None else lse_s
+    offs, strides, align = _common_args(rels, grads_s)
+    H = _heads(rels)
+    sc = [r.sc_s * LOG2E for r in rels] + [1.0, 1.0]
+    st = [r.sc_t * LOG2E for r in rels] + [1.0, 1.0]
+    al = [r.sc_s for r in rels] + [1.0, 1.0]
+    r0 = rels[0]
+    args = [r0.s, r0.sk, r0.ts, r0.tk, grads_s[0], grads_k[0], m, lse_s, lse_t, dkl, gscale, *offs, *strides,
+            *H, *sc[:3], *st[:3], *al[:3], T, htot, hktot, rep]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), SELF=self_rel, CAUSAL=causal,
-                  HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast)
+                  HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast, ALIGN=align, UNIFORM_DKL=uniform)
     _launch(_bwd_kernel, "bwd", _config("bwd", block_d, dtype), (block_d, dtype, causal, len(rels), self_rel),
-            T, B * hktot, [*args, m, lse_s, lse_t, dkl, gscale, T, htot, hktot, rep], consts)
+            T, B * hktot, args, consts)
     return grads_s, (None if self_rel else grads_k)
 
 
