@@ -281,3 +281,33 @@ def test_torch_path_is_chunked_and_matches_unchunked():
         res.append((kl.detach(), a.grad, b.grad))
     for x, y in zip(*res):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_match_contiguous(backend):
+    """Captured q/k come as [B, T, H, D] transposed views; a teacher may have another layout."""
+    gen = torch.Generator().manual_seed(10)
+    B, H, Hk, T, D = 2, 4, 2, 23, 16
+    raw = [torch.randn(B, T, h, D, generator=gen).to(DEV) for h in (H, Hk, H, Hk)]
+    sq, sk, tq, tk = (x.transpose(1, 2) for x in raw)  # non-contiguous [B, H, T, D]
+    tk = tk.contiguous()  # teacher keys in a different layout from the student's
+    m = padding_mask(B, T, gen)
+    outs = []
+    for make_contig in (False, True):
+        a = (sq.contiguous() if make_contig else sq).detach().requires_grad_(True)
+        b = (sk.contiguous() if make_contig else sk).detach().requires_grad_(True)
+        kl = relation_kl(a, b, tq, tk, attention_mask=m, reduction="none", backend=backend)
+        kl.sum().backward()
+        outs.append((kl.detach(), a.grad, b.grad))
+    for x, y in zip(*outs):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_backend_uses_torch_off_cuda(monkeypatch):
+    from linearard_ray.ops import relation_kl_torch as rt
+    calls = []
+    real = rt.relation_kl_rows
+    monkeypatch.setattr(rt, "relation_kl_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, 2, 8, 16)
+    relation_kl(x, None, x * 1.1, None, backend="auto")
+    assert calls == [1]

@@ -23,12 +23,23 @@ rows and writes it once, so results are bitwise reproducible.
 Causal tiles entirely above (row part) or below (column part) the diagonal are never visited.
 
 ``relation_kl_layer`` runs the Q/Q, K/K and V/V self-relations in the same launches: the grid's
-head axis spans the heads of all three (NREL = 3) and each program picks its relation's tensors.
+head axis spans the heads of all three (NREL = 3) and a program reaches its relation's tensors by
+element offsets from relation 0's (host-computed, with alignment hints), so there is one kernel
+body and no extra register pressure. It saves launches and tail waves; the arithmetic is that of
+three calls, so it gains most at short T (see benchmarks/RESULTS.md).
+
+Upstream gradients: a sum/mean reduction hands the backward one value for every row (a stride-0
+tensor), which the kernel applies as a scalar; per-row gradients are divided by their max |.|
+first and the factor is applied at the end, so G keeps its precision when rounded to fp16.
+
+Memory: beyond the inputs and returned gradients only O(B·H·T) fp32 row statistics, except that a
+teacher tensor whose strides differ from its student's (or inputs without unit stride on D) is
+copied to a contiguous layout first.
 
 Precision: fp16/bf16 inputs go to the tensor cores with fp32 accumulation; G is rounded to the
 input dtype for the second product (as FlashAttention does with dS). fp32 inputs use full-fp32
-("ieee") dots, so they are exact but several times slower than 16-bit inputs; there is no tf32
-mode. Under TRITON_INTERPRET=1 (CPU tests) the tiles are upcast to fp32 before each dot (numpy
+("ieee") dots and smaller tiles: accurate (≤ 1e-5 against float64) but slower than 16-bit inputs
+(not tuned); there is no tf32 mode. Under TRITON_INTERPRET=1 (CPU tests) the tiles are upcast to fp32 before each dot (numpy
 has no bf16): exact for the inputs, and G is still rounded to the input dtype first.
 """
 
@@ -51,7 +62,7 @@ def _interpreting() -> bool:
 
 
 def _fix_interpreter_scalar_index() -> None:
-    """Let Triton 3.6's CPU interpreter use tensor scalars as loop bounds under NumPy >= 2.3.
+    """Let Triton 3.6's CPU interpreter use tensor scalars as loop bounds under recent NumPy (2.4).
 
     The interpreter stores scalars as 1-element arrays and turns them into ints with int(array),
     which recent NumPy rejects, so ``range(lo, hi)`` on program-dependent bounds fails. Only the
@@ -484,9 +495,10 @@ class TileConfig:
 
 
 # Hand-picked for H100 (see benchmarks/RESULTS.md); BLOCK_M must be a multiple of BLOCK_N.
-# (Picked by the sweep in benchmarks/bench_relation_kl.py at T=8K, B=1, H=32, bf16, causal.)
-_FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 128, 8, 2), 256: TileConfig(64, 32, 4, 2)}
-_BWD_CFG = {64: TileConfig(64, 32, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
+# Picked by the sweep in benchmarks/bench_relation_kl.py (T=8K, B=1, H=32, bf16, causal); D=256 is
+# hand-picked to fit shared memory and was only checked for correctness.
+_FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 128, 8, 3), 256: TileConfig(64, 32, 4, 2)}
+_BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
 _INTERP_CFG = TileConfig(32, 16, 1, 1)
 _overrides: dict = {}
 

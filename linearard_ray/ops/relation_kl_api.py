@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import os
 from typing import Optional, Sequence
 
@@ -78,8 +79,10 @@ def _same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
 def _check_scale(name: str, v, D: int) -> float:
     if v is None:
         return 1.0 / math.sqrt(D)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a number or None, got {type(v).__name__}")
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a real number or None, got {type(v).__name__}")
     v = float(v)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {v}")
