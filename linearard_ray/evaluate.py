@@ -292,8 +292,12 @@ def _run_all(specs, teacher_spec, plan, payload, cfg, use_ray: bool, task_resour
     ref = ray.put(payload)
     futures = []
     for s in specs:
+        # One task per (model, length): both domains' NLL and relation KL share one model load.
+        groups: dict[tuple, list[tuple]] = {}
         for job in plan[s.name]:
-            futures.append(remote.remote(s, teacher_spec, [job], ref, cfg))
+            groups.setdefault((job[0] == "passkey", job[-1]), []).append(job)
+        for jobs in groups.values():
+            futures.append(remote.remote(s, teacher_spec, jobs, ref, cfg))
     _log(f"submitted {len(futures)} Ray tasks ({res} each)")
     return [r for rs in ray.get(futures) for r in rs]
 

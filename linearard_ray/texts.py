@@ -59,7 +59,8 @@ class WindowSet:
     pool: int = 0  # candidate windows the seeded choice was drawn from
     available_tokens: int = 0
     skipped_reason: str | None = None
-    doc_ids: list[list[str]] = field(default_factory=list)
+    doc_ids: list[list[str]] = field(default_factory=list)  # documents each window covers
+    starts: list[int] = field(default_factory=list)  # token offset of each window in its document / the joined text
 
     @property
     def skipped(self) -> bool:
@@ -212,6 +213,7 @@ def make_windows(token_docs: list[np.ndarray], doc_ids: list[str], length: int, 
         pick = sorted(rng.choice(len(single), size=n, replace=False).tolist())
         rows = [token_docs[single[i][0]][single[i][1]:single[i][1] + body] for i in pick]
         ws.doc_ids = [[doc_ids[single[i][0]]] for i in pick]
+        ws.starts = [single[i][1] for i in pick]
         ws.pool = len(single)
         ws.construction = "single documents"
         ws.docs_per_window = 1.0
@@ -235,6 +237,7 @@ def make_windows(token_docs: list[np.ndarray], doc_ids: list[str], length: int, 
         pick = sorted(rng.choice(len(starts), size=k, replace=False).tolist())
         rows = [stream[starts[i]:starts[i] + body] for i in pick]
         ws.doc_ids = [[doc_ids[j] for j in np.unique(owners[starts[i]:starts[i] + body])] for i in pick]
+        ws.starts = [starts[i] for i in pick]
         ws.pool = len(starts)
         ws.construction = "concatenated documents"
         ws.docs_per_window = float(np.mean([len(d) for d in ws.doc_ids]))

@@ -1,0 +1,137 @@
+"""Passkey prompts: exact length, key at the requested depth, seeded keys, and the greedy check."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from linearard_ray.passkey import (FILLER, INSTRUCTION, KEY_LINE, QUESTION, PasskeyPrompt, accuracy_grid, build_prompt, extract_answer,
+                                   make_key, min_length, prompts_for, run_passkey)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+
+
+def _find(seq: list[int], sub: list[int]) -> list[int]:
+    return [i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub]
+
+
+def _n(tok, text):
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_prompt_has_exact_length_and_key_at_depth(tok):
+    rng = random.Random(1234)
+    base = min_length(tok)
+    head, tail = _n(tok, INSTRUCTION), _n(tok, QUESTION)
+    for _ in range(12):
+        length = rng.randint(base, base + 900)
+        depth = rng.random()
+        key = str(rng.randint(10000, 99999))
+        p = build_prompt(tok, length, depth, key)
+        assert len(p.input_ids) == length
+        key_ids = tok(KEY_LINE.format(key=key), add_special_tokens=False)["input_ids"]
+        assert _find(p.input_ids, key_ids) == [p.key_start]  # present once, where it says
+        n_filler = length - head - len(key_ids) - tail
+        # the key line starts `depth` of the way through the filler tokens
+        assert abs((p.key_start - head) / n_filler - depth) <= 0.5 / n_filler + 1e-12
+        text = tok.decode(p.input_ids)
+        assert text.startswith(INSTRUCTION.strip()[:20]) and text.endswith(QUESTION)
+        assert text.count(key) == 2  # "The pass key is K. Remember it. K is the pass key."
+
+
+def test_depth_extremes(tok):
+    L = min_length(tok) + 500
+    first = build_prompt(tok, L, 0.0, "11111")
+    last = build_prompt(tok, L, 1.0, "11111")
+    mid = build_prompt(tok, L, 0.5, "11111")
+    head, tail = _n(tok, INSTRUCTION), _n(tok, QUESTION)
+    assert first.key_start == head  # right after the instruction
+    assert last.key_start + last.key_tokens == L - tail  # right before the question
+    filler = tok(FILLER, add_special_tokens=False)["input_ids"]
+    assert first.input_ids[head + first.key_tokens:][:len(filler)] == filler
+    assert first.key_start < mid.key_start < last.key_start
+
+
+def test_bos_prefix_is_counted(tok):
+    L = min_length(tok, [0]) + 50
+    p = build_prompt(tok, L, 0.3, "54321", prefix=[0])
+    assert len(p.input_ids) == L and p.input_ids[0] == 0
+
+
+def test_keys_seeded_and_reproducible(tok):
+    a = prompts_for(tok, 300, [0.1, 0.9], 3, seed=7)
+    b = prompts_for(tok, 300, [0.1, 0.9], 3, seed=7)
+    c = prompts_for(tok, 300, [0.1, 0.9], 3, seed=8)
+    assert [p.input_ids for p in a] == [p.input_ids for p in b]
+    assert [p.key for p in a] == [p.key for p in b]
+    assert [p.key for p in a] != [p.key for p in c]
+    assert len({p.key for p in a}) == len(a)  # trials differ
+    assert all(len(p.key) == 5 and p.key.isdigit() for p in a)
+    assert make_key(7, 300, 0.1, 0) == a[0].key
+
+
+def test_bad_depth_and_too_short(tok):
+    with pytest.raises(ValueError, match="depth"):
+        build_prompt(tok, 400, 1.5, "12345")
+    n = min_length(tok)
+    build_prompt(tok, n, 0.5, "12345")
+    with pytest.raises(ValueError, match="passkey_lengths"):
+        build_prompt(tok, n - 1, 0.5, "12345")
+
+
+def test_extract_answer():
+    assert extract_answer(" 48213. Remember") == "48213"
+    assert extract_answer("the key: 7 and 8") == "7"
+    assert extract_answer("no number") is None
+
+
+class _Oracle(torch.nn.Module):
+    """Answers with the key it reads from the prompt (or a wrong one), to test the checking logic."""
+
+    def __init__(self, tok, prompts: list[PasskeyPrompt], wrong: bool):
+        super().__init__()
+        self.tok, self.wrong = tok, wrong
+        self.by_ids = {tuple(p.input_ids): p for p in prompts}
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        assert kw["do_sample"] is False
+        outs = []
+        for row in input_ids.tolist():
+            key = self.by_ids[tuple(row)].key
+            ans = str((int(key) + 1) % 100000) if self.wrong else key
+            gen = self.tok(f" {ans}.", add_special_tokens=False)["input_ids"][:max_new_tokens]
+            outs.append(row + gen + [self.tok.eos_token_id] * (max_new_tokens - len(gen)))
+        return torch.tensor(outs)
+
+
+def test_run_passkey_scores_answers(tok):
+    prompts = prompts_for(tok, 260, [0.0, 0.5, 1.0], 2, seed=3)
+    right = run_passkey(_Oracle(tok, prompts, False), tok, prompts, batch_size=4, device="cpu")
+    wrong = run_passkey(_Oracle(tok, prompts, True), tok, prompts, batch_size=4, device="cpu")
+    assert all(r["correct"] for r in right) and not any(r["correct"] for r in wrong)
+    assert [r["key"] for r in right] == [p.key for p in prompts]
+    mixed = right[:3] + wrong[3:]
+    assert accuracy_grid(mixed, [0.0, 0.5, 1.0]) == [1.0, 0.5, 0.0]
+
+
+def test_run_passkey_is_greedy_decoding(tok, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    prompts = prompts_for(tok, 200, [0.25, 0.75], 1, seed=11)
+    out = run_passkey(model, tok, prompts, batch_size=2, device="cpu", max_new_tokens=5)
+    for p, r in zip(prompts, out):
+        ids = torch.tensor([p.input_ids])
+        with torch.no_grad():
+            for _ in range(5):  # plain argmax loop, no cache
+                nxt = model(ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], 1)
+        assert r["output"] == tok.decode(ids[0, len(p.input_ids):].tolist(), skip_special_tokens=True)
+        assert r["answer"] == extract_answer(r["output"])

@@ -1,0 +1,155 @@
+"""Report figures from raw job results, report files and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from linearard_ray.config import build_config
+from linearard_ray.report import build_report, flat_metrics, render_markdown, restoration, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_restoration_arithmetic():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        t, s, m = rng.uniform(2, 6, size=3)
+        r = restoration(t, s, m)
+        assert r["recovery_pct"] == pytest.approx(100 * math.exp(t) / math.exp(m), rel=1e-12)
+        assert r["gap_closed_pct"] == pytest.approx(100 * (s - m) / (s - t), rel=1e-12)
+    # the baseline itself closes 0%, the teacher 100%
+    assert restoration(3.0, 4.0, 4.0)["gap_closed_pct"] == 0.0
+    assert restoration(3.0, 4.0, 3.0)["gap_closed_pct"] == pytest.approx(100.0)
+    assert restoration(3.0, 4.0, 3.0)["recovery_pct"] == pytest.approx(100.0)
+    # no gap to close (e.g. dynamic NTK below the native window): undefined, not a division by ~0
+    assert restoration(3.0, 3.0 + 1e-9, 2.5)["gap_closed_pct"] is None
+    assert restoration(3.0, None, 2.5)["gap_closed_pct"] is None
+
+
+def _synthetic(seed=0):
+    rng = np.random.default_rng(seed)
+    cfg = build_config({"eval": {"short_lengths": [16, 32], "long_lengths": [64, 128], "passkey_lengths": [100, 200],
+                                 "passkey_depths": [0.0, 0.5, 1.0], "passkey_trials": 4}})
+    models = [{"name": "teacher", "path": "t", "role": "teacher", "rope": "from checkpoint"},
+              {"name": "scaled", "path": "t", "role": "scaled", "rope": {"type": "linear", "factor": 4.0}},
+              {"name": "restored", "path": "s", "role": "restored", "rope": "from checkpoint"}]
+    domains = {d: {"sources": [f"src-{d}"], "documents": 5, "empty_documents_skipped": 1, "tokens": 1000,
+                   "lengths": {str(L): {"length": L, "requested_windows": 4, "n_windows": 4,
+                                        "construction": "single documents" if L < 64 else "concatenated documents",
+                                        "docs_per_window": 1.0 if L < 64 else 2.5, "candidate_windows": 9,
+                                        "available_tokens": 1000, "skipped": False} for L in (16, 32, 64)}}
+               for d in ("main", "other")}
+    for d in domains.values():
+        d["lengths"]["128"] = {"length": 128, "requested_windows": 4, "n_windows": 0, "construction": "concatenated documents",
+                               "docs_per_window": 1.0, "candidate_windows": 0, "available_tokens": 1000, "skipped": True,
+                               "reason": "needs 128 tokens but all 5 documents together hold only 100"}
+    results = []
+    for m in models:
+        for d in domains:
+            for L in (16, 32, 64):
+                tokens = int(rng.integers(50, 500))
+                results.append({"kind": "nll", "model": m["name"], "domain": d, "length": L,
+                                "nll_sum": float(rng.uniform(2, 6) * tokens), "tokens": tokens, "seconds": 0.1,
+                                "max_position_embeddings": 256})
+                if m["role"] != "teacher" and L in (16, 32):
+                    sums = {str(l): {r: float(rng.uniform(0, 50)) for r in "qkv"} for l in range(3)}
+                    rows = {"q": int(rng.integers(10, 100)), "k": int(rng.integers(10, 100)), "v": int(rng.integers(10, 100))}
+                    results.append({"kind": "relkl", "model": m["name"], "domain": d, "length": L, "sums": sums,
+                                    "rows": rows, "seconds": 0.1})
+        for L in (100, 200):
+            answers = [{"depth": dp, "key": "12345", "answer": "1", "output": "1", "correct": bool(rng.random() < 0.5)}
+                       for dp in (0.0, 0.5, 1.0) for _ in range(4)]
+            results.append({"kind": "passkey", "model": m["name"], "length": L, "results": answers, "seconds": 0.1})
+    skipped = [{"section": "nll", "domain": d, "length": 128, "reason": domains[d]["lengths"]["128"]["reason"]} for d in domains]
+    return cfg, models, domains, results, skipped
+
+
+def test_build_report_figures_match_results():
+    cfg, models, domains, results, skipped = _synthetic()
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    for r in results:
+        if r["kind"] == "nll":
+            v = rep["nll"][r["domain"]][r["model"]][str(r["length"])]
+            assert v["nll"] == pytest.approx(r["nll_sum"] / r["tokens"])
+            assert v["ppl"] == pytest.approx(math.exp(r["nll_sum"] / r["tokens"]))
+        elif r["kind"] == "relkl":
+            got = rep["relation_kl"][r["domain"]][r["model"]][str(r["length"])]
+            for p in got["per_layer"]:
+                for k in "qkv":
+                    assert p[k] == pytest.approx(r["sums"][str(p["layer"])][k] / r["rows"][k])
+            for k in "qkv":
+                assert got["mean"][k] == pytest.approx(np.mean([r["sums"][str(l)][k] / r["rows"][k] for l in range(3)]))
+        else:
+            pk = rep["passkey"][r["model"]]
+            j = pk["lengths"].index(r["length"])
+            for i, dp in enumerate(pk["depths"]):
+                want = np.mean([a["correct"] for a in r["results"] if a["depth"] == dp])
+                assert pk["accuracy"][i][j] == pytest.approx(want)
+    for d in domains:
+        for m in ("scaled", "restored"):
+            for L in ("16", "32"):
+                n = rep["nll"][d]
+                want = restoration(n["teacher"][L]["nll"], n["scaled"][L]["nll"], n[m][L]["nll"])
+                assert rep["restoration"][d][m][L] == pytest.approx(want)
+        assert "teacher" not in rep["restoration"][d]
+        assert "64" not in rep["restoration"][d]["restored"]  # restoration is a short-text figure
+    assert rep["skipped"] == skipped
+
+
+def test_report_files_and_plots(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    cfg, models, domains, results, skipped = _synthetic(1)
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    files = write_report(rep, tmp_path)
+    names = {p.name for p in files}
+    assert {"report.json", "report.md", "ppl_vs_length.png", "passkey_teacher.png", "passkey_scaled.png",
+            "passkey_restored.png"} <= names
+    for p in files:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == PNG_MAGIC
+            with Image.open(p) as im:
+                im.verify()
+            assert plt.imread(p).ndim == 3
+    loaded = json.loads((tmp_path / "report.json").read_text())
+    assert loaded["nll"] == rep["nll"] and loaded["plots"] == rep["plots"]
+    md = (tmp_path / "report.md").read_text()
+    for d in ("src-main", "src-other"):
+        assert d in md
+    assert md.count("### Restoration") == 2  # one table per domain
+    assert "concatenated documents" in md and "Windows of 64 tokens" in md
+    assert "needs 128 tokens but all 5 documents together hold only 100" in md
+    assert "![ppl_vs_length](ppl_vs_length.png)" in md
+
+
+def test_json_has_no_nan(tmp_path):
+    cfg, models, domains, results, skipped = _synthetic(2)
+    # A passkey length no trial of one model ran: a None cell, not NaN, in strict JSON.
+    results = [r for r in results if not (r["kind"] == "passkey" and r["model"] == "scaled" and r["length"] == 200)]
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    assert rep["passkey"]["scaled"]["accuracy"][0][1] is None
+    write_report(rep, tmp_path)
+    json.loads((tmp_path / "report.json").read_text())  # strict: allow_nan=False on write
+
+
+def test_markdown_without_baseline_and_flat_metrics():
+    cfg, models, domains, results, skipped = _synthetic(3)
+    models = [m for m in models if m["role"] != "scaled"]
+    results = [r for r in results if r["model"] != "scaled"]
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    assert rep["restoration"]["main"]["restored"]["16"]["gap_closed_pct"] is None
+    assert "no unrestored baseline" in render_markdown(rep)
+    m = flat_metrics(rep)
+    assert m["main.restored.ppl_16"] == pytest.approx(rep["nll"]["main"]["restored"]["16"]["ppl"])
+    assert m["other.restored.recovery_pct_32"] == pytest.approx(rep["restoration"]["other"]["restored"]["32"]["recovery_pct"])
+    assert "main.restored.gap_closed_pct_16" not in m
+    assert m["passkey.teacher.acc"] == pytest.approx(rep["passkey"]["teacher"]["accuracy_overall"])
+    assert m["main.restored.relkl_k_32"] == pytest.approx(rep["relation_kl"]["main"]["restored"]["32"]["mean"]["k"])
