@@ -83,6 +83,11 @@ def head_node(tmp_path):
     """`ray start --head --block` on loopback with its own temp dir (so no other process on this
     machine discovers it); stopping the blocking process stops exactly this cluster."""
     port, dash = _free_port(), _free_port()
+    # Every port the head binds is picked here: other Ray clusters on this machine already hold
+    # the defaults (the dashboard agent's 52365, the client server's 10001, ...).
+    ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                              "metrics-export-port", "runtime-env-agent-port",
+                                              "ray-client-server-port", "node-manager-port", "object-manager-port")}
     temp = tempfile.mkdtemp(prefix="lrjob", dir="/tmp")  # short: socket paths live under it
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
@@ -90,7 +95,8 @@ def head_node(tmp_path):
     head = subprocess.Popen(
         [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-         f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats",
+         *(f"--{flag}={p}" for flag, p in ports.items())],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -126,12 +132,16 @@ def test_ray_job_submit_runs_the_pipeline(head_node, tmp_path, cache_dir, tiny_m
     cfg_path.write_text(yaml.safe_dump(cfg))
     runtime_env = {"env_vars": {"LINEARARD_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1",
                                 "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}}
-    r = subprocess.run(
-        [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "pipelines/distill.py", "--config", str(cfg_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
-    )
-    out = r.stdout + r.stderr
+    cmd = [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+           "--runtime-env-json", json.dumps(runtime_env), "--", "python", "pipelines/distill.py", "--config", str(cfg_path)]
+    deadline = time.time() + 120
+    while True:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+        out = r.stdout + r.stderr
+        # the dashboard answers before the head's job agent has registered
+        if r.returncode == 0 or "No available agent" not in out or time.time() > deadline:
+            break
+        time.sleep(3)
     assert r.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower()
     assert "[distill] step 3/3" in out

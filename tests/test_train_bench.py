@@ -1,0 +1,69 @@
+"""benchmarks/bench_distill_step.py on a tiny CPU shape: it runs, and its timing instrumentation
+around the relation ops leaves the loss and the gradients exactly as they are."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_distill_step.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_distill_step", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_instrumentation_does_not_change_loss_or_gradients():
+    from linearard_ray.config import ObjectiveConfig
+    from linearard_ray.loss import Objective
+
+    b = _bench()
+    a = b.parse(["--tiny"])
+    a.seq, a.native = 48, 48
+    teacher, student, rope = b.build_models(a, torch.device("cpu"), torch.float32)
+    with torch.no_grad():  # LoRA B starts at 0; give the adapters a real effect
+        for n, p in student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    obj = Objective(ObjectiveConfig(name="linearard"), rope, a.layers, "torch")
+    ids = torch.randint(0, a.vocab, (2, a.seq), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        for p in params:
+            p.grad = None
+        out = obj(teacher, student, batch)
+        out.loss.backward()
+        return out.loss.detach().clone(), [p.grad.clone() for p in params]
+
+    plain_loss, plain_grads = loss_and_grads()
+    clock = b._Clock(torch.device("cpu"))
+    restore = b.instrument_relation_ops(clock)
+    try:
+        timed_loss, timed_grads = loss_and_grads()
+    finally:
+        restore()
+    assert plain_loss > 0 and torch.equal(plain_loss, timed_loss)
+    assert any(g.abs().max() > 0 for g in plain_grads)
+    for g0, g1 in zip(plain_grads, timed_grads):
+        assert torch.equal(g0, g1)
+    kinds = [k for k, _, _ in clock.spans]
+    assert kinds.count("fwd") == a.layers and kinds.count("bwd") == a.layers  # one fused call per layer
+    assert 0 < clock.total_ms("fwd") <= clock.total_ms()
+
+
+def test_tiny_run_reports_the_figures():
+    b = _bench()
+    a = b.parse(["--tiny"])
+    a.seq, a.native, a.steps, a.warmup = 32, 32, 1, 0
+    res = b.run(a)
+    assert res["steps_timed"] == 1 and res["device"] == "cpu"
+    assert res["tokens_per_s"] > 0 and 0 < res["relation_loss_ms"] < res["step_ms"]
+    assert 0 < res["relation_loss_share"] < 1
+    assert res["shape"]["layers"] == 2 and res["shape"]["seq"] == 32
