@@ -146,6 +146,17 @@ def build_searcher(t: TuneConfig, seed: int, max_concurrent: int = 0):
     return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
 
 
+def build_scheduler(t: TuneConfig):
+    """ASHA on the optimizer step the workers report (grace_period and its rungs are steps), so a
+    trial retried after a failure continues on the same scale."""
+    if t.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="step", max_t=ASHA_MAX_T, grace_period=t.grace_period,
+                         reduction_factor=t.reduction_factor)
+
+
 def default_max_concurrent(cfg: Config, resources: dict[str, float], use_gpu: bool) -> int:
     """Trials that fit the cluster at once: its GPUs over each trial's GPUs (or, on CPU, its CPUs
     over each trial's CPUs), keeping one CPU for Ray Data."""
@@ -205,7 +216,7 @@ def _checkpoint_every(train: dict) -> int:
     """Trials checkpoint only at held-out evaluations, so that every report Tune sees carries a
     fresh objective."""
     e, c = train["eval_every"], train["checkpoint_every"]
-    return c if c % e == 0 else e * max(1, round(c / e))
+    return c if c % e == 0 else e * math.ceil(c / e)
 
 
 def run_config(plan: dict, params: dict[str, Any], name: str) -> Config:
@@ -380,7 +391,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     e, c = cfg.train.eval_every, cfg.train.checkpoint_every
     if c % e:
         print(f"[tune] trials checkpoint every {_checkpoint_every(base_dict(cfg)['train'])} steps "
-              f"(train.checkpoint_every={c} rounded to a multiple of train.eval_every={e})", flush=True)
+              f"(train.checkpoint_every={c} rounded up to a multiple of train.eval_every={e})", flush=True)
     print(f"[tune] sweep {t.sweep_name}: {n_trials} trials ({t.search}), up to {max_conc} at once, "
           f"{'GPU' if use_gpu else 'CPU'}; objective {t.metric} ({t.mode}); storage {plan['sweep_dir']}", flush=True)
 
@@ -395,12 +406,7 @@ def run_sweep(cfg: Config) -> SweepResult:
             tracking_uri=uri, experiment_name=t.sweep_name, save_artifact=False,
             tags={SWEEP_TAG: t.sweep_name, ROLE_TAG: "trial", SESSION_TAG: session}))
 
-    scheduler = None
-    if t.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(time_attr="step", max_t=ASHA_MAX_T, grace_period=t.grace_period,
-                                  reduction_factor=t.reduction_factor)
+    scheduler = build_scheduler(t)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, plan=plan), {"CPU": DRIVER_CPUS})
     tuner = tune.Tuner(
         trainable,

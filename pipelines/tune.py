@@ -42,6 +42,7 @@ SWEEP_DEFAULTS: dict[str, object] = {
     "lora.r": 16,
     "lora.alpha": 32.0,
     "tune.sweep_name": "linearard-sweep-default",
+    "tune.grace_period": 2,
 }
 
 
