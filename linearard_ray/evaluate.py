@@ -274,7 +274,10 @@ def _use_ray(ray_address: str | None, distribute: bool | None) -> bool:
         return False
     if distribute:
         return True
-    return ray.cluster_resources().get("GPU", 0) > 1
+    gpus = ray.cluster_resources().get("GPU", 0)
+    # Several GPUs: spread the jobs. One GPU that is not on this machine (a CPU head node under
+    # `ray job submit`): a task is the only way to reach it.
+    return gpus > 1 or (gpus >= 1 and not torch.cuda.is_available())
 
 
 def _run_all(specs, teacher_spec, plan, payload, cfg, use_ray: bool, task_resources: dict | None) -> list[dict]:
@@ -314,7 +317,8 @@ def check_lm_eval(tasks: list[str]) -> None:
     except ImportError:
         raise EvalError(
             f"eval.lm_eval_tasks={tasks} needs lm-evaluation-harness, which is not installed: "
-            "`pip install lm-eval` (its task data must be downloadable or already in the HF datasets cache), "
+            "`pip install 'linearard_ray[lm-eval]'` or `pip install 'lm-eval[hf]'` (its task data must be "
+            "downloadable or already in the HF datasets cache), "
             "or set eval.lm_eval_tasks=[]"
         ) from None
 
@@ -394,8 +398,8 @@ def evaluate(cfg: Config, *, ray_address: str | None = None, distribute: bool | 
     """Evaluate the configured models; write report.json / report.md / plots to eval.output_dir,
     log an MLflow run when tracking is enabled, and return the report dict.
 
-    ``distribute``: None = Ray tasks when a Ray cluster with more than one GPU is reachable
-    (already initialised, or at ``ray_address``); True/False force it. ``task_resources`` are the
+    ``distribute``: None = Ray tasks when a Ray cluster with more than one GPU (or a GPU this
+    machine lacks) is reachable (already initialised, or at ``ray_address``); True/False force it. ``task_resources`` are the
     Ray resources of one task (default one GPU).
     """
     from linearard_ray import report as rep

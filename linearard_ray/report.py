@@ -146,7 +146,9 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
         "skipped": skipped,
         "job_seconds": seconds,
     }
-    return _clean(report)
+    report = _clean(report)
+    report["metrics"] = flat_metrics(report)  # the flat names MLflow gets, for sweeps and callers
+    return report
 
 
 # --------------------------------------------------------------------------- files

@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         "(eval.student_path), or any list of models (eval.models).",
         sections=["model", "rope", "eval", "tracking"],
     )
-    parser.add_argument("--ray-address", default=None,
-                        help="Ray cluster to spread (model, length) jobs over, one GPU each (e.g. 'auto'); "
-                             "used when the cluster has more than one GPU")
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                        help="Ray cluster to spread (model, length) jobs over, one GPU each (e.g. 'auto'; default "
+                             "$RAY_ADDRESS, which `ray job submit` sets); used when the cluster has more than one GPU")
     args, cfg = parse_config(parser, argv)
     from linearard_ray.evaluate import EvalError, evaluate
     from linearard_ray.models import ModelError

@@ -195,7 +195,7 @@ def test_lm_eval_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     cfg = build_config({"model": {"teacher": "tiny:llama"}, "eval": {"lm_eval_tasks": ["hellaswag"],
                                                                      "output_dir": str(tmp_path)}})
-    with pytest.raises(EvalError, match="pip install lm-eval"):
+    with pytest.raises(EvalError, match=r"pip install 'lm-eval\[hf\]'"):
         evaluate(cfg)
     assert not any(tmp_path.iterdir())  # failed before any work
 
@@ -246,6 +246,9 @@ def test_ray_tasks_match_in_process(tmp_path, tiny_model_dir):
     local = evaluate(build_config(base, {"eval.output_dir": str(tmp_path / "local")}), distribute=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
+        from linearard_ray.evaluate import _use_ray
+
+        assert _use_ray(None, None) is False  # a cluster without GPUs: stay in-process by default
         remote = evaluate(build_config(base, {"eval.output_dir": str(tmp_path / "ray")}), distribute=True,
                           task_resources={"num_cpus": 1})
     finally:
@@ -256,3 +259,44 @@ def test_ray_tasks_match_in_process(tmp_path, tiny_model_dir):
         assert remote["passkey"][name]["answers"] == local["passkey"][name]["answers"]
     assert remote["relation_kl"]["main"]["scaled"]["32"]["mean"] == pytest.approx(local["relation_kl"]["main"]["scaled"]["32"]["mean"])
     assert (tmp_path / "ray" / "report.md").exists()
+
+
+def _fake_lm_eval(monkeypatch, simple_evaluate):
+    import types
+
+    pkg = types.ModuleType("lm_eval")
+    pkg.simple_evaluate = simple_evaluate
+    models = types.ModuleType("lm_eval.models")
+    hf = types.ModuleType("lm_eval.models.huggingface")
+
+    class HFLM:
+        def __init__(self, pretrained, tokenizer, batch_size):
+            self.model, self.tokenizer = pretrained, tokenizer
+
+    hf.HFLM = HFLM
+    for name, mod in (("lm_eval", pkg), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_lm_eval_results_and_offline_failure(monkeypatch, tiny_model_dir):
+    from linearard_ray.evaluate import EvalError, model_specs, run_lm_eval
+
+    path = str(tiny_model_dir("llama"))
+    cfg = build_config({"model": {"teacher": path}, "rope": {"factor": 2.0}, "eval": {"lm_eval_tasks": ["hellaswag"], "device": "cpu"}})
+    calls = []
+
+    def ok(model, tasks):
+        calls.append((model.model.config.max_position_embeddings, tasks))
+        return {"results": {"hellaswag": {"alias": "hellaswag", "acc,none": 0.25 + 0.01 * len(calls)}}}
+
+    _fake_lm_eval(monkeypatch, ok)
+    out = run_lm_eval(model_specs(cfg), cfg)
+    assert out == {"teacher": {"hellaswag": {"acc,none": 0.26}}, "scaled": {"hellaswag": {"acc,none": 0.27}}}
+    assert calls == [(256, ["hellaswag"]), (512, ["hellaswag"])]  # the scaled model really has its RoPE applied
+
+    def offline(model, tasks):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFoundError)")
+
+    _fake_lm_eval(monkeypatch, offline)
+    with pytest.raises(EvalError, match="Offline, its datasets must already be in the HF cache"):
+        run_lm_eval(model_specs(cfg), cfg)

@@ -148,6 +148,7 @@ def test_markdown_without_baseline_and_flat_metrics():
     assert rep["restoration"]["main"]["restored"]["16"]["gap_closed_pct"] is None
     assert "no unrestored baseline" in render_markdown(rep)
     m = flat_metrics(rep)
+    assert rep["metrics"] == m
     assert m["main.restored.ppl_16"] == pytest.approx(rep["nll"]["main"]["restored"]["16"]["ppl"])
     assert m["other.restored.recovery_pct_32"] == pytest.approx(rep["restoration"]["other"]["restored"]["32"]["recovery_pct"])
     assert "main.restored.gap_closed_pct_16" not in m
