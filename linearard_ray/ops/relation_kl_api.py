@@ -165,6 +165,9 @@ def _triton_supports(tensors) -> str:
     dtypes = {x.dtype for x in tensors if x is not None}
     if len(dtypes) != 1:
         return f"student and teacher tensors must share one dtype, got {sorted(map(str, dtypes))}"
+    for x in tensors:  # the kernels address rows within one head with 32-bit offsets
+        if x is not None and x.shape[2] * max(x.stride(2), x.shape[3]) >= 2**31:
+            return f"T={x.shape[2]} with row stride {x.stride(2)} overflows the kernels' 32-bit row offsets"
     return ""
 
 
