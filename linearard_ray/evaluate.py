@@ -63,7 +63,8 @@ def model_specs(cfg: Config) -> list[ModelSpec]:
     """The models to evaluate: `eval.models`, or teacher / scaled / restored by default.
 
     With an explicit list, the model named 'teacher' (else the first) is the reference for
-    relation KL and restoration, and one named 'scaled' (if any) is the unrestored baseline.
+    relation KL and restoration; the unrestored baseline of "gap closed" is the model named
+    'scaled', else the first other entry that sets `rope` (a RoPE-scaled copy), else none.
     """
     ev = cfg.eval
     if ev.models:
@@ -72,8 +73,10 @@ def model_specs(cfg: Config) -> list[ModelSpec]:
         if dup:
             raise ConfigError(f"eval.models: duplicate model names {dup}")
         ref = "teacher" if "teacher" in names else names[0]
+        scaled = "scaled" if "scaled" in names else next(
+            (m.name for m in ev.models if m.rope is not None and m.name != ref), None)
         return [ModelSpec(m.name, m.path, m.rope,
-                          "teacher" if m.name == ref else ("scaled" if m.name == "scaled" else "model"))
+                          "teacher" if m.name == ref else ("scaled" if m.name == scaled else "model"))
                 for m in ev.models]
     specs = [ModelSpec("teacher", cfg.model.teacher, None, "teacher"),
              ModelSpec("scaled", cfg.model.teacher, cfg.rope, "scaled")]

@@ -225,6 +225,11 @@ def test_model_list_roles_and_duplicates():
     cfg = build_config({"eval": {"models": [{"name": "a", "path": "x"}, {"name": "scaled", "path": "x", "rope": {"factor": 4}},
                                             {"name": "b", "path": "y"}]}})
     assert [s.role for s in model_specs(cfg)] == ["teacher", "scaled", "model"]
+    # no 'scaled' by name: the first entry with a RoPE setting is the baseline
+    cfg = build_config({"eval": {"models": [{"name": "t", "path": "x"}, {"name": "cpt", "path": "c"},
+                                            {"name": "PI×4", "path": "x", "rope": {"factor": 4}},
+                                            {"name": "YaRN×4", "path": "x", "rope": {"type": "yarn", "factor": 4}}]}})
+    assert [s.role for s in model_specs(cfg)] == ["teacher", "model", "scaled", "model"]
     cfg = build_config({"eval": {"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}})
     with pytest.raises(ConfigError, match="duplicate"):
         model_specs(cfg)

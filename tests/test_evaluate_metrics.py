@@ -129,3 +129,22 @@ def test_relation_kl_zero_for_identical_models(llama):
     for per in got["sums"].values():
         for v in per.values():
             assert abs(v) < 1e-5
+
+
+def test_sequence_nll_chunks_and_padding(llama):
+    from linearard_ray.metrics import sequence_nll
+
+    model = _load(llama)
+    ids = torch.as_tensor(_windows(21, 3, 37))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # right padding: targets that are padding are not counted
+    mask[2, 12:] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    valid = mask[:, 1:].bool()
+    want = -lp[valid].sum().item()
+    for chunk in (5, 16, 1024):
+        total, count = sequence_nll(model, ids, mask, chunk_size=chunk)
+        assert count == int(valid.sum())
+        assert total == pytest.approx(want, rel=1e-5)
