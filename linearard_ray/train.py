@@ -830,20 +830,32 @@ def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:
 
 
 def _evaluate_student(cfg: Config, res: TrainResult) -> dict[str, Any] | None:
+    """``train.evaluate_at_end``: the evaluation stage on the exported student; its headline
+    numbers are also logged into this training run, its own report and MLflow run stay separate."""
     try:
-        from linearard_ray.evaluate import evaluate
+        from linearard_ray import evaluate as ev_mod
     except ImportError as e:
         print(f"[distill] train.evaluate_at_end: evaluation is unavailable ({e}); skipped", file=sys.stderr, flush=True)
         return None
-    ecfg = cfg.model_copy(deep=True)
-    ecfg.eval.student_path = res.student_dir
-    report = evaluate(ecfg)
-    if res.mlflow_run_id and res.tracking_uri:
+    if hasattr(ev_mod, "evaluate_student"):
+        report = ev_mod.evaluate_student(cfg, res.student_dir)
+    else:
+        ecfg = cfg.model_copy(deep=True)
+        ecfg.eval.student_path = res.student_dir
+        report = ev_mod.evaluate(ecfg)
+    if res.mlflow_run_id and res.tracking_uri and isinstance(report, dict):
         from linearard_ray.tracking import RunLogger
 
-        flat = {k: v for k, v in flatten(report if isinstance(report, dict) else {}).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {f"eval.{k}": v for k, v in flatten(report).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         lg = RunLogger(res.tracking_uri, res.mlflow_run_id)
-        lg.log_metrics({f"eval.{k}": v for k, v in flat.items()}, step=res.final_step)
+        try:
+            lg.log_metrics(numeric, step=res.final_step)
+        except Exception as e:  # a report key MLflow will not take as a metric name
+            print(f"[distill] could not log evaluation metrics into the training run: {e}", file=sys.stderr, flush=True)
+        if isinstance(report.get("mlflow"), dict) and report["mlflow"].get("run_id"):
+            lg.set_tags({"evaluation.mlflow_run_id": report["mlflow"]["run_id"]})
         lg.finish("FINISHED")
+    print("[distill] evaluation done" + (f": {report.get('output_dir')}" if isinstance(report, dict) and report.get("output_dir") else ""),
+          flush=True)
     return report

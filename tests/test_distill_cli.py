@@ -127,7 +127,11 @@ def test_ray_job_submit_runs_the_pipeline(head_node, tmp_path, cache_dir, tiny_m
         "train": {"run_name": "job", "storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "students"),
                   "max_steps": 3, "checkpoint_every": 2, "cpus_per_worker": 1},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "job"},
+        # train.evaluate_at_end runs the evaluation stage on the exported student, kept tiny here
+        "eval": {"short_lengths": [64], "long_lengths": [128], "passkey_lengths": [], "max_windows": 1,
+                 "relation_kl": False, "other_texts": []},
     }
+    cfg["train"]["evaluate_at_end"] = True
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     runtime_env = {"env_vars": {"LINEARARD_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1",
@@ -148,3 +152,6 @@ def test_ray_job_submit_runs_the_pipeline(head_node, tmp_path, cache_dir, tiny_m
     assert f"[distill] student: {tmp_path / 'students' / 'job' / 'merged'}" in out
     assert (tmp_path / "students" / "job" / "merged" / "config.json").exists()
     assert "[distill] MLflow run:" in out
+    assert "[distill] evaluation done" in out
+    report = json.loads((tmp_path / "students" / "job" / "merged" / "eval" / "report.json").read_text())
+    assert report["mlflow"]["run_id"]
