@@ -23,14 +23,14 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from linearard_ray.blocks import Packer, TokenSpec, cut_document, frame_document, resolve_token_spec, vocab_hash
 from linearard_ray.config import Config, DataConfig
-from linearard_ray.shards import SHARD_PATTERN, Shuffler, ShardWriter, blocks_table
+from linearard_ray.shards import Shuffler, ShardWriter, blocks_table
 from linearard_ray.sources import SKIP_REASONS, DataError, InputFile, fingerprint, iter_documents, resolve_sources
 
 if TYPE_CHECKING:
@@ -47,6 +47,9 @@ _OUTPUT_FIELDS = ("sources", "format", "text_column", "ctx_len", "pack", "tail",
 _READ_BATCH_DOCS = 64
 _READ_BATCH_BYTES = 16 << 20
 _SPILL_BUCKET_BYTES = 64 << 20
+# Read tasks are light (I/O, JSON); a CPU share unlike the actors' keeps Ray from fusing reading
+# into the tokenizer actors, so the pool balances batches of documents, not whole files.
+_READ_CPUS = 0.25
 
 __all__ = ["DataError", "preprocess", "read_manifest", "load_blocks", "ensure_preprocessed", "lm_data_config",
            "config_hash", "encode_texts", "load_tokenizer", "format_report"]
@@ -227,15 +230,17 @@ def _build_dataset(items: list[InputFile], data_cfg: DataConfig, tokenizer_path:
     from ray.data import ActorPoolStrategy
 
     ds = ray.data.range(len(items), override_num_blocks=len(items))
-    ds = ds.map_batches(_read_files, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"items": items, "text_column": data_cfg.text_column})
     n = data_cfg.tokenizer_actors
+    actor_cpus = _actor_cpus(n)
+    read_cpus = _READ_CPUS if actor_cpus != _READ_CPUS else _READ_CPUS * 0.8
+    ds = ds.map_batches(_read_files, batch_size=1, batch_format="numpy", num_cpus=read_cpus,
+                        fn_kwargs={"items": items, "text_column": data_cfg.text_column})
     return ds.map_batches(
         TokenizeCut,
         batch_size=data_cfg.tokenizer_batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=n),
-        num_cpus=_actor_cpus(n),
+        num_cpus=actor_cpus,
         fn_constructor_kwargs={
             "tokenizer_path": str(tokenizer_path), "spec": spec.to_dict(), "ctx_len": data_cfg.ctx_len,
             "tail": data_cfg.tail, "min_doc_tokens": data_cfg.min_doc_tokens, "pack": data_cfg.pack,
@@ -545,7 +550,8 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def load_blocks(path: str | Path) -> "ray.data.Dataset":
-    """The token blocks of a preprocessed directory as a Ray Dataset, in shard order."""
+    """The token blocks of a preprocessed directory as a Ray Dataset, in shard order (rows in the
+    order they were written)."""
     import ray.data
 
     p = Path(path)
@@ -555,7 +561,10 @@ def load_blocks(path: str | Path) -> "ray.data.Dataset":
     if missing:
         raise DataError(f"{str(p)!r}: shard files listed in the manifest are missing: {missing[:3]}")
     _ensure_ray()
-    return ray.data.read_parquet(files, columns=["input_ids", "attention_mask", "doc_id", "block_index"])
+    ds = ray.data.read_parquet(files, columns=["input_ids", "attention_mask", "doc_id", "block_index"])
+    # The shards' order is the seeded shuffle; keep it, so every reader sees the same stream.
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def lm_data_config(data_cfg: DataConfig) -> DataConfig:

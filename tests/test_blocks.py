@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from linearard_ray.blocks import (Packer, TokenSpec, cut_document, frame_document, resolve_token_spec,
+from linearard_ray.blocks import (Packer, cut_document, frame_document, resolve_token_spec,
                                   tokenizer_adds_bos, vocab_hash)
 from linearard_ray.shards import BLOCK_SCHEMA, Shuffler, ShardWriter, blocks_table, shuffle_keys
 
