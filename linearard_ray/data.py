@@ -624,13 +624,28 @@ def ensure_preprocessed(cfg: Config, stream: Literal["main", "lm"] = "main", *, 
             out = out.with_name(out.name + "-lm")
     else:
         out = default_output_dir(h)
-    try:
-        if not force and read_manifest(out).get("config_hash") == h:
-            log.info("reusing preprocessed data in %s", out)
-            return out
-    except DataError:
-        pass
-    return preprocess(data_cfg.model_copy(update={"output_dir": str(out)}), tok_path, progress=progress)
+    # Concurrent runs (tune trials) wanting the same directory: one builds it, the others reuse it.
+    with _dir_lock(out):
+        try:
+            if not force and read_manifest(out).get("config_hash") == h:
+                log.info("reusing preprocessed data in %s", out)
+                return out
+        except DataError:
+            pass
+        return preprocess(data_cfg.model_copy(update={"output_dir": str(out)}), tok_path, progress=progress)
+
+
+@contextmanager
+def _dir_lock(out: Path):
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def format_report(manifest: dict, out: str | Path | None = None, max_skips: int = 10) -> str:

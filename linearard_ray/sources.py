@@ -59,6 +59,7 @@ SKIP_REASONS = {
     "missing_text_column": "the text column is missing",
     "not_text": "the text column does not hold strings",
     "unsupported_file_type": "a file found in a directory or glob whose type is not text/jsonl/json/parquet",
+    "hidden_file": "a hidden file (name starting with '.') found in a directory",
     "unreadable": "a file that could not be opened or parsed",
     "too_short": "fewer tokens than data.min_doc_tokens",
     "no_full_block": "shorter than one block with data.tail=drop",
@@ -196,10 +197,17 @@ def _resolve_fs_source(idx: int, source: str, fmt: str) -> list[InputFile]:
         raise DataError(f"data.sources[{idx}]: {source!r} does not exist")
     if info.type == pafs.FileType.File:
         return [_item(idx, source, uri_of(info.path), fs, info, file_format(info.path, fmt, explicit=True))]
-    infos = [i for i in _list_files(fs, path) if not Path(i.path).name.startswith(".")]
+    infos = _list_files(fs, path)
     if not infos:
         raise DataError(f"data.sources[{idx}]: directory {source!r} holds no file")
-    return [_item(idx, source, uri_of(i.path), fs, i, file_format(i.path, fmt, explicit=False)) for i in infos]
+    out = []
+    for i in infos:
+        if any(part.startswith(".") for part in Path(i.path[len(path):]).parts):
+            # .DS_Store, .git/...: listed as skipped rather than read or silently left out.
+            out.append(InputFile(idx, source, uri_of(i.path), "skip", i.path, fs, skip_reason="hidden_file"))
+        else:
+            out.append(_item(idx, source, uri_of(i.path), fs, i, file_format(i.path, fmt, explicit=False)))
+    return out
 
 
 def parse_hf(source: str) -> tuple[str, str | None]:

@@ -118,19 +118,21 @@ def test_local_missing_sources_fail_early(tmp_path):
 
 def test_directory_listing_order_formats_and_unsupported(tmp_path):
     (tmp_path / "d" / "z").mkdir(parents=True)
-    for name in ("b.txt", "a.jsonl", "z/c.parquet", "x.json", "y.ndjson.gz", "notes.bin"):
+    (tmp_path / "d" / ".git").mkdir()
+    for name in ("b.txt", "a.jsonl", "z/c.parquet", "x.json", "y.ndjson.gz", "notes.bin", ".DS_Store", ".git/HEAD"):
         (tmp_path / "d" / name).write_bytes(b"")
     items = resolve_sources([str(tmp_path / "d")])
     names = [i.uri.split("/d/")[1] for i in items]
     assert names == sorted(names)
     fmt = {i.uri.split("/d/")[1]: i.fmt for i in items}
     assert fmt == {"a.jsonl": "jsonl", "b.txt": "text", "notes.bin": "skip", "x.json": "json",
-                   "y.ndjson.gz": "jsonl", "z/c.parquet": "parquet"}
-    skip = [i for i in items if i.fmt == "skip"][0]
-    assert [d.reason for d in _docs(skip)] == ["unsupported_file_type"]
+                   "y.ndjson.gz": "jsonl", "z/c.parquet": "parquet", ".DS_Store": "skip", ".git/HEAD": "skip"}
+    reasons = {i.uri.split("/d/")[1]: [d.reason for d in _docs(i)] for i in items if i.fmt == "skip"}
+    assert reasons == {"notes.bin": ["unsupported_file_type"], ".DS_Store": ["hidden_file"], ".git/HEAD": ["hidden_file"]}
     # Named explicitly, an unknown extension is read as text; a forced format wins.
     assert resolve_sources([str(tmp_path / "d" / "notes.bin")])[0].fmt == "text"
-    assert {i.fmt for i in resolve_sources([str(tmp_path / "d")], "jsonl")} == {"jsonl"}
+    forced = resolve_sources([str(tmp_path / "d")], "jsonl")
+    assert {i.fmt for i in forced if i.skip_reason != "hidden_file"} == {"jsonl"}
 
 
 def test_hf_source_parsing_and_offline(monkeypatch):
