@@ -55,6 +55,13 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # used inside the kernels
+# Element offsets between the relations of one layer call differ from call to call (they are
+# distances between separate allocations). Triton would specialise (and recompile) on their
+# divisibility and on whether they fit in 32 bits, so they are passed unspecialised and biased
+# into one 64-bit range; the kernels subtract the bias. Without this a training loop recompiled
+# the kernels on most calls (~0.4 s of host time each).
+OFFSET_BIAS = 1 << 40
+_BIAS = tl.constexpr(OFFSET_BIAS)
 
 
 def _interpreting() -> bool:
@@ -231,7 +238,7 @@ def _sel(r, v0, v1, v2):
     return tl.where(r == 0, v0, tl.where(r == 1, v1, v2))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["off_s1", "off_t1", "off_s2", "off_t2"])
 def _fwd_kernel(
     S, SK, TS, TK, Mask, LseS, LseT, Kl,
     off_s1, off_t1, off_s2, off_t2,
@@ -254,8 +261,8 @@ def _fwd_kernel(
         # Self-relations of one layer: relation r's tensors sit at element offsets from S / TS
         # (one body, so no extra registers; the hints keep the 16-byte alignment facts).
         r = (hh >= H0).to(tl.int32) + (hh >= H0 + H1).to(tl.int32)
-        Sr = S + _hint(_sel(r, 0, off_s1, off_s2), ALIGN)
-        TSr = TS + _hint(_sel(r, 0, off_t1, off_t2), ALIGN)
+        Sr = S + _hint(_sel(r, 0, off_s1 - _BIAS, off_s2 - _BIAS), ALIGN)
+        TSr = TS + _hint(_sel(r, 0, off_t1 - _BIAS, off_t2 - _BIAS), ALIGN)
         sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
         sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
         st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
@@ -450,7 +457,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["off_s1", "off_t1", "off_g1", "off_s2", "off_t2", "off_g2"])
 def _bwd_kernel(
     S, SK, TS, TK, GS, GK, Mask, LseS, LseT, DKl, GScale,
     off_s1, off_t1, off_g1, off_s2, off_t2, off_g2,
@@ -472,9 +479,9 @@ def _bwd_kernel(
                   CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
     else:  # self-relations only (REP = 1); see _fwd_kernel
         r = (kk >= H0).to(tl.int32) + (kk >= H0 + H1).to(tl.int32)
-        Sr = S + _hint(_sel(r, 0, off_s1, off_s2), ALIGN)
-        TSr = TS + _hint(_sel(r, 0, off_t1, off_t2), ALIGN)
-        Gr = GS + _hint(_sel(r, 0, off_g1, off_g2), ALIGN)
+        Sr = S + _hint(_sel(r, 0, off_s1 - _BIAS, off_s2 - _BIAS), ALIGN)
+        TSr = TS + _hint(_sel(r, 0, off_t1 - _BIAS, off_t2 - _BIAS), ALIGN)
+        Gr = GS + _hint(_sel(r, 0, off_g1 - _BIAS, off_g2 - _BIAS), ALIGN)
         sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
         sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
         st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
@@ -589,7 +596,7 @@ def _flags(x: torch.Tensor):
 
 def _offset(x: torch.Tensor, base: torch.Tensor) -> int:
     """Element offset of x's data from base's (same dtype): the kernels reach relation r by it."""
-    return (x.data_ptr() - base.data_ptr()) // x.element_size()
+    return (x.data_ptr() - base.data_ptr()) // x.element_size() + OFFSET_BIAS
 
 
 def _common_args(rels: Sequence[_Rel], grads: Optional[Sequence[torch.Tensor]]):
