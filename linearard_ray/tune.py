@@ -336,7 +336,12 @@ class TrialNamer:
 
     def __call__(self, trial) -> str:
         params = {k: plain(v) for k, v in trial.config.items()}
-        name = trial_name(self.plan["sweep_name"], apply_params(self.plan["base"], params))
+        try:
+            name = trial_name(self.plan["sweep_name"], apply_params(self.plan["base"], params))
+        except ConfigError:
+            # An invalid sample must not stop the whole sweep here: the trial fails with the
+            # config error and is reported like any failed trial.
+            name = f"{self.plan['sweep_name']}-{config_hash(params)}"
         n = self.seen[name] = self.seen.get(name, 0) + 1
         return name if n == 1 else f"{name}-r{n}"
 

@@ -147,6 +147,8 @@ def test_trial_names_are_deterministic_and_distinct():
     namer = TrialNamer({"sweep_name": "sw", "base": base.model_dump(mode="json")})
     names = [namer(SimpleNamespace(config={"rope.factor": np.float64(f)})) for f in (2.0, 3.0, 2.0)]
     assert names == [a, trial_name("sw", apply_params(base, {"rope.factor": 3.0})), a + "-r2"]
+    # a sample the schema rejects still gets a name (the trial then fails and is reported)
+    assert namer(SimpleNamespace(config={"rope.factor": 0.5})).startswith("sw-")
 
 
 # --------------------------------------------------------------------------- sweep checks
@@ -318,8 +320,9 @@ def test_default_sweep_file_matches_the_no_argument_sweep_and_recipes_check():
 
 @pytest.fixture(scope="module")
 def sweep(cache_dir, tmp_path_factory):
-    """A 2 × 2 grid (rope.factor × objective name) on a tiny Llama; every trial's Train run fails
-    once at step 3 and is retried by Tune, resuming from its step-2 checkpoint."""
+    """A 2 × 2 grid (rope.factor × objective name) on a tiny Llama. One trial's Train run fails at
+    step 3 (train.max_failures=0, so the trial fails) and Tune retries the trial, which resumes
+    the run from its step-2 checkpoint; the other three have the failure marked as already fired."""
     import ray
 
     from linearard_ray.corpus import iter_sotu
@@ -344,6 +347,16 @@ def sweep(cache_dir, tmp_path_factory):
                  "space": {"rope.factor": {"grid": [2.0, 4.0]}, "objective.name": {"grid": ["linearard", "cpt"]}},
                  "scheduler": "none"},
     })
+    from linearard_ray.train import FAIL_MARKER
+
+    params = [{"rope.factor": f, "objective.name": n} for f in (2.0, 4.0) for n in ("linearard", "cpt")]
+    names = [trial_name("tiny-sweep", apply_params(cfg, p)) for p in params]
+    failing = names[int(np.random.default_rng().integers(0, 4))]
+    for name in names:
+        if name != failing:  # each extra restart costs a Train run start; one retried trial is enough
+            marker = w / "tune" / "tiny-sweep" / "runs" / name / FAIL_MARKER
+            marker.parent.mkdir(parents=True)
+            marker.write_text("marked as fired by the test\n")
     # 5 CPUs: one kept for Ray Data, so the default concurrency is 4 one-CPU trials at once.
     ray.init(address="local", num_cpus=5, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"LINEARARD_CACHE": str(cache_dir)}})
@@ -351,16 +364,17 @@ def sweep(cache_dir, tmp_path_factory):
         res = run_sweep(cfg)
     finally:
         ray.shutdown()
-    return cfg, res
+    return cfg, res, failing
 
 
 @pytest.mark.slow
 def test_four_trial_sweep_in_mlflow(sweep):
     from mlflow.tracking import MlflowClient
 
+    from linearard_ray.train import FAIL_MARKER
     from linearard_ray.tune import ROLE_TAG, SWEEP_TAG
 
-    cfg, res = sweep
+    cfg, res, failing = sweep
     client = MlflowClient(cfg.tracking.resolved_uri())
     exp = client.get_experiment_by_name("tiny-sweep")
     assert exp is not None and exp.experiment_id == res.experiment_id
@@ -376,8 +390,8 @@ def test_four_trial_sweep_in_mlflow(sweep):
         assert rows[name]["mlflow_run_id"] == run.info.run_id
         hist = {k: {h.step: h.value for h in client.get_metric_history(run.info.run_id, k)}
                 for k in ("nll_gap", "student_nll", "teacher_nll", "long_nll")}
-        # reported at the held-out evaluations (steps 2 and 4), each once, though the run failed
-        # at step 3 and resumed in a retried trial
+        # reported at the held-out evaluations (steps 2 and 4), each once, also by the trial whose
+        # run failed at step 3 and resumed in Tune's retry
         assert sorted(hist["nll_gap"]) == [2, 4], name
         assert len(client.get_metric_history(run.info.run_id, "nll_gap")) == 2
         for step, gap in hist["nll_gap"].items():
@@ -388,8 +402,8 @@ def test_four_trial_sweep_in_mlflow(sweep):
         trial_cfg = build_config(yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text()))
         assert trial_cfg.rope.factor == float(run.data.params["rope.factor"])
         assert trial_cfg.objective.name == run.data.params["objective.name"]
-        fired = Path(cfg.tune.storage_path) / "tiny-sweep" / "runs" / name / "linearard_fail_at_step.fired"
-        assert fired.exists()  # the injected failure did happen in this trial
+        fired = Path(cfg.tune.storage_path) / "tiny-sweep" / "runs" / name / FAIL_MARKER
+        assert ("fired at step 3" in fired.read_text()) == (name == failing)
 
     best = min(rows.values(), key=lambda r: r["nll_gap"])
     assert res.best["trial"] == best["trial"]
