@@ -148,12 +148,24 @@ def build_searcher(t: TuneConfig, seed: int, max_concurrent: int = 0):
 
 def build_scheduler(t: TuneConfig):
     """ASHA on the optimizer step the workers report (grace_period and its rungs are steps), so a
-    trial retried after a failure continues on the same scale."""
+    trial retried after a failure continues on the same scale. It remembers which trials it
+    stopped (``.stopped``, trial names), for the results table."""
     if t.scheduler != "asha":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    return ASHAScheduler(time_attr="step", max_t=ASHA_MAX_T, grace_period=t.grace_period,
+    class RecordingASHA(ASHAScheduler):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.stopped: set[str] = set()
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP:
+                self.stopped.add(str(trial))
+            return action
+
+    return RecordingASHA(time_attr="step", max_t=ASHA_MAX_T, grace_period=t.grace_period,
                          reduction_factor=t.reduction_factor)
 
 
@@ -425,7 +437,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     )
     started = time.time()
     grid = tuner.fit()
-    rows = collect_rows(grid, specs, plan, t)
+    rows = collect_rows(grid, specs, plan, t, stopped=getattr(scheduler, "stopped", set()))
     if t.keep_students == "best":
         _remove_other_students(plan, rows, pick_best(rows, t.metric, t.mode))
     return summarize(cfg, specs, plan, rows, uri, exp_id, session, wall_s=time.time() - started)
@@ -434,8 +446,9 @@ def run_sweep(cfg: Config) -> SweepResult:
 # --------------------------------------------------------------------------- results
 
 
-def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig) -> list[dict[str, Any]]:
-    """One row per trial: name, status, swept values, the objective (last and best) and context."""
+def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig, stopped: set[str]) -> list[dict[str, Any]]:
+    """One row per trial: name, status (error, stopped early by the scheduler, or completed),
+    swept values, the objective (last and best) and context."""
     rows = []
     for r in grid:
         name = Path(str(r.path)).name
@@ -443,7 +456,7 @@ def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig) -> lis
         run_dir = f"{plan['run_storage']}/{name}"
         done = read_text(f"{run_dir}/{TRIAL_RESULT_FILE}")
         done = json.loads(done) if done else None
-        status = "error" if r.error is not None else ("completed" if done else "stopped")
+        status = "error" if r.error is not None else ("stopped" if name in stopped else "completed")
         best_seen = None
         df = r.metrics_dataframe
         if df is not None and t.metric in df:

@@ -32,7 +32,7 @@ from linearard_ray.config import ConfigError, load_config, parse_overrides  # no
 # configs/sweep-default.yaml holds the same settings as a file.
 SWEEP_DEFAULTS: dict[str, object] = {
     "data.ctx_len": 256,
-    "train.max_steps": 6,
+    "train.max_steps": 4,
     "train.warmup_steps": 1,
     "train.lr": 1.0e-3,
     "train.eval_every": 2,

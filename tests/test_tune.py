@@ -218,6 +218,7 @@ def test_asha_stops_on_optimizer_steps():
     assert s.on_trial_result(None, trials[0], {"step": grace, "nll_gap": good}) == TrialScheduler.CONTINUE
     # at the first rung a trial behind the others is stopped
     assert s.on_trial_result(None, trials[1], {"step": grace, "nll_gap": bad}) == TrialScheduler.STOP
+    assert s.stopped == {str(trials[1])}  # the results table marks it "stopped"
     assert build_scheduler(_base(**{"tune.scheduler": "none"}).tune) is None
 
 
