@@ -438,6 +438,8 @@ def run_sweep(cfg: Config) -> SweepResult:
     started = time.time()
     grid = tuner.fit()
     rows = collect_rows(grid, specs, plan, t, stopped=getattr(scheduler, "stopped", set()))
+    if n_trials is not None and len(rows) < n_trials:
+        print(f"[tune] {n_trials - len(rows)} of {n_trials} trials never started (the sweep was interrupted)", flush=True)
     if t.keep_students == "best":
         _remove_other_students(plan, rows, pick_best(rows, t.metric, t.mode))
     return summarize(cfg, specs, plan, rows, uri, exp_id, session, wall_s=time.time() - started)
@@ -447,7 +449,8 @@ def run_sweep(cfg: Config) -> SweepResult:
 
 
 def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig, stopped: set[str]) -> list[dict[str, Any]]:
-    """One row per trial: name, status (error, stopped early by the scheduler, or completed),
+    """One row per trial: name, status (error, stopped early by the scheduler, completed, or
+    unfinished when the sweep was interrupted),
     swept values, the objective (last and best) and context."""
     rows = []
     for r in grid:
@@ -456,7 +459,12 @@ def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig, stoppe
         run_dir = f"{plan['run_storage']}/{name}"
         done = read_text(f"{run_dir}/{TRIAL_RESULT_FILE}")
         done = json.loads(done) if done else None
-        status = "error" if r.error is not None else ("stopped" if name in stopped else "completed")
+        if r.error is not None:
+            status = "error"
+        elif name in stopped:
+            status = "stopped"
+        else:  # Tune marks a trial's last result done when its function returned; not when interrupted
+            status = "completed" if m.get("done") else "unfinished"
         best_seen = None
         df = r.metrics_dataframe
         if df is not None and t.metric in df:
@@ -603,9 +611,11 @@ def summarize(cfg: Config, specs: list[ParamSpec], plan: dict, rows: list[dict[s
         best_path = files["best_config.yaml"] = f"{sweep_dir}/best_config.yaml"
         write_bytes(best_path, best_text.encode())
 
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "error")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "error", "unfinished")}
     print(f"\n[tune] sweep {t.sweep_name}: {len(rows)} trials, {counts['completed']} completed, "
-          f"{counts['stopped']} stopped early, {counts['error']} failed ({wall_s:.0f} s)\n{md_text}", flush=True)
+          f"{counts['stopped']} stopped early, {counts['error']} failed"
+          + (f", {counts['unfinished']} unfinished" if counts["unfinished"] else "") + f" ({wall_s:.0f} s)\n{md_text}",
+          flush=True)
     for r in rows:
         if r["status"] == "error":
             print(f"[tune] trial {r['trial']} failed: {r['error']}", flush=True)
@@ -653,7 +663,7 @@ def _log_mlflow(cfg, specs, plan, rows, best, best_text, uri, exp_id, session, f
     lg.log_params({"tune.space": json.dumps(t.space), "best_trial": best["trial"] if best else None,
                    "sweep_dir": plan["sweep_dir"]})
     metrics = {"trials": len(rows), "trials_completed": counts["completed"], "trials_stopped": counts["stopped"],
-               "trials_failed": counts["error"], "wall_time_s": wall_s}
+               "trials_failed": counts["error"], "trials_unfinished": counts["unfinished"], "wall_time_s": wall_s}
     if best is not None:
         metrics[f"best_{t.metric}"] = best[t.metric]
     lg.log_metrics(metrics, step=0)
