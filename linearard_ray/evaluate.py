@@ -204,8 +204,9 @@ def _run_jobs(spec: ModelSpec, teacher_spec: ModelSpec, jobs: list[tuple], paylo
 
     def get(s: ModelSpec):
         if s.name not in cache:
-            for k in [k for k in cache if k != teacher_spec.name]:
-                del cache[k]
+            if s.name != teacher_spec.name:  # at most the teacher and one other model stay loaded
+                for k in [k for k in cache if k != teacher_spec.name]:
+                    del cache[k]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             t0 = time.time()
@@ -224,13 +225,22 @@ def _run_jobs(spec: ModelSpec, teacher_spec: ModelSpec, jobs: list[tuple], paylo
             res = {"kind": "nll", "model": spec.name, "domain": dom, "length": L, **r}
             msg = f"ppl {math.exp(r['nll_sum'] / r['tokens']):.3f}"
         elif job[0] == "relkl":
+            from linearard_ray.models import ModelError, check_same_architecture
+
             _, dom, L = job
             teacher = get(teacher_spec)
-            r = relation_kl_windows(teacher, model, payload["windows"][dom][L], ev.batch_size, device,
-                                    cfg.rope.yarn_logit_correction)
-            res = {"kind": "relkl", "model": spec.name, "domain": dom, "length": L, **r}
-            mean = {k: sum(v[k] for v in r["sums"].values()) / (len(r["sums"]) * r["rows"][k]) for k in "qkv"}
-            msg = "relation KL " + " ".join(f"{k} {v:.4g}" for k, v in mean.items())
+            try:
+                check_same_architecture(teacher.config, model.config)
+            except ModelError as e:
+                res = {"kind": "skip", "section": "relation_kl", "model": spec.name, "domain": dom, "length": L,
+                       "reason": f"not comparable with the teacher layer by layer: {e}"}
+                msg = "relation KL skipped (architecture differs from the teacher's)"
+            else:
+                r = relation_kl_windows(teacher, model, payload["windows"][dom][L], ev.batch_size, device,
+                                        cfg.rope.yarn_logit_correction)
+                res = {"kind": "relkl", "model": spec.name, "domain": dom, "length": L, **r}
+                mean = {k: sum(v[k] for v in r["sums"].values()) / (len(r["sums"]) * r["rows"][k]) for k in "qkv"}
+                msg = "relation KL " + " ".join(f"{k} {v:.4g}" for k, v in mean.items())
         elif job[0] == "passkey":
             _, L = job
             rows = run_passkey(model, payload["tokenizer"], payload["passkey"][L], ev.batch_size, device)

@@ -143,7 +143,8 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
         "restoration": rest,
         "relation_kl": relkl,
         "passkey": passkey,
-        "skipped": skipped,
+        "skipped": list(skipped) + [{k: r[k] for k in ("section", "model", "domain", "length", "reason")}
+                                    for r in results if r["kind"] == "skip"],
         "job_seconds": seconds,
     }
     report = _clean(report)
@@ -253,7 +254,7 @@ def render_markdown(report: dict) -> str:
     lines += ["## Skipped", ""]
     if report["skipped"]:
         for s in report["skipped"]:
-            where = f"{s['section']} {s.get('domain', '')} length {s['length']}".replace("  ", " ")
+            where = " ".join(str(x) for x in (s["section"], s.get("model"), s.get("domain")) if x) + f" length {s['length']}"
             lines.append(f"- {where}: {s['reason']}")
     else:
         lines.append("Nothing was skipped.")

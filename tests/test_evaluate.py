@@ -305,3 +305,25 @@ def test_lm_eval_results_and_offline_failure(monkeypatch, tiny_model_dir):
     _fake_lm_eval(monkeypatch, offline)
     with pytest.raises(EvalError, match="Offline, its datasets must already be in the HF cache"):
         run_lm_eval(model_specs(cfg), cfg)
+
+
+def test_relation_kl_skipped_for_other_architecture(tmp_path, tiny_model_dir):
+    from linearard_ray.evaluate import ModelSpec, _run_jobs
+    from linearard_ray.report import build_report
+    from linearard_ray.testing import build_tiny_model
+
+    teacher = str(tiny_model_dir("llama"))
+    other = str(build_tiny_model("llama", tmp_path / "three", num_hidden_layers=3))
+    cfg = build_config({"model": {"teacher": teacher, "dtype": "float32"}, "eval": {"device": "cpu", "short_lengths": [16]}})
+    t = ModelSpec("teacher", teacher, None, "teacher")
+    m = ModelSpec("deeper", other, None, "model")
+    w = np.random.default_rng(0).integers(3, 500, size=(2, 16))
+    res = _run_jobs(m, t, [("nll", "main", 16), ("relkl", "main", 16)], {"windows": {"main": {16: w}}}, cfg)
+    assert res[0]["kind"] == "nll" and res[1]["kind"] == "skip"
+    assert "num_hidden_layers: teacher 2, student 3" in res[1]["reason"]
+    models = [t.as_dict(), m.as_dict()]
+    rep = build_report(cfg, models, {"main": {"sources": ["x"], "documents": 1, "empty_documents_skipped": 0,
+                                              "tokens": 32, "lengths": {}}}, res, [], {})
+    assert rep["skipped"] == [{"section": "relation_kl", "model": "deeper", "domain": "main", "length": 16,
+                               "reason": res[1]["reason"]}]
+    assert rep["relation_kl"]["main"] == {}
