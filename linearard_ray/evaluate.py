@@ -439,6 +439,7 @@ def evaluate(cfg: Config, *, ray_address: str | None = None, distribute: bool | 
     if ev.lm_eval_tasks:
         report["lm_eval"] = run_lm_eval(specs, cfg)
     report["seconds"] = round(time.time() - t_start, 1)
+    report["output_dir"] = str(out_dir.resolve())
     files = rep.write_report(report, out_dir)
     if cfg.tracking.enabled:
         report["mlflow"] = rep.log_mlflow(cfg, report, out_dir)

@@ -282,6 +282,12 @@ def plot_ppl_vs_length(report: dict, path: Path) -> Path:
             pts = sorted((int(L), v["ppl"]) for L, v in by_len.items())
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{n} (window {native.get(n)})")
+        tw = native.get(report["reference"]["teacher"])
+        Ls = [int(L) for by_len in report["nll"][dom].values() for L in by_len]
+        if tw and Ls and min(Ls) <= tw <= max(Ls):
+            ax.axvline(tw, color="gray", ls=":", lw=1)
+            ax.annotate("teacher window", (tw, 1), xycoords=("data", "axes fraction"), fontsize=7, color="gray",
+                        rotation=90, va="top", ha="right")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
