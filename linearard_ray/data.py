@@ -88,8 +88,11 @@ def load_tokenizer(path: str | Path):
 
 
 def encode_texts(tok, texts: list[str]) -> list[np.ndarray]:
-    """Content token ids (no special tokens) of each text, batched through the fast tokenizer."""
+    """Content token ids (no special tokens) of each text, batched through the fast tokenizer
+    (a transformers tokenizer, or its `tokenizers.Tokenizer` backend itself)."""
     backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None and hasattr(tok, "encode_batch"):
+        backend = tok
     if backend is not None:
         encs = backend.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
@@ -137,12 +140,30 @@ def _list_array(arrays: list[np.ndarray], dtype) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
+def tokenizer_payload(tok, tokenizer_path: str | Path) -> dict:
+    """What an actor needs to rebuild the driver's tokenizer: the fast backend serialised (so
+    actors import neither transformers nor torch, and need no access to the tokenizer's
+    directory), or else the path for a slow tokenizer."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return {"json": backend.to_str()}
+    return {"path": str(tokenizer_path)}
+
+
+def _tokenizer_from_payload(payload: dict):
+    if "json" in payload:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(payload["json"])
+    return load_tokenizer(payload["path"])
+
+
 class TokenizeCut:
     """Actor: tokenize a batch of documents, drop the too-short ones, cut blocks (or, when
     packing, pass the framed documents on to the driver's packer)."""
 
-    def __init__(self, tokenizer_path: str, spec: dict, ctx_len: int, tail: str, min_doc_tokens: int, pack: bool):
-        self.tok = _plain_backend(load_tokenizer(tokenizer_path))
+    def __init__(self, tokenizer: dict, spec: dict, ctx_len: int, tail: str, min_doc_tokens: int, pack: bool):
+        self.tok = _tokenizer_from_payload(tokenizer)
         self.spec = TokenSpec(**spec)
         self.ctx_len, self.tail, self.min_doc_tokens, self.pack = ctx_len, tail, min_doc_tokens, pack
 
@@ -225,7 +246,7 @@ def _data_context(progress: bool):
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
-def _build_dataset(items: list[InputFile], data_cfg: DataConfig, tokenizer_path: str, spec: TokenSpec) -> "ray.data.Dataset":
+def _build_dataset(items: list[InputFile], data_cfg: DataConfig, tokenizer: dict, spec: TokenSpec) -> "ray.data.Dataset":
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -242,7 +263,7 @@ def _build_dataset(items: list[InputFile], data_cfg: DataConfig, tokenizer_path:
         compute=ActorPoolStrategy(size=n),
         num_cpus=actor_cpus,
         fn_constructor_kwargs={
-            "tokenizer_path": str(tokenizer_path), "spec": spec.to_dict(), "ctx_len": data_cfg.ctx_len,
+            "tokenizer": tokenizer, "spec": spec.to_dict(), "ctx_len": data_cfg.ctx_len,
             "tail": data_cfg.tail, "min_doc_tokens": data_cfg.min_doc_tokens, "pack": data_cfg.pack,
         },
     )
@@ -390,7 +411,7 @@ def preprocess(data_cfg: DataConfig, tokenizer_path: str | Path, *, progress: bo
     not exist (before any work), a bad tokenizer, or a corpus that yields no block.
     """
     t0 = time.perf_counter()
-    items, _tok, spec, tok_info, h = _prepare(data_cfg, tokenizer_path)
+    items, tok, spec, tok_info, h = _prepare(data_cfg, tokenizer_path)
     out = Path(data_cfg.output_dir) if data_cfg.output_dir else default_output_dir(h)
     _check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +419,7 @@ def preprocess(data_cfg: DataConfig, tokenizer_path: str | Path, *, progress: bo
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        manifest = _run(items, data_cfg, tokenizer_path, spec, staging, progress)
+        manifest = _run(items, data_cfg, tokenizer_payload(_plain_backend(tok), tokenizer_path), spec, staging, progress)
         manifest.update({
             "format_version": FORMAT_VERSION, "config_hash": h,
             "tokenizer": tok_info, "wall_time_s": round(time.perf_counter() - t0, 3),
@@ -431,7 +452,7 @@ def _ordered(m: dict, data_cfg: DataConfig, items: list[InputFile]) -> dict:
     return {**head, **rest}
 
 
-def _run(items: list[InputFile], data_cfg: DataConfig, tokenizer_path, spec: TokenSpec, staging: Path, progress: bool) -> dict:
+def _run(items: list[InputFile], data_cfg: DataConfig, tokenizer: dict, spec: TokenSpec, staging: Path, progress: bool) -> dict:
     stats = _Stats()
     readable = []
     for it in items:
@@ -458,7 +479,7 @@ def _run(items: list[InputFile], data_cfg: DataConfig, tokenizer_path, spec: Tok
     try:
         if readable:
             with _data_context(progress):
-                ds = _build_dataset(readable, data_cfg, str(tokenizer_path), spec)
+                ds = _build_dataset(readable, data_cfg, tokenizer, spec)
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     _consume(batch, stats, packer, put)
                     bar.update(stats.docs_used + stats.docs_skipped, stats.blocks, stats.tokens)

@@ -40,7 +40,7 @@ _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 _REMOTE_SCHEMES = ("s3", "gs", "gcs", "file")
 _GLOB_CHARS = "*?["
 HF_PREFIX = "hf:"
-_BUILTIN_DOCS_PER_ITEM = 16
+_BUILTIN_DOCS_PER_ITEM = 64
 # Bytes looked at to decide that a file is binary rather than text.
 _SNIFF_BYTES = 8192
 
