@@ -9,7 +9,9 @@ group, or the same job started again, continue at the exact step with the same d
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -307,8 +309,14 @@ def wrap_ddp(module: ObjectiveModule, device: torch.device):
     ignore = [n for n, p in module.named_parameters() if not p.requires_grad]
     ignore += [n for n, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
-    kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-    return DDP(module, find_unused_parameters=True, broadcast_buffers=False, **kw)
+    kw: dict[str, Any] = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    # Buffers (RoPE tables) are identical on every rank: no per-forward sync. Newer torch renames
+    # the switch; the ignore list above already keeps them out of the start-up sync.
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kw["forward_sync_buffers"] = False
+    else:
+        kw["broadcast_buffers"] = False
+    return DDP(module, find_unused_parameters=True, **kw)
 
 
 def _num_layers(model) -> int:
@@ -350,9 +358,10 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def progress_line(step: int, total: int, m: dict[str, float], eta_s: float) -> str:
+def progress_line(step: int, total: int, m: dict[str, float], eta_s: float, loss_avg: float | None = None) -> str:
+    """One step as a line; ``loss_avg`` (a running mean) shows the trend through per-block noise."""
     rel = " ".join(f"{k[-1]} {m[k]:.4f}" for k in ("relation_q", "relation_k", "relation_v") if k in m)
-    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}" + (f" (avg {loss_avg:.4f})" if loss_avg is not None else "")]
     if rel:
         parts.append(f"rel {rel}")
     for k, label in (("logit_kl", "logit_kl"), ("next_token", "ce")):
@@ -539,7 +548,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
         for name, spec in job.streams.items():
             params_flat[f"job.{name}.blocks"] = spec.num_rows
             params_flat[f"job.{name}.ctx_len"] = spec.ctx_len
-        params_flat["job.train.dropped_blocks_per_epoch"] = primary.dropped_per_epoch
+        params_flat["job.primary_stream"] = job.primary
+        params_flat["job.teacher_loaded"] = teacher is not None
+        params_flat["job.dropped_blocks_per_epoch"] = primary.dropped_per_epoch
         logger.log_params(params_flat)
         if loaded is not None:
             logger.set_tags({"resumed_from_step": state.step})
@@ -574,6 +585,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     last_eval: dict[str, float] = {}
     step_times: list[float] = []
+    recent_loss: collections.deque[float] = collections.deque(maxlen=10)
     metrics: dict[str, float] = {}
     while state.step < job.total_steps:
         t0 = time.perf_counter()
@@ -627,11 +639,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
             last_eval = evaluator(student)
             metrics.update(last_eval)
 
+        recent_loss.append(metrics["loss"])
         if rank == 0:
             recent = step_times[-10:]
             eta = (job.total_steps - state.step) * (sum(recent) / len(recent))
             if state.step % t.log_every == 0 or is_last:
-                say(progress_line(state.step, job.total_steps, metrics, eta))
+                say(progress_line(state.step, job.total_steps, metrics, eta, sum(recent_loss) / len(recent_loss)))
                 if did_eval:
                     say("[distill] eval " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if logger is not None:

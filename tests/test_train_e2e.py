@@ -116,6 +116,10 @@ def test_two_workers_end_to_end_with_mlflow(reference, tiny_model_dir):
     for name in ("nll_gap", "student_nll", "teacher_nll", "long_nll"):
         assert sorted(h.step for h in client.get_metric_history(res.mlflow_run_id, name)) == [3, 6]
 
+    # checkpoints at steps 2, 4, 6; CheckpointConfig(num_to_keep=2) keeps the last two
+    kept = sorted(p.name for p in Path(res.storage_dir).glob("checkpoint_step*"))
+    assert kept == ["checkpoint_step0000004", "checkpoint_step0000006"]
+
     root = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"config.yaml", "data", "adapter", "student"} <= root
     student_files = {Path(a.path).name for a in client.list_artifacts(res.mlflow_run_id, "student")}
@@ -173,3 +177,53 @@ def test_job_started_again_with_the_same_name_resumes_exactly(reference, workdir
     a, b = _final_trainable(ref), _final_trainable(res)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _params(uri, run_id):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id).data.params
+
+
+def test_cpt_recipe_trains_without_a_teacher_on_its_own_stream(ray_cluster, tiny_model_dir, workdir, corpus):
+    """objective=cpt with data.lm_ctx_len: the next-token stream is the only one; no teacher."""
+    from mlflow.tracking import MlflowClient
+
+    from linearard_ray.train import run_distill
+
+    cfg = _cfg(workdir, corpus, "cpt", **{
+        "objective.name": "cpt", "data.lm_ctx_len": 96, "train.num_workers": 1, "train.max_steps": 3,
+        "train.eval_every": None, "train.grad_accum": 1, "train.lr": 3e-2})
+    res = run_distill(cfg)
+    assert res.final_step == 3
+    p = _params(cfg.tracking.resolved_uri(), res.mlflow_run_id)
+    assert p["job.teacher_loaded"] == "False" and p["job.primary_stream"] == "lm" and p["job.lm.ctx_len"] == "96"
+    assert "job.train.blocks" not in p
+    client = MlflowClient(cfg.tracking.resolved_uri())
+    hist = client.get_metric_history(res.mlflow_run_id, "next_token")
+    assert sorted(h.step for h in hist) == [1, 2, 3] and all(h.value > 0 for h in hist)
+    assert client.get_metric_history(res.mlflow_run_id, "relation_q") == []
+    assert res.tokens_seen <= 3 * 2 * 96 and res.tokens_seen > 2 * 2 * 96  # 3 steps × 2 blocks of 96
+
+
+def test_relation_plus_next_token_reads_two_streams_side_by_side(ray_cluster, tiny_model_dir, workdir, corpus):
+    from mlflow.tracking import MlflowClient
+
+    from linearard_ray.train import run_distill
+
+    cfg = _cfg(workdir, corpus, "mixed", **{
+        "objective.name": "custom", "objective.next_token.weight": 0.5, "data.lm_ctx_len": 128,
+        "train.num_workers": 2, "train.max_steps": 2, "train.eval_every": None, "train.grad_accum": 1})
+    res = run_distill(cfg)
+    p = _params(cfg.tracking.resolved_uri(), res.mlflow_run_id)
+    assert p["job.teacher_loaded"] == "True" and p["job.primary_stream"] == "train"
+    assert p["job.train.ctx_len"] == "64" and p["job.lm.ctx_len"] == "128"
+    assert p["job.tokens_per_step"] == str(2 * 2 * (64 + 128))
+    client = MlflowClient(cfg.tracking.resolved_uri())
+    for name in ("relation_q", "next_token", "loss"):
+        assert len(client.get_metric_history(res.mlflow_run_id, name)) == 2, name
+    from linearard_ray.checkpointing import read_state
+
+    st = read_state(res.checkpoint_path)
+    # each worker consumed 2 steps × 2 blocks of each stream
+    assert st.data.rows == 4 and st.lm_data is not None and st.lm_data.rows == 4

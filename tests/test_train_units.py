@@ -244,8 +244,8 @@ def test_lm_stream_only_when_the_next_token_term_has_its_own_data():
 
 def test_progress_line_names_the_numbers():
     m = {"loss": 1.25, "relation_q": 0.5, "relation_k": 0.25, "relation_v": 0.125, "lr": 3e-4, "tokens_per_s": 812.4}
-    line = progress_line(3, 30, m, 95)
-    for part in ("step 3/30", "loss 1.2500", "q 0.5000", "k 0.2500", "v 0.1250", "lr 3.00e-04", "812 tok/s", "ETA 1m35s"):
+    line = progress_line(3, 30, m, 95, loss_avg=1.5)
+    for part in ("step 3/30", "loss 1.2500 (avg 1.5000)", "q 0.5000", "k 0.2500", "v 0.1250", "lr 3.00e-04", "812 tok/s", "ETA 1m35s"):
         assert part in line
 
 
