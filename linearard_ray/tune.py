@@ -479,8 +479,9 @@ def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig, stoppe
         for k in ("student_nll", "teacher_nll", "long_nll", "loss"):
             if k != t.metric:
                 row[k] = _num(m.get(k))
-        row["step"] = _num(m.get("step"))
-        row["tokens_seen"] = _num(m.get("tokens_seen"))
+        for k in ("step", "tokens_seen"):
+            v = _num(m.get(k))
+            row[k] = int(v) if v is not None else None
         row["student_dir"] = (done or {}).get("student_dir")
         row["error"] = (str(r.error).strip().splitlines() or [""])[-1][:300] if r.error is not None else None
         rows.append(row)
