@@ -234,21 +234,23 @@ class DataConfig(_Section):
         default_factory=_default_sources,
         description="Files, globs, directories (local, s3://, gs://), 'hf:<dataset>[:split]', or 'builtin:sotu/<split>'.",
     )
-    format: Literal["auto", "text", "jsonl", "json", "parquet"] = "auto"
-    text_column: str = "text"
+    format: Literal["auto", "text", "jsonl", "json", "parquet"] = Field(
+        "auto", description="Input format; 'auto' = from each file's extension (.txt/.md, .jsonl/.ndjson, .json, .parquet; .gz/.bz2/.xz ok)."
+    )
+    text_column: str = Field("text", description="Field/column holding the document text in jsonl, json and parquet inputs.")
     ctx_len: int = Field(512, ge=8, description="Tokens per training block.")
     pack: bool = Field(False, description="Pack across documents with EOS separators instead of cutting per document.")
     tail: Literal["drop", "pad"] = Field("drop", description="What to do with a document's last partial block.")
     min_doc_tokens: int = Field(64, ge=1, description="Documents with fewer tokens are skipped (and counted).")
     add_bos: bool | None = Field(None, description="Default: what the tokenizer does.")
-    add_eos: bool = True
-    shuffle: bool = True
-    seed: int = 0
+    add_eos: bool = Field(True, description="Append EOS to each document (always on when packing: it separates documents).")
+    shuffle: bool = Field(True, description="Seeded shuffle of the blocks before they are written.")
+    seed: int = Field(0, description="Seed of the block shuffle.")
     output_dir: str | None = Field(None, description="Where token blocks go; default outputs/data/<hash of config>.")
     preprocessed: str | None = Field(None, description="Directory with manifest.json from an earlier preprocess run.")
-    tokenizer_actors: int = Field(1, ge=1)
-    tokenizer_batch_size: int = Field(16, ge=1)
-    rows_per_shard: int = Field(2048, ge=1)
+    tokenizer_actors: int = Field(1, ge=1, description="Size of the Ray Data tokenizer actor pool.")
+    tokenizer_batch_size: int = Field(16, ge=1, description="Documents per tokenizer call.")
+    rows_per_shard: int = Field(2048, ge=1, description="Blocks per parquet shard.")
     lm_ctx_len: int | None = Field(None, description="Block length for the next-token term's own stream; default ctx_len.")
     lm_sources: list[str] | None = Field(None, description="Data for the next-token term; default: sources.")
 
