@@ -342,18 +342,24 @@ def _doc_from_value(doc_id: str, value: Any) -> Document:
     return Document(doc_id, value)
 
 
-def _read_text(item: InputFile) -> Iterator[Document]:
+def _file_text(item: InputFile) -> tuple[str | None, Document | None]:
+    """The whole file decoded as UTF-8, or the skip record that says why it cannot be."""
     with _open_bytes(item) as f:
         data = f.read()
     if not data.strip():
-        yield _skip(item.uri, "empty")
-        return
+        return None, _skip(item.uri, "empty")
     if looks_binary(data):
-        yield _skip(item.uri, "binary")
-        return
+        return None, _skip(item.uri, "binary")
     text, err = _decode(data)
     if text is None:
-        yield _skip(item.uri, "invalid_utf8", err)
+        return None, _skip(item.uri, "invalid_utf8", err)
+    return text, None
+
+
+def _read_text(item: InputFile) -> Iterator[Document]:
+    text, skipped = _file_text(item)
+    if skipped is not None:
+        yield skipped
         return
     yield _doc_from_value(item.uri, text)
 
@@ -415,17 +421,9 @@ class _Prefixed(io.RawIOBase):
 
 
 def _read_json(item: InputFile, column: str) -> Iterator[Document]:
-    with _open_bytes(item) as f:
-        data = f.read()
-    if not data.strip():
-        yield _skip(item.uri, "empty")
-        return
-    if looks_binary(data):
-        yield _skip(item.uri, "binary")
-        return
-    text, err = _decode(data)
-    if text is None:
-        yield _skip(item.uri, "invalid_utf8", err)
+    text, skipped = _file_text(item)
+    if skipped is not None:
+        yield skipped
         return
     try:
         obj = json.loads(text)
