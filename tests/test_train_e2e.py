@@ -143,7 +143,7 @@ def test_worker_failure_resumes_to_the_same_weights(reference, workdir, corpus):
     from linearard_ray.train import run_distill
 
     ref_cfg, ref = reference
-    cfg = _cfg(workdir, corpus, "fail-once", **{"train.fail_at_step": 5})
+    cfg = _cfg(workdir, corpus, "fail-once", **{"train.fail_at_step": 5, "train.eval_every": None})
     res = run_distill(cfg)
     assert res.final_step == STEPS and res.tokens_seen == ref.tokens_seen
     assert (Path(res.storage_dir) / "linearard_fail_at_step.fired").exists()
@@ -162,7 +162,8 @@ def test_job_started_again_with_the_same_name_resumes_exactly(reference, workdir
     from linearard_ray.train import run_distill
 
     _, ref = reference
-    cfg = _cfg(workdir, corpus, "restart", **{"train.fail_at_step": 3, "train.max_failures": 0})
+    cfg = _cfg(workdir, corpus, "restart", **{"train.fail_at_step": 3, "train.max_failures": 0,
+                                              "train.eval_every": None})
     with pytest.raises(Exception, match="fail_at_step"):
         run_distill(cfg)
     client, runs = _runs_named(cfg.tracking.resolved_uri(), "restart")
