@@ -34,7 +34,7 @@ from linearard_ray.checkpointing import (
 )
 from linearard_ray.config import Config, ConfigError, build_config, dump_config, flatten
 from linearard_ray.schedule import build_scheduler
-from linearard_ray.train_stream import DEFAULT_SHUFFLE_TOKENS, BlockStream
+from linearard_ray.train_stream import DEFAULT_SHUFFLE_TOKENS, BlockStream, Prefetcher
 
 FAIL_MARKER = "linearard_fail_at_step.fired"
 # Token blocks up to this size are read by the driver and held in the object store (int32 ids +
@@ -529,11 +529,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
     step_fn = wrap_ddp(loss_module, device) if world > 1 else loss_module
 
     # ---- data
-    primary = _open_stream(job.primary, job.streams[job.primary], cfg, rank, world,
-                           state.data if job.primary == "train" else (state.lm_data or state.data))
+    pin = device.type == "cuda"
+    primary = Prefetcher(_open_stream(job.primary, job.streams[job.primary], cfg, rank, world,
+                                      state.data if job.primary == "train" else (state.lm_data or state.data)),
+                         pin_memory=pin)
     lm_stream = None
     if "lm" in job.streams and job.primary != "lm":
-        lm_stream = _open_stream("lm", job.streams["lm"], cfg, rank, world, state.lm_data)
+        lm_stream = Prefetcher(_open_stream("lm", job.streams["lm"], cfg, rank, world, state.lm_data), pin_memory=pin)
 
     # ---- tracking (rank 0 only)
     logger = None
@@ -550,14 +552,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
             params_flat[f"job.{name}.ctx_len"] = spec.ctx_len
         params_flat["job.primary_stream"] = job.primary
         params_flat["job.teacher_loaded"] = teacher is not None
-        params_flat["job.dropped_blocks_per_epoch"] = primary.dropped_per_epoch
+        params_flat["job.dropped_blocks_per_epoch"] = primary.stream.dropped_per_epoch
         logger.log_params(params_flat)
         if loaded is not None:
             logger.set_tags({"resumed_from_step": state.step})
     state.mlflow_run_id = run_id
     if rank == 0:
-        if primary.dropped_per_epoch:
-            say(f"[distill] {primary.dropped_per_epoch} of {primary.num_rows} blocks per epoch are left out so that "
+        if primary.stream.dropped_per_epoch:
+            say(f"[distill] {primary.stream.dropped_per_epoch} of {primary.stream.num_rows} blocks per epoch are left out so that "
                 f"{world} workers × micro-batch {t.micro_batch_size} divide evenly")
         if loaded is not None:
             say(f"[distill] resumed at step {state.step}/{job.total_steps} ({state.tokens_seen} tokens seen)")
@@ -595,9 +597,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
         sums: dict[str, float] = {}
         tokens_local = 0
         for micro in range(t.grad_accum):
-            batch = _to_device(next(primary), device)
-            lm_batch = _to_device(next(lm_stream), device) if lm_stream is not None else None
-            tokens_local += int(batch["attention_mask"].sum()) + (int(lm_batch["attention_mask"].sum()) if lm_batch else 0)
+            host = next(primary)
+            host_lm = next(lm_stream) if lm_stream is not None else None
+            # counted on the host copies: a count of device tensors would stall on the GPU
+            tokens_local += int(host["attention_mask"].sum()) + (int(host_lm["attention_mask"].sum()) if host_lm else 0)
+            batch = _to_device(host, device)
+            lm_batch = _to_device(host_lm, device) if host_lm is not None else None
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
             sync = step_fn.no_sync() if world > 1 and micro < t.grad_accum - 1 else contextlib.nullcontext()
             with sync:
@@ -606,7 +611,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 (loss / t.grad_accum).backward()
             for k, v in loss_module.last_metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / t.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        grad_norm_t = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)  # read after the sync below
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -615,6 +620,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         keys = sorted(sums)
         reduced = _all_reduce_sum([sums[k] for k in keys] + [float(tokens_local)], device)
         metrics = {k: v / world for k, v in zip(keys, reduced[:-1])}
+        grad_norm = float(grad_norm_t)
         step_tokens = int(reduced[-1])
         state.tokens_seen += step_tokens
         state.data = primary.position if job.primary == "train" else state.data
@@ -666,6 +672,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
                     ray.train.report(report)
             else:
                 ray.train.report(report)
+
+    primary.close()
+    if lm_stream is not None:
+        lm_stream.close()
 
     # ---- export (rank 0): the merged student and the adapter
     if rank != 0:

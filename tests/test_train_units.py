@@ -21,7 +21,7 @@ from linearard_ray.checkpointing import (
 from linearard_ray.config import ConfigError, build_config
 from linearard_ray.schedule import build_scheduler, lr_factor
 from linearard_ray.train import StreamSpec, plan_steps, progress_line, uses_lm_stream
-from linearard_ray.train_stream import BlockStream, shuffled
+from linearard_ray.train_stream import BlockStream, Prefetcher, shuffled
 
 # --------------------------------------------------------------------------- schedule
 
@@ -201,6 +201,34 @@ def test_shuffle_buffer_is_a_permutation():
         out = list(shuffled(iter(rows), seed=4, epoch=1, buffer_size=buf))
         assert sorted(out) == rows
     assert list(shuffled(iter(rows), 4, 1, 100)) != rows
+
+
+def test_prefetcher_hands_out_the_same_batches_with_exact_positions():
+    n, world = 41, 2
+    open_epoch, _, _ = _fake_dataset(n, 4, seed=5)
+    plain = _stream(open_epoch, n, 1, world)
+    ahead = Prefetcher(_stream(open_epoch, n, 1, world), depth=3)
+    assert ahead.position == StreamPosition(0, 0)
+    for _ in range(23):  # across an epoch boundary (10 micro-batches per epoch)
+        a, b = next(plain), next(ahead)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+        assert ahead.position == plain.position  # what was handed out, not what was read ahead
+    ahead.close()
+    # a resumed stream starts from the handed-out position
+    resumed = Prefetcher(_stream(open_epoch, n, 1, world, start=ahead.position))
+    assert torch.equal(next(resumed)["input_ids"], next(plain)["input_ids"])
+    resumed.close()
+
+
+def test_prefetcher_ends_and_raises_like_the_stream():
+    open_epoch, _, _ = _fake_dataset(8, 4, seed=6)
+    p = Prefetcher(BlockStream(open_epoch, num_rows=8, rank=0, world_size=2, micro_batch_size=2, seed=0, max_epochs=2))
+    assert len(list(p)) == 4
+    with pytest.raises(StopIteration):
+        next(p)
+    bad = Prefetcher(BlockStream(open_epoch, num_rows=20, rank=0, world_size=1, micro_batch_size=2, seed=0))
+    with pytest.raises(RuntimeError, match="fewer than the 20 blocks"):
+        list(bad)
 
 
 def _take(it, k):
