@@ -831,9 +831,20 @@ def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:
     print(f"[distill] run {job.run_name}: {job.total_steps} steps × {job.tokens_per_step} tokens "
           f"on {cfg.train.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); storage {job.storage_dir}", flush=True)
     trainer = build_trainer(cfg, job, datasets, worker_env=env, callbacks=callbacks)
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()  # Train V2 raises on failure; older code paths return result.error
+        if result.error is not None:
+            raise result.error
+    except BaseException:
+        if job.mlflow_run_id and job.tracking_uri:
+            # FAILED until the same run name is started again, which resumes and reopens this run
+            from linearard_ray.tracking import RunLogger
+
+            try:
+                RunLogger(job.tracking_uri, job.mlflow_run_id).finish("FAILED")
+            except Exception as e:  # never hide the training error behind a tracking one
+                print(f"[distill] could not mark the MLflow run failed: {e}", file=sys.stderr, flush=True)
+        raise
     ret = result.return_value or {}
     res = TrainResult(
         run_name=job.run_name, student_dir=ret.get("student_dir"), final_step=int(ret.get("step", 0)),

@@ -167,7 +167,7 @@ def test_job_started_again_with_the_same_name_resumes_exactly(reference, workdir
     with pytest.raises(Exception, match="fail_at_step"):
         run_distill(cfg)
     client, runs = _runs_named(cfg.tracking.resolved_uri(), "restart")
-    assert len(runs) == 1
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
     first_run_id = runs[0].info.run_id
 
     res = run_distill(cfg)  # the same job again: resumes from the step-2 checkpoint
@@ -175,6 +175,7 @@ def test_job_started_again_with_the_same_name_resumes_exactly(reference, workdir
     assert res.mlflow_run_id == first_run_id
     _, runs = _runs_named(cfg.tracking.resolved_uri(), "restart")
     assert len(runs) == 1 and runs[0].data.tags.get("resumed_from_step") == "2"
+    assert runs[0].info.status == "FINISHED"
     a, b = _final_trainable(ref), _final_trainable(res)
     for k in a:
         assert torch.equal(a[k], b[k]), k
