@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from linearard_ray import ops  # noqa: E402
 from linearard_ray.config import ObjectiveConfig, RopeConfig  # noqa: E402
 from linearard_ray.loss import Objective  # noqa: E402
+from linearard_ray.models import enable_checkpointing  # noqa: E402
 from linearard_ray.rope import apply_rope_scaling  # noqa: E402
 
 
@@ -147,12 +148,7 @@ def build_models(a, device: torch.device, dtype: torch.dtype):
     student.load_state_dict(teacher.state_dict())
     student.to(device).requires_grad_(False)
     if a.grad_checkpointing:
-        kw = {"use_reentrant": False}
-        if hasattr(student, "activation_checkpointing_enable"):
-            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        student.config.use_cache = False
+        enable_checkpointing(student)  # the same switch load_student uses
     student = get_peft_model(student, LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0,
                                                  target_modules=["q_proj", "k_proj", "v_proj"], bias="none",
                                                  task_type="CAUSAL_LM"))

@@ -249,7 +249,8 @@ def check_same_architecture(teacher_config, student_config) -> None:
         raise ModelError("model.student must have the teacher's architecture (layer and head counts): " + "; ".join(diffs))
 
 
-def _enable_checkpointing(model) -> None:
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on a HF causal LM (cache off)."""
     # Non-reentrant checkpointing keeps the autograd graph of tensors captured inside a
     # checkpointed layer (the relation loss reads q/k/v from inside), and needs no input-grad hack
     # for frozen embeddings under LoRA.
@@ -291,7 +292,7 @@ def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, lora_cfg: LoraCon
     if missing:
         raise ModelError(f"lora.target_modules {missing} do not exist in {type(model).__name__}")
     if gradient_checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     if lora_cfg.enabled:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
