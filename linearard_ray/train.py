@@ -34,6 +34,7 @@ from linearard_ray.checkpointing import (
 )
 from linearard_ray.config import Config, ConfigError, build_config, dump_config, flatten
 from linearard_ray.schedule import build_scheduler
+from linearard_ray.storage import is_uri, read_text, write_text
 from linearard_ray.train_stream import DEFAULT_SHUFFLE_TOKENS, BlockStream, Prefetcher
 
 FAIL_MARKER = "linearard_fail_at_step.fired"
@@ -204,37 +205,8 @@ def _manifest_ctx_len(m: dict) -> int | None:
 # --------------------------------------------------------------------------- storage helpers
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def resolve_storage_path(path: str) -> str:
-    return path if _is_uri(path) else str(Path(path).expanduser().resolve())
-
-
-def _fs_and_path(path: str):
-    import pyarrow.fs as pafs
-
-    if _is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
-def storage_read_text(path: str) -> str | None:
-    import pyarrow.fs as pafs
-
-    fs, p = _fs_and_path(path)
-    if fs.get_file_info(p).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.read().decode()
-
-
-def storage_write_text(path: str, text: str) -> None:
-    fs, p = _fs_and_path(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 # --------------------------------------------------------------------------- worker helpers
@@ -582,7 +554,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if fail_at is not None and rank != world - 1:
         fail_at = None
     if fail_at is not None:
-        if storage_read_text(_fail_marker_path(job)) is not None:
+        if read_text(_fail_marker_path(job)) is not None:
             fail_at = None  # already fired on an earlier attempt
 
     last_eval: dict[str, float] = {}
@@ -636,7 +608,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
 
         if fail_at is not None and state.step == fail_at:
-            storage_write_text(_fail_marker_path(job), f"fired at step {state.step}\n")
+            write_text(_fail_marker_path(job), f"fired at step {state.step}\n")
             raise RuntimeError(f"train.fail_at_step={fail_at}: injected worker failure (rank {rank})")
 
         is_last = state.step == job.total_steps
@@ -781,7 +753,7 @@ def _open_mlflow_run(cfg: Config, storage_dir: str) -> tuple[str | None, str | N
     uri = cfg.tracking.resolved_uri()
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     job_file = f"{storage_dir}/{JOB_FILE}"
-    prior = storage_read_text(job_file)
+    prior = read_text(job_file)
     if prior:
         info = json.loads(prior)
         if info.get("tracking_uri") == uri and info.get("mlflow_run_id"):
@@ -791,7 +763,7 @@ def _open_mlflow_run(cfg: Config, storage_dir: str) -> tuple[str | None, str | N
             except Exception:
                 pass  # the run was deleted from the store: start a new one
     run_id = tracking.create_run(uri, exp_id, cfg.train.run_name, tags={"linearard.storage": storage_dir})
-    storage_write_text(job_file, json.dumps({"tracking_uri": uri, "experiment_id": exp_id, "mlflow_run_id": run_id}))
+    write_text(job_file, json.dumps({"tracking_uri": uri, "experiment_id": exp_id, "mlflow_run_id": run_id}))
     return uri, exp_id, run_id
 
 

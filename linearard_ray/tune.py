@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from linearard_ray.config import Config, ConfigError, TuneConfig, build_config, dump_config
+from linearard_ray.storage import fs_and_path, is_uri, read_text, write_bytes
 from linearard_ray.search_space import (
     ParamSpec,
     apply_params,
@@ -69,40 +70,12 @@ class SweepResult:
 # --------------------------------------------------------------------------- storage (local or URI)
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _abs(path: str, cwd: str) -> str:
-    if _is_uri(path):
+    if is_uri(path):
         return path
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (Path(cwd) / p).resolve())
 
-
-def _fs(path: str):
-    import pyarrow.fs as pafs
-
-    if _is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    fs, p = _fs(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(data)
-
-
-def read_text(path: str) -> str | None:
-    import pyarrow.fs as pafs
-
-    fs, p = _fs(path)
-    if fs.get_file_info(p).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.read().decode()
 
 
 # --------------------------------------------------------------------------- checks before Ray starts
@@ -207,13 +180,13 @@ def _absolutize(d: dict, cwd: str) -> dict:
     m, data = d["model"], d["data"]
     for k in ("teacher", "student"):
         v = m.get(k)
-        if v and not _is_uri(v) and (Path(cwd) / v).exists():
+        if v and not is_uri(v) and (Path(cwd) / v).exists():
             m[k] = _abs(v, cwd)
     if m.get("cache_dir"):
         m["cache_dir"] = _abs(m["cache_dir"], cwd)
 
     def src(s: str) -> str:
-        return s if _is_uri(s) or s.startswith(("builtin:", "hf:")) else _abs(s, cwd)
+        return s if is_uri(s) or s.startswith(("builtin:", "hf:")) else _abs(s, cwd)
 
     data["sources"] = [src(s) for s in data["sources"]]
     if data.get("lm_sources"):
@@ -679,7 +652,7 @@ def _log_mlflow(cfg, specs, plan, rows, best, best_text, uri, exp_id, session, f
 
 
 def read_bytes(path: str) -> bytes:
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     with fs.open_input_stream(p) as f:
         return f.read()
 
