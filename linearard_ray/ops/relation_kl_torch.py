@@ -53,6 +53,15 @@ def _cols_for(r1: int, T: int, causal: bool) -> int:
     return r1 if causal else T
 
 
+def _masked_rows(a, b, c, d, mask, r0: int, r1: int, n: int, causal: bool, scale_s: float, scale_t: float):
+    """Student and teacher logits of rows r0:r1 against columns :n (-inf where not valid) and the
+    validity map: the tile that the forward and the backward both build."""
+    valid = _valid(mask, r0, r1, n, causal, a.shape[0], a.device)
+    s = _logits(a[:, :, r0:r1], b[:, :, :n], scale_s).masked_fill_(~valid, float("-inf"))
+    t = _logits(c[:, :, r0:r1], d[:, :, :n], scale_t).masked_fill_(~valid, float("-inf"))
+    return s, t, valid
+
+
 def relation_kl_rows_forward(sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float,
                              chunk: int | None = None):
     """Per-row KL [B, H, T] (fp32) plus the saved LSEs (fp32, +inf on rows with nothing valid)."""
@@ -67,9 +76,7 @@ def relation_kl_rows_forward(sq, sk, tq, tk, mask, causal: bool, scale_s: float,
     for r0 in range(0, T, step):
         r1 = min(T, r0 + step)
         n = _cols_for(r1, T, causal)
-        valid = _valid(mask, r0, r1, n, causal, B, sq.device)
-        s = _logits(a[:, :, r0:r1], b[:, :, :n], scale_s).masked_fill_(~valid, float("-inf"))
-        t = _logits(c[:, :, r0:r1], d[:, :, :n], scale_t).masked_fill_(~valid, float("-inf"))
+        s, t, valid = _masked_rows(a, b, c, d, mask, r0, r1, n, causal, scale_s, scale_t)
         row_ok = valid.any(-1)
         ls = torch.where(row_ok, torch.logsumexp(s, -1), inf)
         lt = torch.where(row_ok, torch.logsumexp(t, -1), inf)
@@ -96,9 +103,7 @@ def relation_kl_rows_backward(dkl, sq, sk, tq, tk, mask, causal: bool, scale_s: 
     for r0 in range(0, T, step):
         r1 = min(T, r0 + step)
         n = _cols_for(r1, T, causal)
-        valid = _valid(mask, r0, r1, n, causal, B, sq.device)
-        s = _logits(a[:, :, r0:r1], b[:, :, :n], scale_s).masked_fill_(~valid, float("-inf"))
-        t = _logits(c[:, :, r0:r1], d[:, :, :n], scale_t).masked_fill_(~valid, float("-inf"))
+        s, t, valid = _masked_rows(a, b, c, d, mask, r0, r1, n, causal, scale_s, scale_t)
         # lse = +inf on empty rows, -inf logits on hidden columns: both give probability 0.
         g = (s.sub_(lse_s[:, :, r0:r1, None]).exp_() - t.sub_(lse_t[:, :, r0:r1, None]).exp_())
         g.mul_(dkl[:, :, r0:r1, None])
