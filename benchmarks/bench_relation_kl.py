@@ -317,15 +317,57 @@ def sweep(D):
 
 
 # ----------------------------------------------------------------------------- main
+def integration(T=4096, H=32, D=128):
+    """One LLaMA-2-7B layer call the way training makes it: q/k/v are [B, T, H, D] projections
+    viewed as [B, H, T, D] (row stride H*D), the loss divides each relation's sum by its own
+    normaliser, and the batch mask is all ones (passed, or dropped as the training loss does)."""
+    log(f"\n### One 7B layer call (Q/Q+K/K+V/V, H={H}, T={T}, D={D}, bf16, causal) by input layout\n")
+    log("| layout | mask | fwd ms | fwd+bwd ms |")
+    log("|---|---|---|---|")
+
+    def make(strided):
+        xs = [torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
+        return [x.transpose(1, 2) if strided else x.transpose(1, 2).contiguous() for x in xs]
+
+    for strided in (False, True):
+        s, t = make(strided), [x + 0.5 * torch.randn_like(x) for x in make(strided)]
+        leaves = [x.detach().clone().requires_grad_(True) for x in s]  # clone keeps the strides
+        ones = torch.ones(1, T, dtype=torch.long, device=DEV)
+        for mask in (None, ones):
+            def f():
+                return relation_kl_layer(*s, *t, attention_mask=mask)
+
+            def fb():
+                vals = relation_kl_layer(*leaves, *t, attention_mask=mask)
+                sum(v / (H * T) * w for v, w in zip(vals, (1.0, 1.0, 1.0))).backward()
+
+            log(f"| {'[B,T,H,D] view' if strided else 'contiguous [B,H,T,D]'} | {'ones' if mask is not None else 'none'} "
+                f"| {fmt_ms(bench(f))} | {fmt_ms(bench(fb, grad_to_none=leaves))} |")
+
+        def three_fb():
+            sum(relation_kl(x, None, y, None) / (H * T) for x, y in zip(leaves, t)).backward()
+
+        log(f"| {'[B,T,H,D] view' if strided else 'contiguous [B,H,T,D]'}, three single calls | none | - "
+            f"| {fmt_ms(bench(three_fb, grad_to_none=leaves))} |")
+        del s, t, leaves
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
+    ap.add_argument("--integration", action="store_true",
+                    help="only the 7B layer call by input layout and mask (what training passes)")
     args = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {importlib.import_module('triton').__version__}")
     torch.manual_seed(0)
+    if args.integration:
+        integration()
+        return 0
     if args.check:
         ok = check()
         log(f"CHECK {'PASSED' if ok else 'FAILED'}")

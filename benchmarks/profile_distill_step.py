@@ -1,26 +1,52 @@
-"""Profile a few distillation steps (the bench_distill_step model) with torch.profiler and print
-where device and host time go. Used to find integration slowdowns the op benchmark cannot see.
+"""Profile a distillation step (the bench_distill_step model) with torch.profiler: where the GPU
+time goes, by kernel family, and how much of the step the GPU is busy at all.
 
-    python benchmarks/profile_distill_step.py --layers 4
+    python benchmarks/profile_distill_step.py                  # 32 layers, T=4096 (bench defaults)
+    python benchmarks/profile_distill_step.py --layers 4 --top 25
+
+The relation-loss share printed here is kernel time (the op's Triton kernels plus the small
+kernels of its launch path), which CUDA events around the calls cannot isolate when the host
+falls behind the GPU. Used to find integration slowdowns the op benchmark cannot see.
 """
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import bench_distill_step as b  # noqa: E402
 from linearard_ray.config import ObjectiveConfig  # noqa: E402
 from linearard_ray.loss import Objective  # noqa: E402
 
+# Kernel name fragments -> family. Our relation kernels are the Triton `_fwd_kernel`/`_bwd_kernel`.
+FAMILIES = (
+    ("relation KL (Triton)", ("_fwd_kernel", "_bwd_kernel")),
+    ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn")),
+    ("matmul (GEMM)", ("gemm", "cutlass", "nvjet", "xmma", "ampere_", "sm90_", "splitk")),
+)
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other (elementwise, reductions, copies, optimizer)"
+
 
 def main() -> None:
-    a = b.parse(sys.argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--top", type=int, default=0, help="also print the top-N kernels and host ops")
+    own, rest = p.parse_known_args(sys.argv[1:])
+    a = b.parse(rest)
     dev = torch.device("cuda")
     teacher, student, rope = b.build_models(a, dev, torch.bfloat16)
     obj = Objective(ObjectiveConfig(name="linearard"), rope, a.layers, a.backend)
@@ -34,17 +60,40 @@ def main() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = obj(teacher, student, batch)
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
 
-    for _ in range(2):
+    for _ in range(a.warmup):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    walls = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()
-    ka = prof.key_averages()
-    print(ka.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    print(ka.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+        walls.append((time.perf_counter() - t0) * 1e3)
+    wall = sorted(walls)[len(walls) // 2]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("step"):
+            step()
+        torch.cuda.synchronize()
+    fams: dict[str, float] = {}
+    for e in prof.events():  # kernels only: operator rows repeat their kernels' device time
+        if e.device_type == DeviceType.CUDA:
+            f = family(e.name)
+            fams[f] = fams.get(f, 0.0) + e.time_range.elapsed_us() / 1e3
+    busy = sum(fams.values())
+    print(f"L={a.layers} H={a.heads} D={a.hidden // a.heads} T={a.seq} B={a.batch} LoRA r={a.lora_r} "
+          f"grad ckpt {a.grad_checkpointing} | {torch.cuda.get_device_name()} | ops backend {a.backend}")
+    print(f"step wall (median of {len(walls)}, unprofiled) {wall:.1f} ms | GPU busy in the profiled step {busy:.1f} ms")
+    print("| kernel family | GPU ms | share of GPU busy | share of step wall |")
+    print("|---|---|---|---|")
+    for f, t in sorted(fams.items(), key=lambda kv: -kv[1]):
+        print(f"| {f} | {t:.1f} | {100 * t / busy:.1f}% | {100 * t / wall:.1f}% |")
+    if own.top:
+        ka = prof.key_averages()
+        print(ka.table(sort_by="self_device_time_total", row_limit=own.top, max_name_column_width=70))
+        print(ka.table(sort_by="cpu_time_total", row_limit=own.top, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -67,15 +67,21 @@ def decoder_and_head(model):
     return dec, head
 
 
-def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(ids, mask, dense) on `device`; dense = no padding anywhere (decided before the copy, so a
+    CPU batch costs no device sync)."""
     if "input_ids" not in batch:
         raise KeyError("batch needs 'input_ids'")
     ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    if mask is None:
+        mask, dense = torch.ones_like(ids), True
+    else:
+        dense = bool(mask.all())
+        mask = mask.to(device)
     if ids.dim() != 2 or mask.shape != ids.shape:
         raise ValueError(f"batch input_ids {tuple(ids.shape)} / attention_mask {tuple(mask.shape)} must both be [B, T]")
-    return ids, mask
+    return ids, mask, dense
 
 
 def _device_of(model) -> torch.device:
@@ -116,8 +122,12 @@ class Objective:
             hit = self._corr_cache[id(cfg)] = (cfg, 1.0 / (m * m))
         return hit[1]
 
-    def _relations(self, tcap, scap, mask, corr_s: float, corr_t: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _relations(self, tcap, scap, mask, corr_s: float, corr_t: float,
+                   dense: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n_tok = mask.sum().clamp_min(1).to(torch.float32)
+        # A block without padding needs no mask in the kernels: the masked path loads and applies
+        # it on every tile, which costs time in an exp-bound inner loop.
+        op_mask = None if dense else mask
         per_rel: dict[str, list[torch.Tensor]] = {r: [] for r in self.relations}
         logs: dict[str, torch.Tensor] = {}
         fused = self.cfg.relation.fused and len(self.relations) == 3
@@ -128,7 +138,7 @@ class Objective:
             scales_t = {"q": t_scale * corr_t, "k": t_scale * corr_t, "v": t_scale}
             if fused:
                 vals = ops.relation_kl_layer(
-                    scap.q[l], scap.k[l], scap.v[l], tcap.q[l], tcap.k[l], tcap.v[l], attention_mask=mask,
+                    scap.q[l], scap.k[l], scap.v[l], tcap.q[l], tcap.k[l], tcap.v[l], attention_mask=op_mask,
                     causal=True, student_scales=tuple(scales_s[r] for r in RELATIONS),
                     teacher_scales=tuple(scales_t[r] for r in RELATIONS), reduction="sum", backend=self.backend)
                 sums = dict(zip(RELATIONS, vals))
@@ -136,7 +146,7 @@ class Objective:
                 sums = {}
                 for r in self.relations:
                     s, t = getattr(scap, r)[l], getattr(tcap, r)[l]
-                    sums[r] = ops.relation_kl(s, None, t, None, attention_mask=mask, causal=True,
+                    sums[r] = ops.relation_kl(s, None, t, None, attention_mask=op_mask, causal=True,
                                               student_scale=scales_s[r], teacher_scale=scales_t[r],
                                               reduction="sum", backend=self.backend)
             for r in self.relations:
@@ -156,7 +166,7 @@ class Objective:
 
     def __call__(self, teacher, student, batch: dict, lm_batch: dict | None = None) -> LossOutput:
         dev = _device_of(student)
-        ids, mask = _batch_to(batch, dev)
+        ids, mask, dense = _batch_to(batch, dev)
         s_dec, s_head = decoder_and_head(student)
         logs: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=dev)
@@ -189,7 +199,7 @@ class Objective:
                     s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
                 scap.check_complete()
                 rel, rel_logs = self._relations(tcap, scap, mask, self._scale_correction(student),
-                                                self._scale_correction(teacher))
+                                                self._scale_correction(teacher), dense)
                 logs.update(rel_logs)
                 loss = loss + self.w_rel * rel
                 del scap, tcap
@@ -208,7 +218,7 @@ class Objective:
                 logs["next_token"] = nt
                 loss = loss + self.w_nt * nt
         if self.w_nt > 0 and lm_batch is not None:
-            lids, lmask = _batch_to(lm_batch, dev)
+            lids, lmask, _ = _batch_to(lm_batch, dev)
             h = s_dec(input_ids=lids, attention_mask=lmask, use_cache=False).last_hidden_state
             nt = self._next_token(h, s_head, lids, lmask)
             logs["next_token"] = nt

@@ -105,6 +105,35 @@ def test_relation_term_matches_direct_computation(cache_dir, teachers, family):
         assert unfused.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-8)
 
 
+def test_dense_batch_skips_the_mask_with_the_same_loss(cache_dir, teachers, monkeypatch):
+    """A batch without padding reaches the relation op with no mask (the kernels' cheaper path)
+    and gives the same loss as the masked path would, with or without an explicit all-ones mask."""
+    teacher, student = teachers["llama"], _student(cache_dir, perturb=0.05)
+    batch = _batch(seed=3)
+    dense = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"])}
+    seen = []
+    real = loss_mod.ops.relation_kl_layer
+
+    def spy(*a, **kw):
+        seen.append(kw["attention_mask"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loss_mod.ops, "relation_kl_layer", spy)
+    out = _obj()(teacher, student, dense)
+    no_mask = _obj()(teacher, student, {"input_ids": dense["input_ids"]})
+    assert seen and all(m is None for m in seen)
+    seen.clear()
+    padded = _obj()(teacher, student, batch)
+    assert seen and all(m is not None for m in seen)
+    sc, tc = _captures(student, dense), _captures(teacher, dense)
+    alpha = teacher.config.head_dim ** -0.5
+    n_tok = dense["input_ids"].numel()
+    ref_q0 = _ref_self_kl(sc.q[0], tc.q[0], dense["attention_mask"], alpha, alpha).item() / (4 * n_tok)
+    assert out.metrics["relation_layer0_q"] == pytest.approx(ref_q0, rel=1e-4)
+    assert no_mask.metrics["loss"] == pytest.approx(out.metrics["loss"], rel=1e-6)
+    assert padded.metrics["loss"] != pytest.approx(out.metrics["loss"], rel=1e-3)
+
+
 def test_layer_selection(cache_dir, teachers):
     student = _student(cache_dir)
     out = _obj(layers="last:1")(teachers["llama"], student, _batch())

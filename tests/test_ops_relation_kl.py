@@ -199,6 +199,26 @@ def test_layer_matches_three_calls(backend):
         assert rel_err(leaves[i].grad, x.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_layer_runs_separate_launches_with_the_same_result(backend, monkeypatch):
+    """Above FUSED_LAYER_MAX_ROWS the layer call runs three launches: same values and grads."""
+    import linearard_ray.ops.relation_kl_api as api
+
+    gen = torch.Generator().manual_seed(8)
+    B, T, D = 1, 33, 16
+    sq, sk, tq, tk = make(B, 4, 2, T, D, torch.float32, gen)
+    sv, _, tv, _ = make(B, 2, 2, T, D, torch.float32, gen)
+    results = []
+    for limit in (10**9, 0):
+        monkeypatch.setattr(api, "FUSED_LAYER_MAX_ROWS", limit)
+        leaves = [x.clone().requires_grad_(True) for x in (sq, sk, sv)]
+        outs = relation_kl_layer(*leaves, tq, tk, tv, backend=backend)
+        sum(o * w for o, w in zip(outs, (1.0, 0.5, 2.0))).backward()
+        results.append([o.detach() for o in outs] + [x.grad for x in leaves])
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-6
+
+
 def _bad_calls():
     x = torch.randn(1, 4, 8, 16)
     k2 = torch.randn(1, 2, 8, 16)

@@ -29,6 +29,12 @@ import torch
 from . import relation_kl_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The fused Triton launch of a layer's three relations pays off while one relation alone cannot
+# fill the GPU (it saves launches and the tail wave). Measured on an H100 (benchmarks/RESULTS.md):
+# 0.82x three calls at GQA 32/8 heads, T=2048 (B*heads*T = 98K rows), parity at 4K, but 1.9x
+# *slower* for a LLaMA-2-7B layer (3 x 32 heads, T=4096, 393K rows). Above this many rows the
+# layer call runs the three relations as separate launches.
+FUSED_LAYER_MAX_ROWS = 2048 * 48
 _REDUCTIONS = ("sum", "mean", "none")
 _BACKENDS = ("auto", "triton", "torch")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -223,8 +229,9 @@ def relation_kl_layer(student_q: torch.Tensor, student_k: torch.Tensor, student_
                       reduction: str = "sum", backend: str = "auto", check_finite: bool = False):
     """The Q/Q, K/K and V/V self-relations of one layer -> (kl_qq, kl_kk, kl_vv).
 
-    On the Triton backend the three relations share one kernel launch per pass. q may have more
-    heads than k and v (GQA); k and v must have the same head count, and all six tensors one B, T, D.
+    On the Triton backend the three relations share one kernel launch per pass when the layer is
+    small (B * heads * T <= FUSED_LAYER_MAX_ROWS), else each gets its own. q may have more heads
+    than k and v (GQA); k and v must have the same head count, and all six tensors one B, T, D.
     """
     names = ("q", "k", "v")
     students = (student_q, student_k, student_v)
@@ -259,8 +266,12 @@ def relation_kl_layer(student_q: torch.Tensor, student_k: torch.Tensor, student_
         _check_finite(zip(("student_q", "student_k", "student_v", "teacher_q", "teacher_k", "teacher_v"),
                           students + teachers))
     which = _resolve_backend(backend, list(students + teachers), _triton_supports)
-    if which == "triton":
+    rows = B * T * sum(s.shape[1] for s in students)
+    if which == "triton" and rows <= FUSED_LAYER_MAX_ROWS:
         kls = _triton_module().relation_kl_layer_rows(students, teachers, mask, causal, a_s, a_t)
+    elif which == "triton":
+        kls = tuple(_triton_module().relation_kl_rows(s, None, t, None, mask, causal, x, y)
+                    for s, t, x, y in zip(students, teachers, a_s, a_t))
     else:
         kls = tuple(relation_kl_torch.relation_kl_rows(s, None, t, None, mask, causal, x, y)
                     for s, t, x, y in zip(students, teachers, a_s, a_t))
