@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from linearard_ray.ops import relation_kl, relation_kl_layer
+from linearard_ray.ops.relation_kl_api import FUSED_LAYER_MAX_ROWS as FUSED_DEFAULT
 
 rk = importlib.import_module("linearard_ray.ops.relation_kl")
 DEV = "cuda"
@@ -317,41 +318,42 @@ def sweep(D):
 
 
 # ----------------------------------------------------------------------------- main
-def integration(T=4096, H=32, D=128):
-    """One LLaMA-2-7B layer call the way training makes it: q/k/v are [B, T, H, D] projections
-    viewed as [B, H, T, D] (row stride H*D), the loss divides each relation's sum by its own
-    normaliser, and the batch mask is all ones (passed, or dropped as the training loss does)."""
-    log(f"\n### One 7B layer call (Q/Q+K/K+V/V, H={H}, T={T}, D={D}, bf16, causal) by input layout\n")
-    log("| layout | mask | fwd ms | fwd+bwd ms |")
-    log("|---|---|---|---|")
+def integration(B=1, T=4096, H=32, Hkv=32, D=128):
+    """One layer call the way training makes it: q/k/v are [B, T, heads, D] projections viewed as
+    [B, heads, T, D] (row stride heads*D), the loss divides each relation's sum by its own
+    normaliser, and the batch mask is all ones (passed, or dropped as the training loss does).
+    Defaults: a LLaMA-2-7B layer; SmolLM2-135M is B=2, T=2048, H=9, Hkv=3, D=64."""
+    import linearard_ray.ops.relation_kl_api as api
+
+    log(f"\n### One layer call (Q/Q+K/K+V/V, B={B}, H={H}/{Hkv}, T={T}, D={D}, bf16, causal) by input layout\n")
+    log("| layout | mask | launch | fwd ms | fwd+bwd ms |")
+    log("|---|---|---|---|---|")
+    heads = (H, Hkv, Hkv)
 
     def make(strided):
-        xs = [torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
+        xs = [torch.randn(B, T, h, D, device=DEV, dtype=torch.bfloat16) for h in heads]
         return [x.transpose(1, 2) if strided else x.transpose(1, 2).contiguous() for x in xs]
 
     for strided in (False, True):
         s, t = make(strided), [x + 0.5 * torch.randn_like(x) for x in make(strided)]
         leaves = [x.detach().clone().requires_grad_(True) for x in s]  # clone keeps the strides
-        ones = torch.ones(1, T, dtype=torch.long, device=DEV)
-        for mask in (None, ones):
+        ones = torch.ones(B, T, dtype=torch.long, device=DEV)
+        for mask, limit in ((None, 10**12), (ones, 10**12), (None, 0)):
+            api.FUSED_LAYER_MAX_ROWS = limit
+
             def f():
                 return relation_kl_layer(*s, *t, attention_mask=mask)
 
             def fb():
                 vals = relation_kl_layer(*leaves, *t, attention_mask=mask)
-                sum(v / (H * T) * w for v, w in zip(vals, (1.0, 1.0, 1.0))).backward()
+                sum(v / (h * B * T) for v, h in zip(vals, heads)).backward()
 
             log(f"| {'[B,T,H,D] view' if strided else 'contiguous [B,H,T,D]'} | {'ones' if mask is not None else 'none'} "
-                f"| {fmt_ms(bench(f))} | {fmt_ms(bench(fb, grad_to_none=leaves))} |")
-
-        def three_fb():
-            sum(relation_kl(x, None, y, None) / (H * T) for x, y in zip(leaves, t)).backward()
-
-        log(f"| {'[B,T,H,D] view' if strided else 'contiguous [B,H,T,D]'}, three single calls | none | - "
-            f"| {fmt_ms(bench(three_fb, grad_to_none=leaves))} |")
+                f"| {'fused' if limit else 'three'} | {fmt_ms(bench(f))} | {fmt_ms(bench(fb, grad_to_none=leaves))} |")
         del s, t, leaves
         gc.collect()
         torch.cuda.empty_cache()
+    api.FUSED_LAYER_MAX_ROWS = FUSED_DEFAULT
 
 
 def main():
@@ -366,7 +368,8 @@ def main():
         f"triton {importlib.import_module('triton').__version__}")
     torch.manual_seed(0)
     if args.integration:
-        integration()
+        integration()  # LLaMA-2-7B layer
+        integration(B=2, T=2048, H=9, Hkv=3, D=64)  # SmolLM2-135M layer, the study's shape
         return 0
     if args.check:
         ok = check()
