@@ -69,8 +69,12 @@ def tiny_config(family: str, **overrides):
     return cls(**kw)
 
 
-def build_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0, **overrides) -> Path:
-    """Save a random tiny model of `family` plus the tiny tokenizer into out_dir (idempotent)."""
+def build_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0, proj_std: float | None = 0.15,
+                     dtype: str = "float32", **overrides) -> Path:
+    """Save a random tiny model of `family` plus the tiny tokenizer into out_dir (idempotent).
+
+    proj_std: the projections' init std (None keeps the config's; wide shapes such as a
+    LLaMA-7B-shaped benchmark model need None, or activations overflow in 16-bit)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,11 +86,12 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0, **o
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     # Random init is tiny (std 0.02); widen it so attention maps are far from uniform and
     # relation losses are well away from zero.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("proj" in name):
-                p.normal_(0.0, 0.15)
-    model.save_pretrained(out)
+    if proj_std is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and ("proj" in name):
+                    p.normal_(0.0, proj_std)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
     build_tiny_tokenizer(out)
     return out
 
