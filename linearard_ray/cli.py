@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, get_args, get_origin
+from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -19,6 +19,8 @@ def _type_name(ann: Any) -> str:
     origin = get_origin(ann)
     if origin is None:
         return getattr(ann, "__name__", str(ann))
+    if origin is Annotated:  # validators are not part of what the user types
+        return _type_name(get_args(ann)[0])
     args = ", ".join(_type_name(a) for a in get_args(ann))
     return f"{getattr(origin, '__name__', str(origin))}[{args}]"
 

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from linearard_ray.corpus import check_builtin, is_builtin
 
 
 class ConfigError(ValueError):
@@ -263,6 +275,50 @@ class DataConfig(_Section):
 DEFAULT_MAX_STEPS = 24
 
 
+# What the in-training held-out evaluation reports for each text domain. The default domain
+# (held-out SOTU) reports them under these names; a train.eval_sources domain under
+# domain_metric(name, metric), e.g. eval_pydocs_nll_gap.
+HELDOUT_METRICS = ("student_nll", "teacher_nll", "nll_gap", "recovery_pct", "long_nll")
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def domain_metric(domain: str, metric: str) -> str:
+    """The metric name (MLflow, ray.train.report, tune.metric) of one train.eval_sources domain."""
+    return f"eval_{domain}_{metric}"
+
+
+def _check_domain_name(name: str) -> str:
+    # The name becomes part of metric names: keep it to characters MLflow and Tune take as they are.
+    if not _DOMAIN_NAME.fullmatch(name):
+        raise ValueError(f"domain name {name!r}: use letters, digits, '_' and '-' (metrics are named eval_<name>_nll_gap, ...)")
+    return name
+
+
+def _one_source_as_list(v: Any) -> Any:
+    # `--set train.eval_sources.pydocs=builtin:pydocs` gives a bare string.
+    return [v] if isinstance(v, str) else v
+
+
+def _check_domain_sources(sources: list[str]) -> list[str]:
+    """Structure and built-in names only: whether local files exist is checked by the driver
+    (train.check_eval_sources), since workers re-validate this config on other machines."""
+    if not sources:
+        raise ValueError("no sources: give at least one, e.g. [builtin:pydocs]")
+    for src in sources:
+        if not src.strip():
+            raise ValueError("empty source string")
+        if "://" in src or src.startswith("hf:"):
+            raise ValueError(f"{src!r}: the in-training evaluation reads builtin: corpora and local files, "
+                             "directories and globs only")
+        if is_builtin(src):
+            check_builtin(src)
+    return sources
+
+
+EvalDomainName = Annotated[str, AfterValidator(_check_domain_name)]
+EvalDomainSources = Annotated[list[str], BeforeValidator(_one_source_as_list), AfterValidator(_check_domain_sources)]
+
+
 class TrainConfig(_Section):
     run_name: str = Field("linearard-default", description="Deterministic name; starting a job again with it resumes.")
     storage_path: str = Field("outputs/ray", description="Ray Train storage (local dir or s3://).")
@@ -296,6 +352,12 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(None, ge=1, description="Held-out NLL gap every N steps (used by sweeps).")
     eval_texts: int = Field(4, ge=1, description="Held-out blocks for the in-training evaluation.")
     eval_long_len: int | None = Field(None, description="Also report NLL at this length during training.")
+    eval_sources: dict[EvalDomainName, EvalDomainSources] = Field(
+        default_factory=dict,
+        description="Extra held-out text domains for the in-training evaluation, name -> sources (builtin:<corpus>, "
+        "local files, directories, globs), e.g. {pydocs: [builtin:pydocs]}; each reports eval_<name>_nll_gap, "
+        "eval_<name>_recovery_pct, ... every train.eval_every steps. {} = held-out SOTU only.",
+    )
     evaluate_at_end: bool = False
     fail_at_step: int | None = Field(None, description="Testing aid: raise once at this step (simulates a worker failure).")
 
@@ -312,6 +374,14 @@ class TrainConfig(_Section):
     def _budget(self) -> "TrainConfig":
         if self.budget_tokens is None and self.max_steps is None:
             raise ValueError("train: set budget_tokens or max_steps")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_sources_need_cadence(self) -> "TrainConfig":
+        # Without eval_every nothing would be measured: say so instead of ignoring the domains.
+        if self.eval_sources and self.eval_every is None:
+            raise ValueError("train.eval_sources are measured every train.eval_every steps: set train.eval_every, "
+                             "or train.eval_sources={} for no extra domain")
         return self
 
 

@@ -34,15 +34,24 @@ def is_builtin(source: str) -> bool:
     return source.startswith(BUILTIN_PREFIX)
 
 
-def iter_builtin(source: str) -> Iterator[dict]:
-    """Documents of a ``builtin:`` source."""
-    name = source[len(BUILTIN_PREFIX):]
-    corpus, _, split = name.partition("/")
-    if corpus == "pydocs":
-        return iter_pydocs(split or None)
-    if corpus != "sotu":
+def check_builtin(source: str) -> None:
+    """ValueError unless ``source`` names a built-in corpus and one of its splits; reads nothing,
+    so configs can be checked before any worker starts."""
+    corpus, _, split = source[len(BUILTIN_PREFIX):].partition("/")
+    splits = {"sotu": SPLITS, "pydocs": PYDOCS_SECTIONS}.get(corpus)
+    if splits is None:
         raise ValueError(f"unknown built-in corpus {source!r}; available: builtin:sotu[/train|/eval|/extra], "
                          f"builtin:pydocs[/{'|/'.join(PYDOCS_SECTIONS)}]")
+    if split and split not in splits:
+        raise ValueError(f"{source!r}: unknown {corpus} split {split!r}; choose one of {splits}")
+
+
+def iter_builtin(source: str) -> Iterator[dict]:
+    """Documents of a ``builtin:`` source."""
+    check_builtin(source)
+    corpus, _, split = source[len(BUILTIN_PREFIX):].partition("/")
+    if corpus == "pydocs":
+        return iter_pydocs(split or None)
     return iter_sotu(split or None)
 
 

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from linearard_ray.corpus import is_builtin, iter_builtin
+from linearard_ray.corpus import check_builtin, is_builtin, iter_builtin
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -100,6 +100,18 @@ def _expand(source: str) -> list[Path]:
     if not matches:
         raise TextsError(f"eval text source {source!r}: no such file, directory or glob match")
     return matches
+
+
+def check_source(source: str) -> None:
+    """TextsError unless ``source`` can be read here: a known built-in corpus (nothing is read)
+    or a local path, directory or glob that matches files."""
+    if is_builtin(source):
+        try:
+            check_builtin(source)
+        except ValueError as e:
+            raise TextsError(str(e)) from None
+    else:
+        _expand(source)
 
 
 def _records(path: Path, text_column: str) -> Iterator[tuple[str, object]]:

@@ -32,7 +32,7 @@ from linearard_ray.checkpointing import (
     restore_rng,
     save_checkpoint,
 )
-from linearard_ray.config import Config, ConfigError, build_config, dump_config, flatten
+from linearard_ray.config import Config, ConfigError, build_config, domain_metric, dump_config, flatten
 from linearard_ray.schedule import build_scheduler
 from linearard_ray.storage import is_uri, read_text, write_text
 from linearard_ray.train_stream import DEFAULT_SHUFFLE_TOKENS, BlockStream, Prefetcher
@@ -346,42 +346,59 @@ def progress_line(step: int, total: int, m: dict[str, float], eta_s: float, loss
 # --------------------------------------------------------------------------- in-training evaluation
 
 
+DEFAULT_EVAL_SOURCE = "builtin:sotu/eval"
+
+
 class HeldOutEval:
-    """Mean next-token NLL of the student (and once, the teacher) on held-out SOTU blocks.
+    """Mean next-token NLL of the student (and once, the teacher) on the held-out blocks of one
+    text domain: the first ``train.eval_texts`` documents of at least ``data.ctx_len`` tokens, cut
+    to that length, and with ``train.eval_long_len`` the start of the documents joined.
 
     Windows are split across workers and the sums all-reduced, so every worker ends with the same
-    numbers (they are reported through ``ray.train.report``, where a sweep reads them).
+    numbers (they are reported through ``ray.train.report``, where a sweep reads them). Metric
+    names carry ``prefix`` (empty for held-out SOTU, ``eval_<name>_`` for a train.eval_sources
+    domain); ``field`` is the config field that errors name.
     """
 
-    SOURCE = "builtin:sotu/eval"
-
-    def __init__(self, cfg: Config, tokenizer, device: torch.device, rank: int, world: int):
-        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        ids = self._documents(tokenizer)
-        T = cfg.data.ctx_len
+    def __init__(self, cfg: Config, tokenizer, device: torch.device, rank: int, world: int, *,
+                 sources: tuple[str, ...] = (DEFAULT_EVAL_SOURCE,), prefix: str = "", field: str = "train.eval_every"):
+        self.cfg, self.device, self.rank, self.world, self.prefix = cfg, device, rank, world, prefix
+        T, L = cfg.data.ctx_len, cfg.train.eval_long_len
+        ids = self._documents(tokenizer, sources, field)
         short = [d[:T] for d in ids if len(d) >= T][: cfg.train.eval_texts]
         if not short:
-            raise ConfigError(f"train.eval_every: no held-out document of {self.SOURCE} has data.ctx_len={T} tokens")
+            raise ConfigError(f"{field}: no held-out document of {', '.join(sources)} has data.ctx_len={T} tokens")
         self.short = short
         self.long: list[list[int]] = []
-        L = cfg.train.eval_long_len
         if L:
             flat = [t for d in ids for t in d]
             n = min(max(1, world), len(flat) // L)
             if n == 0:
-                raise ConfigError(f"train.eval_long_len={L}: the held-out text has only {len(flat)} tokens")
+                raise ConfigError(f"train.eval_long_len={L}: the held-out text of {field} has only {len(flat)} tokens")
             self.long = [flat[i * L:(i + 1) * L] for i in range(n)]
         self.teacher_nll: float | None = None
 
-    @staticmethod
-    def _documents(tokenizer) -> list[list[int]]:
-        from linearard_ray.corpus import iter_builtin
+    def _documents(self, tokenizer, sources: tuple[str, ...], field: str) -> list[list[int]]:
+        """Token ids (with EOS) of the documents in order, tokenized only until there are enough
+        for the windows: a large domain (all of pydocs) is not tokenized whole on every worker."""
+        from linearard_ray.texts import TextsError, load_documents
 
+        c = self.cfg
+        T, n_short, n_flat = c.data.ctx_len, c.train.eval_texts, self.world * (c.train.eval_long_len or 0)
+        try:
+            docs = load_documents(sources, c.data.text_column).documents
+        except TextsError as e:
+            raise ConfigError(f"{field}: {e}") from None
         eos = tokenizer.eos_token_id
-        out = []
-        for doc in iter_builtin(HeldOutEval.SOURCE):
-            ids = tokenizer(doc["text"])["input_ids"]
-            out.append(list(ids) + ([eos] if eos is not None else []))
+        out: list[list[int]] = []
+        long_enough = total = 0
+        for doc in docs:
+            ids = list(tokenizer(doc.text)["input_ids"]) + ([eos] if eos is not None else [])
+            out.append(ids)
+            long_enough += len(ids) >= T
+            total += len(ids)
+            if long_enough >= n_short and total >= n_flat:
+                break
         return out
 
     def _mean_nll(self, model, windows: list[list[int]]) -> float:
@@ -407,14 +424,42 @@ class HeldOutEval:
         self.teacher_nll = self._mean_nll(teacher, self.short)
 
     def __call__(self, student) -> dict[str, float]:
+        from linearard_ray.report import restoration
+
         s = self._mean_nll(student, self.short)
         out = {"student_nll": s}
         if self.teacher_nll is not None:
             out["teacher_nll"] = self.teacher_nll
             out["nll_gap"] = s - self.teacher_nll
+            # the evaluation report's recovery: 100 × teacher perplexity ÷ student perplexity
+            out["recovery_pct"] = restoration(self.teacher_nll, None, s)["recovery_pct"]
         if self.long:
             out["long_nll"] = self._mean_nll(student, self.long)
-        return out
+        return {self.prefix + k: v for k, v in out.items()}
+
+
+def held_out_evals(cfg: Config, tokenizer, device: torch.device, rank: int, world: int) -> list[HeldOutEval]:
+    """Held-out SOTU, then one evaluation per ``train.eval_sources`` domain (same windows rule,
+    same cadence, metrics named ``eval_<name>_<metric>``)."""
+    evals = [HeldOutEval(cfg, tokenizer, device, rank, world)]
+    for name, sources in cfg.train.eval_sources.items():
+        evals.append(HeldOutEval(cfg, tokenizer, device, rank, world, sources=tuple(sources),
+                                 prefix=domain_metric(name, ""), field=f"train.eval_sources.{name}"))
+    return evals
+
+
+def check_eval_sources(cfg: Config) -> None:
+    """Driver side, before Ray starts: every local train.eval_sources path exists (the schema
+    checked the rest). Workers read them at the same paths, so on a cluster they must be on
+    storage every node sees; builtin: corpora ship with the package."""
+    from linearard_ray.texts import TextsError, check_source
+
+    for name, sources in cfg.train.eval_sources.items():
+        for src in sources:
+            try:
+                check_source(src)
+            except TextsError as e:
+                raise ConfigError(f"train.eval_sources.{name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -536,16 +581,15 @@ def train_loop_per_worker(config: dict) -> dict | None:
         if loaded is not None:
             say(f"[distill] resumed at step {state.step}/{job.total_steps} ({state.tokens_seen} tokens seen)")
 
-    # ---- held-out evaluation
-    evaluator = None
+    # ---- held-out evaluation: the teacher's numbers of every domain are measured once, here
+    evaluators: list[HeldOutEval] = []
     if t.eval_every:
-        evaluator = HeldOutEval(cfg, tokenizer, device, rank, world)
-        if teacher is not None:
-            evaluator.compute_teacher(teacher)
-        else:  # cpt trains without a teacher; load it only for this one measurement
-            tmp = models.load_teacher(cfg.model, device=device)
-            evaluator.compute_teacher(tmp)
-            del tmp
+        evaluators = held_out_evals(cfg, tokenizer, device, rank, world)
+        ref = teacher if teacher is not None else models.load_teacher(cfg.model, device=device)
+        for ev in evaluators:
+            ev.compute_teacher(ref)
+        if teacher is None:  # cpt trains without a teacher; it was loaded only for these measurements
+            del ref
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -612,9 +656,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
             raise RuntimeError(f"train.fail_at_step={fail_at}: injected worker failure (rank {rank})")
 
         is_last = state.step == job.total_steps
-        did_eval = evaluator is not None and (state.step % t.eval_every == 0 or is_last)
+        did_eval = bool(evaluators) and (state.step % t.eval_every == 0 or is_last)
         if did_eval:
-            last_eval = evaluator(student)
+            last_eval = {k: v for ev in evaluators for k, v in ev(student).items()}
             metrics.update(last_eval)
 
         recent_loss.append(metrics["loss"])
@@ -790,6 +834,7 @@ def _check_semantics(cfg: Config) -> None:
         raise ConfigError("train.fail_at_step must be a step number >= 1")
     if "/" in t.run_name or not t.run_name.strip():
         raise ConfigError(f"train.run_name {t.run_name!r} must be a non-empty name without '/'")
+    check_eval_sources(cfg)
 
 
 def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:

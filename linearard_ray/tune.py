@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from linearard_ray.config import Config, ConfigError, TuneConfig, build_config, dump_config
+from linearard_ray.config import HELDOUT_METRICS, Config, ConfigError, TuneConfig, build_config, domain_metric, dump_config
 from linearard_ray.storage import fs_and_path, is_uri, read_text, write_bytes
 from linearard_ray.search_space import (
     ParamSpec,
@@ -43,7 +43,9 @@ from linearard_ray.search_space import (
     trial_name,
 )
 
-METRICS = ("nll_gap", "student_nll", "teacher_nll", "long_nll", "loss")
+METRICS = HELDOUT_METRICS + ("loss",)  # held-out SOTU and the training loss; see objective_metrics
+CONTEXT_METRICS = ("nll_gap", "student_nll", "teacher_nll", "long_nll", "loss")  # results-table columns
+HIGHER_IS_BETTER = ("recovery_pct",)
 LAST_REPORT_FILE = "tune_last_report.json"
 TRIAL_RESULT_FILE = "tune_trial_result.json"
 SWEEP_TAG = "linearard.sweep"
@@ -88,15 +90,33 @@ def check_sweep(cfg: Config) -> list[ParamSpec]:
     if cfg.train.eval_every is None:
         raise ConfigError("train.eval_every: a sweep ranks trials by the held-out NLL measured during training; "
                           "set train.eval_every (steps between measurements), e.g. --set train.eval_every=10")
-    if t.metric not in METRICS:
-        raise ConfigError(f"tune.metric={t.metric!r}: trials report {', '.join(METRICS)}")
-    if t.metric == "long_nll" and cfg.train.eval_long_len is None and "train.eval_long_len" not in t.space:
-        raise ConfigError("tune.metric=long_nll needs train.eval_long_len (the long-context length to measure)")
+    allowed = objective_metrics(cfg.train.eval_sources)
+    if t.metric not in allowed:
+        raise ConfigError(f"tune.metric={t.metric!r}: trials report {', '.join(allowed)}")
+    if t.metric.endswith("long_nll") and cfg.train.eval_long_len is None and "train.eval_long_len" not in t.space:
+        raise ConfigError(f"tune.metric={t.metric} needs train.eval_long_len (the long-context length to measure)")
+    better = "max" if t.metric.endswith(HIGHER_IS_BETTER) else "min"
+    if t.mode != better:
+        raise ConfigError(f"tune.mode={t.mode}: tune.metric={t.metric} is {'higher' if better == 'max' else 'lower'} "
+                          f"when the student is better; set tune.mode={better}")
     if "/" in t.sweep_name or not t.sweep_name.strip():
         raise ConfigError(f"tune.sweep_name {t.sweep_name!r} must be a non-empty name without '/'")
     if t.search == "optuna":
         build_searcher(t, cfg.train.seed)  # fails now, not after the data is prepared
     return specs
+
+
+def objective_metrics(eval_sources: dict[str, Any] | None = None) -> list[str]:
+    """Every name a trial reports that can be ``tune.metric``: the held-out SOTU metrics, the loss,
+    and the same metrics of each train.eval_sources domain as ``eval_<name>_<metric>``."""
+    return list(METRICS) + [domain_metric(d, m) for d in (eval_sources or {}) for m in HELDOUT_METRICS]
+
+
+def context_metrics(metric: str, eval_sources: dict[str, Any] | None = None) -> list[str]:
+    """Results-table columns next to the objective: held-out SOTU's and the loss, plus each extra
+    domain's gap and recovery (a sweep judged on one domain still shows the others)."""
+    extra = [domain_metric(d, m) for d in (eval_sources or {}) for m in ("nll_gap", "recovery_pct")]
+    return [k for k in list(CONTEXT_METRICS) + extra if k != metric]
 
 
 def build_searcher(t: TuneConfig, seed: int, max_concurrent: int = 0):
@@ -189,6 +209,8 @@ def _absolutize(d: dict, cwd: str) -> dict:
         return s if is_uri(s) or s.startswith(("builtin:", "hf:")) else _abs(s, cwd)
 
     data["sources"] = [src(s) for s in data["sources"]]
+    t = d["train"]
+    t["eval_sources"] = {k: [src(s) for s in v] for k, v in (t.get("eval_sources") or {}).items()}
     if data.get("lm_sources"):
         data["lm_sources"] = [src(s) for s in data["lm_sources"]]
     for k in ("preprocessed", "output_dir"):
@@ -449,9 +471,8 @@ def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig, stoppe
             row[s.key] = plain((r.config or {}).get(s.key))
         row[t.metric] = _num(m.get(t.metric))
         row[f"best_{t.metric}"] = best_seen
-        for k in ("student_nll", "teacher_nll", "long_nll", "loss"):
-            if k != t.metric:
-                row[k] = _num(m.get(k))
+        for k in context_metrics(t.metric, plan["base"]["train"]["eval_sources"]):
+            row[k] = _num(m.get(k))
         for k in ("step", "tokens_seen"):
             v = _num(m.get(k))
             row[k] = int(v) if v is not None else None
@@ -568,7 +589,7 @@ def summarize(cfg: Config, specs: list[ParamSpec], plan: dict, rows: list[dict[s
     sweep_dir = plan["sweep_dir"]
     columns = (["trial", "status"] + [s.key for s in specs]
                + [t.metric, f"best_{t.metric}"]
-               + [k for k in ("student_nll", "teacher_nll", "long_nll", "loss") if k != t.metric]
+               + context_metrics(t.metric, cfg.train.eval_sources)
                + ["step", "tokens_seen", "error", "student_dir"])
     csv_text, md_text = results_table(rows, columns)
     png = plot_objective(rows, specs, t.metric)

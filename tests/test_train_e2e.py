@@ -8,6 +8,7 @@ same step and the same token count, in one MLflow run each.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,8 @@ def reference(ray_cluster, tiny_model_dir, workdir, corpus):
     from linearard_ray.train import run_distill
 
     tiny_model_dir("llama")
-    cfg = _cfg(workdir, corpus, "ref")
+    # a second held-out domain, never trained on, measured at the same evaluations
+    cfg = _cfg(workdir, corpus, "ref", **{"train.eval_sources": {"pydocs": ["builtin:pydocs/tutorial"]}})
     return cfg, run_distill(cfg)
 
 
@@ -115,6 +117,17 @@ def test_two_workers_end_to_end_with_mlflow(reference, tiny_model_dir):
     assert tokens[-1].value == res.tokens_seen
     for name in ("nll_gap", "student_nll", "teacher_nll", "long_nll"):
         assert sorted(h.step for h in client.get_metric_history(res.mlflow_run_id, name)) == [3, 6]
+    # train.eval_sources: the same metrics per domain, logged and reported under eval_<name>_
+    hist = {m: {h.step: h.value for h in client.get_metric_history(res.mlflow_run_id, f"eval_pydocs_{m}")}
+            for m in ("student_nll", "teacher_nll", "nll_gap", "recovery_pct", "long_nll")}
+    for m, h in hist.items():
+        assert sorted(h) == [3, 6] and all(math.isfinite(v) for v in h.values()), m
+        assert res.metrics[f"eval_pydocs_{m}"] == pytest.approx(h[6]), m
+    assert hist["teacher_nll"][3] == hist["teacher_nll"][6]  # measured once
+    for step in (3, 6):
+        assert hist["nll_gap"][step] == pytest.approx(hist["student_nll"][step] - hist["teacher_nll"][step])
+        assert hist["recovery_pct"][step] == pytest.approx(100 * math.exp(-hist["nll_gap"][step]))
+    assert hist["student_nll"][6] != pytest.approx(res.metrics["student_nll"])  # another text than SOTU
 
     # checkpoints at steps 2, 4, 6; CheckpointConfig(num_to_keep=2) keeps the last two
     kept = sorted(p.name for p in Path(res.storage_dir).glob("checkpoint_step*"))

@@ -176,6 +176,26 @@ def test_sweep_needs_the_in_training_objective():
     assert [s.key for s in check_sweep(_base())] == ["rope.factor", "objective.relation.layers"]
 
 
+def test_sweep_objective_can_be_another_domain():
+    """train.eval_sources domains report eval_<name>_<metric>, which tune.metric may name."""
+    from linearard_ray.tune import check_sweep, context_metrics
+
+    pydocs = {"train.eval_sources": {"pydocs": ["builtin:pydocs"]}}
+    check_sweep(_base(**pydocs, **{"tune.metric": "eval_pydocs_nll_gap"}))
+    check_sweep(_base(**pydocs, **{"tune.metric": "eval_pydocs_recovery_pct", "tune.mode": "max"}))
+    with pytest.raises(ConfigError, match="set tune.mode=max"):  # recovery: higher is better
+        check_sweep(_base(**pydocs, **{"tune.metric": "eval_pydocs_recovery_pct"}))
+    with pytest.raises(ConfigError, match="set tune.mode=min"):
+        check_sweep(_base(**pydocs, **{"tune.metric": "eval_pydocs_nll_gap", "tune.mode": "max"}))
+    with pytest.raises(ConfigError, match="tune.metric='eval_pydocs_nll_gap'"):  # no such domain configured
+        check_sweep(_base(**{"tune.metric": "eval_pydocs_nll_gap"}))
+    with pytest.raises(ConfigError, match="train.eval_long_len"):
+        check_sweep(_base(**pydocs, **{"tune.metric": "eval_pydocs_long_nll"}))
+    # the results table shows the other domains next to the objective
+    cols = context_metrics("eval_pydocs_recovery_pct", {"pydocs": ["builtin:pydocs"]})
+    assert "nll_gap" in cols and "eval_pydocs_nll_gap" in cols and "eval_pydocs_recovery_pct" not in cols
+
+
 def test_default_concurrency_fits_the_cluster(capsys):
     from linearard_ray.tune import default_max_concurrent
 
@@ -227,7 +247,8 @@ def test_trial_run_config_is_absolute_and_untracked(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     base = _base(**{"data.sources": ["corpus/*.txt", "builtin:sotu/train"], "train.checkpoint_every": 5,
-                    "train.eval_every": 2, "tune.storage_path": "sweeps", "train.output_dir": "students"})
+                    "train.eval_every": 2, "tune.storage_path": "sweeps", "train.output_dir": "students",
+                    "train.eval_sources": {"mine": ["held/*.md", "builtin:pydocs"]}})
     specs = parse_space({"rope.factor": {"grid": [2.0, 3.0]}}, base)
     plan = make_plan(base, specs)
     name = trial_name(base.tune.sweep_name, apply_params(base, {"rope.factor": 3.0}))
@@ -236,6 +257,7 @@ def test_trial_run_config_is_absolute_and_untracked(tmp_path, monkeypatch):
     assert cfg.train.storage_path == str(tmp_path / "sweeps" / base.tune.sweep_name / "runs")
     assert cfg.train.output_dir == str(tmp_path / "students" / base.tune.sweep_name)
     assert cfg.data.sources == [str(tmp_path / "corpus" / "*.txt"), "builtin:sotu/train"]
+    assert cfg.train.eval_sources == {"mine": [str(tmp_path / "held" / "*.md"), "builtin:pydocs"]}
     assert cfg.tracking.enabled is False
     assert cfg.train.checkpoint_every == 6  # a multiple of eval_every, so every report has a fresh objective
 
