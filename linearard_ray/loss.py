@@ -34,6 +34,7 @@ or computed. Metrics of terms that are off are absent.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,22 @@ def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return ids, mask, dense
 
 
+def _relation_caster(device: torch.device, tensors: list[torch.Tensor]):
+    """The relation op wants one dtype for a layer's six tensors. Mixed precision can hand it
+    several: with fp32 weights under bf16 autocast, RoPE multiplies the bf16 projections by fp32
+    cos/sin, so q/k arrive in fp32 and v in bf16. Under autocast everything goes to the autocast
+    dtype (the fast 16-bit kernels, the precision the rest of the step runs in); otherwise to the
+    widest dtype present. Casting keeps the graph, so gradients flow back in each input's dtype."""
+    if torch.is_autocast_enabled(device.type):
+        target = torch.get_autocast_dtype(device.type)
+    else:
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) <= 1:
+            return lambda t: t
+        target = functools.reduce(torch.promote_types, dtypes)
+    return lambda t: t if t.dtype == target else t.to(target)
+
+
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -131,6 +148,8 @@ class Objective:
         per_rel: dict[str, list[torch.Tensor]] = {r: [] for r in self.relations}
         logs: dict[str, torch.Tensor] = {}
         fused = self.cfg.relation.fused and len(self.relations) == 3
+        cast = _relation_caster(mask.device, [getattr(c, r)[l] for c in (scap, tcap) for r in self.relations
+                                              for l in self.layers])
         for l in self.layers:
             s_scale = scap.scaling[l]
             t_scale = tcap.scaling[l]
@@ -138,14 +157,14 @@ class Objective:
             scales_t = {"q": t_scale * corr_t, "k": t_scale * corr_t, "v": t_scale}
             if fused:
                 vals = ops.relation_kl_layer(
-                    scap.q[l], scap.k[l], scap.v[l], tcap.q[l], tcap.k[l], tcap.v[l], attention_mask=op_mask,
+                    *(cast(getattr(c, r)[l]) for c in (scap, tcap) for r in RELATIONS), attention_mask=op_mask,
                     causal=True, student_scales=tuple(scales_s[r] for r in RELATIONS),
                     teacher_scales=tuple(scales_t[r] for r in RELATIONS), reduction="sum", backend=self.backend)
                 sums = dict(zip(RELATIONS, vals))
             else:
                 sums = {}
                 for r in self.relations:
-                    s, t = getattr(scap, r)[l], getattr(tcap, r)[l]
+                    s, t = cast(getattr(scap, r)[l]), cast(getattr(tcap, r)[l])
                     sums[r] = ops.relation_kl(s, None, t, None, attention_mask=op_mask, causal=True,
                                               student_scale=scales_s[r], teacher_scale=scales_t[r],
                                               reduction="sum", backend=self.backend)

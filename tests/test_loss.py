@@ -134,6 +134,23 @@ def test_dense_batch_skips_the_mask_with_the_same_loss(cache_dir, teachers, monk
     assert padded.metrics["loss"] != pytest.approx(out.metrics["loss"], rel=1e-3)
 
 
+def test_mixed_precision_captures_reach_the_op_in_one_dtype(cache_dir, teachers):
+    """fp32 weights under bf16 autocast give fp32 q/k (RoPE's fp32 cos/sin) but bf16 v: the loss
+    runs (every op input in bf16) and matches the same loss computed from fp32 captures."""
+    teacher, student = teachers["llama"], _student(cache_dir, perturb=0.05)
+    batch = _batch(seed=4)
+    ref = _obj()(teacher, student, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _obj()(teacher, student, batch)
+    out.loss.backward()
+    grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert out.metrics["relation"] == pytest.approx(ref.metrics["relation"], rel=0.1)
+    caster = loss_mod._relation_caster(torch.device("cpu"), [torch.zeros(1, dtype=torch.bfloat16),
+                                                             torch.ones(1, dtype=torch.float32)])
+    assert caster(torch.randn(2, dtype=torch.bfloat16)).dtype == torch.float32
+
+
 def test_layer_selection(cache_dir, teachers):
     student = _student(cache_dir)
     out = _obj(layers="last:1")(teachers["llama"], student, _batch())
