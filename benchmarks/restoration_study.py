@@ -1,25 +1,45 @@
 #!/usr/bin/env python
 """The SmolLM2-135M restoration study (issues 9 and 10), driven through the real pipelines.
 
-Each variant is one `pipelines/distill.py` job (Ray Train, one GPU worker) with `--set`
-overrides on `configs/smollm2-135m-x4.yaml`; one `pipelines/evaluate.py` job then evaluates the
-teacher, the untrained PI×4 and YaRN×4 students and every trained student together, so all
-numbers share the same windows and passkey prompts.
+Each variant is one `pipelines/distill.py` job (Ray Train, one worker) with `--set` overrides on
+`configs/smollm2-135m-x4.yaml` (`--recipe` picks another); one `pipelines/evaluate.py` job then
+evaluates the teacher, the untrained PI×4 and YaRN×4 students and every trained student together,
+so all numbers share the same windows and passkey prompts.
 
     python benchmarks/restoration_study.py train --variants linearard,logits,cpt --work /tmp/study
+    python benchmarks/restoration_study.py train --variants all --parallel 4 --work /tmp/study
     python benchmarks/restoration_study.py eval --work /tmp/study --out $OUT
+    python benchmarks/restoration_study.py table --work /tmp/study      # markdown for RESULTS.md
 
-Per-run logs, wall time and throughput land in <work>/runs.jsonl; `eval` copies the report,
-plots and that file to --out.
+`--parallel N` (N > 1) shares one GPU between N jobs: the script starts one local Ray head
+(`ray start --head --block` on 127.0.0.1, free ports, its own --temp-dir), runs up to N variants
+at once as subprocesses with RAY_ADDRESS=127.0.0.1:<port> and, when the head has GPUs,
+`--set train.gpus_per_worker=1/N`, and stops that head at the end (also on Ctrl-C, SIGTERM or an
+error) by signalling the `ray start --block` process it started, which shuts its own Ray processes
+down; `ray stop` is not used because it stops every Ray instance of the user on the machine.
+Ray resolves 127.0.0.1 to the node's own IP on both sides, so the jobs find the head; the head
+and the jobs get one explicit RAY_AUTH_MODE (token when an auth token exists, as `ray start` would
+choose). With N = 1 every job starts its own local Ray, as before. A short check on a CPU box:
+
+    python benchmarks/restoration_study.py train --variants logits-only,logits-all --parallel 2 \
+        --recipe configs/default.yaml --budget 2048 --work /tmp/study-cpu
+
+Per-run logs (<work>/<variant>.log), wall time and throughput land in <work>/runs.jsonl (written
+by this process only); `eval` copies the report, plots and that file to --out. `--dry-run` prints
+the commands (after validating each variant's configuration) without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import os
 import re
 import shutil
+import signal
+import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -28,22 +48,52 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "configs/smollm2-135m-x4.yaml"
 
-# name -> (overrides, description). Budgets are tokens of SOTU 1790-1989.
+# All the modules of a Llama-family decoder layer (SmolLM2 is a LlamaForCausalLM).
+ALL_LINEAR = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+# Full fine-tuning keeps fp32 weights and computes in fp32: with bf16 weights most AdamW updates at
+# lr 5e-5..1e-4 are below half a bf16 ulp and round away, and fp32 weights under bf16 autocast stop
+# in the relation-KL op (post-RoPE q/k come out fp32, v bf16; the op wants one dtype).
+FULL_FP32 = ["model.dtype=float32", "train.precision=fp32"]
+# A named objective only fills in the term weights a recipe leaves unset (configs/default.yaml sets
+# them all to their defaults, which would make `objective.name=linearard+logits` a no-op there), so
+# the weights are given explicitly; on configs/smollm2-135m-x4.yaml they equal the presets.
+LOGITS = ["objective.name=linearard+logits", "objective.logits.weight=1.0"]
+
+# name -> (overrides, description). Budgets are tokens of SOTU 1790-1989. The recipe gives LoRA
+# r=128/alpha=256 on q/k/v, lr 3e-4, bf16 on GPU.
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "linearard": ([], "LinearARD relation KL (Q/K/V, all layers), PI×4"),
-    "logits": (["objective.name=linearard+logits"], "relation KL + output-logit KL (weight 1), PI×4"),
-    "cpt": (["objective.name=cpt", "objective.relation.weight=0", "data.lm_ctx_len=8192"],
+    "logits": ([*LOGITS], "relation KL + output-logit KL (weight 1), PI×4"),
+    "cpt": (["objective.name=cpt", "objective.relation.weight=0", "objective.next_token.weight=1.0", "data.lm_ctx_len=8192"],
             "plain next-token training on 8K blocks (continual pre-training baseline), PI×4"),
     "yarn-linearard": (["rope.type=yarn"], "LinearARD on the YaRN×4 student"),
     "q-only": (["objective.relation.weights={q: 1.0, k: 0.0, v: 0.0}"], "ablation: Q/Q only"),
     "k-only": (["objective.relation.weights={q: 0.0, k: 1.0, v: 0.0}"], "ablation: K/K only"),
     "v-only": (["objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}"], "ablation: V/V only"),
     "last-third": (["objective.relation.layers=last:10"], "ablation: last third of the layers (10 of 30)"),
+    # issue 10: objectives and settings
+    "logits-only": (["objective.name=custom", "objective.relation.weight=0", "objective.logits.weight=1.0"],
+                    "output-logit KL only (no relation term), LoRA q/k/v, PI×4"),
+    "logits-full": ([*LOGITS, "lora.enabled=false", "train.lr=1e-4", *FULL_FP32],
+                    "relation KL + logit KL, full fine-tuning of q/k/v (no LoRA), lr 1e-4, fp32 weights and compute, PI×4"),
+    "logits-all": ([*LOGITS, f"lora.target_modules={ALL_LINEAR}"],
+                   "relation KL + logit KL, LoRA r=128 on q/k/v/o and the MLP (gate/up/down), lr 3e-4, PI×4"),
+    "logits-full-all": ([*LOGITS, "lora.enabled=false", f"lora.target_modules={ALL_LINEAR}",
+                         "train.lr=5e-5", *FULL_FP32],
+                        "relation KL + logit KL, full fine-tuning of q/k/v/o and the MLP (no LoRA; embeddings, "
+                        "norms and head frozen), lr 5e-5, fp32 weights and compute, PI×4"),
+    "logits-hilr": ([*LOGITS, "train.lr=1e-3"],
+                    "relation KL + logit KL, LoRA q/k/v, lr 1e-3, PI×4"),
 }
 
+HEAD_LOG = "ray-head.log"
 
-def run_variant(name: str, work: Path, budget: int | None, extra: list[str]) -> dict:
-    overrides, desc = VARIANTS[name]
+
+# --------------------------------------------------------------------------- commands
+
+
+def variant_sets(name: str, work: Path, budget: int | None, extra: list[str], gpu_fraction: float | None) -> list[str]:
+    overrides, _ = VARIANTS[name]
     sets = [
         f"train.run_name=study-{name}",
         f"train.storage_path={work}/ray",
@@ -53,31 +103,381 @@ def run_variant(name: str, work: Path, budget: int | None, extra: list[str]) -> 
     ]
     if budget:
         sets.append(f"train.budget_tokens={budget}")
-    cmd = [sys.executable, "pipelines/distill.py", "--config", RECIPE]
+    if gpu_fraction is not None:
+        sets.append(f"train.gpus_per_worker={gpu_fraction:g}")
+    return sets
+
+
+def distill_cmd(recipe: str, sets: list[str]) -> list[str]:
+    cmd = [sys.executable, "pipelines/distill.py", "--config", recipe]
     for s in sets:
         cmd += ["--set", s]
-    log = work / f"{name}.log"
-    print(f"== {name}: {desc}\n   {' '.join(cmd)}", flush=True)
-    t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
-    text = log.read_text(errors="replace")
+    return cmd
+
+
+def validate(recipe: str, sets: list[str]):
+    """The variant's Config (pydantic), so a bad override fails before anything starts; None when
+    the package cannot be imported here."""
+    try:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from linearard_ray.config import load_config
+    except ImportError as e:  # pragma: no cover - a host without pydantic/yaml
+        print(f"   (configuration not validated: {e})", flush=True)
+        return None
+    return load_config(ROOT / recipe if not Path(recipe).is_absolute() else recipe, sets)
+
+
+def _quote(cmd: list[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+# --------------------------------------------------------------------------- local Ray head
+
+
+def detect_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    except Exception:
+        return 0
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (the session this script gave the head it started)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) == sid and (d / "stat").read_text().split(") ")[-1][:1] != "Z":
+                pids.append(int(d.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
+def _auth_token_available() -> bool:
+    """Whether Ray would find an auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    try:
+        return bool(Path(path).read_text().strip())
+    except OSError:
+        return False
+
+
+class RayHead:
+    """One `ray start --head --block` process in a session of its own; `stop()` ends that session."""
+
+    def __init__(self, gpus: int, cpus: int, work: Path):
+        self.gpus, self.cpus, self.work = gpus, cpus, work
+        self.port, client_port, agent_port = free_ports(3)
+        self.address = f"127.0.0.1:{self.port}"
+        # Short path: Ray puts unix sockets under it (108-byte limit); its own dir, so this head
+        # does not replace /tmp/ray/ray_current_cluster, which ray.init() without an address reads.
+        self.temp_dir = f"/tmp/rstudy-{self.port}"
+        self.cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                    "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                    "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
+                    "--num-gpus", str(gpus), "--num-cpus", str(cpus), "--include-dashboard=false",
+                    "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        """What the head (and so every Ray worker it starts) and the jobs run with: this checkout
+        importable, and one explicit RAY_AUTH_MODE. Left unset, `ray start` turns token auth on
+        when a token exists (~/.ray/auth_token), while a driver given RAY_ADDRESS never does and
+        is refused; so the mode `ray start` would pick is set for both sides."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("RAY_AUTH_MODE", "token" if _auth_token_available() else "disabled")
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def start(self, timeout: float = 180.0) -> None:
+        log = open(self.work / HEAD_LOG, "w")
+        print(f"== ray head: {_quote(self.cmd)}", flush=True)
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}; see {self.work / HEAD_LOG}:\n"
+                                   + (self.work / HEAD_LOG).read_text(errors="replace")[-3000:])
+            if "Ray runtime started" in (self.work / HEAD_LOG).read_text(errors="replace"):
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+                        print(f"   ray head up at {self.address} ({self.gpus} GPU, {self.cpus} CPU) "
+                              f"in {time.time() - t0:.0f}s; RAY_AUTH_MODE={self.env()['RAY_AUTH_MODE']}; "
+                              f"temp dir {self.temp_dir}", flush=True)
+                        return
+                except OSError:
+                    pass
+            time.sleep(1)
+        raise RuntimeError(f"ray head not up after {timeout:.0f}s; see {self.work / HEAD_LOG}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        sid = self.proc.pid  # start_new_session: the head's session id is its pid
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # ray start --block shuts its processes down
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        deadline = time.time() + 30
+        left = _session_pids(sid)
+        while left and time.time() < deadline:
+            time.sleep(1)
+            left = _session_pids(sid)
+        for pid in left:  # stragglers of this head only (same session), by pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        print(f"== ray head {self.address} stopped (rc {self.proc.returncode}"
+              f"{f', {len(left)} leftover processes killed' if left else ''})", flush=True)
+        self.proc = None
+
+
+# --------------------------------------------------------------------------- running variants
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT, raised in the main thread so the cleanup runs."""
+
+
+def _on_signal(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _tok_s(text: str) -> tuple[float | None, float | None]:
     tps = [float(x) for x in re.findall(r"([0-9.]+) tok/s", text)]
-    rec = {"variant": name, "description": desc, "overrides": sets, "returncode": proc.returncode,
-           "wall_s": round(wall, 1), "tokens_per_s_last": tps[-1] if tps else None,
-           "student": str(work / "students" / f"study-{name}" / "merged")}
-    print(f"   rc={proc.returncode} wall={wall:.0f}s tok/s(last)={rec['tokens_per_s_last']}", flush=True)
-    if proc.returncode != 0:
-        print(text[-3000:], flush=True)
-    print("\n".join(text.splitlines()[-6:]), flush=True)
-    with open(work / "runs.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    return rec
+    if not tps:
+        return None, None
+    steady = tps[len(tps) // 10:]  # drop the first 10% (warm-up, compilation)
+    return tps[-1], round(statistics.median(steady), 1)
 
 
-def run_eval(work: Path, out: Path | None, extra: list[str]) -> int:
-    runs = [json.loads(x) for x in (work / "runs.jsonl").read_text().splitlines()] if (work / "runs.jsonl").exists() else []
+def _planned_tokens(text: str) -> int | None:
+    m = re.search(r"\[distill\] run \S+: (\d+) steps × (\d+) tokens", text)
+    return int(m.group(1)) * int(m.group(2)) if m else None
+
+
+def _stamp(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Job:
+    def __init__(self, name: str, cmd: list[str], sets: list[str], work: Path):
+        self.name, self.cmd, self.sets, self.work = name, cmd, sets, work
+        self.log = work / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.t0 = 0.0
+
+    def start(self, env: dict[str, str]) -> None:
+        print(f"== {self.name}: {VARIANTS[self.name][1]}\n   {' '.join(self.cmd)}", flush=True)
+        self.t0 = time.time()
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session/process group (start_new_session)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def record(self, parallel: int, interrupted: bool = False) -> dict:
+        t1 = time.time()
+        wall = t1 - self.t0
+        rc = self.proc.returncode
+        text = self.log.read_text(errors="replace")
+        last, median = _tok_s(text)
+        tokens = _planned_tokens(text)
+        rec = {"variant": self.name, "description": VARIANTS[self.name][1], "overrides": self.sets, "returncode": rc,
+               "wall_s": round(wall, 1), "tokens_per_s_last": last, "tokens_per_s_median": median,
+               "tokens_planned": tokens, "parallel": parallel, "started": _stamp(self.t0), "finished": _stamp(t1),
+               "student": str(self.work / "students" / f"study-{self.name}" / "merged")}
+        if interrupted:
+            rec["interrupted"] = True
+        print(f"   {self.name}: rc={rc} wall={wall:.0f}s tok/s(last)={last} tok/s(median)={median}"
+              f"{' (interrupted)' if interrupted else ''}", flush=True)
+        # Without the dashboard (State API) Ray Train's PlacementGroupCleaner warns every few
+        # seconds; keep those lines in the log file but out of the summary.
+        lines = [x for x in text.splitlines() if "State API may be temporarily unavailable" not in x]
+        if rc != 0 and not interrupted:
+            print("\n".join(lines)[-3000:], flush=True)
+        print("\n".join(lines[-6:]), flush=True)
+        with open(self.work / "runs.jsonl", "a") as f:  # only this process writes it
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+
+def _last_step(log: Path) -> str:
+    try:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if "[distill] step" in x]
+    except OSError:
+        return ""
+    return lines[-1].split("[distill] ", 1)[-1] if lines else "(starting)"
+
+
+def run_train(a, work: Path) -> int:
+    names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"restoration_study.py: unknown variants {bad}; choose from {list(VARIANTS)} or 'all'")
+    n = max(1, a.parallel)
+    head = None
+    gpu_fraction = None
+    if n > 1:
+        gpus = a.gpus if a.gpus is not None else detect_gpus()
+        # Each concurrent run holds 1 CPU for its Train worker and needs more for Ray Data reading.
+        cpus = a.ray_cpus or max(os.cpu_count() or 1, 2 * n + 2)
+        head = RayHead(gpus, cpus, work)
+        if gpus > 0:
+            gpu_fraction = int(10000 / n) / 10000  # Ray resolves GPU shares to 1e-4
+    jobs = []
+    for name in names:
+        sets = variant_sets(name, work, a.budget, a.extra, gpu_fraction)
+        try:
+            cfg = validate(a.recipe, sets)
+        except ValueError as e:  # ConfigError
+            raise SystemExit(f"restoration_study.py: variant {name}: {e}") from None
+        jobs.append(Job(name, distill_cmd(a.recipe, sets), sets, work))
+        if cfg is not None and a.dry_run:
+            t, lo = cfg.train, cfg.lora
+            print(f"   {name}: objective {cfg.objective.name} (relation {cfg.objective.relation.weight:g}, "
+                  f"logits {cfg.objective.logits.weight:g}, next-token {cfg.objective.next_token.weight:g}); "
+                  f"{'LoRA r=' + str(lo.r) if lo.enabled else 'full fine-tuning'} on {','.join(lo.target_modules)}; "
+                  f"lr {t.lr:g}; dtype {cfg.model.dtype}, precision {t.precision}; budget {t.budget_tokens} tokens; "
+                  f"GPU share {t.gpus_per_worker:g}", flush=True)
+    if a.dry_run:
+        if head is not None:
+            print(f"== dry run, --parallel {n}: would start the Ray head (env PYTHONPATH={ROOT}:..., "
+                  f"RAY_AUTH_MODE={head.env()['RAY_AUTH_MODE']})\n   {_quote(head.cmd)}\n"
+                  f"   then run these with RAY_ADDRESS={head.address}, at most {n} at a time, and stop the head:", flush=True)
+        else:
+            print("== dry run, serial: would run these one after the other, each starting its own local Ray:", flush=True)
+        for j in jobs:
+            print(f"   [{j.name}] {_quote(j.cmd)}", flush=True)
+        return 0
+
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, where Python would never
+    # raise KeyboardInterrupt.
+    old_handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    env = dict(os.environ)
+    running: list[Job] = []
+    queue = list(jobs)
+    rcs: list[int] = []
+    interrupted = None
+    try:
+        if head is not None:
+            head.start()
+            env = head.env()
+            env["RAY_ADDRESS"] = head.address
+            _init_tracking(jobs, a.recipe)
+        last_status = time.time()
+        while queue or running:
+            while queue and len(running) < n:
+                job = queue.pop(0)
+                job.start(env)
+                running.append(job)
+            time.sleep(2 if n > 1 else 1)
+            for job in [j for j in running if j.proc.poll() is not None]:
+                running.remove(job)
+                rcs.append(job.record(n)["returncode"])
+            if n > 1 and running and time.time() - last_status > a.status_every:
+                last_status = time.time()
+                for job in running:
+                    print(f"   .. {job.name} ({time.time() - job.t0:.0f}s): {_last_step(job.log)}", flush=True)
+    except (KeyboardInterrupt, _Stop) as e:
+        interrupted = str(e) or type(e).__name__
+    finally:
+        for sig in old_handlers:  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        if running:
+            print(f"== {'interrupted (' + interrupted + ')' if interrupted else 'error'}; "
+                  f"stopping {len(running)} running job(s)", flush=True)
+        for job in running:
+            job.kill()
+            if interrupted:
+                rcs.append(job.record(n, interrupted=True)["returncode"])
+        if interrupted:
+            rcs.append(130)
+        if head is not None:
+            head.stop()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        if (work / "runs.jsonl").exists():
+            shutil.copy(work / "runs.jsonl", Path(a.out) / "runs.jsonl")
+        logs = sorted(work.glob("*.log"))
+        if logs:
+            subprocess.run(["tar", "-czf", str(Path(a.out) / "logs.tar.gz"), "-C", str(work), *[x.name for x in logs]])
+    bad_rcs = [r for r in rcs if r != 0]
+    return (max(bad_rcs) if max(bad_rcs) > 0 else 1) if bad_rcs else 0
+
+
+def _init_tracking(jobs: list[Job], recipe: str) -> None:
+    """Create the MLflow store and experiment once, before several jobs open it at the same time."""
+    done = set()
+    for job in jobs:
+        try:
+            cfg = validate(recipe, job.sets)
+            if cfg is None or not cfg.tracking.enabled:
+                continue
+            key = (cfg.tracking.resolved_uri(), cfg.tracking.experiment)
+            if key in done:
+                continue
+            from linearard_ray.tracking import ensure_experiment
+
+            ensure_experiment(*key)
+            done.add(key)
+        except Exception as e:  # the jobs still try themselves
+            print(f"   (could not initialise MLflow for {job.name}: {type(e).__name__}: {e})", flush=True)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_run: bool = False) -> int:
+    runs = _read_runs(work / "runs.jsonl")
     models = [
         {"name": "teacher", "path": "smollm2-135m"},
         {"name": "PI×4", "path": "smollm2-135m", "rope": {"type": "linear", "factor": 4.0}},
@@ -88,11 +488,13 @@ def run_eval(work: Path, out: Path | None, extra: list[str]) -> int:
         if r["returncode"] == 0 and r["variant"] not in seen and Path(r["student"]).exists():
             seen.add(r["variant"])
             models.append({"name": r["variant"], "path": r["student"]})
-    cmd = [sys.executable, "pipelines/evaluate.py", "--config", RECIPE,
+    cmd = [sys.executable, "pipelines/evaluate.py", "--config", recipe,
            "--set", f"eval.models={json.dumps(models)}",
            "--set", f"eval.output_dir={work}/eval",
            "--set", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", *sum((["--set", e] for e in extra), [])]
     print("== eval:", " ".join(cmd), flush=True)
+    if dry_run:
+        return 0
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     print(f"   eval rc={rc} wall={time.time() - t0:.0f}s", flush=True)
@@ -110,29 +512,162 @@ def run_eval(work: Path, out: Path | None, extra: list[str]) -> int:
     return rc
 
 
+# --------------------------------------------------------------------------- table
+
+
+def _read_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _len_label(L: int | str) -> str:
+    L = int(L)
+    if L % 1024 == 0:
+        return f"{L // 1024}K"
+    if L % 1000 == 0:
+        return f"{L // 1000}K"
+    return str(L)
+
+
+def _domain_label(info: dict) -> str:
+    names = []
+    for s in info.get("sources", []):
+        base = s.split(":", 1)[-1] if s.startswith("builtin:") else Path(s).name
+        base = base.split("/", 1)[0]
+        names.append("SOTU" if base == "sotu" else base)
+    return "+".join(names) or "?"
+
+
+def _ppl4(v: float) -> str:
+    """Short-text perplexity as RESULTS.md writes it: 26.97, 119.4."""
+    return f"{v:.0f}" if v >= 1000 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
+
+
+def _ppl3(v: float) -> str:
+    """Long-context perplexity, three significant digits: 6.98, 24.0, 283."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def _acc(v: float | None) -> str:
+    return "–" if v is None else ("0" if v == 0 else f"{v:.2f}")
+
+
+def _model_label(m: dict, report: dict) -> str:
+    ref = report["reference"]
+    if m["name"] == ref["teacher"]:
+        return f"{m['name']} (native)"
+    untrained = isinstance(m.get("rope"), dict) and m.get("path") == next(
+        (x["path"] for x in report["models"] if x["name"] == ref["teacher"]), None)
+    return f"{m['name']}, untrained" if untrained else m["name"]
+
+
+def render_tables(report: dict, runs: list[dict]) -> str:
+    models = report["models"]
+    domains = report["domains"]
+    dlabel = {d: _domain_label(info) for d, info in domains.items()}
+    short = [str(L) for L in report["short_lengths"]]
+    long = [str(L) for L in report["long_lengths"] if str(L) not in short]
+    teacher = report["reference"]["teacher"]
+    out: list[str] = []
+
+    # perplexity + recovery at the short lengths
+    cols = [(d, L) for d in domains for L in short]
+    out += ["Perplexity (recovery = teacher ppl ÷ model ppl):", "",
+            "| model | " + " | ".join(f"{dlabel[d]} @{L}" for d, L in cols) + " |",
+            "|---|" + "---|" * len(cols)]
+    for m in models:
+        cells = []
+        for d, L in cols:
+            v = report["nll"].get(d, {}).get(m["name"], {}).get(L)
+            if v is None:
+                cells.append("–")
+                continue
+            r = report["restoration"].get(d, {}).get(m["name"], {}).get(L)
+            cells.append(_ppl4(v["ppl"]) if m["name"] == teacher or r is None
+                         else f"{_ppl4(v['ppl'])} ({r['recovery_pct']:.1f}%)")
+        out.append(f"| {_model_label(m, report)} | " + " | ".join(cells) + " |")
+
+    # long-context perplexity per domain, passkey per length
+    pk_lengths = sorted({int(L) for pk in report.get("passkey", {}).values() for L in pk["lengths"]})
+    head = [f"{dlabel[d]} {' / '.join(_len_label(L) for L in long)}" for d in domains] if long else []
+    if pk_lengths:
+        head.append(f"passkey {' / '.join(_len_label(L) for L in pk_lengths)}")
+    if head:
+        out += ["", "Long context (perplexity) and passkey (accuracy over depths × trials per length):", "",
+                "| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for m in models:
+            cells = []
+            for d in (domains if long else []):
+                by_len = report["nll"].get(d, {}).get(m["name"], {})
+                cells.append(" / ".join(_ppl3(by_len[L]["ppl"]) if L in by_len else "–" for L in long))
+            if pk_lengths:
+                pk = report.get("passkey", {}).get(m["name"])
+                acc = (pk or {}).get("accuracy_by_length", {})
+                cells.append(" / ".join(_acc(acc.get(str(L))) for L in pk_lengths))
+            out.append(f"| {_model_label(m, report)} | " + " | ".join(cells) + " |")
+
+    # training runs (latest record of each variant, in first-run order)
+    if runs:
+        latest: dict[str, dict] = {}
+        for r in runs:
+            latest.pop(r["variant"], None)
+            latest[r["variant"]] = r
+        order = list(dict.fromkeys(r["variant"] for r in runs))
+        out += ["", "Training runs (latest of each variant; wall time includes Ray start, model load and export; "
+                "tok/s from the step lines; --parallel = how many jobs could share the GPU):", "",
+                "| variant | what | rc | wall s | tok/s last | tok/s median | --parallel |", "|---|---|---|---|---|---|---|"]
+        for v in order:
+            r = latest[v]
+            f = lambda x: "–" if x is None else f"{x:,.0f}"  # noqa: E731
+            rc = f"{r['returncode']}{' (interrupted)' if r.get('interrupted') else ''}"
+            out.append(f"| {v} | {r.get('description', '')} | {rc} | {r['wall_s']:.0f} | {f(r.get('tokens_per_s_last'))} | "
+                       f"{f(r.get('tokens_per_s_median'))} | {r.get('parallel', 1)} |")
+    return "\n".join(out) + "\n"
+
+
+def run_table(work: Path, report_path: str | None, runs_path: str | None) -> int:
+    rp = Path(report_path) if report_path else work / "eval" / "report.json"
+    if not rp.exists():
+        print(f"restoration_study.py: no report at {rp} (run the eval phase, or pass --report)", file=sys.stderr)
+        return 2
+    report = json.loads(rp.read_text())
+    runs = _read_runs(Path(runs_path) if runs_path else work / "runs.jsonl")
+    print(render_tables(report, runs), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["train", "eval"])
-    p.add_argument("--variants", default="linearard", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("phase", choices=["train", "eval", "table"])
+    p.add_argument("--variants", default="linearard", help=f"comma list of {', '.join(VARIANTS)}; or 'all'")
     p.add_argument("--budget", type=int, default=None, help="token budget override for every variant")
     p.add_argument("--work", default="/tmp/study")
     p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--recipe", default=RECIPE, help=f"base recipe of every job (default {RECIPE})")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for every job")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="train: run up to N variants at once on one local Ray head (GPU share 1/N each); 1 = serial")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs the head offers (default: detected)")
+    p.add_argument("--ray-cpus", type=int, default=None,
+                   help="CPUs the head offers (default: max(cpu count, 2N+2): each job needs one for its worker "
+                        "and more for Ray Data reading)")
+    p.add_argument("--status-every", type=float, default=120.0, help="seconds between progress lines in parallel mode")
+    p.add_argument("--dry-run", action="store_true", help="print the commands (configurations validated) without running")
+    p.add_argument("--report", default=None, help="table: report.json to read (default <work>/eval/report.json)")
+    p.add_argument("--runs", default=None, help="table: runs.jsonl to read (default <work>/runs.jsonl)")
     a = p.parse_args()
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work).expanduser().resolve()  # absolute: Ray workers do not share this cwd
+    if a.phase == "table":
+        return run_table(work, a.report, a.runs)
+    if not a.dry_run:
+        work.mkdir(parents=True, exist_ok=True)
     if a.phase == "train":
-        bad = [v for v in a.variants.split(",") if v not in VARIANTS]
-        if bad:
-            p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
-        rcs = [run_variant(v, work, a.budget, a.extra)["returncode"] for v in a.variants.split(",")]
-        if a.out:
-            Path(a.out).mkdir(parents=True, exist_ok=True)
-            shutil.copy(work / "runs.jsonl", Path(a.out) / "runs.jsonl")
-            logs = sorted(work.glob("*.log"))
-            subprocess.run(["tar", "-czf", str(Path(a.out) / "logs.tar.gz"), "-C", str(work), *[x.name for x in logs]])
-        return max(rcs)
-    return run_eval(work, Path(a.out) if a.out else None, a.extra)
+        return run_train(a, work)
+    return run_eval(work, Path(a.out) if a.out else None, a.extra, a.recipe, a.dry_run)
 
 
 if __name__ == "__main__":
