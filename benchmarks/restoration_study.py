@@ -50,10 +50,10 @@ RECIPE = "configs/smollm2-135m-x4.yaml"
 
 # All the modules of a Llama-family decoder layer (SmolLM2 is a LlamaForCausalLM).
 ALL_LINEAR = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
-# Full fine-tuning keeps fp32 weights and computes in fp32: with bf16 weights most AdamW updates at
-# lr 5e-5..1e-4 are below half a bf16 ulp and round away, and fp32 weights under bf16 autocast stop
-# in the relation-KL op (post-RoPE q/k come out fp32, v bf16; the op wants one dtype).
-FULL_FP32 = ["model.dtype=float32", "train.precision=fp32"]
+# Full fine-tuning keeps fp32 master weights (compute stays under the recipe's bf16 autocast): with
+# bf16 weights most AdamW updates at lr 5e-5..1e-4 are below half a bf16 ulp and round away. (The
+# relation loss casts the mixed fp32 q/k / bf16 v captures this gives to one dtype since 16e6cdf.)
+FULL_FP32 = ["model.dtype=float32"]
 # A named objective only fills in the term weights a recipe leaves unset (configs/default.yaml sets
 # them all to their defaults, which would make `objective.name=linearard+logits` a no-op there), so
 # the weights are given explicitly; on configs/smollm2-135m-x4.yaml they equal the presets.
@@ -75,13 +75,13 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "logits-only": (["objective.name=custom", "objective.relation.weight=0", "objective.logits.weight=1.0"],
                     "output-logit KL only (no relation term), LoRA q/k/v, PI×4"),
     "logits-full": ([*LOGITS, "lora.enabled=false", "train.lr=1e-4", *FULL_FP32],
-                    "relation KL + logit KL, full fine-tuning of q/k/v (no LoRA), lr 1e-4, fp32 weights and compute, PI×4"),
+                    "relation KL + logit KL, full fine-tuning of q/k/v (no LoRA), lr 1e-4, fp32 master weights, PI×4"),
     "logits-all": ([*LOGITS, f"lora.target_modules={ALL_LINEAR}"],
                    "relation KL + logit KL, LoRA r=128 on q/k/v/o and the MLP (gate/up/down), lr 3e-4, PI×4"),
     "logits-full-all": ([*LOGITS, "lora.enabled=false", f"lora.target_modules={ALL_LINEAR}",
                          "train.lr=5e-5", *FULL_FP32],
                         "relation KL + logit KL, full fine-tuning of q/k/v/o and the MLP (no LoRA; embeddings, "
-                        "norms and head frozen), lr 5e-5, fp32 weights and compute, PI×4"),
+                        "norms and head frozen), lr 5e-5, fp32 master weights, PI×4"),
     "logits-hilr": ([*LOGITS, "train.lr=1e-3"],
                     "relation KL + logit KL, LoRA q/k/v, lr 1e-3, PI×4"),
 }
