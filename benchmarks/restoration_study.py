@@ -476,7 +476,8 @@ def _init_tracking(jobs: list[Job], recipe: str) -> None:
 # --------------------------------------------------------------------------- eval
 
 
-def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_run: bool = False) -> int:
+def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_run: bool = False,
+             jobs_per_gpu: int = 1) -> int:
     runs = _read_runs(work / "runs.jsonl")
     models = [
         {"name": "teacher", "path": "smollm2-135m"},
@@ -492,6 +493,8 @@ def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_ru
            "--set", f"eval.models={json.dumps(models)}",
            "--set", f"eval.output_dir={work}/eval",
            "--set", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", *sum((["--set", e] for e in extra), [])]
+    if jobs_per_gpu > 1:  # 135M models leave the GPU mostly idle: several (model, length) jobs at once
+        cmd += ["--jobs-per-gpu", str(jobs_per_gpu)]
     print("== eval:", " ".join(cmd), flush=True)
     if dry_run:
         return 0
@@ -509,6 +512,9 @@ def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_ru
         logs = sorted(work.glob("*.log"))
         if logs:
             subprocess.run(["tar", "-czf", str(out / "logs.tar.gz"), "-C", str(work), *[p.name for p in logs]])
+        if rc == 0 and (work / "eval" / "report.json").exists():
+            (out / "tables.md").write_text(render_tables(json.loads((work / "eval" / "report.json").read_text()),
+                                                         _read_runs(work / "runs.jsonl")))
     return rc
 
 
@@ -650,7 +656,8 @@ def main() -> int:
     p.add_argument("--recipe", default=RECIPE, help=f"base recipe of every job (default {RECIPE})")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for every job")
     p.add_argument("--parallel", type=int, default=1,
-                   help="train: run up to N variants at once on one local Ray head (GPU share 1/N each); 1 = serial")
+                   help="train: run up to N variants at once on one local Ray head (GPU share 1/N each); 1 = serial. "
+                        "eval: N (model, length) jobs at once per GPU (evaluate.py --jobs-per-gpu)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs the head offers (default: detected)")
     p.add_argument("--ray-cpus", type=int, default=None,
                    help="CPUs the head offers (default: max(cpu count, 2N+2): each job needs one for its worker "
@@ -667,7 +674,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
     if a.phase == "train":
         return run_train(a, work)
-    return run_eval(work, Path(a.out) if a.out else None, a.extra, a.recipe, a.dry_run)
+    return run_eval(work, Path(a.out) if a.out else None, a.extra, a.recipe, a.dry_run, max(1, a.parallel))
 
 
 if __name__ == "__main__":
