@@ -27,7 +27,7 @@ def test_every_recipe_validates(name):
 
 def test_expected_recipes_exist():
     want = {"default.yaml", "llama2-7b-32k.yaml", "llama3-8b-x4.yaml", "mistral-7b-x4.yaml", "smollm2-135m-x4.yaml",
-            "smollm2-135m-x4-logits.yaml", "smollm2-135m-x4-cpt.yaml"}
+            "smollm2-135m-x4-logits.yaml", "smollm2-135m-x4-cpt.yaml", "smollm2-135m-yarn4.yaml"}
     assert want <= set(RECIPES)
 
 
@@ -53,6 +53,18 @@ def test_objective_recipes():
     assert uses_lm_stream(cpt) and cpt.data.lm_ctx_len == 8192
     # same budget, so the three compare at equal tokens
     assert base.train.budget_tokens == logits.train.budget_tokens == cpt.train.budget_tokens
+
+
+def test_yarn_recipe_differs_from_the_pi_recipe_only_in_rope_and_name():
+    """The study's best restorer: the PI×4 recipe with a YaRN×4 student, so the two compare."""
+    pi = load_config(CONFIGS / "smollm2-135m-x4.yaml").model_dump()
+    yarn = load_config(CONFIGS / "smollm2-135m-yarn4.yaml").model_dump()
+    assert (yarn["rope"]["type"], yarn["rope"]["factor"]) == ("yarn", 4.0)
+    assert yarn["rope"]["yarn_logit_correction"] == "divide"
+    for section in ("model", "objective", "lora", "data", "eval"):
+        assert yarn[section] == pi[section], section
+    diff = {k for k in pi["train"] if pi["train"][k] != yarn["train"][k]}
+    assert diff == {"run_name"}
 
 
 def test_overriding_one_train_field_keeps_the_default_budget():
