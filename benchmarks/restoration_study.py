@@ -484,6 +484,13 @@ def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_ru
         {"name": "PI×4", "path": "smollm2-135m", "rope": {"type": "linear", "factor": 4.0}},
         {"name": "YaRN×4", "path": "smollm2-135m", "rope": {"type": "yarn", "factor": 4.0}},
     ]
+    # A variant with a log but no record is still training or exporting (or was killed): say so,
+    # or the report silently lacks it.
+    recorded = {r["variant"] for r in runs}
+    pending = sorted(p.stem for p in work.glob("*.log") if p.stem in VARIANTS and p.stem not in recorded)
+    if pending:
+        print(f"== eval: WARNING no finished record for {pending} (still running, or killed); "
+              "they are not in this report", flush=True)
     seen = set()
     for r in reversed(runs):  # latest run of each variant
         if r["returncode"] == 0 and r["variant"] not in seen and Path(r["student"]).exists():
