@@ -54,9 +54,8 @@ ALL_LINEAR = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 # bf16 weights most AdamW updates at lr 5e-5..1e-4 are below half a bf16 ulp and round away. (The
 # relation loss casts the mixed fp32 q/k / bf16 v captures this gives to one dtype since 16e6cdf.)
 FULL_FP32 = ["model.dtype=float32"]
-# A named objective only fills in the term weights a recipe leaves unset (configs/default.yaml sets
-# them all to their defaults, which would make `objective.name=linearard+logits` a no-op there), so
-# the weights are given explicitly; on configs/smollm2-135m-x4.yaml they equal the presets.
+# The weights are spelled out although `--set objective.name=...` now brings its recipe's weights
+# (config.select_named_objective): the commands then say exactly what each run trained.
 LOGITS = ["objective.name=linearard+logits", "objective.logits.weight=1.0"]
 
 # name -> (overrides, description). Budgets are tokens of SOTU 1790-1989. The recipe gives LoRA

@@ -510,9 +510,32 @@ def _format_error(e: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+RECIPE_NAMES = ("linearard", "linearard+logits", "cpt")
+OBJECTIVE_TERMS = ("relation", "logits", "next_token")
+
+
+def select_named_objective(raw: dict, values: dict[str, Any]) -> None:
+    """Before the dotted `values` are applied to `raw`: when they name an objective recipe, drop
+    the term weights `raw` already has, except those set alongside, so the recipe fills them in.
+
+    A written-out config (configs/default.yaml, a dumped best_config.yaml) spells out every weight,
+    so `--set objective.name=linearard+logits` on it would otherwise keep logits.weight 0 and train
+    plain LinearARD under the other name. 'custom' keeps the weights."""
+    if values.get("objective.name") not in RECIPE_NAMES:
+        return
+    obj = raw.get("objective")
+    if not isinstance(obj, dict):
+        return
+    for term in OBJECTIVE_TERMS:
+        sec = obj.get(term)
+        if isinstance(sec, dict) and f"objective.{term}.weight" not in values:
+            sec.pop("weight", None)
+
+
 def build_config(data: dict | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Validate a raw dict (plus dotted overrides) into a Config, or raise ConfigError naming the field."""
     raw = copy.deepcopy(data or {})
+    select_named_objective(raw, overrides or {})
     for k, v in (overrides or {}).items():
         set_dotted(raw, k, v)
     try:

@@ -24,12 +24,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from linearard_ray.config import Config, ConfigError, build_config, set_dotted
+from linearard_ray.config import Config, ConfigError, build_config, select_named_objective, set_dotted
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 RANGE_KINDS = ("uniform", "loguniform", "randint")
-RECIPE_NAMES = ("linearard", "linearard+logits", "cpt")
-_TERMS = ("relation", "logits", "next_token")
 
 
 @dataclass(frozen=True)
@@ -166,14 +164,7 @@ def apply_params(base: Config | dict, params: Mapping[str, Any]) -> Config:
     """
     raw = copy.deepcopy(base_dict(base) if isinstance(base, Config) else base)
     params = {k: plain(v) for k, v in params.items()}
-    name = params.get("objective.name")
-    if name in RECIPE_NAMES:
-        obj = raw.get("objective")
-        if isinstance(obj, dict):
-            for term in _TERMS:
-                sec = obj.get(term)
-                if isinstance(sec, dict):
-                    sec.pop("weight", None)
+    select_named_objective(raw, params)
     for k, v in params.items():
         set_dotted(raw, k, v)
     return build_config(raw)

@@ -67,6 +67,22 @@ def test_yarn_recipe_differs_from_the_pi_recipe_only_in_rope_and_name():
     assert diff == {"run_name"}
 
 
+@pytest.mark.parametrize("config", [None, "smollm2-135m-x4-logits.yaml", "smollm2-135m-x4-cpt.yaml"])
+def test_naming_a_recipe_on_the_command_line_brings_its_weights(config):
+    """--set objective.name=X on a config that spells out every weight (the written-out default,
+    a recipe of another objective) gives X's weights, not the file's; weights set alongside win."""
+    path = None if config is None else CONFIGS / config
+    presets = {"linearard": (1.0, 0.0, 0.0), "linearard+logits": (1.0, 1.0, 0.0), "cpt": (0.0, 0.0, 1.0)}
+    for name, want in presets.items():
+        o = load_config(path, [f"objective.name={name}"]).objective
+        assert (o.relation.weight, o.logits.weight, o.next_token.weight) == want, (config, name)
+    o = load_config(path, ["objective.name=linearard+logits", "objective.logits.weight=0.25"]).objective
+    assert (o.relation.weight, o.logits.weight) == (1.0, 0.25)
+    if config is None:  # 'custom' keeps the weights the written-out default spells out
+        o = load_config(path, ["objective.name=custom", "objective.logits.weight=0.5"]).objective
+        assert (o.relation.weight, o.logits.weight, o.next_token.weight) == (1.0, 0.5, 0.0)
+
+
 def test_overriding_one_train_field_keeps_the_default_budget():
     assert load_config(None, ["train.lr=1e-4"]).train.max_steps == Config().train.max_steps
     only_tokens = load_config(None, ["train.budget_tokens=100000"]).train
