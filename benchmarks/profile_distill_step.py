@@ -23,7 +23,6 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import bench_distill_step as b  # noqa: E402
-from linearard_ray.config import ObjectiveConfig  # noqa: E402
 from linearard_ray.loss import Objective  # noqa: E402
 
 # Kernel name fragments -> family. Our relation kernels are the Triton `_fwd_kernel`/`_bwd_kernel`.
@@ -49,7 +48,7 @@ def main() -> None:
     a = b.parse(rest)
     dev = torch.device("cuda")
     teacher, student, rope = b.build_models(a, dev, torch.bfloat16)
-    obj = Objective(ObjectiveConfig(name="linearard"), rope, a.layers, a.backend)
+    obj = Objective(b.objective_config(a), rope, a.layers, a.backend)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
