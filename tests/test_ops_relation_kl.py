@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -84,10 +85,17 @@ def run_case(backend, B, H, Hk, T, D, dtype, *, self_rel, causal, mask, scales, 
                                 None if m is None else m.cpu(), causal, a_s, a_t)
     (ref * w.cpu()).sum().backward()
     t = tol(dtype)
-    assert rel_err(kl, ref) <= t, ("kl", rel_err(kl, ref))
-    for got, want in zip(leaves, ref_leaves):
-        assert got.grad.dtype == got.dtype
-        assert rel_err(got.grad, want.grad) <= t, ("grad", rel_err(got.grad, want.grad))
+    if T == 1:
+        # One valid column per row: the KL and its gradient are exactly 0, so a relative error is
+        # undefined; the kernel's rounding (t - s) - t + s must stay below the tolerance in absolute terms.
+        assert ref.abs().max() < 1e-12 and kl.abs().max().item() <= t, ("kl", kl.abs().max().item())
+        for got in leaves:
+            assert got.grad.dtype == got.dtype and got.grad.abs().max().item() <= t
+    else:
+        assert rel_err(kl, ref) <= t, ("kl", rel_err(kl, ref))
+        for got, want in zip(leaves, ref_leaves):
+            assert got.grad.dtype == got.dtype
+            assert rel_err(got.grad, want.grad) <= t, ("grad", rel_err(got.grad, want.grad))
     if m is not None:  # masked rows: exactly zero loss and (self-relation) exactly zero grad
         rows = (m == 0)[:, None, :].expand_as(kl)
         assert torch.all(kl[rows] == 0)
@@ -114,7 +122,7 @@ CASES = [
 def test_fp32_matches_reference(backend, case):
     B, H, Hk, T, D, self_rel, causal, mask, scales = case
     run_case(backend, B, H, Hk, T, D, torch.float32, self_rel=self_rel, causal=causal, mask=mask,
-             scales=scales, seed=hash(case) % 10_000)
+             scales=scales, seed=zlib.crc32(repr(case).encode()) % 10_000)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
