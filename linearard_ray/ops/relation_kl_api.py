@@ -269,11 +269,9 @@ def relation_kl_layer(student_q: torch.Tensor, student_k: torch.Tensor, student_
     rows = B * T * sum(s.shape[1] for s in students)
     if which == "triton" and rows <= FUSED_LAYER_MAX_ROWS:
         kls = _triton_module().relation_kl_layer_rows(students, teachers, mask, causal, a_s, a_t)
-    elif which == "triton":
-        kls = tuple(_triton_module().relation_kl_rows(s, None, t, None, mask, causal, x, y)
-                    for s, t, x, y in zip(students, teachers, a_s, a_t))
     else:
-        kls = tuple(relation_kl_torch.relation_kl_rows(s, None, t, None, mask, causal, x, y)
+        impl = _triton_module() if which == "triton" else relation_kl_torch
+        kls = tuple(impl.relation_kl_rows(s, None, t, None, mask, causal, x, y)
                     for s, t, x, y in zip(students, teachers, a_s, a_t))
     if check_finite:
         _check_finite([(f"relation_kl_layer result ({n})", k) for n, k in zip(names, kls)])
