@@ -57,6 +57,8 @@ FULL_FP32 = ["model.dtype=float32"]
 # The weights are spelled out although `--set objective.name=...` now brings its recipe's weights
 # (config.select_named_objective): the commands then say exactly what each run trained.
 LOGITS = ["objective.name=linearard+logits", "objective.logits.weight=1.0"]
+V_HEAVY = "objective.relation.weights={q: 0.1, k: 0.1, v: 1.0}"
+BLOCKS_8K = ["data.ctx_len=8192", "train.micro_batch_size=1"]
 
 # name -> (overrides, description). Budgets are tokens of SOTU 1790-1989. The recipe gives LoRA
 # r=128/alpha=256 on q/k/v, lr 3e-4, bf16 on GPU.
@@ -83,6 +85,23 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                         "norms and head frozen), lr 5e-5, fp32 master weights, PI×4"),
     "logits-hilr": ([*LOGITS, "train.lr=1e-3"],
                     "relation KL + logit KL, LoRA q/k/v, lr 1e-3, PI×4"),
+    # round 3 (issues 9/10): V/V carried the ablation, logit KL and lr 1e-3 the capacity round;
+    # 8K blocks (the teacher's whole window) and a long next-token stream aim at long context.
+    "vlogits-hilr": ([*LOGITS, V_HEAVY, "train.lr=1e-3"],
+                     "relation KL weighted q/k/v 0.1/0.1/1 + logit KL, LoRA q/k/v, lr 1e-3, PI×4"),
+    "vlogits-8k": ([*LOGITS, V_HEAVY, "train.lr=1e-3", *BLOCKS_8K],
+                   "relation KL weighted q/k/v 0.1/0.1/1 + logit KL on 8K blocks, lr 1e-3, PI×4"),
+    "logits-only-8k": (["objective.name=custom", "objective.relation.weight=0", "objective.logits.weight=1.0",
+                        *BLOCKS_8K],
+                       "output-logit KL only on 8K blocks (the teacher's window), lr 3e-4, PI×4"),
+    "vlogits-mix": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                     "objective.next_token.weight=0.25", "data.lm_ctx_len=8192", V_HEAVY, "train.lr=1e-3"],
+                    "relation KL (q/k/v 0.1/0.1/1) + logit KL on 2K blocks, + next-token (weight 0.25) on its "
+                    "own 8K blocks, lr 1e-3, PI×4"),
+    "logits-t2": ([*LOGITS, "objective.logits.temperature=2.0", "train.lr=1e-3"],
+                  "relation KL + logit KL at temperature 2, lr 1e-3, PI×4"),
+    "logits-full-lolr": ([*LOGITS, "lora.enabled=false", "train.lr=1e-5", *FULL_FP32],
+                         "relation KL + logit KL, full fine-tuning of q/k/v, lr 1e-5, fp32 master weights, PI×4"),
 }
 
 HEAD_LOG = "ray-head.log"
