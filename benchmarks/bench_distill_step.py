@@ -179,6 +179,9 @@ def parse(argv=None):
     p.add_argument("--lora-r", type=int, default=1024)
     p.add_argument("--lora-alpha", type=float, default=2048.0)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--relation-backward", default="auto", choices=["auto", "sweep", "atomic"],
+                   help="Triton backward of the relation op: auto (one recompute unless torch is deterministic), "
+                        "sweep (two recomputes, reproducible) or atomic (one recompute)")
     p.add_argument("--relation-layers", default="all",
                    help="objective.relation.layers (all, last:N, every:K, ...); the issue's benchmark uses all")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -198,6 +201,10 @@ def run(a) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher, student, rope = build_models(a, device, dtype)
     objective = Objective(objective_config(a), rope, a.layers, a.backend)
+    if device.type == "cuda":
+        import importlib  # the package attribute `relation_kl` is the function, not the module
+
+        importlib.import_module("linearard_ray.ops.relation_kl").set_backward_mode(None if a.relation_backward == "auto" else a.relation_backward)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)
@@ -237,7 +244,8 @@ def run(a) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                   "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
-        "backend": a.backend, "relation_layers": a.relation_layers, "grad_checkpointing": a.grad_checkpointing,
+        "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
+        "grad_checkpointing": a.grad_checkpointing,
         "dtype": str(dtype).replace("torch.", ""),
         "step_ms": step, "tokens_per_s": a.batch * a.seq / (step / 1e3),
         "relation_loss_ms": rel, "relation_loss_fwd_ms": statistics.median(fwd_ms),

@@ -317,6 +317,62 @@ def sweep(D):
     return best
 
 
+def backward_modes(Ts=(2048, 4096, 8192, 16384), tiles=True):
+    """Causal self-relation backward: the two-recompute sweep against the one-recompute atomic
+    kernel (bwd1), with a small tile sweep for bwd1 first; ratios against SDPA flash fwd+bwd."""
+    TC = rk.TileConfig
+    cands = {128: [TC(64, 128, 8, 2), TC(64, 128, 8, 3), TC(128, 128, 8, 2), TC(64, 64, 4, 2), TC(32, 128, 8, 2),
+                   TC(64, 128, 4, 2)],
+             64: [TC(64, 64, 4, 2), TC(64, 128, 8, 2), TC(128, 64, 4, 2), TC(64, 128, 4, 3), TC(32, 64, 4, 2)]}
+    for D in (128, 64):
+        if tiles:
+            q, _, _ = inputs(1, 32, 32, 8192, D)
+            tq = q + 0.5 * torch.randn_like(q)
+            qg = q.clone().requires_grad_(True)
+            rk.set_backward_mode("atomic")
+            res = []
+            for c in cands[D]:
+                rk.set_tile_config("bwd1", c)
+                try:
+                    kl = relation_kl(qg, None, tq, None)
+                    ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
+                    kern = rk.last_compiled.get("bwd1")
+                    log(f"bwd1 tiles D{D} T8192 {c}: {ms:.3f} ms regs {kern.n_regs} spills {kern.n_spills}")
+                    res.append((ms, c))
+                except Exception as e:
+                    log(f"bwd1 tiles D{D} {c}: failed {type(e).__name__}: {str(e)[:120]}")
+            rk.set_tile_config("bwd1", None)
+            rk.set_backward_mode(None)
+            if res:
+                best = min(res, key=lambda x: x[0])[1]
+                log(f"best bwd1 tiles D{D}: {best} (default {rk._BWD1_CFG[D]})")
+                rk._BWD1_CFG[D] = best
+            del q, tq, qg
+        log(f"\n### Backward of one causal self-relation (B=1, H=32, D={D}, bf16): sweep vs one recompute\n")
+        log("| T | SDPA flash fwd+bwd ms | fwd ms | sweep bwd ms | atomic bwd ms | bwd speed-up | "
+            "sweep fwd+bwd / SDPA | atomic fwd+bwd / SDPA |")
+        log("|---|---|---|---|---|---|---|---|")
+        for T in Ts:
+            q, k, v = inputs(1, 32, 32, T, D)
+            tq = q + 0.5 * torch.randn_like(q)
+            _, sdpa_fb, sleaves = sdpa_fns(q, k, v)
+            t_sdpa = bench(sdpa_fb, grad_to_none=sleaves)
+            qg = q.clone().requires_grad_(True)
+            t_fwd = bench(lambda: relation_kl(q, None, tq, None))
+            bw = {}
+            for mode in ("sweep", "atomic"):
+                rk.set_backward_mode(mode)
+                kl = relation_kl(qg, None, tq, None)
+                bw[mode] = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg])
+            rk.set_backward_mode(None)
+            log(f"| {T} | {fmt_ms(t_sdpa)} | {fmt_ms(t_fwd)} | {fmt_ms(bw['sweep'])} | {fmt_ms(bw['atomic'])} | "
+                f"{bw['sweep'] / bw['atomic']:.2f}x | {(t_fwd + bw['sweep']) / t_sdpa:.2f} | "
+                f"{(t_fwd + bw['atomic']) / t_sdpa:.2f} |")
+            del q, k, v, tq, qg, kl, sleaves
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- main
 def integration(B=1, T=4096, H=32, Hkv=32, D=128):
     """One layer call the way training makes it: q/k/v are [B, T, heads, D] projections viewed as
@@ -326,8 +382,8 @@ def integration(B=1, T=4096, H=32, Hkv=32, D=128):
     import linearard_ray.ops.relation_kl_api as api
 
     log(f"\n### One layer call (Q/Q+K/K+V/V, B={B}, H={H}/{Hkv}, T={T}, D={D}, bf16, causal) by input layout\n")
-    log("| layout | mask | launch | fwd ms | fwd+bwd ms |")
-    log("|---|---|---|---|---|")
+    log("| layout | mask | launch | backward | fwd ms | fwd+bwd ms |")
+    log("|---|---|---|---|---|---|")
     heads = (H, Hkv, Hkv)
 
     def make(strided):
@@ -338,8 +394,10 @@ def integration(B=1, T=4096, H=32, Hkv=32, D=128):
         s, t = make(strided), [x + 0.5 * torch.randn_like(x) for x in make(strided)]
         leaves = [x.detach().clone().requires_grad_(True) for x in s]  # clone keeps the strides
         ones = torch.ones(B, T, dtype=torch.long, device=DEV)
-        for mask, limit in ((None, 10**12), (ones, 10**12), (None, 0)):
+        for mask, limit, mode in ((None, 10**12, "sweep"), (ones, 10**12, "sweep"), (None, 0, "sweep"),
+                                  (None, 10**12, "atomic"), (None, 0, "atomic")):
             api.FUSED_LAYER_MAX_ROWS = limit
+            rk.set_backward_mode(mode)
 
             def f():
                 return relation_kl_layer(*s, *t, attention_mask=mask)
@@ -349,7 +407,9 @@ def integration(B=1, T=4096, H=32, Hkv=32, D=128):
                 sum(v / (h * B * T) for v, h in zip(vals, heads)).backward()
 
             log(f"| {'[B,T,H,D] view' if strided else 'contiguous [B,H,T,D]'} | {'ones' if mask is not None else 'none'} "
-                f"| {'fused' if limit else 'three'} | {fmt_ms(bench(f))} | {fmt_ms(bench(fb, grad_to_none=leaves))} |")
+                f"| {'fused' if limit else 'three'} | {mode} | {fmt_ms(bench(f))} | "
+                f"{fmt_ms(bench(fb, grad_to_none=leaves))} |")
+        rk.set_backward_mode(None)
         del s, t, leaves
         gc.collect()
         torch.cuda.empty_cache()
@@ -363,10 +423,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--integration", action="store_true",
                     help="only the 7B layer call by input layout and mask (what training passes)")
+    ap.add_argument("--backward", action="store_true",
+                    help="only the backward modes (sweep vs one recompute), with a bwd1 tile sweep")
     args = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {importlib.import_module('triton').__version__}")
     torch.manual_seed(0)
+    if args.backward:
+        backward_modes()
+        return 0
     if args.integration:
         integration()  # LLaMA-2-7B layer
         integration(B=2, T=2048, H=9, Hkv=3, D=64)  # SmolLM2-135M layer, the study's shape
@@ -440,9 +505,9 @@ def main():
         log(f"| {T} | {fmt_ms(a)} | {fmt_ms(b)} | {a / b:.2f}x | {fmt_ms(c)} | {fmt_ms(d)} | {c / d:.2f}x |")
         if T == 2048:
             fused_fb()
-            kf, kb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
+            kf, kb = rk.last_compiled["fwd"], rk.last_compiled["bwd1"]
             three_fb()
-            sf, sb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
+            sf, sb = rk.last_compiled["fwd"], rk.last_compiled["bwd1"]
             log(f"(registers/spills fused fwd {kf.n_regs}/{kf.n_spills} bwd {kb.n_regs}/{kb.n_spills}; "
                 f"single fwd {sf.n_regs}/{sf.n_spills} bwd {sb.n_regs}/{sb.n_spills})")
         del q, k, v, t, leaves

@@ -27,7 +27,24 @@ except Exception:  # pragma: no cover
 
 CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-BACKENDS = ["torch"] + (["triton"] if HAVE_TRITON and (CUDA or INTERP) else [])
+# "triton" runs the default backward (one recompute with atomics for causal self-relations),
+# "triton-sweep" the deterministic two-recompute backward; both are the "triton" backend.
+BACKENDS = ["torch"] + (["triton", "triton-sweep"] if HAVE_TRITON and (CUDA or INTERP) else [])
+
+
+def be(backend):
+    return "triton" if backend.startswith("triton") else backend
+
+
+@pytest.fixture(autouse=True)
+def _backward_mode(request):
+    params = getattr(request.node, "callspec", None)
+    sweep = params is not None and params.params.get("backend") == "triton-sweep"
+    if sweep:
+        triton_mod.set_backward_mode("sweep")
+    yield
+    if sweep:
+        triton_mod.set_backward_mode(None)
 DEV = "cuda" if CUDA else "cpu"
 
 
@@ -75,7 +92,7 @@ def run_case(backend, B, H, Hk, T, D, dtype, *, self_rel, causal, mask, scales, 
     s_q = leaves[0]
     s_k = None if self_rel else leaves[1]
     kl = relation_kl(s_q, s_k, tq, tk, attention_mask=m, causal=causal, student_scale=a_s,
-                     teacher_scale=a_t, reduction="none", backend=backend)
+                     teacher_scale=a_t, reduction="none", backend=be(backend))
     w = torch.rand(kl.shape, generator=gen, dtype=torch.float64).to(DEV)  # random upstream grads
     (kl.double() * w).sum().backward()
 
@@ -142,9 +159,9 @@ def test_reductions_and_fully_masked_batch(backend):
     m[1] = 0  # a whole sequence of padding
     m[0, :5] = 0
     x = sq.clone().requires_grad_(True)
-    rows = relation_kl(x, None, tq, None, attention_mask=m, reduction="none", backend=backend)
-    total = relation_kl(x, None, tq, None, attention_mask=m, reduction="sum", backend=backend)
-    mean = relation_kl(x, None, tq, None, attention_mask=m, reduction="mean", backend=backend)
+    rows = relation_kl(x, None, tq, None, attention_mask=m, reduction="none", backend=be(backend))
+    total = relation_kl(x, None, tq, None, attention_mask=m, reduction="sum", backend=be(backend))
+    mean = relation_kl(x, None, tq, None, attention_mask=m, reduction="mean", backend=be(backend))
     assert torch.allclose(total, rows.sum(), rtol=1e-6)
     assert torch.allclose(mean, rows.sum() / (2 * 15), rtol=1e-6)  # H * valid positions
     assert torch.all(rows[1] == 0) and torch.all(rows[0, :, :5] == 0) and torch.all(rows[0, :, 6:] > 0)  # row 5 sees one column: KL 0
@@ -154,7 +171,7 @@ def test_reductions_and_fully_masked_batch(backend):
     assert x.grad[0, :, 5:].abs().sum() > 0
     # nothing valid at all: mean is 0 with zero gradient, no NaN
     y = sq.clone().requires_grad_(True)
-    z = relation_kl(y, None, tq, None, attention_mask=torch.zeros_like(m), reduction="mean", backend=backend)
+    z = relation_kl(y, None, tq, None, attention_mask=torch.zeros_like(m), reduction="mean", backend=be(backend))
     z.backward()
     assert z.item() == 0 and torch.all(y.grad == 0)
 
@@ -165,9 +182,9 @@ def test_teacher_gets_no_grad_and_equal_maps_give_zero(backend):
     sq, sk, tq, tk = make(1, 2, 1, 19, 16, torch.float32, gen)
     t = tq.clone().requires_grad_(True)
     s = sq.clone().requires_grad_(True)
-    relation_kl(s, sk, t, tk, backend=backend).backward()
+    relation_kl(s, sk, t, tk, backend=be(backend)).backward()
     assert t.grad is None and s.grad is not None
-    same = relation_kl(sq, sk, sq, sk, reduction="none", backend=backend)
+    same = relation_kl(sq, sk, sq, sk, reduction="none", backend=be(backend))
     assert same.abs().max().item() < 1e-5
 
 
@@ -179,7 +196,7 @@ def test_deterministic(backend):
     outs = []
     for _ in range(2):
         a, b = sq.clone().requires_grad_(True), sk.clone().requires_grad_(True)
-        kl = relation_kl(a, b, tq, tk, attention_mask=m, backend=backend)
+        kl = relation_kl(a, b, tq, tk, attention_mask=m, backend=be(backend))
         kl.backward()
         outs.append((kl.detach(), a.grad, b.grad))
     for x, y in zip(*outs):
@@ -196,7 +213,7 @@ def test_layer_matches_three_calls(backend):
     scales_s, scales_t = (None, 0.2, 0.3), (0.25, None, 0.1)
     leaves = [x.clone().requires_grad_(True) for x in (sq, sk, sv)]
     outs = relation_kl_layer(*leaves, tq, tk, tv, attention_mask=m, student_scales=scales_s,
-                             teacher_scales=scales_t, reduction="mean", backend=backend)
+                             teacher_scales=scales_t, reduction="mean", backend=be(backend))
     sum(outs).backward()
     for i, (s, t) in enumerate(zip((sq, sk, sv), (tq, tk, tv))):
         x = s.double().cpu().requires_grad_(True)
@@ -220,7 +237,7 @@ def test_large_layer_runs_separate_launches_with_the_same_result(backend, monkey
     for limit in (10**9, 0):
         monkeypatch.setattr(api, "FUSED_LAYER_MAX_ROWS", limit)
         leaves = [x.clone().requires_grad_(True) for x in (sq, sk, sv)]
-        outs = relation_kl_layer(*leaves, tq, tk, tv, backend=backend)
+        outs = relation_kl_layer(*leaves, tq, tk, tv, backend=be(backend))
         sum(o * w for o, w in zip(outs, (1.0, 0.5, 2.0))).backward()
         results.append([o.detach() for o in outs] + [x.grad for x in leaves])
     for a, b in zip(*results):
@@ -287,11 +304,11 @@ def test_check_finite(backend):
     bad = x.clone()
     bad[0, 1, 3, 2] = float("nan")
     with pytest.raises(ValueError, match="teacher_q"):
-        relation_kl(x, None, bad, None, check_finite=True, backend=backend)
+        relation_kl(x, None, bad, None, check_finite=True, backend=be(backend))
     bad[0, 1, 3, 2] = float("inf")
     with pytest.raises(ValueError, match="student_q"):
-        relation_kl(bad, None, x, None, check_finite=True, backend=backend)
-    assert math.isfinite(relation_kl(x, None, x * 1.5, None, check_finite=True, backend=backend).item())
+        relation_kl(bad, None, x, None, check_finite=True, backend=be(backend))
+    assert math.isfinite(relation_kl(x, None, x * 1.5, None, check_finite=True, backend=be(backend)).item())
 
 
 def test_torch_path_is_chunked_and_matches_unchunked():
@@ -324,7 +341,7 @@ def test_strided_inputs_match_contiguous(backend):
     for make_contig in (False, True):
         a = (sq.contiguous() if make_contig else sq).detach().requires_grad_(True)
         b = (sk.contiguous() if make_contig else sk).detach().requires_grad_(True)
-        kl = relation_kl(a, b, tq, tk, attention_mask=m, reduction="none", backend=backend)
+        kl = relation_kl(a, b, tq, tk, attention_mask=m, reduction="none", backend=be(backend))
         kl.sum().backward()
         outs.append((kl.detach(), a.grad, b.grad))
     for x, y in zip(*outs):
@@ -339,3 +356,51 @@ def test_auto_backend_uses_torch_off_cuda(monkeypatch):
     x = torch.randn(1, 2, 8, 16)
     relation_kl(x, None, x * 1.1, None, backend="auto")
     assert calls == [1]
+
+
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (16, 16)], ids=lambda t: f"m{t[0]}n{t[1]}")
+def test_one_recompute_backward_tiles(tiles):
+    """The one-recompute backward owns column blocks and sweeps row tiles; any pair of sizes,
+    with T cutting through both, must give the reference grads (values too: the forward is shared)."""
+    triton_mod.set_tile_config("bwd1", triton_mod.TileConfig(tiles[0], tiles[1], 1, 1))
+    triton_mod.last_compiled.pop("bwd1", None)
+    try:
+        run_case("triton", 2, 3, 3, 45, 16, torch.float32, self_rel=True, causal=True, mask=True,
+                 scales=(0.3, 0.2), seed=11 + tiles[0] + 3 * tiles[1])
+    finally:
+        triton_mod.set_tile_config("bwd1", None)
+    assert "bwd1" in triton_mod.last_compiled
+
+
+@needs_triton
+def test_backward_modes_agree_and_deterministic_mode_uses_the_sweep():
+    gen = torch.Generator().manual_seed(12)
+    B, T, D = 2, 41, 32
+    sq, _, tq, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
+    sk, _, tk, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
+    m = padding_mask(B, T, gen)
+    w = torch.rand(B, 4, T, generator=gen).to(DEV)
+    grads = {}
+    for mode in ("atomic", "sweep", "deterministic"):
+        triton_mod.last_compiled.clear()
+        triton_mod.set_backward_mode(None if mode == "deterministic" else mode)
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(mode == "deterministic")
+        try:
+            a, b = sq.clone().requires_grad_(True), sk.clone().requires_grad_(True)
+            outs = relation_kl_layer(a, b, b, tq, tk, tk, attention_mask=m, reduction="none", backend="triton")
+            (torch.cat(outs[:2], dim=1) * w).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(was)
+            triton_mod.set_backward_mode(None)
+        assert ("bwd1" in triton_mod.last_compiled) == (mode == "atomic"), mode
+        grads[mode] = (a.grad, b.grad)
+    for mode in ("sweep", "deterministic"):
+        for x, y in zip(grads["atomic"], grads[mode]):
+            assert rel_err(x, y) <= 1e-2  # G is rounded to bf16 in both; the accumulation order differs
+    with pytest.raises(ValueError, match="backward mode"):
+        triton_mod.set_backward_mode("fast")

@@ -21,6 +21,11 @@ rows and writes it once, so results are bitwise reproducible.
   each of the REP query heads of g (row sweeps over J <= I), then dB of block I, summing over
   those query heads in a fixed order (column sweeps over J >= I).
 Causal tiles entirely above (row part) or below (column part) the diagonal are never visited.
+That sweep computes every causal logit tile twice (once per part); for causal self-relations the
+default is the one-recompute backward (``_bwd1_kernel``, below), which computes each tile once and
+adds the row part through fp32 atomics: 6 products of T²D/2 per relation with the forward instead
+of 8, at the price of bitwise reproducibility (``set_backward_mode``; under
+``torch.use_deterministic_algorithms(True)`` the sweep runs).
 
 ``relation_kl_layer`` runs the Q/Q, K/K and V/V self-relations in the same launches: the grid's
 head axis spans the heads of all three (NREL = 3) and a program reaches its relation's tensors by
@@ -492,6 +497,117 @@ def _bwd_kernel(
                   BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
 
 
+# ----------------------------------------------------------------------------- backward, one recompute
+# Causal self-relations only. The sweep backward above computes every logit tile twice (as row part
+# in its row block's program, as column part in its column block's), 8 products of T²D/2 per
+# relation with the forward; this one computes each tile once (6, the floor): the program owns
+# column block J, sweeps the row blocks I >= J, keeps dA_J's column part Σ_I G_IJᵀ A_I in
+# registers and adds the row part G_IJ A_J into an fp32 buffer with relaxed atomics. The order of
+# those additions varies from run to run, so results are not bitwise reproducible; under
+# torch.use_deterministic_algorithms(True) the sweep backward runs instead.
+@triton.jit
+def _bwd1_tile(acc, cs, ct, S, TS, base, st, i0, offs_n, offs_d, dmask, T, cvalid, ls_base,
+               LseS, LseT, DKl, Buf, buf_base, sc_s, sc_t,
+               BLOCK_M: tl.constexpr, DIAG: tl.constexpr, COLMASK: tl.constexpr, EVEN_T: tl.constexpr,
+               EVEN_D: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               UNI: tl.constexpr):
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    rp = base + offs_m[:, None] * st + offs_d[None, :]
+    rs = _load_tile(S + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    rt = _load_tile(TS + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    ls, lt, dk = _row_stats(LseS, LseT, DKl, ls_base, offs_m, T, EVEN_T, UNI)
+    x = _dot(rs, tl.trans(cs), IEEE) * sc_s
+    y = _dot(rt, tl.trans(ct), IEEE) * sc_t
+    g = tl.exp2(x - ls[:, None]) - tl.exp2(y - lt[:, None])  # rows past T / masked: lse = +inf -> 0
+    if not UNI:
+        g = g * dk[:, None]
+    if DIAG:
+        g = tl.where(offs_n[None, :] <= offs_m[:, None], g, 0.0)
+    if COLMASK:  # columns past T or padded
+        g = tl.where(cvalid[None, :], g, 0.0)
+    gd = g.to(S.dtype.element_ty)
+    if UPCAST:
+        gd = gd.to(tl.float32)
+    acc += _dot(tl.trans(gd), rs, IEEE)
+    row = _dot(gd, cs, IEEE)
+    bp = Buf + buf_base + offs_m[:, None] * D + offs_d[None, :]
+    if EVEN_T and EVEN_D:
+        tl.atomic_add(bp, row, sem="relaxed")
+    else:
+        tl.atomic_add(bp, row, mask=(offs_m < T)[:, None] & dmask[None, :], sem="relaxed")
+    return acc
+
+
+@triton.jit
+def _bwd1_body(S, TS, Buf, ss_b, ss_h, ss_t, sc_s, sc_t, b, h, hh, pid_n, Mask, LseS, LseT, DKl, T, HTOT,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               UNI: tl.constexpr):
+    b64 = b.to(tl.int64)
+    base = b64 * ss_b + h.to(tl.int64) * ss_h
+    j0 = pid_n * BLOCK_N
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    cp = base + offs_n[:, None] * ss_t + offs_d[None, :]
+    cs = _load_tile(S + cp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    ct = _load_tile(TS + cp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    cvalid = offs_n < T
+    if HAS_MASK:
+        cm = tl.load(Mask + b64 * T + offs_n, mask=cvalid, other=0)
+        cvalid = cvalid & (cm != 0)
+    COLMASK: tl.constexpr = HAS_MASK or not EVEN_T
+    ls_base = (b64 * HTOT + hh) * T
+    buf_base = ls_base * D
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    num_m = tl.cdiv(T, BLOCK_M)
+    lo = j0 // BLOCK_M
+    hi = tl.minimum(tl.cdiv(j0 + BLOCK_N, BLOCK_M), num_m)  # row blocks from hi on lie below J
+    for i in range(lo, hi):
+        acc = _bwd1_tile(acc, cs, ct, S, TS, base, ss_t, i * BLOCK_M, offs_n, offs_d, dmask, T, cvalid, ls_base,
+                         LseS, LseT, DKl, Buf, buf_base, sc_s, sc_t, BLOCK_M, True, COLMASK, EVEN_T, EVEN_D,
+                         D, IEEE, UPCAST, UNI)
+    for i in range(hi, num_m):
+        acc = _bwd1_tile(acc, cs, ct, S, TS, base, ss_t, i * BLOCK_M, offs_n, offs_d, dmask, T, cvalid, ls_base,
+                         LseS, LseT, DKl, Buf, buf_base, sc_s, sc_t, BLOCK_M, False, COLMASK, EVEN_T, EVEN_D,
+                         D, IEEE, UPCAST, UNI)
+    bp = Buf + buf_base + offs_n[:, None] * D + offs_d[None, :]
+    if EVEN_T and EVEN_D:
+        tl.atomic_add(bp, acc, sem="relaxed")
+    else:
+        tl.atomic_add(bp, acc, mask=(offs_n < T)[:, None] & dmask[None, :], sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["off_s1", "off_t1", "off_s2", "off_t2"])
+def _bwd1_kernel(
+    S, TS, Buf, Mask, LseS, LseT, DKl,
+    off_s1, off_t1, off_s2, off_t2,
+    ss_b0, ss_h0, ss_t0, ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2,
+    H0, H1, scs0, scs1, scs2, sct0, sct1, sct2, T, HTOT,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NREL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, ALIGN: tl.constexpr, UNIFORM_DKL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # column block 0 has the most row blocks below it: first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HTOT
+    hh = pid_bh % HTOT
+    if NREL == 1:
+        _bwd1_body(S, TS, Buf, ss_b0, ss_h0, ss_t0, scs0, sct0, b, hh, hh, pid_n, Mask, LseS, LseT, DKl, T, HTOT,
+                   D, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
+    else:  # see _fwd_kernel
+        r = (hh >= H0).to(tl.int32) + (hh >= H0 + H1).to(tl.int32)
+        Sr = S + _hint(_sel(r, 0, off_s1 - _BIAS, off_s2 - _BIAS), ALIGN)
+        TSr = TS + _hint(_sel(r, 0, off_t1 - _BIAS, off_t2 - _BIAS), ALIGN)
+        sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
+        sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
+        st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
+        _bwd1_body(Sr, TSr, Buf, sb, sh, st, _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2),
+                   b, hh - _sel(r, 0, H0, H0 + H1), hh, pid_n, Mask, LseS, LseT, DKl, T, HTOT,
+                   D, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
+
+
 # ----------------------------------------------------------------------------- launchers
 @dataclass(frozen=True)
 class TileConfig:
@@ -506,16 +622,24 @@ class TileConfig:
 # hand-picked to fit shared memory and was only checked for correctness.
 _FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 128, 8, 3), 256: TileConfig(64, 32, 4, 2)}
 _BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
+# One-recompute backward: block_n = owned column block (its fp32 accumulator stays in registers),
+# block_m = swept row tile. Not yet tuned.
+_BWD1_CFG = {64: TileConfig(64, 64, 4, 2), 128: TileConfig(64, 128, 8, 2), 256: TileConfig(32, 64, 8, 1)}
+_bwd_mode: Optional[str] = None
 _INTERP_CFG = TileConfig(32, 16, 1, 1)
 _overrides: dict = {}
 
 
 def set_tile_config(kind: str, cfg: Optional[TileConfig]) -> None:
-    """Force the tiles of 'fwd' or 'bwd' (benchmarks and tests); None restores the defaults."""
+    """Force the tiles of 'fwd', 'bwd' or 'bwd1' (benchmarks and tests); None restores the defaults.
+
+    For 'bwd1' block_n is the column block a program owns and block_m the row tile it sweeps."""
+    if kind not in ("fwd", "bwd", "bwd1"):
+        raise ValueError(f"kind must be 'fwd', 'bwd' or 'bwd1', got {kind!r}")
     if cfg is None:
         _overrides.pop(kind, None)
     else:
-        if cfg.block_m % cfg.block_n:
+        if kind != "bwd1" and cfg.block_m % cfg.block_n:
             raise ValueError(f"block_m {cfg.block_m} must be a multiple of block_n {cfg.block_n}")
         _overrides[kind] = cfg
 
@@ -533,8 +657,23 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> TileConfig:
         return _INTERP_CFG
     if dtype == torch.float32:
         return _FP32_CFG[max(64, block_d)]
-    table = _FWD_CFG if kind == "fwd" else _BWD_CFG
+    table = {"fwd": _FWD_CFG, "bwd": _BWD_CFG, "bwd1": _BWD1_CFG}[kind]
     return table[max(64, block_d)]
+
+
+def set_backward_mode(mode: Optional[str]) -> None:
+    """'sweep' (two recomputes, no atomics, bitwise reproducible), 'atomic' (one recompute, causal
+    self-relations only) or None: atomic where it applies unless torch runs deterministic."""
+    global _bwd_mode
+    if mode not in (None, "sweep", "atomic"):
+        raise ValueError(f"backward mode must be 'sweep', 'atomic' or None, got {mode!r}")
+    _bwd_mode = mode
+
+
+def _use_atomic(self_rel: bool, causal: bool) -> bool:
+    if not (self_rel and causal) or _bwd_mode == "sweep":
+        return False
+    return _bwd_mode == "atomic" or not torch.are_deterministic_algorithms_enabled()
 
 
 def _launch(kernel, kind: str, cfg: TileConfig, key, T: int, grid_rows: int, args, consts) -> None:
@@ -543,8 +682,9 @@ def _launch(kernel, kind: str, cfg: TileConfig, key, T: int, grid_rows: int, arg
     wanted = cfg
     cfg = _working.get((kind, key, wanted), cfg)
     for attempt in range(5):
+        owned = cfg.block_n if kind == "bwd1" else cfg.block_m  # the block a program owns
         try:
-            last_compiled[kind] = kernel[(triton.cdiv(T, cfg.block_m), grid_rows)](
+            last_compiled[kind] = kernel[(triton.cdiv(T, owned), grid_rows)](
                 *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 EVEN_T=T % cfg.block_m == 0 and T % cfg.block_n == 0,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -665,6 +805,8 @@ def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool
         amax = dkl.abs().amax()
         gscale = torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(1)
         dkl = dkl / gscale
+    if _use_atomic(self_rel, causal):
+        return _backward_atomic(rels, mask, lse_s, lse_t, dkl, gscale, uniform), None
     if self_rel and len(rels) > 1:  # one buffer, so the kernels reach each relation by offset
         sizes = [r.s.numel() for r in rels]
         flat = torch.empty(sum(sizes), dtype=rels[0].s.dtype, device=rels[0].s.device)
@@ -688,6 +830,31 @@ def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool
     _launch(_bwd_kernel, "bwd", _config("bwd", block_d, dtype), (block_d, dtype, causal, len(rels), self_rel),
             T, B * hktot, args, consts)
     return grads_s, (None if self_rel else grads_k)
+
+
+def _backward_atomic(rels: Sequence[_Rel], mask, lse_s, lse_t, dkl, gscale, uniform: bool):
+    """Student grads of causal self-relations by the one-recompute kernel (fp32 accumulation)."""
+    B, _, T, D = rels[0].s.shape
+    H = _heads(rels)
+    htot = sum(H)
+    buf = torch.zeros(B, htot, T, D, dtype=torch.float32, device=rels[0].s.device)
+    _, block_d, ieee, upcast = _flags(rels[0].s)
+    dtype = rels[0].s.dtype
+    m = mask if mask is not None else lse_s
+    offs, strides, align = _common_args(rels, None)
+    sc = [r.sc_s * LOG2E for r in rels] + [1.0, 1.0]
+    st = [r.sc_t * LOG2E for r in rels] + [1.0, 1.0]
+    r0 = rels[0]
+    args = [r0.s, r0.ts, buf, m, lse_s, lse_t, dkl, *offs, *strides[:9], H[0], H[1], *sc[:3], *st[:3], T, htot]
+    consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast,
+                  ALIGN=align, UNIFORM_DKL=uniform)
+    _launch(_bwd1_kernel, "bwd1", _config("bwd1", block_d, dtype), (block_d, dtype, len(rels)), T, B * htot,
+            args, consts)
+    grads, h0 = [], 0
+    for r, h in zip(rels, H):
+        grads.append((buf[:, h0:h0 + h] * (gscale * r.sc_s)).to(dtype))
+        h0 += h
+    return grads
 
 
 class TritonRelationKL(torch.autograd.Function):
