@@ -7,6 +7,7 @@ evaluates the teacher, the untrained PI×4 and YaRN×4 students and every traine
 so all numbers share the same windows and passkey prompts.
 
     python benchmarks/restoration_study.py train --variants linearard,logits,cpt --work /tmp/study
+    python benchmarks/restoration_study.py sample --work /tmp/study   # teacher samples for tsample-*
     python benchmarks/restoration_study.py train --variants all --parallel 4 --work /tmp/study
     python benchmarks/restoration_study.py eval --work /tmp/study --out $OUT
     python benchmarks/restoration_study.py table --work /tmp/study      # markdown for RESULTS.md
@@ -58,6 +59,7 @@ FULL_FP32 = ["model.dtype=float32"]
 # (config.select_named_objective): the commands then say exactly what each run trained.
 LOGITS = ["objective.name=linearard+logits", "objective.logits.weight=1.0"]
 V_HEAVY = "objective.relation.weights={q: 0.1, k: 0.1, v: 1.0}"
+TEACHER_SAMPLES = "{work}/teacher_samples.jsonl"  # {work} is replaced by --work
 BLOCKS_8K = ["data.ctx_len=8192", "train.micro_batch_size=1"]
 
 # name -> (overrides, description). Budgets are tokens of SOTU 1790-1989. The recipe gives LoRA
@@ -100,6 +102,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                     "own 8K blocks, lr 1e-3, PI×4"),
     "logits-t2": ([*LOGITS, "objective.logits.temperature=2.0", "train.lr=1e-3"],
                   "relation KL + logit KL at temperature 2, lr 1e-3, PI×4"),
+    # Teacher samples (pipelines/sample_teacher.py, written to <work>/teacher_samples.jsonl by the
+    # `sample` phase) as the KL terms' data: alone (data-free) or next to SOTU.
+    "tsample-logits": ([*LOGITS, "train.lr=1e-3", f"data.sources=[{TEACHER_SAMPLES}]"],
+                       "relation KL + logit KL, lr 1e-3, on teacher samples only (no SOTU), PI×4"),
+    "tsample-mix": ([*LOGITS, "train.lr=1e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                    "relation KL + logit KL, lr 1e-3, on SOTU 1790-1989 + teacher samples, PI×4"),
     "logits-full-lolr": ([*LOGITS, "lora.enabled=false", "train.lr=1e-5", *FULL_FP32],
                          "relation KL + logit KL, full fine-tuning of q/k/v, lr 1e-5, fp32 master weights, PI×4"),
 }
@@ -117,7 +125,7 @@ def variant_sets(name: str, work: Path, budget: int | None, extra: list[str], gp
         f"train.storage_path={work}/ray",
         f"train.output_dir={work}/students",
         f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
-        *overrides, *extra,
+        *(o.replace("{work}", str(work)) for o in overrides), *extra,
     ]
     if budget:
         sets.append(f"train.budget_tokens={budget}")
@@ -673,7 +681,9 @@ def run_table(work: Path, report_path: str | None, runs_path: str | None) -> int
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["train", "eval", "table"])
+    p.add_argument("phase", choices=["sample", "train", "eval", "table"],
+                   help="sample: write <work>/teacher_samples.jsonl (pipelines/sample_teacher.py) for the tsample-* "
+                        "variants; train; eval; table")
     p.add_argument("--variants", default="linearard", help=f"comma list of {', '.join(VARIANTS)}; or 'all'")
     p.add_argument("--budget", type=int, default=None, help="token budget override for every variant")
     p.add_argument("--work", default="/tmp/study")
@@ -689,6 +699,8 @@ def main() -> int:
                         "and more for Ray Data reading)")
     p.add_argument("--status-every", type=float, default=120.0, help="seconds between progress lines in parallel mode")
     p.add_argument("--dry-run", action="store_true", help="print the commands (configurations validated) without running")
+    p.add_argument("--samples", type=int, default=1024, help="sample: teacher samples of 2048 tokens")
+    p.add_argument("--sample-batch", type=int, default=256, help="sample: generation batch size")
     p.add_argument("--report", default=None, help="table: report.json to read (default <work>/eval/report.json)")
     p.add_argument("--runs", default=None, help="table: runs.jsonl to read (default <work>/runs.jsonl)")
     a = p.parse_args()
@@ -697,6 +709,12 @@ def main() -> int:
         return run_table(work, a.report, a.runs)
     if not a.dry_run:
         work.mkdir(parents=True, exist_ok=True)
+    if a.phase == "sample":
+        cmd = [sys.executable, "pipelines/sample_teacher.py", "--config", a.recipe, "--out",
+               TEACHER_SAMPLES.format(work=work), "--samples", str(a.samples), "--tokens", "2048",
+               "--batch-size", str(a.sample_batch)]
+        print(" ".join(cmd), flush=True)
+        return 0 if a.dry_run else subprocess.call(cmd, cwd=ROOT)
     if a.phase == "train":
         return run_train(a, work)
     return run_eval(work, Path(a.out) if a.out else None, a.extra, a.recipe, a.dry_run, max(1, a.parallel))

@@ -1,0 +1,118 @@
+"""A training corpus sampled from the teacher itself (a data-free stream for the KL terms).
+
+The KL terms ask the student to match the teacher's distributions; on a single-domain corpus they
+only see that domain. Text the teacher writes from scratch (ancestral sampling from its first
+token) spreads over whatever the teacher knows, so a student distilled on it is corrected where
+the teacher puts its probability mass rather than only on the training domain. The file written
+is ordinary JSONL (``{"id", "text", "tokens"}``), usable in ``data.sources`` next to any corpus.
+
+Sampling is seeded per batch (seed + batch index), so a run that stops can be started again with
+the same arguments and continues after the last complete batch; the arguments are kept in a
+sidecar ``<out>.meta.json`` and a restart with different ones is refused. Samples that end (EOS)
+before ``min_tokens`` are counted and reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pydantic import BaseModel, Field
+
+from linearard_ray.config import ModelConfig
+
+
+class SamplingError(ValueError):
+    """Bad sampling arguments, or an output file that belongs to other arguments."""
+
+
+class SampleSpec(BaseModel):
+    num_samples: int = Field(..., ge=1, description="Samples to write.")
+    max_new_tokens: int = Field(..., ge=1, description="Tokens generated per sample (stops early at EOS).")
+    min_tokens: int = Field(64, ge=1, description="Samples that end sooner are skipped (counted).")
+    batch_size: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+
+
+def _meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
+def _resume_point(out: Path, meta: dict) -> tuple[int, int, int]:
+    """(complete batches already written, records written, skipped) for a restart of the same run."""
+    mp = _meta_path(out)
+    if not out.exists():
+        return 0, 0, 0
+    if not mp.exists():
+        raise SamplingError(f"{out} exists but has no {mp.name}; it was not written by this sampler (remove it)")
+    old = json.loads(mp.read_text())
+    if old.get("args") != meta["args"]:
+        raise SamplingError(f"{out} was sampled with other arguments {old.get('args')}; use a new path or remove it")
+    return int(old.get("batches_done", 0)), int(old.get("written", 0)), int(old.get("skipped", 0))
+
+
+def sample_corpus(model_cfg: ModelConfig, spec: SampleSpec, out_path: str | Path, *, device=None,
+                  log: Callable[[str], None] = print) -> dict:
+    """Write ``spec.num_samples`` teacher samples to ``out_path`` (JSONL); returns the summary."""
+    from linearard_ray.models import load_teacher, load_tokenizer
+
+    out = Path(out_path)
+    if out.suffix != ".jsonl":
+        raise SamplingError(f"out must be a .jsonl file, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"args": {"teacher": model_cfg.teacher, **spec.model_dump()}}
+    batches = math.ceil(spec.num_samples / spec.batch_size)
+    done, written, skipped = _resume_point(out, meta)
+    if out.exists():
+        # Drop a partially written batch (a crash between its records and the sidecar).
+        lines = out.read_text(encoding="utf-8").splitlines(keepends=True)[:written]
+        out.write_text("".join(lines), encoding="utf-8")
+        log(f"[sample] resuming {out} after {done}/{batches} batches ({written} samples)")
+    meta.update(batches_done=done, written=written, skipped=skipped)
+    _meta_path(out).write_text(json.dumps(meta, indent=1))
+    tok = load_tokenizer(model_cfg)
+    model = load_teacher(model_cfg, device=device)
+    dev = next(model.parameters()).device
+    start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start_id is None:
+        raise SamplingError(f"the tokenizer of {model_cfg.teacher} has neither a BOS nor an EOS token to start from")
+    tokens = 0
+    t0 = time.time()
+    with open(out, "a", encoding="utf-8") as f:
+        for b in range(done, batches):
+            n = min(spec.batch_size, spec.num_samples - b * spec.batch_size)
+            torch.manual_seed(spec.seed * 1_000_003 + b)
+            ids = torch.full((n, 1), start_id, dtype=torch.long, device=dev)
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+                                     max_new_tokens=spec.max_new_tokens, pad_token_id=tok.pad_token_id)
+            for i, row in enumerate(gen[:, 1:].tolist()):
+                if tok.eos_token_id in row:
+                    row = row[:row.index(tok.eos_token_id)]
+                if len(row) < spec.min_tokens:
+                    skipped += 1
+                    continue
+                text = tok.decode(row, skip_special_tokens=True)
+                rec = {"id": f"teacher-{b * spec.batch_size + i}", "text": text, "tokens": len(row)}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                written += 1
+                tokens += len(row)
+            f.flush()
+            meta.update(batches_done=b + 1, written=written, skipped=skipped)
+            _meta_path(out).write_text(json.dumps(meta, indent=1))
+            rate = tokens / max(time.time() - t0, 1e-9)
+            log(f"[sample] batch {b + 1}/{batches}: {written} samples written, {skipped} skipped "
+                f"(ended before {spec.min_tokens} tokens), {rate:,.0f} tokens/s")
+    summary = {"out": str(out), "written": written, "skipped_short": skipped, "batches": batches,
+               "tokens_this_run": tokens, "seconds": round(time.time() - t0, 1)}
+    if written == 0:
+        raise SamplingError(f"no sample reached min_tokens={spec.min_tokens}; lower it or raise max_new_tokens")
+    return summary
+

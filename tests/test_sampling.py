@@ -1,0 +1,90 @@
+"""pipelines/sample_teacher.py: a corpus sampled from the teacher, seeded, resumable, counted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from linearard_ray.config import ModelConfig
+from linearard_ray.sampling import SampleSpec, SamplingError, sample_corpus
+from linearard_ray.sources import iter_documents, resolve_sources
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def model_cfg(tiny_model_dir):
+    tiny_model_dir("llama")
+    return ModelConfig(teacher="tiny:llama")
+
+
+def _records(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def test_samples_are_seeded_counted_and_readable_as_a_source(model_cfg, tmp_path):
+    spec = SampleSpec(num_samples=5, max_new_tokens=24, min_tokens=4, batch_size=2, seed=1)
+    a = sample_corpus(model_cfg, spec, tmp_path / "a.jsonl", device="cpu", log=lambda m: None)
+    b = sample_corpus(model_cfg, spec, tmp_path / "b.jsonl", device="cpu", log=lambda m: None)
+    ra, rb = _records(tmp_path / "a.jsonl"), _records(tmp_path / "b.jsonl")
+    assert ra == rb  # same seed, same samples
+    assert a["written"] + a["skipped_short"] == 5 and a["written"] == len(ra) > 0 and a["batches"] == 3
+    assert all(4 <= r["tokens"] <= 24 and r["text"] for r in ra)
+    assert len({r["text"] for r in ra}) == len(ra)  # sampled, not one greedy string
+    c = sample_corpus(model_cfg, spec.model_copy(update={"seed": 2}), tmp_path / "c.jsonl", device="cpu",
+                      log=lambda m: None)
+    assert _records(tmp_path / "c.jsonl") != ra and c["written"] > 0
+    docs = [d for item in resolve_sources([str(tmp_path / "a.jsonl")]) for d in iter_documents(item)]
+    assert [d.text for d in docs] == [r["text"] for r in ra]
+    assert b["tokens_this_run"] == sum(r["tokens"] for r in rb)
+
+
+def test_restart_continues_after_the_last_complete_batch(model_cfg, tmp_path):
+    spec = SampleSpec(num_samples=6, max_new_tokens=16, min_tokens=2, batch_size=2, seed=4)
+    full = tmp_path / "full.jsonl"
+    sample_corpus(model_cfg, spec, full, device="cpu", log=lambda m: None)
+    want = _records(full)
+    # A run that died during batch 2: batch 1's records, half a line, and a sidecar after batch 1.
+    part = tmp_path / "part.jsonl"
+    first = [r for r in want if int(r["id"].split("-")[1]) < 2]
+    part.write_text("".join(json.dumps(r) + "\n" for r in first) + '{"id": "teacher-2", "te')
+    meta = json.loads((tmp_path / "full.jsonl.meta.json").read_text())
+    meta.update(batches_done=1, written=len(first), skipped=2 - len(first))
+    (tmp_path / "part.jsonl.meta.json").write_text(json.dumps(meta))
+    logs = []
+    out = sample_corpus(model_cfg, spec, part, device="cpu", log=logs.append)
+    assert _records(part) == want
+    assert any("resuming" in m and "1/3" in m for m in logs)
+    assert out["written"] == len(want)
+
+
+def test_bad_arguments_and_foreign_files_are_refused(model_cfg, tmp_path):
+    spec = SampleSpec(num_samples=2, max_new_tokens=8, min_tokens=2, batch_size=2)
+    sample_corpus(model_cfg, spec, tmp_path / "x.jsonl", device="cpu", log=lambda m: None)
+    with pytest.raises(SamplingError, match="other arguments"):
+        sample_corpus(model_cfg, spec.model_copy(update={"temperature": 0.5}), tmp_path / "x.jsonl", device="cpu")
+    (tmp_path / "foreign.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(SamplingError, match="not written by this sampler"):
+        sample_corpus(model_cfg, spec, tmp_path / "foreign.jsonl", device="cpu")
+    with pytest.raises(SamplingError, match="min_tokens"):
+        sample_corpus(model_cfg, spec.model_copy(update={"min_tokens": 50}), tmp_path / "y.jsonl", device="cpu",
+                      log=lambda m: None)
+    with pytest.raises(SamplingError, match=".jsonl"):
+        sample_corpus(model_cfg, spec, tmp_path / "z.txt", device="cpu")
+
+
+def test_cli(tmp_path, tiny_model_dir):
+    tiny_model_dir("llama")
+    cmd = [sys.executable, str(ROOT / "pipelines" / "sample_teacher.py"), "--set", "model.teacher=tiny:llama",
+           "--out", str(tmp_path / "s.jsonl"), "--samples", "3", "--tokens", "12", "--min-tokens", "2",
+           "--batch-size", "3", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["written"] == len(_records(tmp_path / "s.jsonl")) > 0
+    bad = subprocess.run(cmd[:-10] + ["--samples", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--samples" in bad.stderr
