@@ -61,8 +61,19 @@ def rel(x, ref):
     return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def check() -> bool:
+def check(mode: str) -> bool:
+    """Values and grads against a float64 dense reference under backward mode 'sweep' or 'atomic'.
+    Bitwise reproducibility is required except where the atomic backward runs (causal self)."""
+    rk.set_backward_mode(mode)
+    try:
+        return _check(mode)
+    finally:
+        rk.set_backward_mode(None)
+
+
+def _check(mode: str) -> bool:
     ok = True
+    log(f"check, backward mode {mode}")
     g = torch.Generator(device=DEV).manual_seed(1)
     cases = [  # B, H, Hk, T, D, dtype, self, causal, masked, scales
         (2, 4, 4, 1000, 128, torch.bfloat16, True, True, True, (None, None)),
@@ -101,7 +112,7 @@ def check() -> bool:
         (ref * w.double()).sum().backward()
         tol = 1e-5 if dt == torch.float32 else 1e-2
         errs = [rel(kl, ref), rel(ga, ra.grad)] + ([] if self_rel else [rel(gb, rb.grad)])
-        good = det and all(e <= tol for e in errs)
+        good = (det or (mode == "atomic" and self_rel and causal)) and all(e <= tol for e in errs)
         ok &= good
         log(f"check B{B} H{H}/{Hk} T{T} D{D} {str(dt)[6:]} {'self' if self_rel else 'cross'} "
             f"{'causal' if causal else 'full'} {'mask' if masked else ''}: errs "
@@ -124,7 +135,8 @@ def check() -> bool:
                           backend="triton")
         one.backward()
         e = (rel(outs[i], one), rel(leaves[i].grad, x.grad))
-        good = all(v_ <= 1e-6 for v_ in e)
+        # The atomic backward sums the fp32 grads in another order in the two calls (bf16 ulp flips).
+        good = all(v_ <= (1e-6 if mode == "sweep" else 1e-3) for v_ in e)
         ok &= good
         log(f"check layer relation {i}: vs single call {e[0]:.1e} {e[1]:.1e} -> {'OK' if good else 'FAIL'}")
     return ok
@@ -429,16 +441,16 @@ def main():
     log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {importlib.import_module('triton').__version__}")
     torch.manual_seed(0)
-    if args.backward:
-        backward_modes()
-        return 0
     if args.integration:
         integration()  # LLaMA-2-7B layer
         integration(B=2, T=2048, H=9, Hkv=3, D=64)  # SmolLM2-135M layer, the study's shape
         return 0
     if args.check:
-        ok = check()
+        ok = check("sweep") & check("atomic")
         log(f"CHECK {'PASSED' if ok else 'FAILED'}")
+    if args.backward:
+        backward_modes()
+        return 0
     if args.sweep:
         for D in (128, 64):
             best = sweep(D)
