@@ -333,9 +333,8 @@ def backward_modes(Ts=(2048, 4096, 8192, 16384), tiles=True):
     """Causal self-relation backward: the two-recompute sweep against the one-recompute atomic
     kernel (bwd1), with a small tile sweep for bwd1 first; ratios against SDPA flash fwd+bwd."""
     TC = rk.TileConfig
-    cands = {128: [TC(64, 128, 8, 2), TC(64, 128, 8, 3), TC(128, 128, 8, 2), TC(64, 64, 4, 2), TC(32, 128, 8, 2),
-                   TC(64, 128, 4, 2)],
-             64: [TC(64, 64, 4, 2), TC(64, 128, 8, 2), TC(128, 64, 4, 2), TC(64, 128, 4, 3), TC(32, 64, 4, 2)]}
+    cands = {128: [TC(64, 128, 8, 2), TC(128, 128, 8, 2), TC(64, 64, 4, 2), TC(64, 128, 4, 2)],
+             64: [TC(64, 64, 4, 2), TC(64, 128, 8, 2), TC(128, 64, 4, 2)]}
     for D in (128, 64):
         if tiles:
             q, _, _ = inputs(1, 32, 32, 8192, D)
