@@ -180,8 +180,8 @@ def parse(argv=None):
     p.add_argument("--lora-alpha", type=float, default=2048.0)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--relation-backward", default="auto", choices=["auto", "sweep", "atomic"],
-                   help="Triton backward of the relation op: auto (one recompute unless torch is deterministic), "
-                        "sweep (two recomputes, reproducible) or atomic (one recompute)")
+                   help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
+                        "recomputes, reproducible) or atomic (one recompute, opt-in)")
     p.add_argument("--relation-layers", default="all",
                    help="objective.relation.layers (all, last:N, every:K, ...); the issue's benchmark uses all")
     p.add_argument("--steps", type=int, default=5, help="timed steps")

@@ -27,9 +27,9 @@ except Exception:  # pragma: no cover
 
 CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# "triton" runs the default backward (one recompute with atomics for causal self-relations),
-# "triton-sweep" the deterministic two-recompute backward; both are the "triton" backend.
-BACKENDS = ["torch"] + (["triton", "triton-sweep"] if HAVE_TRITON and (CUDA or INTERP) else [])
+# "triton" runs the default backward (the two-recompute sweep), "triton-atomic" the opt-in
+# one-recompute backward with atomics (causal self-relations); both are the "triton" backend.
+BACKENDS = ["torch"] + (["triton", "triton-atomic"] if HAVE_TRITON and (CUDA or INTERP) else [])
 
 
 def be(backend):
@@ -39,11 +39,11 @@ def be(backend):
 @pytest.fixture(autouse=True)
 def _backward_mode(request):
     params = getattr(request.node, "callspec", None)
-    sweep = params is not None and params.params.get("backend") == "triton-sweep"
-    if sweep:
-        triton_mod.set_backward_mode("sweep")
+    atomic = params is not None and params.params.get("backend") == "triton-atomic"
+    if atomic:
+        triton_mod.set_backward_mode("atomic")
     yield
-    if sweep:
+    if atomic:
         triton_mod.set_backward_mode(None)
 DEV = "cuda" if CUDA else "cpu"
 
@@ -367,17 +367,19 @@ def test_one_recompute_backward_tiles(tiles):
     """The one-recompute backward owns column blocks and sweeps row tiles; any pair of sizes,
     with T cutting through both, must give the reference grads (values too: the forward is shared)."""
     triton_mod.set_tile_config("bwd1", triton_mod.TileConfig(tiles[0], tiles[1], 1, 1))
+    triton_mod.set_backward_mode("atomic")
     triton_mod.last_compiled.pop("bwd1", None)
     try:
         run_case("triton", 2, 3, 3, 45, 16, torch.float32, self_rel=True, causal=True, mask=True,
                  scales=(0.3, 0.2), seed=11 + tiles[0] + 3 * tiles[1])
     finally:
         triton_mod.set_tile_config("bwd1", None)
+        triton_mod.set_backward_mode(None)
     assert "bwd1" in triton_mod.last_compiled
 
 
 @needs_triton
-def test_backward_modes_agree_and_deterministic_mode_uses_the_sweep():
+def test_backward_modes_agree_and_only_opt_in_runs_atomics():
     gen = torch.Generator().manual_seed(12)
     B, T, D = 2, 41, 32
     sq, _, tq, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
@@ -385,11 +387,11 @@ def test_backward_modes_agree_and_deterministic_mode_uses_the_sweep():
     m = padding_mask(B, T, gen)
     w = torch.rand(B, 4, T, generator=gen).to(DEV)
     grads = {}
-    for mode in ("atomic", "sweep", "deterministic"):
+    for mode in ("atomic", "sweep", "default", "atomic+deterministic"):
         triton_mod.last_compiled.clear()
-        triton_mod.set_backward_mode(None if mode == "deterministic" else mode)
+        triton_mod.set_backward_mode(None if mode == "default" else mode.split("+")[0])
         was = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(mode == "deterministic")
+        torch.use_deterministic_algorithms(mode.endswith("deterministic"))
         try:
             a, b = sq.clone().requires_grad_(True), sk.clone().requires_grad_(True)
             outs = relation_kl_layer(a, b, b, tq, tk, tk, attention_mask=m, reduction="none", backend="triton")
@@ -399,7 +401,7 @@ def test_backward_modes_agree_and_deterministic_mode_uses_the_sweep():
             triton_mod.set_backward_mode(None)
         assert ("bwd1" in triton_mod.last_compiled) == (mode == "atomic"), mode
         grads[mode] = (a.grad, b.grad)
-    for mode in ("sweep", "deterministic"):
+    for mode in ("sweep", "default", "atomic+deterministic"):
         for x, y in zip(grads["atomic"], grads[mode]):
             assert rel_err(x, y) <= 1e-2  # G is rounded to bf16 in both; the accumulation order differs
     with pytest.raises(ValueError, match="backward mode"):

@@ -21,11 +21,11 @@ rows and writes it once, so results are bitwise reproducible.
   each of the REP query heads of g (row sweeps over J <= I), then dB of block I, summing over
   those query heads in a fixed order (column sweeps over J >= I).
 Causal tiles entirely above (row part) or below (column part) the diagonal are never visited.
-That sweep computes every causal logit tile twice (once per part); for causal self-relations the
-default is the one-recompute backward (``_bwd1_kernel``, below), which computes each tile once and
-adds the row part through fp32 atomics: 6 products of T²D/2 per relation with the forward instead
-of 8, at the price of bitwise reproducibility (``set_backward_mode``; under
-``torch.use_deterministic_algorithms(True)`` the sweep runs).
+That sweep computes every causal logit tile twice (once per part). ``set_backward_mode('atomic')``
+runs the one-recompute backward for causal self-relations instead (``_bwd1_kernel``, below): each
+tile once, the row part added through fp32 atomics, 6 products of T²D/2 per relation with the
+forward instead of 8, not bitwise reproducible. Measured on an H200 it is 0.71-0.90x the sweep's
+speed at D=128 (atomics and register spills of the owned accumulator), so it is opt-in.
 
 ``relation_kl_layer`` runs the Q/Q, K/K and V/V self-relations in the same launches: the grid's
 head axis spans the heads of all three (NREL = 3) and a program reaches its relation's tensors by
@@ -503,8 +503,8 @@ def _bwd_kernel(
 # relation with the forward; this one computes each tile once (6, the floor): the program owns
 # column block J, sweeps the row blocks I >= J, keeps dA_J's column part Σ_I G_IJᵀ A_I in
 # registers and adds the row part G_IJ A_J into an fp32 buffer with relaxed atomics. The order of
-# those additions varies from run to run, so results are not bitwise reproducible; under
-# torch.use_deterministic_algorithms(True) the sweep backward runs instead.
+# those additions varies from run to run, so results are not bitwise reproducible; opt-in
+# (set_backward_mode('atomic')) because it measured slower than the sweep on an H200.
 @triton.jit
 def _bwd1_tile(acc, cs, ct, S, TS, base, st, i0, offs_n, offs_d, dmask, T, cvalid, ls_base,
                LseS, LseT, DKl, Buf, buf_base, sc_s, sc_t,
@@ -623,8 +623,8 @@ class TileConfig:
 _FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 128, 8, 3), 256: TileConfig(64, 32, 4, 2)}
 _BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
 # One-recompute backward: block_n = owned column block (its fp32 accumulator stays in registers),
-# block_m = swept row tile. Not yet tuned.
-_BWD1_CFG = {64: TileConfig(64, 64, 4, 2), 128: TileConfig(64, 128, 8, 2), 256: TileConfig(32, 64, 8, 1)}
+# block_m = swept row tile. Best of a small sweep on an H200 (bench_relation_kl.py --backward).
+_BWD1_CFG = {64: TileConfig(64, 64, 4, 2), 128: TileConfig(128, 128, 8, 2), 256: TileConfig(32, 64, 8, 1)}
 _bwd_mode: Optional[str] = None
 _INTERP_CFG = TileConfig(32, 16, 1, 1)
 _overrides: dict = {}
@@ -662,8 +662,8 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> TileConfig:
 
 
 def set_backward_mode(mode: Optional[str]) -> None:
-    """'sweep' (two recomputes, no atomics, bitwise reproducible), 'atomic' (one recompute, causal
-    self-relations only) or None: atomic where it applies unless torch runs deterministic."""
+    """'sweep' (two recomputes, no atomics, bitwise reproducible; the default, None) or 'atomic'
+    (one recompute, causal self-relations only; slower on an H200, see benchmarks/RESULTS.md)."""
     global _bwd_mode
     if mode not in (None, "sweep", "atomic"):
         raise ValueError(f"backward mode must be 'sweep', 'atomic' or None, got {mode!r}")
@@ -671,9 +671,10 @@ def set_backward_mode(mode: Optional[str]) -> None:
 
 
 def _use_atomic(self_rel: bool, causal: bool) -> bool:
-    if not (self_rel and causal) or _bwd_mode == "sweep":
-        return False
-    return _bwd_mode == "atomic" or not torch.are_deterministic_algorithms_enabled()
+    # Opt-in only: measured 0.71-0.90x the sweep's speed (D=128) because of the atomics and the
+    # register pressure of the owned [BLOCK_N, D] accumulator. Never under deterministic torch.
+    return (_bwd_mode == "atomic" and self_rel and causal
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def _launch(kernel, kind: str, cfg: TileConfig, key, T: int, grid_rows: int, args, consts) -> None:
