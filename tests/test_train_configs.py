@@ -87,3 +87,20 @@ def test_overriding_one_train_field_keeps_the_default_budget():
     assert load_config(None, ["train.lr=1e-4"]).train.max_steps == Config().train.max_steps
     only_tokens = load_config(None, ["train.budget_tokens=100000"]).train
     assert only_tokens.max_steps is None and only_tokens.budget_tokens == 100000
+
+
+def test_vlogits_recipe_is_the_measured_study_variant():
+    """configs/smollm2-135m-x4-vlogits.yaml must stay what restoration_study's vlogits-hilr ran
+    (RESULTS.md round 3): the PI×4 recipe plus that variant's overrides at 4.25M tokens."""
+    import importlib.util
+
+    path = CONFIGS.parent / "benchmarks" / "restoration_study.py"
+    spec = importlib.util.spec_from_file_location("restoration_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    overrides, _ = study.VARIANTS["vlogits-hilr"]
+    ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*overrides, "train.budget_tokens=4250000"]).model_dump()
+    recipe = load_config(CONFIGS / "smollm2-135m-x4-vlogits.yaml").model_dump()
+    ran["train"]["run_name"] = recipe["train"]["run_name"]
+    assert recipe == ran
+    assert recipe["objective"]["relation"]["weights"] == {"q": 0.1, "k": 0.1, "v": 1.0}
