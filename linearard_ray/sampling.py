@@ -6,7 +6,7 @@ token) spreads over whatever the teacher knows, so a student distilled on it is 
 the teacher puts its probability mass rather than only on the training domain. The file written
 is ordinary JSONL (``{"id", "text", "tokens"}``), usable in ``data.sources`` next to any corpus.
 
-Sampling is seeded per batch (seed + batch index), so a run that stops can be started again with
+Sampling is seeded per batch (from the seed and the batch index), so a run that stops can be started again with
 the same arguments and continues after the last complete batch; the arguments are kept in a
 sidecar ``<out>.meta.json`` and a restart with different ones is refused. Samples that end (EOS)
 before ``min_tokens`` are counted and reported, never silently dropped.
