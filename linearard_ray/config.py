@@ -161,7 +161,8 @@ class LayerSelection(_Section):
 class RelationTerm(_Section):
     weight: float = Field(1.0, ge=0)
     weights: dict[Literal["q", "k", "v"], float] = Field(
-        default_factory=lambda: {"q": 1.0, "k": 1.0, "v": 1.0}, description="Per-relation weights (Q/Q, K/K, V/V)."
+        default_factory=lambda: {"q": 1.0, "k": 1.0, "v": 1.0},
+        description="Per-relation weights (Q/Q, K/K, V/V); a relation left out keeps weight 1, 0 switches it off.",
     )
     layers: LayerSelection = Field(default_factory=LayerSelection)
     fused: bool = Field(True, description="One op call per layer for the three relations.")
@@ -172,7 +173,9 @@ class RelationTerm(_Section):
         for k, w in v.items():
             if w < 0:
                 raise ValueError(f"relation weight {k} must be >= 0, got {w}")
-        return {"q": v.get("q", 0.0), "k": v.get("k", 0.0), "v": v.get("v", 0.0)}
+        # Unnamed relations keep the default 1: `--set objective.relation.weights.v=0.5` (or a
+        # sweep over weights.v) must not switch Q/Q and K/K off behind the user's back.
+        return {"q": v.get("q", 1.0), "k": v.get("k", 1.0), "v": v.get("v", 1.0)}
 
 
 class LogitTerm(_Section):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from linearard_ray.config import Config, load_config
+from linearard_ray.config import Config, ConfigError, load_config
 from linearard_ray.train import StreamSpec, plan_steps, uses_lm_stream
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -104,3 +104,21 @@ def test_vlogits_recipe_is_the_measured_study_variant():
     ran["train"]["run_name"] = recipe["train"]["run_name"]
     assert recipe == ran
     assert recipe["objective"]["relation"]["weights"] == {"q": 0.1, "k": 0.1, "v": 1.0}
+
+
+@pytest.mark.parametrize("overrides,want", [
+    (["objective.relation.weights.v=0.5"], {"q": 1.0, "k": 1.0, "v": 0.5}),
+    (["objective.relation.weights={k: 0}"], {"q": 1.0, "k": 0.0, "v": 1.0}),
+    (["objective.relation.weights={q: 0.1, k: 0.1, v: 1}"], {"q": 0.1, "k": 0.1, "v": 1.0}),
+    ([], {"q": 1.0, "k": 1.0, "v": 1.0}),
+])
+def test_setting_one_relation_weight_leaves_the_others_on(overrides, want):
+    """A relation the user does not name keeps weight 1 (it was once silently set to 0)."""
+    assert load_config(None, overrides).objective.relation.weights == want
+    on_file = load_config(CONFIGS / "smollm2-135m-x4.yaml", overrides).objective.relation.weights
+    assert on_file == want
+
+
+def test_negative_relation_weight_is_rejected():
+    with pytest.raises(ConfigError, match="relation weight v"):
+        load_config(None, ["objective.relation.weights.v=-1"])
