@@ -336,6 +336,7 @@ def test_default_sweep_file_matches_the_no_argument_sweep_and_recipes_check():
     gpu = load_config(ROOT / "configs" / "sweep-smollm2-135m.yaml")
     keys = [s.key for s in check_sweep(gpu)]
     assert "objective.logits.weight" in keys and "train.lr" in keys and gpu.train.use_gpu is True
+    assert {"objective.relation.weights.q", "objective.relation.weights.k"} <= set(keys)
 
 
 # --------------------------------------------------------------------------- end to end
