@@ -329,57 +329,66 @@ def sweep(D):
     return best
 
 
+def _bwd1_tiles(D: int, cands) -> None:
+    """Time the one-recompute backward's candidate tiles at T=8192 and make the best the default."""
+    q, _, _ = inputs(1, 32, 32, 8192, D)
+    tq = q + 0.5 * torch.randn_like(q)
+    qg = q.clone().requires_grad_(True)
+    rk.set_backward_mode("atomic")
+    res = []
+    for c in cands:
+        rk.set_tile_config("bwd1", c)
+        try:
+            kl = relation_kl(qg, None, tq, None)
+            ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
+            kern = rk.last_compiled.get("bwd1")
+            log(f"bwd1 tiles D{D} T8192 {c}: {ms:.3f} ms regs {kern.n_regs} spills {kern.n_spills}")
+            res.append((ms, c))
+        except Exception as e:
+            log(f"bwd1 tiles D{D} {c}: failed {type(e).__name__}: {str(e)[:120]}")
+    rk.set_tile_config("bwd1", None)
+    rk.set_backward_mode(None)
+    if res:
+        best = min(res, key=lambda x: x[0])[1]
+        log(f"best bwd1 tiles D{D}: {best} (default {rk._BWD1_CFG[D]})")
+        rk._BWD1_CFG[D] = best
+
+
+def _backward_row(T: int, D: int) -> str:
+    q, k, v = inputs(1, 32, 32, T, D)
+    tq = q + 0.5 * torch.randn_like(q)
+    _, sdpa_fb, sleaves = sdpa_fns(q, k, v)
+    t_sdpa = bench(sdpa_fb, grad_to_none=sleaves)
+    qg = q.clone().requires_grad_(True)
+    t_fwd = bench(lambda: relation_kl(q, None, tq, None))
+    bw = {}
+    for mode in ("sweep", "atomic"):
+        rk.set_backward_mode(mode)
+        kl = relation_kl(qg, None, tq, None)
+        bw[mode] = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg])
+    rk.set_backward_mode(None)
+    return (f"| {T} | {fmt_ms(t_sdpa)} | {fmt_ms(t_fwd)} | {fmt_ms(bw['sweep'])} | {fmt_ms(bw['atomic'])} | "
+            f"{bw['sweep'] / bw['atomic']:.2f}x | {(t_fwd + bw['sweep']) / t_sdpa:.2f} | "
+            f"{(t_fwd + bw['atomic']) / t_sdpa:.2f} |")
+
+
 def backward_modes(Ts=(2048, 4096, 8192, 16384), tiles=True):
     """Causal self-relation backward: the two-recompute sweep against the one-recompute atomic
     kernel (bwd1), with a small tile sweep for bwd1 first; ratios against SDPA flash fwd+bwd."""
     TC = rk.TileConfig
-    cands = {128: [TC(64, 128, 8, 2), TC(128, 128, 8, 2), TC(64, 64, 4, 2), TC(64, 128, 4, 2)],
+    cands = {128: [TC(64, 128, 8, 2), TC(128, 128, 8, 2), TC(128, 64, 8, 2), TC(64, 64, 4, 2), TC(64, 128, 4, 2)],
              64: [TC(64, 64, 4, 2), TC(64, 128, 8, 2), TC(128, 64, 4, 2)]}
     for D in (128, 64):
         if tiles:
-            q, _, _ = inputs(1, 32, 32, 8192, D)
-            tq = q + 0.5 * torch.randn_like(q)
-            qg = q.clone().requires_grad_(True)
-            rk.set_backward_mode("atomic")
-            res = []
-            for c in cands[D]:
-                rk.set_tile_config("bwd1", c)
-                try:
-                    kl = relation_kl(qg, None, tq, None)
-                    ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
-                    kern = rk.last_compiled.get("bwd1")
-                    log(f"bwd1 tiles D{D} T8192 {c}: {ms:.3f} ms regs {kern.n_regs} spills {kern.n_spills}")
-                    res.append((ms, c))
-                except Exception as e:
-                    log(f"bwd1 tiles D{D} {c}: failed {type(e).__name__}: {str(e)[:120]}")
-            rk.set_tile_config("bwd1", None)
-            rk.set_backward_mode(None)
-            if res:
-                best = min(res, key=lambda x: x[0])[1]
-                log(f"best bwd1 tiles D{D}: {best} (default {rk._BWD1_CFG[D]})")
-                rk._BWD1_CFG[D] = best
-            del q, tq, qg
+            _bwd1_tiles(D, cands[D])
+            gc.collect()
+            torch.cuda.empty_cache()
         log(f"\n### Backward of one causal self-relation (B=1, H=32, D={D}, bf16): sweep vs one recompute\n")
         log("| T | SDPA flash fwd+bwd ms | fwd ms | sweep bwd ms | atomic bwd ms | bwd speed-up | "
             "sweep fwd+bwd / SDPA | atomic fwd+bwd / SDPA |")
         log("|---|---|---|---|---|---|---|---|")
         for T in Ts:
-            q, k, v = inputs(1, 32, 32, T, D)
-            tq = q + 0.5 * torch.randn_like(q)
-            _, sdpa_fb, sleaves = sdpa_fns(q, k, v)
-            t_sdpa = bench(sdpa_fb, grad_to_none=sleaves)
-            qg = q.clone().requires_grad_(True)
-            t_fwd = bench(lambda: relation_kl(q, None, tq, None))
-            bw = {}
-            for mode in ("sweep", "atomic"):
-                rk.set_backward_mode(mode)
-                kl = relation_kl(qg, None, tq, None)
-                bw[mode] = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg])
-            rk.set_backward_mode(None)
-            log(f"| {T} | {fmt_ms(t_sdpa)} | {fmt_ms(t_fwd)} | {fmt_ms(bw['sweep'])} | {fmt_ms(bw['atomic'])} | "
-                f"{bw['sweep'] / bw['atomic']:.2f}x | {(t_fwd + bw['sweep']) / t_sdpa:.2f} | "
-                f"{(t_fwd + bw['atomic']) / t_sdpa:.2f} |")
-            del q, k, v, tq, qg, kl, sleaves
+            log(_backward_row(T, D))
             gc.collect()
             torch.cuda.empty_cache()
 
