@@ -712,7 +712,7 @@ def main() -> int:
     if a.phase == "sample":
         cmd = [sys.executable, "pipelines/sample_teacher.py", "--config", a.recipe, "--out",
                TEACHER_SAMPLES.format(work=work), "--samples", str(a.samples), "--tokens", "2048",
-               "--batch-size", str(a.sample_batch)]
+               "--batch-size", str(a.sample_batch), "--top-p", "0.95"]  # a 135M model's far tail drifts off into noise
         print(" ".join(cmd), flush=True)
         return 0 if a.dry_run else subprocess.call(cmd, cwd=ROOT)
     if a.phase == "train":
