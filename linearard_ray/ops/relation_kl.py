@@ -506,6 +506,17 @@ def _bwd_kernel(
 # those additions varies from run to run, so results are not bitwise reproducible; opt-in
 # (set_backward_mode('atomic')) because it measured slower than the sweep on an H200.
 @triton.jit
+def _add_rows(Buf, buf_base, offs, offs_d, dmask, T, vals, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
+              D: tl.constexpr):
+    """Buf[rows offs] += vals (fp32, relaxed atomics; rows past T and padded D columns skipped)."""
+    bp = Buf + buf_base + offs[:, None] * D + offs_d[None, :]
+    if EVEN_T and EVEN_D:
+        tl.atomic_add(bp, vals, sem="relaxed")
+    else:
+        tl.atomic_add(bp, vals, mask=(offs < T)[:, None] & dmask[None, :], sem="relaxed")
+
+
+@triton.jit
 def _bwd1_tile(acc, cs, ct, S, TS, base, st, i0, offs_n, offs_d, dmask, T, cvalid, ls_base,
                LseS, LseT, DKl, Buf, buf_base, sc_s, sc_t,
                BLOCK_M: tl.constexpr, DIAG: tl.constexpr, COLMASK: tl.constexpr, EVEN_T: tl.constexpr,
@@ -529,12 +540,7 @@ def _bwd1_tile(acc, cs, ct, S, TS, base, st, i0, offs_n, offs_d, dmask, T, cvali
     if UPCAST:
         gd = gd.to(tl.float32)
     acc += _dot(tl.trans(gd), rs, IEEE)
-    row = _dot(gd, cs, IEEE)
-    bp = Buf + buf_base + offs_m[:, None] * D + offs_d[None, :]
-    if EVEN_T and EVEN_D:
-        tl.atomic_add(bp, row, sem="relaxed")
-    else:
-        tl.atomic_add(bp, row, mask=(offs_m < T)[:, None] & dmask[None, :], sem="relaxed")
+    _add_rows(Buf, buf_base, offs_m, offs_d, dmask, T, _dot(gd, cs, IEEE), EVEN_T, EVEN_D, D)
     return acc
 
 
@@ -572,11 +578,7 @@ def _bwd1_body(S, TS, Buf, ss_b, ss_h, ss_t, sc_s, sc_t, b, h, hh, pid_n, Mask, 
         acc = _bwd1_tile(acc, cs, ct, S, TS, base, ss_t, i * BLOCK_M, offs_n, offs_d, dmask, T, cvalid, ls_base,
                          LseS, LseT, DKl, Buf, buf_base, sc_s, sc_t, BLOCK_M, False, COLMASK, EVEN_T, EVEN_D,
                          D, IEEE, UPCAST, UNI)
-    bp = Buf + buf_base + offs_n[:, None] * D + offs_d[None, :]
-    if EVEN_T and EVEN_D:
-        tl.atomic_add(bp, acc, sem="relaxed")
-    else:
-        tl.atomic_add(bp, acc, mask=(offs_n < T)[:, None] & dmask[None, :], sem="relaxed")
+    _add_rows(Buf, buf_base, offs_n, offs_d, dmask, T, acc, EVEN_T, EVEN_D, D)
 
 
 @triton.jit(do_not_specialize=["off_s1", "off_t1", "off_s2", "off_t2"])
@@ -767,6 +769,12 @@ def _heads(rels):
     return hs[:3]
 
 
+def _log2_scales(rels):
+    """Student and teacher logit scales in base 2, padded to the kernels' three relations."""
+    pad = [1.0] * (3 - len(rels))
+    return [r.sc_s * LOG2E for r in rels] + pad, [r.sc_t * LOG2E for r in rels] + pad
+
+
 def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, rep: int):
     B, _, T, _ = rels[0].s.shape
     htot = sum(r.s.shape[1] for r in rels)
@@ -779,10 +787,9 @@ def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, r
     m = mask if mask is not None else lse_s  # unused when HAS_MASK is False
     offs, strides, align = _common_args(rels, None)
     H = _heads(rels)
-    sc = [r.sc_s * LOG2E for r in rels] + [1.0, 1.0]
-    st = [r.sc_t * LOG2E for r in rels] + [1.0, 1.0]
+    sc, st = _log2_scales(rels)
     r0 = rels[0]
-    args = [r0.s, r0.sk, r0.ts, r0.tk, m, lse_s, lse_t, kl, *offs, *strides, H[0], H[1], *sc[:3], *st[:3],
+    args = [r0.s, r0.sk, r0.ts, r0.tk, m, lse_s, lse_t, kl, *offs, *strides, H[0], H[1], *sc, *st,
             T, htot, rep]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), CAUSAL=causal, HAS_MASK=mask is not None,
                   IEEE=ieee, UPCAST=upcast, ALIGN=align)
@@ -820,12 +827,11 @@ def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool
     m = mask if mask is not None else lse_s
     offs, strides, align = _common_args(rels, grads_s)
     H = _heads(rels)
-    sc = [r.sc_s * LOG2E for r in rels] + [1.0, 1.0]
-    st = [r.sc_t * LOG2E for r in rels] + [1.0, 1.0]
+    sc, st = _log2_scales(rels)
     al = [r.sc_s for r in rels] + [1.0, 1.0]
     r0 = rels[0]
     args = [r0.s, r0.sk, r0.ts, r0.tk, grads_s[0], grads_k[0], m, lse_s, lse_t, dkl, gscale, *offs, *strides,
-            *H, *sc[:3], *st[:3], *al[:3], T, htot, hktot, rep]
+            *H, *sc, *st, *al[:3], T, htot, hktot, rep]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), SELF=self_rel, CAUSAL=causal,
                   HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast, ALIGN=align, UNIFORM_DKL=uniform)
     _launch(_bwd_kernel, "bwd", _config("bwd", block_d, dtype), (block_d, dtype, causal, len(rels), self_rel),
@@ -843,10 +849,9 @@ def _backward_atomic(rels: Sequence[_Rel], mask, lse_s, lse_t, dkl, gscale, unif
     dtype = rels[0].s.dtype
     m = mask if mask is not None else lse_s
     offs, strides, align = _common_args(rels, None)
-    sc = [r.sc_s * LOG2E for r in rels] + [1.0, 1.0]
-    st = [r.sc_t * LOG2E for r in rels] + [1.0, 1.0]
+    sc, st = _log2_scales(rels)
     r0 = rels[0]
-    args = [r0.s, r0.ts, buf, m, lse_s, lse_t, dkl, *offs, *strides[:9], H[0], H[1], *sc[:3], *st[:3], T, htot]
+    args = [r0.s, r0.ts, buf, m, lse_s, lse_t, dkl, *offs, *strides[:9], H[0], H[1], *sc, *st, T, htot]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast,
                   ALIGN=align, UNIFORM_DKL=uniform)
     _launch(_bwd1_kernel, "bwd1", _config("bwd1", block_d, dtype), (block_d, dtype, len(rels)), T, B * htot,
