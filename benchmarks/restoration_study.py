@@ -108,6 +108,21 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                        "relation KL + logit KL, lr 1e-3, on teacher samples only (no SOTU), PI×4"),
     "tsample-mix": ([*LOGITS, "train.lr=1e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
                     "relation KL + logit KL, lr 1e-3, on SOTU 1790-1989 + teacher samples, PI×4"),
+    # round 4 (issue 10's unseen domain): round 3's best weighting (V-heavy) on teacher samples,
+    # alone, next to SOTU, at a higher lr, and with a weak next-token term on SOTU 8K blocks
+    # (issue 9's long context).
+    "tsample-vlogits": ([*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[{TEACHER_SAMPLES}]"],
+                        "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 1e-3, on teacher samples only, PI×4"),
+    "tsample-vmix": ([*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                     "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 1e-3, on SOTU 1790-1989 + teacher samples, PI×4"),
+    "tsample-vmix-2e3": ([*LOGITS, V_HEAVY, "train.lr=2e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                         "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 2e-3, on SOTU 1790-1989 + teacher samples, PI×4"),
+    "tsample-vmix-lm": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                         "objective.next_token.weight=0.1", V_HEAVY, "train.lr=1e-3",
+                         f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]",
+                         "data.lm_sources=[builtin:sotu/train]", "data.lm_ctx_len=8192"],
+                        "relation KL (q/k/v 0.1/0.1/1) + logit KL on SOTU + teacher samples (2K blocks), + next-token "
+                        "(weight 0.1) on SOTU 8K blocks, lr 1e-3, PI×4"),
     "logits-full-lolr": ([*LOGITS, "lora.enabled=false", "train.lr=1e-5", *FULL_FP32],
                          "relation KL + logit KL, full fine-tuning of q/k/v, lr 1e-5, fp32 master weights, PI×4"),
 }
