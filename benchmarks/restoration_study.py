@@ -123,6 +123,15 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                          "data.lm_sources=[builtin:sotu/train]", "data.lm_ctx_len=8192"],
                         "relation KL (q/k/v 0.1/0.1/1) + logit KL on SOTU + teacher samples (2K blocks), + next-token "
                         "(weight 0.1) on SOTU 8K blocks, lr 1e-3, PI×4"),
+    # round 5: the round-4 winner on 8K blocks (the teacher's window; samples packed with EOS
+    # between them) for long context, and at half the lr for the unseen domain.
+    "tsample-vmix-8k": ([*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]",
+                         *BLOCKS_8K],
+                        "relation KL (q/k/v 0.1/0.1/1) + logit KL on 8K blocks, lr 1e-3, SOTU + teacher samples, PI×4"),
+    "tsample-vlogits-8k": ([*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[{TEACHER_SAMPLES}]", *BLOCKS_8K],
+                           "relation KL (q/k/v 0.1/0.1/1) + logit KL on 8K blocks, lr 1e-3, teacher samples only, PI×4"),
+    "tsample-vmix-5e4": ([*LOGITS, V_HEAVY, "train.lr=5e-4", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                         "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 5e-4, on SOTU 1790-1989 + teacher samples, PI×4"),
     "logits-full-lolr": ([*LOGITS, "lora.enabled=false", "train.lr=1e-5", *FULL_FP32],
                          "relation KL + logit KL, full fine-tuning of q/k/v, lr 1e-5, fp32 master weights, PI×4"),
 }
