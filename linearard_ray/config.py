@@ -430,6 +430,8 @@ class EvalConfig(_Section):
     batch_size: int = Field(1, ge=1)
     seed: int = 0
     output_dir: str = "outputs/eval"
+    resume: bool = Field(True, description="Reuse finished jobs from <output_dir>/jobs.jsonl (same models, inputs "
+                                           "and settings); false = run everything again.")
     device: str = "auto"
     lm_eval_tasks: list[str] = Field(default_factory=list)
 

@@ -12,8 +12,10 @@ student), on the main texts and on a second domain:
 Work is split into jobs per (model, domain, length) and per (model, passkey length). They run in
 this process, or as Ray tasks with one GPU each when a Ray cluster with several GPUs is available.
 Windows and passkey prompts are built once, here, so every model and every task sees the same
-tokens. The report (``report.json``, ``report.md``, PNG plots) goes to ``eval.output_dir`` and,
-when tracking is enabled, into an MLflow run.
+tokens. Each finished job is appended to ``<eval.output_dir>/jobs.jsonl`` at once; a rerun of an
+interrupted evaluation reuses those whose models, inputs and settings are unchanged
+(``eval.resume``, see ``eval_resume``). The report (``report.json``, ``report.md``, PNG plots) goes
+to ``eval.output_dir`` and, when tracking is enabled, into an MLflow run.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from linearard_ray.config import Config, ConfigError, EvalModelSpec, RopeConfig
+from linearard_ray.eval_resume import JobLog, inputs_digest, job_key, model_fingerprint
 from linearard_ray.metrics import sequence_nll
 from linearard_ray.passkey import min_length, prompts_for, run_passkey
 from linearard_ray.texts import bos_prefix, load_documents, make_windows, tokenize_documents
@@ -195,10 +198,12 @@ def relation_kl_windows(teacher, student, windows: np.ndarray, batch_size: int, 
 
 
 def _run_jobs(spec: ModelSpec, teacher_spec: ModelSpec, jobs: list[tuple], payload: dict, cfg: Config,
-              cache: dict | None = None) -> list[dict]:
+              cache: dict | None = None, on_result: Callable[[ModelSpec, tuple, dict], None] | None = None
+              ) -> list[dict]:
     """Run `jobs` for one model: ('nll', domain, L), ('relkl', domain, L), ('passkey', L).
 
-    `cache` keeps loaded models between calls in this process (teacher pinned)."""
+    `cache` keeps loaded models between calls in this process (teacher pinned); `on_result` sees
+    each job's result as soon as it exists (the resume log)."""
     device = _device(cfg)
     cache = {} if cache is None else cache
 
@@ -253,6 +258,8 @@ def _run_jobs(spec: ModelSpec, teacher_spec: ModelSpec, jobs: list[tuple], paylo
         res["max_position_embeddings"] = _max_window(model)
         _log(f"{spec.name} {dom} L={job[-1]}: {msg} ({res['seconds']:.1f}s)")
         out.append(res)
+        if on_result is not None:
+            on_result(spec, job, res)
     return out
 
 
@@ -293,20 +300,22 @@ def _use_ray(ray_address: str | None, distribute: bool | None) -> bool:
     return gpus > 1 or (gpus >= 1 and not torch.cuda.is_available())
 
 
-def _run_all(specs, teacher_spec, plan, payload, cfg, use_ray: bool, task_resources: dict | None) -> list[dict]:
+def _run_all(specs, teacher_spec, plan, payload, cfg, use_ray: bool, task_resources: dict | None,
+             on_result: Callable[[ModelSpec, tuple, dict], None] | None = None) -> list[dict]:
     if not use_ray:
         cache: dict = {}
         results = []
         # Teacher first so it stays loaded for every relation-KL job that follows.
         for s in sorted(specs, key=lambda s: s.role != "teacher"):
-            results += _run_jobs(s, teacher_spec, plan[s.name], payload, cfg, cache)
+            if plan[s.name]:
+                results += _run_jobs(s, teacher_spec, plan[s.name], payload, cfg, cache, on_result)
         return results
     import ray
 
     res = task_resources or {"num_gpus": 1}
     remote = ray.remote(**res)(_run_jobs)
     ref = ray.put(payload)
-    futures = []
+    futures, owner = [], {}
     for s in specs:
         # One task per (model, length): both domains' NLL and relation KL share one model load.
         groups: dict[tuple, list[tuple]] = {}
@@ -314,8 +323,19 @@ def _run_all(specs, teacher_spec, plan, payload, cfg, use_ray: bool, task_resour
             groups.setdefault((job[0] == "passkey", job[-1]), []).append(job)
         for jobs in groups.values():
             futures.append(remote.remote(s, teacher_spec, jobs, ref, cfg))
+            owner[futures[-1]] = (s, jobs)
     _log(f"submitted {len(futures)} Ray tasks ({res} each)")
-    return [r for rs in ray.get(futures) for r in rs]
+    results, pending = [], list(futures)
+    while pending:
+        # Take tasks as they finish, so the resume log has every result the moment it exists.
+        ready, pending = ray.wait(pending, num_returns=1)
+        s, jobs = owner[ready[0]]
+        rs = ray.get(ready[0])
+        if on_result is not None:
+            for job, r in zip(jobs, rs):
+                on_result(s, job, r)
+        results += rs
+    return results
 
 
 # --------------------------------------------------------------------------- lm-eval
@@ -406,6 +426,43 @@ def prepare_inputs(cfg: Config, tokenizer) -> tuple[dict, dict, dict, list[dict]
     return windows, info, passkey, skipped
 
 
+def _job_keys(specs: list[ModelSpec], teacher_spec: ModelSpec, plan: dict[str, list[tuple]], payload: dict,
+              cfg: Config) -> dict[tuple[str, tuple], str]:
+    """(model name, job) -> its resume key (see `eval_resume`)."""
+    settings = {"model": cfg.model.model_dump(mode="json"), "device": cfg.eval.device,
+                "batch_size": cfg.eval.batch_size}
+    ident = {s.name: {**s.as_dict(), "files": model_fingerprint(s.path)} for s in specs}
+    digests: dict[tuple, str] = {}
+    keys = {}
+    for s in specs:
+        for job in plan[s.name]:
+            where = ("passkey", job[1]) if job[0] == "passkey" else ("windows", job[1], job[2])
+            if where not in digests:
+                digests[where] = inputs_digest(payload["passkey"][job[1]] if job[0] == "passkey"
+                                               else payload["windows"][job[1]][job[2]])
+            teacher = None
+            if job[0] == "relkl":
+                teacher = {**ident[teacher_spec.name], "yarn_logit_correction": cfg.rope.yarn_logit_correction}
+            keys[(s.name, job)] = job_key(job, ident[s.name], digests[where], settings, teacher)
+    return keys
+
+
+def _reuse(plan: dict[str, list[tuple]], keys: dict, log: JobLog) -> list[dict]:
+    """Results of finished jobs from the log; drops those jobs from `plan` (in place)."""
+    done = log.load()
+    reused = []
+    for name, jobs in plan.items():
+        keep = []
+        for job in jobs:
+            r = done.get(keys[(name, job)])
+            if r is None:
+                keep.append(job)
+            else:
+                reused.append(r)
+        plan[name] = keep
+    return reused
+
+
 def evaluate(cfg: Config, *, ray_address: str | None = None, distribute: bool | None = None,
              task_resources: dict | None = None) -> dict:
     """Evaluate the configured models; write report.json / report.md / plots to eval.output_dir,
@@ -431,10 +488,17 @@ def evaluate(cfg: Config, *, ray_address: str | None = None, distribute: bool | 
     windows, info, passkey, skipped = prepare_inputs(cfg, tokenizer)
     payload = {"windows": windows, "passkey": passkey, "tokenizer": tokenizer}
     plan = _plan(specs, windows, passkey, cfg)
+    keys = _job_keys(specs, teacher_spec, plan, payload, cfg)
+    log = JobLog(out_dir / "jobs.jsonl")
+    reused = _reuse(plan, keys, log) if ev.resume else []
+    if not ev.resume and log.path.exists():
+        log.path.unlink()  # a fresh run: the log describes this run only
     use_ray = _use_ray(ray_address, distribute)
-    _log(f"{len(specs)} models × {sum(len(j) for j in plan.values()) // max(len(specs), 1)} jobs each, "
+    todo = sum(len(j) for j in plan.values())
+    _log(f"{len(specs)} models, {todo + len(reused)} jobs ({len(reused)} reused from {log.path}), "
          f"{'Ray tasks' if use_ray else 'in this process'}; output {out_dir}")
-    results = _run_all(specs, teacher_spec, plan, payload, cfg, use_ray, task_resources)
+    results = reused + _run_all(specs, teacher_spec, plan, payload, cfg, use_ray, task_resources,
+                                lambda s, job, r: log.append(keys[(s.name, job)], r))
     report = rep.build_report(cfg, [s.as_dict() for s in specs], info, results, skipped, passkey)
     if ev.lm_eval_tasks:
         report["lm_eval"] = run_lm_eval(specs, cfg)

@@ -264,6 +264,8 @@ def test_ray_tasks_match_in_process(tmp_path, tiny_model_dir):
         assert remote["passkey"][name]["answers"] == local["passkey"][name]["answers"]
     assert remote["relation_kl"]["main"]["scaled"]["32"]["mean"] == pytest.approx(local["relation_kl"]["main"]["scaled"]["32"]["mean"])
     assert (tmp_path / "ray" / "report.md").exists()
+    # Tasks' results reach the resume log as each finishes: teacher nll + passkey, scaled + relation KL.
+    assert len((tmp_path / "ray" / "jobs.jsonl").read_text().splitlines()) == 5
 
 
 def _fake_lm_eval(monkeypatch, simple_evaluate):
@@ -327,3 +329,90 @@ def test_relation_kl_skipped_for_other_architecture(tmp_path, tiny_model_dir):
     assert rep["skipped"] == [{"section": "relation_kl", "model": "deeper", "domain": "main", "length": 16,
                                "reason": res[1]["reason"]}]
     assert rep["relation_kl"]["main"] == {}
+
+
+def _resume_cfg(tmp_path, teacher: str, **over):
+    base = {"model": {"teacher": teacher, "dtype": "float32"}, "rope": {"type": "linear", "factor": 2.0},
+            "eval": {"texts": ["builtin:sotu/extra"], "other_texts": [], "short_lengths": [32], "long_lengths": [64],
+                     "max_windows": 2, "passkey_lengths": [200], "passkey_depths": [0.3, 0.7], "passkey_trials": 1,
+                     "device": "cpu", "output_dir": str(tmp_path / "out")},
+            "tracking": {"enabled": False}}
+    return build_config(base, over)
+
+
+def _count_calls(monkeypatch):
+    """Count the jobs that really run (NLL, relation KL, passkey), by wrapping their workers."""
+    import linearard_ray.evaluate as ev
+
+    calls = []
+    for name in ("nll_windows", "relation_kl_windows", "run_passkey"):
+        real = getattr(ev, name)
+
+        def wrapped(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(ev, name, wrapped)
+    return calls
+
+
+def _figures(report):
+    return (report["nll"], report["relation_kl"], {m: p["answers"] for m, p in report["passkey"].items()})
+
+
+def test_interrupted_evaluation_resumes_from_its_job_log(tmp_path, tiny_model_dir, monkeypatch):
+    from linearard_ray.evaluate import evaluate
+
+    cfg = _resume_cfg(tmp_path, str(tiny_model_dir("llama")))
+    calls = _count_calls(monkeypatch)
+    first = evaluate(cfg)
+    log = tmp_path / "out" / "jobs.jsonl"
+    lines = log.read_text().splitlines()
+    # teacher: nll@32, nll@64, passkey; scaled: the same + relation KL@32
+    assert len(calls) == len(lines) == 7
+
+    # Interrupted after three jobs, the fourth torn mid-line.
+    log.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
+    calls.clear()
+    resumed = evaluate(cfg)
+    assert len(calls) == 4
+    assert _figures(resumed) == _figures(first)
+    assert len({json.loads(ln)["key"] for ln in log.read_text().splitlines()}) == 7  # every line whole again
+
+    # Complete: nothing runs again, and the report is the same.
+    calls.clear()
+    again = evaluate(cfg)
+    assert calls == [] and _figures(again) == _figures(first)
+
+    # Other inputs are other jobs: eval.seed picks other windows and other passkey keys.
+    calls.clear()
+    evaluate(_resume_cfg(tmp_path, str(tiny_model_dir("llama")), **{"eval.seed": 1}))
+    assert sorted(calls) == sorted(["nll_windows"] * 4 + ["relation_kl_windows"] + ["run_passkey"] * 2)
+
+    # resume off: everything runs, and the log starts over with this run's jobs only.
+    calls.clear()
+    evaluate(_resume_cfg(tmp_path, str(tiny_model_dir("llama")), **{"eval.resume": False}))
+    assert len(calls) == 7 and len(log.read_text().splitlines()) == 7
+
+
+def test_resume_reruns_a_student_retrained_into_the_same_directory(tmp_path, student_dir, tiny_model_dir, monkeypatch):
+    import os
+    import shutil
+
+    from linearard_ray.evaluate import evaluate
+
+    student = tmp_path / "student"
+    shutil.copytree(student_dir, student)
+    models = [{"name": "teacher", "path": str(tiny_model_dir("llama"))}, {"name": "restored", "path": str(student)}]
+    cfg = _resume_cfg(tmp_path, str(tiny_model_dir("llama")), **{"eval.models": models, "eval.long_lengths": []})
+    calls = _count_calls(monkeypatch)
+    first = evaluate(cfg)
+    assert len(calls) == 5  # teacher nll + passkey; restored nll + relation KL + passkey
+
+    weights = next(student.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # "retrained": new file
+    calls.clear()
+    second = evaluate(cfg)
+    assert sorted(calls) == ["nll_windows", "relation_kl_windows", "run_passkey"]  # the student only
+    assert second["nll"]["main"]["restored"] == first["nll"]["main"]["restored"]
