@@ -57,9 +57,30 @@ def _resume_point(out: Path, meta: dict) -> tuple[int, int, int]:
     return int(old.get("batches_done", 0)), int(old.get("written", 0)), int(old.get("skipped", 0))
 
 
+class _Progress:
+    """A stopping criterion that never stops: it logs the decoding position of a long batch
+    (a batch of 2,048-token samples runs for minutes with nothing else to show)."""
+
+    def __init__(self, log: Callable[[str], None], label: str, total: int, every: int):
+        self.log, self.label, self.total, self.every = log, label, total, max(1, every)
+        self.start_len: int | None = None
+        self.t0 = time.time()
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.start_len is None:
+            self.start_len = input_ids.shape[1] - 1
+        done = input_ids.shape[1] - self.start_len
+        if done % self.every == 0 and done < self.total:
+            rate = done * input_ids.shape[0] / max(time.time() - self.t0, 1e-9)
+            self.log(f"[sample] {self.label}: token {done}/{self.total}, {rate:,.0f} tokens/s")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def sample_corpus(model_cfg: ModelConfig, spec: SampleSpec, out_path: str | Path, *, device=None,
                   log: Callable[[str], None] = print) -> dict:
     """Write ``spec.num_samples`` teacher samples to ``out_path`` (JSONL); returns the summary."""
+    from transformers import StoppingCriteriaList
+
     from linearard_ray.models import load_teacher, load_tokenizer
 
     out = Path(out_path)
@@ -89,10 +110,13 @@ def sample_corpus(model_cfg: ModelConfig, spec: SampleSpec, out_path: str | Path
             n = min(spec.batch_size, spec.num_samples - b * spec.batch_size)
             torch.manual_seed(spec.seed * 1_000_003 + b)
             ids = torch.full((n, 1), start_id, dtype=torch.long, device=dev)
+            progress = _Progress(log, f"batch {b + 1}/{batches}", spec.max_new_tokens,
+                                 every=max(64, spec.max_new_tokens // 8))
             with torch.no_grad():
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                      temperature=spec.temperature, top_p=spec.top_p, top_k=0,
-                                     max_new_tokens=spec.max_new_tokens, pad_token_id=tok.pad_token_id)
+                                     max_new_tokens=spec.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                     stopping_criteria=StoppingCriteriaList([progress]))
             for i, row in enumerate(gen[:, 1:].tolist()):
                 if tok.eos_token_id in row:
                     row = row[:row.index(tok.eos_token_id)]

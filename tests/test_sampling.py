@@ -88,3 +88,14 @@ def test_cli(tmp_path, tiny_model_dir):
     assert summary["written"] == len(_records(tmp_path / "s.jsonl")) > 0
     bad = subprocess.run(cmd[:-10] + ["--samples", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--samples" in bad.stderr
+
+
+def test_long_batches_report_progress(model_cfg, tmp_path):
+    lines: list[str] = []
+    spec = SampleSpec(num_samples=2, max_new_tokens=130, min_tokens=1, batch_size=2, seed=3)
+    out = sample_corpus(model_cfg, spec, tmp_path / "p.jsonl", device="cpu", log=lines.append)
+    steps = [ln for ln in lines if "token " in ln]
+    # every 64 decoded tokens while the batch is still running (unless every sample hit EOS first)
+    longest = max(r["tokens"] for r in _records(tmp_path / "p.jsonl"))
+    assert any("batch 1/1: token 64/130" in ln for ln in steps) == (longest >= 64)
+    assert all("tokens/s" in ln for ln in steps) and out["written"] >= 1
