@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from linearard_ray.config import ModelConfig
 from linearard_ray.sampling import SampleSpec, SamplingError, sample_corpus
@@ -99,3 +100,56 @@ def test_long_batches_report_progress(model_cfg, tmp_path):
     longest = max(r["tokens"] for r in _records(tmp_path / "p.jsonl"))
     assert any("batch 1/1: token 64/130" in ln for ln in steps) == (longest >= 64)
     assert all("tokens/s" in ln for ln in steps) and out["written"] >= 1
+
+
+def _nucleus_reference(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Sort-based nucleus in float64: the most likely tokens, in order, until their mass reaches top_p."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    sp, order = probs.sort(dim=-1, descending=True)
+    before = sp.cumsum(-1) - sp  # mass of the tokens ranked above each one
+    keep_sorted = before < top_p  # a token is needed while the mass above it is short of top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.999])
+def test_bisection_nucleus_matches_the_sorted_definition(top_p):
+    from linearard_ray.sampling import nucleus_keep
+
+    g = torch.Generator().manual_seed(int(top_p * 1000))
+    rows = [torch.randn(4, 5000, generator=g) * s for s in (0.5, 2.0, 6.0)]  # flat to peaked
+    peaked = torch.randn(1, 5000, generator=g)
+    peaked[0, 7] = 40.0  # one token holds nearly all the mass
+    logits = torch.cat(rows + [peaked])
+    got = nucleus_keep(torch.softmax(logits, dim=-1), top_p)
+    want = _nucleus_reference(logits, top_p)
+    assert torch.equal(got, want)
+    assert got[-1].sum() == 1 and got[-1, 7]
+    kept_mass = (torch.softmax(logits.double(), -1) * got).sum(-1)
+    assert (kept_mass >= top_p - 1e-6).all()
+
+
+def test_nucleus_processor_applies_temperature_then_masks():
+    from linearard_ray.sampling import NucleusSampling
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(3, 700, generator=g) * 3
+    out = NucleusSampling(temperature=0.7, top_p=0.8)(None, scores)
+    want = _nucleus_reference(scores / 0.7, 0.8)
+    assert torch.equal(torch.isfinite(out), want)
+    assert torch.allclose(out[want], (scores / 0.7)[want])
+    assert torch.equal(NucleusSampling(1.0, 1.0)(None, scores), scores)
+
+
+def test_nucleus_keeps_a_tied_boundary_group_whole():
+    from linearard_ray.sampling import nucleus_keep
+
+    g = torch.Generator().manual_seed(11)
+    # Logits on a coarse grid, as bf16 logits are: many tokens share each probability.
+    logits = (torch.randn(6, 3000, generator=g) * 2).mul(4).round().div(4)
+    probs = torch.softmax(logits.double(), -1)
+    keep = nucleus_keep(torch.softmax(logits, -1), 0.9)
+    for row, k in zip(probs, keep):
+        t = row[k].min()
+        assert torch.equal(k, row >= t)  # a threshold set: every token as likely as the last kept one is kept
+        assert row[k].sum() >= 0.9 - 1e-6
+        assert row[row > t].sum() < 0.9  # and the threshold is the highest that keeps the mass
