@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Sample a training corpus from the teacher: text for the KL terms that no dataset has to supply.
 
-    python pipelines/sample_teacher.py --out data/teacher.jsonl --samples 1024 --tokens 2048
-    python pipelines/sample_teacher.py --config configs/<recipe>.yaml --out ... --batch-size 256
+    python pipelines/sample_teacher.py --out data/teacher.jsonl --samples 2048 --tokens 2048 --top-p 0.95
+    python pipelines/sample_teacher.py --config configs/<recipe>.yaml --out ... --batch-size 1024
     python pipelines/distill.py --set 'data.sources=[builtin:sotu/train, data/teacher.jsonl]'
 
 The teacher is the config's model.teacher with its native RoPE. Started again with the same
-arguments, it continues after the last complete batch.
+arguments, it continues after the last complete batch. On a GPU use a large batch: decoding a
+small model is bound by per-step overhead (benchmarks/RESULTS.md, teacher sampling). Top-p below
+1 is advisable for small teachers, whose far tail drifts into noise over 2,048 tokens.
 """
 
 from __future__ import annotations
