@@ -122,3 +122,30 @@ def test_setting_one_relation_weight_leaves_the_others_on(overrides, want):
 def test_negative_relation_weight_is_rejected():
     with pytest.raises(ConfigError, match="relation weight v"):
         load_config(None, ["objective.relation.weights.v=-1"])
+
+
+def _study():
+    import importlib.util
+
+    path = CONFIGS.parent / "benchmarks" / "restoration_study.py"
+    spec = importlib.util.spec_from_file_location("restoration_study_all", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
+def test_every_study_variant_is_a_valid_configuration(tmp_path):
+    """A typo in a variant's overrides must fail here, not on the GPU host after the runs before it."""
+    study = _study()
+    names = set()
+    for name, (_, description) in study.VARIANTS.items():
+        sets = study.variant_sets(name, tmp_path, 4_250_000, [], 0.25)
+        cfg = study.validate(study.RECIPE, sets)
+        assert description and cfg.train.run_name == f"study-{name}"
+        assert cfg.train.budget_tokens == 4_250_000 and cfg.train.gpus_per_worker == 0.25
+        sources = list(cfg.data.sources) + list(cfg.data.lm_sources or [])
+        assert not any("{work}" in s for s in sources)
+        if name.startswith("tsample-"):
+            assert str(tmp_path / "teacher_samples.jsonl") in cfg.data.sources
+        names.add(cfg.train.run_name)
+    assert len(names) == len(study.VARIANTS)
