@@ -124,6 +124,15 @@ def _load_tile(ptrs, rows, T, dmask, MASK_ROWS: tl.constexpr, EVEN_D: tl.constex
 
 
 @triton.jit
+def _load_pair(A, TA, base, rows, st, offs_d, dmask, T, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """The student's and the teacher's [rows, D] tiles: they share offsets (`_same_layout`)."""
+    p = base + rows[:, None] * st + offs_d[None, :]
+    return (_load_tile(A + p, rows, T, dmask, not EVEN_T, EVEN_D, UPCAST),
+            _load_tile(TA + p, rows, T, dmask, not EVEN_T, EVEN_D, UPCAST))
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         out = tl.dot(a, b, input_precision="ieee")
@@ -138,9 +147,7 @@ def _fwd_tile(qs, qt, SK, TK, k_base, sk_t, j0, offs_m, offs_d, dmask, T, Mask, 
               BLOCK_N: tl.constexpr, CMASK: tl.constexpr, BMASK: tl.constexpr, HAS_MASK: tl.constexpr,
               EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = j0 + tl.arange(0, BLOCK_N)
-    kp = k_base + offs_n[:, None] * sk_t + offs_d[None, :]
-    ks = _load_tile(SK + kp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
-    kt = _load_tile(TK + kp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    ks, kt = _load_pair(SK, TK, k_base, offs_n, sk_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
     x = _dot(qs, tl.trans(ks), IEEE)  # raw student logits (scale > 0 applied below)
     y = _dot(qt, tl.trans(kt), IEEE)
     dd = y * sc_t - x * sc_s
@@ -178,9 +185,7 @@ def _fwd_body(S, SK, TS, TK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, sc_s, sc_t, b, 
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     EVEN_D: tl.constexpr = D == BLOCK_D
-    qp = q_base + offs_m[:, None] * ss_t + offs_d[None, :]
-    qs = _load_tile(S + qp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
-    qt = _load_tile(TS + qp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    qs, qt = _load_pair(S, TS, q_base, offs_m, ss_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
     mask_base = b64 * T
 
     m_s = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: empty rows never make NaN
@@ -243,6 +248,20 @@ def _sel(r, v0, v1, v2):
     return tl.where(r == 0, v0, tl.where(r == 1, v1, v2))
 
 
+@triton.jit
+def _relation(hh, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2,
+              ss_b0, ss_h0, ss_t0, ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, ALIGN: tl.constexpr):
+    """In a fused layer launch: the relation r of flat head hh, its student and teacher tensors
+    (element offsets from S / TS) and row strides, with the 16-byte alignment facts as hints."""
+    r = (hh >= H0).to(tl.int32) + (hh >= H0 + H1).to(tl.int32)
+    Sr = S + _hint(_sel(r, 0, off_s1 - _BIAS, off_s2 - _BIAS), ALIGN)
+    TSr = TS + _hint(_sel(r, 0, off_t1 - _BIAS, off_t2 - _BIAS), ALIGN)
+    sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
+    sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
+    st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
+    return r, Sr, TSr, sb, sh, st
+
+
 @triton.jit(do_not_specialize=["off_s1", "off_t1", "off_s2", "off_t2"])
 def _fwd_kernel(
     S, SK, TS, TK, Mask, LseS, LseT, Kl,
@@ -263,14 +282,9 @@ def _fwd_kernel(
                   Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK,
                   EVEN_T, IEEE, UPCAST)
     else:
-        # Self-relations of one layer: relation r's tensors sit at element offsets from S / TS
-        # (one body, so no extra registers; the hints keep the 16-byte alignment facts).
-        r = (hh >= H0).to(tl.int32) + (hh >= H0 + H1).to(tl.int32)
-        Sr = S + _hint(_sel(r, 0, off_s1 - _BIAS, off_s2 - _BIAS), ALIGN)
-        TSr = TS + _hint(_sel(r, 0, off_t1 - _BIAS, off_t2 - _BIAS), ALIGN)
-        sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
-        sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
-        st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
+        # Self-relations of one layer in one launch: one body, so no extra registers.
+        r, Sr, TSr, sb, sh, st = _relation(hh, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2, ss_b0, ss_h0, ss_t0,
+                                           ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, ALIGN)
         _fwd_body(Sr, Sr, TSr, TSr, sb, sh, st, sb, sh, st, _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2),
                   b, hh - _sel(r, 0, H0, H0 + H1), hh, pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D,
                   BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
@@ -285,9 +299,7 @@ def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
               IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr):
     """acc += G~ @ C_J for one tile J; G~ holds the row part and/or the transposed column part."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
-    cp = c_base + offs_n[:, None] * c_st + offs_d[None, :]
-    cs = _load_tile(C + cp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
-    ct = _load_tile(TC + cp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    cs, ct = _load_pair(C, TC, c_base, offs_n, c_st, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
     x = _dot(rs, tl.trans(cs), IEEE) * sc_s
     y = _dot(rt, tl.trans(ct), IEEE) * sc_t
     g = tl.zeros_like(x)
@@ -415,9 +427,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
 
     if SELF:
         base = b64 * ss_b + g.to(tl.int64) * ss_h
-        rp = base + offs_m[:, None] * ss_t + offs_d[None, :]
-        rs = _load_tile(S + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
-        rt = _load_tile(TS + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+        rs, rt = _load_pair(S, TS, base, offs_m, ss_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
         stat_base = (b64 * HTOT + hoff + g) * T
         ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T, UNI)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -432,9 +442,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
         for rr in range(0, REP):
             h = g * REP + rr
             base = b64 * ss_b + h.to(tl.int64) * ss_h
-            rp = base + offs_m[:, None] * ss_t + offs_d[None, :]
-            rs = _load_tile(S + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
-            rt = _load_tile(TS + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+            rs, rt = _load_pair(S, TS, base, offs_m, ss_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
             stat_base = (b64 * HTOT + hoff + h) * T
             ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T, UNI)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -444,9 +452,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
             _store_rows(GS, ((b64 * H + h) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
                         False, EVEN_T, EVEN_D, D)
         # dB of key block I: summed over the group's query heads in a fixed order.
-        kp = k_base + offs_m[:, None] * sk_t + offs_d[None, :]
-        rs = _load_tile(SK + kp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
-        rt = _load_tile(TK + kp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+        rs, rt = _load_pair(SK, TK, k_base, offs_m, sk_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         zero = tl.zeros([BLOCK_M], dtype=tl.float32)
         for rr in range(0, REP):
@@ -483,13 +489,9 @@ def _bwd_kernel(
                   b, kk, 0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, SELF,
                   CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
     else:  # self-relations only (REP = 1); see _fwd_kernel
-        r = (kk >= H0).to(tl.int32) + (kk >= H0 + H1).to(tl.int32)
-        Sr = S + _hint(_sel(r, 0, off_s1 - _BIAS, off_s2 - _BIAS), ALIGN)
-        TSr = TS + _hint(_sel(r, 0, off_t1 - _BIAS, off_t2 - _BIAS), ALIGN)
+        r, Sr, TSr, sb, sh, st = _relation(kk, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2, ss_b0, ss_h0, ss_t0,
+                                           ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, ALIGN)
         Gr = GS + _hint(_sel(r, 0, off_g1 - _BIAS, off_g2 - _BIAS), ALIGN)
-        sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
-        sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
-        st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
         hoff = _sel(r, 0, H0, H0 + H1)
         _bwd_body(Sr, Sr, TSr, TSr, Gr, Gr, sb, sh, st, sb, sh, st, _sel(r, H0, H1, H2),
                   _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2), _sel(r, al0, al1, al2) * gs,
@@ -523,9 +525,7 @@ def _bwd1_tile(acc, cs, ct, S, TS, base, st, i0, offs_n, offs_d, dmask, T, cvali
                EVEN_D: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                UNI: tl.constexpr):
     offs_m = i0 + tl.arange(0, BLOCK_M)
-    rp = base + offs_m[:, None] * st + offs_d[None, :]
-    rs = _load_tile(S + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
-    rt = _load_tile(TS + rp, offs_m, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    rs, rt = _load_pair(S, TS, base, offs_m, st, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
     ls, lt, dk = _row_stats(LseS, LseT, DKl, ls_base, offs_m, T, EVEN_T, UNI)
     x = _dot(rs, tl.trans(cs), IEEE) * sc_s
     y = _dot(rt, tl.trans(ct), IEEE) * sc_t
@@ -556,9 +556,7 @@ def _bwd1_body(S, TS, Buf, ss_b, ss_h, ss_t, sc_s, sc_t, b, h, hh, pid_n, Mask, 
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     EVEN_D: tl.constexpr = D == BLOCK_D
-    cp = base + offs_n[:, None] * ss_t + offs_d[None, :]
-    cs = _load_tile(S + cp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
-    ct = _load_tile(TS + cp, offs_n, T, dmask, not EVEN_T, EVEN_D, UPCAST)
+    cs, ct = _load_pair(S, TS, base, offs_n, ss_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
     cvalid = offs_n < T
     if HAS_MASK:
         cm = tl.load(Mask + b64 * T + offs_n, mask=cvalid, other=0)
@@ -599,12 +597,8 @@ def _bwd1_kernel(
         _bwd1_body(S, TS, Buf, ss_b0, ss_h0, ss_t0, scs0, sct0, b, hh, hh, pid_n, Mask, LseS, LseT, DKl, T, HTOT,
                    D, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
     else:  # see _fwd_kernel
-        r = (hh >= H0).to(tl.int32) + (hh >= H0 + H1).to(tl.int32)
-        Sr = S + _hint(_sel(r, 0, off_s1 - _BIAS, off_s2 - _BIAS), ALIGN)
-        TSr = TS + _hint(_sel(r, 0, off_t1 - _BIAS, off_t2 - _BIAS), ALIGN)
-        sb = _hint(_sel(r, ss_b0, ss_b1, ss_b2), ALIGN)
-        sh = _hint(_sel(r, ss_h0, ss_h1, ss_h2), ALIGN)
-        st = _hint(_sel(r, ss_t0, ss_t1, ss_t2), ALIGN)
+        r, Sr, TSr, sb, sh, st = _relation(hh, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2, ss_b0, ss_h0, ss_t0,
+                                           ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, ALIGN)
         _bwd1_body(Sr, TSr, Buf, sb, sh, st, _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2),
                    b, hh - _sel(r, 0, H0, H0 + H1), hh, pid_n, Mask, LseS, LseT, DKl, T, HTOT,
                    D, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
