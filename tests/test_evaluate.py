@@ -14,20 +14,13 @@ import torch
 import yaml
 
 from linearard_ray.config import RopeConfig, build_config, load_config
+from tests.scripts import load_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _cli():
-    """pipelines/evaluate.py as a module (under a name no installed package can shadow)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("_pipeline_evaluate", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("pipelines/evaluate.py")
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "rope_ceiling.py"
+from tests.scripts import load_script
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("rope_ceiling", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/rope_ceiling.py")
 
 
 def test_fast_pairs_are_those_the_scaled_model_cannot_turn():

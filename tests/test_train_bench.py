@@ -3,19 +3,13 @@ around the relation ops leaves the loss and the gradients exactly as they are.""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_distill_step.py"
+from tests.scripts import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_distill_step", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_distill_step.py")
 
 
 def test_instrumentation_does_not_change_loss_or_gradients():

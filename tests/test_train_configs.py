@@ -10,6 +10,7 @@ import pytest
 
 from linearard_ray.config import Config, ConfigError, load_config
 from linearard_ray.train import StreamSpec, plan_steps, uses_lm_stream
+from tests.scripts import load_script
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -92,13 +93,7 @@ def test_overriding_one_train_field_keeps_the_default_budget():
 def test_vlogits_recipe_is_the_measured_study_variant():
     """configs/smollm2-135m-x4-vlogits.yaml must stay what restoration_study's vlogits-hilr ran
     (RESULTS.md round 3): the PI×4 recipe plus that variant's overrides at 4.25M tokens."""
-    import importlib.util
-
-    path = CONFIGS.parent / "benchmarks" / "restoration_study.py"
-    spec = importlib.util.spec_from_file_location("restoration_study", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    overrides, _ = study.VARIANTS["vlogits-hilr"]
+    overrides, _ = _study().VARIANTS["vlogits-hilr"]
     ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*overrides, "train.budget_tokens=4250000"]).model_dump()
     recipe = load_config(CONFIGS / "smollm2-135m-x4-vlogits.yaml").model_dump()
     ran["train"]["run_name"] = recipe["train"]["run_name"]
@@ -125,13 +120,7 @@ def test_negative_relation_weight_is_rejected():
 
 
 def _study():
-    import importlib.util
-
-    path = CONFIGS.parent / "benchmarks" / "restoration_study.py"
-    spec = importlib.util.spec_from_file_location("restoration_study_all", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    return study
+    return load_script("benchmarks/restoration_study.py")
 
 
 def test_every_study_variant_is_a_valid_configuration(tmp_path):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import itertools
 import json
@@ -20,6 +19,7 @@ import yaml
 
 from linearard_ray.config import ConfigError, build_config, load_config
 from linearard_ray.search_space import apply_params, parse_space, to_tune_space, trial_name
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,10 +34,7 @@ def _base(**over):
 
 
 def _pipeline_module():
-    spec = importlib.util.spec_from_file_location("tune_pipeline", ROOT / "pipelines" / "tune.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("pipelines/tune.py")
 
 
 # --------------------------------------------------------------------------- search space
