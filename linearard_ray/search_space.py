@@ -16,7 +16,6 @@ named instead of inside a trial an hour later.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -24,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from linearard_ray.config import Config, ConfigError, build_config, select_named_objective, set_dotted
+from linearard_ray.config import Config, ConfigError, build_config
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 RANGE_KINDS = ("uniform", "loguniform", "randint")
@@ -162,12 +161,8 @@ def apply_params(base: Config | dict, params: Mapping[str, Any]) -> Config:
     weights are dropped for a named recipe (the recipe fills them in) unless a weight is swept
     alongside it; 'custom' keeps the base's weights.
     """
-    raw = copy.deepcopy(base_dict(base) if isinstance(base, Config) else base)
-    params = {k: plain(v) for k, v in params.items()}
-    select_named_objective(raw, params)
-    for k, v in params.items():
-        set_dotted(raw, k, v)
-    return build_config(raw)
+    raw = base_dict(base) if isinstance(base, Config) else base
+    return build_config(raw, {k: plain(v) for k, v in params.items()})
 
 
 def to_tune_space(specs: list[ParamSpec], search: str) -> dict[str, Any]:
