@@ -138,6 +138,21 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "pydocs-oracle": ([*LOGITS, V_HEAVY, "train.lr=1e-3", "data.sources=[builtin:pydocs]"],
                       "upper bound: relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 1e-3, on pydocs itself "
                       "(evaluation documents included), PI×4"),
+    # round 5 (session 5): a next-token term on the KL terms' own blocks (no extra tokens; the
+    # in-domain fit that gives CPT its SOTU long-context lead, issue 9), and Q/K left out.
+    "tsample-vmix-ce2": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                          "objective.next_token.weight=0.2", V_HEAVY, "train.lr=1e-3",
+                          f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                         "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 0.2) on the same 2K blocks, "
+                         "lr 1e-3, SOTU + teacher samples, PI×4"),
+    "tsample-vmix-ce5": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                          "objective.next_token.weight=0.5", V_HEAVY, "train.lr=1e-3",
+                          f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                         "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 0.5) on the same 2K blocks, "
+                         "lr 1e-3, SOTU + teacher samples, PI×4"),
+    "tsample-vonly": ([*LOGITS, "objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}", "train.lr=1e-3",
+                       f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                      "relation KL V/V only + logit KL, lr 1e-3, SOTU + teacher samples, PI×4"),
     "logits-full-lolr": ([*LOGITS, "lora.enabled=false", "train.lr=1e-5", *FULL_FP32],
                          "relation KL + logit KL, full fine-tuning of q/k/v, lr 1e-5, fp32 master weights, PI×4"),
 }
@@ -533,7 +548,7 @@ def _init_tracking(jobs: list[Job], recipe: str) -> None:
 
 
 def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_run: bool = False,
-             jobs_per_gpu: int = 1) -> int:
+             jobs_per_gpu: int = 1, only: list[str] | None = None) -> int:
     runs = _read_runs(work / "runs.jsonl")
     models = [
         {"name": "teacher", "path": "smollm2-135m"},
@@ -552,6 +567,14 @@ def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_ru
         if r["returncode"] == 0 and r["variant"] not in seen and Path(r["student"]).exists():
             seen.add(r["variant"])
             models.append({"name": r["variant"], "path": r["student"]})
+    if only:
+        # Long-context jobs dominate the wall time; the untrained baselines' long figures do not
+        # change between rounds (same windows, seeds and prompts), so a round may skip them.
+        unknown = sorted(set(only) - {m["name"] for m in models})
+        if unknown:
+            raise SystemExit(f"restoration_study.py: --only names {unknown} that are not among the models "
+                             f"{[m['name'] for m in models]}")
+        models = [m for m in models if m["name"] in only]
     cmd = [sys.executable, "pipelines/evaluate.py", "--config", recipe,
            "--set", f"eval.models={json.dumps(models)}",
            "--set", f"eval.output_dir={work}/eval",
@@ -733,6 +756,9 @@ def main() -> int:
     p.add_argument("--sample-batch", type=int, default=1024,
                    help="sample: generation batch size (decoding is overhead-bound: a bigger batch is almost free per step; "
                         "1024 × 2048 tokens of SmolLM2 KV cache is ~50 GB)")
+    p.add_argument("--only", default=None,
+                   help="eval: comma list of the models to evaluate (teacher, PI×4, YaRN×4 or variant names); "
+                        "default all")
     p.add_argument("--report", default=None, help="table: report.json to read (default <work>/eval/report.json)")
     p.add_argument("--runs", default=None, help="table: runs.jsonl to read (default <work>/runs.jsonl)")
     a = p.parse_args()
@@ -749,7 +775,8 @@ def main() -> int:
         return 0 if a.dry_run else subprocess.call(cmd, cwd=ROOT)
     if a.phase == "train":
         return run_train(a, work)
-    return run_eval(work, Path(a.out) if a.out else None, a.extra, a.recipe, a.dry_run, max(1, a.parallel))
+    return run_eval(work, Path(a.out) if a.out else None, a.extra, a.recipe, a.dry_run, max(1, a.parallel),
+                    a.only.split(",") if a.only else None)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,21 @@ def test_every_study_variant_is_a_valid_configuration(tmp_path):
             assert str(tmp_path / "teacher_samples.jsonl") in cfg.data.sources
         names.add(cfg.train.run_name)
     assert len(names) == len(study.VARIANTS)
+
+
+def test_study_eval_only_keeps_the_named_models(tmp_path, capsys):
+    """The long-context round evaluates the trained students only; a misspelt name must not shrink it silently."""
+    import json
+
+    study = _study()
+    student = tmp_path / "students" / "tsample-vonly"
+    student.mkdir(parents=True)
+    (tmp_path / "runs.jsonl").write_text(json.dumps({"variant": "tsample-vonly", "returncode": 0,
+                                                     "student": str(student)}) + "\n")
+    assert study.run_eval(tmp_path, None, [], study.RECIPE, dry_run=True, only=["tsample-vonly", "YaRN×4"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("== eval:"))
+    models = json.loads(line.split("eval.models=", 1)[1].split(" --set ", 1)[0])
+    assert [m["name"] for m in models] == ["YaRN×4", "tsample-vonly"]
+    assert models[1]["path"] == str(student)
+    with pytest.raises(SystemExit, match="tsample-vmix"):
+        study.run_eval(tmp_path, None, [], study.RECIPE, dry_run=True, only=["tsample-vmix"])
