@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import re
 import shutil
@@ -723,6 +724,60 @@ def render_tables(report: dict, runs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def read_job_records(paths: list[Path]) -> list[dict]:
+    """Finished evaluation jobs from `evaluate.py`'s <output_dir>/jobs.jsonl files, later files winning.
+
+    These are what is left when a machine is taken back before the report is written, and they
+    let rounds that share windows and seeds (every round of this study) be tabled together.
+    """
+    by_job: dict[tuple, dict] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)["result"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line of an interrupted run
+            if r.get("kind") in ("nll", "passkey"):
+                by_job[(r["model"], r["kind"], r.get("domain"), int(r["length"]))] = r
+    return list(by_job.values())
+
+
+def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str = "teacher") -> str:
+    """Perplexity per (domain, length) and passkey accuracy per length, one row per model.
+
+    Recovery (teacher ppl ÷ model ppl) is given where the teacher's figure at that length is among
+    the records; a dash marks a job that did not finish.
+    """
+    models = list(dict.fromkeys(r["model"] for r in records))
+    ppl: dict[tuple, float] = {}
+    acc: dict[tuple, float] = {}
+    for r in records:
+        if r["kind"] == "nll":
+            ppl[(r["model"], r["domain"], int(r["length"]))] = math.exp(r["nll_sum"] / r["tokens"])
+        else:
+            acc[(r["model"], int(r["length"]))] = sum(bool(x["correct"]) for x in r["results"]) / len(r["results"])
+    doms = [d for d in domains if any(k[1] == d for k in ppl)] + sorted({k[1] for k in ppl} - set(domains))
+    lengths = sorted({k[2] for k in ppl})
+    pk_lengths = sorted({k[1] for k in acc})
+    cols = [(d, L) for d in doms for L in lengths]
+    out = ["Perplexity (recovery = teacher ppl ÷ model ppl where the teacher ran at that length):", "",
+           "| model | " + " | ".join(f"{domains.get(d, d)} @{_len_label(L)}" for d, L in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    for m in models:
+        cells = []
+        for d, L in cols:
+            v, t = ppl.get((m, d, L)), ppl.get((teacher, d, L))
+            cells.append("–" if v is None else _ppl4(v) if t is None or m == teacher else f"{_ppl4(v)} ({100 * t / v:.1f}%)")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    if pk_lengths:
+        out += ["", "Passkey (accuracy over depths × trials per length):", "",
+                "| model | " + " | ".join(_len_label(L) for L in pk_lengths) + " |", "|---|" + "---|" * len(pk_lengths)]
+        for m in models:
+            if any((m, L) in acc for L in pk_lengths):
+                out.append(f"| {m} | " + " | ".join(_acc(acc.get((m, L))) for L in pk_lengths) + " |")
+    return "\n".join(out) + "\n"
+
+
 def run_table(work: Path, report_path: str | None, runs_path: str | None) -> int:
     rp = Path(report_path) if report_path else work / "eval" / "report.json"
     if not rp.exists():
@@ -765,10 +820,22 @@ def main() -> int:
                    help="eval: comma list of the models to evaluate (teacher, PI×4, YaRN×4 or variant names); "
                         "default all")
     p.add_argument("--report", default=None, help="table: report.json to read (default <work>/eval/report.json)")
+    p.add_argument("--jobs", nargs="+", default=None,
+                   help="table: build the tables from evaluate.py's jobs.jsonl files instead of a report (for an "
+                        "evaluation cut short, or rounds on the same windows; later files win)")
+    p.add_argument("--domains", default="main=SOTU,other=pydocs",
+                   help="table --jobs: names of the evaluation domains (default main=SOTU,other=pydocs)")
     p.add_argument("--runs", default=None, help="table: runs.jsonl to read (default <work>/runs.jsonl)")
     a = p.parse_args()
     work = Path(a.work).expanduser().resolve()  # absolute: Ray workers do not share this cwd
     if a.phase == "table":
+        if a.jobs:
+            missing = [j for j in a.jobs if not Path(j).exists()]
+            if missing:
+                raise SystemExit(f"restoration_study.py: --jobs files not found: {missing}")
+            domains = dict(x.split("=", 1) for x in a.domains.split(","))
+            print(render_job_tables(read_job_records([Path(j) for j in a.jobs]), domains), end="")
+            return 0
         return run_table(work, a.report, a.runs)
     if not a.dry_run:
         work.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ claim, and their step plans come out as documented."""
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,34 @@ def test_study_eval_only_keeps_the_named_models(tmp_path, capsys):
     assert models[1]["path"] == str(student)
     with pytest.raises(SystemExit, match="tsample-vmix"):
         study.run_eval(tmp_path, None, [], study.RECIPE, dry_run=True, only=["tsample-vmix"])
+
+
+def test_study_tables_from_raw_evaluation_jobs(tmp_path):
+    """An evaluation cut short leaves only jobs.jsonl: its figures must table exactly, later rounds winning."""
+    import json
+
+    study = _study()
+    rng = np.random.default_rng()
+    t_nll, m_nll = rng.uniform(2.0, 3.0, 2)
+    tokens = int(rng.integers(1000, 5000))
+    hits = rng.random(9) < 0.5
+
+    def nll(model, domain, length, per_token):
+        return {"key": "k", "result": {"kind": "nll", "model": model, "domain": domain, "length": length,
+                                       "nll_sum": per_token * tokens, "tokens": tokens}}
+
+    first = [nll("teacher", "main", 512, t_nll), nll("s", "main", 512, m_nll + 1.0),
+             {"key": "k", "result": {"kind": "passkey", "model": "s", "length": 8192,
+                                     "results": [{"correct": bool(h)} for h in hits]}}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(x) for x in first) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps(nll("s", "main", 512, m_nll)) + "\n"
+                                      + json.dumps(nll("s", "main", 16384, m_nll)) + '\n{"key": "torn", "resu')
+    recs = study.read_job_records([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+    assert len(recs) == 4
+    text = study.render_job_tables(recs, {"main": "SOTU"})
+    row = next(x for x in text.splitlines() if x.startswith("| s |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{math.exp(m_nll):.2f} ({100 * math.exp(t_nll - m_nll):.1f}%)"
+    assert cells[2] == f"{math.exp(m_nll):.2f}"  # no teacher figure at 16K: no recovery
+    pk = [x for x in text.splitlines() if x.startswith("| s |")][-1]  # the passkey table's row
+    assert pk.split("|")[2].strip() == study._acc(hits.mean())
