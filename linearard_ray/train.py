@@ -462,6 +462,25 @@ def check_eval_sources(cfg: Config) -> None:
                 raise ConfigError(f"train.eval_sources.{name}: {e}") from None
 
 
+def check_train_sources(cfg: Config) -> None:
+    """Driver side, before Ray starts: every local or built-in training source exists, so a
+    mistyped path fails in a second with the field's name rather than a traceback from inside
+    preprocessing. Hub sources are left to preprocessing, which may need the network."""
+    if cfg.data.preprocessed:
+        return  # the manifest's blocks are used; the sources are not read again
+    from linearard_ray.sources import HF_PREFIX, DataError, resolve_source
+
+    for name, sources in (("data.sources", cfg.data.sources), ("data.lm_sources", cfg.data.lm_sources or [])):
+        for i, src in enumerate(sources):
+            if src.startswith(HF_PREFIX):
+                continue
+            try:
+                resolve_source(i, src, cfg.data.format)
+            except DataError as e:
+                # resolve_source names data.sources[i]; the lm stream's list is another field
+                raise ConfigError(str(e).replace("data.sources[", f"{name}[", 1)) from None
+
+
 # --------------------------------------------------------------------------- the worker loop
 
 
@@ -835,6 +854,7 @@ def _check_semantics(cfg: Config) -> None:
     if "/" in t.run_name or not t.run_name.strip():
         raise ConfigError(f"train.run_name {t.run_name!r} must be a non-empty name without '/'")
     check_eval_sources(cfg)
+    check_train_sources(cfg)
 
 
 def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:

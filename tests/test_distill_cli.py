@@ -43,6 +43,9 @@ def test_help_lists_the_config_fields():
     (["--set", "objective.name=distill"], "objective.name"),
     (["--set", "train.max_steps=null"], "train"),  # no budget at all
     (["--set", "train.fail_at_step=0"], "train.fail_at_step"),
+    (["--set", "data.sources=[builtin:sotu/train, /no/such/dir/teacher_samples.jsonl]"],
+     "data.sources[1]: '/no/such/dir/teacher_samples.jsonl' does not exist"),
+    (["--set", "objective.next_token.weight=0.1", "--set", "data.lm_sources=[builtin:sotu/nope]"], "data.lm_sources[0]"),
 ])
 def test_bad_config_is_rejected_naming_the_field_before_ray_starts(tmp_path, args, field):
     r = _run(args, cwd=tmp_path)
