@@ -103,6 +103,20 @@ def test_vlogits_recipe_is_the_measured_study_variant():
     assert recipe["objective"]["relation"]["weights"] == {"q": 0.1, "k": 0.1, "v": 1.0}
 
 
+def test_restore_recipe_is_the_measured_study_variant(tmp_path):
+    """configs/smollm2-135m-x4-restore.yaml must stay what restoration_study's tsample-vmix-ce2 ran
+    (RESULTS.md round 5), its teacher samples read from outputs/ instead of the study's work dir."""
+    study = _study()
+    sets = [s.replace(study.TEACHER_SAMPLES, "outputs/teacher_samples.jsonl")
+            for s in study.VARIANTS["tsample-vmix-ce2"][0]]
+    ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*sets, "train.budget_tokens=4250000"]).model_dump()
+    recipe = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
+    ran["train"]["run_name"] = recipe["train"]["run_name"]
+    assert recipe == ran
+    assert recipe["objective"]["next_token"]["weight"] == 0.2
+    assert recipe["data"]["sources"] == ["builtin:sotu/train", "outputs/teacher_samples.jsonl"]
+
+
 @pytest.mark.parametrize("overrides,want", [
     (["objective.relation.weights.v=0.5"], {"q": 1.0, "k": 1.0, "v": 0.5}),
     (["objective.relation.weights={k: 0}"], {"q": 1.0, "k": 0.0, "v": 1.0}),
