@@ -11,6 +11,7 @@ so all numbers share the same windows and passkey prompts.
     python benchmarks/restoration_study.py train --variants all --parallel 4 --work /tmp/study
     python benchmarks/restoration_study.py eval --work /tmp/study --out $OUT
     python benchmarks/restoration_study.py table --work /tmp/study      # markdown for RESULTS.md
+    python benchmarks/restoration_study.py table --jobs /tmp/study/eval/jobs.jsonl  # from raw jobs
 
 `--parallel N` (N > 1) shares one GPU between N jobs: the script starts one local Ray head
 (`ray start --head --block` on 127.0.0.1, free ports, its own --temp-dir), runs up to N variants
@@ -28,6 +29,9 @@ choose). With N = 1 every job starts its own local Ray, as before. A short check
 Per-run logs (<work>/<variant>.log), wall time and throughput land in <work>/runs.jsonl (written
 by this process only); `eval` copies the report, plots and that file to --out. `--dry-run` prints
 the commands (after validating each variant's configuration) without running anything.
+`eval --only a,b` evaluates just those models (the untrained baselines' long-context figures do
+not change between rounds). `table --jobs` reads evaluate.py's resumable job logs: what is left
+when a machine is taken back before the report is written, or several rounds on the same windows.
 """
 
 from __future__ import annotations
