@@ -244,6 +244,30 @@ def _default_sources() -> list[str]:
     return ["builtin:sotu/train"]
 
 
+class SampleSpec(_Section):
+    """How text is sampled from the teacher (linearard_ray.sampling)."""
+
+    num_samples: int = Field(..., ge=1, description="Samples to write.")
+    max_new_tokens: int = Field(2048, ge=1, description="Tokens generated per sample (stops early at EOS).")
+    min_tokens: int = Field(64, ge=1, description="Samples that end sooner are skipped (counted).")
+    batch_size: int = Field(64, ge=1, description="Samples generated at once (on a GPU, large: decoding is overhead-bound).")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus; below 1 keeps a small teacher's far tail out.")
+    seed: int = 0
+
+
+class TeacherSamplesConfig(SampleSpec):
+    path: str | None = Field(None, description="JSONL to write or reuse; default "
+                                               "outputs/data/teacher-samples/<hash of teacher and settings>.jsonl.")
+
+    @field_validator("path")
+    @classmethod
+    def _jsonl(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".jsonl"):
+            raise ValueError(f"must name a .jsonl file, got {v!r}")
+        return v
+
+
 class DataConfig(_Section):
     sources: list[str] = Field(
         default_factory=_default_sources,
@@ -268,6 +292,9 @@ class DataConfig(_Section):
     rows_per_shard: int = Field(2048, ge=1, description="Blocks per parquet shard.")
     lm_ctx_len: int | None = Field(None, description="Block length for the next-token term's own stream; default ctx_len.")
     lm_sources: list[str] | None = Field(None, description="Data for the next-token term; default: sources.")
+    teacher_samples: TeacherSamplesConfig | None = Field(
+        None, description="Text sampled from the teacher before training (on a GPU when train.use_gpu), resumable, "
+                          "and appended to data.sources; e.g. {num_samples: 2080, batch_size: 1040, top_p: 0.95}.")
 
 
 # --------------------------------------------------------------------------- train

@@ -21,23 +21,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from pydantic import BaseModel, Field
 
-from linearard_ray.config import ModelConfig
+from linearard_ray.config import ModelConfig, SampleSpec
+
+__all__ = ["BatchSampler", "NucleusSampling", "SampleSpec", "SamplingError", "is_complete", "nucleus_keep",
+           "sample_corpus"]
 
 
 class SamplingError(ValueError):
     """Bad sampling arguments, or an output file that belongs to other arguments."""
-
-
-class SampleSpec(BaseModel):
-    num_samples: int = Field(..., ge=1, description="Samples to write.")
-    max_new_tokens: int = Field(..., ge=1, description="Tokens generated per sample (stops early at EOS).")
-    min_tokens: int = Field(64, ge=1, description="Samples that end sooner are skipped (counted).")
-    batch_size: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
 
 
 def _meta_path(out: Path) -> Path:
@@ -55,6 +47,15 @@ def _resume_point(out: Path, meta: dict) -> tuple[int, int, int]:
     if old.get("args") != meta["args"]:
         raise SamplingError(f"{out} was sampled with other arguments {old.get('args')}; use a new path or remove it")
     return int(old.get("batches_done", 0)), int(old.get("written", 0)), int(old.get("skipped", 0))
+
+
+def is_complete(out: str | Path, model_cfg: ModelConfig, spec: SampleSpec) -> bool:
+    """Whether ``out`` holds every batch of this teacher and these settings (SamplingError when it
+    was written with other ones: a named file is never silently replaced)."""
+    spec = SampleSpec(**spec.model_dump(include=set(SampleSpec.model_fields)))
+    meta = {"args": {"teacher": model_cfg.teacher, **spec.model_dump()}}
+    done, _, _ = _resume_point(Path(out), meta)
+    return done >= math.ceil(spec.num_samples / spec.batch_size)
 
 
 def nucleus_keep(probs: torch.Tensor, top_p: float, iters: int = 32) -> torch.Tensor:
@@ -113,13 +114,58 @@ class _Progress:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class BatchSampler:
+    """The teacher, loaded once, writing one seeded batch of samples at a time. The driver of
+    ``sample_corpus`` owns the file; this object only generates, so it can live in a Ray actor on
+    a GPU node while the output stays where the driver is."""
+
+    def __init__(self, model_cfg: ModelConfig, spec: SampleSpec, device=None, log: Callable[[str], None] = print):
+        from linearard_ray.models import load_teacher, load_tokenizer
+
+        self.spec, self.log = spec, log
+        self.tok = load_tokenizer(model_cfg)
+        self.model = load_teacher(model_cfg, device=device)
+        self.start_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        if self.start_id is None:
+            raise SamplingError(f"the tokenizer of {model_cfg.teacher} has neither a BOS nor an EOS token to start from")
+        self.nucleus = NucleusSampling(spec.temperature, spec.top_p)
+
+    def __call__(self, b: int, batches: int) -> tuple[list[dict], int]:
+        """Batch ``b`` (0-based) of ``batches``: (records of the samples kept, samples skipped)."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        spec, tok = self.spec, self.tok
+        n = min(spec.batch_size, spec.num_samples - b * spec.batch_size)
+        torch.manual_seed(spec.seed * 1_000_003 + b)
+        dev = next(self.model.parameters()).device
+        ids = torch.full((n, 1), self.start_id, dtype=torch.long, device=dev)
+        progress = _Progress(self.log, f"batch {b + 1}/{batches}", spec.max_new_tokens,
+                             every=max(64, spec.max_new_tokens // 8))
+        with torch.no_grad():
+            gen = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                      temperature=1.0, top_p=1.0, top_k=0,
+                                      logits_processor=LogitsProcessorList([self.nucleus]),
+                                      max_new_tokens=spec.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                      stopping_criteria=StoppingCriteriaList([progress]))
+        records, skipped = [], 0
+        for i, row in enumerate(gen[:, 1:].tolist()):
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id)]
+            if len(row) < spec.min_tokens:
+                skipped += 1
+                continue
+            records.append({"id": f"teacher-{b * spec.batch_size + i}", "text": tok.decode(row, skip_special_tokens=True),
+                            "tokens": len(row)})
+        return records, skipped
+
+
 def sample_corpus(model_cfg: ModelConfig, spec: SampleSpec, out_path: str | Path, *, device=None,
-                  log: Callable[[str], None] = print) -> dict:
-    """Write ``spec.num_samples`` teacher samples to ``out_path`` (JSONL); returns the summary."""
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+                  log: Callable[[str], None] = print,
+                  sampler: Callable[[int, int], tuple[list[dict], int]] | None = None) -> dict:
+    """Write ``spec.num_samples`` teacher samples to ``out_path`` (JSONL); returns the summary.
 
-    from linearard_ray.models import load_teacher, load_tokenizer
-
+    ``sampler(b, batches)`` generates batch b; default a local ``BatchSampler`` on ``device``."""
+    spec = SampleSpec(**spec.model_dump(include=set(SampleSpec.model_fields)))
     out = Path(out_path)
     if out.suffix != ".jsonl":
         raise SamplingError(f"out must be a .jsonl file, got {out}")
@@ -134,40 +180,19 @@ def sample_corpus(model_cfg: ModelConfig, spec: SampleSpec, out_path: str | Path
         log(f"[sample] resuming {out} after {done}/{batches} batches ({written} samples)")
     meta.update(batches_done=done, written=written, skipped=skipped)
     _meta_path(out).write_text(json.dumps(meta, indent=1))
-    tok = load_tokenizer(model_cfg)
-    model = load_teacher(model_cfg, device=device)
-    dev = next(model.parameters()).device
-    start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if start_id is None:
-        raise SamplingError(f"the tokenizer of {model_cfg.teacher} has neither a BOS nor an EOS token to start from")
-    nucleus = NucleusSampling(spec.temperature, spec.top_p)
+    if sampler is None and done < batches:
+        sampler = BatchSampler(model_cfg, spec, device=device, log=log)
     tokens = 0
     t0 = time.time()
     with open(out, "a", encoding="utf-8") as f:
         for b in range(done, batches):
-            n = min(spec.batch_size, spec.num_samples - b * spec.batch_size)
-            torch.manual_seed(spec.seed * 1_000_003 + b)
-            ids = torch.full((n, 1), start_id, dtype=torch.long, device=dev)
-            progress = _Progress(log, f"batch {b + 1}/{batches}", spec.max_new_tokens,
-                                 every=max(64, spec.max_new_tokens // 8))
-            with torch.no_grad():
-                gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=1.0, top_p=1.0, top_k=0,
-                                     logits_processor=LogitsProcessorList([nucleus]),
-                                     max_new_tokens=spec.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                     stopping_criteria=StoppingCriteriaList([progress]))
-            for i, row in enumerate(gen[:, 1:].tolist()):
-                if tok.eos_token_id in row:
-                    row = row[:row.index(tok.eos_token_id)]
-                if len(row) < spec.min_tokens:
-                    skipped += 1
-                    continue
-                text = tok.decode(row, skip_special_tokens=True)
-                rec = {"id": f"teacher-{b * spec.batch_size + i}", "text": text, "tokens": len(row)}
+            records, skipped_b = sampler(b, batches)
+            for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                written += 1
-                tokens += len(row)
             f.flush()
+            written += len(records)
+            skipped += skipped_b
+            tokens += sum(r["tokens"] for r in records)
             meta.update(batches_done=b + 1, written=written, skipped=skipped)
             _meta_path(out).write_text(json.dumps(meta, indent=1))
             rate = tokens / max(time.time() - t0, 1e-9)
@@ -178,4 +203,3 @@ def sample_corpus(model_cfg: ModelConfig, spec: SampleSpec, out_path: str | Path
     if written == 0:
         raise SamplingError(f"no sample reached min_tokens={spec.min_tokens}; lower it or raise max_new_tokens")
     return summary
-

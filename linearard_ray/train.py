@@ -864,6 +864,9 @@ def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:
     uri = cfg.tracking.resolved_uri() if cfg.tracking.enabled else None
     env = _worker_env(uri)
     _ensure_ray(env)
+    from linearard_ray.teacher_samples import with_teacher_samples
+
+    cfg = with_teacher_samples(cfg, resolve_use_gpu(cfg))
     job, datasets = prepare_job(cfg)
     print(f"[distill] run {job.run_name}: {job.total_steps} steps × {job.tokens_per_step} tokens "
           f"on {cfg.train.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); storage {job.storage_dir}", flush=True)

@@ -394,6 +394,9 @@ def run_sweep(cfg: Config) -> SweepResult:
     uri = cfg.tracking.resolved_uri() if cfg.tracking.enabled else None
     _ensure_ray(_worker_env(uri))
     use_gpu = resolve_use_gpu(cfg)
+    from linearard_ray.teacher_samples import with_teacher_samples
+
+    cfg = with_teacher_samples(cfg, use_gpu)  # once for every trial, from the base config's teacher
     plan = make_plan(cfg, specs)
     plan["data_dirs"] = _prepare_data(cfg, specs, plan)
 

@@ -153,3 +153,34 @@ def test_nucleus_keeps_a_tied_boundary_group_whole():
         assert torch.equal(k, row >= t)  # a threshold set: every token as likely as the last kept one is kept
         assert row[k].sum() >= 0.9 - 1e-6
         assert row[row > t].sum() < 0.9  # and the threshold is the highest that keeps the mass
+
+
+def test_completeness_is_judged_by_the_sidecar_and_foreign_settings_are_refused(model_cfg, tmp_path):
+    from linearard_ray.sampling import is_complete
+
+    spec = SampleSpec(num_samples=3, max_new_tokens=12, min_tokens=2, batch_size=2, seed=5)
+    out = tmp_path / "s.jsonl"
+    assert not is_complete(out, model_cfg, spec)
+    sample_corpus(model_cfg, spec.model_copy(update={"num_samples": 2}), out, device="cpu", log=lambda m: None)
+    with pytest.raises(SamplingError, match="other arguments"):
+        is_complete(out, model_cfg, spec)  # 2 samples on file, 3 asked for: never silently reused
+    out2 = tmp_path / "t.jsonl"
+    sample_corpus(model_cfg, spec, out2, device="cpu", log=lambda m: None)
+    assert is_complete(out2, model_cfg, spec)
+
+
+def test_the_default_samples_path_follows_the_teacher_and_every_setting(tmp_path, monkeypatch):
+    from linearard_ray.config import load_config
+    from linearard_ray.teacher_samples import samples_path, with_teacher_samples
+
+    monkeypatch.chdir(tmp_path)
+    base = ["data.teacher_samples={num_samples: 8, batch_size: 4}"]
+    p = samples_path(load_config(None, base))
+    assert p.parent == tmp_path.resolve() / "outputs" / "data" / "teacher-samples" and p.suffix == ".jsonl"
+    assert samples_path(load_config(None, base)) == p
+    for extra in (["data.teacher_samples.top_p=0.9"], ["data.teacher_samples.seed=1"], ["model.teacher=tiny:llama"]):
+        assert samples_path(load_config(None, [*base, *extra])) != p, extra
+    named = load_config(None, [*base, "data.teacher_samples.path=corp/x.jsonl"])
+    assert samples_path(named) == tmp_path.resolve() / "corp" / "x.jsonl"
+    plain = load_config(None, [])
+    assert with_teacher_samples(plain, use_gpu=False) is plain  # no section: nothing sampled, nothing added

@@ -105,16 +105,20 @@ def test_vlogits_recipe_is_the_measured_study_variant():
 
 def test_restore_recipe_is_the_measured_study_variant(tmp_path):
     """configs/smollm2-135m-x4-restore.yaml must stay what restoration_study's tsample-vmix-ce2 ran
-    (RESULTS.md round 5), its teacher samples read from outputs/ instead of the study's work dir."""
+    (RESULTS.md round 5), its teacher samples made by the job (data.teacher_samples) with the
+    settings of the study's sample phase instead of a file in the study's work dir."""
     study = _study()
-    sets = [s.replace(study.TEACHER_SAMPLES, "outputs/teacher_samples.jsonl")
-            for s in study.VARIANTS["tsample-vmix-ce2"][0]]
+    sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS["tsample-vmix-ce2"][0]]
     ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*sets, "train.budget_tokens=4250000"]).model_dump()
     recipe = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
+    ts = recipe["data"].pop("teacher_samples")
+    ran["data"].pop("teacher_samples")
     ran["train"]["run_name"] = recipe["train"]["run_name"]
     assert recipe == ran
-    assert recipe["objective"]["next_token"]["weight"] == 0.2
-    assert recipe["data"]["sources"] == ["builtin:sotu/train", "outputs/teacher_samples.jsonl"]
+    assert recipe["objective"]["next_token"]["weight"] == 0.2 and recipe["data"]["sources"] == ["builtin:sotu/train"]
+    # the study's sample phase: --samples 2080 --tokens 2048 --top-p 0.95, seed 0, batch 1040 (round 5)
+    assert ts == {"num_samples": 2080, "max_new_tokens": 2048, "min_tokens": 64, "batch_size": 1040,
+                  "temperature": 1.0, "top_p": 0.95, "seed": 0, "path": None}
 
 
 @pytest.mark.parametrize("overrides,want", [

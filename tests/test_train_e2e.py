@@ -242,3 +242,31 @@ def test_relation_plus_next_token_reads_two_streams_side_by_side(ray_cluster, ti
     st = read_state(res.checkpoint_path)
     # each worker consumed 2 steps × 2 blocks of each stream
     assert st.data.rows == 4 and st.lm_data is not None and st.lm_data.rows == 4
+
+
+def test_teacher_samples_are_sampled_once_and_trained_on(ray_cluster, tiny_model_dir, workdir, corpus):
+    """data.teacher_samples: the job samples the teacher (in a Ray actor), resumably, appends the
+    file to data.sources and trains on it; started again it reuses the complete file."""
+    from linearard_ray.data import MANIFEST
+    from linearard_ray.train import run_distill
+
+    out = workdir / "ts" / "samples.jsonl"
+    spec = {"num_samples": 6, "max_new_tokens": 80, "min_tokens": 8, "batch_size": 4, "top_p": 0.9, "seed": 3,
+            "path": str(out)}
+    cfg = _cfg(workdir, corpus, "tsamples", **{
+        "data.teacher_samples": spec, "data.output_dir": str(workdir / "data-ts"), "train.num_workers": 1,
+        "train.max_steps": 2, "train.eval_every": None, "train.grad_accum": 1})
+    res = run_distill(cfg)
+    assert res.final_step == 2
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert meta["batches_done"] == 2 and meta["written"] == len(recs) and meta["written"] + meta["skipped"] == 6
+    assert recs and all(r["tokens"] >= 8 and r["text"] for r in recs)
+    manifest = json.loads((workdir / "data-ts" / MANIFEST).read_text())
+    assert manifest["sources"] == [str(corpus), str(out.resolve())]
+    p = _params(cfg.tracking.resolved_uri(), res.mlflow_run_id)
+    assert str(out.resolve()) in p["data.sources"]
+
+    before = out.stat().st_mtime_ns
+    again = run_distill(cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_name": "tsamples-2"})}))
+    assert again.final_step == 2 and out.stat().st_mtime_ns == before
