@@ -58,6 +58,10 @@ def _check_path(base: dict, key: str) -> None:
         raise _err(key, "not a dotted config path like 'rope.factor'")
     if key.split(".")[0] == "tune":
         raise _err(key, "the tune section itself cannot be swept")
+    if key.split(".")[:2] == ["data", "teacher_samples"]:
+        # run_sweep samples once, before the trials, from the base config
+        raise _err(key, "the teacher samples are made once for the whole sweep and cannot be swept; "
+                        "run one sweep per sample setting")
     cur: Any = base
     walked: list[str] = []
     for part in key.split("."):

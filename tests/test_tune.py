@@ -96,6 +96,7 @@ def test_every_distribution_kind_parses_to_its_tune_domain():
     ({"rope.factr": {"grid": [2.0]}}, "rope.factr", "'factr' is not a field of rope"),
     ({"train.lr.x": {"grid": [1.0]}}, "train.lr.x", "train.lr is a value"),
     ({"tune.num_samples": {"grid": [1, 2]}}, "tune.num_samples", "cannot be swept"),
+    ({"data.teacher_samples.top_p": {"grid": [0.9, 1.0]}}, "data.teacher_samples.top_p", "cannot be swept"),
     ({"rope.factor": {"grid": [2.0, 0.5]}}, "rope.factor", "value 0.5 gives an invalid config"),
     ({"rope.type": {"choice": ["linear", "spiral"]}}, "rope.type", "value 'spiral'"),
     ({"lora.r": {"uniform": [4, 64]}}, "lora.r", "use randint or choice"),
