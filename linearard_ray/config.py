@@ -255,6 +255,13 @@ class SampleSpec(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus; below 1 keeps a small teacher's far tail out.")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _reachable(self):
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is more than max_new_tokens={self.max_new_tokens}: "
+                             "every sample would be skipped")
+        return self
+
 
 class TeacherSamplesConfig(SampleSpec):
     path: str | None = Field(None, description="JSONL to write or reuse; default "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from pydantic import ValidationError
 
 from linearard_ray.config import ModelConfig, SampleSpec
 
@@ -49,10 +50,21 @@ def _resume_point(out: Path, meta: dict) -> tuple[int, int, int]:
     return int(old.get("batches_done", 0)), int(old.get("written", 0)), int(old.get("skipped", 0))
 
 
+def _plain_spec(spec: SampleSpec) -> SampleSpec:
+    """The sampling settings alone (a TeacherSamplesConfig also carries its path), validated again:
+    ``model_copy(update=...)`` does not validate."""
+    try:
+        return SampleSpec(**spec.model_dump(include=set(SampleSpec.model_fields)))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise SamplingError(f"{where + ': ' if where else ''}{err['msg']}") from None
+
+
 def is_complete(out: str | Path, model_cfg: ModelConfig, spec: SampleSpec) -> bool:
     """Whether ``out`` holds every batch of this teacher and these settings (SamplingError when it
     was written with other ones: a named file is never silently replaced)."""
-    spec = SampleSpec(**spec.model_dump(include=set(SampleSpec.model_fields)))
+    spec = _plain_spec(spec)
     meta = {"args": {"teacher": model_cfg.teacher, **spec.model_dump()}}
     done, _, _ = _resume_point(Path(out), meta)
     return done >= math.ceil(spec.num_samples / spec.batch_size)
@@ -165,7 +177,7 @@ def sample_corpus(model_cfg: ModelConfig, spec: SampleSpec, out_path: str | Path
     """Write ``spec.num_samples`` teacher samples to ``out_path`` (JSONL); returns the summary.
 
     ``sampler(b, batches)`` generates batch b; default a local ``BatchSampler`` on ``device``."""
-    spec = SampleSpec(**spec.model_dump(include=set(SampleSpec.model_fields)))
+    spec = _plain_spec(spec)
     out = Path(out_path)
     if out.suffix != ".jsonl":
         raise SamplingError(f"out must be a .jsonl file, got {out}")

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                           batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except ValidationError as e:
         err = e.errors()[0]
+        if not err["loc"]:  # a check across fields (min_tokens against max_new_tokens)
+            parser.error(err["msg"].removeprefix("Value error, "))
         flag = {"num_samples": "samples", "max_new_tokens": "tokens"}.get(err["loc"][0], str(err["loc"][0]))
         parser.error(f"--{flag.replace('_', '-')}: {err['msg']}")
     try:

@@ -60,11 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tune.py: {e}", file=sys.stderr)
         return 2
+    from linearard_ray.models import ModelError
+    from linearard_ray.sampling import SamplingError
+    from linearard_ray.sources import DataError
     from linearard_ray.tune import run_sweep
 
     try:
         res = run_sweep(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError, ModelError, SamplingError) as e:  # the user's input: no traceback
         print(f"tune.py: {e}", file=sys.stderr)
         return 2
     if res.best is None:

@@ -89,6 +89,8 @@ def test_cli(tmp_path, tiny_model_dir):
     assert summary["written"] == len(_records(tmp_path / "s.jsonl")) > 0
     bad = subprocess.run(cmd[:-10] + ["--samples", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--samples" in bad.stderr
+    unreachable = subprocess.run(cmd[:-6] + ["--min-tokens", "13"], capture_output=True, text=True, timeout=300)
+    assert unreachable.returncode == 2 and "min_tokens=13 is more than max_new_tokens=12" in unreachable.stderr
 
 
 def test_long_batches_report_progress(model_cfg, tmp_path):
