@@ -127,7 +127,7 @@ class _Progress:
 
 
 class BatchSampler:
-    """The teacher, loaded once, writing one seeded batch of samples at a time. The driver of
+    """The teacher, loaded once, generating one seeded batch of samples at a time. The driver of
     ``sample_corpus`` owns the file; this object only generates, so it can live in a Ray actor on
     a GPU node while the output stays where the driver is."""
 
