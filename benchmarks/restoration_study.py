@@ -160,6 +160,16 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                            f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
                           "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 1) on the same 2K blocks, "
                           "lr 1e-3, SOTU + teacher samples, PI×4"),
+    # next (defined, not run): further along round 5's trend for issue 9's SOTU long context
+    "tsample-vmix-ce20": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                           "objective.next_token.weight=2.0", V_HEAVY, "train.lr=1e-3",
+                           f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                          "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 2) on the same 2K blocks, "
+                          "lr 1e-3, SOTU + teacher samples, PI×4"),
+    "vlogits-ce10": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                      "objective.next_token.weight=1.0", V_HEAVY, "train.lr=1e-3"],
+                     "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 1) on the same 2K blocks, "
+                     "lr 1e-3, SOTU only, PI×4"),
     "tsample-vonly": ([*LOGITS, "objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}", "train.lr=1e-3",
                        f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
                       "relation KL V/V only + logit KL, lr 1e-3, SOTU + teacher samples, PI×4"),
