@@ -101,6 +101,9 @@ def check_sweep(cfg: Config) -> list[ParamSpec]:
                           f"when the student is better; set tune.mode={better}")
     if "/" in t.sweep_name or not t.sweep_name.strip():
         raise ConfigError(f"tune.sweep_name {t.sweep_name!r} must be a non-empty name without '/'")
+    if cfg.data.teacher_samples is not None and any(s.key == "model.teacher" for s in specs):
+        raise ConfigError("tune.space['model.teacher']: data.teacher_samples are sampled once, from the base "
+                          "config's teacher; with the teacher swept they would not be the trial teacher's text")
     if t.search == "optuna":
         build_searcher(t, cfg.train.seed)  # fails now, not after the data is prepared
     return specs

@@ -174,6 +174,19 @@ def test_sweep_needs_the_in_training_objective():
     assert [s.key for s in check_sweep(_base())] == ["rope.factor", "objective.relation.layers"]
 
 
+def test_teacher_samples_and_a_swept_teacher_do_not_mix():
+    """The samples are made once from the base teacher: a swept teacher would train on another
+    model's text, so the sweep is refused before anything runs."""
+    from linearard_ray.tune import check_sweep
+
+    samples = {"data.teacher_samples": {"num_samples": 4, "max_new_tokens": 16, "min_tokens": 4}}
+    space = {"model.teacher": {"grid": ["tiny:llama", "tiny:mistral"]}}
+    with pytest.raises(ConfigError, match="tune.space\\['model.teacher'\\]: data.teacher_samples"):
+        check_sweep(_base(**samples, **{"tune.space": space}))
+    assert [s.key for s in check_sweep(_base(**{"tune.space": space}))] == ["model.teacher"]
+    assert check_sweep(_base(**samples))  # samples with the default space are fine
+
+
 def test_sweep_objective_can_be_another_domain():
     """train.eval_sources domains report eval_<name>_<metric>, which tune.metric may name."""
     from linearard_ray.tune import check_sweep, context_metrics
