@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_ROOT = RESULTS.parent.parent
+if str(_ROOT) not in sys.path:  # runnable from a checkout that is not installed
+    sys.path.insert(0, str(_ROOT))
 TEACHER = {("main", 2048): 21.87, ("other", 2048): 8.19}  # fallback; read from the round-4 report below
 RUNS = {0.0: "tsample-vmix", 0.2: "tsample-vmix-ce2", 0.5: "tsample-vmix-ce5", 1.0: "tsample-vmix-ce10"}
 
@@ -35,9 +38,10 @@ def round4_weight0(results: Path) -> dict[tuple[str, int], float]:
 
 
 def round5(results: Path) -> dict[str, dict[tuple[str, int], float]]:
+    from linearard_ray.eval_resume import JobLog
+
     out: dict[str, dict] = {}
-    for line in (results / "smollm2_study5_jobs.jsonl").read_text().splitlines():
-        r = json.loads(line)["result"]
+    for r in JobLog(results / "smollm2_study5_jobs.jsonl").results():
         if r["kind"] == "nll":
             out.setdefault(r["model"], {})[(r["domain"], int(r["length"]))] = math.exp(r["nll_sum"] / r["tokens"])
     return out

@@ -66,6 +66,17 @@ LOGITS = ["objective.name=linearard+logits", "objective.logits.weight=1.0"]
 V_HEAVY = "objective.relation.weights={q: 0.1, k: 0.1, v: 1.0}"
 TEACHER_SAMPLES = "{work}/teacher_samples.jsonl"  # {work} is replaced by --work
 BLOCKS_8K = ["data.ctx_len=8192", "train.micro_batch_size=1"]
+SOTU_AND_SAMPLES = f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"
+
+
+def _next_token_variant(weight: str, sources: list[str], data: str) -> tuple[list[str], str]:
+    """Round 5's objective: the V-heavy relation KL + logit KL + a next-token term at ``weight`` on
+    the same 2K blocks (no extra stream, so no tokens taken from the KL terms), lr 1e-3."""
+    return (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+             f"objective.next_token.weight={weight}", V_HEAVY, "train.lr=1e-3", *sources],
+            f"relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight {float(weight):g}) on the same 2K blocks, "
+            f"lr 1e-3, {data}, PI×4")
+
 
 # name -> (overrides, description). Budgets are tokens of SOTU 1790-1989. The recipe gives LoRA
 # r=128/alpha=256 on q/k/v, lr 3e-4, bf16 on GPU.
@@ -111,31 +122,31 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # `sample` phase) as the KL terms' data: alone (data-free) or next to SOTU.
     "tsample-logits": ([*LOGITS, "train.lr=1e-3", f"data.sources=[{TEACHER_SAMPLES}]"],
                        "relation KL + logit KL, lr 1e-3, on teacher samples only (no SOTU), PI×4"),
-    "tsample-mix": ([*LOGITS, "train.lr=1e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+    "tsample-mix": ([*LOGITS, "train.lr=1e-3", SOTU_AND_SAMPLES],
                     "relation KL + logit KL, lr 1e-3, on SOTU 1790-1989 + teacher samples, PI×4"),
     # round 4 (issue 10's unseen domain): round 3's best weighting (V-heavy) on teacher samples,
     # alone, next to SOTU, at a higher lr, and with a weak next-token term on SOTU 8K blocks
     # (issue 9's long context).
     "tsample-vlogits": ([*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[{TEACHER_SAMPLES}]"],
                         "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 1e-3, on teacher samples only, PI×4"),
-    "tsample-vmix": ([*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+    "tsample-vmix": ([*LOGITS, V_HEAVY, "train.lr=1e-3", SOTU_AND_SAMPLES],
                      "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 1e-3, on SOTU 1790-1989 + teacher samples, PI×4"),
-    "tsample-vmix-2e3": ([*LOGITS, V_HEAVY, "train.lr=2e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+    "tsample-vmix-2e3": ([*LOGITS, V_HEAVY, "train.lr=2e-3", SOTU_AND_SAMPLES],
                          "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 2e-3, on SOTU 1790-1989 + teacher samples, PI×4"),
     "tsample-vmix-lm": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
                          "objective.next_token.weight=0.1", V_HEAVY, "train.lr=1e-3",
-                         f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]",
+                         SOTU_AND_SAMPLES,
                          "data.lm_sources=[builtin:sotu/train]", "data.lm_ctx_len=8192"],
                         "relation KL (q/k/v 0.1/0.1/1) + logit KL on SOTU + teacher samples (2K blocks), + next-token "
                         "(weight 0.1) on SOTU 8K blocks, lr 1e-3, PI×4"),
     # round 5: the round-4 winner on 8K blocks (the teacher's window; samples packed with EOS
     # between them) for long context, and at half the lr for the unseen domain.
-    "tsample-vmix-8k": ([*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]",
+    "tsample-vmix-8k": ([*LOGITS, V_HEAVY, "train.lr=1e-3", SOTU_AND_SAMPLES,
                          *BLOCKS_8K],
                         "relation KL (q/k/v 0.1/0.1/1) + logit KL on 8K blocks, lr 1e-3, SOTU + teacher samples, PI×4"),
     "tsample-vlogits-8k": ([*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[{TEACHER_SAMPLES}]", *BLOCKS_8K],
                            "relation KL (q/k/v 0.1/0.1/1) + logit KL on 8K blocks, lr 1e-3, teacher samples only, PI×4"),
-    "tsample-vmix-5e4": ([*LOGITS, V_HEAVY, "train.lr=5e-4", f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+    "tsample-vmix-5e4": ([*LOGITS, V_HEAVY, "train.lr=5e-4", SOTU_AND_SAMPLES],
                          "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 5e-4, on SOTU 1790-1989 + teacher samples, PI×4"),
     # An upper bound, not a recipe: the round-3/4 objective distilled on pydocs itself (the
     # evaluation's own documents included). If this stays below 95% on pydocs, issue 10's
@@ -145,33 +156,14 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                       "(evaluation documents included), PI×4"),
     # round 5 (session 5): a next-token term on the KL terms' own blocks (no extra tokens; the
     # in-domain fit that gives CPT its SOTU long-context lead, issue 9), and Q/K left out.
-    "tsample-vmix-ce2": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
-                          "objective.next_token.weight=0.2", V_HEAVY, "train.lr=1e-3",
-                          f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
-                         "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 0.2) on the same 2K blocks, "
-                         "lr 1e-3, SOTU + teacher samples, PI×4"),
-    "tsample-vmix-ce5": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
-                          "objective.next_token.weight=0.5", V_HEAVY, "train.lr=1e-3",
-                          f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
-                         "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 0.5) on the same 2K blocks, "
-                         "lr 1e-3, SOTU + teacher samples, PI×4"),
-    "tsample-vmix-ce10": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
-                           "objective.next_token.weight=1.0", V_HEAVY, "train.lr=1e-3",
-                           f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
-                          "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 1) on the same 2K blocks, "
-                          "lr 1e-3, SOTU + teacher samples, PI×4"),
+    "tsample-vmix-ce2": _next_token_variant("0.2", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
+    "tsample-vmix-ce5": _next_token_variant("0.5", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
+    "tsample-vmix-ce10": _next_token_variant("1.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     # next (defined, not run): further along round 5's trend for issue 9's SOTU long context
-    "tsample-vmix-ce20": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
-                           "objective.next_token.weight=2.0", V_HEAVY, "train.lr=1e-3",
-                           f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
-                          "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 2) on the same 2K blocks, "
-                          "lr 1e-3, SOTU + teacher samples, PI×4"),
-    "vlogits-ce10": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
-                      "objective.next_token.weight=1.0", V_HEAVY, "train.lr=1e-3"],
-                     "relation KL (q/k/v 0.1/0.1/1) + logit KL + next-token (weight 1) on the same 2K blocks, "
-                     "lr 1e-3, SOTU only, PI×4"),
+    "tsample-vmix-ce20": _next_token_variant("2.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
+    "vlogits-ce10": _next_token_variant("1.0", [], "SOTU only"),
     "tsample-vonly": ([*LOGITS, "objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}", "train.lr=1e-3",
-                       f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"],
+                       SOTU_AND_SAMPLES],
                       "relation KL V/V only + logit KL, lr 1e-3, SOTU + teacher samples, PI×4"),
     "logits-full-lolr": ([*LOGITS, "lora.enabled=false", "train.lr=1e-5", *FULL_FP32],
                          "relation KL + logit KL, full fine-tuning of q/k/v, lr 1e-5, fp32 master weights, PI×4"),
@@ -744,13 +736,11 @@ def read_job_records(paths: list[Path]) -> list[dict]:
     These are what is left when a machine is taken back before the report is written, and they
     let rounds that share windows and seeds (every round of this study) be tabled together.
     """
+    from linearard_ray.eval_resume import JobLog
+
     by_job: dict[tuple, dict] = {}
     for path in paths:
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)["result"]
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line of an interrupted run
+        for r in JobLog(path).results():  # torn lines skipped, the file left as it is
             if r.get("kind") in ("nll", "passkey"):
                 by_job[(r["model"], r["kind"], r.get("domain"), int(r["length"]))] = r
     return list(by_job.values())

@@ -70,23 +70,33 @@ class JobLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def load(self) -> dict[str, dict]:
-        """key -> result of every complete line. A torn line (a crash mid-write) is dropped from
-        the file too, so the next append starts on a line of its own."""
-        done: dict[str, dict] = {}
-        if not self.path.exists():
-            return done
+    def _read(self) -> tuple[list[tuple[str, dict]], list[str], int]:
+        """((key, result) of every complete line in file order, those lines, how many lines were
+        torn); the file is not touched."""
+        recs: list[tuple[str, dict]] = []
         good, torn = [], 0
+        if not self.path.exists():
+            return recs, good, torn
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 rec = json.loads(line)
-                done[rec["key"]] = rec["result"]
+                recs.append((rec["key"], rec["result"]))
                 good.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 torn += 1
+        return recs, good, torn
+
+    def results(self) -> list[dict]:
+        """The result of every complete line, in file order, read only (for a log kept as a record)."""
+        return [r for _, r in self._read()[0]]
+
+    def load(self) -> dict[str, dict]:
+        """key -> result of every complete line. A torn line (a crash mid-write) is dropped from
+        the file too, so the next append starts on a line of its own."""
+        recs, good, torn = self._read()
         if torn:
             self.path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
-        return done
+        return dict(recs)
 
     def append(self, key: str, result: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
