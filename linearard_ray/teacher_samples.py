@@ -58,11 +58,11 @@ def with_teacher_samples(cfg: Config, use_gpu: bool, log: Callable[[str], None] 
 
         log(f"[distill] teacher samples: sampling {ts.num_samples} × up to {ts.max_new_tokens} tokens from "
             f"{cfg.model.teacher} on {'a GPU' if use_gpu else 'CPU'} into {out}")
-        spec = SampleSpec(**ts.model_dump(include=set(SampleSpec.model_fields)))
+        # ts is a SampleSpec (plus its path), so it goes to the sampler as it is
         actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_SamplerActor).remote(
-            cfg.model, spec, "cuda" if use_gpu else "cpu")
+            cfg.model, ts, "cuda" if use_gpu else "cpu")
         try:
-            summary = sample_corpus(cfg.model, spec, out, log=log,
+            summary = sample_corpus(cfg.model, ts, out, log=log,
                                     sampler=lambda b, n: ray.get(actor.sample.remote(b, n)))
         finally:
             ray.kill(actor)
