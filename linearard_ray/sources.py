@@ -166,7 +166,7 @@ def _item(idx: int, source: str, uri: str, fs, info, fmt: str | None) -> InputFi
     return InputFile(idx, source, uri, fmt, info.path, fs, size, mtime)
 
 
-def _resolve_fs_source(idx: int, source: str, fmt: str) -> list[InputFile]:
+def _resolve_fs_source(idx: int, source: str, fmt: str, field: str) -> list[InputFile]:
     import pyarrow.fs as pafs
 
     scheme, path = split_uri(source)
@@ -186,20 +186,20 @@ def _resolve_fs_source(idx: int, source: str, fmt: str) -> list[InputFile]:
             base = glob_base(path)
             infos = [i for i in _list_files(fs, base) if fnmatch.fnmatchcase(i.path, path)]
         if not infos:
-            raise DataError(f"data.sources[{idx}]: {source!r} matches no file")
+            raise DataError(f"{field}[{idx}]: {source!r} matches no file")
         return [_item(idx, source, uri_of(i.path), fs, i, file_format(i.path, fmt, explicit=False)) for i in infos]
 
     try:
         info = fs.get_file_info(path)
     except OSError as e:
-        raise DataError(f"data.sources[{idx}]: cannot look up {source!r}: {e}") from None
+        raise DataError(f"{field}[{idx}]: cannot look up {source!r}: {e}") from None
     if info.type == pafs.FileType.NotFound:
-        raise DataError(f"data.sources[{idx}]: {source!r} does not exist")
+        raise DataError(f"{field}[{idx}]: {source!r} does not exist")
     if info.type == pafs.FileType.File:
         return [_item(idx, source, uri_of(info.path), fs, info, file_format(info.path, fmt, explicit=True))]
     infos = _list_files(fs, path)
     if not infos:
-        raise DataError(f"data.sources[{idx}]: directory {source!r} holds no file")
+        raise DataError(f"{field}[{idx}]: directory {source!r} holds no file")
     out = []
     for i in infos:
         if any(part.startswith(".") for part in Path(i.path[len(path):]).parts):
@@ -226,10 +226,10 @@ def _split_matches(rel: str, split: str | None) -> bool:
     return split in parts[:-1] or parts[-1].startswith(split + "-") or parts[-1].startswith(split + ".")
 
 
-def _resolve_hf(idx: int, source: str, fmt: str) -> list[InputFile]:
+def _resolve_hf(idx: int, source: str, fmt: str, field: str) -> list[InputFile]:
     name, split = parse_hf(source)
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise DataError(f"data.sources[{idx}]: {source!r} needs the Hugging Face hub, but HF_HUB_OFFLINE is set")
+        raise DataError(f"{field}[{idx}]: {source!r} needs the Hugging Face hub, but HF_HUB_OFFLINE is set")
     import pyarrow.fs as pafs
     from huggingface_hub import HfFileSystem
 
@@ -242,7 +242,7 @@ def _resolve_hf(idx: int, source: str, fmt: str) -> list[InputFile]:
         except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all mean "cannot use it"
             if root.endswith("parquet"):
                 break
-            raise DataError(f"data.sources[{idx}]: cannot list {source!r} on the Hugging Face hub: {e}") from None
+            raise DataError(f"{field}[{idx}]: cannot list {source!r} on the Hugging Face hub: {e}") from None
         items = []
         for p in found:
             rel = p[len(root) + 1:]
@@ -253,16 +253,17 @@ def _resolve_hf(idx: int, source: str, fmt: str) -> list[InputFile]:
             items.append(_item(idx, source, f"hf://{p}", fs, info, f))
         if items:
             return items
-    raise DataError(f"data.sources[{idx}]: {source!r} has no text/jsonl/json/parquet files" + (f" for split {split!r}" if split else ""))
+    raise DataError(f"{field}[{idx}]: {source!r} has no text/jsonl/json/parquet files" + (f" for split {split!r}" if split else ""))
 
 
-def resolve_source(idx: int, source: str, fmt: str = "auto") -> list[InputFile]:
-    """The input files of one source; DataError when it does not exist or matches nothing."""
+def resolve_source(idx: int, source: str, fmt: str = "auto", field: str = "data.sources") -> list[InputFile]:
+    """The input files of one source; DataError, naming ``field[idx]``, when it does not exist or
+    matches nothing."""
     if is_builtin(source):
         try:
             next(iter_builtin(source))
         except (ValueError, StopIteration) as e:
-            raise DataError(f"data.sources[{idx}]: {e}") from None
+            raise DataError(f"{field}[{idx}]: {e}") from None
         corpus = source[len("builtin:"):].partition("/")[0]
         asset = Path(str(resources.files("linearard_ray") / "assets" / f"{corpus}.jsonl.xz"))
         st = asset.stat() if asset.exists() else None
@@ -275,8 +276,8 @@ def resolve_source(idx: int, source: str, fmt: str = "auto") -> list[InputFile]:
                           rows=(a, min(a + step, n)))
                 for a in range(0, n, step)]
     if source.startswith(HF_PREFIX):
-        return _resolve_hf(idx, source, fmt)
-    return _resolve_fs_source(idx, source, fmt)
+        return _resolve_hf(idx, source, fmt, field)
+    return _resolve_fs_source(idx, source, fmt, field)
 
 
 def resolve_sources(sources: list[str], fmt: str = "auto") -> list[InputFile]:

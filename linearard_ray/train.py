@@ -475,10 +475,9 @@ def check_train_sources(cfg: Config) -> None:
             if src.startswith(HF_PREFIX):
                 continue
             try:
-                resolve_source(i, src, cfg.data.format)
+                resolve_source(i, src, cfg.data.format, field=name)
             except DataError as e:
-                # resolve_source names data.sources[i]; the lm stream's list is another field
-                raise ConfigError(str(e).replace("data.sources[", f"{name}[", 1)) from None
+                raise ConfigError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- the worker loop
