@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from linearard_ray.config import ModelConfig, SampleSpec
 
 __all__ = ["BatchSampler", "NucleusSampling", "SampleSpec", "SamplingError", "is_complete", "nucleus_keep",
-           "sample_corpus"]
+           "sample_args", "sample_corpus"]
 
 
 class SamplingError(ValueError):
@@ -61,12 +61,17 @@ def _plain_spec(spec: SampleSpec) -> SampleSpec:
         raise SamplingError(f"{where + ': ' if where else ''}{err['msg']}") from None
 
 
+def sample_args(model_cfg: ModelConfig, spec: SampleSpec) -> dict:
+    """Everything the samples depend on: kept in the sidecar (a restart must match it) and hashed
+    into data.teacher_samples' default file name."""
+    return {"teacher": model_cfg.teacher, **_plain_spec(spec).model_dump()}
+
+
 def is_complete(out: str | Path, model_cfg: ModelConfig, spec: SampleSpec) -> bool:
     """Whether ``out`` holds every batch of this teacher and these settings (SamplingError when it
     was written with other ones: a named file is never silently replaced)."""
     spec = _plain_spec(spec)
-    meta = {"args": {"teacher": model_cfg.teacher, **spec.model_dump()}}
-    done, _, _ = _resume_point(Path(out), meta)
+    done, _, _ = _resume_point(Path(out), {"args": sample_args(model_cfg, spec)})
     return done >= math.ceil(spec.num_samples / spec.batch_size)
 
 
@@ -182,7 +187,7 @@ def sample_corpus(model_cfg: ModelConfig, spec: SampleSpec, out_path: str | Path
     if out.suffix != ".jsonl":
         raise SamplingError(f"out must be a .jsonl file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"args": {"teacher": model_cfg.teacher, **spec.model_dump()}}
+    meta = {"args": sample_args(model_cfg, spec)}
     batches = math.ceil(spec.num_samples / spec.batch_size)
     done, written, skipped = _resume_point(out, meta)
     if out.exists():

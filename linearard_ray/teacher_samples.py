@@ -26,8 +26,9 @@ def samples_path(cfg: Config) -> Path:
         raise ValueError("data.teacher_samples is not set")
     if ts.path:
         return Path(ts.path).expanduser().resolve()
-    spec = ts.model_dump(include=set(SampleSpec.model_fields))
-    key = json.dumps({"teacher": cfg.model.teacher, **spec}, sort_keys=True)
+    from linearard_ray.sampling import sample_args
+
+    key = json.dumps(sample_args(cfg.model, ts), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return (Path.cwd() / "outputs" / "data" / "teacher-samples" / f"{digest}.jsonl").resolve()
 
