@@ -333,7 +333,14 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     """report.json, report.md, ppl_vs_length.png and passkey_<model>.png; the report lists its plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = [plot_ppl_vs_length(report, out_dir / "ppl_vs_length.png")]
+    ppl_plot = out_dir / "ppl_vs_length.png"
+    if any(by_len for by_model in report["nll"].values() for by_len in by_model.values()):
+        plots = [plot_ppl_vs_length(report, ppl_plot)]
+    else:
+        # A passkey-only evaluation has no perplexity to draw; an earlier run's figure in the same
+        # directory would otherwise pass for this report's.
+        ppl_plot.unlink(missing_ok=True)
+        plots = []
     for n in report["passkey"]:
         plots.append(plot_passkey(report, n, out_dir / f"passkey_{_safe(n)}.png"))
     report["plots"] = [p.name for p in plots]

@@ -130,6 +130,18 @@ def test_report_files_and_plots(tmp_path):
     assert "![ppl_vs_length](ppl_vs_length.png)" in md
 
 
+def test_passkey_only_report_draws_no_empty_perplexity_plot(tmp_path):
+    cfg, models, domains, results, skipped = _synthetic(4)
+    write_report(build_report(cfg, models, domains, results, skipped, {100: [], 200: []}), tmp_path)
+    assert (tmp_path / "ppl_vs_length.png").exists()
+    passkey_only = [r for r in results if r["kind"] == "passkey"]
+    rep = build_report(cfg, models, domains, passkey_only, skipped, {100: [], 200: []})
+    names = {p.name for p in write_report(rep, tmp_path)}
+    assert "ppl_vs_length.png" not in names and not (tmp_path / "ppl_vs_length.png").exists()
+    assert {"passkey_teacher.png", "passkey_scaled.png", "passkey_restored.png"} <= names
+    assert "ppl_vs_length" not in (tmp_path / "report.md").read_text()
+
+
 def test_json_has_no_nan(tmp_path):
     cfg, models, domains, results, skipped = _synthetic(2)
     # A passkey length no trial of one model ran: a None cell, not NaN, in strict JSON.

@@ -161,7 +161,8 @@ def test_every_study_variant_is_a_valid_configuration(tmp_path):
 
 
 def test_study_eval_only_keeps_the_named_models(tmp_path, capsys):
-    """The long-context round evaluates the trained students only; a misspelt name must not shrink it silently."""
+    """The long-context round evaluates the trained students (and the teacher, evaluate.py's reference for
+    recovery and relation KL); a misspelt name must not shrink it silently."""
     import json
 
     study = _study()
@@ -172,8 +173,8 @@ def test_study_eval_only_keeps_the_named_models(tmp_path, capsys):
     assert study.run_eval(tmp_path, None, [], study.RECIPE, dry_run=True, only=["tsample-vonly", "YaRN×4"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("== eval:"))
     models = json.loads(line.split("eval.models=", 1)[1].split(" --set ", 1)[0])
-    assert [m["name"] for m in models] == ["YaRN×4", "tsample-vonly"]
-    assert models[1]["path"] == str(student)
+    assert [m["name"] for m in models] == ["teacher", "YaRN×4", "tsample-vonly"]
+    assert models[2]["path"] == str(student)
     with pytest.raises(SystemExit, match="tsample-vmix"):
         study.run_eval(tmp_path, None, [], study.RECIPE, dry_run=True, only=["tsample-vmix"])
 
@@ -187,6 +188,7 @@ def test_study_tables_from_raw_evaluation_jobs(tmp_path):
     t_nll, m_nll = rng.uniform(2.0, 3.0, 2)
     tokens = int(rng.integers(1000, 5000))
     hits = rng.random(9) < 0.5
+    hits24 = rng.random(24) < 0.5  # a later round with more trials per depth: its own table
 
     def nll(model, domain, length, per_token):
         return {"key": "k", "result": {"kind": "nll", "model": model, "domain": domain, "length": length,
@@ -194,16 +196,21 @@ def test_study_tables_from_raw_evaluation_jobs(tmp_path):
 
     first = [nll("teacher", "main", 512, t_nll), nll("s", "main", 512, m_nll + 1.0),
              {"key": "k", "result": {"kind": "passkey", "model": "s", "length": 8192,
-                                     "results": [{"correct": bool(h)} for h in hits]}}]
+                                     "results": [{"correct": bool(h)} for h in hits]}},
+             {"key": "k", "result": {"kind": "passkey", "model": "s", "length": 8192,
+                                     "results": [{"correct": bool(h)} for h in hits24]}}]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(x) for x in first) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps(nll("s", "main", 512, m_nll)) + "\n"
                                       + json.dumps(nll("s", "main", 16384, m_nll)) + '\n{"key": "torn", "resu')
     recs = study.read_job_records([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
-    assert len(recs) == 4
+    assert len(recs) == 5
     text = study.render_job_tables(recs, {"main": "SOTU"})
     row = next(x for x in text.splitlines() if x.startswith("| s |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == f"{math.exp(m_nll):.2f} ({100 * math.exp(t_nll - m_nll):.1f}%)"
     assert cells[2] == f"{math.exp(m_nll):.2f}"  # no teacher figure at 16K: no recovery
-    pk = [x for x in text.splitlines() if x.startswith("| s |")][-1]  # the passkey table's row
-    assert pk.split("|")[2].strip() == study._acc(hits.mean())
+    lines = text.splitlines()
+    for n, h in ((9, hits), (24, hits24)):  # each passkey table's row for s
+        start = lines.index(f"Passkey (accuracy over {n} prompts per length: depths × trials):")
+        pk = next(x for x in lines[start:] if x.startswith("| s |"))
+        assert pk.split("|")[2].strip() == study._acc(h.mean())
