@@ -33,6 +33,24 @@ def samples_path(cfg: Config) -> Path:
     return (Path.cwd() / "outputs" / "data" / "teacher-samples" / f"{digest}.jsonl").resolve()
 
 
+def short_samples_note(cfg: Config, path: Path) -> str | None:
+    """A warning when most of the samples will give no training block, else None.
+
+    Samples stop at EOS, so many are shorter than ``data.ctx_len``; without packing, preprocessing
+    drops such a document whole (it counts it as ``no_full_block``). The study's sample rounds
+    trained on ~420 of 1,849 samples that way before anyone looked (RESULTS.md round 6)."""
+    d = cfg.data
+    if d.pack or d.tail != "drop":
+        return None
+    lengths = [json.loads(line)["tokens"] for line in Path(path).open() if line.strip()]
+    short = sum(n < d.ctx_len for n in lengths)
+    if not short:
+        return None
+    return (f"{short} of {len(lengths)} samples have fewer than data.ctx_len={d.ctx_len} tokens; with "
+            f"data.pack=false and data.tail=drop, preprocessing skips each of them whole (no_full_block). "
+            f"Set data.pack: true to train on them too.")
+
+
 class _SamplerActor:
     def __init__(self, model_cfg: ModelConfig, spec: SampleSpec, device: str):
         from linearard_ray.sampling import BatchSampler
@@ -69,6 +87,9 @@ def with_teacher_samples(cfg: Config, use_gpu: bool, log: Callable[[str], None] 
             ray.kill(actor)
         log(f"[distill] teacher samples: {summary['written']} written, {summary['skipped_short']} skipped "
             f"(ended before {ts.min_tokens} tokens)")
+    note = short_samples_note(cfg, out)
+    if note:
+        log(f"[distill] teacher samples: {note}")
     if str(out) in cfg.data.sources:
         return cfg
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [*cfg.data.sources, str(out)]})})

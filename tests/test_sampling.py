@@ -186,3 +186,22 @@ def test_the_default_samples_path_follows_the_teacher_and_every_setting(tmp_path
     assert samples_path(named) == tmp_path.resolve() / "corp" / "x.jsonl"
     plain = load_config(None, [])
     assert with_teacher_samples(plain, use_gpu=False) is plain  # no section: nothing sampled, nothing added
+
+
+def test_samples_shorter_than_a_block_are_announced_unless_packed(tmp_path):
+    """Without packing, a sample shorter than data.ctx_len gives no block: the job says how many."""
+    import random
+
+    from linearard_ray.config import load_config
+    from linearard_ray.teacher_samples import short_samples_note
+
+    rng = random.Random()
+    lengths = [rng.randrange(1, 100), rng.randrange(100, 200), *(rng.randrange(1, 200) for _ in range(rng.randrange(5, 30)))]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "text": "x", "tokens": n}) + "\n" for i, n in enumerate(lengths)))
+    base = ["data.teacher_samples={num_samples: 8, batch_size: 4}", "data.ctx_len=100"]
+    short = sum(n < 100 for n in lengths)
+    note = short_samples_note(load_config(None, base), path)
+    assert note.startswith(f"{short} of {len(lengths)} samples") and "data.pack: true" in note
+    assert short_samples_note(load_config(None, [*base, "data.pack=true"]), path) is None
+    assert short_samples_note(load_config(None, [*base, "data.tail=pad"]), path) is None

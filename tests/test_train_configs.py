@@ -121,6 +121,28 @@ def test_restore_recipe_is_the_measured_study_variant(tmp_path):
                   "temperature": 1.0, "top_p": 0.95, "seed": 0, "path": None}
 
 
+def test_restore_docs_recipe_is_the_measured_study_variant(tmp_path):
+    """configs/smollm2-135m-x4-restore-docs.yaml is round 6's unix-vmix-ce2: -restore plus the unixdocs
+    corpus at the path its header builds it to; only the sources' order differs (the job appends
+    the teacher samples after the files given)."""
+    study = _study()
+    ran = load_config(CONFIGS / "smollm2-135m-x4.yaml",
+                      [*study.variant_sets("unix-vmix-ce2", tmp_path, 4_250_000, [], None)]).model_dump()
+    recipe = load_config(CONFIGS / "smollm2-135m-x4-restore-docs.yaml").model_dump()
+    restore = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
+    assert ran["data"]["sources"] == ["builtin:sotu/train", f"{tmp_path}/teacher_samples.jsonl",
+                                      f"{tmp_path}/unixdocs.jsonl.xz"]
+    assert recipe["data"]["sources"] == ["builtin:sotu/train", "outputs/data/unixdocs.jsonl.xz"]
+    assert recipe["data"]["teacher_samples"] == restore["data"]["teacher_samples"]
+    for d in (ran, recipe, restore):
+        d["data"].pop("sources")
+        d["data"].pop("teacher_samples")
+        d["train"] = {k: v for k, v in d["train"].items()
+                      if k not in ("run_name", "storage_path", "output_dir", "gpus_per_worker")}
+        d.pop("tracking")
+    assert recipe == restore == ran
+
+
 @pytest.mark.parametrize("overrides,want", [
     (["objective.relation.weights.v=0.5"], {"q": 1.0, "k": 1.0, "v": 0.5}),
     (["objective.relation.weights={k: 0}"], {"q": 1.0, "k": 0.0, "v": 1.0}),
