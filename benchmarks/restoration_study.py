@@ -30,8 +30,9 @@ Per-run logs (<work>/<variant>.log), wall time and throughput land in <work>/run
 by this process only); `eval` copies the report, plots and that file to --out. `--dry-run` prints
 the commands (after validating each variant's configuration) without running anything.
 `eval --only a,b` evaluates just those models and the teacher, the reference of every recovery and
-relation KL (the untrained baselines' long-context figures do not change between rounds). `table --jobs` reads evaluate.py's resumable job logs: what is left
-when a machine is taken back before the report is written, or several rounds on the same windows.
+relation KL (the untrained baselines' long-context figures do not change between rounds).
+`table --jobs` reads evaluate.py's resumable job logs: what is left when a machine is taken back
+before the report is written, or several rounds on the same windows.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "tsample-vmix-ce2": _next_token_variant("0.2", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     "tsample-vmix-ce5": _next_token_variant("0.5", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     "tsample-vmix-ce10": _next_token_variant("1.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
-    # next (defined, not run): further along round 5's trend for issue 9's SOTU long context
+    # further along round 5's trend for issue 9's SOTU long context (ce20 ran in round 6; the
+    # SOTU-only run was taken at weight 2, vlogits-ce20 below, instead of vlogits-ce10)
     "tsample-vmix-ce20": _next_token_variant("2.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     "vlogits-ce10": _next_token_variant("1.0", [], "SOTU only"),
     "vlogits-ce20": _next_token_variant("2.0", [], "SOTU only"),

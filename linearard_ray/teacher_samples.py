@@ -34,7 +34,7 @@ def samples_path(cfg: Config) -> Path:
 
 
 def short_samples_note(cfg: Config, path: Path) -> str | None:
-    """A warning when most of the samples will give no training block, else None.
+    """A warning when some samples will give no training block, else None.
 
     Samples stop at EOS, so many are shorter than ``data.ctx_len``; without packing, preprocessing
     drops such a document whole (it counts it as ``no_full_block``). The study's sample rounds
@@ -42,7 +42,8 @@ def short_samples_note(cfg: Config, path: Path) -> str | None:
     d = cfg.data
     if d.pack or d.tail != "drop":
         return None
-    lengths = [json.loads(line)["tokens"] for line in Path(path).open() if line.strip()]
+    with Path(path).open() as f:
+        lengths = [json.loads(line)["tokens"] for line in f if line.strip()]
     short = sum(n < d.ctx_len for n in lengths)
     if not short:
         return None
