@@ -106,7 +106,8 @@ def main() -> None:
         if len(PYTHON.findall(text)) > 2:
             skipped["header text mentions Python > 2 times"] += 1
         else:
-            docs.append({"id": f"include/{h.relative_to('/usr/include')}", "kind": "c-header", "text": text})
+            rel = h.relative_to(HEADER_DIRS[0]) if h.is_relative_to(HEADER_DIRS[0]) else h.name
+            docs.append({"id": f"include/{rel}", "kind": "c-header", "text": text})
 
     rng.shuffle(docs)
     kept, chars = [], 0
