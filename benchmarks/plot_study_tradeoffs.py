@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Rounds 5 and 6 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
+
+Left (issue 10): short-text recovery on the unseen pydocs against pydocs perplexity at 32K. The
+target corner is ≥ 95% and below the CPT baseline's 32K figure; documentation-genre training text
+(unixdocs) reaches the first and loses the second.
+Right (issue 9): SOTU perplexity at 32K against passkey accuracy (mean over 8K / 16K / 30K). The
+target corner is below CPT's 32K and above YaRN×4's passkey.
+
+Reads only the committed evaluation jobs (same windows, seeds and prompts in both rounds); passkey
+uses the 24-prompt records where a model has them, else the 9-prompt ones.
+
+    python benchmarks/plot_study_tradeoffs.py --out benchmarks/results/plots/study6/tradeoffs.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_ROOT = RESULTS.parent.parent
+for p in (_ROOT, _ROOT / "benchmarks"):  # runnable from a checkout that is not installed
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+JOBS = ["smollm2_study5_jobs.jsonl", "smollm2_study6_jobs.jsonl"]
+BASELINES = {"cpt", "cpt-unix", "YaRN×4", "PI×4", "teacher"}
+
+
+def figures(results: Path) -> tuple[dict, dict]:
+    """ppl[(model, domain, length)] and passkey mean accuracy per model (most prompts wins)."""
+    from restoration_study import read_job_records
+
+    ppl: dict[tuple, float] = {}
+    pk: dict[str, dict[int, tuple[int, float]]] = {}
+    for r in read_job_records([results / j for j in JOBS]):
+        if r["kind"] == "nll":
+            ppl[(r["model"], r["domain"], int(r["length"]))] = math.exp(r["nll_sum"] / r["tokens"])
+        else:
+            n = len(r["results"])
+            acc = sum(bool(x["correct"]) for x in r["results"]) / n
+            cur = pk.setdefault(r["model"], {}).get(int(r["length"]))
+            if cur is None or n > cur[0]:
+                pk[r["model"]][int(r["length"])] = (n, acc)
+    mean_pk = {m: sum(a for _, a in by_len.values()) / len(by_len) for m, by_len in pk.items() if len(by_len) == 3}
+    return ppl, mean_pk
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl, pk = figures(Path(a.results))
+    need = [("teacher", "other", 2048), ("cpt", "other", 32768), ("cpt", "main", 32768)]
+    missing = [k for k in need if k not in ppl] + [m for m in ("YaRN×4",) if m not in pk]
+    if missing:
+        print(f"plot_study_tradeoffs.py: no figures for {missing} under {a.results}", file=sys.stderr)
+        return 2
+    teacher_other = ppl[("teacher", "other", 2048)]
+    models = sorted({k[0] for k in ppl} - {"teacher", "PI×4", "YaRN×4"})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+
+    for m in models:
+        if (m, "other", 32768) in ppl and (m, "other", 2048) in ppl:
+            x, y = 100 * teacher_other / ppl[(m, "other", 2048)], ppl[(m, "other", 32768)]
+            base = m in BASELINES
+            ax1.scatter(x, y, marker="s" if base else "o", color="tab:red" if base else "tab:blue")
+            ax1.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    cpt32 = ppl[("cpt", "other", 32768)]
+    ax1.axhline(cpt32, color="tab:red", ls="--", lw=1, label=f"CPT (SOTU, 4.25M) 32K: {cpt32:.2f}")
+    ax1.axvline(95, color="tab:green", ls="--", lw=1, label="target: 95% of the teacher")
+    (x0, x1), (y0, _) = ax1.get_xlim(), ax1.get_ylim()
+    ax1.fill_between([95, x1], [y0] * 2, [cpt32] * 2, color="tab:green", alpha=0.08, label="issue 10's corner")
+    ax1.set_xlim(x0, x1)
+    ax1.set(xlabel="pydocs @2048: recovery (teacher ppl ÷ model ppl, %)", ylabel="pydocs @32K: perplexity",
+            title="Unseen domain: short text vs 32K (issue 10)")
+    ax1.legend(fontsize=7, loc="upper left")
+
+    for m in models:
+        if (m, "main", 32768) in ppl and m in pk:
+            x, y = ppl[(m, "main", 32768)], pk[m]
+            base = m in BASELINES
+            ax2.scatter(x, y, marker="s" if base else "o", color="tab:red" if base else "tab:blue")
+            ax2.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    sotu32 = ppl[("cpt", "main", 32768)]
+    ax2.axvline(sotu32, color="tab:red", ls="--", lw=1, label=f"CPT (SOTU, 4.25M) 32K: {sotu32:.2f}")
+    ax2.axhline(pk["YaRN×4"], color="tab:purple", ls="--", lw=1, label=f"YaRN×4 passkey: {pk['YaRN×4']:.2f}")
+    ax2.set(xlabel="SOTU @32K: perplexity", ylabel="passkey accuracy, mean of 8K / 16K / 30K",
+            title="Training domain 32K vs passkey (issue 9)")
+    ax2.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(a.out, dpi=110)
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
