@@ -186,6 +186,14 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "unix-vmix-ce2-pack": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, "data.pack=true"],
                                               "SOTU + teacher samples + unixdocs, packed (no document dropped)"),
     "unix-vmix-ce20": _next_token_variant("2.0", [SOTU_SAMPLES_UNIX], "SOTU + teacher samples + unixdocs"),
+    # issue 10's suggested split: KL terms on 2K blocks, the next-token term on its own 8K blocks
+    # (what gives cpt-unix its pydocs 32K), drawn every 6th step so the KL terms keep 60% of the budget
+    "unix-vmix-lm8k": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                        "objective.next_token.weight=1.0", V_HEAVY, "train.lr=1e-3", SOTU_SAMPLES_UNIX,
+                        f"data.lm_sources=[builtin:sotu/train, {UNIXDOCS}]", "data.lm_ctx_len=8192",
+                        "data.lm_every=6"],
+                       "relation KL (q/k/v 0.1/0.1/1) + logit KL on 2K blocks of SOTU + samples + unixdocs, + "
+                       "next-token (weight 1) on its own 8K blocks of SOTU + unixdocs every 6th step, lr 1e-3, PI×4"),
     "tsample-vonly": ([*LOGITS, "objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}", "train.lr=1e-3",
                        SOTU_AND_SAMPLES],
                       "relation KL V/V only + logit KL, lr 1e-3, SOTU + teacher samples, PI×4"),

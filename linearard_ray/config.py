@@ -299,6 +299,9 @@ class DataConfig(_Section):
     rows_per_shard: int = Field(2048, ge=1, description="Blocks per parquet shard.")
     lm_ctx_len: int | None = Field(None, description="Block length for the next-token term's own stream; default ctx_len.")
     lm_sources: list[str] | None = Field(None, description="Data for the next-token term; default: sources.")
+    lm_every: int = Field(1, ge=1, description="With its own stream, the next-token term gets a batch every N optimizer "
+                                               "steps (1 = every step), so long blocks need not outweigh the KL terms' "
+                                               "short ones in the token budget.")
     teacher_samples: TeacherSamplesConfig | None = Field(
         None, description="Text sampled from the teacher before training (on a GPU when train.use_gpu), resumable, "
                           "and appended to data.sources; e.g. {num_samples: 2080, batch_size: 1040, top_p: 0.95}.")

@@ -106,11 +106,15 @@ def _device_of(model) -> torch.device:
 
 
 class Objective:
-    """``Objective(objective_cfg, rope_cfg, num_layers)(teacher, student, batch, lm_batch)``."""
+    """``Objective(objective_cfg, rope_cfg, num_layers)(teacher, student, batch, lm_batch)``.
+
+    ``own_lm_stream``: the next-token term reads only ``lm_batch``; a call without one (a step
+    between ``data.lm_every`` draws) leaves the term out instead of moving it onto ``batch``."""
 
     def __init__(self, objective_cfg: ObjectiveConfig, rope_cfg: RopeConfig | None, num_layers: int,
-                 backend: str = "auto"):
+                 backend: str = "auto", own_lm_stream: bool = False):
         self.cfg = objective_cfg
+        self.own_lm_stream = own_lm_stream
         self.rope_cfg = rope_cfg or RopeConfig()
         self.num_layers = int(num_layers)
         self.backend = backend
@@ -211,7 +215,7 @@ class Objective:
 
         # The student's forward on `batch` serves the KL terms, and the next-token term when it
         # has no stream of its own.
-        nt_on_batch = self.w_nt > 0 and lm_batch is None
+        nt_on_batch = self.w_nt > 0 and lm_batch is None and not self.own_lm_stream
         if self.needs_teacher or nt_on_batch:
             if self.relations:
                 with capture_qkv(student, self.layers, what=self.relations) as scap:

@@ -109,6 +109,12 @@ def uses_lm_stream(cfg: Config) -> bool:
     return d.lm_sources is not None or (d.lm_ctx_len is not None and d.lm_ctx_len != d.ctx_len)
 
 
+def lm_every(cfg: Config, streams: dict) -> int:
+    """Optimizer steps per batch of the next-token term's own stream: ``data.lm_every`` when that
+    stream runs beside the KL terms' one, else 1 (a lone stream drives every step)."""
+    return cfg.data.lm_every if "lm" in streams and len(streams) > 1 else 1
+
+
 def plan_steps(cfg: Config, streams: dict[str, StreamSpec], primary: str, world_size: int) -> tuple[int, int]:
     """(total optimizer steps, tokens per optimizer step over all workers).
 
@@ -117,12 +123,15 @@ def plan_steps(cfg: Config, streams: dict[str, StreamSpec], primary: str, world_
     """
     t = cfg.train
     per_rank_rows = t.micro_batch_size * t.grad_accum
-    tokens_per_step = world_size * per_rank_rows * sum(s.ctx_len for s in streams.values())
+    every = {s.name: lm_every(cfg, streams) if s.name == "lm" else 1 for s in streams.values()}
+    # the mean over steps: a stream drawn every N steps adds 1/N of its blocks to each
+    mean_tokens = world_size * per_rank_rows * sum(s.ctx_len / every[s.name] for s in streams.values())
+    tokens_per_step = round(mean_tokens)
     candidates = []
     if t.max_steps is not None:
         candidates.append(t.max_steps)
     if t.budget_tokens is not None:
-        candidates.append(max(1, math.ceil(t.budget_tokens / tokens_per_step)))
+        candidates.append(max(1, math.ceil(t.budget_tokens / mean_tokens)))
     total = min(candidates)
     for s in streams.values():
         rows_per_epoch = (s.num_rows // world_size) // t.micro_batch_size * t.micro_batch_size
@@ -131,7 +140,7 @@ def plan_steps(cfg: Config, streams: dict[str, StreamSpec], primary: str, world_
                 f"data: the {s.name} stream has {s.num_rows} blocks of {s.ctx_len} tokens, too few for "
                 f"train.num_workers={world_size} × train.micro_batch_size={t.micro_batch_size}"
             )
-        epochs = math.ceil(total * per_rank_rows / rows_per_epoch)
+        epochs = math.ceil(math.ceil(total / every[s.name]) * per_rank_rows / rows_per_epoch)
         if epochs > t.epochs_max:
             raise ConfigError(
                 f"train.budget_tokens/train.max_steps: {total} steps need {epochs} passes over the {s.name} stream "
@@ -559,7 +568,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
                            lm_data=StreamPosition() if "lm" in job.streams and job.primary != "lm" else None)
         torch.manual_seed(t.seed + 1000 + rank)  # dropout etc. differ per rank
 
-    objective = Objective(cfg.objective, cfg.rope, _num_layers(student), t.op_backend)
+    own_lm = "lm" in job.streams and job.primary != "lm"
+    objective = Objective(cfg.objective, cfg.rope, _num_layers(student), t.op_backend, own_lm_stream=own_lm)
+    every = lm_every(cfg, job.streams)
     loss_module = ObjectiveModule(objective, student, teacher)
     step_fn = wrap_ddp(loss_module, device) if world > 1 else loss_module
 
@@ -630,9 +641,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
         optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         tokens_local = 0
+        # drawn on a schedule of the step number, so a resumed run draws where the first would have
+        draw_lm = lm_stream is not None and state.step % every == 0
         for micro in range(t.grad_accum):
             host = next(primary)
-            host_lm = next(lm_stream) if lm_stream is not None else None
+            host_lm = next(lm_stream) if draw_lm else None
             # counted on the host copies: a count of device tensors would stall on the GPU
             tokens_local += int(host["attention_mask"].sum()) + (int(host_lm["attention_mask"].sum()) if host_lm else 0)
             batch = _to_device(host, device)
@@ -852,6 +865,11 @@ def _check_semantics(cfg: Config) -> None:
         raise ConfigError("train.fail_at_step must be a step number >= 1")
     if "/" in t.run_name or not t.run_name.strip():
         raise ConfigError(f"train.run_name {t.run_name!r} must be a non-empty name without '/'")
+    if cfg.data.lm_every > 1 and not (uses_lm_stream(cfg) and cfg.objective.needs_teacher):
+        raise ConfigError(
+            f"data.lm_every={cfg.data.lm_every} spaces out the next-token term's own stream between the KL terms' "
+            "steps; it needs objective.next_token.weight > 0, a stream of its own (data.lm_sources, or a "
+            "data.lm_ctx_len other than data.ctx_len) and a relation or logit term")
     check_eval_sources(cfg)
     check_train_sources(cfg)
 

@@ -215,6 +215,14 @@ def test_next_token_term_on_batch_and_on_its_own_stream(cache_dir, teachers):
     out2 = _obj(rel=1.0, nt=0.3)(teacher, student, batch, lm_batch=lm)
     assert out2.metrics["next_token"] == pytest.approx(_ref_nt(student, lm), rel=1e-5)
     assert out2.metrics["relation"] == pytest.approx(out.metrics["relation"], rel=1e-6)
+    # own stream, a step between data.lm_every draws: the term is left out, not moved onto `batch`
+    own = _obj(rel=1.0, nt=0.3)
+    own.own_lm_stream = True
+    off = own(teacher, student, batch)
+    assert "next_token" not in off.metrics
+    assert off.metrics["loss"] == pytest.approx(out.metrics["relation"], rel=1e-6)
+    on = own(teacher, student, batch, lm_batch=lm)
+    assert on.metrics["next_token"] == pytest.approx(out2.metrics["next_token"], rel=1e-6)
 
 
 @pytest.mark.parametrize("lora", [True, False])

@@ -244,6 +244,27 @@ def test_relation_plus_next_token_reads_two_streams_side_by_side(ray_cluster, ti
     assert st.data.rows == 4 and st.lm_data is not None and st.lm_data.rows == 4
 
 
+def test_lm_every_draws_the_long_stream_on_every_nth_step_only(ray_cluster, tiny_model_dir, workdir, corpus):
+    """data.lm_every=2: the next-token term and its stream appear on steps 1 and 3 of 3, the KL terms on all."""
+    from mlflow.tracking import MlflowClient
+
+    from linearard_ray.checkpointing import read_state
+    from linearard_ray.train import run_distill
+
+    cfg = _cfg(workdir, corpus, "lm-every", **{
+        "objective.name": "custom", "objective.next_token.weight": 0.5, "data.lm_ctx_len": 128, "data.lm_every": 2,
+        "train.num_workers": 1, "train.max_steps": 3, "train.eval_every": None, "train.grad_accum": 1})
+    res = run_distill(cfg)
+    p = _params(cfg.tracking.resolved_uri(), res.mlflow_run_id)
+    assert p["job.tokens_per_step"] == str(2 * (64 + 128 // 2))
+    client = MlflowClient(cfg.tracking.resolved_uri())
+    assert [m.step for m in client.get_metric_history(res.mlflow_run_id, "next_token")] == [1, 3]
+    assert len(client.get_metric_history(res.mlflow_run_id, "relation_q")) == 3
+    st = read_state(res.checkpoint_path)
+    assert st.data.rows == 3 * 2 and st.lm_data.rows == 2 * 2
+    assert st.tokens_seen == 3 * 2 * 64 + 2 * 2 * 128
+
+
 def test_teacher_samples_are_sampled_once_and_trained_on(ray_cluster, tiny_model_dir, workdir, corpus):
     """data.teacher_samples: the job samples the teacher (in a Ray actor), resumably, appends the
     file to data.sources and trains on it; started again it reuses the complete file."""

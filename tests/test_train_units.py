@@ -271,6 +271,39 @@ def test_lm_stream_only_when_the_next_token_term_has_its_own_data():
     assert plan_steps(cfg, streams, "train", 1)[1] == 64 + 256
 
 
+
+def test_lm_every_spaces_the_long_stream_in_the_budget_and_the_epoch_count():
+    base = {"objective.name": "custom", "objective.next_token.weight": 0.5, "data.lm_ctx_len": 256,
+            "train.micro_batch_size": 2}
+    streams = {"train": StreamSpec("train", "/x", 400, 64), "lm": StreamSpec("lm", "/y", 40, 256)}
+    every = random.randint(2, 6)
+    cfg = _cfg(**base, **{"data.lm_every": every, "train.max_steps": None, "train.budget_tokens": 64 * 2 * 100})
+    steps, per_step = plan_steps(cfg, streams, "train", 1)
+    mean = 2 * (64 + 256 / every)  # micro-batch 2
+    assert per_step == round(mean) and steps == math.ceil(64 * 2 * 100 / mean)
+    # the lm stream is read on ceil(steps / every) of the steps: 40 blocks last 20 of its draws
+    tight = _cfg(**base, **{"data.lm_every": every, "train.max_steps": 20 * every + 1, "train.epochs_max": 1})
+    with pytest.raises(ConfigError, match="lm stream"):
+        plan_steps(tight, streams, "train", 1)
+    assert plan_steps(_cfg(**base, **{"data.lm_every": every, "train.max_steps": 20 * every,
+                                      "train.epochs_max": 1}), streams, "train", 1)[0] == 20 * every
+    alone = {"lm": StreamSpec("lm", "/y", 40, 256)}  # cpt: the only stream drives every step
+    assert plan_steps(_cfg(**{"objective.name": "cpt", "data.lm_ctx_len": 256, "data.lm_every": every,
+                              "train.micro_batch_size": 2, "train.max_steps": 3}), alone, "lm", 1)[1] == 2 * 256
+
+
+@pytest.mark.parametrize("overrides", [
+    {"data.lm_every": 2},  # no next-token term
+    {"data.lm_every": 2, "objective.name": "custom", "objective.next_token.weight": 0.5},  # no stream of its own
+    {"data.lm_every": 2, "objective.name": "cpt", "data.lm_ctx_len": 256},  # no KL term beside it
+])
+def test_lm_every_without_two_streams_is_refused_before_ray(overrides):
+    from linearard_ray.train import _check_semantics
+
+    with pytest.raises(ConfigError, match="data.lm_every=2"):
+        _check_semantics(_cfg(**overrides))
+
+
 def test_progress_line_names_the_numbers():
     m = {"loss": 1.25, "relation_q": 0.5, "relation_k": 0.25, "relation_v": 0.125, "lr": 3e-4, "tokens_per_s": 812.4}
     line = progress_line(3, 30, m, 95, loss_avg=1.5)
