@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rounds 5 and 6 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
+"""Rounds 5 to 7a of the SmolLM2 study in one figure: the two tensions the open targets sit on.
 
 Left (issue 10): short-text recovery on the unseen pydocs against pydocs perplexity at 32K. The
 target corner is ≥ 95% and below the CPT baseline's 32K figure; documentation-genre training text
@@ -25,7 +25,7 @@ _ROOT = RESULTS.parent.parent
 for p in (_ROOT, _ROOT / "benchmarks"):  # runnable from a checkout that is not installed
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-JOBS = ["smollm2_study5_jobs.jsonl", "smollm2_study6_jobs.jsonl"]
+JOBS = ["smollm2_study5_jobs.jsonl", "smollm2_study6_jobs.jsonl", "smollm2_study7a_jobs.jsonl"]
 BASELINES = {"cpt", "cpt-unix", "YaRN×4", "PI×4", "teacher"}
 
 

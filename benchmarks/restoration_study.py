@@ -181,6 +181,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # shorter than one 2K block is dropped (counted in the preprocessing report): the samples runs
     # used ~420 of 1,849 samples, the unixdocs runs ~390 of 1,429 documents. Packing keeps them all.
     "tsample-vmix-ce40": _next_token_variant("4.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
+    # round 7a: ce40 won SOTU 32K (20.30) but lost passkey (18 of 72); between 2 and 4
+    "tsample-vmix-ce30": _next_token_variant("3.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     "tsample-vmix-ce20-pack": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "data.pack=true"],
                                                   "SOTU + teacher samples, packed (no document dropped)"),
     "unix-vmix-ce2-pack": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, "data.pack=true"],
@@ -786,11 +788,13 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
     """Perplexity per (domain, length) and passkey accuracy per length, one row per model.
 
     Recovery (teacher ppl ÷ model ppl) is given where the teacher's figure at that length is among
-    the records; a dash marks a job that did not finish.
+    the records and the length is within the teacher's window; a dash marks a job that did not finish.
     """
     models = list(dict.fromkeys(r["model"] for r in records))
     ppl: dict[tuple, float] = {}
     acc: dict[tuple, float] = {}
+    # Recovery compares within the teacher's window only: past it the native teacher is not a reference
+    window = max((r.get("max_position_embeddings") or 0 for r in records if r["model"] == teacher), default=0)
     for r in records:
         if r["kind"] == "nll":
             ppl[(r["model"], r["domain"], int(r["length"]))] = math.exp(r["nll_sum"] / r["tokens"])
@@ -807,7 +811,7 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
     for m in models:
         cells = []
         for d, L in cols:
-            v, t = ppl.get((m, d, L)), ppl.get((teacher, d, L))
+            v, t = ppl.get((m, d, L)), ppl.get((teacher, d, L)) if not window or L <= window else None
             cells.append("–" if v is None else _ppl4(v) if t is None or m == teacher else f"{_ppl4(v)} ({100 * t / v:.1f}%)")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     for n in sorted({k[1] for k in acc}):

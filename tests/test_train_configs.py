@@ -212,9 +212,10 @@ def test_study_tables_from_raw_evaluation_jobs(tmp_path):
     hits = rng.random(9) < 0.5
     hits24 = rng.random(24) < 0.5  # a later round with more trials per depth: its own table
 
-    def nll(model, domain, length, per_token):
+    def nll(model, domain, length, per_token, window=8192):
         return {"key": "k", "result": {"kind": "nll", "model": model, "domain": domain, "length": length,
-                                       "nll_sum": per_token * tokens, "tokens": tokens}}
+                                       "nll_sum": per_token * tokens, "tokens": tokens,
+                                       "max_position_embeddings": window}}
 
     first = [nll("teacher", "main", 512, t_nll), nll("s", "main", 512, m_nll + 1.0),
              {"key": "k", "result": {"kind": "passkey", "model": "s", "length": 8192,
@@ -223,14 +224,16 @@ def test_study_tables_from_raw_evaluation_jobs(tmp_path):
                                      "results": [{"correct": bool(h)} for h in hits24]}}]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(x) for x in first) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps(nll("s", "main", 512, m_nll)) + "\n"
-                                      + json.dumps(nll("s", "main", 16384, m_nll)) + '\n{"key": "torn", "resu')
+                                      + json.dumps(nll("s", "main", 16384, m_nll)) + "\n"
+                                      # the native teacher past its 8K window: no reference there
+                                      + json.dumps(nll("teacher", "main", 16384, t_nll + 3.0)) + '\n{"key": "torn", "resu')
     recs = study.read_job_records([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
-    assert len(recs) == 5
+    assert len(recs) == 6
     text = study.render_job_tables(recs, {"main": "SOTU"})
     row = next(x for x in text.splitlines() if x.startswith("| s |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == f"{math.exp(m_nll):.2f} ({100 * math.exp(t_nll - m_nll):.1f}%)"
-    assert cells[2] == f"{math.exp(m_nll):.2f}"  # no teacher figure at 16K: no recovery
+    assert cells[2] == f"{math.exp(m_nll):.2f}"  # 16K is past the teacher's window: no recovery
     lines = text.splitlines()
     for n, h in ((9, hits), (24, hits24)):  # each passkey table's row for s
         start = lines.index(f"Passkey (accuracy over {n} prompts per length: depths × trials):")
