@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _ROOT = RESULTS.parent.parent
-if str(_ROOT) not in sys.path:  # runnable from a checkout that is not installed
-    sys.path.insert(0, str(_ROOT))
+for p in (_ROOT, _ROOT / "benchmarks"):  # runnable from a checkout that is not installed
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 TEACHER = {("main", 2048): 21.87, ("other", 2048): 8.19}  # fallback; read from the round-4 report below
 RUNS = {0.0: "tsample-vmix", 0.2: "tsample-vmix-ce2", 0.5: "tsample-vmix-ce5", 1.0: "tsample-vmix-ce10"}
 
@@ -38,12 +38,11 @@ def round4_weight0(results: Path) -> dict[tuple[str, int], float]:
 
 
 def round5(results: Path) -> dict[str, dict[tuple[str, int], float]]:
-    from linearard_ray.eval_resume import JobLog
+    from restoration_study import job_figures, read_job_records
 
     out: dict[str, dict] = {}
-    for r in JobLog(results / "smollm2_study5_jobs.jsonl").results():
-        if r["kind"] == "nll":
-            out.setdefault(r["model"], {})[(r["domain"], int(r["length"]))] = math.exp(r["nll_sum"] / r["tokens"])
+    for (m, d, L), v in job_figures(read_job_records([results / "smollm2_study5_jobs.jsonl"]))[0].items():
+        out.setdefault(m, {})[(d, L)] = v
     return out
 
 

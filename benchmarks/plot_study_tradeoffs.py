@@ -16,7 +16,6 @@ uses the 24-prompt records where a model has them, else the 9-prompt ones.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -31,21 +30,24 @@ BASELINES = {"cpt", "cpt-unix", "YaRN×4", "PI×4", "teacher"}
 
 def figures(results: Path) -> tuple[dict, dict]:
     """ppl[(model, domain, length)] and passkey mean accuracy per model (most prompts wins)."""
-    from restoration_study import read_job_records
+    from restoration_study import job_figures, read_job_records
 
-    ppl: dict[tuple, float] = {}
+    ppl, acc = job_figures(read_job_records([results / j for j in JOBS]))
     pk: dict[str, dict[int, tuple[int, float]]] = {}
-    for r in read_job_records([results / j for j in JOBS]):
-        if r["kind"] == "nll":
-            ppl[(r["model"], r["domain"], int(r["length"]))] = math.exp(r["nll_sum"] / r["tokens"])
-        else:
-            n = len(r["results"])
-            acc = sum(bool(x["correct"]) for x in r["results"]) / n
-            cur = pk.setdefault(r["model"], {}).get(int(r["length"]))
-            if cur is None or n > cur[0]:
-                pk[r["model"]][int(r["length"])] = (n, acc)
+    for (m, n, L), a in acc.items():
+        cur = pk.setdefault(m, {}).get(L)
+        if cur is None or n > cur[0]:
+            pk[m][L] = (n, a)
     mean_pk = {m: sum(a for _, a in by_len.values()) / len(by_len) for m, by_len in pk.items() if len(by_len) == 3}
     return ppl, mean_pk
+
+
+def _scatter(ax, points: dict[str, tuple[float, float]]) -> None:
+    """One labelled point per model; the baselines as red squares."""
+    for m, (x, y) in points.items():
+        base = m in BASELINES
+        ax.scatter(x, y, marker="s" if base else "o", color="tab:red" if base else "tab:blue")
+        ax.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
 
 
 def main() -> int:
@@ -68,12 +70,8 @@ def main() -> int:
     models = sorted({k[0] for k in ppl} - {"teacher", "PI×4", "YaRN×4"})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
 
-    for m in models:
-        if (m, "other", 32768) in ppl and (m, "other", 2048) in ppl:
-            x, y = 100 * teacher_other / ppl[(m, "other", 2048)], ppl[(m, "other", 32768)]
-            base = m in BASELINES
-            ax1.scatter(x, y, marker="s" if base else "o", color="tab:red" if base else "tab:blue")
-            ax1.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    _scatter(ax1, {m: (100 * teacher_other / ppl[(m, "other", 2048)], ppl[(m, "other", 32768)]) for m in models
+                   if (m, "other", 32768) in ppl and (m, "other", 2048) in ppl})
     cpt32 = ppl[("cpt", "other", 32768)]
     ax1.axhline(cpt32, color="tab:red", ls="--", lw=1, label=f"CPT (SOTU, 4.25M) 32K: {cpt32:.2f}")
     ax1.axvline(95, color="tab:green", ls="--", lw=1, label="target: 95% of the teacher")
@@ -84,12 +82,7 @@ def main() -> int:
             title="Unseen domain: short text vs 32K (issue 10)")
     ax1.legend(fontsize=7, loc="upper left")
 
-    for m in models:
-        if (m, "main", 32768) in ppl and m in pk:
-            x, y = ppl[(m, "main", 32768)], pk[m]
-            base = m in BASELINES
-            ax2.scatter(x, y, marker="s" if base else "o", color="tab:red" if base else "tab:blue")
-            ax2.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    _scatter(ax2, {m: (ppl[(m, "main", 32768)], pk[m]) for m in models if (m, "main", 32768) in ppl and m in pk})
     sotu32 = ppl[("cpt", "main", 32768)]
     ax2.axvline(sotu32, color="tab:red", ls="--", lw=1, label=f"CPT (SOTU, 4.25M) 32K: {sotu32:.2f}")
     ax2.axhline(pk["YaRN×4"], color="tab:purple", ls="--", lw=1, label=f"YaRN×4 passkey: {pk['YaRN×4']:.2f}")

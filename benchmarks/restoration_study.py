@@ -784,6 +784,20 @@ def read_job_records(paths: list[Path]) -> list[dict]:
     return list(by_job.values())
 
 
+def job_figures(records: list[dict]) -> tuple[dict[tuple, float], dict[tuple, float]]:
+    """From evaluation job records: perplexity per (model, domain, length) and passkey accuracy per
+    (model, prompts per length, length)."""
+    ppl: dict[tuple, float] = {}
+    acc: dict[tuple, float] = {}
+    for r in records:
+        if r["kind"] == "nll":
+            ppl[(r["model"], r["domain"], int(r["length"]))] = math.exp(r["nll_sum"] / r["tokens"])
+        elif r["kind"] == "passkey":
+            n = len(r["results"])
+            acc[(r["model"], n, int(r["length"]))] = sum(bool(x["correct"]) for x in r["results"]) / n
+    return ppl, acc
+
+
 def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str = "teacher") -> str:
     """Perplexity per (domain, length) and passkey accuracy per length, one row per model.
 
@@ -791,16 +805,9 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
     the records and the length is within the teacher's window; a dash marks a job that did not finish.
     """
     models = list(dict.fromkeys(r["model"] for r in records))
-    ppl: dict[tuple, float] = {}
-    acc: dict[tuple, float] = {}
+    ppl, acc = job_figures(records)
     # Recovery compares within the teacher's window only: past it the native teacher is not a reference
     window = max((r.get("max_position_embeddings") or 0 for r in records if r["model"] == teacher), default=0)
-    for r in records:
-        if r["kind"] == "nll":
-            ppl[(r["model"], r["domain"], int(r["length"]))] = math.exp(r["nll_sum"] / r["tokens"])
-        else:
-            n = len(r["results"])
-            acc[(r["model"], n, int(r["length"]))] = sum(bool(x["correct"]) for x in r["results"]) / n
     doms = [d for d in domains if any(k[1] == d for k in ppl)] + sorted({k[1] for k in ppl} - set(domains))
     lengths = sorted({k[2] for k in ppl})
     pk_lengths = sorted({k[2] for k in acc})
