@@ -557,6 +557,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = build_scheduler(optimizer, t.warmup_steps, job.total_steps, t.min_lr_ratio)
+    own_lm = "lm" in job.streams and job.primary != "lm"  # the next-token term's stream beside the KL terms'
     if loaded is not None:
         optimizer.load_state_dict(loaded.optimizer_state)
         scheduler.load_state_dict(loaded.scheduler_state)
@@ -565,10 +566,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
         restore_rng(loaded.rng_states[rank])
     else:
         state = TrainState(total_steps=job.total_steps, world_size=world, mlflow_run_id=job.mlflow_run_id,
-                           lm_data=StreamPosition() if "lm" in job.streams and job.primary != "lm" else None)
+                           lm_data=StreamPosition() if own_lm else None)
         torch.manual_seed(t.seed + 1000 + rank)  # dropout etc. differ per rank
 
-    own_lm = "lm" in job.streams and job.primary != "lm"
     objective = Objective(cfg.objective, cfg.rope, _num_layers(student), t.op_backend, own_lm_stream=own_lm)
     every = lm_every(cfg, job.streams)
     loss_module = ObjectiveModule(objective, student, teacher)
@@ -580,7 +580,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                                       state.data if job.primary == "train" else (state.lm_data or state.data)),
                          pin_memory=pin)
     lm_stream = None
-    if "lm" in job.streams and job.primary != "lm":
+    if own_lm:
         lm_stream = Prefetcher(_open_stream("lm", job.streams["lm"], cfg, rank, world, state.lm_data), pin_memory=pin)
 
     # ---- tracking (rank 0 only)
