@@ -13,10 +13,10 @@ so all numbers share the same windows and passkey prompts.
     python benchmarks/restoration_study.py table --work /tmp/study      # markdown for RESULTS.md
     python benchmarks/restoration_study.py table --jobs /tmp/study/eval/jobs.jsonl  # from raw jobs
 
-`--parallel N` (N > 1) shares one GPU between N jobs: the script starts one local Ray head
+`--parallel N` (N > 1) shares the GPUs between N jobs: the script starts one local Ray head
 (`ray start --head --block` on 127.0.0.1, free ports, its own --temp-dir), runs up to N variants
 at once as subprocesses with RAY_ADDRESS=127.0.0.1:<port> and, when the head has GPUs,
-`--set train.gpus_per_worker=1/N`, and stops that head at the end (also on Ctrl-C, SIGTERM or an
+`--set train.gpus_per_worker=1/ceil(N/GPUs)`, and stops that head at the end (also on Ctrl-C, SIGTERM or an
 error) by signalling the `ray start --block` process it started, which shuts its own Ray processes
 down; `ray stop` is not used because it stops every Ray instance of the user on the machine.
 Ray resolves 127.0.0.1 to the node's own IP on both sides, so the jobs find the head; the head
@@ -196,6 +196,24 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                         "data.lm_every=6"],
                        "relation KL (q/k/v 0.1/0.1/1) + logit KL on 2K blocks of SOTU + samples + unixdocs, + "
                        "next-token (weight 1) on its own 8K blocks of SOTU + unixdocs every 6th step, lr 1e-3, PI×4"),
+    # round 7 (session 7), second GPU: the weight between 2 and 3, and packing at weight 3 (issue 9);
+    # more of the 8K next-token stream, lm8k packed, and the KL terms themselves on 8K blocks (the
+    # teacher's whole window, which the PI×4 student stretches to 32K; issue 10 allows it)
+    "tsample-vmix-ce25": _next_token_variant("2.5", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
+    "tsample-vmix-ce30-pack": _next_token_variant("3.0", [SOTU_AND_SAMPLES, "data.pack=true"],
+                                                  "SOTU + teacher samples, packed (no document dropped)"),
+    "unix-vmix-lm8k-e3": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                           "objective.next_token.weight=1.0", V_HEAVY, "train.lr=1e-3", SOTU_SAMPLES_UNIX,
+                           f"data.lm_sources=[builtin:sotu/train, {UNIXDOCS}]", "data.lm_ctx_len=8192",
+                           "data.lm_every=3"],
+                          "as unix-vmix-lm8k, with the 8K next-token blocks every 3rd step"),
+    "unix-vmix-lm8k-pack": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                             "objective.next_token.weight=1.0", V_HEAVY, "train.lr=1e-3", SOTU_SAMPLES_UNIX,
+                             f"data.lm_sources=[builtin:sotu/train, {UNIXDOCS}]", "data.lm_ctx_len=8192",
+                             "data.lm_every=6", "data.pack=true"],
+                            "as unix-vmix-lm8k, packed (no document dropped)"),
+    "unix-vmix-ce2-8k": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, *BLOCKS_8K, "data.pack=true"],
+                                            "SOTU + teacher samples + unixdocs on packed 8K blocks"),
     "tsample-vonly": ([*LOGITS, "objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}", "train.lr=1e-3",
                        SOTU_AND_SAMPLES],
                       "relation KL V/V only + logit KL, lr 1e-3, SOTU + teacher samples, PI×4"),
@@ -266,6 +284,14 @@ def detect_gpus() -> int:
         return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
     except Exception:
         return 0
+
+
+def gpu_share(gpus: int, jobs: int) -> float:
+    """The GPU share of each of ``jobs`` concurrent runs on ``gpus`` GPUs. Ray fills one GPU with
+    fractional shares before it opens the next, so a share of 1/jobs would stack every run on GPU 0;
+    1/ceil(jobs/GPUs) (rounded down to Ray's 1e-4 resolution) lets each GPU take its even part of
+    the runs, and no share straddles two GPUs."""
+    return int(10000 / -(-jobs // gpus)) / 10000
 
 
 def free_ports(n: int) -> list[int]:
@@ -487,7 +513,7 @@ def run_train(a, work: Path) -> int:
         cpus = a.ray_cpus or max(os.cpu_count() or 1, 2 * n + 2)
         head = RayHead(gpus, cpus, work)
         if gpus > 0:
-            gpu_fraction = int(10000 / n) / 10000  # Ray resolves GPU shares to 1e-4
+            gpu_fraction = gpu_share(gpus, n)
     jobs = []
     for name in names:
         sets = variant_sets(name, work, a.budget, a.extra, gpu_fraction)

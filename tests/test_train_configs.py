@@ -182,6 +182,20 @@ def test_every_study_variant_is_a_valid_configuration(tmp_path):
     assert len(names) == len(study.VARIANTS)
 
 
+@pytest.mark.parametrize("gpus,jobs", [(1, 5), (2, 10), (2, 5), (4, 6), (3, 7), (2, 1), (8, 3)])
+def test_study_gpu_share_spreads_parallel_runs_over_every_gpu(gpus, jobs):
+    """Ray places fractional shares first-fit, GPU by GPU: every run must fit, and no GPU may get
+    more than its even part of the runs."""
+    share = _study().gpu_share(gpus, jobs)
+    assert 0 < share <= 1.0
+    free, placed = [1.0] * gpus, []
+    for _ in range(jobs):
+        i = next(i for i, f in enumerate(free) if f >= share - 1e-9)
+        free[i] -= share
+        placed.append(i)
+    assert max(placed.count(i) for i in range(gpus)) == -(-jobs // gpus)
+
+
 def test_study_eval_only_keeps_the_named_models(tmp_path, capsys):
     """The long-context round evaluates the trained students (and the teacher, evaluate.py's reference for
     recovery and relation KL); a misspelt name must not shrink it silently."""
