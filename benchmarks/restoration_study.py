@@ -214,6 +214,18 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                             "as unix-vmix-lm8k, packed (no document dropped)"),
     "unix-vmix-ce2-8k": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, *BLOCKS_8K, "data.pack=true"],
                                             "SOTU + teacher samples + unixdocs on packed 8K blocks"),
+    # next (defined, not run): round 7 read the weight sweep on SOTU + samples as 2 → 49, 2.5 → 27,
+    # 3 → 26 of 72 passkey prompts; whether weight 2's 49 is the rule or one lucky seed decides where
+    # issue 9's both-targets run lies (other seeds of the LoRA init and the block order), and a second
+    # seed of the docs recipe checks that its 98.5% SOTU (0.5 points inside the band) is not luck.
+    "tsample-vmix-ce20-s1": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "train.seed=1", "data.seed=1"],
+                                                "SOTU + teacher samples, seed 1"),
+    "tsample-vmix-ce20-s2": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "train.seed=2", "data.seed=2"],
+                                                "SOTU + teacher samples, seed 2"),
+    "tsample-vmix-ce22": _next_token_variant("2.2", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
+    "unix-vmix-ce2-8k-s1": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, *BLOCKS_8K, "data.pack=true",
+                                                       "train.seed=1", "data.seed=1"],
+                                               "SOTU + teacher samples + unixdocs on packed 8K blocks, seed 1"),
     "tsample-vonly": ([*LOGITS, "objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}", "train.lr=1e-3",
                        SOTU_AND_SAMPLES],
                       "relation KL V/V only + logit KL, lr 1e-3, SOTU + teacher samples, PI×4"),

@@ -122,12 +122,12 @@ def test_restore_recipe_is_the_measured_study_variant(tmp_path):
 
 
 def test_restore_docs_recipe_is_the_measured_study_variant(tmp_path):
-    """configs/smollm2-135m-x4-restore-docs.yaml is round 6's unix-vmix-ce2: -restore plus the unixdocs
-    corpus at the path its header builds it to; only the sources' order differs (the job appends
-    the teacher samples after the files given)."""
+    """configs/smollm2-135m-x4-restore-docs.yaml is round 7's unix-vmix-ce2-8k: -restore plus the
+    unixdocs corpus at the path its header builds it to, on packed 8K blocks; only the sources'
+    order differs (the job appends the teacher samples after the files given)."""
     study = _study()
     ran = load_config(CONFIGS / "smollm2-135m-x4.yaml",
-                      [*study.variant_sets("unix-vmix-ce2", tmp_path, 4_250_000, [], None)]).model_dump()
+                      [*study.variant_sets("unix-vmix-ce2-8k", tmp_path, 4_250_000, [], None)]).model_dump()
     recipe = load_config(CONFIGS / "smollm2-135m-x4-restore-docs.yaml").model_dump()
     restore = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
     assert ran["data"]["sources"] == ["builtin:sotu/train", f"{tmp_path}/teacher_samples.jsonl",
@@ -140,7 +140,13 @@ def test_restore_docs_recipe_is_the_measured_study_variant(tmp_path):
         d["train"] = {k: v for k, v in d["train"].items()
                       if k not in ("run_name", "storage_path", "output_dir", "gpus_per_worker")}
         d.pop("tracking")
-    assert recipe == restore == ran
+    assert recipe == ran
+    # what the 8K version changes in -restore, and nothing else
+    assert (recipe["data"]["ctx_len"], recipe["data"]["pack"], recipe["train"]["micro_batch_size"]) == (8192, True, 1)
+    assert (restore["data"]["ctx_len"], restore["data"]["pack"], restore["train"]["micro_batch_size"]) == (2048, False, 2)
+    for d in (recipe, restore):
+        d["data"].pop("ctx_len"), d["data"].pop("pack"), d["train"].pop("micro_batch_size")
+    assert recipe == restore
 
 
 @pytest.mark.parametrize("overrides,want", [
