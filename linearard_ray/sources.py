@@ -166,6 +166,23 @@ def _item(idx: int, source: str, uri: str, fs, info, fmt: str | None) -> InputFi
     return InputFile(idx, source, uri, fmt, info.path, fs, size, mtime)
 
 
+def _uploaded_working_dir_hint() -> str:
+    """Why a local file can be missing inside a submitted Ray job: `ray job submit --working-dir .`
+    uploads the checkout without what .gitignore names (outputs/ among them), and the job's driver
+    runs from that copy. Empty outside such a job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return ""
+    try:
+        working_dir = (json.loads(raw).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return ""
+    if not working_dir:
+        return ""
+    return ("; this Ray job runs from its uploaded --working-dir, which leaves out files that .gitignore "
+            "names (outputs/ among them): put the file on shared storage (s3://, gs://) and name that URI")
+
+
 def _resolve_fs_source(idx: int, source: str, fmt: str, field: str) -> list[InputFile]:
     import pyarrow.fs as pafs
 
@@ -186,7 +203,8 @@ def _resolve_fs_source(idx: int, source: str, fmt: str, field: str) -> list[Inpu
             base = glob_base(path)
             infos = [i for i in _list_files(fs, base) if fnmatch.fnmatchcase(i.path, path)]
         if not infos:
-            raise DataError(f"{field}[{idx}]: {source!r} matches no file")
+            raise DataError(f"{field}[{idx}]: {source!r} matches no file"
+                            + (_uploaded_working_dir_hint() if scheme is None else ""))
         return [_item(idx, source, uri_of(i.path), fs, i, file_format(i.path, fmt, explicit=False)) for i in infos]
 
     try:
@@ -194,7 +212,8 @@ def _resolve_fs_source(idx: int, source: str, fmt: str, field: str) -> list[Inpu
     except OSError as e:
         raise DataError(f"{field}[{idx}]: cannot look up {source!r}: {e}") from None
     if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{field}[{idx}]: {source!r} does not exist")
+        raise DataError(f"{field}[{idx}]: {source!r} does not exist"
+                        + (_uploaded_working_dir_hint() if scheme is None else ""))
     if info.type == pafs.FileType.File:
         return [_item(idx, source, uri_of(info.path), fs, info, file_format(info.path, fmt, explicit=True))]
     infos = _list_files(fs, path)

@@ -101,6 +101,27 @@ def test_object_store_glob_prefix_and_file(fake_s3):
         resolve_sources(["s3://bucket/corpus/*.parquet"])
 
 
+def test_missing_local_source_in_a_submitted_job_says_why(tmp_path, monkeypatch):
+    """Inside `ray job submit --working-dir .` the driver runs from an upload without the
+    .gitignore'd files; the error says so (and only there, and not for a bucket path)."""
+    missing = str(tmp_path / "outputs" / "corpus.jsonl.xz")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with pytest.raises(DataError) as plain:
+        resolve_sources(["builtin:sotu/train", missing])
+    assert "working-dir" not in str(plain.value)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    with pytest.raises(DataError, match=r"sources\[1\]: .*does not exist; this Ray job runs from its uploaded "
+                                        r"--working-dir.*\.gitignore.*s3://"):
+        resolve_sources(["builtin:sotu/train", missing])
+    with pytest.raises(DataError, match=r"matches no file; this Ray job"):
+        resolve_sources([str(tmp_path / "*.jsonl")])
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {}}))
+    with pytest.raises(DataError) as no_upload:
+        resolve_sources([missing])
+    assert "working-dir" not in str(no_upload.value)
+
+
 def test_local_missing_sources_fail_early(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "ok.txt").write_text("hello")
