@@ -836,12 +836,17 @@ def job_figures(records: list[dict]) -> tuple[dict[tuple, float], dict[tuple, fl
     return ppl, acc
 
 
-def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str = "teacher") -> str:
+def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str = "teacher",
+                      baseline: str = "YaRN×4") -> str:
     """Perplexity per (domain, length) and passkey accuracy per length, one row per model.
 
     Recovery (teacher ppl ÷ model ppl) is given where the teacher's figure at that length is among
     the records and the length is within the teacher's window; a dash marks a job that did not finish.
+    Passkey adds each model's total and, where ``baseline`` answered the same prompts, the prompts
+    only one of the two got right and the sign test's p (linearard_ray.passkey_stats).
     """
+    from linearard_ray.passkey_stats import paired_comparison
+
     models = list(dict.fromkeys(r["model"] for r in records))
     ppl, acc = job_figures(records)
     # Recovery compares within the teacher's window only: past it the native teacher is not a reference
@@ -859,12 +864,26 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
             v, t = ppl.get((m, d, L)), ppl.get((teacher, d, L)) if not window or L <= window else None
             cells.append("–" if v is None else _ppl4(v) if t is None or m == teacher else f"{_ppl4(v)} ({100 * t / v:.1f}%)")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
+    trials: dict[tuple[str, int], list[dict]] = {}
+    for r in records:
+        if r["kind"] == "passkey":
+            trials.setdefault((r["model"], len(r["results"])), []).extend(
+                dict(x, length=int(r["length"])) for x in r["results"])
     for n in sorted({k[1] for k in acc}):
+        base = trials.get((baseline, n))
         out += ["", f"Passkey (accuracy over {n} prompts per length: depths × trials):", "",
-                "| model | " + " | ".join(_len_label(L) for L in pk_lengths) + " |", "|---|" + "---|" * len(pk_lengths)]
+                "| model | " + " | ".join(_len_label(L) for L in pk_lengths) + " | correct / prompts |"
+                + (f" vs {baseline}: wins / losses (p) |" if base else ""),
+                "|---|" + "---|" * (len(pk_lengths) + 1) + ("---|" if base else "")]
         for m in models:
             if any((m, n, L) in acc for L in pk_lengths):
-                out.append(f"| {m} | " + " | ".join(_acc(acc.get((m, n, L))) for L in pk_lengths) + " |")
+                mine = trials[(m, n)]
+                row = (f"| {m} | " + " | ".join(_acc(acc.get((m, n, L))) for L in pk_lengths)
+                       + f" | {sum(bool(x['correct']) for x in mine)} / {len(mine)} |")
+                if base:
+                    v = None if m == baseline else paired_comparison(mine, base)
+                    row += f" {v['wins']} / {v['losses']} ({v['p_value']:.2g}) |" if v else " – |"
+                out.append(row)
     return "\n".join(out) + "\n"
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from linearard_ray.passkey_stats import paired_comparison, wilson_interval
+
 DEFINITIONS = {
     "nll": "mean next-token negative log-likelihood in nats over every predicted token of the windows "
            "(each window of L tokens predicts its last L-1 tokens)",
@@ -29,6 +31,10 @@ DEFINITIONS = {
                    "rope.yarn_logit_correction is 'divide')",
     "passkey_accuracy": "share of trials where the first number greedily generated after the question equals "
                         "the 5-digit key hidden at that depth of a prompt of exactly that many tokens",
+    "passkey_paired": "passkey against the unrestored baseline on the identical prompts: wins = prompts the "
+                      "model gets right and the baseline wrong, losses = the reverse; p = exact two-sided sign "
+                      "test on wins vs losses (McNemar), the chance of a split at least this uneven if neither "
+                      "model were better; the accuracy interval is Wilson's 95%",
     "windows": "non-overlapping windows of exactly L tokens chosen with a seeded generator; cut from single "
                "documents when at least eval.max_windows such windows exist, otherwise from the documents "
                "joined in order with EOS separators ('concatenated documents')",
@@ -123,7 +129,15 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
         samples = {str(L): [{k: x[k] for k in ("depth", "key", "answer", "correct")} for x in by_len[L]]
                    for L in pk_lengths if L in by_len}
         passkey[n] = {"lengths": pk_lengths, "depths": depths, "trials": ev.passkey_trials, "accuracy": grid,
-                      "accuracy_by_length": per_len, "accuracy_overall": float(np.mean(allr)), "answers": samples}
+                      "accuracy_by_length": per_len, "accuracy_overall": float(np.mean(allr)), "answers": samples,
+                      "correct": int(sum(allr)), "prompts": len(allr), "ci95": wilson_interval(int(sum(allr)), len(allr))}
+    if scaled in passkey:
+        def flat(name):
+            return [{"length": int(L), **x} for L, xs in passkey[name]["answers"].items() for x in xs]
+
+        for n, pk in passkey.items():
+            if n != scaled:
+                pk["vs_scaled"] = paired_comparison(flat(n), flat(scaled))
 
     seconds: dict = {}
     for r in results:
@@ -239,7 +253,26 @@ def render_markdown(report: dict) -> str:
         lines.append("")
 
     if report["passkey"]:
-        lines += ["## Passkey retrieval (accuracy per depth × length)", ""]
+        base = report["reference"].get("scaled")
+        paired = base in report["passkey"]
+        head = "| model | correct / prompts | accuracy (95% interval) |"
+        lines += ["## Passkey retrieval", "",
+                  head + (f" vs {base}: wins / losses / ties | p (sign test) |" if paired else ""),
+                  "|---|---|---|" + ("---|---|" if paired else "")]
+        for n, pk in report["passkey"].items():
+            ci = pk.get("ci95")
+            row = (f"| {n} | {pk.get('correct', '–')} / {pk.get('prompts', '–')} | {pk['accuracy_overall']:.2f}"
+                   + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "") + " |")
+            if paired:
+                v = pk.get("vs_scaled")
+                if n == base:
+                    row += " (the baseline) | |"
+                elif v:
+                    row += f" {v['wins']} / {v['losses']} / {v['ties']} | {v['p_value']:.3g} |"
+                else:
+                    row += " no shared prompts | |"
+            lines.append(row)
+        lines += ["", "Accuracy per depth × length:", ""]
         for n, pk in report["passkey"].items():
             Ls = [str(L) for L in pk["lengths"]]
             lines += [f"**{n}** ({pk['trials']} trials per cell; overall {pk['accuracy_overall']:.2f})", "",
@@ -375,6 +408,9 @@ def flat_metrics(report: dict) -> dict[str, float]:
         for L, a in pk["accuracy_by_length"].items():
             m[f"passkey.{_safe(n)}.acc_{L}"] = a
         m[f"passkey.{_safe(n)}.acc"] = pk["accuracy_overall"]
+        if pk.get("vs_scaled"):
+            m[f"passkey.{_safe(n)}.wins_minus_losses_vs_scaled"] = pk["vs_scaled"]["wins"] - pk["vs_scaled"]["losses"]
+            m[f"passkey.{_safe(n)}.p_vs_scaled"] = pk["vs_scaled"]["p_value"]
     return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
 
 

@@ -166,3 +166,34 @@ def test_markdown_without_baseline_and_flat_metrics():
     assert "main.restored.gap_closed_pct_16" not in m
     assert m["passkey.teacher.acc"] == pytest.approx(rep["passkey"]["teacher"]["accuracy_overall"])
     assert m["main.restored.relkl_k_32"] == pytest.approx(rep["relation_kl"]["main"]["restored"]["32"]["mean"]["k"])
+
+
+def test_passkey_against_the_baseline_prompt_by_prompt():
+    """Every model answers the same prompts, so the report pairs them with the unrestored baseline's:
+    counts from the raw answers, the sign test's p, a Wilson interval, a markdown row and metrics."""
+    from linearard_ray.passkey_stats import sign_test_p, wilson_interval
+
+    cfg, models, domains, results, skipped = _synthetic(5)
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    answers = {(r["model"], r["length"]): r["results"] for r in results if r["kind"] == "passkey"}
+    md = render_markdown(rep)
+    m = flat_metrics(rep)
+    assert "vs_scaled" not in rep["passkey"]["scaled"]
+    for name in ("teacher", "restored"):
+        pk = rep["passkey"][name]
+        mine = [a["correct"] for L in (100, 200) for a in answers[(name, L)]]
+        base = [a["correct"] for L in (100, 200) for a in answers[("scaled", L)]]
+        wins = sum(x and not y for x, y in zip(mine, base))
+        losses = sum(y and not x for x, y in zip(mine, base))
+        assert (pk["correct"], pk["prompts"]) == (sum(mine), len(mine))
+        assert pk["ci95"] == pytest.approx(wilson_interval(sum(mine), len(mine)))
+        assert pk["vs_scaled"] == {"paired": len(mine), "wins": wins, "losses": losses,
+                                   "ties": len(mine) - wins - losses, "p_value": sign_test_p(wins, losses)}
+        assert f"| {name} | {sum(mine)} / {len(mine)} |" in md
+        assert f"{wins} / {losses} / {len(mine) - wins - losses} | {sign_test_p(wins, losses):.3g} |" in md
+        assert m[f"passkey.{name}.wins_minus_losses_vs_scaled"] == wins - losses
+    assert "| scaled |" in md and "(the baseline)" in md and "p (sign test)" in md
+    # without a baseline there is nothing to pair with: accuracy and interval only
+    no_base = [r for r in results if r["model"] != "scaled"]
+    rep2 = build_report(cfg, [x for x in models if x["role"] != "scaled"], domains, no_base, skipped, {100: [], 200: []})
+    assert "vs_scaled" not in rep2["passkey"]["restored"] and "p (sign test)" not in render_markdown(rep2)

@@ -1,0 +1,63 @@
+"""How sure a passkey comparison is. Every model of one evaluation answers the same prompts (same
+seed, lengths, depths and keys), so two models are compared prompt by prompt: the prompts only one
+of them gets right decide, and an exact sign test on those (McNemar's test) says how likely a split
+at least that uneven is when neither model is better. A model's own accuracy gets a Wilson 95%
+interval, which stays inside [0, 1] and is honest at 0 or n correct."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Iterable
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion (95% by default); None without trials."""
+    if n <= 0:
+        return None
+    if not 0 <= correct <= n:
+        raise ValueError(f"wilson_interval: {correct} correct of {n} trials")
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at 0 or n correct the bound is exactly 0 or 1; rounding would leave it a hair inside
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided p-value of ``wins`` against ``losses`` when each is equally likely (McNemar's
+    exact test on the discordant pairs); 1.0 when there are none."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _keyed(trials: Iterable[dict]) -> dict[tuple, bool]:
+    """(length, depth, key, repeat) -> correct; the repeat count keeps two trials that drew the same
+    key at the same depth apart."""
+    seen: Counter = Counter()
+    out = {}
+    for t in trials:
+        k = (t["length"], float(t["depth"]), str(t["key"]))
+        out[(*k, seen[k])] = bool(t["correct"])
+        seen[k] += 1
+    return out
+
+
+def paired_comparison(model: Iterable[dict], baseline: Iterable[dict]) -> dict | None:
+    """Compare two models on the prompts both answered. Each trial is a dict with length, depth, key
+    and correct. Returns wins (model right, baseline wrong), losses, ties, the prompts paired and the
+    sign-test p-value; None when no prompt is shared (different seeds or lengths)."""
+    a, b = _keyed(model), _keyed(baseline)
+    shared = a.keys() & b.keys()
+    if not shared:
+        return None
+    wins = sum(1 for k in shared if a[k] and not b[k])
+    losses = sum(1 for k in shared if b[k] and not a[k])
+    return {"paired": len(shared), "wins": wins, "losses": losses, "ties": len(shared) - wins - losses,
+            "p_value": sign_test_p(wins, losses)}

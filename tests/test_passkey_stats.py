@@ -1,0 +1,78 @@
+"""Passkey statistics against independent computations: the Wilson interval as the set of
+proportions its score test accepts (found by bisection), the sign test by summing the exact
+binomial law over every outcome at least as uneven, and paired counts by a direct walk."""
+
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+
+import pytest
+
+from linearard_ray.passkey_stats import paired_comparison, sign_test_p, wilson_interval
+
+Z95 = 1.959963984540054
+
+
+def _score_accepts(p: float, k: int, n: int) -> bool:
+    return (k / n - p) ** 2 <= Z95 ** 2 * p * (1 - p) / n
+
+
+def _edge(k: int, n: int, lo: float, hi: float, inside_at_hi: bool) -> float:
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _score_accepts(mid, k, n) == inside_at_hi:
+            hi = mid
+        else:
+            lo = mid
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_wilson_interval_is_the_score_tests_acceptance_set(seed):
+    rng = random.Random(seed)
+    for _ in range(20):
+        n = rng.randint(1, 120)
+        k = rng.randint(0, n)
+        lo, hi = wilson_interval(k, n)
+        p_hat = k / n
+        want_lo = 0.0 if k == 0 else _edge(k, n, 0.0, p_hat, inside_at_hi=True)
+        want_hi = 1.0 if k == n else _edge(k, n, p_hat, 1.0, inside_at_hi=False)
+        assert lo == pytest.approx(want_lo, abs=1e-9) and hi == pytest.approx(want_hi, abs=1e-9)
+        assert lo <= p_hat <= hi
+    assert wilson_interval(0, 0) is None
+    with pytest.raises(ValueError, match="7 correct of 5"):
+        wilson_interval(7, 5)
+
+
+def test_sign_test_sums_the_binomial_law_over_outcomes_as_uneven():
+    rng = random.Random(3)
+    for _ in range(40):
+        w, l = rng.randint(0, 30), rng.randint(0, 30)
+        n = w + l
+        if n == 0:
+            continue
+        dev = abs(w - n / 2)
+        want = sum(Fraction(math.comb(n, i), 2 ** n) for i in range(n + 1) if abs(i - n / 2) >= dev)
+        assert sign_test_p(w, l) == pytest.approx(float(want), rel=1e-12)
+    assert sign_test_p(9, 1) == pytest.approx(22 / 1024)
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(4, 4) == 1.0
+
+
+def test_paired_comparison_counts_prompt_by_prompt():
+    rng = random.Random(7)
+    prompts = [(L, d, f"{rng.randrange(10**5):05d}") for L in (512, 1024) for d in (0.1, 0.5, 0.9) for _ in range(6)]
+    prompts += [prompts[0]]  # the same key drawn twice at one depth stays two prompts
+    a = [{"length": L, "depth": d, "key": k, "correct": rng.random() < 0.6} for L, d, k in prompts]
+    b = [{"length": L, "depth": d, "key": k, "correct": rng.random() < 0.4} for L, d, k in prompts]
+    got = paired_comparison(a, list(reversed(b[:-1])) + [b[-1]])  # order within a key group is what pairs
+    wins = sum(x["correct"] and not y["correct"] for x, y in zip(a, b))
+    losses = sum(y["correct"] and not x["correct"] for x, y in zip(a, b))
+    assert got == {"paired": len(prompts), "wins": wins, "losses": losses, "ties": len(prompts) - wins - losses,
+                   "p_value": sign_test_p(wins, losses)}
+    # only the shared prompts count; none shared means no comparison
+    half = paired_comparison(a[:10], b)
+    assert half["paired"] == 10
+    other_seed = [dict(x, key=str(int(x["key"]) + 1)) for x in b]
+    assert paired_comparison(a, other_seed) is None
