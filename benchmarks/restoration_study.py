@@ -837,15 +837,16 @@ def job_figures(records: list[dict]) -> tuple[dict[tuple, float], dict[tuple, fl
 
 
 def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str = "teacher",
-                      baseline: str = "YaRN×4") -> str:
+                      baseline: str = "YaRN×4", versus: str = "cpt") -> str:
     """Perplexity per (domain, length) and passkey accuracy per length, one row per model.
 
     Recovery (teacher ppl ÷ model ppl) is given where the teacher's figure at that length is among
     the records and the length is within the teacher's window; a dash marks a job that did not finish.
     Passkey adds each model's total and, where ``baseline`` answered the same prompts, the prompts
-    only one of the two got right and the sign test's p (linearard_ray.passkey_stats).
+    only one of the two got right and the sign test's p (linearard_ray.paired_stats). Where the records
+    keep per-window NLL, a last table compares each model with ``versus`` window by window.
     """
-    from linearard_ray.passkey_stats import paired_comparison
+    from linearard_ray.paired_stats import paired_comparison
 
     models = list(dict.fromkeys(r["model"] for r in records))
     ppl, acc = job_figures(records)
@@ -884,6 +885,30 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
                     v = None if m == baseline else paired_comparison(mine, base)
                     row += f" {v['wins']} / {v['losses']} ({v['p_value']:.2g}) |" if v else " – |"
                 out.append(row)
+    return "\n".join(out) + "\n" + _window_table(records, domains, versus)
+
+
+def _window_table(records: list[dict], domains: dict[str, str], versus: str) -> str:
+    """Each model against ``versus`` on the same perplexity windows (records from evaluate.py runs that
+    keep per-window NLL): mean NLL difference, windows won and the permutation p."""
+    from linearard_ray.paired_stats import paired_windows
+
+    win = {(r["model"], r["domain"], int(r["length"])): r["window_nll"]
+           for r in records if r["kind"] == "nll" and r.get("window_nll")}
+    cols = sorted({(d, L) for m, d, L in win if m == versus}, key=lambda c: (c[0] != "main", c[0], c[1]))
+    models = [m for m in dict.fromkeys(k[0] for k in win) if m != versus]
+    if not cols or not models:
+        return ""
+    out = ["", f"Against {versus}, window by window (mean NLL difference in nats per token, windows better, "
+               "sign-flip permutation p):", "",
+           "| model | " + " | ".join(f"{domains.get(d, d)} @{_len_label(L)}" for d, L in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    for m in models:
+        cells = []
+        for d, L in cols:
+            v = paired_windows(win[(m, d, L)], win[(versus, d, L)]) if (m, d, L) in win else None
+            cells.append("–" if v is None else f"{v['mean_diff']:+.4f} ({v['better']}/{v['windows']}, p {v['p_value']:.2g})")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -935,6 +960,9 @@ def main() -> int:
     p.add_argument("--domains", default="main=SOTU,other=pydocs",
                    help="table --jobs: names of the evaluation domains (default main=SOTU,other=pydocs)")
     p.add_argument("--runs", default=None, help="table: runs.jsonl to read (default <work>/runs.jsonl)")
+    p.add_argument("--versus", default="cpt",
+                   help="table --jobs: the model every other is compared with window by window, where the jobs keep "
+                        "per-window NLL (default cpt, the baseline issue 9 and 10 name)")
     a = p.parse_args()
     work = Path(a.work).expanduser().resolve()  # absolute: Ray workers do not share this cwd
     if a.phase == "table":
@@ -943,7 +971,7 @@ def main() -> int:
             if missing:
                 raise SystemExit(f"restoration_study.py: --jobs files not found: {missing}")
             domains = dict(x.split("=", 1) for x in a.domains.split(","))
-            print(render_job_tables(read_job_records([Path(j) for j in a.jobs]), domains), end="")
+            print(render_job_tables(read_job_records([Path(j) for j in a.jobs]), domains, versus=a.versus), end="")
             return 0
         return run_table(work, a.report, a.runs)
     if not a.dry_run:

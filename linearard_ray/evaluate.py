@@ -32,7 +32,7 @@ import torch
 
 from linearard_ray.config import Config, ConfigError, EvalModelSpec, RopeConfig
 from linearard_ray.eval_resume import JobLog, inputs_digest, job_key, model_fingerprint
-from linearard_ray.metrics import sequence_nll
+from linearard_ray.metrics import sequence_nll_rows
 from linearard_ray.passkey import min_length, prompts_for, run_passkey
 from linearard_ray.texts import bos_prefix, load_documents, make_windows, tokenize_documents
 
@@ -123,14 +123,18 @@ def _max_window(model) -> int:
 
 
 def nll_windows(model, windows: np.ndarray, batch_size: int, device) -> dict:
-    """Summed NLL and predicted-token count over windows (each window predicts its own tokens)."""
-    total, count = 0.0, 0
+    """Summed NLL and predicted-token count over windows (each window predicts its own tokens), and
+    each window's mean NLL in window order: every model gets the same windows, so the report can
+    compare two of them window by window."""
+    sums: list[float] = []
+    counts: list[int] = []
     for s in range(0, len(windows), batch_size):
         ids = torch.as_tensor(windows[s:s + batch_size], dtype=torch.long, device=device)
-        t, c = sequence_nll(model, ids, torch.ones_like(ids))
-        total += t
-        count += c
-    return {"nll_sum": total, "tokens": count}
+        t, c = sequence_nll_rows(model, ids, torch.ones_like(ids))
+        sums += t
+        counts += c
+    return {"nll_sum": float(sum(sums)), "tokens": int(sum(counts)),
+            "window_nll": [t / c for t, c in zip(sums, counts)]}
 
 
 def _decoder(model):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from linearard_ray.passkey_stats import paired_comparison, wilson_interval
+from linearard_ray.paired_stats import paired_comparison, paired_windows, wilson_interval
 
 DEFINITIONS = {
     "nll": "mean next-token negative log-likelihood in nats over every predicted token of the windows "
@@ -35,6 +35,10 @@ DEFINITIONS = {
                       "model gets right and the baseline wrong, losses = the reverse; p = exact two-sided sign "
                       "test on wins vs losses (McNemar), the chance of a split at least this uneven if neither "
                       "model were better; the accuracy interval is Wilson's 95%",
+    "nll_paired": "in the perplexity tables, 'better on k/n windows, p' compares a model with the unrestored "
+                  "baseline on the same windows: k = windows where its mean NLL is lower; p = exact two-sided "
+                  "sign-flip permutation test of the mean per-window NLL difference (with n windows the "
+                  "smallest possible p is 2/2^n)",
     "windows": "non-overlapping windows of exactly L tokens chosen with a seeded generator; cut from single "
                "documents when at least eval.max_windows such windows exist, otherwise from the documents "
                "joined in order with EOS separators ('concatenated documents')",
@@ -86,7 +90,14 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
     for r in results:
         if r["kind"] == "nll":
             v = r["nll_sum"] / r["tokens"]
-            nll[r["domain"]][r["model"]][str(r["length"])] = {"nll": v, "ppl": math.exp(v), "tokens": r["tokens"]}
+            nll[r["domain"]][r["model"]][str(r["length"])] = {"nll": v, "ppl": math.exp(v), "tokens": r["tokens"],
+                                                              **({"window_nll": r["window_nll"]} if "window_nll" in r else {})}
+    for d in domains:
+        for n in names:
+            for L, v in nll[d][n].items():
+                base = nll[d].get(scaled, {}).get(L) if scaled and n != scaled else None
+                if base and "window_nll" in v and "window_nll" in base:
+                    v["vs_scaled"] = paired_windows(v["window_nll"], base["window_nll"])
 
     rest: dict = {d: {} for d in domains}
     for d in domains:
@@ -222,7 +233,9 @@ def render_markdown(report: dict) -> str:
                 cells = []
                 for L in lengths:
                     v = report["nll"][dom].get(n, {}).get(L)
-                    cells.append("skipped" if v is None else f"{v['ppl']:.3f} ({v['nll']:.4f})")
+                    w = (v or {}).get("vs_scaled")
+                    cells.append("skipped" if v is None else f"{v['ppl']:.3f} ({v['nll']:.4f})"
+                                 + (f"; better on {w['better']}/{w['windows']} windows, p {w['p_value']:.2g}" if w else ""))
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
         rest = report["restoration"].get(dom, {})
         if rest:
@@ -393,6 +406,8 @@ def flat_metrics(report: dict) -> dict[str, float]:
             for L, v in by_len.items():
                 m[f"{dom}.{_safe(n)}.nll_{L}"] = v["nll"]
                 m[f"{dom}.{_safe(n)}.ppl_{L}"] = v["ppl"]
+                if v.get("vs_scaled"):
+                    m[f"{dom}.{_safe(n)}.p_vs_scaled_{L}"] = v["vs_scaled"]["p_value"]
     for dom, by_model in report["restoration"].items():
         for n, by_len in by_model.items():
             for L, v in by_len.items():

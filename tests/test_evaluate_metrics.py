@@ -42,6 +42,8 @@ def test_nll_matches_full_logits(llama, batch_size):
     assert got["nll_sum"] == pytest.approx(want, rel=1e-5)
     ppl = math.exp(got["nll_sum"] / got["tokens"])
     assert ppl == pytest.approx(math.exp(want / (5 * 46)), rel=1e-5)
+    per_window = -lp.gather(-1, torch.as_tensor(w)[:, 1:, None])[..., 0].mean(dim=1)
+    assert got["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-5)
 
 
 def _rotate_half(x):
@@ -132,7 +134,7 @@ def test_relation_kl_zero_for_identical_models(llama):
 
 
 def test_sequence_nll_chunks_and_padding(llama):
-    from linearard_ray.metrics import sequence_nll
+    from linearard_ray.metrics import sequence_nll, sequence_nll_rows
 
     model = _load(llama)
     ids = torch.as_tensor(_windows(21, 3, 37))
@@ -148,3 +150,8 @@ def test_sequence_nll_chunks_and_padding(llama):
         total, count = sequence_nll(model, ids, mask, chunk_size=chunk)
         assert count == int(valid.sum())
         assert total == pytest.approx(want, rel=1e-5)
+        # per row, for comparing two models window by window
+        sums, counts = sequence_nll_rows(model, ids, mask, chunk_size=chunk)
+        assert counts == valid.sum(dim=1).tolist()
+        for r in range(ids.shape[0]):
+            assert sums[r] == pytest.approx(-lp[r][valid[r]].sum().item(), rel=1e-5)

@@ -171,7 +171,7 @@ def test_markdown_without_baseline_and_flat_metrics():
 def test_passkey_against_the_baseline_prompt_by_prompt():
     """Every model answers the same prompts, so the report pairs them with the unrestored baseline's:
     counts from the raw answers, the sign test's p, a Wilson interval, a markdown row and metrics."""
-    from linearard_ray.passkey_stats import sign_test_p, wilson_interval
+    from linearard_ray.paired_stats import sign_test_p, wilson_interval
 
     cfg, models, domains, results, skipped = _synthetic(5)
     rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
@@ -197,3 +197,28 @@ def test_passkey_against_the_baseline_prompt_by_prompt():
     no_base = [r for r in results if r["model"] != "scaled"]
     rep2 = build_report(cfg, [x for x in models if x["role"] != "scaled"], domains, no_base, skipped, {100: [], 200: []})
     assert "vs_scaled" not in rep2["passkey"]["restored"] and "p (sign test)" not in render_markdown(rep2)
+
+
+def test_perplexity_against_the_baseline_window_by_window():
+    """Records that carry per-window NLL get a window-by-window comparison with the baseline: the
+    count of windows won, the mean difference and the permutation p, in report.json, report.md and
+    the metrics; records from before (no per-window NLL) get none."""
+    from linearard_ray.paired_stats import paired_windows
+
+    cfg, models, domains, results, skipped = _synthetic(6)
+    rng = np.random.default_rng(6)
+    for r in results:
+        if r["kind"] == "nll" and not (r["domain"] == "other" and r["length"] == 16):
+            r["window_nll"] = list(rng.uniform(2, 4, 4))
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    md, m = render_markdown(rep), flat_metrics(rep)
+    by = {(r["model"], r["domain"], r["length"]): r for r in results if r["kind"] == "nll"}
+    for (name, dom, L), r in by.items():
+        got = rep["nll"][dom][name][str(L)].get("vs_scaled")
+        if name == "scaled" or (dom == "other" and L == 16):
+            assert got is None
+            continue
+        want = paired_windows(r["window_nll"], by[("scaled", dom, L)]["window_nll"])
+        assert got == want
+        assert m[f"{dom}.{name}.p_vs_scaled_{L}"] == want["p_value"]
+        assert f"better on {want['better']}/4 windows, p {want['p_value']:.2g}" in md

@@ -266,7 +266,7 @@ def test_study_passkey_table_pairs_each_model_with_yarn(tmp_path):
     answers: same (length, depth, key) prompts, wins where only the model is right."""
     import json
 
-    from linearard_ray.passkey_stats import sign_test_p
+    from linearard_ray.paired_stats import sign_test_p
 
     study = _study()
     rng = np.random.default_rng()
@@ -287,3 +287,29 @@ def test_study_passkey_table_pairs_each_model_with_yarn(tmp_path):
     assert cells[4] == f"{wins} / {losses} ({sign_test_p(wins, losses):.2g})"
     yarn = next(x for x in table if x.startswith("| YaRN×4 |"))
     assert yarn.rstrip().endswith(f"| {int(y.sum())} / 48 | – |")
+
+
+def test_study_window_table_against_cpt(tmp_path):
+    """Jobs that keep per-window NLL get a last table: each model against cpt on the same windows."""
+    import json
+
+    from linearard_ray.paired_stats import paired_windows
+
+    study = _study()
+    rng = np.random.default_rng()
+    win = {m: list(rng.uniform(2.9, 3.1, 6)) for m in ("cpt", "s", "old")}
+    recs = [{"key": m, "result": {"kind": "nll", "model": m, "domain": "main", "length": 32768,
+                                  "nll_sum": float(np.mean(w)) * 6000, "tokens": 6000,
+                                  **({"window_nll": w} if m != "old" else {})}} for m, w in win.items()]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {"main": "SOTU"})
+    lines = text.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("Against cpt, window by window"))
+    v = paired_windows(win["s"], win["cpt"])
+    assert f"| s | {v['mean_diff']:+.4f} ({v['better']}/6, p {v['p_value']:.2g}) |" in lines[start:]
+    assert not any(x.startswith("| old |") or x.startswith("| cpt |") for x in lines[start:])
+    # no per-window NLL anywhere (rounds before session 7): no such table
+    for r in recs:
+        r["result"].pop("window_nll", None)
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert "window by window" not in study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {})

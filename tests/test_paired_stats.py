@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import pytest
 
-from linearard_ray.passkey_stats import paired_comparison, sign_test_p, wilson_interval
+from linearard_ray.paired_stats import paired_comparison, paired_windows, sign_test_p, wilson_interval
 
 Z95 = 1.959963984540054
 
@@ -76,3 +76,28 @@ def test_paired_comparison_counts_prompt_by_prompt():
     assert half["paired"] == 10
     other_seed = [dict(x, key=str(int(x["key"]) + 1)) for x in b]
     assert paired_comparison(a, other_seed) is None
+
+
+def test_paired_windows_against_every_sign_flip():
+    import itertools
+
+    rng = random.Random(11)
+    for n in (1, 2, 5, 8, 11):
+        base = [rng.uniform(2.5, 3.5) for _ in range(n)]
+        model = [b + rng.gauss(-0.02, 0.05) for b in base]
+        d = [m - b for m, b in zip(model, base)]
+        obs = abs(sum(d) / n)
+        flips = [abs(sum(s * x for s, x in zip(signs, d)) / n) for signs in itertools.product((1, -1), repeat=n)]
+        want = sum(f >= obs - 1e-12 for f in flips) / len(flips)
+        got = paired_windows(model, base)
+        assert got["windows"] == n and got["better"] == sum(x < 0 for x in d)
+        assert got["mean_diff"] == pytest.approx(sum(d) / n, abs=1e-12)
+        assert got["p_value"] == pytest.approx(want, abs=1e-12)
+    # all 8 windows better: the smallest p eight windows can give
+    assert paired_windows([1.0 + i for i in range(8)], [1.5 + i for i in range(8)])["p_value"] == pytest.approx(2 / 256)
+    # past the exact limit: seeded random flips agree with the exact figure
+    base = [rng.uniform(2.5, 3.5) for _ in range(12)]
+    model = [b + rng.gauss(-0.01, 0.05) for b in base]
+    exact = paired_windows(model, base)["p_value"]
+    assert paired_windows(model, base, exact_up_to=4, samples=100_000)["p_value"] == pytest.approx(exact, abs=0.01)
+    assert paired_windows([], []) is None and paired_windows([1.0, 2.0], [1.0]) is None
