@@ -101,3 +101,7 @@ def test_paired_windows_against_every_sign_flip():
     exact = paired_windows(model, base)["p_value"]
     assert paired_windows(model, base, exact_up_to=4, samples=100_000)["p_value"] == pytest.approx(exact, abs=0.01)
     assert paired_windows([], []) is None and paired_windows([1.0, 2.0], [1.0]) is None
+    assert paired_windows([1.0, 2.0, 3.0], [1.0, 2.0]) is None
+    # past the default exact limit (16 windows) the seeded sampler answers, and stays in [0, 1]
+    big = paired_windows([3.0 + 0.01 * i for i in range(24)], [3.0] * 24)
+    assert big["better"] == 0 and 0 < big["p_value"] < 1e-3
