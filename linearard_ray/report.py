@@ -375,8 +375,47 @@ def plot_passkey(report: dict, name: str, path: Path) -> Path:
     return path
 
 
+def plot_passkey_summary(report: dict, path: Path) -> Path:
+    """One bar per model: overall passkey accuracy with its Wilson 95% interval, the unrestored
+    baseline's interval shaded, and each model's sign-test p against it, so overlapping intervals
+    and a weak p are seen before a ranking is read off the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["passkey"])
+    pks = [report["passkey"][n] for n in names]
+    acc = np.array([pk["accuracy_overall"] for pk in pks])
+    ci = np.array([pk.get("ci95") or (a, a) for pk, a in zip(pks, acc)], dtype=float)
+    base = report["reference"].get("scaled")
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.6))
+    y = np.arange(len(names))
+    colors = ["tab:gray" if n == base else "tab:blue" for n in names]
+    ax.barh(y, acc, color=colors, alpha=0.7)
+    ax.errorbar(acc, y, xerr=[acc - ci[:, 0], ci[:, 1] - acc], fmt="none", ecolor="black", capsize=3, lw=1)
+    if base in report["passkey"]:
+        lo, hi = ci[names.index(base)]
+        ax.axvspan(lo, hi, color="tab:gray", alpha=0.12, label=f"{base}: 95% interval")
+        ax.legend(fontsize=7, loc="lower right")
+    for i, pk in enumerate(pks):
+        v = pk.get("vs_scaled")
+        label = f"{pk.get('correct', '?')}/{pk.get('prompts', '?')}" + (f", p {v['p_value']:.2g}" if v else "")
+        ax.annotate(label, (min(ci[i, 1], 1.0), i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel("passkey accuracy over all prompts (bars: Wilson 95% interval; p: sign test vs the baseline)")
+    ax.set_title("passkey retrieval", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: dict, out_dir: Path) -> list[Path]:
-    """report.json, report.md, ppl_vs_length.png and passkey_<model>.png; the report lists its plots."""
+    """report.json, report.md, ppl_vs_length.png, passkey_summary.png and passkey_<model>.png; the
+    report lists its plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ppl_plot = out_dir / "ppl_vs_length.png"
@@ -387,6 +426,8 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
         # directory would otherwise pass for this report's.
         ppl_plot.unlink(missing_ok=True)
         plots = []
+    if report["passkey"]:
+        plots.append(plot_passkey_summary(report, out_dir / "passkey_summary.png"))
     for n in report["passkey"]:
         plots.append(plot_passkey(report, n, out_dir / f"passkey_{_safe(n)}.png"))
     report["plots"] = [p.name for p in plots]

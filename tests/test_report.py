@@ -111,8 +111,8 @@ def test_report_files_and_plots(tmp_path):
     rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
     files = write_report(rep, tmp_path)
     names = {p.name for p in files}
-    assert {"report.json", "report.md", "ppl_vs_length.png", "passkey_teacher.png", "passkey_scaled.png",
-            "passkey_restored.png"} <= names
+    assert {"report.json", "report.md", "ppl_vs_length.png", "passkey_summary.png", "passkey_teacher.png",
+            "passkey_scaled.png", "passkey_restored.png"} <= names
     for p in files:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == PNG_MAGIC
