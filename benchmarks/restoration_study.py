@@ -223,6 +223,15 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "tsample-vmix-ce20-s2": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "train.seed=2", "data.seed=2"],
                                                 "SOTU + teacher samples, seed 2"),
     "tsample-vmix-ce22": _next_token_variant("2.2", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
+    # the next-token term on SOTU alone (its own 2K stream, every 2nd step), the KL terms on SOTU +
+    # samples: the in-domain fit that wins SOTU 32K without fitting the samples' text as well
+    "tsample-vmix-lmsotu20": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                               "objective.next_token.weight=2.0", V_HEAVY, "train.lr=1e-3", SOTU_AND_SAMPLES,
+                               "data.lm_sources=[builtin:sotu/train]", "data.lm_ctx_len=2048", "data.lm_every=2"],
+                              "relation KL (q/k/v 0.1/0.1/1) + logit KL on 2K blocks of SOTU + samples, + next-token "
+                              "(weight 2) on its own 2K blocks of SOTU every 2nd step, lr 1e-3, PI×4"),
+    "tsample-vmix-ce20-s3": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "train.seed=3", "data.seed=3"],
+                                                "SOTU + teacher samples, seed 3"),
     "unix-vmix-ce2-8k-s1": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, *BLOCKS_8K, "data.pack=true",
                                                        "train.seed=1", "data.seed=1"],
                                                "SOTU + teacher samples + unixdocs on packed 8K blocks, seed 1"),
