@@ -143,7 +143,8 @@ def test_cli_end_to_end(tmp_path, student_dir, cache_dir):
     from PIL import Image
 
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["passkey_restored.png", "passkey_scaled.png", "passkey_teacher.png", "ppl_vs_length.png"]
+    assert pngs == ["passkey_restored.png", "passkey_scaled.png", "passkey_summary.png", "passkey_teacher.png",
+                    "ppl_vs_length.png"]
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == PNG_MAGIC
         with Image.open(p) as im:
