@@ -109,10 +109,16 @@ def uses_lm_stream(cfg: Config) -> bool:
     return d.lm_sources is not None or (d.lm_ctx_len is not None and d.lm_ctx_len != d.ctx_len)
 
 
+def own_lm_stream(streams: dict) -> bool:
+    """Whether the next-token term reads a stream of its own beside the KL terms' one (not the
+    lone stream of a next-token-only objective, which drives every step)."""
+    return "lm" in streams and len(streams) > 1
+
+
 def lm_every(cfg: Config, streams: dict) -> int:
     """Optimizer steps per batch of the next-token term's own stream: ``data.lm_every`` when that
-    stream runs beside the KL terms' one, else 1 (a lone stream drives every step)."""
-    return cfg.data.lm_every if "lm" in streams and len(streams) > 1 else 1
+    stream runs beside the KL terms' one, else 1."""
+    return cfg.data.lm_every if own_lm_stream(streams) else 1
 
 
 def plan_steps(cfg: Config, streams: dict[str, StreamSpec], primary: str, world_size: int) -> tuple[int, int]:
@@ -557,7 +563,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = build_scheduler(optimizer, t.warmup_steps, job.total_steps, t.min_lr_ratio)
-    own_lm = "lm" in job.streams and job.primary != "lm"  # the next-token term's stream beside the KL terms'
+    own_lm = own_lm_stream(job.streams)
     if loaded is not None:
         optimizer.load_state_dict(loaded.optimizer_state)
         scheduler.load_state_dict(loaded.scheduler_state)
