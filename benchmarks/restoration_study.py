@@ -874,11 +874,10 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
             v, t = ppl.get((m, d, L)), ppl.get((teacher, d, L)) if not window or L <= window else None
             cells.append("–" if v is None else _ppl4(v) if t is None or m == teacher else f"{_ppl4(v)} ({100 * t / v:.1f}%)")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
-    trials: dict[tuple[str, int], list[dict]] = {}
+    trials: dict[tuple[str, int], dict[int, list[dict]]] = {}  # (model, prompts per length) -> length -> trials
     for r in records:
         if r["kind"] == "passkey":
-            trials.setdefault((r["model"], len(r["results"])), []).extend(
-                dict(x, length=int(r["length"])) for x in r["results"])
+            trials.setdefault((r["model"], len(r["results"])), {})[int(r["length"])] = r["results"]
     for n in sorted({k[1] for k in acc}):
         base = trials.get((baseline, n))
         out += ["", f"Passkey (accuracy over {n} prompts per length: depths × trials):", "",
@@ -889,7 +888,8 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
             if any((m, n, L) in acc for L in pk_lengths):
                 mine = trials[(m, n)]
                 row = (f"| {m} | " + " | ".join(_acc(acc.get((m, n, L))) for L in pk_lengths)
-                       + f" | {sum(bool(x['correct']) for x in mine)} / {len(mine)} |")
+                       + f" | {sum(bool(x['correct']) for xs in mine.values() for x in xs)}"
+                       f" / {sum(len(xs) for xs in mine.values())} |")
                 if base:
                     v = None if m == baseline else paired_comparison(mine, base)
                     row += f" {v['wins']} / {v['losses']} ({v['p_value']:.2g}) |" if v else " – |"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -46,22 +46,24 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _keyed(trials: Iterable[dict]) -> dict[tuple, bool]:
+def _keyed(trials: Mapping[Any, Iterable[dict]]) -> dict[tuple, bool]:
     """(length, depth, key, repeat) -> correct; the repeat count keeps two trials that drew the same
     key at the same depth apart."""
     seen: Counter = Counter()
     out = {}
-    for t in trials:
-        k = (t["length"], float(t["depth"]), str(t["key"]))
-        out[(*k, seen[k])] = bool(t["correct"])
-        seen[k] += 1
+    for length, rows in trials.items():
+        for t in rows:
+            k = (length, float(t["depth"]), str(t["key"]))
+            out[(*k, seen[k])] = bool(t["correct"])
+            seen[k] += 1
     return out
 
 
-def paired_comparison(model: Iterable[dict], baseline: Iterable[dict]) -> dict | None:
-    """Compare two models on the prompts both answered. Each trial is a dict with length, depth, key
-    and correct. Returns wins (model right, baseline wrong), losses, ties, the prompts paired and the
-    sign-test p-value; None when no prompt is shared (different seeds or lengths)."""
+def paired_comparison(model: Mapping[Any, Iterable[dict]], baseline: Mapping[Any, Iterable[dict]]) -> dict | None:
+    """Compare two models on the prompts both answered. Each side maps a prompt length to its trials
+    (dicts with depth, key and correct), as evaluate.py's passkey jobs and report give them. Returns
+    wins (model right, baseline wrong), losses, ties, the prompts paired and the sign-test p-value;
+    None when no prompt is shared (different seeds or lengths)."""
     a, b = _keyed(model), _keyed(baseline)
     shared = a.keys() & b.keys()
     if not shared:

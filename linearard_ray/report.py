@@ -143,12 +143,9 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
                       "accuracy_by_length": per_len, "accuracy_overall": float(np.mean(allr)), "answers": samples,
                       "correct": int(sum(allr)), "prompts": len(allr), "ci95": wilson_interval(int(sum(allr)), len(allr))}
     if scaled in passkey:
-        def flat(name):
-            return [{"length": int(L), **x} for L, xs in passkey[name]["answers"].items() for x in xs]
-
         for n, pk in passkey.items():
             if n != scaled:
-                pk["vs_scaled"] = paired_comparison(flat(n), flat(scaled))
+                pk["vs_scaled"] = paired_comparison(pk["answers"], passkey[scaled]["answers"])
 
     seconds: dict = {}
     for r in results:

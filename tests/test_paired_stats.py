@@ -60,22 +60,30 @@ def test_sign_test_sums_the_binomial_law_over_outcomes_as_uneven():
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(4, 4) == 1.0
 
 
+def _by_length(trials: list[dict]) -> dict[int, list[dict]]:
+    """The shape evaluate.py's passkey jobs give: prompt length -> its trials, in order."""
+    out: dict[int, list[dict]] = {}
+    for t in trials:
+        out.setdefault(t["length"], []).append(t)
+    return out
+
+
 def test_paired_comparison_counts_prompt_by_prompt():
     rng = random.Random(7)
     prompts = [(L, d, f"{rng.randrange(10**5):05d}") for L in (512, 1024) for d in (0.1, 0.5, 0.9) for _ in range(6)]
     prompts += [prompts[0]]  # the same key drawn twice at one depth stays two prompts
     a = [{"length": L, "depth": d, "key": k, "correct": rng.random() < 0.6} for L, d, k in prompts]
     b = [{"length": L, "depth": d, "key": k, "correct": rng.random() < 0.4} for L, d, k in prompts]
-    got = paired_comparison(a, list(reversed(b[:-1])) + [b[-1]])  # order within a key group is what pairs
+    got = paired_comparison(_by_length(a), _by_length(list(reversed(b[:-1])) + [b[-1]]))  # order within a key group is what pairs
     wins = sum(x["correct"] and not y["correct"] for x, y in zip(a, b))
     losses = sum(y["correct"] and not x["correct"] for x, y in zip(a, b))
     assert got == {"paired": len(prompts), "wins": wins, "losses": losses, "ties": len(prompts) - wins - losses,
                    "p_value": sign_test_p(wins, losses)}
     # only the shared prompts count; none shared means no comparison
-    half = paired_comparison(a[:10], b)
+    half = paired_comparison(_by_length(a[:10]), _by_length(b))
     assert half["paired"] == 10
     other_seed = [dict(x, key=str(int(x["key"]) + 1)) for x in b]
-    assert paired_comparison(a, other_seed) is None
+    assert paired_comparison(_by_length(a), _by_length(other_seed)) is None
 
 
 def test_paired_windows_against_every_sign_flip():
