@@ -230,6 +230,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                                "data.lm_sources=[builtin:sotu/train]", "data.lm_ctx_len=2048", "data.lm_every=2"],
                               "relation KL (q/k/v 0.1/0.1/1) + logit KL on 2K blocks of SOTU + samples, + next-token "
                               "(weight 2) on its own 2K blocks of SOTU every 2nd step, lr 1e-3, PI×4"),
+    # round 8: the same at weight 3, the weight that won 32K in-block (20.36) but cost passkey
+    "tsample-vmix-lmsotu30": (["objective.name=custom", "objective.relation.weight=1.0", "objective.logits.weight=1.0",
+                               "objective.next_token.weight=3.0", V_HEAVY, "train.lr=1e-3", SOTU_AND_SAMPLES,
+                               "data.lm_sources=[builtin:sotu/train]", "data.lm_ctx_len=2048", "data.lm_every=2"],
+                              "as tsample-vmix-lmsotu20, next-token weight 3"),
     "tsample-vmix-ce20-s3": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "train.seed=3", "data.seed=3"],
                                                 "SOTU + teacher samples, seed 3"),
     "unix-vmix-ce2-8k-s1": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, *BLOCKS_8K, "data.pack=true",
@@ -855,8 +860,6 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
     only one of the two got right and the sign test's p (linearard_ray.paired_stats). Where the records
     keep per-window NLL, a last table compares each model with ``versus`` window by window.
     """
-    from linearard_ray.paired_stats import paired_comparison
-
     models = list(dict.fromkeys(r["model"] for r in records))
     ppl, acc = job_figures(records)
     # Recovery compares within the teacher's window only: past it the native teacher is not a reference
@@ -879,22 +882,37 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
         if r["kind"] == "passkey":
             trials.setdefault((r["model"], len(r["results"])), {})[int(r["length"])] = r["results"]
     for n in sorted({k[1] for k in acc}):
-        base = trials.get((baseline, n))
-        out += ["", f"Passkey (accuracy over {n} prompts per length: depths × trials):", "",
-                "| model | " + " | ".join(_len_label(L) for L in pk_lengths) + " | correct / prompts |"
-                + (f" vs {baseline}: wins / losses (p) |" if base else ""),
-                "|---|" + "---|" * (len(pk_lengths) + 1) + ("---|" if base else "")]
-        for m in models:
-            if any((m, n, L) in acc for L in pk_lengths):
-                mine = trials[(m, n)]
-                row = (f"| {m} | " + " | ".join(_acc(acc.get((m, n, L))) for L in pk_lengths)
-                       + f" | {sum(bool(x['correct']) for xs in mine.values() for x in xs)}"
-                       f" / {sum(len(xs) for xs in mine.values())} |")
-                if base:
-                    v = None if m == baseline else paired_comparison(mine, base)
-                    row += f" {v['wins']} / {v['losses']} ({v['p_value']:.2g}) |" if v else " – |"
-                out.append(row)
+        for field, title in (("correct", f"Passkey (accuracy over {n} prompts per length: depths × trials):"),
+                             ("choice_correct", f"Passkey, forced choice (the true key scored above every distractor, "
+                                                f"teacher-forced; {n} prompts per length):")):
+            out += _passkey_table(trials, n, field, title, models, pk_lengths, baseline)
     return "\n".join(out) + "\n" + _window_table(records, domains, versus)
+
+
+def _passkey_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int, field: str, title: str,
+                   models: list[str], lengths: list[int], baseline: str) -> list[str]:
+    """Markdown lines: per-length accuracy of ``field`` for the models whose n-prompt trials carry it,
+    each paired with ``baseline`` prompt by prompt; none when no model has the field."""
+    from linearard_ray.paired_stats import paired_comparison
+
+    have = {m: trials[(m, n)] for m in models
+            if (m, n) in trials and all(field in x for xs in trials[(m, n)].values() for x in xs)}
+    if not have:
+        return []
+    base = have.get(baseline)
+    out = ["", title, "",
+           "| model | " + " | ".join(_len_label(L) for L in lengths) + " | correct / prompts |"
+           + (f" vs {baseline}: wins / losses (p) |" if base else ""),
+           "|---|" + "---|" * (len(lengths) + 1) + ("---|" if base else "")]
+    for m, mine in have.items():
+        per_len = [sum(bool(x[field]) for x in mine[L]) / len(mine[L]) if mine.get(L) else None for L in lengths]
+        row = (f"| {m} | " + " | ".join(_acc(a) for a in per_len)
+               + f" | {sum(bool(x[field]) for xs in mine.values() for x in xs)} / {sum(len(xs) for xs in mine.values())} |")
+        if base:
+            v = None if m == baseline else paired_comparison(mine, base, field=field)
+            row += f" {v['wins']} / {v['losses']} ({v['p_value']:.2g}) |" if v else " – |"
+        out.append(row)
+    return out
 
 
 def _window_table(records: list[dict], domains: dict[str, str], versus: str) -> str:

@@ -463,6 +463,10 @@ class EvalConfig(_Section):
     passkey_lengths: list[int] = Field(default_factory=lambda: [1024, 4096])
     passkey_depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_trials: int = Field(3, ge=1)
+    passkey_choices: int = Field(10, ge=0, description="Forced-choice retrieval beside the greedy answer: the true key "
+                                                       "and N-1 seeded distractors are scored by the model's log-probability "
+                                                       "after the question, so reading the key is measured apart from how the "
+                                                       "model words its answer (chance 1/N); 0 = off.")
     relation_kl: bool = True
     batch_size: int = Field(1, ge=1)
     seed: int = 0
@@ -471,6 +475,13 @@ class EvalConfig(_Section):
                                            "and settings); false = run everything again.")
     device: str = "auto"
     lm_eval_tasks: list[str] = Field(default_factory=list)
+
+    @field_validator("passkey_choices")
+    @classmethod
+    def _choices(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("1 leaves nothing to choose between; use 0 to turn the forced choice off, or 2 or more")
+        return v
 
 
 # --------------------------------------------------------------------------- tune

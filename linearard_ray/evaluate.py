@@ -33,7 +33,7 @@ import torch
 from linearard_ray.config import Config, ConfigError, EvalModelSpec, RopeConfig
 from linearard_ray.eval_resume import JobLog, inputs_digest, job_key, model_fingerprint
 from linearard_ray.metrics import sequence_nll_rows
-from linearard_ray.passkey import min_length, prompts_for, run_passkey
+from linearard_ray.passkey import min_length, prompts_for, run_passkey, score_key_choices
 from linearard_ray.texts import bos_prefix, load_documents, make_windows, tokenize_documents
 
 DOMAINS = ("main", "other")  # eval.texts, eval.other_texts
@@ -253,8 +253,14 @@ def _run_jobs(spec: ModelSpec, teacher_spec: ModelSpec, jobs: list[tuple], paylo
         elif job[0] == "passkey":
             _, L = job
             rows = run_passkey(model, payload["tokenizer"], payload["passkey"][L], ev.batch_size, device)
-            res = {"kind": "passkey", "model": spec.name, "length": L, "results": rows}
             msg = f"passkey accuracy {np.mean([r['correct'] for r in rows]):.2f}"
+            if ev.passkey_choices:
+                scores = score_key_choices(model, payload["tokenizer"], payload["passkey"][L], ev.passkey_choices,
+                                           ev.batch_size, device)
+                rows = [{**r, **c} for r, c in zip(rows, scores)]
+                msg += (f", forced choice of {ev.passkey_choices} "
+                        f"{np.mean([r['choice_correct'] for r in rows]):.2f}")
+            res = {"kind": "passkey", "model": spec.name, "length": L, "results": rows}
             dom = "passkey"
         else:  # pragma: no cover - internal
             raise ValueError(job)
@@ -445,9 +451,12 @@ def _job_keys(specs: list[ModelSpec], teacher_spec: ModelSpec, plan: dict[str, l
                 digests[where] = inputs_digest(payload["passkey"][job[1]] if job[0] == "passkey"
                                                else payload["windows"][job[1]][job[2]])
             teacher = None
+            job_settings = settings
+            if job[0] == "passkey":  # a record without the forced choice must not stand in for one with it
+                job_settings = {**settings, "passkey_choices": cfg.eval.passkey_choices}
             if job[0] == "relkl":
                 teacher = {**ident[teacher_spec.name], "yarn_logit_correction": cfg.rope.yarn_logit_correction}
-            keys[(s.name, job)] = job_key(job, ident[s.name], digests[where], settings, teacher)
+            keys[(s.name, job)] = job_key(job, ident[s.name], digests[where], job_settings, teacher)
     return keys
 
 

@@ -46,25 +46,27 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _keyed(trials: Mapping[Any, Iterable[dict]]) -> dict[tuple, bool]:
-    """(length, depth, key, repeat) -> correct; the repeat count keeps two trials that drew the same
-    key at the same depth apart."""
+def _keyed(trials: Mapping[Any, Iterable[dict]], field: str = "correct") -> dict[tuple, bool]:
+    """(length, depth, key, repeat) -> trial[field]; the repeat count keeps two trials that drew the
+    same key at the same depth apart."""
     seen: Counter = Counter()
     out = {}
     for length, rows in trials.items():
         for t in rows:
             k = (length, float(t["depth"]), str(t["key"]))
-            out[(*k, seen[k])] = bool(t["correct"])
+            out[(*k, seen[k])] = bool(t[field])
             seen[k] += 1
     return out
 
 
-def paired_comparison(model: Mapping[Any, Iterable[dict]], baseline: Mapping[Any, Iterable[dict]]) -> dict | None:
+def paired_comparison(model: Mapping[Any, Iterable[dict]], baseline: Mapping[Any, Iterable[dict]],
+                      field: str = "correct") -> dict | None:
     """Compare two models on the prompts both answered. Each side maps a prompt length to its trials
-    (dicts with depth, key and correct), as evaluate.py's passkey jobs and report give them. Returns
-    wins (model right, baseline wrong), losses, ties, the prompts paired and the sign-test p-value;
-    None when no prompt is shared (different seeds or lengths)."""
-    a, b = _keyed(model), _keyed(baseline)
+    (dicts with depth, key and ``field``: "correct" for the greedy answer, "choice_correct" for the
+    forced choice), as evaluate.py's passkey jobs and report give them. Returns wins (model right,
+    baseline wrong), losses, ties, the prompts paired and the sign-test p-value; None when no prompt
+    is shared (different seeds or lengths)."""
+    a, b = _keyed(model, field), _keyed(baseline, field)
     shared = a.keys() & b.keys()
     if not shared:
         return None

@@ -9,6 +9,7 @@ requested number of tokens and the key sits at a known token position.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -103,6 +104,72 @@ def run_passkey(model, tokenizer, prompts: list[PasskeyPrompt], batch_size: int,
             text = tokenizer.decode(g.tolist(), skip_special_tokens=True)
             ans = extract_answer(text)
             out.append({"depth": p.depth, "key": p.key, "answer": ans, "output": text, "correct": ans == p.key})
+    return out
+
+
+ANSWER = " {key}"  # what a right answer to QUESTION starts with
+
+
+def distractor_keys(key: str, n: int) -> list[str]:
+    """``n`` distinct five-digit keys other than ``key``, a function of the key alone, so every model
+    is offered the same choices for a prompt."""
+    rng = np.random.default_rng([int(key), n])
+    out: list[str] = []
+    while len(out) < n:
+        k = str(int(rng.integers(10000, 100000)))
+        if k != key and k not in out:
+            out.append(k)
+    return out
+
+
+@torch.no_grad()
+def score_key_choices(model, tokenizer, prompts: list[PasskeyPrompt], choices: int, batch_size: int,
+                      device) -> list[dict]:
+    """Forced-choice retrieval: the log-probability the model gives the true key right after the
+    question, against ``choices - 1`` distractor keys, teacher-forced. One {'key_logprob',
+    'choice_rank', 'choice_correct'} per prompt; rank 0 means the true key scored strictly highest.
+
+    Greedy answers also measure the answer's wording: a model that replies "a key that is used to
+    unlock ..." fails however well it read the key. Every candidate here has the same form, so this
+    score is retrieval alone; chance is 1 / ``choices``.
+
+    The prompt is run once; each candidate then runs on its key-value cache, which is cut back to
+    the prompt before the next one (a negative ``crop`` removes tokens in every transformers 5).
+    """
+    if choices < 2:
+        raise ValueError(f"eval.passkey_choices: {choices} leaves nothing to choose between (use 0 to turn it off, or ≥ 2)")
+    # transformers 5.24 renamed forward's past_key_values to cache (the old name goes in 5.40)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        if len({len(p.input_ids) for p in chunk}) != 1:
+            raise ValueError("passkey prompts of one batch must have the same length")
+        ids = torch.tensor([p.input_ids for p in chunk], dtype=torch.long, device=device)
+        res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        first = res.logits[:, -1].float().log_softmax(-1)
+        cache = getattr(res, "cache", None)
+        if cache is None:
+            cache = res.past_key_values
+        cands = [[p.key, *distractor_keys(p.key, choices - 1)] for p in chunk]
+        scores = torch.zeros(len(chunk), choices, dtype=torch.float64)
+        for c in range(choices):
+            conts = [_ids(tokenizer, ANSWER.format(key=row[c])) for row in cands]
+            n = max(len(x) for x in conts)
+            # padding after a row's last token cannot change its earlier positions (causal), and is not scored
+            toks = torch.tensor([x + [x[-1]] * (n - len(x)) for x in conts], dtype=torch.long, device=device)
+            lp = first.gather(1, toks[:, :1]).squeeze(1).double()
+            if n > 1:
+                r = model(input_ids=toks[:, :-1], use_cache=True, **{cache_arg: cache})
+                tok_lp = r.logits.float().log_softmax(-1).gather(2, toks[:, 1:, None]).squeeze(2).double()
+                real = torch.arange(1, n, device=device)[None, :] < torch.tensor([len(x) for x in conts],
+                                                                                 device=device)[:, None]
+                lp = lp + (tok_lp * real).sum(1)
+                cache.crop(-(n - 1))
+            scores[:, c] = lp.cpu()
+        for row in scores:
+            rank = int((row[1:] >= row[0]).sum())
+            out.append({"key_logprob": float(row[0]), "choice_rank": rank, "choice_correct": rank == 0})
     return out
 
 

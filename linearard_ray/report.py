@@ -35,6 +35,10 @@ DEFINITIONS = {
                       "model gets right and the baseline wrong, losses = the reverse; p = exact two-sided sign "
                       "test on wins vs losses (McNemar), the chance of a split at least this uneven if neither "
                       "model were better; the accuracy interval is Wilson's 95%",
+    "passkey_forced_choice": "share of trials where the model gives the true key a higher log-probability right "
+                             "after the question (teacher-forced, summed over the key's tokens) than each of N-1 "
+                             "seeded distractor keys; every candidate has the same form, so this is retrieval "
+                             "apart from how the model words its answer; chance is 1/N",
     "nll_paired": "in the perplexity tables, 'better on k/n windows, p' compares a model with the unrestored "
                   "baseline on the same windows: k = windows where its mean NLL is lower; p = exact two-sided "
                   "sign-flip permutation test of the mean per-window NLL difference (with n windows the "
@@ -70,6 +74,19 @@ def _clean(x):
     if isinstance(x, np.bool_):
         return bool(x)
     return x
+
+
+CHOICE_FIELDS = ("choice_correct", "choice_rank", "key_logprob")
+
+
+def _forced_choice(by_len: dict, lengths: list[int], choices: int) -> dict:
+    """The forced-choice figures of one model's passkey trials (see DEFINITIONS)."""
+    hits = [bool(x["choice_correct"]) for rs in by_len.values() for x in rs]
+    return {"choices": choices, "correct": int(sum(hits)), "prompts": len(hits),
+            "accuracy_overall": float(np.mean(hits)), "ci95": wilson_interval(int(sum(hits)), len(hits)),
+            "accuracy_by_length": {str(L): float(np.mean([x["choice_correct"] for x in by_len[L]]))
+                                   for L in lengths if L in by_len},
+            "key_logprob_mean": float(np.mean([x["key_logprob"] for rs in by_len.values() for x in rs]))}
 
 
 def build_report(cfg, models: list[dict], domains: dict, results: list[dict], skipped: list[dict],
@@ -137,15 +154,21 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
             grid.append(row)
         allr = [x["correct"] for rs in by_len.values() for x in rs]
         per_len = {str(L): float(np.mean([x["correct"] for x in by_len[L]])) for L in pk_lengths if L in by_len}
-        samples = {str(L): [{k: x[k] for k in ("depth", "key", "answer", "correct")} for x in by_len[L]]
-                   for L in pk_lengths if L in by_len}
+        forced = all("choice_correct" in x for rs in by_len.values() for x in rs)
+        fields = ("depth", "key", "answer", "correct") + (CHOICE_FIELDS if forced else ())
+        samples = {str(L): [{k: x[k] for k in fields} for x in by_len[L]] for L in pk_lengths if L in by_len}
         passkey[n] = {"lengths": pk_lengths, "depths": depths, "trials": ev.passkey_trials, "accuracy": grid,
                       "accuracy_by_length": per_len, "accuracy_overall": float(np.mean(allr)), "answers": samples,
                       "correct": int(sum(allr)), "prompts": len(allr), "ci95": wilson_interval(int(sum(allr)), len(allr))}
+        if forced:
+            passkey[n]["forced_choice"] = _forced_choice(by_len, pk_lengths, ev.passkey_choices)
     if scaled in passkey:
         for n, pk in passkey.items():
             if n != scaled:
                 pk["vs_scaled"] = paired_comparison(pk["answers"], passkey[scaled]["answers"])
+                if "forced_choice" in pk and "forced_choice" in passkey[scaled]:
+                    pk["forced_choice"]["vs_scaled"] = paired_comparison(pk["answers"], passkey[scaled]["answers"],
+                                                                         field="choice_correct")
 
     seconds: dict = {}
     for r in results:
@@ -189,6 +212,33 @@ def _f(x, fmt="{:.3f}") -> str:
 def _domain_title(dom: str, info: dict) -> str:
     kind = "main texts (eval.texts)" if dom == "main" else "second domain (eval.other_texts)"
     return f"{kind}: {', '.join(info['sources'])}"
+
+
+def _forced_choice_table(report: dict, base: str | None) -> list[str]:
+    """Markdown lines for the forced-choice passkey figures; none when no model has them."""
+    fc = {n: pk["forced_choice"] for n, pk in report["passkey"].items() if "forced_choice" in pk}
+    if not fc:
+        return []
+    Ls = list(next(iter(fc.values()))["accuracy_by_length"])
+    paired = base in fc
+    choices = next(iter(fc.values()))["choices"]
+    lines = ["", f"Forced choice among {choices} keys (retrieval apart from the answer's wording; chance "
+                 f"{1 / choices:.2f}):", "",
+             "| model | correct / prompts | accuracy (95% interval) | " + " | ".join(Ls)
+             + " | mean log P(key) |" + (f" vs {base}: wins / losses / ties | p (sign test) |" if paired else ""),
+             "|---|---|---|" + "---|" * (len(Ls) + 1) + ("---|---|" if paired else "")]
+    for n, f in fc.items():
+        ci = f["ci95"]
+        row = (f"| {n} | {f['correct']} / {f['prompts']} | {f['accuracy_overall']:.2f}"
+               + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "") + " | "
+               + " | ".join(_f(f["accuracy_by_length"].get(L), "{:.2f}") for L in Ls)
+               + f" | {f['key_logprob_mean']:.2f} |")
+        if paired:
+            v = f.get("vs_scaled")
+            row += (" (the baseline) | |" if n == base else f" {v['wins']} / {v['losses']} / {v['ties']} | "
+                    f"{v['p_value']:.3g} |" if v else " no shared prompts | |")
+        lines.append(row)
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -282,6 +332,7 @@ def render_markdown(report: dict) -> str:
                 else:
                     row += " no shared prompts | |"
             lines.append(row)
+        lines += _forced_choice_table(report, base)
         lines += ["", "Accuracy per depth × length:", ""]
         for n, pk in report["passkey"].items():
             Ls = [str(L) for L in pk["lengths"]]
@@ -372,10 +423,37 @@ def plot_passkey(report: dict, name: str, path: Path) -> Path:
     return path
 
 
+def _summary_panel(ax, names: list[str], stats: list[dict], base: str | None, xlabel: str, title: str,
+                   chance: float | None = None) -> None:
+    """Bars of overall accuracy with Wilson intervals, the baseline's interval shaded, p per model."""
+    acc = np.array([st["accuracy_overall"] for st in stats])
+    ci = np.array([st.get("ci95") or (a, a) for st, a in zip(stats, acc)], dtype=float)
+    y = np.arange(len(names))
+    ax.barh(y, acc, color=["tab:gray" if n == base else "tab:blue" for n in names], alpha=0.7)
+    ax.errorbar(acc, y, xerr=[acc - ci[:, 0], ci[:, 1] - acc], fmt="none", ecolor="black", capsize=3, lw=1)
+    if base in names:
+        lo, hi = ci[names.index(base)]
+        ax.axvspan(lo, hi, color="tab:gray", alpha=0.12, label=f"{base}: 95% interval")
+    if chance is not None:
+        ax.axvline(chance, color="tab:red", ls=":", lw=1, label=f"chance: {chance:.2f}")
+    if base in names or chance is not None:
+        ax.legend(fontsize=7, loc="lower right")
+    for i, st in enumerate(stats):
+        v = st.get("vs_scaled")
+        label = f"{st.get('correct', '?')}/{st.get('prompts', '?')}" + (f", p {v['p_value']:.2g}" if v else "")
+        ax.annotate(label, (min(ci[i, 1], 1.0), i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+
+
 def plot_passkey_summary(report: dict, path: Path) -> Path:
     """One bar per model: overall passkey accuracy with its Wilson 95% interval, the unrestored
     baseline's interval shaded, and each model's sign-test p against it, so overlapping intervals
-    and a weak p are seen before a ranking is read off the bars."""
+    and a weak p are seen before a ranking is read off the bars. With the forced choice, a second
+    panel gives the same for it: a gap between the panels is the answer's wording, not retrieval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,27 +461,19 @@ def plot_passkey_summary(report: dict, path: Path) -> Path:
 
     names = list(report["passkey"])
     pks = [report["passkey"][n] for n in names]
-    acc = np.array([pk["accuracy_overall"] for pk in pks])
-    ci = np.array([pk.get("ci95") or (a, a) for pk, a in zip(pks, acc)], dtype=float)
     base = report["reference"].get("scaled")
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.6))
-    y = np.arange(len(names))
-    colors = ["tab:gray" if n == base else "tab:blue" for n in names]
-    ax.barh(y, acc, color=colors, alpha=0.7)
-    ax.errorbar(acc, y, xerr=[acc - ci[:, 0], ci[:, 1] - acc], fmt="none", ecolor="black", capsize=3, lw=1)
-    if base in report["passkey"]:
-        lo, hi = ci[names.index(base)]
-        ax.axvspan(lo, hi, color="tab:gray", alpha=0.12, label=f"{base}: 95% interval")
-        ax.legend(fontsize=7, loc="lower right")
-    for i, pk in enumerate(pks):
-        v = pk.get("vs_scaled")
-        label = f"{pk.get('correct', '?')}/{pk.get('prompts', '?')}" + (f", p {v['p_value']:.2g}" if v else "")
-        ax.annotate(label, (min(ci[i, 1], 1.0), i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.15)
-    ax.set_xlabel("passkey accuracy over all prompts (bars: Wilson 95% interval; p: sign test vs the baseline)")
-    ax.set_title("passkey retrieval", fontsize=9)
+    forced = all("forced_choice" in pk for pk in pks)
+    fig, axes = plt.subplots(1, 2 if forced else 1, figsize=(13 if forced else 7.5, 0.45 * len(names) + 1.6),
+                             squeeze=False)
+    _summary_panel(axes[0, 0], names, pks, base,
+                   "greedy answer correct, over all prompts (bars: Wilson 95% interval; p: sign test vs the baseline)",
+                   "passkey retrieval: greedy answer")
+    if forced:
+        k = pks[0]["forced_choice"]["choices"]
+        _summary_panel(axes[0, 1], names, [pk["forced_choice"] for pk in pks], base,
+                       f"true key scored above {k - 1} distractors (teacher-forced)",
+                       f"passkey retrieval: forced choice among {k} keys", chance=1 / k)
+        axes[0, 1].set_yticks(np.arange(len(names)), [""] * len(names))
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
@@ -464,6 +534,14 @@ def flat_metrics(report: dict) -> dict[str, float]:
         if pk.get("vs_scaled"):
             m[f"passkey.{_safe(n)}.wins_minus_losses_vs_scaled"] = pk["vs_scaled"]["wins"] - pk["vs_scaled"]["losses"]
             m[f"passkey.{_safe(n)}.p_vs_scaled"] = pk["vs_scaled"]["p_value"]
+        fc = pk.get("forced_choice")
+        if fc:
+            for L, a in fc["accuracy_by_length"].items():
+                m[f"passkey.{_safe(n)}.choice_acc_{L}"] = a
+            m[f"passkey.{_safe(n)}.choice_acc"] = fc["accuracy_overall"]
+            m[f"passkey.{_safe(n)}.key_logprob"] = fc["key_logprob_mean"]
+            if fc.get("vs_scaled"):
+                m[f"passkey.{_safe(n)}.choice_p_vs_scaled"] = fc["vs_scaled"]["p_value"]
     return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
 
 

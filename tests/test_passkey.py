@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from linearard_ray.passkey import (FILLER, INSTRUCTION, KEY_LINE, QUESTION, PasskeyPrompt, accuracy_grid, build_prompt, extract_answer,
-                                   make_key, min_length, prompts_for, run_passkey)
+from linearard_ray.passkey import (ANSWER, FILLER, INSTRUCTION, KEY_LINE, QUESTION, PasskeyPrompt, accuracy_grid, build_prompt,
+                                   distractor_keys, extract_answer, make_key, min_length, prompts_for, run_passkey,
+                                   score_key_choices)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,93 @@ def test_run_passkey_is_greedy_decoding(tok, tiny_model_dir):
                 ids = torch.cat([ids, nxt.view(1, 1)], 1)
         assert r["output"] == tok.decode(ids[0, len(p.input_ids):].tolist(), skip_special_tokens=True)
         assert r["answer"] == extract_answer(r["output"])
+
+
+def test_distractor_keys_are_seeded_distinct_and_never_the_key():
+    for key in ("10000", "48213", "99999"):
+        d = distractor_keys(key, 9)
+        assert d == distractor_keys(key, 9) and len(set(d)) == 9 and key not in d
+        assert all(len(k) == 5 and k.isdigit() for k in d)
+    assert distractor_keys("48213", 9) != distractor_keys("48214", 9)
+
+
+def test_key_choices_match_full_forwards_without_a_cache(tok, tiny_model_dir):
+    """Each candidate's score is log P(" <key>" | prompt) summed over its tokens; computed here by one
+    plain forward of prompt + candidate per candidate, so a cache not cut back between candidates,
+    a token scored from the wrong position or a padded token counted would all show."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    prompts = prompts_for(tok, 180, [0.2, 0.8], 2, seed=5)
+    choices = 4
+    got = score_key_choices(model, tok, prompts, choices, batch_size=3, device="cpu")
+    assert len(got) == len(prompts)
+    for p, g in zip(prompts, got):
+        scores = []
+        for key in [p.key, *distractor_keys(p.key, choices - 1)]:
+            cont = tok(ANSWER.format(key=key), add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([p.input_ids + cont])
+            with torch.no_grad():
+                logp = model(ids).logits[0].double().log_softmax(-1)
+            pos = torch.arange(len(p.input_ids) - 1, ids.shape[1] - 1)
+            scores.append(float(logp[pos, torch.tensor(cont)].sum()))
+        assert g["key_logprob"] == pytest.approx(scores[0], abs=1e-4)
+        assert g["choice_rank"] == sum(s >= scores[0] for s in scores[1:])
+        assert g["choice_correct"] == (g["choice_rank"] == 0)
+
+
+class _Reader(torch.nn.Module):
+    """Puts its probability on the digits of the key written in the prompt: a model that retrieves
+    perfectly but (like many small ones) would answer in words, for the forced choice to score."""
+
+    def __init__(self, tok, prompts: list[PasskeyPrompt]):
+        super().__init__()
+        self.tok, self.vocab = tok, len(tok)
+        self.keys = {tuple(p.input_ids): tok(ANSWER.format(key=p.key), add_special_tokens=False)["input_ids"]
+                     for p in prompts}
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, logits_to_keep=0):
+        rows = input_ids.tolist()
+        if past_key_values is None:  # the prompt: remember it, predict the key's first token
+            past_key_values = _Cache([self.keys[tuple(r)] for r in rows])
+            nxt = [[k[0]] for k in past_key_values.keys]
+        else:
+            done = past_key_values.grow(len(rows[0]))
+            nxt = [[k[min(done + i, len(k) - 1)] for i in range(len(r))] for k, r in zip(past_key_values.keys, rows)]
+        logits = torch.full((len(rows), len(nxt[0]), self.vocab), -5.0)
+        for b, seq in enumerate(nxt):
+            for i, t in enumerate(seq):
+                logits[b, i, t] = 5.0
+        return type("Out", (), {"logits": logits, "past_key_values": past_key_values})()
+
+
+class _Cache:
+    def __init__(self, keys):
+        self.keys, self.extra = keys, 0
+
+    def grow(self, n):
+        before = self.extra + 1
+        self.extra += n
+        return before
+
+    def crop(self, n):
+        assert n < 0, "crop takes a negative count of tokens to remove"
+        self.extra += n
+        assert self.extra == 0, "the cache must be back at the prompt before the next candidate"
+
+
+def test_forced_choice_credits_retrieval_that_greedy_wording_would_miss(tok):
+    prompts = prompts_for(tok, 220, [0.1, 0.9], 3, seed=8)
+    got = score_key_choices(_Reader(tok, prompts), tok, prompts, 10, batch_size=2, device="cpu")
+    assert all(g["choice_correct"] and g["choice_rank"] == 0 for g in got)
+    assert all(g["key_logprob"] > -1.0 for g in got)
+    with pytest.raises(ValueError, match="passkey_choices"):
+        score_key_choices(_Reader(tok, prompts), tok, prompts, 1, batch_size=2, device="cpu")
+
+
+def test_passkey_choices_of_one_is_a_named_config_error():
+    from linearard_ray.config import build_config
+
+    assert build_config({"eval": {"passkey_choices": 0}}).eval.passkey_choices == 0
+    with pytest.raises(ValueError, match=r"eval\.passkey_choices.*nothing to choose between"):
+        build_config({"eval": {"passkey_choices": 1}})

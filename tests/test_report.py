@@ -30,10 +30,10 @@ def test_restoration_arithmetic():
     assert restoration(3.0, None, 2.5)["gap_closed_pct"] is None
 
 
-def _synthetic(seed=0):
+def _synthetic(seed=0, forced=False):
     rng = np.random.default_rng(seed)
     cfg = build_config({"eval": {"short_lengths": [16, 32], "long_lengths": [64, 128], "passkey_lengths": [100, 200],
-                                 "passkey_depths": [0.0, 0.5, 1.0], "passkey_trials": 4}})
+                                 "passkey_depths": [0.0, 0.5, 1.0], "passkey_trials": 4, "passkey_choices": 6}})
     models = [{"name": "teacher", "path": "t", "role": "teacher", "rope": "from checkpoint"},
               {"name": "scaled", "path": "t", "role": "scaled", "rope": {"type": "linear", "factor": 4.0}},
               {"name": "restored", "path": "s", "role": "restored", "rope": "from checkpoint"}]
@@ -63,6 +63,10 @@ def _synthetic(seed=0):
         for L in (100, 200):
             answers = [{"depth": dp, "key": "12345", "answer": "1", "output": "1", "correct": bool(rng.random() < 0.5)}
                        for dp in (0.0, 0.5, 1.0) for _ in range(4)]
+            if forced:
+                for a in answers:
+                    rank = int(rng.integers(0, 3))
+                    a.update(choice_rank=rank, choice_correct=rank == 0, key_logprob=float(rng.uniform(-12, -1)))
             results.append({"kind": "passkey", "model": m["name"], "length": L, "results": answers, "seconds": 0.1})
     skipped = [{"section": "nll", "domain": d, "length": 128, "reason": domains[d]["lengths"]["128"]["reason"]} for d in domains]
     return cfg, models, domains, results, skipped
@@ -222,3 +226,41 @@ def test_perplexity_against_the_baseline_window_by_window():
         assert got == want
         assert m[f"{dom}.{name}.p_vs_scaled_{L}"] == want["p_value"]
         assert f"better on {want['better']}/4 windows, p {want['p_value']:.2g}" in md
+
+
+def test_forced_choice_figures_table_metrics_and_plot(tmp_path):
+    """The forced choice is reported beside the greedy answer: its own counts, interval, per-length
+    accuracy, mean key log-probability and pairing with the baseline, all from the raw trials."""
+    from PIL import Image
+
+    from linearard_ray.paired_stats import sign_test_p, wilson_interval
+
+    cfg, models, domains, results, skipped = _synthetic(7, forced=True)
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    rows = {(r["model"], r["length"]): r["results"] for r in results if r["kind"] == "passkey"}
+    md = render_markdown(rep)
+    m = flat_metrics(rep)
+    assert "Forced choice among 6 keys" in md
+    for name in ("teacher", "scaled", "restored"):
+        fc = rep["passkey"][name]["forced_choice"]
+        mine = [a["choice_correct"] for L in (100, 200) for a in rows[(name, L)]]
+        assert (fc["correct"], fc["prompts"], fc["choices"]) == (sum(mine), 24, 6)
+        assert fc["ci95"] == pytest.approx(wilson_interval(sum(mine), 24))
+        assert fc["accuracy_by_length"]["200"] == pytest.approx(np.mean([a["choice_correct"] for a in rows[(name, 200)]]))
+        assert fc["key_logprob_mean"] == pytest.approx(np.mean([a["key_logprob"] for L in (100, 200) for a in rows[(name, L)]]))
+        assert m[f"passkey.{name}.choice_acc"] == pytest.approx(sum(mine) / 24)
+        assert f"| {name} | {sum(mine)} / 24 |" in md
+        if name != "scaled":
+            base = [a["choice_correct"] for L in (100, 200) for a in rows[("scaled", L)]]
+            wins = sum(x and not y for x, y in zip(mine, base))
+            losses = sum(y and not x for x, y in zip(mine, base))
+            assert fc["vs_scaled"]["wins"] == wins and fc["vs_scaled"]["losses"] == losses
+            assert m[f"passkey.{name}.choice_p_vs_scaled"] == pytest.approx(sign_test_p(wins, losses))
+    files = write_report(rep, tmp_path)
+    summary = next(p for p in files if p.name == "passkey_summary.png")
+    with Image.open(summary) as im:
+        two_panels = im.size[0]
+    plain = build_report(cfg, models, domains, _synthetic(7)[3], skipped, {100: [], 200: []})
+    assert "forced_choice" not in plain["passkey"]["restored"] and "Forced choice" not in render_markdown(plain)
+    with Image.open(next(p for p in write_report(plain, tmp_path / "plain") if p.name == "passkey_summary.png")) as im:
+        assert im.size[0] < two_panels

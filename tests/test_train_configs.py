@@ -272,21 +272,28 @@ def test_study_passkey_table_pairs_each_model_with_yarn(tmp_path):
     rng = np.random.default_rng()
     keys = {L: [(d, f"{rng.integers(10**5):05d}") for d in (0.1, 0.5, 0.9) for _ in range(8)] for L in (8192, 16384)}
     hits = {m: {L: rng.random(24) < p for L in keys} for m, p in (("YaRN×4", 0.4), ("s", 0.6))}
+    chose = {m: {L: rng.random(24) < p for L in keys} for m, p in (("YaRN×4", 0.5), ("s", 0.7))}
     lines = [json.dumps({"key": f"{m}{L}", "result": {"kind": "passkey", "model": m, "length": L, "results": [
-        {"depth": d, "key": k, "correct": bool(h)} for (d, k), h in zip(keys[L], hits[m][L])]}})
+        {"depth": d, "key": k, "correct": bool(h), "choice_correct": bool(c)}
+        for (d, k), h, c in zip(keys[L], hits[m][L], chose[m][L])]}})
         for m in hits for L in keys]
     (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
     text = study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {"main": "SOTU"})
-    s = np.concatenate([hits["s"][L] for L in keys])
-    y = np.concatenate([hits["YaRN×4"][L] for L in keys])
-    wins, losses = int((s & ~y).sum()), int((y & ~s).sum())
-    table = text.splitlines()[text.splitlines().index("Passkey (accuracy over 24 prompts per length: depths × trials):"):]
-    row = next(x for x in table if x.startswith("| s |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3] == f"{int(s.sum())} / 48"
-    assert cells[4] == f"{wins} / {losses} ({sign_test_p(wins, losses):.2g})"
-    yarn = next(x for x in table if x.startswith("| YaRN×4 |"))
-    assert yarn.rstrip().endswith(f"| {int(y.sum())} / 48 | – |")
+    titles = {"correct": "Passkey (accuracy over 24 prompts per length: depths × trials):",
+              "choice_correct": "Passkey, forced choice (the true key scored above every distractor, teacher-forced; "
+                                "24 prompts per length):"}
+    for field, got in (("correct", hits), ("choice_correct", chose)):
+        s = np.concatenate([got["s"][L] for L in keys])
+        y = np.concatenate([got["YaRN×4"][L] for L in keys])
+        wins, losses = int((s & ~y).sum()), int((y & ~s).sum())
+        table = text.splitlines()[text.splitlines().index(titles[field]):]
+        row = next(x for x in table if x.startswith("| s |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{got['s'][8192].mean():.2f}".replace("0.00", "0")
+        assert cells[3] == f"{int(s.sum())} / 48"
+        assert cells[4] == f"{wins} / {losses} ({sign_test_p(wins, losses):.2g})"
+        yarn = next(x for x in table if x.startswith("| YaRN×4 |"))
+        assert yarn.rstrip().endswith(f"| {int(y.sum())} / 48 | – |")
 
 
 def test_study_window_table_against_cpt(tmp_path):
