@@ -1,22 +1,27 @@
 #!/usr/bin/env python
-"""Rounds 5 to 7 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
+"""Rounds 5 to 8 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
 
 Left (issue 10): short-text recovery on the unseen pydocs against pydocs perplexity at 32K. The
 target corner is ≥ 95% and below the CPT baseline's 32K figure; documentation-genre training text
 (unixdocs) on 2K blocks reaches the first and loses the second (round 6); on 8K blocks, or with an
 8K next-token stream, it reaches both (round 7). CPT on the same text (cpt-unix) is drawn too.
 Right (issue 9): SOTU perplexity at 32K against passkey accuracy (mean over 8K / 16K / 30K). The
-target corner is below CPT's 32K and above YaRN×4's passkey.
+target corner is below CPT's 32K and above YaRN×4's passkey. The five trainings of the weight-2
+recipe (round 6, its repeat and seeds 1-3 in round 8) are drawn in orange: their spread is how far
+one training is from the next.
 
-Reads only the committed evaluation jobs (same windows, seeds and prompts in both rounds); passkey
-uses the 24-prompt records where a model has them, else the 9-prompt ones.
+Reads only the committed evaluation jobs (same windows, seeds and prompts in every round); passkey
+uses the 24-prompt records where a model has them, else the 9-prompt ones. A trained model that a
+later round trained again keeps both points, the later one named "<model> (r8)"; the untrained
+references evaluate the same every round.
 
-    python benchmarks/plot_study_tradeoffs.py --out benchmarks/results/plots/study7/tradeoffs.png
+    python benchmarks/plot_study_tradeoffs.py --out benchmarks/results/plots/study8/tradeoffs.png
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -26,15 +31,30 @@ for p in (_ROOT, _ROOT / "benchmarks"):  # runnable from a checkout that is not 
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 JOBS = ["smollm2_study5_jobs.jsonl", "smollm2_study6_jobs.jsonl", "smollm2_study7a_jobs.jsonl",
-        "smollm2_study7_jobs.jsonl"]
+        "smollm2_study7_jobs.jsonl", "smollm2_study8_jobs.jsonl"]
 BASELINES = {"cpt", "cpt-unix", "YaRN×4", "PI×4", "teacher"}
+UNTRAINED = {"YaRN×4", "PI×4", "teacher"}
+WEIGHT2 = re.compile(r"^tsample-vmix-ce20(-s\d)?( \(r\d+a?\))?$")  # the five trainings of one recipe
+
+
+def _records(results: Path) -> list[dict]:
+    """Every round's jobs; a trained model met again in a later round is renamed "<model> (r<round>)"."""
+    from restoration_study import read_job_records
+
+    out: list[dict] = []
+    for j in JOBS:
+        tag = "r" + j.split("_")[1].removeprefix("study")
+        recs = read_job_records([results / j])
+        again = {r["model"] for r in out} & {r["model"] for r in recs} - UNTRAINED
+        out += [dict(r, model=f"{r['model']} ({tag})") if r["model"] in again else r for r in recs]
+    return out
 
 
 def figures(results: Path) -> tuple[dict, dict]:
     """ppl[(model, domain, length)] and passkey mean accuracy per model (most prompts wins)."""
-    from restoration_study import job_figures, read_job_records
+    from restoration_study import job_figures
 
-    ppl, acc = job_figures(read_job_records([results / j for j in JOBS]))
+    ppl, acc = job_figures(_records(results))
     pk: dict[str, dict[int, tuple[int, float]]] = {}
     for (m, n, L), a in acc.items():
         cur = pk.setdefault(m, {}).get(L)
@@ -47,8 +67,9 @@ def figures(results: Path) -> tuple[dict, dict]:
 def _scatter(ax, points: dict[str, tuple[float, float]]) -> None:
     """One labelled point per model; the baselines as red squares."""
     for m, (x, y) in points.items():
-        base = m in BASELINES
-        ax.scatter(x, y, marker="s" if base else "o", color="tab:red" if base else "tab:blue")
+        base = m.split(" (")[0] in BASELINES
+        color = "tab:red" if base else "tab:orange" if WEIGHT2.match(m) else "tab:blue"
+        ax.scatter(x, y, marker="s" if base else "o", color=color)
         ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
 
 
@@ -91,6 +112,7 @@ def main() -> int:
     sotu32 = ppl[("cpt", "main", 32768)]
     ax2.axvline(sotu32, color="tab:red", ls="--", lw=1, label=f"CPT (SOTU, 4.25M) 32K: {sotu32:.2f}")
     ax2.axhline(pk["YaRN×4"], color="tab:purple", ls="--", lw=1, label=f"YaRN×4 passkey: {pk['YaRN×4']:.2f}")
+    ax2.scatter([], [], color="tab:orange", label="weight 2, five trainings (rounds 6, 8)")
     ax2.set(xlabel="SOTU @32K: perplexity", ylabel="passkey accuracy, mean of 8K / 16K / 30K",
             title="Training domain 32K vs passkey (issue 9)")
     ax2.legend(fontsize=7, loc="upper right")
