@@ -81,6 +81,12 @@ def _next_token_variant(weight: str, sources: list[str], data: str) -> tuple[lis
             f"lr 1e-3, {data}, PI×4")
 
 
+def _seeded(variant: tuple[list[str], str], seed: int) -> tuple[list[str], str]:
+    """The same run with another LoRA init and block order."""
+    overrides, description = variant
+    return [*overrides, f"train.seed={seed}", f"data.seed={seed}"], f"{description}, seed {seed}"
+
+
 # name -> (overrides, description). Budgets are tokens of SOTU 1790-1989. The recipe gives LoRA
 # r=128/alpha=256 on q/k/v, lr 3e-4, bf16 on GPU.
 VARIANTS: dict[str, tuple[list[str], str]] = {
@@ -214,14 +220,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                             "as unix-vmix-lm8k, packed (no document dropped)"),
     "unix-vmix-ce2-8k": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, *BLOCKS_8K, "data.pack=true"],
                                             "SOTU + teacher samples + unixdocs on packed 8K blocks"),
-    # next (defined, not run): round 7 read the weight sweep on SOTU + samples as 2 → 49, 2.5 → 27,
-    # 3 → 26 of 72 passkey prompts; whether weight 2's 49 is the rule or one lucky seed decides where
-    # issue 9's both-targets run lies (other seeds of the LoRA init and the block order), and a second
-    # seed of the docs recipe checks that its 98.5% SOTU (0.5 points inside the band) is not luck.
-    "tsample-vmix-ce20-s1": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "train.seed=1", "data.seed=1"],
-                                                "SOTU + teacher samples, seed 1"),
-    "tsample-vmix-ce20-s2": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "train.seed=2", "data.seed=2"],
-                                                "SOTU + teacher samples, seed 2"),
+    # round 8: round 7 read the weight sweep on SOTU + samples as 2 → 49, 2.5 → 27, 3 → 26 of 72
+    # passkey prompts; other seeds of the LoRA init and the block order test whether weight 2's 49 is
+    # the rule (it was not: 19-49), and a second seed of the docs recipe whether its 98.5% SOTU holds.
+    "tsample-vmix-ce20-s1": _seeded(_next_token_variant("2.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"), 1),
+    "tsample-vmix-ce20-s2": _seeded(_next_token_variant("2.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"), 2),
     "tsample-vmix-ce22": _next_token_variant("2.2", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     # the next-token term on SOTU alone (its own 2K stream, every 2nd step), the KL terms on SOTU +
     # samples: the in-domain fit that wins SOTU 32K without fitting the samples' text as well
@@ -235,17 +238,21 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                                "objective.next_token.weight=3.0", V_HEAVY, "train.lr=1e-3", SOTU_AND_SAMPLES,
                                "data.lm_sources=[builtin:sotu/train]", "data.lm_ctx_len=2048", "data.lm_every=2"],
                               "as tsample-vmix-lmsotu20, next-token weight 3"),
-    "tsample-vmix-ce20-s3": _next_token_variant("2.0", [SOTU_AND_SAMPLES, "train.seed=3", "data.seed=3"],
-                                                "SOTU + teacher samples, seed 3"),
-    "unix-vmix-ce2-8k-s1": _next_token_variant("0.2", [SOTU_SAMPLES_UNIX, *BLOCKS_8K, "data.pack=true",
-                                                       "train.seed=1", "data.seed=1"],
-                                               "SOTU + teacher samples + unixdocs on packed 8K blocks, seed 1"),
+    "tsample-vmix-ce20-s3": _seeded(_next_token_variant("2.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"), 3),
+    "unix-vmix-ce2-8k-s1": _seeded(_next_token_variant("0.2", [SOTU_SAMPLES_UNIX, *BLOCKS_8K, "data.pack=true"],
+                                                       "SOTU + teacher samples + unixdocs on packed 8K blocks"), 1),
     "tsample-vonly": ([*LOGITS, "objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}", "train.lr=1e-3",
                        SOTU_AND_SAMPLES],
                       "relation KL V/V only + logit KL, lr 1e-3, SOTU + teacher samples, PI×4"),
     "logits-full-lolr": ([*LOGITS, "lora.enabled=false", "train.lr=1e-5", *FULL_FP32],
                          "relation KL + logit KL, full fine-tuning of q/k/v, lr 1e-5, fp32 master weights, PI×4"),
 }
+
+# next (defined, not run): round 8 found one training of a recipe to be one draw (weight 2: 19-49 of 72
+# passkey prompts over five trainings), so a recipe is compared with CPT over several trainings of
+# each, scored with the forced choice as well
+VARIANTS.update({f"{name}-s{seed}": _seeded(VARIANTS[name], seed)
+                 for name in ("tsample-vmix-ce22", "cpt") for seed in (1, 2, 3)})
 
 HEAD_LOG = "ray-head.log"
 
@@ -886,7 +893,49 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
                              ("choice_correct", f"Passkey, forced choice (the true key scored above every distractor, "
                                                 f"teacher-forced; {n} prompts per length):")):
             out += _passkey_table(trials, n, field, title, models, pk_lengths, baseline)
+    out += _recipe_table(models, ppl, trials, domains)
     return "\n".join(out) + "\n" + _window_table(records, domains, versus)
+
+
+SEED_SUFFIX = re.compile(r"-s\d+$")
+
+
+def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple[str, int], dict[int, list[dict]]],
+                  domains: dict[str, str]) -> list[str]:
+    """One row per recipe trained more than once (variants that differ only by a -s<seed> suffix):
+    the mean and range over its trainings of the long-context perplexity on the first domain and of
+    the passkey prompts answered (greedy, and forced choice where the trials have it). One training
+    is one draw; this is the comparison a recipe claim needs. Empty when no recipe has two trainings."""
+    groups: dict[str, list[str]] = {}
+    for m in models:
+        groups.setdefault(SEED_SUFFIX.sub("", m), []).append(m)
+    groups = {g: ms for g, ms in groups.items() if len(ms) > 1}
+    if not groups:
+        return []
+    dom = next(iter(domains))
+    longs = sorted({L for (_, d, L) in ppl if d == dom and L > 8192})
+    most = {m: max((n for (mm, n) in trials if mm == m), default=None) for m in models}
+
+    def spread(xs: list[float], fmt: str) -> str:
+        return "–" if not xs else f"{fmt.format(sum(xs) / len(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
+
+    def accuracy(ms: list[str], field: str) -> list[float]:
+        out = []
+        for m in ms:
+            t = trials.get((m, most[m])) if most[m] else None
+            if t and all(field in x for xs in t.values() for x in xs):
+                out.append(sum(bool(x[field]) for xs in t.values() for x in xs) / sum(len(xs) for xs in t.values()))
+        return out
+
+    head = [f"{domains[dom]} @{_len_label(L)}" for L in longs]
+    lines = ["", "Recipes trained more than once (mean over trainings, range in brackets):", "",
+             "| recipe | trainings | " + " | ".join(head) + " | passkey accuracy, greedy | passkey accuracy, forced choice |",
+             "|---|---|" + "---|" * (len(head) + 2)]
+    for g, ms in groups.items():
+        cells = [spread([ppl[(m, dom, L)] for m in ms if (m, dom, L) in ppl], "{:.2f}") for L in longs]
+        lines.append(f"| {g} | {len(ms)} | " + " | ".join(cells)
+                     + f" | {spread(accuracy(ms, 'correct'), '{:.2f}')} | {spread(accuracy(ms, 'choice_correct'), '{:.2f}')} |")
+    return lines
 
 
 def _passkey_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int, field: str, title: str,

@@ -320,3 +320,37 @@ def test_study_window_table_against_cpt(tmp_path):
         r["result"].pop("window_nll", None)
     (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     assert "window by window" not in study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {})
+
+
+def test_study_recipe_table_summarises_trainings_of_one_recipe(tmp_path):
+    """Variants that differ only by -s<seed> are one recipe: mean and range over its trainings of the
+    long-context perplexity and of both passkey accuracies; a recipe trained once gets no row."""
+    import json
+    import math
+
+    study = _study()
+    rng = np.random.default_rng()
+    nll = {m: float(rng.uniform(2.9, 3.1)) for m in ("r", "r-s1", "r-s2", "solo")}
+    hits = {m: rng.random(6) < 0.5 for m in nll}
+    chose = {m: rng.random(6) < 0.7 for m in nll}
+    lines = []
+    for m in nll:
+        lines.append({"kind": "nll", "model": m, "domain": "main", "length": 32768, "nll_sum": nll[m] * 100,
+                      "tokens": 100})
+        lines.append({"kind": "passkey", "model": m, "length": 16384, "results": [
+            {"depth": 0.5, "key": f"1000{i}", "correct": bool(h), "choice_correct": bool(c)}
+            for i, (h, c) in enumerate(zip(hits[m], chose[m]))]})
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"key": str(i), "result": r}) + "\n"
+                                                 for i, r in enumerate(lines)))
+    text = study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {"main": "SOTU"})
+    table = text.splitlines()[text.splitlines().index("Recipes trained more than once (mean over trainings, "
+                                                      "range in brackets):"):]
+    assert not any(x.startswith("| solo |") for x in table)
+    cells = [c.strip() for c in next(x for x in table if x.startswith("| r |")).strip("|").split("|")]
+    ppl = [math.exp(nll[m]) for m in ("r", "r-s1", "r-s2")]
+    acc = [hits[m].mean() for m in ("r", "r-s1", "r-s2")]
+    fc = [chose[m].mean() for m in ("r", "r-s1", "r-s2")]
+    assert cells[1] == "3"
+    assert cells[2] == f"{np.mean(ppl):.2f} ({min(ppl):.2f}–{max(ppl):.2f})"
+    assert cells[3] == f"{np.mean(acc):.2f} ({min(acc):.2f}–{max(acc):.2f})"
+    assert cells[4] == f"{np.mean(fc):.2f} ({min(fc):.2f}–{max(fc):.2f})"
