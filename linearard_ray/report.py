@@ -437,7 +437,7 @@ def _summary_panel(ax, names: list[str], stats: list[dict], base: str | None, xl
     if chance is not None:
         ax.axvline(chance, color="tab:red", ls=":", lw=1, label=f"chance: {chance:.2f}")
     if base in names or chance is not None:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     for i, st in enumerate(stats):
         v = st.get("vs_scaled")
         label = f"{st.get('correct', '?')}/{st.get('prompts', '?')}" + (f", p {v['p_value']:.2g}" if v else "")
