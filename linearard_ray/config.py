@@ -494,7 +494,10 @@ class TuneConfig(_Section):
         description="Dotted config path -> {grid: [...]} | {choice: [...]} | {uniform: [a,b]} | {loguniform: [a,b]} | {randint: [a,b]}.",
     )
     search: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, ge=1, description="Repeats of the grid, or samples for random/optuna.")
+    num_samples: int = Field(1, ge=1, description="Repeats of the grid (repeat k trains with train.seed + k: "
+                                                  "another LoRA init and block order; the summary gives each configuration's mean and range "
+                                                  "and the best configuration is the best mean), or samples for "
+                                                  "random/optuna.")
     metric: str = "nll_gap"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "none"] = "asha"

@@ -169,13 +169,26 @@ def apply_params(base: Config | dict, params: Mapping[str, Any]) -> Config:
     return build_config(raw, {k: plain(v) for k, v in params.items()})
 
 
-def to_tune_space(specs: list[ParamSpec], search: str) -> dict[str, Any]:
-    """Ray Tune domains. With search=grid, grid lists are enumerated (every other distribution
-    is sampled num_samples times per grid point); with random or optuna a grid list is a uniform
-    choice, so num_samples is the number of trials."""
+REPEAT_KEY = "_repeat"  # not a config path: which repeat of its grid point a trial is (0, 1, ...)
+
+
+def split_repeat(params: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """(the trial's config values, its repeat index)."""
+    rest = {k: v for k, v in params.items() if k != REPEAT_KEY}
+    return rest, int(params.get(REPEAT_KEY) or 0)
+
+
+def to_tune_space(specs: list[ParamSpec], search: str, repeats: int = 1) -> dict[str, Any]:
+    """Ray Tune domains. With search=grid, grid lists are enumerated and each point is repeated
+    ``repeats`` times through a ``REPEAT_KEY`` grid of its own (Tune's num_samples would give the
+    repeats identical configs, so a trial could not tell which repeat it is; every other
+    distribution is sampled once per trial); with random or optuna a grid list is a uniform choice
+    and num_samples is the number of trials."""
     from ray import tune
 
     out: dict[str, Any] = {}
+    if search == "grid" and repeats > 1:
+        out[REPEAT_KEY] = tune.grid_search(list(range(repeats)))
     for s in specs:
         if s.kind == "grid":
             out[s.key] = tune.grid_search(list(s.values)) if search == "grid" else tune.choice(list(s.values))

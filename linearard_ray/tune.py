@@ -18,6 +18,7 @@ import copy
 import io
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -39,6 +40,7 @@ from linearard_ray.search_space import (
     grid_size,
     parse_space,
     plain,
+    split_repeat,
     to_tune_space,
     trial_name,
 )
@@ -229,10 +231,31 @@ def _checkpoint_every(train: dict) -> int:
     return c if c % e == 0 else e * math.ceil(c / e)
 
 
+REPEAT_SUFFIX = re.compile(r"-r(\d+)$")
+
+
+def repeat_index(trial: str) -> int:
+    """0 for a configuration's first trial in the sweep, k for the repeat TrialNamer named -r<k+1>."""
+    m = REPEAT_SUFFIX.search(trial)
+    return int(m.group(1)) - 1 if m else 0
+
+
+def repeat_name(name: str, k: int) -> str:
+    return f"{name}-r{k + 1}" if k else name
+
+
 def run_config(plan: dict, params: dict[str, Any], name: str) -> Config:
     """The config one trial trains with: the base plus its values, with absolute paths, its own
-    run name and storage, the sweep's preprocessed data, and no MLflow run of its own."""
+    run name and storage, the sweep's preprocessed data, and no MLflow run of its own.
+
+    The k-th repeat of a configuration trains with train.seed + k: a repeat with the same seed would
+    train the same run again (bit for bit on CPU), while what a repeat is for is the spread between
+    trainings, which one training cannot show. train.seed sets the LoRA init, dropout and the order
+    the training stream reads blocks in; data.seed (the preprocessing shuffle) stays, so every
+    repeat reads the data the driver prepared once."""
+    params, k = split_repeat(params)
     d = _absolutize(base_dict(apply_params(plan["base"], params)), plan["cwd"])
+    d["train"]["seed"] += k
     cfg = build_config(d)
     dh = _data_hash(cfg)
     t, data = d["train"], d["data"]
@@ -337,23 +360,25 @@ def trial_driver(config: dict[str, Any], plan: dict) -> None:
 
 
 class TrialNamer:
-    """Tune's trial_name_creator: ``<sweep>-<hash of the trial's config>`` (a repeat of the same
-    config in one sweep gets ``-r2``, ``-r3``...)."""
+    """Tune's trial_name_creator: ``<sweep>-<hash of the trial's config>``, and ``-r2``, ``-r3``...
+    for the repeats of a grid point (``REPEAT_KEY``; `run_config` gives them other seeds). The same
+    config sampled twice by a searcher gets ``-dup2``..., where this namer sees both."""
 
     def __init__(self, plan: dict):
         self.plan = plan
         self.seen: dict[str, int] = {}
 
     def __call__(self, trial) -> str:
-        params = {k: plain(v) for k, v in trial.config.items()}
+        params, k = split_repeat({key: plain(v) for key, v in trial.config.items()})
         try:
             name = trial_name(self.plan["sweep_name"], apply_params(self.plan["base"], params))
         except ConfigError:
             # An invalid sample must not stop the whole sweep here: the trial fails with the
             # config error and is reported like any failed trial.
             name = f"{self.plan['sweep_name']}-{config_hash(params)}"
+        name = repeat_name(name, k)
         n = self.seen[name] = self.seen.get(name, 0) + 1
-        return name if n == 1 else f"{name}-r{n}"
+        return name if n == 1 else f"{name}-dup{n}"
 
 
 def _dirname(trial) -> str:
@@ -428,9 +453,10 @@ def run_sweep(cfg: Config) -> SweepResult:
     trainable = tune.with_resources(tune.with_parameters(trial_driver, plan=plan), {"CPU": DRIVER_CPUS})
     tuner = tune.Tuner(
         trainable,
-        param_space=to_tune_space(specs, t.search),
+        param_space=to_tune_space(specs, t.search, t.num_samples),
         tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
+            metric=t.metric, mode=t.mode, search_alg=searcher, scheduler=scheduler,
+            num_samples=1 if t.search == "grid" else t.num_samples,  # grid repeats are REPEAT_KEY's
             max_concurrent_trials=max_conc if t.search == "optuna" else None, trial_name_creator=TrialNamer(plan), trial_dirname_creator=_dirname),
         run_config=tune.RunConfig(
             name=t.sweep_name, storage_path=plan["sweep_dir"].rsplit("/", 1)[0], callbacks=callbacks,
@@ -442,7 +468,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     if n_trials is not None and len(rows) < n_trials:
         print(f"[tune] {n_trials - len(rows)} of {n_trials} trials never started (the sweep was interrupted)", flush=True)
     if t.keep_students == "best":
-        _remove_other_students(plan, rows, pick_best(rows, t.metric, t.mode))
+        _remove_other_students(plan, rows, pick_best(rows, t.metric, t.mode, [s.key for s in specs]))
     return summarize(cfg, specs, plan, rows, uri, exp_id, session, wall_s=time.time() - started)
 
 
@@ -496,14 +522,43 @@ def _num(v: Any) -> float | None:
     return float(v)
 
 
-def pick_best(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The best last-reported objective among trials that ran to the end (among all that
-    reported, when none did): a trial ASHA stopped was already behind at its last rung."""
+def _pool(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Trials that ran to the end with an objective (all that reported one, when none did): a trial
+    ASHA stopped was already behind at its last rung."""
     scored = [r for r in rows if r.get(metric) is not None]
-    pool = [r for r in scored if r["status"] == "completed"] or scored
+    return [r for r in scored if r["status"] == "completed"] or scored
+
+
+def point_rows(rows: list[dict[str, Any]], keys: list[str], metric: str) -> list[dict[str, Any]]:
+    """One row per configuration (the swept values of ``keys``): its trials and the mean, lowest
+    and highest objective over those in ``_pool``; first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(json.dumps([r.get(k) for k in keys], default=str), []).append(r)
+    pool = {id(r) for r in _pool(rows, metric)}
+    out = []
+    for trials in groups.values():
+        vals = [r[metric] for r in trials if id(r) in pool]
+        out.append({**{k: trials[0].get(k) for k in keys}, "trials": len(trials), "scored": len(vals),
+                    f"mean_{metric}": sum(vals) / len(vals) if vals else None,
+                    f"min_{metric}": min(vals, default=None), f"max_{metric}": max(vals, default=None),
+                    "trial_names": [r["trial"] for r in trials]})
+    return out
+
+
+def pick_best(rows: list[dict[str, Any]], metric: str, mode: str, keys: list[str] | None = None) -> dict[str, Any] | None:
+    """The trial with the best last-reported objective among ``_pool``. With repeats (``keys``
+    given and a configuration trained more than once), the configuration with the best mean wins
+    first, then its best trial: one lucky training must not pick the configuration."""
+    pool = _pool(rows, metric)
     if not pool:
         return None
-    return (min if mode == "min" else max)(pool, key=lambda r: r[metric])
+    better = min if mode == "min" else max
+    points = point_rows(pool, keys or [], metric) if keys else []
+    if any(p["trials"] > 1 for p in points):
+        top = better(points, key=lambda p: p[f"mean_{metric}"])
+        pool = [r for r in pool if r["trial"] in top["trial_names"]]
+    return better(pool, key=lambda r: r[metric])
 
 
 def best_config_yaml(plan: dict, row: dict[str, Any], specs: list[ParamSpec], metric: str) -> str:
@@ -514,12 +569,15 @@ def best_config_yaml(plan: dict, row: dict[str, Any], specs: list[ParamSpec], me
     cfg = apply_params(plan["base"], params)
     d = base_dict(cfg)
     d["train"]["run_name"] = row["trial"]
+    k = repeat_index(row["trial"])  # that trial's own seed, so that the file trains it again
+    d["train"]["seed"] += k
     d["train"]["fail_at_step"] = None
     cfg = build_config(d)
     head = (f"# Best trial of sweep {plan['sweep_name']}: {row['trial']} ({metric} = {row[metric]:.6g}).\n"
             + "".join(f"#   {k} = {v!r}\n" for k, v in params.items())
             + (f"# Its student: {row['student_dir']}\n" if row.get("student_dir") else "")
-            + f"# Train it again: python pipelines/distill.py --config best_config.yaml\n")
+            + (f"# Repeat {k + 1} of its configuration: train.seed is the sweep's + {k}.\n" if k else "")
+            + "# Train it again: python pipelines/distill.py --config best_config.yaml\n")
     text = head + dump_config(cfg)
     build_config(yaml.safe_load(text))  # what distill.py will do with it
     return text
@@ -598,8 +656,16 @@ def summarize(cfg: Config, specs: list[ParamSpec], plan: dict, rows: list[dict[s
                + context_metrics(t.metric, cfg.train.eval_sources)
                + ["step", "tokens_seen", "error", "student_dir"])
     csv_text, md_text = results_table(rows, columns)
+    keys = [s.key for s in specs]
+    points = point_rows(rows, keys, t.metric)
+    if any(p["trials"] > 1 for p in points):
+        _, points_md = results_table(points, keys + ["trials", "scored", f"mean_{t.metric}", f"min_{t.metric}",
+                                                     f"max_{t.metric}"])
+        md_text += ("\nPer configuration, over its repeats (repeat k trains with train.seed + k; the best "
+                    "configuration is the best mean; once any trial has completed, trials the scheduler stopped "
+                    "early are not averaged, their objective being from an earlier step):\n\n" + points_md)
     png = plot_objective(rows, specs, t.metric)
-    best = pick_best(rows, t.metric, t.mode)
+    best = pick_best(rows, t.metric, t.mode, keys)
     files = {"results.csv": f"{sweep_dir}/results.csv", "results.md": f"{sweep_dir}/results.md",
              "objective.png": f"{sweep_dir}/objective.png"}
     write_bytes(files["results.csv"], csv_text.encode())

@@ -144,7 +144,9 @@ def test_trial_names_are_deterministic_and_distinct():
     assert a != trial_name("sw", apply_params(_base(**{"train.max_steps": 5}), {"rope.factor": 2.0}))
     namer = TrialNamer({"sweep_name": "sw", "base": base.model_dump(mode="json")})
     names = [namer(SimpleNamespace(config={"rope.factor": np.float64(f)})) for f in (2.0, 3.0, 2.0)]
-    assert names == [a, trial_name("sw", apply_params(base, {"rope.factor": 3.0})), a + "-r2"]
+    assert names == [a, trial_name("sw", apply_params(base, {"rope.factor": 3.0})), a + "-dup2"]
+    # the repeats of a grid point are named by their REPEAT_KEY, so each one knows its seeds
+    assert [namer(SimpleNamespace(config={"rope.factor": 2.0, "_repeat": k})) for k in (1, 2)] == [a + "-r2", a + "-r3"]
     # a sample the schema rejects still gets a name (the trial then fails and is reported)
     assert namer(SimpleNamespace(config={"rope.factor": 0.5})).startswith("sw-")
 
@@ -459,3 +461,51 @@ def test_four_trial_sweep_in_mlflow(sweep):
     assert {"results.csv", "results.md", "objective.png", "best_config.yaml", "sweep_config.yaml"} <= arts
     table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(res.summary_run_id, "results.csv")).read_text())))
     assert {r["trial"]: float(r["nll_gap"]) for r in table} == pytest.approx({n: r["nll_gap"] for n, r in rows.items()})
+
+
+def test_repeats_train_with_other_seeds_and_the_best_mean_wins(tmp_path):
+    """tune.num_samples > 1 repeats each grid point through a grid of its own (REPEAT_KEY): repeat k
+    (named -r<k+1>) trains with train.seed + k (data.seed stays: one preprocessing for all repeats),
+    the summary gives each
+    configuration's mean and range, and the best configuration is the best mean, not the luckiest
+    single training."""
+    from ray import tune
+
+    from linearard_ray.search_space import REPEAT_KEY, to_tune_space
+    from linearard_ray.tune import best_config_yaml, make_plan, pick_best, point_rows, repeat_index, run_config
+
+    base = _base(**{"train.seed": 7, "data.seed": 3})
+    specs = parse_space({"rope.factor": {"grid": [2.0, 4.0]}}, base)
+    plan = make_plan(base, specs)
+    assert [repeat_index(n) for n in ("sw-0a1b2c3d", "sw-0a1b2c3d-r2", "sw-r2-0a1b2c3d-r11")] == [0, 1, 10]
+    first = run_config(plan, {"rope.factor": 2.0, "_repeat": 0}, "sw-0a1b2c3d")
+    third = run_config(plan, {"rope.factor": 2.0, "_repeat": 2}, "sw-0a1b2c3d-r3")
+    assert (first.train.seed, first.data.seed) == (7, 3) and (third.train.seed, third.data.seed) == (9, 3)
+    assert first.data.output_dir == third.data.output_dir
+    space = to_tune_space(specs, "grid", 3)
+    assert space[REPEAT_KEY] == tune.grid_search([0, 1, 2]) and REPEAT_KEY not in to_tune_space(specs, "grid", 1)
+    assert REPEAT_KEY not in to_tune_space(specs, "random", 3)  # there num_samples counts trials
+
+    rng = np.random.default_rng()
+    lucky, steady = sorted(rng.uniform(0.1, 0.2, 2)), sorted(rng.uniform(0.3, 0.4, 3))
+    rows = [{"trial": "sw-a", "status": "completed", "rope.factor": 2.0, "nll_gap": lucky[0]},
+            {"trial": "sw-a-r2", "status": "completed", "rope.factor": 2.0, "nll_gap": lucky[1] + 1.0},
+            {"trial": "sw-b", "status": "completed", "rope.factor": 4.0, "nll_gap": steady[0]},
+            {"trial": "sw-b-r2", "status": "completed", "rope.factor": 4.0, "nll_gap": steady[1]},
+            {"trial": "sw-b-r3", "status": "error", "rope.factor": 4.0, "nll_gap": None}]
+    points = point_rows(rows, ["rope.factor"], "nll_gap")
+    assert [(p["rope.factor"], p["trials"], p["scored"]) for p in points] == [(2.0, 2, 2), (4.0, 3, 2)]
+    assert points[0]["mean_nll_gap"] == pytest.approx((lucky[0] + lucky[1] + 1.0) / 2)
+    assert (points[1]["min_nll_gap"], points[1]["max_nll_gap"]) == (steady[0], steady[1])
+    assert pick_best(rows, "nll_gap", "min")["trial"] == "sw-a"  # trial by trial: the lucky one
+    best = pick_best(rows, "nll_gap", "min", ["rope.factor"])
+    assert best["trial"] == "sw-b"  # the steadier configuration, then its best training
+    text = best_config_yaml(plan, dict(best, trial="sw-b-r2"), specs, "nll_gap")
+    again = load_config_text(tmp_path, text)
+    assert (again.train.seed, again.data.seed, again.rope.factor) == (8, 3, 4.0)
+
+
+def load_config_text(tmp_path, text: str):
+    path = tmp_path / "best_config.yaml"
+    path.write_text(text)
+    return load_config(path)
