@@ -81,6 +81,16 @@ def extract_answer(text: str) -> str | None:
     return m.group(0) if m else None
 
 
+def _batches(prompts: list[PasskeyPrompt], batch_size: int, device):
+    """(prompts, their ids as one tensor) per batch; prompts of one length have the same number of
+    tokens, so batches need no padding."""
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        if len({len(p.input_ids) for p in chunk}) != 1:
+            raise ValueError("passkey prompts of one batch must have the same length")
+        yield chunk, torch.tensor([p.input_ids for p in chunk], dtype=torch.long, device=device)
+
+
 @torch.no_grad()
 def run_passkey(model, tokenizer, prompts: list[PasskeyPrompt], batch_size: int, device,
                 max_new_tokens: int | None = None) -> list[dict]:
@@ -91,11 +101,7 @@ def run_passkey(model, tokenizer, prompts: list[PasskeyPrompt], batch_size: int,
     if max_new_tokens is None:
         max_new_tokens = len(_ids(tokenizer, " 99999.")) + 2
     out = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        if len({len(p.input_ids) for p in chunk}) != 1:
-            raise ValueError("passkey prompts of one batch must have the same length")
-        ids = torch.tensor([p.input_ids for p in chunk], dtype=torch.long, device=device)
+    for chunk, ids in _batches(prompts, batch_size, device):
         mask = torch.ones_like(ids)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -141,11 +147,7 @@ def score_key_choices(model, tokenizer, prompts: list[PasskeyPrompt], choices: i
     # transformers 5.24 renamed forward's past_key_values to cache (the old name goes in 5.40)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        if len({len(p.input_ids) for p in chunk}) != 1:
-            raise ValueError("passkey prompts of one batch must have the same length")
-        ids = torch.tensor([p.input_ids for p in chunk], dtype=torch.long, device=device)
+    for chunk, ids in _batches(prompts, batch_size, device):
         res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         first = res.logits[:, -1].float().log_softmax(-1)
         cache = getattr(res, "cache", None)
