@@ -18,7 +18,6 @@ import copy
 import io
 import json
 import math
-import re
 import shutil
 import sys
 import time
@@ -229,15 +228,6 @@ def _checkpoint_every(train: dict) -> int:
     fresh objective."""
     e, c = train["eval_every"], train["checkpoint_every"]
     return c if c % e == 0 else e * math.ceil(c / e)
-
-
-REPEAT_SUFFIX = re.compile(r"-r(\d+)$")
-
-
-def repeat_index(trial: str) -> int:
-    """0 for a configuration's first trial in the sweep, k for the repeat TrialNamer named -r<k+1>."""
-    m = REPEAT_SUFFIX.search(trial)
-    return int(m.group(1)) - 1 if m else 0
 
 
 def repeat_name(name: str, k: int) -> str:
@@ -498,7 +488,7 @@ def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig, stoppe
             vals = [float(v) for v in df[t.metric].tolist() if v is not None and math.isfinite(float(v))]
             if vals:
                 best_seen = min(vals) if t.mode == "min" else max(vals)
-        row: dict[str, Any] = {"trial": name, "status": status}
+        row: dict[str, Any] = {"trial": name, "status": status, "repeat": split_repeat(r.config or {})[1]}
         for s in specs:
             row[s.key] = plain((r.config or {}).get(s.key))
         row[t.metric] = _num(m.get(t.metric))
@@ -569,7 +559,7 @@ def best_config_yaml(plan: dict, row: dict[str, Any], specs: list[ParamSpec], me
     cfg = apply_params(plan["base"], params)
     d = base_dict(cfg)
     d["train"]["run_name"] = row["trial"]
-    k = repeat_index(row["trial"])  # that trial's own seed, so that the file trains it again
+    k = row.get("repeat", 0)  # that trial's own seed, so that the file trains it again
     d["train"]["seed"] += k
     d["train"]["fail_at_step"] = None
     cfg = build_config(d)

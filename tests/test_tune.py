@@ -472,12 +472,18 @@ def test_repeats_train_with_other_seeds_and_the_best_mean_wins(tmp_path):
     from ray import tune
 
     from linearard_ray.search_space import REPEAT_KEY, to_tune_space
-    from linearard_ray.tune import best_config_yaml, make_plan, pick_best, point_rows, repeat_index, run_config
+    from linearard_ray.tune import best_config_yaml, collect_rows, make_plan, pick_best, point_rows, run_config
 
     base = _base(**{"train.seed": 7, "data.seed": 3})
     specs = parse_space({"rope.factor": {"grid": [2.0, 4.0]}}, base)
     plan = make_plan(base, specs)
-    assert [repeat_index(n) for n in ("sw-0a1b2c3d", "sw-0a1b2c3d-r2", "sw-r2-0a1b2c3d-r11")] == [0, 1, 10]
+    # each row knows its repeat from the trial's config, which best_config.yaml then trains again
+    grid = [SimpleNamespace(path=f"/x/sw-0a1b2c3d{'-r' + str(k + 1) if k else ''}", metrics={"nll_gap": 0.5, "done": True},
+                            error=None, metrics_dataframe=None, config={"rope.factor": 2.0, "_repeat": k})
+            for k in (0, 1, 10)]
+    tcfg = build_config({"tune": {"space": {"rope.factor": {"grid": [2.0, 4.0]}}}}).tune
+    rows = collect_rows(grid, specs, plan, tcfg, stopped=set())
+    assert {r["trial"]: r["repeat"] for r in rows} == {"sw-0a1b2c3d": 0, "sw-0a1b2c3d-r2": 1, "sw-0a1b2c3d-r11": 10}
     first = run_config(plan, {"rope.factor": 2.0, "_repeat": 0}, "sw-0a1b2c3d")
     third = run_config(plan, {"rope.factor": 2.0, "_repeat": 2}, "sw-0a1b2c3d-r3")
     assert (first.train.seed, first.data.seed) == (7, 3) and (third.train.seed, third.data.seed) == (9, 3)
@@ -500,7 +506,7 @@ def test_repeats_train_with_other_seeds_and_the_best_mean_wins(tmp_path):
     assert pick_best(rows, "nll_gap", "min")["trial"] == "sw-a"  # trial by trial: the lucky one
     best = pick_best(rows, "nll_gap", "min", ["rope.factor"])
     assert best["trial"] == "sw-b"  # the steadier configuration, then its best training
-    text = best_config_yaml(plan, dict(best, trial="sw-b-r2"), specs, "nll_gap")
+    text = best_config_yaml(plan, dict(best, trial="sw-b-r2", repeat=1), specs, "nll_gap")
     again = load_config_text(tmp_path, text)
     assert (again.train.seed, again.data.seed, again.rope.factor) == (8, 3, 4.0)
 
