@@ -228,17 +228,24 @@ def _forced_choice_table(report: dict, base: str | None) -> list[str]:
              + " | mean log P(key) |" + (f" vs {base}: wins / losses / ties | p (sign test) |" if paired else ""),
              "|---|---|---|" + "---|" * (len(Ls) + 1) + ("---|---|" if paired else "")]
     for n, f in fc.items():
-        ci = f["ci95"]
-        row = (f"| {n} | {f['correct']} / {f['prompts']} | {f['accuracy_overall']:.2f}"
-               + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "") + " | "
-               + " | ".join(_f(f["accuracy_by_length"].get(L), "{:.2f}") for L in Ls)
-               + f" | {f['key_logprob_mean']:.2f} |")
-        if paired:
-            v = f.get("vs_scaled")
-            row += (" (the baseline) | |" if n == base else f" {v['wins']} / {v['losses']} / {v['ties']} | "
-                    f"{v['p_value']:.3g} |" if v else " no shared prompts | |")
-        lines.append(row)
+        lines.append(f"| {n} | {_accuracy_cells(f)} | "
+                     + " | ".join(_f(f["accuracy_by_length"].get(L), "{:.2f}") for L in Ls)
+                     + f" | {f['key_logprob_mean']:.2f} |" + (_paired_cells(n, base, f.get("vs_scaled")) if paired else ""))
     return lines
+
+
+def _accuracy_cells(st: dict) -> str:
+    """'correct / prompts | accuracy (95% interval)' of a passkey score (greedy or forced choice)."""
+    ci = st.get("ci95")
+    return (f"{st.get('correct', '–')} / {st.get('prompts', '–')} | {st['accuracy_overall']:.2f}"
+            + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""))
+
+
+def _paired_cells(n: str, base: str, v: dict | None) -> str:
+    """The two cells after a passkey row: wins / losses / ties against the baseline, and p."""
+    if n == base:
+        return " (the baseline) | |"
+    return f" {v['wins']} / {v['losses']} / {v['ties']} | {v['p_value']:.3g} |" if v else " no shared prompts | |"
 
 
 def render_markdown(report: dict) -> str:
@@ -320,18 +327,7 @@ def render_markdown(report: dict) -> str:
                   head + (f" vs {base}: wins / losses / ties | p (sign test) |" if paired else ""),
                   "|---|---|---|" + ("---|---|" if paired else "")]
         for n, pk in report["passkey"].items():
-            ci = pk.get("ci95")
-            row = (f"| {n} | {pk.get('correct', '–')} / {pk.get('prompts', '–')} | {pk['accuracy_overall']:.2f}"
-                   + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "") + " |")
-            if paired:
-                v = pk.get("vs_scaled")
-                if n == base:
-                    row += " (the baseline) | |"
-                elif v:
-                    row += f" {v['wins']} / {v['losses']} / {v['ties']} | {v['p_value']:.3g} |"
-                else:
-                    row += " no shared prompts | |"
-            lines.append(row)
+            lines.append(f"| {n} | {_accuracy_cells(pk)} |" + (_paired_cells(n, base, pk.get("vs_scaled")) if paired else ""))
         lines += _forced_choice_table(report, base)
         lines += ["", "Accuracy per depth × length:", ""]
         for n, pk in report["passkey"].items():
