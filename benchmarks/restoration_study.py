@@ -922,9 +922,9 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
     def accuracy(ms: list[str], field: str) -> list[float]:
         out = []
         for m in ms:
-            t = trials.get((m, most[m])) if most[m] else None
-            if t and all(field in x for xs in t.values() for x in xs):
-                out.append(sum(bool(x[field]) for xs in t.values() for x in xs) / sum(len(xs) for xs in t.values()))
+            h = _hits(trials[(m, most[m])], field) if most[m] else None
+            if h:
+                out.append(h[0] / h[1])
         return out
 
     head = [f"{domains[dom]} @{_len_label(L)}" for L in longs]
@@ -938,14 +938,22 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
     return lines
 
 
+def _hits(by_len: dict[int, list[dict]], field: str) -> tuple[int, int] | None:
+    """(trials with ``field`` true, trials) over a model's passkey lengths; None when a trial lacks
+    the field (a round from before it was scored)."""
+    rows = [x for xs in by_len.values() for x in xs]
+    if not all(field in x for x in rows):
+        return None
+    return sum(bool(x[field]) for x in rows), len(rows)
+
+
 def _passkey_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int, field: str, title: str,
                    models: list[str], lengths: list[int], baseline: str) -> list[str]:
     """Markdown lines: per-length accuracy of ``field`` for the models whose n-prompt trials carry it,
     each paired with ``baseline`` prompt by prompt; none when no model has the field."""
     from linearard_ray.paired_stats import paired_comparison
 
-    have = {m: trials[(m, n)] for m in models
-            if (m, n) in trials and all(field in x for xs in trials[(m, n)].values() for x in xs)}
+    have = {m: trials[(m, n)] for m in models if (m, n) in trials and _hits(trials[(m, n)], field)}
     if not have:
         return []
     base = have.get(baseline)
@@ -955,8 +963,7 @@ def _passkey_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int,
            "|---|" + "---|" * (len(lengths) + 1) + ("---|" if base else "")]
     for m, mine in have.items():
         per_len = [sum(bool(x[field]) for x in mine[L]) / len(mine[L]) if mine.get(L) else None for L in lengths]
-        row = (f"| {m} | " + " | ".join(_acc(a) for a in per_len)
-               + f" | {sum(bool(x[field]) for xs in mine.values() for x in xs)} / {sum(len(xs) for xs in mine.values())} |")
+        row = f"| {m} | " + " | ".join(_acc(a) for a in per_len) + " | {} / {} |".format(*_hits(mine, field))
         if base:
             v = None if m == baseline else paired_comparison(mine, base, field=field)
             row += f" {v['wins']} / {v['losses']} ({v['p_value']:.2g}) |" if v else " – |"
