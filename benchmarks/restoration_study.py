@@ -248,11 +248,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                          "relation KL + logit KL, full fine-tuning of q/k/v, lr 1e-5, fp32 master weights, PI×4"),
 }
 
-# next (defined, not run): round 8 found one training of a recipe to be one draw (weight 2: 19-49 of 72
-# passkey prompts over five trainings), so a recipe is compared with CPT over several trainings of
-# each, scored with the forced choice as well
+# round 9: round 8 found one training of a recipe to be one draw (weight 2: 19-49 of 72 passkey
+# prompts over five trainings), so a recipe is compared with CPT over several trainings of each
+# (weight 2.2: seeds 0-5; CPT: seeds 0-3), scored with the forced choice as well
 VARIANTS.update({f"{name}-s{seed}": _seeded(VARIANTS[name], seed)
-                 for name in ("tsample-vmix-ce22", "cpt") for seed in (1, 2, 3)})
+                 for name, seeds in (("tsample-vmix-ce22", (1, 2, 3, 4, 5)), ("cpt", (1, 2, 3)))
+                 for seed in seeds})
 
 HEAD_LOG = "ray-head.log"
 
