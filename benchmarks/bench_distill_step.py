@@ -179,9 +179,10 @@ def parse(argv=None):
     p.add_argument("--lora-r", type=int, default=1024)
     p.add_argument("--lora-alpha", type=float, default=2048.0)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
-    p.add_argument("--relation-backward", default="auto", choices=["auto", "sweep", "atomic"],
+    p.add_argument("--relation-backward", default="auto", choices=["auto", "sweep", "atomic", "rowfwd"],
                    help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
-                        "recomputes, reproducible) or atomic (one recompute, opt-in)")
+                        "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
+                        "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
     p.add_argument("--relation-layers", default="all",
                    help="objective.relation.layers (all, last:N, every:K, ...); the issue's benchmark uses all")
     p.add_argument("--steps", type=int, default=5, help="timed steps")

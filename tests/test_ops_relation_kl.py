@@ -28,8 +28,10 @@ except Exception:  # pragma: no cover
 CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # "triton" runs the default backward (the two-recompute sweep), "triton-atomic" the opt-in
-# one-recompute backward with atomics (causal self-relations); both are the "triton" backend.
-BACKENDS = ["torch"] + (["triton", "triton-atomic"] if HAVE_TRITON and (CUDA or INTERP) else [])
+# one-recompute backward with atomics (causal self-relations), "triton-rowfwd" the opt-in mode whose
+# forward also stores the row part of the grad (column-only backward); all are the "triton" backend.
+TRITON_MODES = {"triton": None, "triton-atomic": "atomic", "triton-rowfwd": "rowfwd"}
+BACKENDS = ["torch"] + (list(TRITON_MODES) if HAVE_TRITON and (CUDA or INTERP) else [])
 
 
 def be(backend):
@@ -39,11 +41,11 @@ def be(backend):
 @pytest.fixture(autouse=True)
 def _backward_mode(request):
     params = getattr(request.node, "callspec", None)
-    atomic = params is not None and params.params.get("backend") == "triton-atomic"
-    if atomic:
-        triton_mod.set_backward_mode("atomic")
+    mode = TRITON_MODES.get(params.params.get("backend")) if params is not None else None
+    if mode:
+        triton_mod.set_backward_mode(mode)
     yield
-    if atomic:
+    if mode:
         triton_mod.set_backward_mode(None)
 DEV = "cuda" if CUDA else "cpu"
 
@@ -406,3 +408,74 @@ def test_backward_modes_agree_and_only_opt_in_runs_atomics():
             assert rel_err(x, y) <= 1e-2  # G is rounded to bf16 in both; the accumulation order differs
     with pytest.raises(ValueError, match="backward mode"):
         triton_mod.set_backward_mode("fast")
+
+
+@needs_triton
+@pytest.mark.parametrize("fwd_tiles,bwd_tiles", [((32, 16), (16, 16)), ((16, 16), (32, 16)), ((32, 32), (32, 32))],
+                         ids=lambda t: f"m{t[0]}n{t[1]}")
+def test_rowfwd_tiles(fwd_tiles, bwd_tiles):
+    """The rowfwd forward stores R per row block of its own tile and the column-only backward owns
+    row blocks of another size: any pair, with T cutting through both, gives the reference values
+    and grads (self causal + mask, cross GQA without causal mask, a D that is not a power of 2)."""
+    triton_mod.set_tile_config("fwdr", triton_mod.TileConfig(*fwd_tiles, 1, 1))
+    triton_mod.set_tile_config("bwdc", triton_mod.TileConfig(*bwd_tiles, 1, 1))
+    triton_mod.set_backward_mode("rowfwd")
+    triton_mod.last_compiled.clear()
+    try:
+        seed = 13 + fwd_tiles[0] + 3 * bwd_tiles[0]
+        run_case("triton", 2, 3, 3, 45, 24, torch.float32, self_rel=True, causal=True, mask=True,
+                 scales=(0.3, 0.2), seed=seed)
+        run_case("triton", 2, 4, 2, 38, 16, torch.float32, self_rel=False, causal=False, mask=True,
+                 scales=(None, 0.2), seed=seed + 1)
+    finally:
+        triton_mod.set_tile_config("fwdr", None)
+        triton_mod.set_tile_config("bwdc", None)
+        triton_mod.set_backward_mode(None)
+    assert {"fwdr", "bwdc"} <= set(triton_mod.last_compiled)
+    assert not {"fwd", "bwd", "bwd1"} & set(triton_mod.last_compiled)
+
+
+@needs_triton
+def test_rowfwd_agrees_with_sweep_and_is_chosen_at_forward_time():
+    """rowfwd runs only when a student grad is wanted; a forward in one mode is finished by that
+    mode's backward even if the mode changes in between; values equal the sweep's bitwise (same
+    forward arithmetic) and grads agree to bf16 rounding, per-row upstream grads on a fused layer."""
+    gen = torch.Generator().manual_seed(14)
+    B, T, D = 2, 41, 32
+    sq, _, tq, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
+    sk, _, tk, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
+    m = padding_mask(B, T, gen)
+    w = torch.rand(B, 6, T, generator=gen).to(DEV)
+
+    def layer(fwd_mode, bwd_mode):
+        triton_mod.last_compiled.clear()
+        triton_mod.set_backward_mode(fwd_mode)
+        try:
+            leaves = [x.clone().requires_grad_(True) for x in (sq, sk, sk)]
+            outs = relation_kl_layer(*leaves, tq, tk, tk, attention_mask=m, reduction="none", backend="triton")
+            triton_mod.set_backward_mode(bwd_mode)
+            (torch.cat(outs, dim=1) * w).sum().backward()
+        finally:
+            triton_mod.set_backward_mode(None)
+        return [o.detach() for o in outs], [x.grad for x in leaves], set(triton_mod.last_compiled)
+
+    vals, grads, kinds = layer("sweep", "sweep")
+    assert kinds == {"fwd", "bwd"}
+    for fwd_mode, bwd_mode in (("rowfwd", "rowfwd"), ("rowfwd", None), ("rowfwd", "atomic")):
+        v, g, kinds = layer(fwd_mode, bwd_mode)
+        assert kinds == {"fwdr", "bwdc"}, (fwd_mode, bwd_mode, kinds)
+        for x, y in zip(v, vals):
+            assert torch.equal(x, y)
+        for x, y in zip(g, grads):
+            assert rel_err(x, y) <= 1e-2  # P rounded to bf16 twice here, G once in the sweep
+    assert layer("sweep", "rowfwd")[2] == {"fwd", "bwd"}
+
+    triton_mod.set_backward_mode("rowfwd")
+    try:
+        for grad_mode, needs in ((False, True), (True, False)):
+            triton_mod.last_compiled.clear()
+            with torch.set_grad_enabled(grad_mode):
+                relation_kl(sq.clone().requires_grad_(needs), None, tq, None, backend="triton")
+            assert set(triton_mod.last_compiled) == {"fwd"}, (grad_mode, needs)
+    finally:
+        triton_mod.set_backward_mode(None)

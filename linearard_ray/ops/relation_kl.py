@@ -26,6 +26,17 @@ runs the one-recompute backward for causal self-relations instead (``_bwd1_kerne
 tile once, the row part added through fp32 atomics, 6 products of T²D/2 per relation with the
 forward instead of 8, not bitwise reproducible. Measured on an H200 it is 0.71-0.90x the sweep's
 speed at D=128 (atomics and register spills of the owned accumulator), so it is opt-in.
+``set_backward_mode('rowfwd')`` moves the row part into the forward instead: when a student grad
+is wanted, the forward also accumulates, FlashAttention-style over the student's key tile it has
+loaded anyway, O^s_i = Σ_j p^s_ij b_j and O^t_i = Σ_j p^t_ij b_j (two fp32 [BLOCK_M, D]
+accumulators, rescaled as their maxima move) and stores R_i = O^s_i - O^t_i (fp32 [B, H, T, D]).
+The backward is then the sweep kernel with the row part skipped: the column part only (tiles
+J >= I when causal), plus R weighted by the row's upstream grad, times a_s. Per causal tile that
+is 4 + 3 = 7 products and 2 + 2 exp2 instead of 8 and 6; it covers every case the sweep does (a
+cross-relation's dA is all row part, so its backward is the dB sweep only) and is bitwise
+reproducible. The cost is the R buffer, alive from the forward to the backward, and P rounded to
+the input dtype in two products whose difference is R (the sweep rounds G = P_s - P_t once).
+Not yet timed on a GPU; opt-in.
 
 ``relation_kl_layer`` runs the Q/Q, K/K and V/V self-relations in the same launches: the grid's
 head axis spans the heads of all three (NREL = 3) and a program reaches its relation's tensors by
@@ -39,7 +50,8 @@ first and the factor is applied at the end, so G keeps its precision when rounde
 
 Memory: beyond the inputs and returned gradients only O(B·H·T) fp32 row statistics, except that a
 teacher tensor whose strides differ from its student's (or inputs without unit stride on D) is
-copied to a contiguous layout first.
+copied to a contiguous layout first, and that the rowfwd mode keeps R, 4·B·H·T·D bytes (twice a
+bf16 student tensor), from the forward until the backward.
 
 Precision: fp16/bf16 inputs go to the tensor cores with fp32 accumulation; G is rounded to the
 input dtype for the second product (as FlashAttention does with dS). fp32 inputs use full-fp32
@@ -143,9 +155,10 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(qs, qt, SK, TK, k_base, sk_t, j0, offs_m, offs_d, dmask, T, Mask, mask_base,
-              m_s, l_s, m_t, l_t, acc, sc_s, sc_t,
+              m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t,
               BLOCK_N: tl.constexpr, CMASK: tl.constexpr, BMASK: tl.constexpr, HAS_MASK: tl.constexpr,
-              EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+              EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+              ROWFWD: tl.constexpr):
     offs_n = j0 + tl.arange(0, BLOCK_N)
     ks, kt = _load_pair(SK, TK, k_base, offs_n, sk_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
     x = _dot(qs, tl.trans(ks), IEEE)  # raw student logits (scale > 0 applied below)
@@ -161,21 +174,35 @@ def _fwd_tile(qs, qt, SK, TK, k_base, sk_t, j0, offs_m, offs_d, dmask, T, Mask, 
         x = tl.where(valid, x, float("-inf"))
         y = tl.where(valid, y, float("-inf"))
     m_s_new = tl.maximum(m_s, tl.max(x, 1) * sc_s)
-    l_s = l_s * tl.exp2(m_s - m_s_new) + tl.sum(tl.exp2(x * sc_s - m_s_new[:, None]), 1)
+    alpha_s = tl.exp2(m_s - m_s_new)
+    p_s = tl.exp2(x * sc_s - m_s_new[:, None])
+    l_s = l_s * alpha_s + tl.sum(p_s, 1)
     m_t_new = tl.maximum(m_t, tl.max(y, 1) * sc_t)
     alpha_t = tl.exp2(m_t - m_t_new)
     p_t = tl.exp2(y * sc_t - m_t_new[:, None])
     l_t = l_t * alpha_t + tl.sum(p_t, 1)
     acc = acc * alpha_t + tl.sum(p_t * dd, 1)
-    return m_s_new, l_s, m_t_new, l_t, acc
+    if ROWFWD:
+        # The row part of the student grad, Σ_j (p^s_ij - p^t_ij) b_j, as two FlashAttention
+        # outputs over the student's own key tile (already loaded): the two softmaxes have their
+        # own running maxima, so they cannot share one accumulator before the LSEs are known.
+        # P is rounded to the input dtype for the tensor cores, as FlashAttention does.
+        ps = p_s.to(SK.dtype.element_ty)
+        pt = p_t.to(SK.dtype.element_ty)
+        if UPCAST:
+            ps = ps.to(tl.float32)
+            pt = pt.to(tl.float32)
+        o_s = o_s * alpha_s[:, None] + _dot(ps, ks, IEEE)
+        o_t = o_t * alpha_t[:, None] + _dot(pt, ks, IEEE)
+    return m_s_new, l_s, m_t_new, l_t, acc, o_s, o_t
 
 
 @triton.jit
 def _fwd_body(S, SK, TS, TK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, sc_s, sc_t, b, h, hh, pid_m,
-              Mask, LseS, LseT, Kl, T, HTOT, REP,
+              Mask, LseS, LseT, Kl, R, T, HTOT, REP,
               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWFWD: tl.constexpr):
     """Rows of block pid_m of query head h (flat head hh over the relations) of batch b."""
     b64 = b.to(tl.int64)
     q_base = b64 * ss_b + h.to(tl.int64) * ss_h
@@ -193,32 +220,38 @@ def _fwd_body(S, SK, TS, TK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, sc_s, sc_t, b, 
     l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ROWFWD:
+        o_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        o_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    else:  # never updated or stored; one column keeps the plain forward's registers as they were
+        o_s = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+        o_t = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     num_n = tl.cdiv(T, BLOCK_N)
     if CAUSAL:
         lo = i0 // BLOCK_N
         hi = tl.minimum(tl.cdiv(i0 + BLOCK_M, BLOCK_N), num_n)
         for j in range(0, lo):
-            m_s, l_s, m_t, l_t, acc = _fwd_tile(
+            m_s, l_s, m_t, l_t, acc, o_s, o_t = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
-                m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
-                EVEN_D, IEEE, UPCAST)
+                m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
+                EVEN_D, IEEE, UPCAST, ROWFWD)
         for j in range(lo, hi):
-            m_s, l_s, m_t, l_t, acc = _fwd_tile(
+            m_s, l_s, m_t, l_t, acc, o_s, o_t = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
-                m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, True, False, HAS_MASK, EVEN_T,
-                EVEN_D, IEEE, UPCAST)
+                m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t, BLOCK_N, True, False, HAS_MASK, EVEN_T,
+                EVEN_D, IEEE, UPCAST, ROWFWD)
     else:
         n_full = T // BLOCK_N
         for j in range(0, n_full):
-            m_s, l_s, m_t, l_t, acc = _fwd_tile(
+            m_s, l_s, m_t, l_t, acc, o_s, o_t = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
-                m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
-                EVEN_D, IEEE, UPCAST)
+                m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
+                EVEN_D, IEEE, UPCAST, ROWFWD)
         for j in range(n_full, num_n):
-            m_s, l_s, m_t, l_t, acc = _fwd_tile(
+            m_s, l_s, m_t, l_t, acc, o_s, o_t = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
-                m_s, l_s, m_t, l_t, acc, sc_s, sc_t, BLOCK_N, False, True, HAS_MASK, EVEN_T,
-                EVEN_D, IEEE, UPCAST)
+                m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t, BLOCK_N, False, True, HAS_MASK, EVEN_T,
+                EVEN_D, IEEE, UPCAST, ROWFWD)
 
     # l = 0 only on rows with nothing valid (padding, past T); they are overwritten below.
     l_s = tl.where(l_s > 0, l_s, 1.0)
@@ -234,6 +267,16 @@ def _fwd_body(S, SK, TS, TK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, sc_s, sc_t, b, 
     tl.store(LseS + stat, tl.where(row_ok, lse_s, float("inf")), mask=offs_m < T)
     tl.store(LseT + stat, tl.where(row_ok, lse_t, float("inf")), mask=offs_m < T)
     tl.store(Kl + stat, tl.where(row_ok, kl, 0.0), mask=offs_m < T)
+    if ROWFWD:
+        # Unscaled, unweighted: the backward applies a_s, the upstream grad of the row and its
+        # normalisation (see _bwd_body), exactly as it does to the sweep's row part. Rows that are
+        # padding (mask 0) or see nothing get 0, like the LSE = +inf rows of the sweep.
+        rpart = tl.where(row_ok[:, None], o_s / l_s[:, None] - o_t / l_t[:, None], 0.0)
+        rp = R + stat[:, None] * D + offs_d[None, :]  # stat is int64
+        if EVEN_T and EVEN_D:
+            tl.store(rp, rpart)
+        else:
+            tl.store(rp, rpart, mask=(offs_m < T)[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -264,13 +307,13 @@ def _relation(hh, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2,
 
 @triton.jit(do_not_specialize=["off_s1", "off_t1", "off_s2", "off_t2"])
 def _fwd_kernel(
-    S, SK, TS, TK, Mask, LseS, LseT, Kl,
+    S, SK, TS, TK, Mask, LseS, LseT, Kl, R,
     off_s1, off_t1, off_s2, off_t2,
     ss_b0, ss_h0, ss_t0, ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, sk_b, sk_h, sk_t,
     H0, H1, scs0, scs1, scs2, sct0, sct1, sct2, T, HTOT, REP,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NREL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr, ROWFWD: tl.constexpr,
 ):
     num_m = tl.cdiv(T, BLOCK_M)
     pid_m = num_m - 1 - tl.program_id(0)  # longest causal rows first
@@ -279,15 +322,15 @@ def _fwd_kernel(
     hh = pid_bh % HTOT
     if NREL == 1:
         _fwd_body(S, SK, TS, TK, ss_b0, ss_h0, ss_t0, sk_b, sk_h, sk_t, scs0, sct0, b, hh, hh, pid_m,
-                  Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK,
-                  EVEN_T, IEEE, UPCAST)
+                  Mask, LseS, LseT, Kl, R, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK,
+                  EVEN_T, IEEE, UPCAST, ROWFWD)
     else:
         # Self-relations of one layer in one launch: one body, so no extra registers.
         r, Sr, TSr, sb, sh, st = _relation(hh, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2, ss_b0, ss_h0, ss_t0,
                                            ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, ALIGN)
         _fwd_body(Sr, Sr, TSr, TSr, sb, sh, st, sb, sh, st, _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2),
-                  b, hh - _sel(r, 0, H0, H0 + H1), hh, pid_m, Mask, LseS, LseT, Kl, T, HTOT, REP, D, BLOCK_D,
-                  BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST)
+                  b, hh - _sel(r, 0, H0, H0 + H1), hh, pid_m, Mask, LseS, LseT, Kl, R, T, HTOT, REP, D, BLOCK_D,
+                  BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, ROWFWD)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -411,12 +454,30 @@ def _store_rows(G, g_base, offs_m, offs_d, dmask, T, acc, Mask, mask_base,
 
 
 @triton.jit
+def _row_part(R, r_base, offs_m, offs_d, dmask, T, dk, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
+              D: tl.constexpr, UNI: tl.constexpr):
+    """The row part the forward stored (rowfwd mode), weighted like the sweep's: times the row's
+    normalised upstream grad (1 when uniform); a_s and the grad scale come with alpha."""
+    ptrs = R + r_base + offs_m[:, None] * D + offs_d[None, :]
+    if EVEN_T and EVEN_D:
+        rp = tl.load(ptrs)
+    else:
+        rp = tl.load(ptrs, mask=(offs_m < T)[:, None] & dmask[None, :], other=0.0)
+    if not UNI:
+        rp = rp * dk[:, None]
+    return rp
+
+
+@triton.jit
 def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s, sc_t, alpha, b, g, hoff,
-              pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP,
+              pid_m, Mask, LseS, LseT, DKl, R, T, HTOT, REP,
               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr):
-    """Output block pid_m of key head g (its H/REP query heads when not SELF) of batch b."""
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr, ROWFWD: tl.constexpr):
+    """Output block pid_m of key head g (its H/REP query heads when not SELF) of batch b.
+
+    ROWFWD: the forward already stored the row part (R, [B, HTOT, T, D] fp32), so only the column
+    part is recomputed here (tiles J >= I when causal, the other half of the sweep's work)."""
     b64 = b.to(tl.int64)
     i0 = pid_m * BLOCK_M
     offs_m = i0 + tl.arange(0, BLOCK_M)
@@ -430,25 +491,35 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
         rs, rt = _load_pair(S, TS, base, offs_m, ss_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
         stat_base = (b64 * HTOT + hoff + g) * T
         ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T, UNI)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
-                     LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                     True, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
+        if ROWFWD:
+            acc = _row_part(R, stat_base * D, offs_m, offs_d, dmask, T, dk, EVEN_T, EVEN_D, D, UNI)
+            acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
+                         LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
+                         False, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
+                         LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
+                         True, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
         _store_rows(GS, ((b64 * H + g) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
                     HAS_MASK, EVEN_T, EVEN_D, D)
     else:
         k_base = b64 * sk_b + g.to(tl.int64) * sk_h
-        # dA of block I for each query head of this key head: rows I against key tiles J <= I.
+        # dA of block I for each query head of this key head: rows I against key tiles J <= I
+        # (all of dA is the row part, so in rowfwd mode it is the stored R, weighted).
         for rr in range(0, REP):
             h = g * REP + rr
-            base = b64 * ss_b + h.to(tl.int64) * ss_h
-            rs, rt = _load_pair(S, TS, base, offs_m, ss_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
             stat_base = (b64 * HTOT + hoff + h) * T
             ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_m, T, EVEN_T, UNI)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            acc = _sweep(acc, rs, rt, SK, TK, k_base, sk_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
-                         LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                         True, False, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
+            if ROWFWD:
+                acc = _row_part(R, stat_base * D, offs_m, offs_d, dmask, T, dk, EVEN_T, EVEN_D, D, UNI)
+            else:
+                base = b64 * ss_b + h.to(tl.int64) * ss_h
+                rs, rt = _load_pair(S, TS, base, offs_m, ss_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                acc = _sweep(acc, rs, rt, SK, TK, k_base, sk_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
+                             LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
+                             True, False, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
             _store_rows(GS, ((b64 * H + h) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
                         False, EVEN_T, EVEN_D, D)
         # dB of key block I: summed over the group's query heads in a fixed order.
@@ -466,18 +537,16 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
                     mask_base, HAS_MASK, EVEN_T, EVEN_D, D)
 
 
-
-
 @triton.jit(do_not_specialize=["off_s1", "off_t1", "off_g1", "off_s2", "off_t2", "off_g2"])
 def _bwd_kernel(
-    S, SK, TS, TK, GS, GK, Mask, LseS, LseT, DKl, GScale,
+    S, SK, TS, TK, GS, GK, Mask, LseS, LseT, DKl, GScale, R,
     off_s1, off_t1, off_g1, off_s2, off_t2, off_g2,
     ss_b0, ss_h0, ss_t0, ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, sk_b, sk_h, sk_t,
     H0, H1, H2, scs0, scs1, scs2, sct0, sct1, sct2, al0, al1, al2, T, HTOT, HKTOT, REP,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NREL: tl.constexpr, SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     EVEN_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
-    UNIFORM_DKL: tl.constexpr,
+    UNIFORM_DKL: tl.constexpr, ROWFWD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -486,8 +555,8 @@ def _bwd_kernel(
     gs = tl.load(GScale)
     if NREL == 1:
         _bwd_body(S, SK, TS, TK, GS, GK, ss_b0, ss_h0, ss_t0, sk_b, sk_h, sk_t, H0, scs0, sct0, al0 * gs,
-                  b, kk, 0, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, SELF,
-                  CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
+                  b, kk, 0, pid_m, Mask, LseS, LseT, DKl, R, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, SELF,
+                  CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL, ROWFWD)
     else:  # self-relations only (REP = 1); see _fwd_kernel
         r, Sr, TSr, sb, sh, st = _relation(kk, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2, ss_b0, ss_h0, ss_t0,
                                            ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, ALIGN)
@@ -495,8 +564,8 @@ def _bwd_kernel(
         hoff = _sel(r, 0, H0, H0 + H1)
         _bwd_body(Sr, Sr, TSr, TSr, Gr, Gr, sb, sh, st, sb, sh, st, _sel(r, H0, H1, H2),
                   _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2), _sel(r, al0, al1, al2) * gs,
-                  b, kk - hoff, hoff, pid_m, Mask, LseS, LseT, DKl, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
-                  BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL)
+                  b, kk - hoff, hoff, pid_m, Mask, LseS, LseT, DKl, R, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
+                  BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL, ROWFWD)
 
 
 # ----------------------------------------------------------------------------- backward, one recompute
@@ -621,17 +690,31 @@ _BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: Ti
 # One-recompute backward: block_n = owned column block (its fp32 accumulator stays in registers),
 # block_m = swept row tile. Best of a small sweep on an H200 (bench_relation_kl.py --backward).
 _BWD1_CFG = {64: TileConfig(64, 64, 4, 2), 128: TileConfig(128, 128, 8, 2), 256: TileConfig(32, 64, 8, 1)}
+# rowfwd mode, NOT YET TIMED ON A GPU (bench_relation_kl.py --backward sweeps candidates and prints
+# the best; copy them here). 'fwdr' is the forward that also keeps two fp32 [BLOCK_M, D] output
+# accumulators: with 8 warps and BLOCK_M = 128 they cost 2 * 128 * D / 256 registers a thread (128
+# at D=128, on top of the plain forward's 181 at 128x64), so BLOCK_N drops to 64 (D=128) and D=64
+# moves to 8 warps. Other candidates: D=128 64x64/4 warps (same accumulator registers, half the
+# rows sharing a key tile), 128x32/8; D=64 64x64/4. D=256 is a guess (128 accumulator registers
+# at 8 warps) and only checked for correctness.
+# 'bwdc' is the column-only backward of that mode (the sweep kernel with the row part skipped):
+# fewer live values than 'bwd', so it may take larger tiles; it starts from 'bwd's choices.
+_FWDR_CFG = {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 2), 256: TileConfig(64, 32, 8, 1)}
+_BWDC_CFG = dict(_BWD_CFG)
+_KINDS = ("fwd", "bwd", "bwd1", "fwdr", "bwdc")
 _bwd_mode: Optional[str] = None
 _INTERP_CFG = TileConfig(32, 16, 1, 1)
 _overrides: dict = {}
 
 
 def set_tile_config(kind: str, cfg: Optional[TileConfig]) -> None:
-    """Force the tiles of 'fwd', 'bwd' or 'bwd1' (benchmarks and tests); None restores the defaults.
+    """Force the tiles of 'fwd', 'bwd', 'bwd1', 'fwdr' or 'bwdc' (benchmarks and tests); None
+    restores the defaults.
 
-    For 'bwd1' block_n is the column block a program owns and block_m the row tile it sweeps."""
-    if kind not in ("fwd", "bwd", "bwd1"):
-        raise ValueError(f"kind must be 'fwd', 'bwd' or 'bwd1', got {kind!r}")
+    For 'bwd1' block_n is the column block a program owns and block_m the row tile it sweeps.
+    'fwdr' and 'bwdc' are the forward and the backward of the rowfwd mode."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     if cfg is None:
         _overrides.pop(kind, None)
     else:
@@ -653,16 +736,24 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> TileConfig:
         return _INTERP_CFG
     if dtype == torch.float32:
         return _FP32_CFG[max(64, block_d)]
-    table = {"fwd": _FWD_CFG, "bwd": _BWD_CFG, "bwd1": _BWD1_CFG}[kind]
+    table = {"fwd": _FWD_CFG, "bwd": _BWD_CFG, "bwd1": _BWD1_CFG, "fwdr": _FWDR_CFG, "bwdc": _BWDC_CFG}[kind]
     return table[max(64, block_d)]
 
 
+BACKWARD_MODES = ("sweep", "atomic", "rowfwd")
+
+
 def set_backward_mode(mode: Optional[str]) -> None:
-    """'sweep' (two recomputes, no atomics, bitwise reproducible; the default, None) or 'atomic'
-    (one recompute, causal self-relations only; slower on an H200, see benchmarks/RESULTS.md)."""
+    """'sweep' (two recomputes, no atomics, bitwise reproducible; the default, None), 'atomic'
+    (one recompute, causal self-relations only; slower on an H200, see benchmarks/RESULTS.md) or
+    'rowfwd' (the forward also stores the row part, the backward recomputes only the column part;
+    every case, bitwise reproducible, one fp32 [B, H, T, D] buffer per call kept for the backward).
+
+    The mode is read when the forward runs: a forward in rowfwd mode is always finished by its
+    column-only backward, whatever the mode is by then."""
     global _bwd_mode
-    if mode not in (None, "sweep", "atomic"):
-        raise ValueError(f"backward mode must be 'sweep', 'atomic' or None, got {mode!r}")
+    if mode is not None and mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode must be one of {BACKWARD_MODES} or None, got {mode!r}")
     _bwd_mode = mode
 
 
@@ -671,6 +762,13 @@ def _use_atomic(self_rel: bool, causal: bool) -> bool:
     # register pressure of the owned [BLOCK_N, D] accumulator. Never under deterministic torch.
     return (_bwd_mode == "atomic" and self_rel and causal
             and not torch.are_deterministic_algorithms_enabled())
+
+
+def _use_rowfwd(needs_grad: bool) -> bool:
+    # Every case the sweep handles (self/cross, GQA, masks, non-causal, fp32, any D, the fused
+    # layer call) has a rowfwd path, so the only condition is that a student grad is wanted:
+    # without one the row part would be computed for nothing.
+    return _bwd_mode == "rowfwd" and needs_grad
 
 
 def _launch(kernel, kind: str, cfg: TileConfig, key, T: int, grid_rows: int, args, consts) -> None:
@@ -769,7 +867,9 @@ def _log2_scales(rels):
     return [r.sc_s * LOG2E for r in rels] + pad, [r.sc_t * LOG2E for r in rels] + pad
 
 
-def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, rep: int):
+def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, rep: int, rowfwd: bool = False):
+    """Per-row LSEs and KL [B, sum of heads, T]; with rowfwd also the unscaled row part of the
+    student grad, R_i = Σ_j (p^s_ij - p^t_ij) b_j, fp32 [B, sum of heads, T, D] (else None)."""
     B, _, T, _ = rels[0].s.shape
     htot = sum(r.s.shape[1] for r in rels)
     dev = rels[0].s.device
@@ -777,22 +877,27 @@ def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, r
     lse_t = torch.empty_like(lse_s)
     kl = torch.empty_like(lse_s)
     D, block_d, ieee, upcast = _flags(rels[0].s)
+    rpart = torch.empty(B, htot, T, D, dtype=torch.float32, device=dev) if rowfwd else None
     dtype = rels[0].s.dtype
     m = mask if mask is not None else lse_s  # unused when HAS_MASK is False
     offs, strides, align = _common_args(rels, None)
     H = _heads(rels)
     sc, st = _log2_scales(rels)
     r0 = rels[0]
-    args = [r0.s, r0.sk, r0.ts, r0.tk, m, lse_s, lse_t, kl, *offs, *strides, H[0], H[1], *sc, *st,
-            T, htot, rep]
+    args = [r0.s, r0.sk, r0.ts, r0.tk, m, lse_s, lse_t, kl, lse_s if rpart is None else rpart, *offs, *strides,
+            H[0], H[1], *sc, *st, T, htot, rep]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), CAUSAL=causal, HAS_MASK=mask is not None,
-                  IEEE=ieee, UPCAST=upcast, ALIGN=align)
-    _launch(_fwd_kernel, "fwd", _config("fwd", block_d, dtype), (block_d, dtype, causal, len(rels)), T,
+                  IEEE=ieee, UPCAST=upcast, ALIGN=align, ROWFWD=rowfwd)
+    kind = "fwdr" if rowfwd else "fwd"
+    _launch(_fwd_kernel, kind, _config(kind, block_d, dtype), (block_d, dtype, causal, len(rels)), T,
             B * htot, args, consts)
-    return lse_s, lse_t, kl
+    return lse_s, lse_t, kl, rpart
 
 
-def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool, lse_s, lse_t, dkl):
+def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool, lse_s, lse_t, dkl,
+              rpart: Optional[torch.Tensor] = None):
+    """Student grads; rpart (the forward's row part, rowfwd mode) leaves only the column part to
+    recompute."""
     B, _, T, _ = rels[0].s.shape
     htot = sum(r.s.shape[1] for r in rels)
     hktot = htot // rep
@@ -807,7 +912,7 @@ def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool
         amax = dkl.abs().amax()
         gscale = torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(1)
         dkl = dkl / gscale
-    if _use_atomic(self_rel, causal):
+    if rpart is None and _use_atomic(self_rel, causal):
         return _backward_atomic(rels, mask, lse_s, lse_t, dkl, gscale, uniform), None
     if self_rel and len(rels) > 1:  # one buffer, so the kernels reach each relation by offset
         sizes = [r.s.numel() for r in rels]
@@ -824,11 +929,14 @@ def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool
     sc, st = _log2_scales(rels)
     al = [r.sc_s for r in rels] + [1.0, 1.0]
     r0 = rels[0]
-    args = [r0.s, r0.sk, r0.ts, r0.tk, grads_s[0], grads_k[0], m, lse_s, lse_t, dkl, gscale, *offs, *strides,
-            *H, *sc, *st, *al[:3], T, htot, hktot, rep]
+    rowfwd = rpart is not None
+    args = [r0.s, r0.sk, r0.ts, r0.tk, grads_s[0], grads_k[0], m, lse_s, lse_t, dkl, gscale,
+            rpart if rowfwd else lse_s, *offs, *strides, *H, *sc, *st, *al[:3], T, htot, hktot, rep]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), SELF=self_rel, CAUSAL=causal,
-                  HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast, ALIGN=align, UNIFORM_DKL=uniform)
-    _launch(_bwd_kernel, "bwd", _config("bwd", block_d, dtype), (block_d, dtype, causal, len(rels), self_rel),
+                  HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast, ALIGN=align, UNIFORM_DKL=uniform,
+                  ROWFWD=rowfwd)
+    kind = "bwdc" if rowfwd else "bwd"
+    _launch(_bwd_kernel, kind, _config(kind, block_d, dtype), (block_d, dtype, causal, len(rels), self_rel),
             T, B * hktot, args, consts)
     return grads_s, (None if self_rel else grads_k)
 
@@ -860,13 +968,15 @@ def _backward_atomic(rels: Sequence[_Rel], mask, lse_s, lse_t, dkl, gscale, unif
 class TritonRelationKL(torch.autograd.Function):
     """Per-row KL [B, sum of heads, T] of 1 cross- or 1..3 self-relations; student-only grads.
 
-    Inputs: (meta, mask, *students, *teachers) with meta = (self_rel, causal, scales_s, scales_t)
-    and for a cross-relation students = (sq, sk), teachers = (tq, tk).
+    Inputs: (meta, mask, *students, *teachers) with meta = (self_rel, causal, scales_s, scales_t,
+    grad_wanted) and for a cross-relation students = (sq, sk), teachers = (tq, tk). grad_wanted
+    (grad mode on and a student requiring grad, see `_grad_wanted`) is decided by the caller: inside
+    forward grad mode is always off and needs_input_grad ignores torch.no_grad().
     """
 
     @staticmethod
     def forward(ctx, meta, mask, *tensors):
-        self_rel, causal, scales_s, scales_t = meta
+        self_rel, causal, scales_s, scales_t, grad_wanted = meta
         n = len(tensors) // 2
         students, teachers = tensors[:n], tensors[n:]
         if self_rel:
@@ -877,27 +987,32 @@ class TritonRelationKL(torch.autograd.Function):
             rels = [_prep(_Rel(students[0], students[1], teachers[0], teachers[1], scales_s[0], scales_t[0]), False)]
             rep = students[0].shape[1] // students[1].shape[1]
         mask_i8 = None if mask is None else mask.to(torch.int8).contiguous()
-        lse_s, lse_t, kl = _forward(rels, mask_i8, causal, rep)
+        rowfwd = _use_rowfwd(grad_wanted)
+        lse_s, lse_t, kl, rpart = _forward(rels, mask_i8, causal, rep, rowfwd)
         ctx.rels, ctx.rep, ctx.meta = rels, rep, meta
-        ctx.save_for_backward(mask_i8, lse_s, lse_t)
+        ctx.save_for_backward(mask_i8, lse_s, lse_t, rpart)
         return kl
 
     @staticmethod
     def backward(ctx, dkl):
-        mask_i8, lse_s, lse_t = ctx.saved_tensors
-        self_rel, causal, _, _ = ctx.meta
+        mask_i8, lse_s, lse_t, rpart = ctx.saved_tensors
+        self_rel, causal = ctx.meta[:2]
         n_in = len(ctx.needs_input_grad) - 2
         if not any(ctx.needs_input_grad[2:2 + n_in // 2]):
             return (None,) * (2 + n_in)
-        gs, gk = _backward(ctx.rels, mask_i8, causal, ctx.rep, self_rel, lse_s, lse_t, dkl)
+        gs, gk = _backward(ctx.rels, mask_i8, causal, ctx.rep, self_rel, lse_s, lse_t, dkl, rpart)
         grads = gs if self_rel else [gs[0], gk[0]]
         return (None, None, *grads, *([None] * (n_in // 2)))
+
+
+def _grad_wanted(students) -> bool:
+    return torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in students)
 
 
 def relation_kl_rows(sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float) -> torch.Tensor:
     """Per-row KL [B, H, T] fp32 of one relation (sk = tk = None: self-relation)."""
     self_rel = sk is None
-    meta = (self_rel, causal, (scale_s,), (scale_t,))
+    meta = (self_rel, causal, (scale_s,), (scale_t,), _grad_wanted((sq, sk)))
     if self_rel:
         return TritonRelationKL.apply(meta, mask, sq, tq.detach())
     return TritonRelationKL.apply(meta, mask, sq, sk, tq.detach(), tk.detach())
@@ -905,6 +1020,6 @@ def relation_kl_rows(sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t
 
 def relation_kl_layer_rows(students, teachers, mask, causal: bool, scales_s, scales_t):
     """Per-row KL of the q/q, k/k, v/v self-relations of one layer, one launch per pass."""
-    meta = (True, causal, tuple(scales_s), tuple(scales_t))
+    meta = (True, causal, tuple(scales_s), tuple(scales_t), _grad_wanted(students))
     kl = TritonRelationKL.apply(meta, mask, *students, *(t.detach() for t in teachers))
     return tuple(kl.split([s.shape[1] for s in students], dim=1))
