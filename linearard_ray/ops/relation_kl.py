@@ -690,16 +690,13 @@ _BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: Ti
 # One-recompute backward: block_n = owned column block (its fp32 accumulator stays in registers),
 # block_m = swept row tile. Best of a small sweep on an H200 (bench_relation_kl.py --backward).
 _BWD1_CFG = {64: TileConfig(64, 64, 4, 2), 128: TileConfig(128, 128, 8, 2), 256: TileConfig(32, 64, 8, 1)}
-# rowfwd mode, NOT YET TIMED ON A GPU (bench_relation_kl.py --backward sweeps candidates and prints
-# the best; copy them here). 'fwdr' is the forward that also keeps two fp32 [BLOCK_M, D] output
-# accumulators: with 8 warps and BLOCK_M = 128 they cost 2 * 128 * D / 256 registers a thread (128
-# at D=128, on top of the plain forward's 181 at 128x64), so BLOCK_N drops to 64 (D=128) and D=64
-# moves to 8 warps. Other candidates: D=128 64x64/4 warps (same accumulator registers, half the
-# rows sharing a key tile), 128x32/8; D=64 64x64/4. D=256 is a guess (128 accumulator registers
-# at 8 warps) and only checked for correctness.
-# 'bwdc' is the column-only backward of that mode (the sweep kernel with the row part skipped):
-# fewer live values than 'bwd', so it may take larger tiles; it starts from 'bwd's choices.
-_FWDR_CFG = {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 2), 256: TileConfig(64, 32, 8, 1)}
+# rowfwd mode. 'fwdr' is the forward that also keeps two fp32 [BLOCK_M, D] output accumulators.
+# Best of the sweep in bench_relation_kl.py --backward on an H200 at T=8192 (H=32): D=128 64x64/4
+# warps 2.35 ms (128x64/8: 2.43 with 2 spills; 128x128/8: 3.68, 146 spills); D=64 64x64/4/3 stages
+# 1.43 ms (128x64/8: 1.55). D=256 is a guess, only checked for correctness.
+# 'bwdc' is the column-only backward (the sweep kernel with the row part skipped); the sweep's own
+# tiles measured best for it too (D=128 64x64/4: 1.84 ms against 2.01 for 128x64/8).
+_FWDR_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
 _BWDC_CFG = dict(_BWD_CFG)
 _KINDS = ("fwd", "bwd", "bwd1", "fwdr", "bwdc")
 _bwd_mode: Optional[str] = None
