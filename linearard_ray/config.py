@@ -467,6 +467,10 @@ class EvalConfig(_Section):
                                                        "and N-1 seeded distractors are scored by the model's log-probability "
                                                        "after the question, so reading the key is measured apart from how the "
                                                        "model words its answer (chance 1/N); 0 = off.")
+    passkey_distractors: Literal["random", "one_digit"] = Field(
+        "random", description="Where the forced choice's distractors come from: 'random' five-digit keys (any "
+                              "retrieval tells them apart) or keys 'one_digit' away from the true one (only a model "
+                              "that holds every digit picks it; at most 45 choices).")
     relation_kl: bool = True
     batch_size: int = Field(1, ge=1)
     seed: int = 0
@@ -482,6 +486,13 @@ class EvalConfig(_Section):
         if v == 1:
             raise ValueError("1 leaves nothing to choose between; use 0 to turn the forced choice off, or 2 or more")
         return v
+
+    @model_validator(mode="after")
+    def _one_digit_choices(self) -> "EvalConfig":
+        if self.passkey_distractors == "one_digit" and self.passkey_choices > 45:
+            raise ValueError(f"passkey_choices: {self.passkey_choices} with passkey_distractors 'one_digit', but a key "
+                             "has only 44 keys one digit away (at most 45 choices)")
+        return self
 
 
 # --------------------------------------------------------------------------- tune

@@ -256,7 +256,7 @@ def _run_jobs(spec: ModelSpec, teacher_spec: ModelSpec, jobs: list[tuple], paylo
             msg = f"passkey accuracy {np.mean([r['correct'] for r in rows]):.2f}"
             if ev.passkey_choices:
                 scores = score_key_choices(model, payload["tokenizer"], payload["passkey"][L], ev.passkey_choices,
-                                           ev.batch_size, device)
+                                           ev.batch_size, device, ev.passkey_distractors)
                 rows = [{**r, **c} for r, c in zip(rows, scores)]
                 msg += (f", forced choice of {ev.passkey_choices} "
                         f"{np.mean([r['choice_correct'] for r in rows]):.2f}")
@@ -454,6 +454,8 @@ def _job_keys(specs: list[ModelSpec], teacher_spec: ModelSpec, plan: dict[str, l
             job_settings = settings
             if job[0] == "passkey":  # a record without the forced choice must not stand in for one with it
                 job_settings = {**settings, "passkey_choices": cfg.eval.passkey_choices}
+                if cfg.eval.passkey_distractors != "random":  # random keeps the keys of earlier records valid
+                    job_settings["passkey_distractors"] = cfg.eval.passkey_distractors
             if job[0] == "relkl":
                 teacher = {**ident[teacher_spec.name], "yarn_logit_correction": cfg.rope.yarn_logit_correction}
             keys[(s.name, job)] = job_key(job, ident[s.name], digests[where], job_settings, teacher)

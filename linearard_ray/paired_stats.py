@@ -5,7 +5,8 @@ input by input rather than by their averages alone.
 - Passkey: the prompts only one of the two gets right decide; an exact sign test on those
   (McNemar's test) says how likely a split at least that uneven is when neither model is better.
   A model's own accuracy gets a Wilson 95% interval, which stays inside [0, 1] and is honest at 0
-  or n correct.
+  or n correct. Where every model ranks the true key first, the key's own log-probability, paired
+  prompt by prompt with a sign test, still orders them.
 - Perplexity: the per-window NLL differences; an exact sign-flip permutation test on their mean
   says how likely a mean difference at least that large is when the two are exchangeable. With
   the usual 6-8 windows of a long-context length, the smallest p it can give is 2/2^n (0.008 at 8).
@@ -46,15 +47,15 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _keyed(trials: Mapping[Any, Iterable[dict]], field: str = "correct") -> dict[tuple, bool]:
-    """(length, depth, key, repeat) -> trial[field]; the repeat count keeps two trials that drew the
-    same key at the same depth apart."""
+def _keyed(trials: Mapping[Any, Iterable[dict]], field: str = "correct", cast=bool) -> dict[tuple, Any]:
+    """(length, depth, key, repeat) -> cast(trial[field]); the repeat count keeps two trials that drew
+    the same key at the same depth apart."""
     seen: Counter = Counter()
     out = {}
     for length, rows in trials.items():
         for t in rows:
             k = (length, float(t["depth"]), str(t["key"]))
-            out[(*k, seen[k])] = bool(t[field])
+            out[(*k, seen[k])] = cast(t[field])
             seen[k] += 1
     return out
 
@@ -74,6 +75,33 @@ def paired_comparison(model: Mapping[Any, Iterable[dict]], baseline: Mapping[Any
     losses = sum(1 for k in shared if b[k] and not a[k])
     return {"paired": len(shared), "wins": wins, "losses": losses, "ties": len(shared) - wins - losses,
             "p_value": sign_test_p(wins, losses)}
+
+
+def paired_logprob(model: Mapping[Any, Iterable[dict]], baseline: Mapping[Any, Iterable[dict]],
+                   field: str = "key_logprob") -> dict | None:
+    """Compare the true key's log-probability (teacher-forced after the question) prompt by prompt.
+
+    Accuracy saturates once every candidate key but the true one is far less likely; the
+    log-probability keeps ranking models after that. Returns the prompts paired, how many the model
+    gives the key a higher / lower log-probability than the baseline, the mean difference (model −
+    baseline, nats) and the sign-test p of higher against lower; None when no prompt is shared."""
+    a, b = _keyed(model, field, float), _keyed(baseline, field, float)
+    shared = sorted(a.keys() & b.keys())
+    if not shared:
+        return None
+    diff = [a[k] - b[k] for k in shared]
+    higher, lower = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
+    return {"paired": len(shared), "higher": higher, "lower": lower, "mean_diff": float(np.mean(diff)),
+            "p_value": sign_test_p(higher, lower)}
+
+
+def answer_kinds(trials: Iterable[dict]) -> dict[str, int]:
+    """How greedy passkey answers went: right, another number (a retrieval error), or no number at
+    all (the model answered in words: its wording failed, whatever it retrieved)."""
+    out = {"right": 0, "other_number": 0, "no_number": 0}
+    for t in trials:
+        out["right" if t["correct"] else "no_number" if t.get("answer") is None else "other_number"] += 1
+    return out
 
 
 def paired_windows(model: Sequence[float], baseline: Sequence[float], exact_up_to: int = 16,

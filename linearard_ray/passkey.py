@@ -116,10 +116,31 @@ def run_passkey(model, tokenizer, prompts: list[PasskeyPrompt], batch_size: int,
 ANSWER = " {key}"  # what a right answer to QUESTION starts with
 
 
-def distractor_keys(key: str, n: int) -> list[str]:
+DISTRACTOR_KINDS = ("random", "one_digit")
+
+
+def one_digit_neighbours(key: str) -> list[str]:
+    """Every five-digit key that differs from ``key`` in exactly one digit (44: no leading zero)."""
+    return [key[:i] + d + key[i + 1:] for i in range(len(key)) for d in "0123456789"
+            if d != key[i] and not (i == 0 and d == "0")]
+
+
+def distractor_keys(key: str, n: int, kind: str = "random") -> list[str]:
     """``n`` distinct five-digit keys other than ``key``, a function of the key alone, so every model
-    is offered the same choices for a prompt."""
-    rng = np.random.default_rng([int(key), n])
+    is offered the same choices for a prompt.
+
+    'random' draws them from all five-digit keys: any retrieval at all tells the true key apart.
+    'one_digit' draws them from the 44 keys one digit away: only a model that holds every digit
+    picks the true one. That is where PI's compressed positions show (a doubled digit written once)."""
+    if kind not in DISTRACTOR_KINDS:
+        raise ValueError(f"eval.passkey_distractors: {kind!r} is not one of {DISTRACTOR_KINDS}")
+    rng = np.random.default_rng([int(key), n] + ([1] if kind == "one_digit" else []))
+    if kind == "one_digit":
+        pool = one_digit_neighbours(key)
+        if n > len(pool):
+            raise ValueError(f"eval.passkey_choices: {n + 1} choices need {n} one-digit neighbours of a key, "
+                             f"which has only {len(pool)}")
+        return [pool[i] for i in rng.permutation(len(pool))[:n]]
     out: list[str] = []
     while len(out) < n:
         k = str(int(rng.integers(10000, 100000)))
@@ -130,7 +151,7 @@ def distractor_keys(key: str, n: int) -> list[str]:
 
 @torch.no_grad()
 def score_key_choices(model, tokenizer, prompts: list[PasskeyPrompt], choices: int, batch_size: int,
-                      device) -> list[dict]:
+                      device, distractors: str = "random") -> list[dict]:
     """Forced-choice retrieval: the log-probability the model gives the true key right after the
     question, against ``choices - 1`` distractor keys, teacher-forced. One {'key_logprob',
     'choice_rank', 'choice_correct'} per prompt; rank 0 means the true key scored strictly highest.
@@ -153,7 +174,7 @@ def score_key_choices(model, tokenizer, prompts: list[PasskeyPrompt], choices: i
         cache = getattr(res, "cache", None)
         if cache is None:
             cache = res.past_key_values
-        cands = [[p.key, *distractor_keys(p.key, choices - 1)] for p in chunk]
+        cands = [[p.key, *distractor_keys(p.key, choices - 1, distractors)] for p in chunk]
         scores = torch.zeros(len(chunk), choices, dtype=torch.float64)
         for c in range(choices):
             conts = [_ids(tokenizer, ANSWER.format(key=row[c])) for row in cands]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from linearard_ray.paired_stats import paired_comparison, paired_windows, wilson_interval
+from linearard_ray.paired_stats import answer_kinds, paired_comparison, paired_logprob, paired_windows, wilson_interval
 
 DEFINITIONS = {
     "nll": "mean next-token negative log-likelihood in nats over every predicted token of the windows "
@@ -37,8 +37,16 @@ DEFINITIONS = {
                       "model were better; the accuracy interval is Wilson's 95%",
     "passkey_forced_choice": "share of trials where the model gives the true key a higher log-probability right "
                              "after the question (teacher-forced, summed over the key's tokens) than each of N-1 "
-                             "seeded distractor keys; every candidate has the same form, so this is retrieval "
-                             "apart from how the model words its answer; chance is 1/N",
+                             "seeded distractor keys (eval.passkey_distractors: random five-digit keys, or keys "
+                             "one digit away from the true one); every candidate has the same form, so this is "
+                             "retrieval apart from how the model words its answer; chance is 1/N",
+    "passkey_answers": "the greedy answers sorted: right, another number (retrieved wrong, a digit dropped "
+                       "included), or no number at all (answered in words: the wording failed, whatever the "
+                       "model retrieved)",
+    "key_logprob_paired": "the true key's log-probability against the unrestored baseline's on the identical "
+                          "prompts: higher / lower = prompts where the model gives the key more / less "
+                          "probability; p = exact two-sided sign test on higher vs lower. It still orders models "
+                          "when both rank the true key first on every prompt",
     "nll_paired": "in the perplexity tables, 'better on k/n windows, p' compares a model with the unrestored "
                   "baseline on the same windows: k = windows where its mean NLL is lower; p = exact two-sided "
                   "sign-flip permutation test of the mean per-window NLL difference (with n windows the "
@@ -79,10 +87,10 @@ def _clean(x):
 CHOICE_FIELDS = ("choice_correct", "choice_rank", "key_logprob")
 
 
-def _forced_choice(by_len: dict, lengths: list[int], choices: int) -> dict:
+def _forced_choice(by_len: dict, lengths: list[int], choices: int, distractors: str = "random") -> dict:
     """The forced-choice figures of one model's passkey trials (see DEFINITIONS)."""
     hits = [bool(x["choice_correct"]) for rs in by_len.values() for x in rs]
-    return {"choices": choices, "correct": int(sum(hits)), "prompts": len(hits),
+    return {"choices": choices, "distractors": distractors, "correct": int(sum(hits)), "prompts": len(hits),
             "accuracy_overall": float(np.mean(hits)), "ci95": wilson_interval(int(sum(hits)), len(hits)),
             "accuracy_by_length": {str(L): float(np.mean([x["choice_correct"] for x in by_len[L]]))
                                    for L in lengths if L in by_len},
@@ -159,9 +167,11 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
         samples = {str(L): [{k: x[k] for k in fields} for x in by_len[L]] for L in pk_lengths if L in by_len}
         passkey[n] = {"lengths": pk_lengths, "depths": depths, "trials": ev.passkey_trials, "accuracy": grid,
                       "accuracy_by_length": per_len, "accuracy_overall": float(np.mean(allr)), "answers": samples,
-                      "correct": int(sum(allr)), "prompts": len(allr), "ci95": wilson_interval(int(sum(allr)), len(allr))}
+                      "correct": int(sum(allr)), "prompts": len(allr), "ci95": wilson_interval(int(sum(allr)), len(allr)),
+                      "answer_kinds": answer_kinds(x for rs in by_len.values() for x in rs)}
         if forced:
-            passkey[n]["forced_choice"] = _forced_choice(by_len, pk_lengths, ev.passkey_choices)
+            passkey[n]["forced_choice"] = _forced_choice(by_len, pk_lengths, ev.passkey_choices,
+                                                         ev.passkey_distractors)
     if scaled in passkey:
         for n, pk in passkey.items():
             if n != scaled:
@@ -169,6 +179,7 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
                 if "forced_choice" in pk and "forced_choice" in passkey[scaled]:
                     pk["forced_choice"]["vs_scaled"] = paired_comparison(pk["answers"], passkey[scaled]["answers"],
                                                                          field="choice_correct")
+                    pk["forced_choice"]["logprob_vs_scaled"] = paired_logprob(pk["answers"], passkey[scaled]["answers"])
 
     seconds: dict = {}
     for r in results:
@@ -222,16 +233,33 @@ def _forced_choice_table(report: dict, base: str | None) -> list[str]:
     Ls = list(next(iter(fc.values()))["accuracy_by_length"])
     paired = base in fc
     choices = next(iter(fc.values()))["choices"]
-    lines = ["", f"Forced choice among {choices} keys (retrieval apart from the answer's wording; chance "
-                 f"{1 / choices:.2f}):", "",
+    near = next(iter(fc.values())).get("distractors") == "one_digit"
+    lines = ["", f"Forced choice among {choices} keys{', the distractors one digit away' if near else ''} "
+                 f"(retrieval apart from the answer's wording; chance {1 / choices:.2f}):", "",
              "| model | correct / prompts | accuracy (95% interval) | " + " | ".join(Ls)
-             + " | mean log P(key) |" + (f" vs {base}: wins / losses / ties | p (sign test) |" if paired else ""),
-             "|---|---|---|" + "---|" * (len(Ls) + 1) + ("---|---|" if paired else "")]
+             + " | mean log P(key) |" + (f" vs {base}: wins / losses / ties | p (sign test) |"
+                                          f" log P(key) vs {base}: higher / lower (mean diff) | p |" if paired else ""),
+             "|---|---|---|" + "---|" * (len(Ls) + 1) + ("---|---|---|---|" if paired else "")]
     for n, f in fc.items():
         lines.append(f"| {n} | {_accuracy_cells(f)} | "
                      + " | ".join(_f(f["accuracy_by_length"].get(L), "{:.2f}") for L in Ls)
-                     + f" | {f['key_logprob_mean']:.2f} |" + (_paired_cells(n, base, f.get("vs_scaled")) if paired else ""))
+                     + f" | {f['key_logprob_mean']:.2f} |"
+                     + (_paired_cells(n, base, f.get("vs_scaled")) + _logprob_cells(n, base, f.get("logprob_vs_scaled"))
+                        if paired else ""))
     return lines
+
+
+def _logprob_cells(n: str, base: str, v: dict | None) -> str:
+    """The two cells of a model's key log-probability against the baseline's, prompt by prompt."""
+    if n == base:
+        return " | |"
+    return (f" {v['higher']} / {v['lower']} ({v['mean_diff']:+.2f}) | {v['p_value']:.3g} |" if v
+            else " no shared prompts | |")
+
+
+def _kinds_cell(pk: dict) -> str:
+    k = pk.get("answer_kinds")
+    return f" {k['right']} / {k['other_number']} / {k['no_number']} |" if k else " – |"
 
 
 def _accuracy_cells(st: dict) -> str:
@@ -322,12 +350,13 @@ def render_markdown(report: dict) -> str:
     if report["passkey"]:
         base = report["reference"].get("scaled")
         paired = base in report["passkey"]
-        head = "| model | correct / prompts | accuracy (95% interval) |"
+        head = "| model | correct / prompts | accuracy (95% interval) | answers: right / other number / no number |"
         lines += ["## Passkey retrieval", "",
                   head + (f" vs {base}: wins / losses / ties | p (sign test) |" if paired else ""),
-                  "|---|---|---|" + ("---|---|" if paired else "")]
+                  "|---|---|---|---|" + ("---|---|" if paired else "")]
         for n, pk in report["passkey"].items():
-            lines.append(f"| {n} | {_accuracy_cells(pk)} |" + (_paired_cells(n, base, pk.get("vs_scaled")) if paired else ""))
+            lines.append(f"| {n} | {_accuracy_cells(pk)} |" + _kinds_cell(pk)
+                         + (_paired_cells(n, base, pk.get("vs_scaled")) if paired else ""))
         lines += _forced_choice_table(report, base)
         lines += ["", "Accuracy per depth × length:", ""]
         for n, pk in report["passkey"].items():
@@ -466,8 +495,9 @@ def plot_passkey_summary(report: dict, path: Path) -> Path:
                    "passkey retrieval: greedy answer")
     if forced:
         k = pks[0]["forced_choice"]["choices"]
+        near = " one digit away" if pks[0]["forced_choice"].get("distractors") == "one_digit" else ""
         _summary_panel(axes[0, 1], names, [pk["forced_choice"] for pk in pks], base,
-                       f"true key scored above {k - 1} distractors (teacher-forced)",
+                       f"true key scored above {k - 1} distractors{near} (teacher-forced)",
                        f"passkey retrieval: forced choice among {k} keys", chance=1 / k)
         axes[0, 1].set_yticks(np.arange(len(names)), [""] * len(names))
     fig.tight_layout()
@@ -530,6 +560,8 @@ def flat_metrics(report: dict) -> dict[str, float]:
         if pk.get("vs_scaled"):
             m[f"passkey.{_safe(n)}.wins_minus_losses_vs_scaled"] = pk["vs_scaled"]["wins"] - pk["vs_scaled"]["losses"]
             m[f"passkey.{_safe(n)}.p_vs_scaled"] = pk["vs_scaled"]["p_value"]
+        if pk.get("answer_kinds") and pk.get("prompts"):
+            m[f"passkey.{_safe(n)}.no_number_share"] = pk["answer_kinds"]["no_number"] / pk["prompts"]
         fc = pk.get("forced_choice")
         if fc:
             for L, a in fc["accuracy_by_length"].items():
@@ -538,6 +570,9 @@ def flat_metrics(report: dict) -> dict[str, float]:
             m[f"passkey.{_safe(n)}.key_logprob"] = fc["key_logprob_mean"]
             if fc.get("vs_scaled"):
                 m[f"passkey.{_safe(n)}.choice_p_vs_scaled"] = fc["vs_scaled"]["p_value"]
+            if fc.get("logprob_vs_scaled"):
+                m[f"passkey.{_safe(n)}.key_logprob_diff_vs_scaled"] = fc["logprob_vs_scaled"]["mean_diff"]
+                m[f"passkey.{_safe(n)}.key_logprob_p_vs_scaled"] = fc["logprob_vs_scaled"]["p_value"]
     return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
 
 

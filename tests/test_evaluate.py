@@ -395,6 +395,14 @@ def test_interrupted_evaluation_resumes_from_its_job_log(tmp_path, tiny_model_di
     fewer = evaluate(_resume_cfg(tmp_path, str(tiny_model_dir("llama")), **{"eval.passkey_choices": 4}))
     assert sorted(calls) == ["run_passkey"] * 2
     assert {p["forced_choice"]["choices"] for p in fewer["passkey"].values()} == {4}
+    # ... and so are its distractors; 'random' (the default) keeps the keys of records made before
+    # the setting existed, so the default run above was not rerun by it
+    calls.clear()
+    near = evaluate(_resume_cfg(tmp_path, str(tiny_model_dir("llama")),
+                                **{"eval.passkey_choices": 4, "eval.passkey_distractors": "one_digit"}))
+    assert sorted(calls) == ["run_passkey"] * 2
+    assert {p["forced_choice"]["distractors"] for p in near["passkey"].values()} == {"one_digit"}
+    assert "the distractors one digit away" in (tmp_path / "out" / "report.md").read_text()
 
     # resume off: everything runs, and the log starts over with this run's jobs only.
     calls.clear()

@@ -10,7 +10,8 @@ from fractions import Fraction
 
 import pytest
 
-from linearard_ray.paired_stats import paired_comparison, paired_windows, sign_test_p, wilson_interval
+from linearard_ray.paired_stats import (answer_kinds, paired_comparison, paired_logprob, paired_windows, sign_test_p,
+                                        wilson_interval)
 
 Z95 = 1.959963984540054
 
@@ -84,6 +85,31 @@ def test_paired_comparison_counts_prompt_by_prompt():
     assert half["paired"] == 10
     other_seed = [dict(x, key=str(int(x["key"]) + 1)) for x in b]
     assert paired_comparison(_by_length(a), _by_length(other_seed)) is None
+
+
+def test_paired_logprob_orders_models_that_both_rank_the_key_first():
+    """Both models pick the true key on every prompt (forced-choice accuracy 1.0 each), yet one gives
+    it more probability on most prompts: the paired log-probability tells them apart."""
+    rng = random.Random(3)
+    prompts = [(L, d, f"{rng.randrange(10**5):05d}") for L in (512, 1024) for d in (0.1, 0.9) for _ in range(8)]
+    base = [{"length": L, "depth": d, "key": k, "choice_correct": True, "key_logprob": -rng.uniform(2, 6)}
+            for L, d, k in prompts]
+    better = [dict(t, key_logprob=t["key_logprob"] + rng.uniform(-0.2, 1.0)) for t in base]
+    assert paired_comparison(_by_length(better), _by_length(base), field="choice_correct")["p_value"] == 1.0
+    got = paired_logprob(_by_length(better), _by_length(base))
+    diffs = [x["key_logprob"] - y["key_logprob"] for x, y in zip(better, base)]
+    higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    assert got == pytest.approx({"paired": len(prompts), "higher": higher, "lower": lower,
+                                 "mean_diff": sum(diffs) / len(diffs), "p_value": sign_test_p(higher, lower)})
+    assert higher > lower and got["p_value"] < 0.05
+    other_seed = [dict(x, key=str(int(x["key"]) + 1)) for x in base]
+    assert paired_logprob(_by_length(better), _by_length(other_seed)) is None
+
+
+def test_answer_kinds_tell_a_miss_in_words_from_a_wrong_number():
+    trials = [{"correct": True, "answer": "12345"}, {"correct": False, "answer": "1234"},
+              {"correct": False, "answer": None}, {"correct": False, "answer": None}]
+    assert answer_kinds(trials) == {"right": 1, "other_number": 1, "no_number": 2}
 
 
 def test_paired_windows_against_every_sign_flip():

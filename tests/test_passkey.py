@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from linearard_ray.passkey import (ANSWER, FILLER, INSTRUCTION, KEY_LINE, QUESTION, PasskeyPrompt, accuracy_grid, build_prompt,
-                                   distractor_keys, extract_answer, make_key, min_length, prompts_for, run_passkey,
+                                   distractor_keys, extract_answer, make_key, min_length, one_digit_neighbours, prompts_for, run_passkey,
                                    score_key_choices)
 
 
@@ -146,6 +146,21 @@ def test_distractor_keys_are_seeded_distinct_and_never_the_key():
     assert distractor_keys("48213", 9) != distractor_keys("48214", 9)
 
 
+def test_one_digit_distractors_differ_from_the_key_in_exactly_one_digit():
+    for key in ("10000", "48213", "99999", "72933"):
+        pool = one_digit_neighbours(key)
+        assert len(pool) == len(set(pool)) == 44 and key not in pool
+        assert all(sum(a != b for a, b in zip(k, key)) == 1 and k[0] != "0" for k in pool)
+        d = distractor_keys(key, 9, "one_digit")
+        assert d == distractor_keys(key, 9, "one_digit") and len(set(d)) == 9 and set(d) <= set(pool)
+        assert sorted(distractor_keys(key, 44, "one_digit")) == sorted(pool)
+    assert distractor_keys("48213", 9, "one_digit") != distractor_keys("48213", 9)
+    with pytest.raises(ValueError, match="only 44"):
+        distractor_keys("48213", 45, "one_digit")
+    with pytest.raises(ValueError, match="passkey_distractors"):
+        distractor_keys("48213", 9, "nearby")
+
+
 def test_key_choices_match_full_forwards_without_a_cache(tok, tiny_model_dir):
     """Each candidate's score is log P(" <key>" | prompt) summed over its tokens; computed here by one
     plain forward of prompt + candidate per candidate, so a cache not cut back between candidates,
@@ -220,9 +235,52 @@ def test_forced_choice_credits_retrieval_that_greedy_wording_would_miss(tok):
         score_key_choices(_Reader(tok, prompts), tok, prompts, 1, batch_size=2, device="cpu")
 
 
+class _BlurryReader(_Reader):
+    """Retrieves every token of the key but the last, where it spreads its probability evenly over
+    the ten digits: a model that holds the key only roughly."""
+
+    def __init__(self, tok, prompts: list[PasskeyPrompt]):
+        super().__init__(tok, prompts)
+        self.digits = []
+        for d in "0123456789":
+            ids = tok(ANSWER.format(key="1234" + d), add_special_tokens=False)["input_ids"]
+            assert ids[:-1] == tok(ANSWER.format(key="12340"), add_special_tokens=False)["input_ids"][:-1]
+            self.digits.append(ids[-1])
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, logits_to_keep=0):
+        out = super().forward(input_ids, past_key_values, use_cache, logits_to_keep)
+        last = {tuple(k): len(k) - 1 for k in out.past_key_values.keys}
+        done = out.past_key_values.extra + 1 - input_ids.shape[1] if past_key_values is not None else 0
+        for b, k in enumerate(out.past_key_values.keys):
+            for i in range(out.logits.shape[1]):
+                if done + i == last[tuple(k)]:
+                    out.logits[b, i, self.digits] = 5.0
+        return out
+
+
+def test_one_digit_distractors_tell_a_rough_reader_from_an_exact_one(tok):
+    """Random distractors almost never share the key's first four digits, so a reader that only
+    roughly holds the last digit still picks the true key; against keys one digit away it ties
+    with the neighbours that differ in the last digit and is no longer credited."""
+    prompts = prompts_for(tok, 220, [0.1, 0.9], 3, seed=8)
+    rough = score_key_choices(_BlurryReader(tok, prompts), tok, prompts, 10, batch_size=2, device="cpu")
+    near = score_key_choices(_BlurryReader(tok, prompts), tok, prompts, 45, batch_size=2, device="cpu",
+                             distractors="one_digit")
+    exact = score_key_choices(_Reader(tok, prompts), tok, prompts, 45, batch_size=2, device="cpu",
+                              distractors="one_digit")
+    assert all(g["choice_correct"] for g in rough) and all(g["choice_correct"] for g in exact)
+    assert not any(g["choice_correct"] for g in near)
+    assert all(g["choice_rank"] == 9 for g in near)  # the nine other last digits score the same
+
+
 def test_passkey_choices_of_one_is_a_named_config_error():
     from linearard_ray.config import build_config
 
     assert build_config({"eval": {"passkey_choices": 0}}).eval.passkey_choices == 0
     with pytest.raises(ValueError, match=r"eval\.passkey_choices.*nothing to choose between"):
         build_config({"eval": {"passkey_choices": 1}})
+    assert build_config({"eval": {"passkey_distractors": "one_digit", "passkey_choices": 45}}).eval.passkey_choices == 45
+    with pytest.raises(ValueError, match=r"passkey_choices: 46 with passkey_distractors 'one_digit'"):
+        build_config({"eval": {"passkey_distractors": "one_digit", "passkey_choices": 46}})
+    with pytest.raises(ValueError, match="passkey_distractors"):
+        build_config({"eval": {"passkey_distractors": "nearby"}})

@@ -61,8 +61,13 @@ def _synthetic(seed=0, forced=False):
                     results.append({"kind": "relkl", "model": m["name"], "domain": d, "length": L, "sums": sums,
                                     "rows": rows, "seconds": 0.1})
         for L in (100, 200):
-            answers = [{"depth": dp, "key": "12345", "answer": "1", "output": "1", "correct": bool(rng.random() < 0.5)}
-                       for dp in (0.0, 0.5, 1.0) for _ in range(4)]
+            answers = []
+            for dp in (0.0, 0.5, 1.0):
+                for _ in range(4):
+                    right, words = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+                    answer = "12345" if right else None if words else "1234"
+                    answers.append({"depth": dp, "key": "12345", "answer": answer, "output": answer or "the key",
+                                    "correct": right})
             if forced:
                 for a in answers:
                     rank = int(rng.integers(0, 3))
@@ -256,6 +261,16 @@ def test_forced_choice_figures_table_metrics_and_plot(tmp_path):
             losses = sum(y and not x for x, y in zip(mine, base))
             assert fc["vs_scaled"]["wins"] == wins and fc["vs_scaled"]["losses"] == losses
             assert m[f"passkey.{name}.choice_p_vs_scaled"] == pytest.approx(sign_test_p(wins, losses))
+            # the key's log-probability, prompt by prompt (same order: one key, told apart by repeat)
+            lp = [a["key_logprob"] for L in (100, 200) for a in rows[(name, L)]]
+            lp_base = [a["key_logprob"] for L in (100, 200) for a in rows[("scaled", L)]]
+            higher = sum(x > y for x, y in zip(lp, lp_base))
+            lower = sum(x < y for x, y in zip(lp, lp_base))
+            v = fc["logprob_vs_scaled"]
+            assert (v["paired"], v["higher"], v["lower"]) == (24, higher, lower) and 0 < higher < 24
+            assert v["mean_diff"] == pytest.approx(np.mean(lp) - np.mean(lp_base))
+            assert m[f"passkey.{name}.key_logprob_p_vs_scaled"] == pytest.approx(sign_test_p(higher, lower))
+            assert f"{higher} / {lower} ({v['mean_diff']:+.2f})" in md
     files = write_report(rep, tmp_path)
     summary = next(p for p in files if p.name == "passkey_summary.png")
     with Image.open(summary) as im:
@@ -264,3 +279,19 @@ def test_forced_choice_figures_table_metrics_and_plot(tmp_path):
     assert "forced_choice" not in plain["passkey"]["restored"] and "Forced choice" not in render_markdown(plain)
     with Image.open(next(p for p in write_report(plain, tmp_path / "plain") if p.name == "passkey_summary.png")) as im:
         assert im.size[0] < two_panels
+
+
+def test_greedy_answers_are_sorted_into_right_other_number_and_no_number():
+    """A miss in words (no number) is told apart from a wrong number: the report counts both, per
+    model, from the raw answers, and MLflow gets the share without a number."""
+    cfg, models, domains, results, skipped = _synthetic(3)
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    md, m = render_markdown(rep), flat_metrics(rep)
+    for name in ("teacher", "scaled", "restored"):
+        trials = [a for r in results if r["kind"] == "passkey" and r["model"] == name for a in r["results"]]
+        want = {"right": sum(a["correct"] for a in trials),
+                "other_number": sum(not a["correct"] and a["answer"] is not None for a in trials),
+                "no_number": sum(a["answer"] is None for a in trials)}
+        assert rep["passkey"][name]["answer_kinds"] == want and min(want.values()) > 0
+        assert f"| {want['right']} / {want['other_number']} / {want['no_number']} |" in md
+        assert m[f"passkey.{name}.no_number_share"] == pytest.approx(want["no_number"] / len(trials))
