@@ -9,6 +9,7 @@ so all numbers share the same windows and passkey prompts.
     python benchmarks/restoration_study.py train --variants linearard,logits,cpt --work /tmp/study
     python benchmarks/restoration_study.py sample --work /tmp/study   # teacher samples for tsample-*
     python benchmarks/restoration_study.py train --variants all --parallel 4 --work /tmp/study
+    python benchmarks/restoration_study.py train --variants tsample-vmix-ce22,cpt --seeds 0-3 --parallel 8 --work /tmp/study
     python benchmarks/restoration_study.py eval --work /tmp/study --out $OUT
     python benchmarks/restoration_study.py table --work /tmp/study      # markdown for RESULTS.md
     python benchmarks/restoration_study.py table --jobs /tmp/study/eval/jobs.jsonl  # from raw jobs
@@ -254,6 +255,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 VARIANTS.update({f"{name}-s{seed}": _seeded(VARIANTS[name], seed)
                  for name, seeds in (("tsample-vmix-ce22", (1, 2, 3, 4, 5)), ("cpt", (1, 2, 3)))
                  for seed in seeds})
+# next (defined, not run): round 9 traced the passkey gap to YaRN×4 to PI×4's compressed positions
+# (doubled digits written once, lower key log-probability). The same recipe on the YaRN×4 student,
+# which keeps the high-frequency RoPE dimensions, tests that: if the positions are the limit, it
+# should beat untrained YaRN×4 on passkey where the PI×4 recipe does not.
+_ce22, _ce22_text = VARIANTS["tsample-vmix-ce22"]
+VARIANTS["tsample-vmix-ce22-yarn"] = ([*_ce22, "rope.type=yarn"], _ce22_text.replace("PI×4", "YaRN×4 student"))
 
 HEAD_LOG = "ray-head.log"
 
@@ -533,11 +540,48 @@ def _last_step(log: Path) -> str:
     return lines[-1].split("[distill] ", 1)[-1] if lines else "(starting)"
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0-5' or '0,2,7' (or a mix: '0-2,9') -> the seeds in order, each once."""
+    out: list[int] = []
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            rng = range(int(lo), int(hi) + 1) if hi else [int(lo)]
+        except ValueError:
+            raise SystemExit(f"restoration_study.py: --seeds {text!r}: give seeds as '0-5' or '0,2,7'") from None
+        if hi and int(hi) < int(lo):
+            raise SystemExit(f"restoration_study.py: --seeds {text!r}: range {part} runs backwards")
+        out += [k for k in rng if k not in out]
+    if not out or min(out) < 0:
+        raise SystemExit(f"restoration_study.py: --seeds {text!r}: need one or more seeds >= 0")
+    return out
+
+
+def expand_seeds(names: list[str], seeds: list[int]) -> list[str]:
+    """Each variant trained once per seed: seed 0 is the variant as defined, seed k its '-s<k>'
+    twin (another LoRA init and block order), defined here when the table has none. A recipe is
+    compared over its trainings (the study's recipe table groups the '-s<k>' names); one training
+    is one draw."""
+    out = []
+    for name in names:
+        base = SEED_SUFFIX.sub("", name)
+        base = base if base in VARIANTS else name
+        for k in seeds:
+            twin = base if k == 0 else f"{base}-s{k}"
+            if twin not in VARIANTS:
+                VARIANTS[twin] = _seeded(VARIANTS[base], k)
+            if twin not in out:
+                out.append(twin)
+    return out
+
+
 def run_train(a, work: Path) -> int:
     names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         raise SystemExit(f"restoration_study.py: unknown variants {bad}; choose from {list(VARIANTS)} or 'all'")
+    if a.seeds:
+        names = expand_seeds(names, parse_seeds(a.seeds))
     n = max(1, a.parallel)
     head = None
     gpu_fraction = None
@@ -894,6 +938,8 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
                              ("choice_correct", f"Passkey, forced choice (the true key scored above every distractor, "
                                                 f"teacher-forced; {n} prompts per length):")):
             out += _passkey_table(trials, n, field, title, models, pk_lengths, baseline)
+        out += _logprob_table(trials, n, models, pk_lengths, baseline)
+        out += _answers_table(trials, n, models)
     out += _recipe_table(models, ppl, trials, domains)
     return "\n".join(out) + "\n" + _window_table(records, domains, versus)
 
@@ -918,7 +964,7 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
     most = {m: max((n for (mm, n) in trials if mm == m), default=None) for m in models}
 
     def spread(xs: list[float], fmt: str) -> str:
-        return "–" if not xs else f"{fmt.format(sum(xs) / len(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
+        return "–" if not xs else f"{fmt.format(sum(xs) / len(xs))} ({fmt.format(min(xs))} to {fmt.format(max(xs))})"
 
     def accuracy(ms: list[str], field: str) -> list[float]:
         out = []
@@ -928,15 +974,79 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
                 out.append(h[0] / h[1])
         return out
 
+    def logprob(ms: list[str]) -> list[float]:
+        return [v for m in ms if most[m] and (v := _mean_field(trials[(m, most[m])], "key_logprob")) is not None]
+
     head = [f"{domains[dom]} @{_len_label(L)}" for L in longs]
     lines = ["", "Recipes trained more than once (mean over trainings, range in brackets):", "",
-             "| recipe | trainings | " + " | ".join(head) + " | passkey accuracy, greedy | passkey accuracy, forced choice |",
-             "|---|---|" + "---|" * (len(head) + 2)]
+             "| recipe | trainings | " + " | ".join(head) + " | passkey accuracy, greedy | passkey accuracy, forced choice"
+             " | passkey mean log P(key) |",
+             "|---|---|" + "---|" * (len(head) + 3)]
     for g, ms in groups.items():
         cells = [spread([ppl[(m, dom, L)] for m in ms if (m, dom, L) in ppl], "{:.2f}") for L in longs]
         lines.append(f"| {g} | {len(ms)} | " + " | ".join(cells)
-                     + f" | {spread(accuracy(ms, 'correct'), '{:.2f}')} | {spread(accuracy(ms, 'choice_correct'), '{:.2f}')} |")
+                     + f" | {spread(accuracy(ms, 'correct'), '{:.2f}')} | {spread(accuracy(ms, 'choice_correct'), '{:.2f}')}"
+                     + f" | {spread(logprob(ms), '{:.2f}')} |")
     return lines
+
+
+def _mean_field(by_len: dict[int, list[dict]], field: str) -> float | None:
+    """Mean of a numeric trial field over a model's passkey lengths; None when a trial lacks it."""
+    rows = [x for xs in by_len.values() for x in xs]
+    if not rows or not all(field in x for x in rows):
+        return None
+    return sum(float(x[field]) for x in rows) / len(rows)
+
+
+def _logprob_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int, models: list[str],
+                   lengths: list[int], baseline: str) -> list[str]:
+    """Markdown lines: the true key's mean log-probability per length, and each model against
+    ``baseline`` prompt by prompt (linearard_ray.paired_stats.paired_logprob). It keeps ordering
+    models once the forced choice saturates; none when no trial has the figure."""
+    from linearard_ray.paired_stats import paired_logprob
+
+    have = {m: trials[(m, n)] for m in models if (m, n) in trials and _mean_field(trials[(m, n)], "key_logprob") is not None}
+    if not have:
+        return []
+    base = have.get(baseline)
+    out = ["", f"Passkey, the true key's log-probability after the question (teacher-forced, summed over the key's "
+               f"tokens; mean over {n} prompts per length):", "",
+           "| model | " + " | ".join(_len_label(L) for L in lengths) + " | all |"
+           + (f" vs {baseline}: higher / lower (mean diff) | p |" if base else ""),
+           "|---|" + "---|" * (len(lengths) + 1) + ("---|---|" if base else "")]
+    for m, mine in have.items():
+        per_len = [_mean_field({L: mine[L]}, "key_logprob") if mine.get(L) else None for L in lengths]
+        row = f"| {m} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in per_len) \
+            + f" | {_mean_field(mine, 'key_logprob'):.2f} |"
+        if base:
+            v = None if m == baseline else paired_logprob(mine, base)
+            row += f" {v['higher']} / {v['lower']} ({v['mean_diff']:+.2f}) | {v['p_value']:.2g} |" if v else " – | |"
+        out.append(row)
+    return out
+
+
+def _answers_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int, models: list[str]) -> list[str]:
+    """Markdown lines: each model's greedy answers sorted into right / another number / no number
+    (linearard_ray.paired_stats.answer_kinds), and how many wrong numbers were the key with one
+    doubled digit written once (PI's compressed positions blur neighbouring tokens)."""
+    from linearard_ray.paired_stats import answer_kinds
+
+    out = ["", f"Passkey, greedy answers ({n} prompts per length, all lengths):", "",
+           "| model | right | another number | of which the key with a doubled digit written once | no number |",
+           "|---|---|---|---|---|"]
+    for m in models:
+        if (m, n) not in trials:
+            continue
+        rows = [x for xs in trials[(m, n)].values() for x in xs]
+        k = answer_kinds(rows)
+        dropped = sum(1 for x in rows if not x["correct"] and x.get("answer") and x["answer"] in _doubled_once(str(x["key"])))
+        out.append(f"| {m} | {k['right']} | {k['other_number']} | {dropped} | {k['no_number']} |")
+    return out
+
+
+def _doubled_once(key: str) -> set[str]:
+    """The key with one run of a repeated digit written once less ('72933' -> {'7293'})."""
+    return {key[:i] + key[i + 1:] for i in range(1, len(key)) if key[i] == key[i - 1]}
 
 
 def _hits(by_len: dict[int, list[dict]], field: str) -> tuple[int, int] | None:
@@ -1016,6 +1126,9 @@ def main() -> int:
                    help="sample: write <work>/teacher_samples.jsonl (pipelines/sample_teacher.py) for the tsample-* "
                         "variants; train; eval; table")
     p.add_argument("--variants", default="linearard", help=f"comma list of {', '.join(VARIANTS)}; or 'all'")
+    p.add_argument("--seeds", default=None,
+                   help="train: each variant once per seed, e.g. 0-5 or 0,2,7 (seed k > 0 runs as <variant>-s<k>: "
+                        "another LoRA init and block order); the table's recipe rows then average over them")
     p.add_argument("--budget", type=int, default=None, help="token budget override for every variant")
     p.add_argument("--work", default="/tmp/study")
     p.add_argument("--out", default=os.environ.get("OUT"))

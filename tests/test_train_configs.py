@@ -188,6 +188,24 @@ def test_every_study_variant_is_a_valid_configuration(tmp_path):
     assert len(names) == len(study.VARIANTS)
 
 
+def test_study_seeds_train_each_variant_once_per_seed(tmp_path):
+    """--seeds 0-2,5 trains each named variant four times: seed 0 as defined, seed k as its -s<k>
+    twin with train.seed and data.seed k (LoRA init, block order), which the recipe table groups."""
+    study = _study()
+    assert study.parse_seeds("0-2,5,1") == [0, 1, 2, 5]
+    for bad in ("3-1", "a", "", "-1"):
+        with pytest.raises(SystemExit):
+            study.parse_seeds(bad)
+    names = study.expand_seeds(["cpt", "tsample-vmix-ce22-s1"], study.parse_seeds("0-2,5"))
+    assert names == ["cpt", "cpt-s1", "cpt-s2", "cpt-s5", "tsample-vmix-ce22", "tsample-vmix-ce22-s1",
+                     "tsample-vmix-ce22-s2", "tsample-vmix-ce22-s5"]
+    base = study.variant_sets("cpt", tmp_path, None, [], None)
+    five = study.variant_sets("cpt-s5", tmp_path, None, [], None)
+    assert not any(x.startswith(("train.seed=", "data.seed=")) for x in base)
+    assert [x for x in five if x not in base and "run_name" not in x] == ["train.seed=5", "data.seed=5"]
+    assert study.SEED_SUFFIX.sub("", "cpt-s5") == "cpt"
+
+
 @pytest.mark.parametrize("gpus,jobs", [(1, 5), (2, 10), (2, 5), (4, 6), (3, 7), (2, 1), (8, 3)])
 def test_study_gpu_share_spreads_parallel_runs_over_every_gpu(gpus, jobs):
     """Ray places fractional shares first-fit, GPU by GPU: every run must fit, and no GPU may get
@@ -273,9 +291,20 @@ def test_study_passkey_table_pairs_each_model_with_yarn(tmp_path):
     keys = {L: [(d, f"{rng.integers(10**5):05d}") for d in (0.1, 0.5, 0.9) for _ in range(8)] for L in (8192, 16384)}
     hits = {m: {L: rng.random(24) < p for L in keys} for m, p in (("YaRN×4", 0.4), ("s", 0.6))}
     chose = {m: {L: rng.random(24) < p for L in keys} for m, p in (("YaRN×4", 0.5), ("s", 0.7))}
+    logp = {m: {L: rng.uniform(-8, -1, 24) for L in keys} for m in hits}
+    words = {m: {L: rng.random(24) < 0.5 for L in keys} for m in hits}
+
+    def answer(k: str, right: bool, in_words: bool, i: int) -> str | None:
+        # a wrong number is sometimes the key with a doubled digit written once (what PI×4 students do)
+        return k if right else None if in_words else (k[:2] + k[3:] if i % 4 == 0 else "99999")
+
+    for L in keys:  # every fourth key has a doubled digit; the first of each length is missed that way
+        keys[L] = [(d, k[:2] + k[1] + k[3:] if i % 4 == 0 else k) for i, (d, k) in enumerate(keys[L])]
+        hits["s"][L][0], words["s"][L][0] = False, False
     lines = [json.dumps({"key": f"{m}{L}", "result": {"kind": "passkey", "model": m, "length": L, "results": [
-        {"depth": d, "key": k, "correct": bool(h), "choice_correct": bool(c)}
-        for (d, k), h, c in zip(keys[L], hits[m][L], chose[m][L])]}})
+        {"depth": d, "key": k, "correct": bool(h), "choice_correct": bool(c), "key_logprob": float(lp),
+         "answer": answer(k, bool(h), bool(w), i)}
+        for i, ((d, k), h, c, lp, w) in enumerate(zip(keys[L], hits[m][L], chose[m][L], logp[m][L], words[m][L]))]}})
         for m in hits for L in keys]
     (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
     text = study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {"main": "SOTU"})
@@ -294,6 +323,25 @@ def test_study_passkey_table_pairs_each_model_with_yarn(tmp_path):
         assert cells[4] == f"{wins} / {losses} ({sign_test_p(wins, losses):.2g})"
         yarn = next(x for x in table if x.startswith("| YaRN×4 |"))
         assert yarn.rstrip().endswith(f"| {int(y.sum())} / 48 | – |")
+    # the key's log-probability, paired prompt by prompt with YaRN×4
+    lines = text.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("Passkey, the true key's log-probability"))
+    mine = np.concatenate([logp["s"][L] for L in keys])
+    base = np.concatenate([logp["YaRN×4"][L] for L in keys])
+    higher, lower = int((mine > base).sum()), int((mine < base).sum())
+    row = next(x for x in lines[start:] if x.startswith("| s |"))
+    assert row == (f"| s | {logp['s'][8192].mean():.2f} | {logp['s'][16384].mean():.2f} | {mine.mean():.2f} | "
+                   f"{higher} / {lower} ({mine.mean() - base.mean():+.2f}) | {sign_test_p(higher, lower):.2g} |")
+    # greedy answers sorted, doubled digits written once counted among the wrong numbers
+    start = next(i for i, x in enumerate(lines) if x.startswith("Passkey, greedy answers"))
+    trials = [(k, bool(h), bool(w), i) for L in keys
+              for i, ((d, k), h, w) in enumerate(zip(keys[L], hits["s"][L], words["s"][L]))]
+    right = sum(h for _, h, _, _ in trials)
+    no_number = sum(not h and w for _, h, w, _ in trials)
+    dropped = sum(not h and not w and i % 4 == 0 for k, h, w, i in trials)
+    assert 0 < dropped
+    row = next(x for x in lines[start:] if x.startswith("| s |"))
+    assert row == f"| s | {right} | {48 - right - no_number} | {dropped} | {no_number} |"
 
 
 def test_study_window_table_against_cpt(tmp_path):
@@ -333,13 +381,14 @@ def test_study_recipe_table_summarises_trainings_of_one_recipe(tmp_path):
     nll = {m: float(rng.uniform(2.9, 3.1)) for m in ("r", "r-s1", "r-s2", "solo")}
     hits = {m: rng.random(6) < 0.5 for m in nll}
     chose = {m: rng.random(6) < 0.7 for m in nll}
+    logp = {m: rng.uniform(-9, -1, 6) for m in nll}
     lines = []
     for m in nll:
         lines.append({"kind": "nll", "model": m, "domain": "main", "length": 32768, "nll_sum": nll[m] * 100,
                       "tokens": 100})
         lines.append({"kind": "passkey", "model": m, "length": 16384, "results": [
-            {"depth": 0.5, "key": f"1000{i}", "correct": bool(h), "choice_correct": bool(c)}
-            for i, (h, c) in enumerate(zip(hits[m], chose[m]))]})
+            {"depth": 0.5, "key": f"1000{i}", "correct": bool(h), "choice_correct": bool(c), "key_logprob": float(lp)}
+            for i, (h, c, lp) in enumerate(zip(hits[m], chose[m], logp[m]))]})
     (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"key": str(i), "result": r}) + "\n"
                                                  for i, r in enumerate(lines)))
     text = study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {"main": "SOTU"})
@@ -351,6 +400,8 @@ def test_study_recipe_table_summarises_trainings_of_one_recipe(tmp_path):
     acc = [hits[m].mean() for m in ("r", "r-s1", "r-s2")]
     fc = [chose[m].mean() for m in ("r", "r-s1", "r-s2")]
     assert cells[1] == "3"
-    assert cells[2] == f"{np.mean(ppl):.2f} ({min(ppl):.2f}–{max(ppl):.2f})"
-    assert cells[3] == f"{np.mean(acc):.2f} ({min(acc):.2f}–{max(acc):.2f})"
-    assert cells[4] == f"{np.mean(fc):.2f} ({min(fc):.2f}–{max(fc):.2f})"
+    assert cells[2] == f"{np.mean(ppl):.2f} ({min(ppl):.2f} to {max(ppl):.2f})"
+    assert cells[3] == f"{np.mean(acc):.2f} ({min(acc):.2f} to {max(acc):.2f})"
+    assert cells[4] == f"{np.mean(fc):.2f} ({min(fc):.2f} to {max(fc):.2f})"
+    lp = [logp[m].mean() for m in ("r", "r-s1", "r-s2")]
+    assert cells[5] == f"{np.mean(lp):.2f} ({min(lp):.2f} to {max(lp):.2f})"
