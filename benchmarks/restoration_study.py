@@ -708,7 +708,8 @@ def run_eval(work: Path, out: Path | None, extra: list[str], recipe: str, dry_ru
     # A variant with a log but no record is still training or exporting (or was killed): say so,
     # or the report silently lacks it.
     recorded = {r["variant"] for r in runs}
-    pending = sorted(p.stem for p in work.glob("*.log") if p.stem in VARIANTS and p.stem not in recorded)
+    pending = sorted(p.stem for p in work.glob("*.log")
+                     if SEED_SUFFIX.sub("", p.stem) in VARIANTS and p.stem not in recorded)  # --seeds twins too
     if pending:
         print(f"== eval: WARNING no finished record for {pending} (still running, or killed); "
               "they are not in this report", flush=True)
@@ -977,16 +978,15 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
     def logprob(ms: list[str]) -> list[float]:
         return [v for m in ms if most[m] and (v := _mean_field(trials[(m, most[m])], "key_logprob")) is not None]
 
-    head = [f"{domains[dom]} @{_len_label(L)}" for L in longs]
+    head = ["recipe", "trainings", *(f"{domains[dom]} @{_len_label(L)}" for L in longs), "passkey accuracy, greedy",
+            "passkey accuracy, forced choice", "passkey mean log P(key)"]
     lines = ["", "Recipes trained more than once (mean over trainings, range in brackets):", "",
-             "| recipe | trainings | " + " | ".join(head) + " | passkey accuracy, greedy | passkey accuracy, forced choice"
-             " | passkey mean log P(key) |",
-             "|---|---|" + "---|" * (len(head) + 3)]
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, ms in groups.items():
-        cells = [spread([ppl[(m, dom, L)] for m in ms if (m, dom, L) in ppl], "{:.2f}") for L in longs]
-        lines.append(f"| {g} | {len(ms)} | " + " | ".join(cells)
-                     + f" | {spread(accuracy(ms, 'correct'), '{:.2f}')} | {spread(accuracy(ms, 'choice_correct'), '{:.2f}')}"
-                     + f" | {spread(logprob(ms), '{:.2f}')} |")
+        cells = [g, str(len(ms)), *(spread([ppl[(m, dom, L)] for m in ms if (m, dom, L) in ppl], "{:.2f}") for L in longs),
+                 spread(accuracy(ms, "correct"), "{:.2f}"), spread(accuracy(ms, "choice_correct"), "{:.2f}"),
+                 spread(logprob(ms), "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

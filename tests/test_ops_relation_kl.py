@@ -380,14 +380,19 @@ def test_one_recompute_backward_tiles(tiles):
     assert "bwd1" in triton_mod.last_compiled
 
 
-@needs_triton
-def test_backward_modes_agree_and_only_opt_in_runs_atomics():
-    gen = torch.Generator().manual_seed(12)
+def _two_relations(seed: int, weight_heads: int):
+    """Student/teacher pairs for two bf16 relations (B=2, H=2, T=41, D=32), a padding mask and
+    per-row upstream weights for ``weight_heads`` heads: the inputs the backward-mode tests share."""
+    gen = torch.Generator().manual_seed(seed)
     B, T, D = 2, 41, 32
     sq, _, tq, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
     sk, _, tk, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
-    m = padding_mask(B, T, gen)
-    w = torch.rand(B, 4, T, generator=gen).to(DEV)
+    return sq, sk, tq, tk, padding_mask(B, T, gen), torch.rand(B, weight_heads, T, generator=gen).to(DEV)
+
+
+@needs_triton
+def test_backward_modes_agree_and_only_opt_in_runs_atomics():
+    sq, sk, tq, tk, m, w = _two_relations(12, 4)
     grads = {}
     for mode in ("atomic", "sweep", "default", "atomic+deterministic"):
         triton_mod.last_compiled.clear()
@@ -440,12 +445,7 @@ def test_rowfwd_agrees_with_sweep_and_is_chosen_at_forward_time():
     """rowfwd runs only when a student grad is wanted; a forward in one mode is finished by that
     mode's backward even if the mode changes in between; values equal the sweep's bitwise (same
     forward arithmetic) and grads agree to bf16 rounding, per-row upstream grads on a fused layer."""
-    gen = torch.Generator().manual_seed(14)
-    B, T, D = 2, 41, 32
-    sq, _, tq, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
-    sk, _, tk, _ = make(B, 2, 2, T, D, torch.bfloat16, gen)
-    m = padding_mask(B, T, gen)
-    w = torch.rand(B, 6, T, generator=gen).to(DEV)
+    sq, sk, tq, tk, m, w = _two_relations(14, 6)
 
     def layer(fwd_mode, bwd_mode):
         triton_mod.last_compiled.clear()

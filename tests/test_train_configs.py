@@ -405,3 +405,10 @@ def test_study_recipe_table_summarises_trainings_of_one_recipe(tmp_path):
     assert cells[4] == f"{np.mean(fc):.2f} ({min(fc):.2f} to {max(fc):.2f})"
     lp = [logp[m].mean() for m in ("r", "r-s1", "r-s2")]
     assert cells[5] == f"{np.mean(lp):.2f} ({min(lp):.2f} to {max(lp):.2f})"
+    # passkey only (no long-context perplexity): the header, rule and rows keep one column count
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"key": str(i), "result": r}) + "\n"
+                                                 for i, r in enumerate(lines) if r["kind"] == "passkey"))
+    text = study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {"main": "SOTU"})
+    table = text.splitlines()[text.splitlines().index("Recipes trained more than once (mean over trainings, "
+                                                      "range in brackets):") + 2:][:3]
+    assert len({x.count("|") for x in table}) == 1 and table[0].startswith("| recipe | trainings | passkey")
