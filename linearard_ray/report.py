@@ -474,11 +474,41 @@ def _summary_panel(ax, names: list[str], stats: list[dict], base: str | None, xl
     ax.set_title(title, fontsize=9)
 
 
+def _logprob_panel(ax, names: list[str], pks: list[dict], base: str | None) -> None:
+    """Each prompt's log P(true key) as a faint dot, the model's mean as a bar tick, and the paired
+    sign test against the baseline: it keeps ordering models where the accuracies sit at 0 or 1."""
+    rng = np.random.default_rng(0)  # jitter only, so the figure is the same every run
+    for i, (n, pk) in enumerate(zip(names, pks)):
+        vals = np.array([x["key_logprob"] for rs in pk["answers"].values() for x in rs], dtype=float)
+        color = "tab:gray" if n == base else "tab:blue"
+        ax.scatter(vals, i + rng.uniform(-0.18, 0.18, vals.size), s=6, color=color, alpha=0.35, lw=0)
+        ax.plot([vals.mean()] * 2, [i - 0.3, i + 0.3], color=color, lw=2.5)
+        v = pk["forced_choice"].get("logprob_vs_scaled")
+        label = f"{vals.mean():.2f}" + (f", {v['higher']}↑/{v['lower']}↓ p {v['p_value']:.2g}" if v else "")
+        ax.annotate(label, (vals.mean(), i - 0.32), ha="center", va="bottom", fontsize=7)
+    if base in names:
+        ax.axvline(float(np.mean([x["key_logprob"] for rs in pks[names.index(base)]["answers"].values() for x in rs])),
+                   color="tab:gray", ls="--", lw=1, label=f"{base}: mean")
+        ax.legend(fontsize=7, loc="best")
+    # symlog: a model outside its window sits tens of nats down, while trained models differ by one
+    # or two; a linear axis would squash those together
+    ax.set_xscale("symlog", linthresh=1.0)
+    lowest = min(min(x["key_logprob"] for rs in pk["answers"].values() for x in rs) for pk in pks)
+    ax.set_xlim(1.5 * min(lowest, -1.0), 0.0)  # log-probabilities are <= 0; room for the lowest label
+    ax.set_yticks(np.arange(len(names)), [""] * len(names))
+    ax.set_ylim(len(names) - 0.5, -0.6)
+    ax.set_xlabel("log P(true key), nats, symlog (dots: prompts; ↑/↓: prompts above / below the baseline)",
+                  fontsize=8)
+    ax.set_title("passkey retrieval: the key's log-probability", fontsize=9)
+
+
 def plot_passkey_summary(report: dict, path: Path) -> Path:
     """One bar per model: overall passkey accuracy with its Wilson 95% interval, the unrestored
     baseline's interval shaded, and each model's sign-test p against it, so overlapping intervals
     and a weak p are seen before a ranking is read off the bars. With the forced choice, a second
-    panel gives the same for it: a gap between the panels is the answer's wording, not retrieval."""
+    panel gives the same for it: a gap between the panels is the answer's wording, not retrieval.
+    A third shows the true key's log-probability prompt by prompt, which still orders models once
+    both accuracies saturate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -488,7 +518,7 @@ def plot_passkey_summary(report: dict, path: Path) -> Path:
     pks = [report["passkey"][n] for n in names]
     base = report["reference"].get("scaled")
     forced = all("forced_choice" in pk for pk in pks)
-    fig, axes = plt.subplots(1, 2 if forced else 1, figsize=(13 if forced else 7.5, 0.45 * len(names) + 1.6),
+    fig, axes = plt.subplots(1, 3 if forced else 1, figsize=(19 if forced else 7.5, 0.45 * len(names) + 1.6),
                              squeeze=False)
     _summary_panel(axes[0, 0], names, pks, base,
                    "greedy answer correct, over all prompts (bars: Wilson 95% interval; p: sign test vs the baseline)",
@@ -500,6 +530,7 @@ def plot_passkey_summary(report: dict, path: Path) -> Path:
                        f"true key scored above {k - 1} distractors{near} (teacher-forced)",
                        f"passkey retrieval: forced choice among {k} keys", chance=1 / k)
         axes[0, 1].set_yticks(np.arange(len(names)), [""] * len(names))
+        _logprob_panel(axes[0, 2], names, pks, base)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
