@@ -234,18 +234,24 @@ def repeat_name(name: str, k: int) -> str:
     return f"{name}-r{k + 1}" if k else name
 
 
-def run_config(plan: dict, params: dict[str, Any], name: str) -> Config:
-    """The config one trial trains with: the base plus its values, with absolute paths, its own
-    run name and storage, the sweep's preprocessed data, and no MLflow run of its own.
+def repeat_dict(base: Config | dict, params: dict[str, Any], k: int) -> dict:
+    """The base plus a trial's values, as a dict, for the k-th repeat of that configuration.
 
-    The k-th repeat of a configuration trains with train.seed + k: a repeat with the same seed would
-    train the same run again (bit for bit on CPU), while what a repeat is for is the spread between
-    trainings, which one training cannot show. train.seed sets the LoRA init, dropout and the order
-    the training stream reads blocks in; data.seed (the preprocessing shuffle) stays, so every
-    repeat reads the data the driver prepared once."""
-    params, k = split_repeat(params)
-    d = _absolutize(base_dict(apply_params(plan["base"], params)), plan["cwd"])
+    Repeat k trains with train.seed + k: a repeat with the same seed would train the same run again
+    (bit for bit on CPU), while what a repeat is for is the spread between trainings, which one
+    training cannot show. train.seed sets the LoRA init, dropout and the order the training stream
+    reads blocks in; data.seed (the preprocessing shuffle) stays, so every repeat reads the data the
+    driver prepared once."""
+    d = base_dict(apply_params(base, params))
     d["train"]["seed"] += k
+    return d
+
+
+def run_config(plan: dict, params: dict[str, Any], name: str) -> Config:
+    """The config one trial trains with: its repeat's config (`repeat_dict`) with absolute paths,
+    its own run name and storage, the sweep's preprocessed data, and no MLflow run of its own."""
+    params, k = split_repeat(params)
+    d = _absolutize(repeat_dict(plan["base"], params, k), plan["cwd"])
     cfg = build_config(d)
     dh = _data_hash(cfg)
     t, data = d["train"], d["data"]
@@ -544,7 +550,7 @@ def pick_best(rows: list[dict[str, Any]], metric: str, mode: str, keys: list[str
     if not pool:
         return None
     better = min if mode == "min" else max
-    points = point_rows(pool, keys or [], metric) if keys else []
+    points = point_rows(pool, keys, metric) if keys else []
     if any(p["trials"] > 1 for p in points):
         top = better(points, key=lambda p: p[f"mean_{metric}"])
         pool = [r for r in pool if r["trial"] in top["trial_names"]]
@@ -556,11 +562,9 @@ def best_config_yaml(plan: dict, row: dict[str, Any], specs: list[ParamSpec], me
     the base plus the trial's values, named after the trial; the testing aid train.fail_at_step
     is cleared (it would only inject a failure into the real run)."""
     params = {s.key: row[s.key] for s in specs}
-    cfg = apply_params(plan["base"], params)
-    d = base_dict(cfg)
-    d["train"]["run_name"] = row["trial"]
     k = row.get("repeat", 0)  # that trial's own seed, so that the file trains it again
-    d["train"]["seed"] += k
+    d = repeat_dict(plan["base"], params, k)
+    d["train"]["run_name"] = row["trial"]
     d["train"]["fail_at_step"] = None
     cfg = build_config(d)
     head = (f"# Best trial of sweep {plan['sweep_name']}: {row['trial']} ({metric} = {row[metric]:.6g}).\n"
