@@ -990,12 +990,17 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
     return lines
 
 
+def _scored_trials(by_len: dict[int, list[dict]], field: str) -> list[dict] | None:
+    """A model's passkey trials over its lengths; None when one lacks ``field`` (a round from before
+    it was scored)."""
+    rows = [x for xs in by_len.values() for x in xs]
+    return rows if all(field in x for x in rows) else None
+
+
 def _mean_field(by_len: dict[int, list[dict]], field: str) -> float | None:
     """Mean of a numeric trial field over a model's passkey lengths; None when a trial lacks it."""
-    rows = [x for xs in by_len.values() for x in xs]
-    if not rows or not all(field in x for x in rows):
-        return None
-    return sum(float(x[field]) for x in rows) / len(rows)
+    rows = _scored_trials(by_len, field)
+    return sum(float(x[field]) for x in rows) / len(rows) if rows else None
 
 
 def _logprob_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int, models: list[str],
@@ -1052,10 +1057,8 @@ def _doubled_once(key: str) -> set[str]:
 def _hits(by_len: dict[int, list[dict]], field: str) -> tuple[int, int] | None:
     """(trials with ``field`` true, trials) over a model's passkey lengths; None when a trial lacks
     the field (a round from before it was scored)."""
-    rows = [x for xs in by_len.values() for x in xs]
-    if not all(field in x for x in rows):
-        return None
-    return sum(bool(x[field]) for x in rows), len(rows)
+    rows = _scored_trials(by_len, field)
+    return None if rows is None else (sum(bool(x[field]) for x in rows), len(rows))
 
 
 def _passkey_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int, field: str, title: str,
