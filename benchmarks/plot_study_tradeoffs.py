@@ -37,7 +37,6 @@ BASELINES = {"cpt", "cpt-unix", "YaRN×4", "PI×4", "teacher"}
 UNTRAINED = {"YaRN×4", "PI×4", "teacher"}
 WEIGHT2 = re.compile(r"^tsample-vmix-ce20(-s\d)?( \(r\d+a?\))?$")  # the five trainings of one recipe
 WEIGHT22 = re.compile(r"^tsample-vmix-ce22(-s\d)?$")  # its six trainings at weight 2.2
-SEED = re.compile(r"-s\d+$")
 
 
 def _records(results: Path) -> list[dict]:
@@ -68,9 +67,11 @@ def figures(results: Path) -> tuple[dict, dict]:
 
 
 def _scatter(ax, points: dict[str, tuple[float, float]]) -> None:
-    """One labelled point per model; the baselines as red squares."""
+    """One labelled point per model; the baselines (any training of them) as red squares."""
+    from restoration_study import SEED_SUFFIX
+
     for m, (x, y) in points.items():
-        base = SEED.sub("", m.split(" (")[0]) in BASELINES
+        base = SEED_SUFFIX.sub("", m.split(" (")[0]) in BASELINES
         color = ("tab:red" if base else "tab:orange" if WEIGHT2.match(m) else "tab:green" if WEIGHT22.match(m)
                  else "tab:blue")
         ax.scatter(x, y, marker="s" if base else "o", color=color)
