@@ -478,8 +478,8 @@ def _logprob_panel(ax, names: list[str], pks: list[dict], base: str | None) -> N
     """Each prompt's log P(true key) as a faint dot, the model's mean as a bar tick, and the paired
     sign test against the baseline: it keeps ordering models where the accuracies sit at 0 or 1."""
     rng = np.random.default_rng(0)  # jitter only, so the figure is the same every run
-    for i, (n, pk) in enumerate(zip(names, pks)):
-        vals = np.array([x["key_logprob"] for rs in pk["answers"].values() for x in rs], dtype=float)
+    per_model = [np.array([x["key_logprob"] for rs in pk["answers"].values() for x in rs], dtype=float) for pk in pks]
+    for i, (n, pk, vals) in enumerate(zip(names, pks, per_model)):
         color = "tab:gray" if n == base else "tab:blue"
         ax.scatter(vals, i + rng.uniform(-0.18, 0.18, vals.size), s=6, color=color, alpha=0.35, lw=0)
         ax.plot([vals.mean()] * 2, [i - 0.3, i + 0.3], color=color, lw=2.5)
@@ -487,13 +487,12 @@ def _logprob_panel(ax, names: list[str], pks: list[dict], base: str | None) -> N
         label = f"{vals.mean():.2f}" + (f", {v['higher']}↑/{v['lower']}↓ p {v['p_value']:.2g}" if v else "")
         ax.annotate(label, (vals.mean(), i - 0.32), ha="center", va="bottom", fontsize=7)
     if base in names:
-        ax.axvline(float(np.mean([x["key_logprob"] for rs in pks[names.index(base)]["answers"].values() for x in rs])),
-                   color="tab:gray", ls="--", lw=1, label=f"{base}: mean")
+        ax.axvline(float(per_model[names.index(base)].mean()), color="tab:gray", ls="--", lw=1, label=f"{base}: mean")
         ax.legend(fontsize=7, loc="best")
     # symlog: a model outside its window sits tens of nats down, while trained models differ by one
     # or two; a linear axis would squash those together
     ax.set_xscale("symlog", linthresh=1.0)
-    lowest = min(min(x["key_logprob"] for rs in pk["answers"].values() for x in rs) for pk in pks)
+    lowest = min(float(vals.min()) for vals in per_model)
     ax.set_xlim(1.5 * min(lowest, -1.0), 0.0)  # log-probabilities are <= 0; room for the lowest label
     ax.set_yticks(np.arange(len(names)), [""] * len(names))
     ax.set_ylim(len(names) - 0.5, -0.6)
