@@ -575,8 +575,17 @@ def expand_seeds(names: list[str], seeds: list[int]) -> list[str]:
     return out
 
 
+def seeded_twin(name: str) -> str:
+    """``name`` itself, defining it first when it is '<variant>-s<k>' of a known variant: one
+    --variants list can then give each recipe its own seeds (cpt,cpt-s1 beside three of another)."""
+    m = SEED_SUFFIX.search(name)
+    if name not in VARIANTS and m and name[:m.start()] in VARIANTS:
+        expand_seeds([name[:m.start()]], [int(m.group(0)[2:])])
+    return name
+
+
 def run_train(a, work: Path) -> int:
-    names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
+    names = list(VARIANTS) if a.variants == "all" else [seeded_twin(v) for v in a.variants.split(",")]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         raise SystemExit(f"restoration_study.py: unknown variants {bad}; choose from {list(VARIANTS)} or 'all'")

@@ -204,6 +204,12 @@ def test_study_seeds_train_each_variant_once_per_seed(tmp_path):
     assert not any(x.startswith(("train.seed=", "data.seed=")) for x in base)
     assert [x for x in five if x not in base and "run_name" not in x] == ["train.seed=5", "data.seed=5"]
     assert study.SEED_SUFFIX.sub("", "cpt-s5") == "cpt"
+    # a '-s<k>' name of a known variant is defined on demand, so one list can mix seed counts
+    assert "tsample-vmix-ce22-yarn-s7" not in study.VARIANTS
+    assert study.seeded_twin("tsample-vmix-ce22-yarn-s7") == "tsample-vmix-ce22-yarn-s7"
+    seven = study.variant_sets("tsample-vmix-ce22-yarn-s7", tmp_path, None, [], None)
+    assert "rope.type=yarn" in seven and "train.seed=7" in seven and "data.seed=7" in seven
+    assert study.seeded_twin("no-such-variant-s1") not in study.VARIANTS
 
 
 @pytest.mark.parametrize("gpus,jobs", [(1, 5), (2, 10), (2, 5), (4, 6), (3, 7), (2, 1), (8, 3)])
