@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rounds 5 to 9 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
+"""Rounds 5 to 10 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
 
 Left (issue 10): short-text recovery on the unseen pydocs against pydocs perplexity at 32K. The
 target corner is ≥ 95% and below the CPT baseline's 32K figure; documentation-genre training text
@@ -7,16 +7,17 @@ target corner is ≥ 95% and below the CPT baseline's 32K figure; documentation-
 8K next-token stream, it reaches both (round 7). CPT on the same text (cpt-unix) is drawn too.
 Right (issue 9): SOTU perplexity at 32K against passkey accuracy (mean over 8K / 16K / 30K). The
 target corner is below CPT's 32K and above YaRN×4's passkey. The five trainings of the weight-2
-recipe (round 6, its repeat and seeds 1-3 in round 8) are drawn in orange, the six of weight 2.2
-(round 8 and seeds 1-5 in round 9) in green, and CPT's four trainings (seed 0 twice, 1-3) as red
-squares: their spread is how far one training is from the next.
+recipe (round 6, its repeat and seeds 1-3 in round 8) are drawn in orange, the nine of weight 2.2
+(round 8, seeds 1-5 in round 9, seeds 0-2 again in round 10) in green, the same recipe on the
+YaRN×4 student (round 10, seeds 0-2) in cyan, and CPT's trainings as red squares: their spread is
+how far one training is from the next.
 
 Reads only the committed evaluation jobs (same windows, seeds and prompts in every round); passkey
 uses the 24-prompt records where a model has them, else the 9-prompt ones. A trained model that a
 later round trained again keeps both points, the later one named "<model> (r8)"; the untrained
 references evaluate the same every round.
 
-    python benchmarks/plot_study_tradeoffs.py --out benchmarks/results/plots/study9/tradeoffs.png
+    python benchmarks/plot_study_tradeoffs.py --out benchmarks/results/plots/study10/tradeoffs.png
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ for p in (_ROOT, _ROOT / "benchmarks"):  # runnable from a checkout that is not 
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 JOBS = ["smollm2_study5_jobs.jsonl", "smollm2_study6_jobs.jsonl", "smollm2_study7a_jobs.jsonl",
-        "smollm2_study7_jobs.jsonl", "smollm2_study8_jobs.jsonl", "smollm2_study9_jobs.jsonl"]
+        "smollm2_study7_jobs.jsonl", "smollm2_study8_jobs.jsonl", "smollm2_study9_jobs.jsonl",
+        "smollm2_study10_jobs.jsonl"]
 BASELINES = {"cpt", "cpt-unix", "YaRN×4", "PI×4", "teacher"}
 UNTRAINED = {"YaRN×4", "PI×4", "teacher"}
 WEIGHT2 = re.compile(r"^tsample-vmix-ce20(-s\d)?( \(r\d+a?\))?$")  # the five trainings of one recipe
-WEIGHT22 = re.compile(r"^tsample-vmix-ce22(-s\d)?$")  # its six trainings at weight 2.2
+WEIGHT22 = re.compile(r"^tsample-vmix-ce22(-s\d)?( \(r\d+\))?$")  # its nine trainings at weight 2.2
+YARN22 = re.compile(r"^tsample-vmix-ce22-yarn(-s\d)?$")  # the same recipe on the YaRN×4 student
 
 
 def _records(results: Path) -> list[dict]:
@@ -73,7 +76,7 @@ def _scatter(ax, points: dict[str, tuple[float, float]]) -> None:
     for m, (x, y) in points.items():
         base = SEED_SUFFIX.sub("", m.split(" (")[0]) in BASELINES
         color = ("tab:red" if base else "tab:orange" if WEIGHT2.match(m) else "tab:green" if WEIGHT22.match(m)
-                 else "tab:blue")
+                 else "tab:cyan" if YARN22.match(m) else "tab:blue")
         ax.scatter(x, y, marker="s" if base else "o", color=color)
         ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
 
@@ -118,7 +121,8 @@ def main() -> int:
     ax2.axvline(sotu32, color="tab:red", ls="--", lw=1, label=f"CPT (SOTU, 4.25M) 32K: {sotu32:.2f}")
     ax2.axhline(pk["YaRN×4"], color="tab:purple", ls="--", lw=1, label=f"YaRN×4 passkey: {pk['YaRN×4']:.2f}")
     ax2.scatter([], [], color="tab:orange", label="weight 2, five trainings (rounds 6, 8)")
-    ax2.scatter([], [], color="tab:green", label="weight 2.2, six trainings (rounds 8, 9)")
+    ax2.scatter([], [], color="tab:green", label="weight 2.2, nine trainings (rounds 8, 9, 10)")
+    ax2.scatter([], [], color="tab:cyan", label="weight 2.2 on the YaRN×4 student (round 10)")
     ax2.set(xlabel="SOTU @32K: perplexity", ylabel="passkey accuracy, mean of 8K / 16K / 30K",
             title="Training domain 32K vs passkey (issue 9)")
     ax2.legend(fontsize=7, loc="upper right")
