@@ -183,9 +183,6 @@ def parse(argv=None):
                    help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
                         "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
                         "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
-    p.add_argument("--relation-exp2", default="mufu", choices=["mufu", "split"],
-                   help="exponentials of the Triton relation op: mufu (all on the special-function units, the "
-                        "default) or split (the teacher's by an FMA polynomial, sharing the work between the units)")
     p.add_argument("--relation-layers", default="all",
                    help="objective.relation.layers (all, last:N, every:K, ...); the issue's benchmark uses all")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -208,9 +205,7 @@ def run(a) -> dict:
     if device.type == "cuda":
         import importlib  # the package attribute `relation_kl` is the function, not the module
 
-        rk = importlib.import_module("linearard_ray.ops.relation_kl")
-        rk.set_backward_mode(None if a.relation_backward == "auto" else a.relation_backward)
-        rk.set_exp2_mode(a.relation_exp2)
+        importlib.import_module("linearard_ray.ops.relation_kl").set_backward_mode(None if a.relation_backward == "auto" else a.relation_backward)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)
@@ -250,7 +245,7 @@ def run(a) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                   "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
-        "backend": a.backend, "relation_backward": a.relation_backward, "relation_exp2": a.relation_exp2, "relation_layers": a.relation_layers,
+        "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
         "grad_checkpointing": a.grad_checkpointing,
         "dtype": str(dtype).replace("torch.", ""),
         "step_ms": step, "tokens_per_s": a.batch * a.seq / (step / 1e3),

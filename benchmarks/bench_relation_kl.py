@@ -5,10 +5,6 @@
 --check  GPU correctness against a dense float64 reference (values, grads, determinism) first,
          in each backward mode (sweep, atomic, rowfwd).
 --sweep  time a few tile configurations at T=8K and use the fastest for the tables.
---exp2   only the exp2 modes (set_exp2_mode: 'mufu', every exponential on the MUFU; 'split', the
-         teacher's on the FMA pipe by a polynomial), each with the sweep and the rowfwd backward,
-         fwd and fwd+bwd of a causal self-relation at D=64 and 128 against SDPA flash; with --check
-         the GPU correctness checks run in the split mode too.
 --backward  only the backward modes of a causal self-relation (sweep, atomic, rowfwd), each with a
          small tile sweep first, fwd and bwd apart and fwd+bwd end to end against SDPA flash:
 
@@ -467,42 +463,6 @@ def backward_modes(Ts=(2048, 4096, 8192, 16384), tiles=True):
 
 
 # ----------------------------------------------------------------------------- main
-def exp2_modes(Ts=(2048, 4096, 8192, 16384), Ds=(128, 64)) -> None:
-    """Causal self-relation, B=1, H=32, bf16: fwd and fwd+bwd in each exp2 mode, sweep and rowfwd
-    backward, against SDPA flash of the same shape; registers / spills of each kernel."""
-    log("\n### exp2 modes: fwd and fwd+bwd (ms), causal self-relation, B=1, H=32, bf16\n")
-    log("split: the teacher's exponentials of each tile by the FMA polynomial (rk._exp2_fma), the "
-        "student's on the MUFU. / SDPA: over SDPA flash of the same shape (fwd, fwd+bwd).\n")
-    log("| D | T | SDPA fwd | SDPA fwd+bwd | backward | mufu fwd | split fwd | mufu fwd+bwd | split fwd+bwd | "
-        "split speed-up fwd | split speed-up fwd+bwd | split fwd / SDPA | split fwd+bwd / SDPA | "
-        "regs/spills fwd, bwd (mufu; split) |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for D in Ds:
-        for T in Ts:
-            q, k, v = inputs(1, 32, 32, T, D)
-            tq = q + 0.5 * torch.randn_like(q)
-            sfwd, sfb, sleaves = sdpa_fns(q, k, v)
-            t_sf, t_sfb = bench(sfwd), bench(sfb, grad_to_none=sleaves)
-            qg = q.clone().requires_grad_(True)
-            for bwd in ("sweep", "rowfwd"):
-                rk.set_backward_mode(bwd)
-                fw, fb, regs = {}, {}, {}
-                for mode in ("mufu", "split"):
-                    rk.set_exp2_mode(mode)
-                    fw[mode] = bench(lambda: relation_kl(qg, None, tq, None))
-                    fb[mode] = bench(lambda: relation_kl(qg, None, tq, None).backward(), grad_to_none=[qg])
-                    regs[mode] = ", ".join(f"{k.n_regs}/{k.n_spills}" for k in rk.last_compiled.values()
-                                           if hasattr(k, "n_regs"))
-                rk.set_exp2_mode("mufu")
-                log(f"| {D} | {T} | {fmt_ms(t_sf)} | {fmt_ms(t_sfb)} | {bwd} | {fmt_ms(fw['mufu'])} | "
-                    f"{fmt_ms(fw['split'])} | {fmt_ms(fb['mufu'])} | {fmt_ms(fb['split'])} | "
-                    f"{fw['mufu'] / fw['split']:.2f}x | {fb['mufu'] / fb['split']:.2f}x | "
-                    f"{fw['split'] / t_sf:.2f} | {fb['split'] / t_sfb:.2f} | {regs['mufu']}; {regs['split']} |")
-            rk.set_backward_mode(None)
-            gc.collect()
-            torch.cuda.empty_cache()
-
-
 def integration(B=1, T=4096, H=32, Hkv=32, D=128):
     """One layer call the way training makes it: q/k/v are [B, T, heads, D] projections viewed as
     [B, heads, T, D] (row stride heads*D), the loss divides each relation's sum by its own
@@ -553,8 +513,6 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--integration", action="store_true",
                     help="only the 7B layer call by input layout and mask (what training passes)")
-    ap.add_argument("--exp2", action="store_true",
-                    help="only the exp2 modes (mufu, split) with both backward paths, against SDPA flash")
     ap.add_argument("--backward", action="store_true",
                     help="only the backward modes (sweep, one recompute, rowfwd), with tile sweeps")
     args = ap.parse_args()
@@ -567,17 +525,7 @@ def main():
         return 0
     if args.check:
         ok = check("sweep") & check("atomic") & check("rowfwd")
-        if args.exp2:
-            rk.set_exp2_mode("split")
-            log("exp2 mode split:")
-            try:
-                ok &= check("sweep") & check("rowfwd")
-            finally:
-                rk.set_exp2_mode("mufu")
         log(f"CHECK {'PASSED' if ok else 'FAILED'}")
-    if args.exp2:
-        exp2_modes()
-        return 0
     if args.backward:
         backward_modes()
         return 0

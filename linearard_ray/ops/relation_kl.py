@@ -156,46 +156,12 @@ def _dot(a, b, IEEE: tl.constexpr):
     return out
 
 
-# 2^f = 1 + f q(f) on f in [-1/2, 1/2], q of degree 4 fitted for least maximum relative error
-# (9e-8; 1.9e-7 with fp32 rounding, as accurate as the MUFU's ex2.approx, and exact at f = 0, so
-# integer powers of two come out exact): the exponential costs ~11 FMA/ALU instructions instead of
-# one MUFU op.
-_P1, _P2 = tl.constexpr(0.6931470036506653), tl.constexpr(0.24022240936756134)
-_P3, _P4, _P5 = tl.constexpr(0.05550730600953102), tl.constexpr(0.009671544656157494), tl.constexpr(0.0013265772722661495)
-_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + _ROUND rounds x to an integer in the low bits
-_ROUND_BITS = tl.constexpr(0x4B400000)
-
-
-@triton.jit
-def _exp2_fma(x):
-    """2^x without the MUFU: x = j + f (j an integer, |f| <= 1/2), 2^f by the polynomial above,
-    then j added to the exponent bits. x < -126 gives exactly 0, as exp2 of a masked -inf must."""
-    xc = tl.maximum(x, -127.0)
-    t = xc + _ROUND
-    f = xc - (t - _ROUND)
-    p = 1.0 + f * (_P1 + f * (_P2 + f * (_P3 + f * (_P4 + f * _P5))))
-    j = t.to(tl.int32, bitcast=True) - _ROUND_BITS
-    out = (p.to(tl.int32, bitcast=True) + (j << 23)).to(tl.float32, bitcast=True)
-    return tl.where(x < -126.0, 0.0, out)
-
-
-@triton.jit
-def _exp2_t(x, FMAEXP: tl.constexpr):
-    """exp2 of the teacher's terms: on the FMA pipe in the 'split' exp2 mode, so that each tile's
-    exponentials are shared between the MUFU (student) and the FMA units (teacher)."""
-    if FMAEXP:
-        out = _exp2_fma(x)
-    else:
-        out = tl.exp2(x)
-    return out
-
-
 @triton.jit
 def _fwd_tile(qs, qt, SK, TK, k_base, sk_t, j0, offs_m, offs_d, dmask, T, Mask, mask_base,
               m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t,
               BLOCK_N: tl.constexpr, CMASK: tl.constexpr, BMASK: tl.constexpr, HAS_MASK: tl.constexpr,
               EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-              ROWFWD: tl.constexpr, FMAEXP: tl.constexpr):
+              ROWFWD: tl.constexpr):
     offs_n = j0 + tl.arange(0, BLOCK_N)
     ks, kt = _load_pair(SK, TK, k_base, offs_n, sk_t, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
     x = _dot(qs, tl.trans(ks), IEEE)  # raw student logits (scale > 0 applied below)
@@ -216,7 +182,7 @@ def _fwd_tile(qs, qt, SK, TK, k_base, sk_t, j0, offs_m, offs_d, dmask, T, Mask, 
     l_s = l_s * alpha_s + tl.sum(p_s, 1)
     m_t_new = tl.maximum(m_t, tl.max(y, 1) * sc_t)
     alpha_t = tl.exp2(m_t - m_t_new)
-    p_t = _exp2_t(y * sc_t - m_t_new[:, None], FMAEXP)
+    p_t = tl.exp2(y * sc_t - m_t_new[:, None])
     l_t = l_t * alpha_t + tl.sum(p_t, 1)
     acc = acc * alpha_t + tl.sum(p_t * dd, 1)
     if ROWFWD:
@@ -239,7 +205,7 @@ def _fwd_body(S, SK, TS, TK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, sc_s, sc_t, b, 
               Mask, LseS, LseT, Kl, R, T, HTOT, REP,
               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWFWD: tl.constexpr, FMAEXP: tl.constexpr):
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWFWD: tl.constexpr):
     """Rows of block pid_m of query head h (flat head hh over the relations) of batch b."""
     b64 = b.to(tl.int64)
     q_base = b64 * ss_b + h.to(tl.int64) * ss_h
@@ -271,24 +237,24 @@ def _fwd_body(S, SK, TS, TK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, sc_s, sc_t, b, 
             m_s, l_s, m_t, l_t, acc, o_s, o_t = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
                 m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
-                EVEN_D, IEEE, UPCAST, ROWFWD, FMAEXP)
+                EVEN_D, IEEE, UPCAST, ROWFWD)
         for j in range(lo, hi):
             m_s, l_s, m_t, l_t, acc, o_s, o_t = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
                 m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t, BLOCK_N, True, False, HAS_MASK, EVEN_T,
-                EVEN_D, IEEE, UPCAST, ROWFWD, FMAEXP)
+                EVEN_D, IEEE, UPCAST, ROWFWD)
     else:
         n_full = T // BLOCK_N
         for j in range(0, n_full):
             m_s, l_s, m_t, l_t, acc, o_s, o_t = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
                 m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t, BLOCK_N, False, False, HAS_MASK, EVEN_T,
-                EVEN_D, IEEE, UPCAST, ROWFWD, FMAEXP)
+                EVEN_D, IEEE, UPCAST, ROWFWD)
         for j in range(n_full, num_n):
             m_s, l_s, m_t, l_t, acc, o_s, o_t = _fwd_tile(
                 qs, qt, SK, TK, k_base, sk_t, j * BLOCK_N, offs_m, offs_d, dmask, T, Mask, mask_base,
                 m_s, l_s, m_t, l_t, acc, o_s, o_t, sc_s, sc_t, BLOCK_N, False, True, HAS_MASK, EVEN_T,
-                EVEN_D, IEEE, UPCAST, ROWFWD, FMAEXP)
+                EVEN_D, IEEE, UPCAST, ROWFWD)
 
     # l = 0 only on rows with nothing valid (padding, past T); they are overwritten below.
     l_s = tl.where(l_s > 0, l_s, 1.0)
@@ -351,7 +317,6 @@ def _fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NREL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr, ROWFWD: tl.constexpr,
-    FMAEXP: tl.constexpr,
 ):
     num_m = tl.cdiv(T, BLOCK_M)
     pid_m = num_m - 1 - tl.program_id(0)  # longest causal rows first
@@ -361,14 +326,14 @@ def _fwd_kernel(
     if NREL == 1:
         _fwd_body(S, SK, TS, TK, ss_b0, ss_h0, ss_t0, sk_b, sk_h, sk_t, scs0, sct0, b, hh, hh, pid_m,
                   Mask, LseS, LseT, Kl, R, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK,
-                  EVEN_T, IEEE, UPCAST, ROWFWD, FMAEXP)
+                  EVEN_T, IEEE, UPCAST, ROWFWD)
     else:
         # Self-relations of one layer in one launch: one body, so no extra registers.
         r, Sr, TSr, sb, sh, st = _relation(hh, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2, ss_b0, ss_h0, ss_t0,
                                            ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, ALIGN)
         _fwd_body(Sr, Sr, TSr, TSr, sb, sh, st, sb, sh, st, _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2),
                   b, hh - _sel(r, 0, H0, H0 + H1), hh, pid_m, Mask, LseS, LseT, Kl, R, T, HTOT, REP, D, BLOCK_D,
-                  BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, ROWFWD, FMAEXP)
+                  BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, ROWFWD)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -377,7 +342,7 @@ def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
               lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t,
               BLOCK_N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr, CMASK: tl.constexpr,
               BMASK: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr, FMAEXP: tl.constexpr):
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr):
     """acc += G~ @ C_J for one tile J; G~ holds the row part and/or the transposed column part."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
     cs, ct = _load_pair(C, TC, c_base, offs_n, c_st, offs_d, dmask, T, EVEN_T, EVEN_D, UPCAST)
@@ -385,7 +350,7 @@ def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
     y = _dot(rt, tl.trans(ct), IEEE) * sc_t
     g = tl.zeros_like(x)
     if ROW:  # entries (i in I, j in J), normalised over row i
-        gr = tl.exp2(x - lse_s_r[:, None]) - _exp2_t(y - lse_t_r[:, None], FMAEXP)
+        gr = tl.exp2(x - lse_s_r[:, None]) - tl.exp2(y - lse_t_r[:, None])
         if not UNI:
             gr = gr * dkl_r[:, None]
         if CMASK:
@@ -400,9 +365,9 @@ def _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j0, offs_m, offs_d, dmask, T,
     if COL:  # entries (j in J, i in I) transposed, normalised over row j; lse = +inf past T
         ls, lt, dk = _row_stats(LseS, LseT, DKl, stat_base, offs_n, T, EVEN_T, UNI)
         if UNI:
-            gc = tl.exp2(x - ls[None, :]) - _exp2_t(y - lt[None, :], FMAEXP)
+            gc = tl.exp2(x - ls[None, :]) - tl.exp2(y - lt[None, :])
         else:
-            gc = (tl.exp2(x - ls[None, :]) - _exp2_t(y - lt[None, :], FMAEXP)) * dk[None, :]
+            gc = (tl.exp2(x - ls[None, :]) - tl.exp2(y - lt[None, :])) * dk[None, :]
         if CMASK:
             gc = tl.where(offs_m[:, None] <= offs_n[None, :], gc, 0.0)
         g += gc
@@ -436,7 +401,7 @@ def _sweep(acc, rs, rt, C, TC, c_base, c_st, i0, offs_m, offs_d, dmask, T,
            lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,
-           IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr, FMAEXP: tl.constexpr):
+           IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr):
     """All column tiles of one block I that hold valid entries of the requested part(s)."""
     num_n = tl.cdiv(T, BLOCK_N)
     if CAUSAL:
@@ -447,30 +412,30 @@ def _sweep(acc, rs, rt, C, TC, c_base, c_st, i0, offs_m, offs_d, dmask, T,
                 acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                                 lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                                 sc_s, sc_t, BLOCK_N, True, False, False, False, HAS_MASK, EVEN_T, EVEN_D,
-                                IEEE, UPCAST, UNI, FMAEXP)
+                                IEEE, UPCAST, UNI)
         for j in range(lo, hi):
             acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                             lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                             sc_s, sc_t, BLOCK_N, ROW, COL, True, False, HAS_MASK, EVEN_T, EVEN_D,
-                            IEEE, UPCAST, UNI, FMAEXP)
+                            IEEE, UPCAST, UNI)
         if COL:
             for j in range(hi, num_n):
                 acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                                 lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                                 sc_s, sc_t, BLOCK_N, False, True, False, False, HAS_MASK, EVEN_T, EVEN_D,
-                                IEEE, UPCAST, UNI, FMAEXP)
+                                IEEE, UPCAST, UNI)
     else:
         n_full = T // BLOCK_N
         for j in range(0, n_full):
             acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                             lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                             sc_s, sc_t, BLOCK_N, ROW, COL, False, False, HAS_MASK, EVEN_T, EVEN_D,
-                            IEEE, UPCAST, UNI, FMAEXP)
+                            IEEE, UPCAST, UNI)
         for j in range(n_full, num_n):
             acc = _bwd_tile(acc, rs, rt, C, TC, c_base, c_st, j * BLOCK_N, offs_m, offs_d, dmask, T,
                             lse_s_r, lse_t_r, dkl_r, LseS, LseT, DKl, stat_base, Mask, mask_base,
                             sc_s, sc_t, BLOCK_N, ROW, COL, False, True, HAS_MASK, EVEN_T, EVEN_D,
-                            IEEE, UPCAST, UNI, FMAEXP)
+                            IEEE, UPCAST, UNI)
     return acc
 
 
@@ -511,8 +476,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
               pid_m, Mask, LseS, LseT, DKl, R, T, HTOT, REP,
               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr, ROWFWD: tl.constexpr,
-              FMAEXP: tl.constexpr):
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, UNI: tl.constexpr, ROWFWD: tl.constexpr):
     """Output block pid_m of key head g (its H/REP query heads when not SELF) of batch b.
 
     ROWFWD: the forward already stored the row part (R, [B, HTOT, T, D] fp32), so only the column
@@ -534,12 +498,12 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
             acc = _row_part(R, stat_base * D, offs_m, offs_d, dmask, T, dk, EVEN_T, EVEN_D, D, UNI)
             acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
                          LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                         False, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI, FMAEXP)
+                         False, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
                          LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                         True, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI, FMAEXP)
+                         True, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
         _store_rows(GS, ((b64 * H + g) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
                     HAS_MASK, EVEN_T, EVEN_D, D)
     else:
@@ -558,7 +522,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
                 acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
                 acc = _sweep(acc, rs, rt, SK, TK, k_base, sk_t, i0, offs_m, offs_d, dmask, T, ls, lt, dk,
                              LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                             True, False, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI, FMAEXP)
+                             True, False, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
             _store_rows(GS, ((b64 * H + h) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask, mask_base,
                         False, EVEN_T, EVEN_D, D)
         # dB of key block I: summed over the group's query heads in a fixed order.
@@ -571,7 +535,7 @@ def _bwd_body(S, SK, TS, TK, GS, GK, ss_b, ss_h, ss_t, sk_b, sk_h, sk_t, H, sc_s
             stat_base = (b64 * HTOT + hoff + h) * T
             acc = _sweep(acc, rs, rt, S, TS, base, ss_t, i0, offs_m, offs_d, dmask, T, zero, zero, zero,
                          LseS, LseT, DKl, stat_base, Mask, mask_base, sc_s, sc_t, BLOCK_M, BLOCK_N,
-                         False, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI, FMAEXP)
+                         False, True, CAUSAL, HAS_MASK, EVEN_T, EVEN_D, IEEE, UPCAST, UNI)
         _store_rows(GK, ((b64 * (H // REP) + g) * T) * D, offs_m, offs_d, dmask, T, acc * alpha, Mask,
                     mask_base, HAS_MASK, EVEN_T, EVEN_D, D)
 
@@ -585,7 +549,7 @@ def _bwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NREL: tl.constexpr, SELF: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     EVEN_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
-    UNIFORM_DKL: tl.constexpr, ROWFWD: tl.constexpr, FMAEXP: tl.constexpr,
+    UNIFORM_DKL: tl.constexpr, ROWFWD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -595,7 +559,7 @@ def _bwd_kernel(
     if NREL == 1:
         _bwd_body(S, SK, TS, TK, GS, GK, ss_b0, ss_h0, ss_t0, sk_b, sk_h, sk_t, H0, scs0, sct0, al0 * gs,
                   b, kk, 0, pid_m, Mask, LseS, LseT, DKl, R, T, HTOT, REP, D, BLOCK_D, BLOCK_M, BLOCK_N, SELF,
-                  CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL, ROWFWD, FMAEXP)
+                  CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL, ROWFWD)
     else:  # self-relations only (REP = 1); see _fwd_kernel
         r, Sr, TSr, sb, sh, st = _relation(kk, H0, H1, S, TS, off_s1, off_t1, off_s2, off_t2, ss_b0, ss_h0, ss_t0,
                                            ss_b1, ss_h1, ss_t1, ss_b2, ss_h2, ss_t2, ALIGN)
@@ -604,7 +568,7 @@ def _bwd_kernel(
         _bwd_body(Sr, Sr, TSr, TSr, Gr, Gr, sb, sh, st, sb, sh, st, _sel(r, H0, H1, H2),
                   _sel(r, scs0, scs1, scs2), _sel(r, sct0, sct1, sct2), _sel(r, al0, al1, al2) * gs,
                   b, kk - hoff, hoff, pid_m, Mask, LseS, LseT, DKl, R, T, HTOT, REP, D, BLOCK_D, BLOCK_M,
-                  BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL, ROWFWD, FMAEXP)
+                  BLOCK_N, SELF, CAUSAL, HAS_MASK, EVEN_T, IEEE, UPCAST, UNIFORM_DKL, ROWFWD)
 
 
 # ----------------------------------------------------------------------------- backward, one recompute
@@ -793,21 +757,6 @@ def set_backward_mode(mode: Optional[str]) -> None:
     _bwd_mode = mode
 
 
-EXP2_MODES = ("mufu", "split")
-_exp2_mode = "mufu"
-
-
-def set_exp2_mode(mode: str) -> None:
-    """'mufu' (every exponential on the special-function units; the default) or 'split' (the
-    teacher's exponentials of each tile by an FMA polynomial, as accurate as the MUFU's, so that
-    the two units share the work; the forward and the sweep / column backward, not 'atomic').
-    Read at each launch."""
-    global _exp2_mode
-    if mode not in EXP2_MODES:
-        raise ValueError(f"exp2 mode must be one of {EXP2_MODES}, got {mode!r}")
-    _exp2_mode = mode
-
-
 def _use_atomic(self_rel: bool, causal: bool) -> bool:
     # Opt-in only: measured 0.71-0.90x the sweep's speed (D=128) because of the atomics and the
     # register pressure of the owned [BLOCK_N, D] accumulator. Never under deterministic torch.
@@ -938,9 +887,9 @@ def _forward(rels: Sequence[_Rel], mask: Optional[torch.Tensor], causal: bool, r
     args = [r0.s, r0.sk, r0.ts, r0.tk, m, lse_s, lse_t, kl, lse_s if rpart is None else rpart, *offs, *strides,
             H[0], H[1], *sc, *st, T, htot, rep]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), CAUSAL=causal, HAS_MASK=mask is not None,
-                  IEEE=ieee, UPCAST=upcast, ALIGN=align, ROWFWD=rowfwd, FMAEXP=_exp2_mode == "split")
+                  IEEE=ieee, UPCAST=upcast, ALIGN=align, ROWFWD=rowfwd)
     kind = "fwdr" if rowfwd else "fwd"
-    _launch(_fwd_kernel, kind, _config(kind, block_d, dtype), (block_d, dtype, causal, len(rels), _exp2_mode), T,
+    _launch(_fwd_kernel, kind, _config(kind, block_d, dtype), (block_d, dtype, causal, len(rels)), T,
             B * htot, args, consts)
     return lse_s, lse_t, kl, rpart
 
@@ -985,10 +934,10 @@ def _backward(rels: Sequence[_Rel], mask, causal: bool, rep: int, self_rel: bool
             rpart if rowfwd else lse_s, *offs, *strides, *H, *sc, *st, *al[:3], T, htot, hktot, rep]
     consts = dict(D=D, BLOCK_D=block_d, NREL=len(rels), SELF=self_rel, CAUSAL=causal,
                   HAS_MASK=mask is not None, IEEE=ieee, UPCAST=upcast, ALIGN=align, UNIFORM_DKL=uniform,
-                  ROWFWD=rowfwd, FMAEXP=_exp2_mode == "split")
+                  ROWFWD=rowfwd)
     kind = "bwdc" if rowfwd else "bwd"
-    _launch(_bwd_kernel, kind, _config(kind, block_d, dtype),
-            (block_d, dtype, causal, len(rels), self_rel, _exp2_mode), T, B * hktot, args, consts)
+    _launch(_bwd_kernel, kind, _config(kind, block_d, dtype), (block_d, dtype, causal, len(rels), self_rel),
+            T, B * hktot, args, consts)
     return grads_s, (None if self_rel else grads_k)
 
 
