@@ -30,7 +30,8 @@ def test_every_recipe_validates(name):
 
 def test_expected_recipes_exist():
     want = {"default.yaml", "llama2-7b-32k.yaml", "llama3-8b-x4.yaml", "mistral-7b-x4.yaml", "smollm2-135m-x4.yaml",
-            "smollm2-135m-x4-logits.yaml", "smollm2-135m-x4-cpt.yaml", "smollm2-135m-yarn4.yaml"}
+            "smollm2-135m-x4-logits.yaml", "smollm2-135m-x4-cpt.yaml", "smollm2-135m-yarn4.yaml",
+            "smollm2-135m-yarn4-restore.yaml"}
     assert want <= set(RECIPES)
 
 
@@ -119,6 +120,21 @@ def test_restore_recipe_is_the_measured_study_variant(tmp_path):
     # the study's sample phase: --samples 2080 --tokens 2048 --top-p 0.95, seed 0, batch 1040 (round 5)
     assert ts == {"num_samples": 2080, "max_new_tokens": 2048, "min_tokens": 64, "batch_size": 1040,
                   "temperature": 1.0, "top_p": 0.95, "seed": 0, "path": None}
+
+
+def test_yarn_restore_recipe_is_the_measured_study_variant():
+    """configs/smollm2-135m-yarn4-restore.yaml must stay what round 10's tsample-vmix-ce22-yarn ran:
+    -restore's teacher samples, on the YaRN×4 student, with the next-token term at 2.2."""
+    study = _study()
+    sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS["tsample-vmix-ce22-yarn"][0]]
+    ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*sets, "train.budget_tokens=4250000"]).model_dump()
+    recipe = load_config(CONFIGS / "smollm2-135m-yarn4-restore.yaml").model_dump()
+    restore = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
+    assert recipe["data"].pop("teacher_samples") == restore["data"]["teacher_samples"]
+    ran["data"].pop("teacher_samples")
+    ran["train"]["run_name"] = recipe["train"]["run_name"]
+    assert recipe == ran
+    assert (recipe["rope"]["type"], recipe["rope"]["factor"], recipe["objective"]["next_token"]["weight"]) == ("yarn", 4.0, 2.2)
 
 
 def test_restore_docs_recipe_is_the_measured_study_variant(tmp_path):
