@@ -567,9 +567,7 @@ def expand_seeds(names: list[str], seeds: list[int]) -> list[str]:
         base = SEED_SUFFIX.sub("", name)
         base = base if base in VARIANTS else name
         for k in seeds:
-            twin = base if k == 0 else f"{base}-s{k}"
-            if twin not in VARIANTS:
-                VARIANTS[twin] = _seeded(VARIANTS[base], k)
+            twin = base if k == 0 else seeded_twin(f"{base}-s{k}")
             if twin not in out:
                 out.append(twin)
     return out
@@ -580,7 +578,7 @@ def seeded_twin(name: str) -> str:
     --variants list can then give each recipe its own seeds (cpt,cpt-s1 beside three of another)."""
     m = SEED_SUFFIX.search(name)
     if name not in VARIANTS and m and name[:m.start()] in VARIANTS:
-        expand_seeds([name[:m.start()]], [int(m.group(0)[2:])])
+        VARIANTS[name] = _seeded(VARIANTS[name[:m.start()]], int(m.group(0)[2:]))
     return name
 
 
