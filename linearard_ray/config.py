@@ -160,9 +160,10 @@ class LayerSelection(_Section):
 
 class RelationTerm(_Section):
     weight: float = Field(1.0, ge=0)
-    weights: dict[Literal["q", "k", "v"], float] = Field(
+    weights: dict[Literal["q", "k", "v", "qk"], float] = Field(
         default_factory=lambda: {"q": 1.0, "k": 1.0, "v": 1.0},
-        description="Per-relation weights (Q/Q, K/K, V/V); a relation left out keeps weight 1, 0 switches it off.",
+        description="Per-relation weights (Q/Q, K/K, V/V); a relation left out keeps weight 1, 0 switches it off. "
+                    "'qk' adds the attention map itself (the causal softmax of Q·Kᵀ, GQA heads shared; off unless given).",
     )
     layers: LayerSelection = Field(default_factory=LayerSelection)
     fused: bool = Field(True, description="One op call per layer for the three relations.")
@@ -174,8 +175,12 @@ class RelationTerm(_Section):
             if w < 0:
                 raise ValueError(f"relation weight {k} must be >= 0, got {w}")
         # Unnamed relations keep the default 1: `--set objective.relation.weights.v=0.5` (or a
-        # sweep over weights.v) must not switch Q/Q and K/K off behind the user's back.
-        return {"q": v.get("q", 1.0), "k": v.get("k", 1.0), "v": v.get("v", 1.0)}
+        # sweep over weights.v) must not switch Q/Q and K/K off behind the user's back. The
+        # attention map (qk) is not part of LinearARD's three: present only when given.
+        out = {"q": v.get("q", 1.0), "k": v.get("k", 1.0), "v": v.get("v", 1.0)}
+        if "qk" in v:
+            out["qk"] = v["qk"]
+        return out
 
 
 class LogitTerm(_Section):

@@ -13,12 +13,18 @@ repeated, so no head is counted twice). relation_r is the mean of R_{l,r} over t
 layers, and ``relation = Σ_r w_r · relation_r`` with the per-relation weights
 (``objective.relation.weights``). Relations use the attention's own softmax scale (1/√D).
 
+Optionally (``weights.qk`` > 0, off by default) the attention map itself joins them: the causal
+softmax rows of Q·Kᵀ, the distribution each query head actually reads positions with (GQA key heads
+shared by their query heads, H_qk = the query heads). It is the term that says *where* a model
+looks, which the self-relations say only indirectly.
+
 YaRN (and LongRoPE) multiply cos/sin by an attention factor m, so post-RoPE q and k carry m and
 Q·Qᵀ, K·Kᵀ carry m² (V/V does not). With ``rope.yarn_logit_correction = 'divide'`` (default) the
 student's Q/Q and K/K scales are divided by m², so the loss compares the shapes of the relation
 distributions the rotation produces, not m's deliberate sharpening: m exists to make the long
 context attention sharper than the teacher's, and a loss that penalised it would train LoRA to
-shrink q and k by m and undo YaRN. 'keep' compares the raw distributions.
+shrink q and k by m and undo YaRN. 'keep' compares the raw distributions. The attention map (qk)
+is never corrected: its m² is the sharpening YaRN wants the student to attend with.
 
 logit_kl: τ²·KL(teacher ‖ student) of the next-token distributions at temperature τ, averaged
 over valid positions (or over the top-k positions per sequence), computed chunk-wise from final
@@ -45,7 +51,8 @@ from linearard_ray.config import ObjectiveConfig, RopeConfig
 from linearard_ray.ops.logit_kl import chunked_cross_entropy, chunked_logit_kl
 from linearard_ray.rope import rope_attention_factor
 
-RELATIONS = ("q", "k", "v")
+SELF_RELATIONS = ("q", "k", "v")
+RELATIONS = (*SELF_RELATIONS, "qk")  # qk: the attention map, a cross-relation of q and k
 
 
 @dataclass
@@ -126,6 +133,9 @@ class Objective:
         self.relations = tuple(r for r in RELATIONS if self.rel_weights[r] > 0) if self.w_rel > 0 else ()
         if self.w_rel > 0 and not self.relations:
             raise ValueError("objective.relation.weight > 0 but every per-relation weight is 0")
+        # the captured tensors the relations read (the attention map needs q and k)
+        need = set(self.relations) | ({"q", "k"} if "qk" in self.relations else set())
+        self.captured = tuple(r for r in SELF_RELATIONS if r in need)
         self.layers = rel.layers.resolve(self.num_layers) if self.relations else []
         self.needs_teacher = bool(self.relations) or self.w_logit > 0
         self._corr_cache: dict[int, tuple[object, float]] = {}
@@ -151,8 +161,9 @@ class Objective:
         op_mask = None if dense else mask
         per_rel: dict[str, list[torch.Tensor]] = {r: [] for r in self.relations}
         logs: dict[str, torch.Tensor] = {}
-        fused = self.cfg.relation.fused and len(self.relations) == 3
-        cast = _relation_caster(mask.device, [getattr(c, r)[l] for c in (scap, tcap) for r in self.relations
+        self_rels = tuple(r for r in self.relations if r in SELF_RELATIONS)
+        fused = self.cfg.relation.fused and len(self_rels) == 3
+        cast = _relation_caster(mask.device, [getattr(c, r)[l] for c in (scap, tcap) for r in self.captured
                                               for l in self.layers])
         for l in self.layers:
             s_scale = scap.scaling[l]
@@ -161,19 +172,23 @@ class Objective:
             scales_t = {"q": t_scale * corr_t, "k": t_scale * corr_t, "v": t_scale}
             if fused:
                 vals = ops.relation_kl_layer(
-                    *(cast(getattr(c, r)[l]) for c in (scap, tcap) for r in RELATIONS), attention_mask=op_mask,
-                    causal=True, student_scales=tuple(scales_s[r] for r in RELATIONS),
-                    teacher_scales=tuple(scales_t[r] for r in RELATIONS), reduction="sum", backend=self.backend)
-                sums = dict(zip(RELATIONS, vals))
+                    *(cast(getattr(c, r)[l]) for c in (scap, tcap) for r in SELF_RELATIONS), attention_mask=op_mask,
+                    causal=True, student_scales=tuple(scales_s[r] for r in SELF_RELATIONS),
+                    teacher_scales=tuple(scales_t[r] for r in SELF_RELATIONS), reduction="sum", backend=self.backend)
+                sums = dict(zip(SELF_RELATIONS, vals))
             else:
                 sums = {}
-                for r in self.relations:
+                for r in self_rels:
                     s, t = cast(getattr(scap, r)[l]), cast(getattr(tcap, r)[l])
                     sums[r] = ops.relation_kl(s, None, t, None, attention_mask=op_mask, causal=True,
                                               student_scale=scales_s[r], teacher_scale=scales_t[r],
                                               reduction="sum", backend=self.backend)
+            if "qk" in self.relations:
+                sums["qk"] = ops.relation_kl(cast(scap.q[l]), cast(scap.k[l]), cast(tcap.q[l]), cast(tcap.k[l]),
+                                             attention_mask=op_mask, causal=True, student_scale=s_scale,
+                                             teacher_scale=t_scale, reduction="sum", backend=self.backend)
             for r in self.relations:
-                heads = getattr(scap, r)[l].shape[1]
+                heads = getattr(scap, "q" if r == "qk" else r)[l].shape[1]
                 v = sums[r].float() / (heads * n_tok)
                 per_rel[r].append(v)
                 logs[f"relation_layer{l}_{r}"] = v
@@ -202,7 +217,7 @@ class Objective:
             t_dec, t_head = decoder_and_head(teacher)
             with torch.no_grad():
                 if self.relations:
-                    with capture_qkv(teacher, self.layers, what=self.relations) as tcap:
+                    with capture_qkv(teacher, self.layers, what=self.captured) as tcap:
                         t_out = t_dec(input_ids=ids.to(_device_of(teacher)), attention_mask=mask.to(_device_of(teacher)),
                                       use_cache=False)
                     tcap.check_complete()
@@ -218,7 +233,7 @@ class Objective:
         nt_on_batch = self.w_nt > 0 and lm_batch is None and not self.own_lm_stream
         if self.needs_teacher or nt_on_batch:
             if self.relations:
-                with capture_qkv(student, self.layers, what=self.relations) as scap:
+                with capture_qkv(student, self.layers, what=self.captured) as scap:
                     s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
                 scap.check_complete()
                 rel, rel_logs = self._relations(tcap, scap, mask, self._scale_correction(student),

@@ -105,6 +105,72 @@ def test_relation_term_matches_direct_computation(cache_dir, teachers, family):
         assert unfused.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-8)
 
 
+def _ref_attention_kl(sq, sk, tq, tk, mask, a_s, a_t):
+    """Σ over valid rows of KL(teacher ‖ student) between the causal softmax rows of Q·Kᵀ (key heads
+    repeated for their query heads), float64."""
+    rep = sq.shape[1] // sk.shape[1]
+    S = (sq.double() @ sk.double().repeat_interleave(rep, 1).transpose(-1, -2)) * a_s
+    Tt = (tq.double() @ tk.double().repeat_interleave(rep, 1).transpose(-1, -2)) * a_t
+    T = sq.shape[2]
+    m = mask.bool()
+    valid = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None] & m[:, None, None, :]
+    ls = torch.log_softmax(S.masked_fill(~valid, float("-inf")), -1)
+    lt = torch.log_softmax(Tt.masked_fill(~valid, float("-inf")), -1)
+    kl = (lt.exp() * (lt - ls)).masked_fill(~valid, 0).sum(-1)
+    return (kl * m[:, None, :]).sum()
+
+
+@pytest.mark.parametrize("rope", [RopeConfig(type="linear", factor=4.0), RopeConfig(type="yarn", factor=4.0)],
+                         ids=["pi", "yarn"])
+def test_attention_map_term_matches_direct_computation(cache_dir, teachers, rope):
+    """weights.qk: the attention map (causal softmax of Q·Kᵀ, GQA 4 query / 2 key heads) against
+    float64, normalised by the query heads, added with its weight beside the self-relations; never
+    corrected for YaRN's m² (it is the sharpening the student attends with), while Q/Q still is.
+    Alone, it trains q_proj and k_proj."""
+    teacher = teachers["llama"]
+    student = _student(cache_dir, rope=rope, perturb=0.05)
+    batch = _batch(seed=11)
+    w = {"q": 0.3, "k": 0.0, "v": 1.0, "qk": 2.0}
+    out = _obj(weights=w, rope=rope)(teacher, student, batch)
+    sc, tc = _captures(student, batch), _captures(teacher, batch)
+    mask = batch["attention_mask"]
+    n_tok = mask.sum().item()
+    a = teacher.config.head_dim ** -0.5
+    m2 = loss_mod.rope_attention_factor(student.config) ** 2
+    assert (m2 > 1.0) == (rope.type == "yarn")
+    per = {}
+    for r in ("qk", "q"):
+        vals = []
+        for l in (0, 1):
+            if r == "qk":
+                ref = _ref_attention_kl(sc.q[l], sc.k[l], tc.q[l], tc.k[l], mask, a, a).item() / (4 * n_tok)
+            else:
+                ref = _ref_self_kl(sc.q[l], tc.q[l], mask, a / m2, a).item() / (4 * n_tok)
+            assert out.metrics[f"relation_layer{l}_{r}"] == pytest.approx(ref, rel=1e-4, abs=1e-7)
+            vals.append(ref)
+        per[r] = sum(vals) / 2
+    assert per["qk"] > 1e-3 and "relation_k" not in out.metrics
+    total = w["q"] * per["q"] + w["v"] * out.metrics["relation_v"] + w["qk"] * per["qk"]
+    assert out.metrics["relation"] == pytest.approx(total, rel=1e-4)
+    # unfused self-relations give the same numbers
+    unfused = _obj(weights=w, fused=False, rope=rope)(teacher, student, batch)
+    for k, v in out.metrics.items():
+        assert unfused.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-8)
+    # the attention map alone trains the query and key projections; the last layer's values reach
+    # no attention map (earlier layers' values do, through the next layer's input)
+    only = _obj(weights={"q": 0.0, "k": 0.0, "v": 0.0, "qk": 1.0}, rope=rope)(teacher, student, batch)
+    assert {k for k in only.metrics if k.startswith("relation_")} == {"relation_layer0_qk", "relation_layer1_qk",
+                                                                      "relation_qk"}
+    student.zero_grad(set_to_none=True)
+    only.loss.backward()
+    grads = {n: p.grad for n, p in student.named_parameters() if p.requires_grad}
+    for n, g in grads.items():
+        if "layers.1.self_attn.v_proj" in n:
+            assert g is None or g.abs().sum() == 0, n
+        elif "lora_A" in n and ("q_proj" in n or "k_proj" in n):
+            assert g is not None and g.abs().sum() > 0, n
+
+
 def test_dense_batch_skips_the_mask_with_the_same_loss(cache_dir, teachers, monkeypatch):
     """A batch without padding reaches the relation op with no mask (the kernels' cheaper path)
     and gives the same loss as the masked path would, with or without an explicit all-ones mask."""

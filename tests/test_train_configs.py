@@ -170,6 +170,8 @@ def test_restore_docs_recipe_is_the_measured_study_variant(tmp_path):
     (["objective.relation.weights={k: 0}"], {"q": 1.0, "k": 0.0, "v": 1.0}),
     (["objective.relation.weights={q: 0.1, k: 0.1, v: 1}"], {"q": 0.1, "k": 0.1, "v": 1.0}),
     ([], {"q": 1.0, "k": 1.0, "v": 1.0}),
+    # the attention map is not one of LinearARD's three: absent unless given, the others stay on
+    (["objective.relation.weights.qk=0.5"], {"q": 1.0, "k": 1.0, "v": 1.0, "qk": 0.5}),
 ])
 def test_setting_one_relation_weight_leaves_the_others_on(overrides, want):
     """A relation the user does not name keeps weight 1 (it was once silently set to 0)."""
