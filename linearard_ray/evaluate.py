@@ -159,19 +159,22 @@ def qk_correction(hf_config, yarn_logit_correction: str) -> float:
 @torch.no_grad()
 def relation_kl_windows(teacher, student, windows: np.ndarray, batch_size: int, device,
                         yarn_logit_correction: str = "divide", layers: list[int] | None = None) -> dict:
-    """Per layer, summed row KL(teacher ‖ student) of the Q/Q, K/K and V/V self-relations and the
-    number of rows (batch × heads × positions) they were summed over.
+    """Per layer, summed row KL(teacher ‖ student) of the Q/Q, K/K and V/V self-relations and of the
+    attention map ("qk": the causal softmax of Q·Kᵀ the model reads positions with), and the number
+    of rows (batch × heads × positions) each was summed over.
 
-    Relation logits use each attention's own softmax scale (1/√D for the supported models)."""
+    Relation logits use each attention's own softmax scale (1/√D for the supported models); the
+    attention map keeps YaRN's m² (it is what the model attends with), the Q/Q and K/K relations
+    divide it out as the objective does."""
     from linearard_ray.capture import capture_qkv
-    from linearard_ray.ops import relation_kl_layer
+    from linearard_ray.ops import relation_kl, relation_kl_layer
 
     n_layers = teacher.config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else layers
     ct_corr = qk_correction(teacher.config, yarn_logit_correction)
     cs_corr = qk_correction(student.config, yarn_logit_correction)
-    sums = {l: {"q": 0.0, "k": 0.0, "v": 0.0} for l in layers}
-    rows = {"q": 0, "k": 0, "v": 0}
+    sums = {l: {"q": 0.0, "k": 0.0, "v": 0.0, "qk": 0.0} for l in layers}
+    rows = {"q": 0, "k": 0, "v": 0, "qk": 0}
     for s in range(0, len(windows), batch_size):
         ids = torch.as_tensor(windows[s:s + batch_size], dtype=torch.long, device=device)
         mask = torch.ones_like(ids)
@@ -190,8 +193,11 @@ def relation_kl_windows(teacher, student, windows: np.ndarray, batch_size: int, 
             )
             for r, kl in zip("qkv", kls):
                 sums[l][r] += float(kl)
+            sums[l]["qk"] += float(relation_kl(cs.q[l], cs.k[l], ct.q[l], ct.k[l], attention_mask=mask, causal=True,
+                                               student_scale=a_s, teacher_scale=a_t, reduction="sum"))
         B, T = ids.shape
         rows["q"] += B * ct.q[layers[0]].shape[1] * T
+        rows["qk"] += B * ct.q[layers[0]].shape[1] * T
         rows["k"] += B * ct.k[layers[0]].shape[1] * T
         rows["v"] += B * ct.v[layers[0]].shape[1] * T
         del ct, cs
@@ -248,7 +254,7 @@ def _run_jobs(spec: ModelSpec, teacher_spec: ModelSpec, jobs: list[tuple], paylo
                 r = relation_kl_windows(teacher, model, payload["windows"][dom][L], ev.batch_size, device,
                                         cfg.rope.yarn_logit_correction)
                 res = {"kind": "relkl", "model": spec.name, "domain": dom, "length": L, **r}
-                mean = {k: sum(v[k] for v in r["sums"].values()) / (len(r["sums"]) * r["rows"][k]) for k in "qkv"}
+                mean = {k: sum(v[k] for v in r["sums"].values()) / (len(r["sums"]) * r["rows"][k]) for k in r["rows"]}
                 msg = "relation KL " + " ".join(f"{k} {v:.4g}" for k, v in mean.items())
         elif job[0] == "passkey":
             _, L = job

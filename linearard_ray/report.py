@@ -28,7 +28,9 @@ DEFINITIONS = {
     "relation_kl": "mean over rows (batch × heads × positions) of KL(teacher ‖ model) between the causal "
                    "softmax rows of the self-relation logits Q·Qᵀ/√D, K·Kᵀ/√D, V·Vᵀ/√D of each layer "
                    "(post-RoPE q and k; yarn/longrope attention factor m² divided out when "
-                   "rope.yarn_logit_correction is 'divide')",
+                   "rope.yarn_logit_correction is 'divide'); Q/K (attention) is the same for the attention map, "
+                   "the causal softmax rows of Q·Kᵀ/√D the model reads positions with (m² kept: it is what the "
+                   "model attends with; absent from jobs evaluated before it was added)",
     "passkey_accuracy": "share of trials where the first number greedily generated after the question equals "
                         "the 5-digit key hidden at that depth of a prompt of exactly that many tokens",
     "passkey_paired": "passkey against the unrestored baseline on the identical prompts: wins = prompts the "
@@ -85,6 +87,8 @@ def _clean(x):
 
 
 CHOICE_FIELDS = ("choice_correct", "choice_rank", "key_logprob")
+RELATION_KINDS = ("q", "k", "v", "qk")
+RELATION_TITLES = {"q": "Q/Q", "k": "K/K", "v": "V/V", "qk": "Q/K (attention)"}
 
 
 def _forced_choice(by_len: dict, lengths: list[int], choices: int, distractors: str = "random") -> dict:
@@ -141,9 +145,10 @@ def build_report(cfg, models: list[dict], domains: dict, results: list[dict], sk
     for r in results:
         if r["kind"] != "relkl":
             continue
-        per_layer = [{"layer": int(l), **{k: v[k] / r["rows"][k] for k in "qkv"}}
+        kinds = [k for k in RELATION_KINDS if k in r["rows"]]  # jobs from before the attention map lack "qk"
+        per_layer = [{"layer": int(l), **{k: v[k] / r["rows"][k] for k in kinds}}
                      for l, v in sorted(r["sums"].items(), key=lambda kv: int(kv[0]))]
-        mean = {k: float(np.mean([p[k] for p in per_layer])) for k in "qkv"}
+        mean = {k: float(np.mean([p[k] for p in per_layer])) for k in kinds}
         relkl[r["domain"]].setdefault(r["model"], {})[str(r["length"])] = {"mean": mean, "per_layer": per_layer}
 
     depths = list(ev.passkey_depths)
@@ -334,16 +339,19 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
         rk = report["relation_kl"].get(dom, {})
         if rk:
+            kinds = [k for k in RELATION_KINDS if any(k in v["mean"] for by_len in rk.values() for v in by_len.values())]
+            head = " | ".join(RELATION_TITLES[k] for k in kinds)
+            rule = "|---" * (len(kinds) + 2) + "|"
             lines += ["", "### Relation KL to the teacher (mean over layers)", "",
-                      "| model | length | Q/Q | K/K | V/V |", "|---|---|---|---|---|"]
+                      f"| model | length | {head} |", rule]
             for n, by_len in rk.items():
                 for L, v in by_len.items():
-                    lines.append(f"| {n} | {L} | {v['mean']['q']:.4g} | {v['mean']['k']:.4g} | {v['mean']['v']:.4g} |")
+                    lines.append(f"| {n} | {L} | " + " | ".join(_f(v["mean"].get(k), "{:.4g}") for k in kinds) + " |")
             lines += ["", "Per layer (first short length):", ""]
             for n, by_len in rk.items():
                 L, v = next(iter(by_len.items()))
-                lines += [f"{n} at {L} tokens:", "", "| layer | Q/Q | K/K | V/V |", "|---|---|---|---|"]
-                lines += [f"| {p['layer']} | {p['q']:.4g} | {p['k']:.4g} | {p['v']:.4g} |" for p in v["per_layer"]]
+                lines += [f"{n} at {L} tokens:", "", f"| layer | {head} |", rule[4:]]
+                lines += [f"| {p['layer']} | " + " | ".join(_f(p.get(k), "{:.4g}") for k in kinds) + " |" for p in v["per_layer"]]
                 lines.append("")
         lines.append("")
 
@@ -581,8 +589,8 @@ def flat_metrics(report: dict) -> dict[str, float]:
     for dom, by_model in report["relation_kl"].items():
         for n, by_len in by_model.items():
             for L, v in by_len.items():
-                for r in "qkv":
-                    m[f"{dom}.{_safe(n)}.relkl_{r}_{L}"] = v["mean"][r]
+                for r, x in v["mean"].items():
+                    m[f"{dom}.{_safe(n)}.relkl_{r}_{L}"] = x
     for n, pk in report["passkey"].items():
         for L, a in pk["accuracy_by_length"].items():
             m[f"passkey.{_safe(n)}.acc_{L}"] = a

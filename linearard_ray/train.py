@@ -347,7 +347,8 @@ def _fmt_eta(seconds: float) -> str:
 
 def progress_line(step: int, total: int, m: dict[str, float], eta_s: float, loss_avg: float | None = None) -> str:
     """One step as a line; ``loss_avg`` (a running mean) shows the trend through per-block noise."""
-    rel = " ".join(f"{k[-1]} {m[k]:.4f}" for k in ("relation_q", "relation_k", "relation_v") if k in m)
+    rel = " ".join(f"{k.removeprefix('relation_')} {m[k]:.4f}" for k in ("relation_q", "relation_k", "relation_v",
+                                                                          "relation_qk") if k in m)
     parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}" + (f" (avg {loss_avg:.4f})" if loss_avg is not None else "")]
     if rel:
         parts.append(f"rel {rel}")

@@ -92,11 +92,16 @@ def _reference_qkv(model, ids, own_rope_factor=None):
 
 
 def _dense_kl(s, t, a_s, a_t):
-    """Mean over rows of KL(softmax(t) ‖ softmax(s)), causal, float64."""
-    T = s.shape[-2]
+    """Sum over rows of KL(softmax(t) ‖ softmax(s)) of the causal self-relations, and the rows."""
+    return _dense_cross_kl(s, s, t, t, a_s, a_t)
+
+
+def _dense_cross_kl(sq, sk, tq, tk, a_s, a_t):
+    """Sum over rows of KL(softmax(t) ‖ softmax(s)) of the causal maps sq·skᵀ, tq·tkᵀ, float64, and the rows."""
+    T = sq.shape[-2]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    ls = torch.log_softmax((s @ s.transpose(-1, -2) * a_s).masked_fill(~causal, -math.inf), -1)
-    lt = torch.log_softmax((t @ t.transpose(-1, -2) * a_t).masked_fill(~causal, -math.inf), -1)
+    ls = torch.log_softmax((sq @ sk.transpose(-1, -2) * a_s).masked_fill(~causal, -math.inf), -1)
+    lt = torch.log_softmax((tq @ tk.transpose(-1, -2) * a_t).masked_fill(~causal, -math.inf), -1)
     kl = (lt.exp() * (lt - ls)).masked_fill(~causal, 0).sum(-1)
     return kl.sum().item(), kl.numel()
 
@@ -119,6 +124,15 @@ def test_relation_kl_matches_dense_reference(llama, rope):
             want, rows = _dense_kl(ref_s[l][i], ref_t[l][i], a_s, a_t)
             assert got["rows"][r] == rows
             assert got["sums"][str(l)][r] == pytest.approx(want, rel=2e-4, abs=1e-6)
+        # the attention map: causal softmax of Q·Kᵀ (key heads shared by their query heads), no m²
+        # correction, rows = the query heads' rows
+        qs, ks, _ = ref_s[l]
+        qt, kt, _ = ref_t[l]
+        rep = qs.shape[1] // ks.shape[1]
+        want, rows = _dense_cross_kl(qs, ks.repeat_interleave(rep, 1), qt, kt.repeat_interleave(rep, 1), a_t, a_t)
+        assert got["rows"]["qk"] == rows == got["rows"]["q"]
+        assert got["sums"][str(l)]["qk"] == pytest.approx(want, rel=2e-4, abs=1e-6)
+    assert got["sums"]["1"]["qk"] > 1e-3
     # layer 0 sees identical inputs, so V/V (no RoPE) agrees exactly; Q/Q and K/K do not
     assert got["sums"]["0"]["v"] == pytest.approx(0.0, abs=1e-6)
     assert got["sums"]["0"]["q"] > 1e-3 and got["sums"]["1"]["v"] > 1e-3

@@ -77,6 +77,35 @@ def _synthetic(seed=0, forced=False):
     return cfg, models, domains, results, skipped
 
 
+def test_attention_map_column_reads_old_and_new_relation_jobs():
+    """Relation-KL jobs from before the attention map (no "qk") and after it sit in one report: the
+    table gets a Q/K (attention) column with "–" for the old jobs, MLflow a relkl_qk metric only
+    where it was measured, and the Q/Q-V/V figures are unchanged."""
+    cfg, models, domains, results, skipped = _synthetic(seed=5)
+    rel = [r for r in results if r["kind"] == "relkl"]
+    new = [r for r in rel if r["model"] == "restored"]
+    assert new and len(new) < len(rel)
+    for r in new:
+        for l, v in r["sums"].items():
+            v["qk"] = 3.0 * (int(l) + 1)
+        r["rows"]["qk"] = 60
+    rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
+    got = rep["relation_kl"]["main"]
+    assert got["restored"]["16"]["mean"]["qk"] == pytest.approx(np.mean([3.0 * (l + 1) / 60 for l in range(3)]))
+    assert "qk" not in got["scaled"]["16"]["mean"]
+    old = next(r for r in rel if r["model"] == "scaled" and r["domain"] == "main" and r["length"] == 16)
+    assert got["scaled"]["16"]["mean"]["v"] == pytest.approx(np.mean([old["sums"][str(l)]["v"] / old["rows"]["v"]
+                                                                       for l in range(3)]))
+    md = render_markdown(rep)
+    assert "| model | length | Q/Q | K/K | V/V | Q/K (attention) |" in md
+    restored_row = next(x for x in md.splitlines() if x.startswith("| restored | 16 |"))
+    scaled_row = next(x for x in md.splitlines() if x.startswith("| scaled | 16 |"))
+    assert restored_row.endswith(f"| {got['restored']['16']['mean']['qk']:.4g} |") and scaled_row.endswith("| – |")
+    m = flat_metrics(rep)
+    assert m["main.restored.relkl_qk_16"] == pytest.approx(got["restored"]["16"]["mean"]["qk"])
+    assert "main.scaled.relkl_qk_16" not in m and "main.scaled.relkl_v_16" in m
+
+
 def test_build_report_figures_match_results():
     cfg, models, domains, results, skipped = _synthetic()
     rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})

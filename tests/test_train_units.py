@@ -309,6 +309,8 @@ def test_progress_line_names_the_numbers():
     line = progress_line(3, 30, m, 95, loss_avg=1.5)
     for part in ("step 3/30", "loss 1.2500 (avg 1.5000)", "q 0.5000", "k 0.2500", "v 0.1250", "lr 3.00e-04", "812 tok/s", "ETA 1m35s"):
         assert part in line
+    with_map = progress_line(3, 30, {**m, "relation_qk": 0.0625}, 95)
+    assert "rel q 0.5000 k 0.2500 v 0.1250 qk 0.0625" in with_map
 
 
 # --------------------------------------------------------------------------- MLflow
