@@ -261,6 +261,12 @@ VARIANTS.update({f"{name}-s{seed}": _seeded(VARIANTS[name], seed)
 # scored with one-digit distractors): it never drops a digit, and its 16K/32K are the study's best.
 _ce22, _ce22_text = VARIANTS["tsample-vmix-ce22"]
 VARIANTS["tsample-vmix-ce22-yarn"] = ([*_ce22, "rope.type=yarn"], _ce22_text.replace("PI×4", "YaRN×4 student"))
+# next (defined, not run): round 10 left the PI×4 student behind untrained YaRN×4 on passkey and
+# losing digits where the YaRN×4 student does not. The self-relations say where a head looks only
+# indirectly; the attention map (Q·Kᵀ, objective.relation.weights.qk) says it directly, so this
+# adds it to the PI×4 recipe at V/V's weight.
+VARIANTS["tsample-vmix-ce22-qk"] = ([*_ce22, "objective.relation.weights.qk=1.0"],
+                                    _ce22_text.replace(", PI×4", " + attention-map KL (weight 1), PI×4"))
 
 HEAD_LOG = "ray-head.log"
 
