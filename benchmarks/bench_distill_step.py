@@ -160,7 +160,8 @@ def build_models(a, device: torch.device, dtype: torch.dtype):
 
 
 def objective_config(a) -> ObjectiveConfig:
-    return ObjectiveConfig(name="linearard", relation={"layers": a.relation_layers})
+    weights = {"q": 1.0, "k": 1.0, "v": 1.0, **({"qk": a.relation_qk} if a.relation_qk else {})}
+    return ObjectiveConfig(name="linearard", relation={"layers": a.relation_layers, "weights": weights})
 
 
 def parse(argv=None):
@@ -183,6 +184,9 @@ def parse(argv=None):
                    help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
                         "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
                         "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
+    p.add_argument("--relation-qk", type=float, default=0.0,
+                   help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
+                        "three relations only, the issue's benchmark")
     p.add_argument("--relation-layers", default="all",
                    help="objective.relation.layers (all, last:N, every:K, ...); the issue's benchmark uses all")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -245,7 +249,7 @@ def run(a) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                   "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
-        "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
+        "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers, "relation_qk": a.relation_qk,
         "grad_checkpointing": a.grad_checkpointing,
         "dtype": str(dtype).replace("torch.", ""),
         "step_ms": step, "tokens_per_s": a.batch * a.seq / (step / 1e3),

@@ -61,3 +61,26 @@ def test_tiny_run_reports_the_figures():
     assert res["tokens_per_s"] > 0 and 0 < res["relation_loss_ms"] < res["step_ms"]
     assert 0 < res["relation_loss_share"] < 1
     assert res["shape"]["layers"] == 2 and res["shape"]["seq"] == 32
+
+
+def test_attention_map_term_is_timed_with_the_relations():
+    """--relation-qk adds the attention-map call per layer; the clock counts it in the relation loss."""
+    b = _bench()
+    a = b.parse(["--tiny", "--relation-qk", "1.0"])
+    assert b.objective_config(a).relation.weights == {"q": 1.0, "k": 1.0, "v": 1.0, "qk": 1.0}
+    assert "qk" not in b.objective_config(b.parse(["--tiny"])).relation.weights
+    a.seq, a.native, a.steps, a.warmup = 32, 32, 1, 0
+    calls = []
+    orig = b.ops.relation_kl
+
+    def spy(*args, **kw):
+        calls.append(args[1] is not None)  # a cross-relation: the student's keys are given
+        return orig(*args, **kw)
+
+    b.ops.relation_kl = spy
+    try:
+        res = b.run(a)
+    finally:
+        b.ops.relation_kl = orig
+    assert calls and all(calls) and len(calls) == a.layers * (a.steps + a.warmup)
+    assert res["relation_qk"] == 1.0 and 0 < res["relation_loss_share"] < 1
