@@ -263,10 +263,13 @@ _ce22, _ce22_text = VARIANTS["tsample-vmix-ce22"]
 VARIANTS["tsample-vmix-ce22-yarn"] = ([*_ce22, "rope.type=yarn"], _ce22_text.replace("PI×4", "YaRN×4 student"))
 # next (defined, not run): round 10 left the PI×4 student behind untrained YaRN×4 on passkey and
 # losing digits where the YaRN×4 student does not. The self-relations say where a head looks only
-# indirectly; the attention map (Q·Kᵀ, objective.relation.weights.qk) says it directly, so this
-# adds it to the PI×4 recipe at V/V's weight.
-VARIANTS["tsample-vmix-ce22-qk"] = ([*_ce22, "objective.relation.weights.qk=1.0"],
-                                    _ce22_text.replace(", PI×4", " + attention-map KL (weight 1), PI×4"))
+# indirectly; the attention map (Q·Kᵀ, objective.relation.weights.qk) says it directly, so these
+# add it to the PI×4 recipe at V/V's weight and at 3 (ahead on key log-probability in a CPU check,
+# RESULTS.md).
+for _w in (1, 3):
+    VARIANTS[f"tsample-vmix-ce22-qk{'' if _w == 1 else _w}"] = (
+        [*_ce22, f"objective.relation.weights.qk={_w:.1f}"],
+        _ce22_text.replace("q/k/v 0.1/0.1/1)", f"q/k/v 0.1/0.1/1, attention map {_w})"))
 
 HEAD_LOG = "ray-head.log"
 
