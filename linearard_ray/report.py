@@ -341,16 +341,15 @@ def render_markdown(report: dict) -> str:
         if rk:
             kinds = [k for k in RELATION_KINDS if any(k in v["mean"] for by_len in rk.values() for v in by_len.values())]
             head = " | ".join(RELATION_TITLES[k] for k in kinds)
-            rule = "|---" * (len(kinds) + 2) + "|"
             lines += ["", "### Relation KL to the teacher (mean over layers)", "",
-                      f"| model | length | {head} |", rule]
+                      f"| model | length | {head} |", "|---|---|" + "---|" * len(kinds)]
             for n, by_len in rk.items():
                 for L, v in by_len.items():
                     lines.append(f"| {n} | {L} | " + " | ".join(_f(v["mean"].get(k), "{:.4g}") for k in kinds) + " |")
             lines += ["", "Per layer (first short length):", ""]
             for n, by_len in rk.items():
                 L, v = next(iter(by_len.items()))
-                lines += [f"{n} at {L} tokens:", "", f"| layer | {head} |", rule[4:]]
+                lines += [f"{n} at {L} tokens:", "", f"| layer | {head} |", "|---|" + "---|" * len(kinds)]
                 lines += [f"| {p['layer']} | " + " | ".join(_f(p.get(k), "{:.4g}") for k in kinds) + " |" for p in v["per_layer"]]
                 lines.append("")
         lines.append("")
