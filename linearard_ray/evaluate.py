@@ -174,7 +174,7 @@ def relation_kl_windows(teacher, student, windows: np.ndarray, batch_size: int, 
     ct_corr = qk_correction(teacher.config, yarn_logit_correction)
     cs_corr = qk_correction(student.config, yarn_logit_correction)
     sums = {l: {"q": 0.0, "k": 0.0, "v": 0.0, "qk": 0.0} for l in layers}
-    rows = {"q": 0, "k": 0, "v": 0, "qk": 0}
+    rows = {"q": 0, "k": 0, "v": 0}
     for s in range(0, len(windows), batch_size):
         ids = torch.as_tensor(windows[s:s + batch_size], dtype=torch.long, device=device)
         mask = torch.ones_like(ids)
@@ -197,10 +197,10 @@ def relation_kl_windows(teacher, student, windows: np.ndarray, batch_size: int, 
                                                student_scale=a_s, teacher_scale=a_t, reduction="sum"))
         B, T = ids.shape
         rows["q"] += B * ct.q[layers[0]].shape[1] * T
-        rows["qk"] += B * ct.q[layers[0]].shape[1] * T
         rows["k"] += B * ct.k[layers[0]].shape[1] * T
         rows["v"] += B * ct.v[layers[0]].shape[1] * T
         del ct, cs
+    rows["qk"] = rows["q"]  # the attention map has a row per query head and position, as Q/Q
     return {"sums": {str(l): v for l, v in sums.items()}, "rows": rows}
 
 
