@@ -136,6 +136,7 @@ class Objective:
         # the captured tensors the relations read (the attention map needs q and k)
         need = set(self.relations) | ({"q", "k"} if "qk" in self.relations else set())
         self.captured = tuple(r for r in SELF_RELATIONS if r in need)
+        self.self_relations = tuple(r for r in self.relations if r in SELF_RELATIONS)
         self.layers = rel.layers.resolve(self.num_layers) if self.relations else []
         self.needs_teacher = bool(self.relations) or self.w_logit > 0
         self._corr_cache: dict[int, tuple[object, float]] = {}
@@ -161,8 +162,7 @@ class Objective:
         op_mask = None if dense else mask
         per_rel: dict[str, list[torch.Tensor]] = {r: [] for r in self.relations}
         logs: dict[str, torch.Tensor] = {}
-        self_rels = tuple(r for r in self.relations if r in SELF_RELATIONS)
-        fused = self.cfg.relation.fused and len(self_rels) == 3
+        fused = self.cfg.relation.fused and len(self.self_relations) == 3
         cast = _relation_caster(mask.device, [getattr(c, r)[l] for c in (scap, tcap) for r in self.captured
                                               for l in self.layers])
         for l in self.layers:
@@ -178,7 +178,7 @@ class Objective:
                 sums = dict(zip(SELF_RELATIONS, vals))
             else:
                 sums = {}
-                for r in self_rels:
+                for r in self.self_relations:
                     s, t = cast(getattr(scap, r)[l]), cast(getattr(tcap, r)[l])
                     sums[r] = ops.relation_kl(s, None, t, None, attention_mask=op_mask, causal=True,
                                               student_scale=scales_s[r], teacher_scale=scales_t[r],
