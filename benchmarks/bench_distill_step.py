@@ -160,7 +160,8 @@ def build_models(a, device: torch.device, dtype: torch.dtype):
 
 
 def objective_config(a) -> ObjectiveConfig:
-    weights = {"q": 1.0, "k": 1.0, "v": 1.0, **({"qk": a.relation_qk} if a.relation_qk else {})}
+    # the config keeps Q/Q, K/K, V/V at 1 when weights leaves them out
+    weights = {"qk": a.relation_qk} if a.relation_qk else {}
     return ObjectiveConfig(name="linearard", relation={"layers": a.relation_layers, "weights": weights})
 
 
@@ -249,7 +250,8 @@ def run(a) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                   "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
-        "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers, "relation_qk": a.relation_qk,
+        "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
+        "relation_qk": a.relation_qk,
         "grad_checkpointing": a.grad_checkpointing,
         "dtype": str(dtype).replace("torch.", ""),
         "step_ms": step, "tokens_per_s": a.batch * a.seq / (step / 1e3),
