@@ -7,8 +7,9 @@
 #   fetch:  bash benchmarks/gpu_round.sh fetch WORK             (copies the round's files to $OUT)
 #
 # `start` expects the Ray bundle under /tmp/site and the SmolLM2 GGUF under /tmp/stage (see
-# ../shared/GPU.md); it samples the teacher corpus (round 5's settings) unless WORK already has it,
-# trains VARIANTS two to a card, then evaluates them as round 10 did. EVAL_JOBS_SEED, an earlier
+# ../shared/GPU.md); it takes the teacher corpus from benchmarks/data (drawn in round 11 with round
+# 5's settings: 1,849 samples, 2,687,381 tokens, the same counts as round 5), else samples it,
+# trains VARIANTS all at once (sharing the GPUs), then evaluates them as round 10 did. EVAL_JOBS_SEED, an earlier
 # round's jobs.jsonl with the same windows and prompts, lets the teacher's jobs be reused.
 set -uo pipefail
 phase=$1 work=$2
@@ -19,6 +20,8 @@ start)
   mkdir -p "$work/eval" "$HOME/.cache/linearard_ray/downloads/smollm2-135m"
   cp -n /tmp/stage/*.gguf "$HOME/.cache/linearard_ray/downloads/smollm2-135m/"
   [ -n "$seed_jobs" ] && cp "$seed_jobs" "$work/eval/jobs.jsonl"
+  samples=benchmarks/data/smollm2_teacher_samples.jsonl.xz
+  [ -s "$work/teacher_samples.jsonl" ] || { [ -f "$samples" ] && xz -dc "$samples" >"$work/teacher_samples.jsonl"; }
   n=$(tr ',' '\n' <<<"$variants" | grep -c .)
   gpus=$(nvidia-smi -L | grep -c GPU)
   cat >"$work/chain.sh" <<EOF
