@@ -8,6 +8,7 @@ so all numbers share the same windows and passkey prompts.
 
     python benchmarks/restoration_study.py train --variants linearard,logits,cpt --work /tmp/study
     python benchmarks/restoration_study.py sample --work /tmp/study   # teacher samples for tsample-*
+    xz -dc benchmarks/data/smollm2_teacher_samples.jsonl.xz > /tmp/study/teacher_samples.jsonl  # or: the shipped draw (round 11, round 5's settings)
     python benchmarks/restoration_study.py train --variants all --parallel 4 --work /tmp/study
     python benchmarks/restoration_study.py train --variants tsample-vmix-ce22,cpt --seeds 0-3 --parallel 8 --work /tmp/study
     python benchmarks/restoration_study.py eval --work /tmp/study --out $OUT
