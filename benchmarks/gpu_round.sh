@@ -36,7 +36,7 @@ python3 benchmarks/restoration_study.py train --budget 4250000 --parallel $n --w
 date +%s > $work/t_trained
 python3 benchmarks/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only $variants \\
   --set 'eval.long_lengths=[16384,32768]' --set 'eval.passkey_lengths=[8192,16384,30000]' --set eval.passkey_trials=8 \\
-  --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 || exit 13
+  --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 --out $work/out || exit 13
 date +%s > $work/t_evaluated
 EOF
   setsid nohup bash -c "bash $work/chain.sh; echo \$? > $work/DONE" >"$log" 2>&1 < /dev/null &
@@ -51,11 +51,11 @@ wait)
   echo "still running after ${limit}s"; exit 3
   ;;
 fetch)
-  cp "$work"/eval/jobs.jsonl "$OUT/jobs.jsonl" 2>/dev/null
-  cp "$work"/runs.jsonl "$log" "$OUT/" 2>/dev/null
-  cp "$work"/eval/report.md "$OUT/" 2>/dev/null
-  [ -f "$work/teacher_samples.jsonl" ] && xz -T0 -6 -c "$work/teacher_samples.jsonl" >"$OUT/teacher_samples.jsonl.xz"
-  tar -czf "$OUT/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log t_* 2>/dev/null) 2>/dev/null
+  # eval --out leaves the report, tables, plots, runs and logs in WORK/out once it ends; before
+  # that, the live job records and the logs are what there is to bring back.
+  cp "$work"/out/* "$OUT/" 2>/dev/null
+  cp "$work"/eval/jobs.jsonl "$work"/runs.jsonl "$log" "$OUT/" 2>/dev/null
+  [ -f "$OUT/logs.tar.gz" ] || tar -czf "$OUT/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log t_* 2>/dev/null) 2>/dev/null
   ls -la "$OUT"
   ;;
 esac
