@@ -959,6 +959,7 @@ def render_job_tables(records: list[dict], domains: dict[str, str], teacher: str
         out += _logprob_table(trials, n, models, pk_lengths, baseline)
         out += _answers_table(trials, n, models)
     out += _recipe_table(models, ppl, trials, domains)
+    out += _recipe_versus_table(models, records, trials, domains, baseline, versus)
     return "\n".join(out) + "\n" + _window_table(records, domains, versus)
 
 
@@ -971,10 +972,7 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
     the mean and range over its trainings of the long-context perplexity on the first domain and of
     the passkey prompts answered (greedy, and forced choice where the trials have it). One training
     is one draw; this is the comparison a recipe claim needs. Empty when no recipe has two trainings."""
-    groups: dict[str, list[str]] = {}
-    for m in models:
-        groups.setdefault(SEED_SUFFIX.sub("", m), []).append(m)
-    groups = {g: ms for g, ms in groups.items() if len(ms) > 1}
+    groups = {g: ms for g, ms in _recipe_groups(models).items() if len(ms) > 1}
     if not groups:
         return []
     dom = next(iter(domains))
@@ -1003,6 +1001,64 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
         cells = [g, str(len(ms)), *(spread([ppl[(m, dom, L)] for m in ms if (m, dom, L) in ppl], "{:.2f}") for L in longs),
                  spread(accuracy(ms, "correct"), "{:.2f}"), spread(accuracy(ms, "choice_correct"), "{:.2f}"),
                  spread(logprob(ms), "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _recipe_groups(models: list[str]) -> dict[str, list[str]]:
+    """Recipe -> its trainings: the models that differ only by a -s<seed> suffix."""
+    groups: dict[str, list[str]] = {}
+    for m in models:
+        groups.setdefault(SEED_SUFFIX.sub("", m), []).append(m)
+    return groups
+
+
+def _recipe_versus_table(models: list[str], records: list[dict], trials: dict[tuple[str, int], dict[int, list[dict]]],
+                         domains: dict[str, str], baseline: str, versus: str) -> list[str]:
+    """One row per recipe trained more than once, against ``baseline``'s trainings on the passkey
+    prompts and ``versus``'s on the long-context windows of the first domain. Each prompt's and each
+    window's figure is averaged over each side's trainings before the sign-flip test
+    (linearard_ray.paired_stats.pooled_passkey / pooled_windows), so a recipe claim rests on every
+    training, and the prompts, not the (training, prompt) pairs, are the draws."""
+    from linearard_ray.paired_stats import pooled_passkey, pooled_windows
+
+    groups = _recipe_groups(models)
+    recipes = {g: ms for g, ms in groups.items() if len(ms) > 1 and g not in (baseline, versus)}
+    if not recipes:
+        return []
+    dom = next(iter(domains))
+    win = {(r["model"], int(r["length"])): r["window_nll"]
+           for r in records if r["kind"] == "nll" and r["domain"] == dom and r.get("window_nll")}
+    longs = sorted({L for (m, L) in win if L > 8192 and m in groups.get(versus, [])})
+    n = max((k[1] for k in trials if k[0] in groups.get(baseline, [])), default=None)
+    base_trials = [trials[(m, n)] for m in groups.get(baseline, []) if (m, n) in trials]
+    fields = [(f, t) for f, t in (("correct", "greedy"), ("choice_correct", "forced choice"),
+                                  ("key_logprob", "log P(key)"))
+              if base_trials and all(_scored_trials(t, f) for t in base_trials)]
+    if not fields and not longs:
+        return []
+
+    def passkey_cell(ms: list[str], field: str) -> str:
+        mine = [trials[(m, n)] for m in ms if (m, n) in trials and _scored_trials(trials[(m, n)], field)]
+        v = pooled_passkey(mine, base_trials, field) if len(mine) == len(ms) else None
+        fmt = "{:.2f}"
+        return "–" if v is None else (f"{fmt.format(v['recipe'])} vs {fmt.format(v['baseline'])} "
+                                      f"({v['higher']}/{v['lower']}, p {v['p_value']:.2g})")
+
+    def window_cell(ms: list[str], L: int) -> str:
+        mine = [win[(m, L)] for m in ms if (m, L) in win]
+        v = pooled_windows(mine, [win[(m, L)] for m in groups[versus] if (m, L) in win]) if len(mine) == len(ms) else None
+        return "–" if v is None else f"{v['mean_diff']:+.4f} ({v['better']}/{v['windows']}, p {v['p_value']:.2g})"
+
+    nb, nv = len(base_trials), len([m for m in groups.get(versus, []) if any((m, L) in win for L in longs)])
+    head = ["recipe", "trainings", *(f"passkey {t} vs {baseline} ({nb})" for _, t in fields),
+            *(f"{domains[dom]} @{_len_label(L)} vs {versus} ({nv}): NLL diff" for L in longs)]
+    lines = ["", f"Recipes against the baselines, each prompt's and each window's figure averaged over each side's "
+                 f"trainings first (trainings in brackets; passkey: recipe vs {baseline}, prompts higher / lower; "
+                 "windows: mean NLL difference in nats per token, windows better; sign-flip p over prompts or windows):",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, ms in recipes.items():
+        cells = [g, str(len(ms)), *(passkey_cell(ms, f) for f, _ in fields), *(window_cell(ms, L) for L in longs)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -10,6 +10,10 @@ input by input rather than by their averages alone.
 - Perplexity: the per-window NLL differences; an exact sign-flip permutation test on their mean
   says how likely a mean difference at least that large is when the two are exchangeable. With
   the usual 6-8 windows of a long-context length, the smallest p it can give is 2/2^n (0.008 at 8).
+- A recipe trained several times (seeds) against a baseline: each input's figure is averaged over
+  each side's trainings first, then the same sign-flip test runs on the per-input differences. The
+  inputs, not the (training, input) pairs, are the independent draws: the hard prompts are hard for
+  every seed, so pooling the pairs would overstate how sure the comparison is.
 """
 
 from __future__ import annotations
@@ -114,7 +118,17 @@ def paired_windows(model: Sequence[float], baseline: Sequence[float], exact_up_t
     if len(model) == 0 or len(model) != len(baseline):
         return None
     d = np.asarray(model, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    return {"windows": int(d.size), "better": int((d < 0).sum()), "mean_diff": float(d.mean()),
+            "p_value": sign_flip_p(d, exact_up_to, samples, seed)}
+
+
+def sign_flip_p(d: Sequence[float], exact_up_to: int = 16, samples: int = 200_000, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation p of the mean of paired differences ``d``: exact over all 2^n
+    flips up to ``exact_up_to`` pairs, else from ``samples`` seeded random flips."""
+    d = np.asarray(d, dtype=np.float64)
     n = d.size
+    if n == 0:
+        raise ValueError("sign_flip_p: no paired differences")
     observed = abs(d.mean())
     exact = n <= exact_up_to
     if exact:
@@ -125,5 +139,36 @@ def paired_windows(model: Sequence[float], baseline: Sequence[float], exact_up_t
     # a relative tolerance so that the observed flip itself always counts despite rounding
     hits = int(np.sum(means >= observed * (1 - 1e-12)))
     # sampled flips count the observed one too, so an estimate is never 0
-    p = hits / len(means) if exact else (hits + 1) / (len(means) + 1)
-    return {"windows": int(n), "better": int((d < 0).sum()), "mean_diff": float(d.mean()), "p_value": p}
+    return hits / len(means) if exact else (hits + 1) / (len(means) + 1)
+
+
+def pooled_passkey(recipe: Sequence[Mapping[Any, Iterable[dict]]], baseline: Sequence[Mapping[Any, Iterable[dict]]],
+                   field: str = "correct") -> dict | None:
+    """A recipe's trainings against a baseline's (one or more), prompt by prompt, on the prompts every
+    training of both answered. Each side's figure per prompt is its mean over its trainings (the
+    share right for "correct" / "choice_correct", the mean for "key_logprob"); higher is better.
+    Returns the prompts, each side's mean, the prompts where the recipe is higher / lower, the mean
+    difference and the sign-flip p of it over prompts; None when no prompt is shared by all."""
+    if not recipe or not baseline:
+        return None
+    cast = float if field == "key_logprob" else (lambda v: float(bool(v)))
+    keyed = [_keyed(t, field, cast) for t in (*recipe, *baseline)]
+    shared = sorted(set.intersection(*(set(k) for k in keyed)))
+    if not shared:
+        return None
+    mine = np.array([[k[s] for s in shared] for k in keyed[:len(recipe)]]).mean(axis=0)
+    theirs = np.array([[k[s] for s in shared] for k in keyed[len(recipe):]]).mean(axis=0)
+    d = mine - theirs
+    return {"paired": len(shared), "recipe": float(mine.mean()), "baseline": float(theirs.mean()),
+            "higher": int((d > 0).sum()), "lower": int((d < 0).sum()), "mean_diff": float(d.mean()),
+            "p_value": sign_flip_p(d)}
+
+
+def pooled_windows(recipe: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> dict | None:
+    """A recipe's trainings against a baseline's on the same perplexity windows: each window's NLL is
+    averaged over each side's trainings, then compared as paired_windows does (lower is better).
+    None when a side has no training or the trainings differ in their windows."""
+    if not recipe or not baseline or len({len(w) for w in (*recipe, *baseline)}) != 1:
+        return None
+    return paired_windows(np.mean(np.asarray(recipe, dtype=np.float64), axis=0),
+                          np.mean(np.asarray(baseline, dtype=np.float64), axis=0))

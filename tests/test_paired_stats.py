@@ -10,8 +10,8 @@ from fractions import Fraction
 
 import pytest
 
-from linearard_ray.paired_stats import (answer_kinds, paired_comparison, paired_logprob, paired_windows, sign_test_p,
-                                        wilson_interval)
+from linearard_ray.paired_stats import (answer_kinds, paired_comparison, paired_logprob, paired_windows, pooled_passkey,
+                                        pooled_windows, sign_test_p, wilson_interval)
 
 Z95 = 1.959963984540054
 
@@ -139,3 +139,58 @@ def test_paired_windows_against_every_sign_flip():
     # past the default exact limit (16 windows) the seeded sampler answers, and stays in [0, 1]
     big = paired_windows([3.0 + 0.01 * i for i in range(24)], [3.0] * 24)
     assert big["better"] == 0 and 0 < big["p_value"] < 1e-3
+
+
+def _trials(rng: random.Random, lengths=(8192, 16384), depths=(0.25, 0.75), keys=("4821", "903")) -> dict:
+    return {L: [{"depth": d, "key": k, "correct": rng.random() < 0.5, "choice_correct": rng.random() < 0.8,
+                 "key_logprob": rng.uniform(-8, -0.5)} for d in depths for k in keys] for L in lengths}
+
+
+@pytest.mark.parametrize("field", ["correct", "choice_correct", "key_logprob"])
+def test_pooled_passkey_averages_each_prompt_over_trainings_before_the_flip_test(field):
+    import itertools
+
+    rng = random.Random(hash(field) % 1000)
+    recipe = [_trials(rng) for _ in range(3)]
+    baseline = [_trials(rng) for _ in range(2)]
+    prompts = [(L, i) for L in (8192, 16384) for i in range(4)]
+
+    def side(ts):
+        return [sum(float(t[L][i][field]) for t in ts) / len(ts) for L, i in prompts]
+
+    mine, theirs = side(recipe), side(baseline)
+    d = [a - b for a, b in zip(mine, theirs)]
+    obs = abs(sum(d) / len(d))
+    flips = [abs(sum(s * x for s, x in zip(signs, d)) / len(d)) for signs in itertools.product((1, -1), repeat=len(d))]
+    got = pooled_passkey(recipe, baseline, field=field)
+    assert got["paired"] == 8
+    assert got["recipe"] == pytest.approx(sum(mine) / 8) and got["baseline"] == pytest.approx(sum(theirs) / 8)
+    assert got["higher"] == sum(x > 0 for x in d) and got["lower"] == sum(x < 0 for x in d)
+    assert got["mean_diff"] == pytest.approx(sum(d) / 8)
+    assert got["p_value"] == pytest.approx(sum(f >= obs - 1e-12 for f in flips) / len(flips), abs=1e-12)
+
+
+def test_pooled_passkey_keeps_only_prompts_every_training_answered():
+    rng = random.Random(5)
+    recipe = [_trials(rng), _trials(rng, lengths=(8192,))]  # the second training never reached 16K
+    baseline = [_trials(rng)]
+    got = pooled_passkey(recipe, baseline)
+    assert got["paired"] == 4
+    want = [(recipe[0][8192][i]["correct"] + recipe[1][8192][i]["correct"]) / 2 - baseline[0][8192][i]["correct"]
+            for i in range(4)]
+    assert got["mean_diff"] == pytest.approx(sum(want) / 4)
+    assert pooled_passkey([], baseline) is None and pooled_passkey(recipe, []) is None
+    assert pooled_passkey([_trials(rng, keys=("111",))], [_trials(rng, keys=("222",))]) is None
+
+
+def test_pooled_windows_compares_the_window_means_of_each_side():
+    rng = random.Random(9)
+    recipe = [[rng.uniform(2.9, 3.1) for _ in range(6)] for _ in range(4)]
+    baseline = [[rng.uniform(2.9, 3.1) for _ in range(6)] for _ in range(2)]
+    mine = [sum(t[w] for t in recipe) / 4 for w in range(6)]
+    theirs = [sum(t[w] for t in baseline) / 2 for w in range(6)]
+    got = pooled_windows(recipe, baseline)
+    want = paired_windows(mine, theirs)
+    assert got["windows"] == 6 and got["better"] == want["better"]
+    assert got["mean_diff"] == pytest.approx(want["mean_diff"]) and got["p_value"] == pytest.approx(want["p_value"])
+    assert pooled_windows(recipe, [[3.0] * 5]) is None and pooled_windows([], baseline) is None

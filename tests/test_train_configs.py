@@ -436,3 +436,45 @@ def test_study_recipe_table_summarises_trainings_of_one_recipe(tmp_path):
     table = text.splitlines()[text.splitlines().index("Recipes trained more than once (mean over trainings, "
                                                       "range in brackets):") + 2:][:3]
     assert len({x.count("|") for x in table}) == 1 and table[0].startswith("| recipe | trainings | passkey")
+
+
+def test_study_recipe_versus_table_averages_each_side_over_its_trainings(tmp_path):
+    """A recipe's trainings against the baseline's on each passkey prompt and against the versus
+    recipe's (cpt, cpt-s1) on each window: every side averaged over its own trainings first, the
+    prompts and windows the draws of the sign-flip test."""
+    import itertools
+    import json
+
+    study = _study()
+    rng = np.random.default_rng()
+    recipe, cpt = ["r", "r-s1", "r-s2"], ["cpt", "cpt-s1"]
+    wins = {m: rng.uniform(2.9, 3.1, 6) for m in [*recipe, *cpt, "YaRN×4"]}
+    hits = {m: rng.random(8) < 0.5 for m in [*recipe, "YaRN×4"]}
+    logp = {m: rng.uniform(-9, -1, 8) for m in hits}
+    lines = [{"kind": "nll", "model": m, "domain": "main", "length": 32768, "nll_sum": float(w.mean()) * 600,
+              "tokens": 600, "window_nll": [float(x) for x in w]} for m, w in wins.items()]
+    lines += [{"kind": "passkey", "model": m, "length": 16384, "results": [
+        {"depth": 0.1 * i, "key": f"90{i}", "correct": bool(h), "choice_correct": True, "key_logprob": float(lp)}
+        for i, (h, lp) in enumerate(zip(hits[m], logp[m]))]} for m in hits]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"key": str(i), "result": r}) + "\n"
+                                                 for i, r in enumerate(lines)))
+    text = study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {"main": "SOTU"}, versus="cpt")
+    table = text.splitlines()[next(i for i, x in enumerate(text.splitlines()) if x.startswith("Recipes against")):]
+    assert table[2].split(" | ")[2:] == ["passkey greedy vs YaRN×4 (1)", "passkey forced choice vs YaRN×4 (1)",
+                                         "passkey log P(key) vs YaRN×4 (1)", "SOTU @32K vs cpt (2): NLL diff |"]
+    rows = table[4:table.index("", 4)]
+    assert [x.split(" | ")[0] for x in rows] == ["| r"]  # cpt is the reference, not a recipe row
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+
+    def flip_p(d):
+        obs = abs(d.mean())
+        return np.mean([abs(np.dot(s, d)) / d.size >= obs - 1e-12 for s in itertools.product((1, -1), repeat=d.size)])
+
+    for cell, fig in ((cells[2], hits), (cells[4], logp)):
+        mine = np.mean([fig[m].astype(float) for m in recipe], axis=0)
+        d = mine - fig["YaRN×4"].astype(float)
+        assert cell == (f"{mine.mean():.2f} vs {fig['YaRN×4'].astype(float).mean():.2f} "
+                        f"({(d > 0).sum()}/{(d < 0).sum()}, p {flip_p(d):.2g})")
+    assert cells[3] == "1.00 vs 1.00 (0/0, p 1)"
+    d = np.mean([wins[m] for m in recipe], axis=0) - np.mean([wins[m] for m in cpt], axis=0)
+    assert cells[5] == f"{d.mean():+.4f} ({(d < 0).sum()}/6, p {flip_p(d):.2g})"
