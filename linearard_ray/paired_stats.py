@@ -136,8 +136,9 @@ def sign_flip_p(d: Sequence[float], exact_up_to: int = 16, samples: int = 200_00
     else:
         signs = np.random.default_rng(seed).choice([-1, 1], size=(samples, n))
     means = np.abs(signs @ d) / n
-    # a relative tolerance so that the observed flip itself always counts despite rounding
-    hits = int(np.sum(means >= observed * (1 - 1e-12)))
+    # a tolerance on the scale of the differences, so that the observed flip itself, and flips that
+    # tie it exactly (a mean of zero left as 1e-17 by rounding), always count
+    hits = int(np.sum(means >= observed - 1e-12 * np.abs(d).max()))
     # sampled flips count the observed one too, so an estimate is never 0
     return hits / len(means) if exact else (hits + 1) / (len(means) + 1)
 
@@ -172,3 +173,25 @@ def pooled_windows(recipe: Sequence[Sequence[float]], baseline: Sequence[Sequenc
         return None
     return paired_windows(np.mean(np.asarray(recipe, dtype=np.float64), axis=0),
                           np.mean(np.asarray(baseline, dtype=np.float64), axis=0))
+
+
+def trainings_permutation_p(recipe: Sequence[float], baseline: Sequence[float]) -> float:
+    """Two-sided exact permutation p of the difference in means between a recipe's trainings and a
+    baseline's (one figure per training, e.g. its perplexity at 32K): over every way of choosing
+    which len(recipe) of the pooled trainings are the recipe's. Here the trainings are the draws, so
+    it says whether the recipe's edge survives the spread from one training to the next (the window
+    tests say whether it survives the evaluation text)."""
+    import itertools
+
+    a, b = np.asarray(recipe, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"trainings_permutation_p: need trainings on both sides (got {a.size} and {b.size})")
+    pooled = np.concatenate([a, b])
+    k, total = a.size, pooled.sum()
+    observed = abs(a.mean() - b.mean())
+    hits = splits = 0
+    for idx in itertools.combinations(range(pooled.size), k):
+        s = pooled[list(idx)].sum()
+        hits += abs(s / k - (total - s) / b.size) >= observed * (1 - 1e-12)
+        splits += 1
+    return hits / splits

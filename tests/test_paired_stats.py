@@ -194,3 +194,32 @@ def test_pooled_windows_compares_the_window_means_of_each_side():
     assert got["windows"] == 6 and got["better"] == want["better"]
     assert got["mean_diff"] == pytest.approx(want["mean_diff"]) and got["p_value"] == pytest.approx(want["p_value"])
     assert pooled_windows(recipe, [[3.0] * 5]) is None and pooled_windows([], baseline) is None
+
+
+def test_trainings_permutation_p_counts_every_split_of_the_pooled_trainings():
+    import itertools
+
+    from linearard_ray.paired_stats import trainings_permutation_p
+
+    rng = random.Random(17)
+    for k, m in ((2, 3), (4, 7), (3, 3), (1, 5)):
+        a = [rng.uniform(20.4, 20.7) for _ in range(k)]
+        b = [rng.uniform(20.55, 20.7) for _ in range(m)]
+        pooled = a + b
+        obs = abs(sum(a) / k - sum(b) / m)
+        # every labelling of the pooled trainings with exactly k recipe labels
+        hits = splits = 0
+        for labels in itertools.product((0, 1), repeat=k + m):
+            if sum(labels) != k:
+                continue
+            x = [v for v, t in zip(pooled, labels) if t]
+            y = [v for v, t in zip(pooled, labels) if not t]
+            hits += abs(sum(x) / k - sum(y) / m) >= obs - 1e-12
+            splits += 1
+        assert splits == math.comb(k + m, k)
+        assert trainings_permutation_p(a, b) == pytest.approx(hits / splits, abs=1e-12)
+    # four trainings below seven tightly spread ones: only the observed split is as extreme
+    assert trainings_permutation_p([1.0, 1.1, 1.2, 1.3], [2.0, 2.01, 2.02, 2.03, 2.04, 2.05, 2.06]) == pytest.approx(
+        1 / math.comb(11, 4))
+    with pytest.raises(ValueError, match="both sides"):
+        trainings_permutation_p([], [1.0])
