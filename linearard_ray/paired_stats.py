@@ -175,23 +175,34 @@ def pooled_windows(recipe: Sequence[Sequence[float]], baseline: Sequence[Sequenc
                           np.mean(np.asarray(baseline, dtype=np.float64), axis=0))
 
 
-def trainings_permutation_p(recipe: Sequence[float], baseline: Sequence[float]) -> float:
-    """Two-sided exact permutation p of the difference in means between a recipe's trainings and a
+def trainings_permutation_p(recipe: Sequence[float], baseline: Sequence[float], exact_up_to: int = 200_000,
+                            samples: int = 200_000, seed: int = 0) -> float:
+    """Two-sided permutation p of the difference in means between a recipe's trainings and a
     baseline's (one figure per training, e.g. its perplexity at 32K): over every way of choosing
-    which len(recipe) of the pooled trainings are the recipe's. Here the trainings are the draws, so
-    it says whether the recipe's edge survives the spread from one training to the next (the window
-    tests say whether it survives the evaluation text)."""
+    which len(recipe) of the pooled trainings are the recipe's while there are at most
+    ``exact_up_to`` such splits, else over ``samples`` seeded random ones. Here the trainings are the
+    draws, so it says whether the recipe's edge survives the spread from one training to the next
+    (the window tests say whether it survives the evaluation text)."""
     import itertools
 
     a, b = np.asarray(recipe, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     if a.size == 0 or b.size == 0:
         raise ValueError(f"trainings_permutation_p: need trainings on both sides (got {a.size} and {b.size})")
     pooled = np.concatenate([a, b])
-    k, total = a.size, pooled.sum()
+    n, k = pooled.size, a.size
+    exact = math.comb(n, k) <= exact_up_to
+    if exact:
+        picks = np.zeros((math.comb(n, k), n), dtype=bool)
+        for row, idx in enumerate(itertools.combinations(range(n), k)):
+            picks[row, list(idx)] = True
+    else:
+        rng = np.random.default_rng(seed)
+        picks = np.zeros((samples, n), dtype=bool)
+        order = np.argsort(rng.random((samples, n)), axis=1)[:, :k]
+        np.put_along_axis(picks, order, True, axis=1)
+    s = picks.astype(np.float64) @ pooled
+    diffs = np.abs(s / k - (pooled.sum() - s) / b.size)
     observed = abs(a.mean() - b.mean())
-    hits = splits = 0
-    for idx in itertools.combinations(range(pooled.size), k):
-        s = pooled[list(idx)].sum()
-        hits += abs(s / k - (total - s) / b.size) >= observed * (1 - 1e-12)
-        splits += 1
-    return hits / splits
+    hits = int(np.sum(diffs >= observed - 1e-12 * max(np.abs(pooled).max(), 1e-300)))
+    # sampled splits count the observed one too, so an estimate is never 0
+    return hits / len(diffs) if exact else (hits + 1) / (len(diffs) + 1)

@@ -221,5 +221,9 @@ def test_trainings_permutation_p_counts_every_split_of_the_pooled_trainings():
     # four trainings below seven tightly spread ones: only the observed split is as extreme
     assert trainings_permutation_p([1.0, 1.1, 1.2, 1.3], [2.0, 2.01, 2.02, 2.03, 2.04, 2.05, 2.06]) == pytest.approx(
         1 / math.comb(11, 4))
+    # past the exact limit: seeded random splits agree with the exact figure
+    a, b = [rng.uniform(20.4, 20.7) for _ in range(6)], [rng.uniform(20.5, 20.7) for _ in range(7)]
+    assert trainings_permutation_p(a, b, exact_up_to=100, samples=100_000) == pytest.approx(
+        trainings_permutation_p(a, b), abs=0.01)
     with pytest.raises(ValueError, match="both sides"):
         trainings_permutation_p([], [1.0])

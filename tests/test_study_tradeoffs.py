@@ -1,0 +1,20 @@
+"""The study's cross-round summary on the committed evaluation records: each recipe's trainings are
+counted once even where a round's jobs file was seeded with an earlier round's records (rounds 11
+and 12 carry round 10's), and each of the round-10 figures quoted in RESULTS.md comes back."""
+
+from __future__ import annotations
+
+from tests.scripts import ROOT, load_script
+
+
+def test_recipe_summary_counts_each_training_once(tmp_path):
+    mod = load_script("benchmarks/plot_study_tradeoffs.py")
+    ppl, pk, prompts = mod.figures(ROOT / "benchmarks" / "results")
+    rows = {line.split(" | ")[0].lstrip("| "): [c.strip() for c in line.strip("|").split("|")]
+            for line in mod.recipe_summary(ppl, pk, prompts)[2:]}
+    assert {name: cells[1] for name, cells in rows.items()} == {
+        "ce22 on PI×4": "9", "ce22 + attention map (qk 1) on PI×4": "4", "ce22 on YaRN×4": "3", "CPT": "7"}
+    # round 10's recipe figures (RESULTS.md, "Recipes over their trainings")
+    assert rows["ce22 on PI×4"][4:6] == ["20.57 (20.35 to 20.70)", "0.13"]
+    assert rows["ce22 on YaRN×4"][5] == "0.0083"
+    assert rows["CPT"][6] == "4.2 (3.0 to 6.0); 6 trainings"
