@@ -478,3 +478,19 @@ def test_study_recipe_versus_table_averages_each_side_over_its_trainings(tmp_pat
     assert cells[3] == "1.00 vs 1.00 (0/0, p 1)"
     d = np.mean([wins[m] for m in recipe], axis=0) - np.mean([wins[m] for m in cpt], axis=0)
     assert cells[5] == f"{d.mean():+.4f} ({(d < 0).sum()}/6, p {flip_p(d):.2g})"
+
+
+def test_pi_long_restore_recipe_is_the_measured_study_variant():
+    """configs/smollm2-135m-x4-restore-long.yaml must stay what rounds 11-12's tsample-vmix-ce22-qk ran:
+    -restore's teacher samples, PI×4, the next-token term at 2.2 and the attention-map term at 1."""
+    study = _study()
+    sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS["tsample-vmix-ce22-qk"][0]]
+    ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*sets, "train.budget_tokens=4250000"]).model_dump()
+    recipe = load_config(CONFIGS / "smollm2-135m-x4-restore-long.yaml").model_dump()
+    restore = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
+    assert recipe["data"].pop("teacher_samples") == restore["data"]["teacher_samples"]
+    ran["data"].pop("teacher_samples")
+    ran["train"]["run_name"] = recipe["train"]["run_name"]
+    assert recipe == ran
+    assert (recipe["rope"]["type"], recipe["rope"]["factor"], recipe["objective"]["next_token"]["weight"],
+            recipe["objective"]["relation"]["weights"]["qk"]) == ("linear", 4.0, 2.2, 1.0)
