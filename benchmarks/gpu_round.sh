@@ -11,12 +11,16 @@
 # 5's settings: 1,849 samples, 2,687,381 tokens, the same counts as round 5), else samples it,
 # trains VARIANTS all at once (sharing the GPUs), then evaluates them as round 10 did. EVAL_JOBS_SEED, an earlier
 # round's jobs.jsonl with the same windows and prompts, lets the teacher's jobs be reused.
+# LONG_LENGTHS / PASSKEY_LENGTHS (environment, JSON lists) change the evaluated lengths from round 10's
+# [16384,32768] / [8192,16384,30000]; jobs at lengths the seed file has are still reused, and
+# EVAL_ONLY (comma list, default VARIANTS) can add the untrained baselines (PI×4, YaRN×4) for new lengths.
 set -uo pipefail
 phase=$1 work=$2
 log="$work/driver.log"
 case "$phase" in
 start)
   variants=$3 seed_jobs=${4:-}
+  long=${LONG_LENGTHS:-[16384,32768]} passkey=${PASSKEY_LENGTHS:-[8192,16384,30000]} only=${EVAL_ONLY:-$3}
   mkdir -p "$work/eval" "$HOME/.cache/linearard_ray/downloads/smollm2-135m"
   cp -n /tmp/stage/*.gguf "$HOME/.cache/linearard_ray/downloads/smollm2-135m/"
   [ -n "$seed_jobs" ] && cp "$seed_jobs" "$work/eval/jobs.jsonl"
@@ -34,8 +38,8 @@ date +%s > $work/t_start
 date +%s > $work/t_sampled
 python3 benchmarks/restoration_study.py train --budget 4250000 --parallel $n --work $work --variants $variants || exit 12
 date +%s > $work/t_trained
-python3 benchmarks/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only $variants \\
-  --set 'eval.long_lengths=[16384,32768]' --set 'eval.passkey_lengths=[8192,16384,30000]' --set eval.passkey_trials=8 \\
+python3 benchmarks/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only '$only' \\
+  --set 'eval.long_lengths=$long' --set 'eval.passkey_lengths=$passkey' --set eval.passkey_trials=8 \\
   --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 --out $work/out || exit 13
 date +%s > $work/t_evaluated
 EOF

@@ -7,7 +7,7 @@ from __future__ import annotations
 from tests.scripts import ROOT, load_script
 
 
-def test_recipe_summary_counts_each_training_once(tmp_path):
+def test_recipe_summary_counts_each_training_once():
     mod = load_script("benchmarks/plot_study_tradeoffs.py")
     ppl, pk, prompts = mod.figures(ROOT / "benchmarks" / "results")
     rows = {line.split(" | ")[0].lstrip("| "): [c.strip() for c in line.strip("|").split("|")]
