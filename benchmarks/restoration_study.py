@@ -34,7 +34,10 @@ the commands (after validating each variant's configuration) without running any
 `eval --only a,b` evaluates just those models and the teacher, the reference of every recovery and
 relation KL (the untrained baselines' long-context figures do not change between rounds).
 `table --jobs` reads evaluate.py's resumable job logs: what is left when a machine is taken back
-before the report is written, or several rounds on the same windows.
+before the report is written, or several rounds on the same windows. Its last tables put each
+recipe trained more than once (variants that differ by -s<seed>) against YaRN×4 on the passkey
+prompts and against CPT's trainings on the long-context windows, each prompt and window averaged
+over each side's trainings first (linearard_ray.paired_stats.pooled_passkey / pooled_windows).
 """
 
 from __future__ import annotations
