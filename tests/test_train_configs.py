@@ -122,18 +122,26 @@ def test_restore_recipe_is_the_measured_study_variant(tmp_path):
                   "temperature": 1.0, "top_p": 0.95, "seed": 0, "path": None}
 
 
-def test_yarn_restore_recipe_is_the_measured_study_variant():
-    """configs/smollm2-135m-yarn4-restore.yaml must stay what round 10's tsample-vmix-ce22-yarn ran:
-    -restore's teacher samples, on the YaRN×4 student, with the next-token term at 2.2."""
+def _assert_sampling_recipe_is_variant(config: str, variant: str) -> dict:
+    """Assert configs/<config> is what restoration_study's <variant> ran at 4.25M tokens, its teacher
+    samples made by the job with -restore's settings instead of read from the study's work dir;
+    returns the recipe (less its teacher_samples block) for the caller's own checks."""
     study = _study()
-    sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS["tsample-vmix-ce22-yarn"][0]]
+    sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS[variant][0]]
     ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*sets, "train.budget_tokens=4250000"]).model_dump()
-    recipe = load_config(CONFIGS / "smollm2-135m-yarn4-restore.yaml").model_dump()
+    recipe = load_config(CONFIGS / config).model_dump()
     restore = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
     assert recipe["data"].pop("teacher_samples") == restore["data"]["teacher_samples"]
     ran["data"].pop("teacher_samples")
     ran["train"]["run_name"] = recipe["train"]["run_name"]
     assert recipe == ran
+    return recipe
+
+
+def test_yarn_restore_recipe_is_the_measured_study_variant():
+    """configs/smollm2-135m-yarn4-restore.yaml must stay what round 10's tsample-vmix-ce22-yarn ran:
+    -restore's teacher samples, on the YaRN×4 student, with the next-token term at 2.2."""
+    recipe = _assert_sampling_recipe_is_variant("smollm2-135m-yarn4-restore.yaml", "tsample-vmix-ce22-yarn")
     assert (recipe["rope"]["type"], recipe["rope"]["factor"], recipe["objective"]["next_token"]["weight"]) == ("yarn", 4.0, 2.2)
 
 
@@ -483,14 +491,6 @@ def test_study_recipe_versus_table_averages_each_side_over_its_trainings(tmp_pat
 def test_pi_long_restore_recipe_is_the_measured_study_variant():
     """configs/smollm2-135m-x4-restore-long.yaml must stay what rounds 11-12's tsample-vmix-ce22-qk ran:
     -restore's teacher samples, PI×4, the next-token term at 2.2 and the attention-map term at 1."""
-    study = _study()
-    sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS["tsample-vmix-ce22-qk"][0]]
-    ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*sets, "train.budget_tokens=4250000"]).model_dump()
-    recipe = load_config(CONFIGS / "smollm2-135m-x4-restore-long.yaml").model_dump()
-    restore = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
-    assert recipe["data"].pop("teacher_samples") == restore["data"]["teacher_samples"]
-    ran["data"].pop("teacher_samples")
-    ran["train"]["run_name"] = recipe["train"]["run_name"]
-    assert recipe == ran
+    recipe = _assert_sampling_recipe_is_variant("smollm2-135m-x4-restore-long.yaml", "tsample-vmix-ce22-qk")
     assert (recipe["rope"]["type"], recipe["rope"]["factor"], recipe["objective"]["next_token"]["weight"],
             recipe["objective"]["relation"]["weights"]["qk"]) == ("linear", 4.0, 2.2, 1.0)
