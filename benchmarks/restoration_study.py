@@ -982,9 +982,6 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
     longs = sorted({L for (_, d, L) in ppl if d == dom and L > 8192})
     most = {m: max((n for (mm, n) in trials if mm == m), default=None) for m in models}
 
-    def spread(xs: list[float], fmt: str) -> str:
-        return "–" if not xs else f"{fmt.format(sum(xs) / len(xs))} ({fmt.format(min(xs))} to {fmt.format(max(xs))})"
-
     def accuracy(ms: list[str], field: str) -> list[float]:
         out = []
         for m in ms:
@@ -1001,11 +998,15 @@ def _recipe_table(models: list[str], ppl: dict[tuple, float], trials: dict[tuple
     lines = ["", "Recipes trained more than once (mean over trainings, range in brackets):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, ms in groups.items():
-        cells = [g, str(len(ms)), *(spread([ppl[(m, dom, L)] for m in ms if (m, dom, L) in ppl], "{:.2f}") for L in longs),
-                 spread(accuracy(ms, "correct"), "{:.2f}"), spread(accuracy(ms, "choice_correct"), "{:.2f}"),
-                 spread(logprob(ms), "{:.2f}")]
+        cells = [g, str(len(ms)), *(spread([ppl[(m, dom, L)] for m in ms if (m, dom, L) in ppl]) for L in longs),
+                 spread(accuracy(ms, "correct")), spread(accuracy(ms, "choice_correct")), spread(logprob(ms))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    """Mean of trainings' figures with their range in brackets; a dash without any."""
+    return "–" if not xs else f"{fmt.format(sum(xs) / len(xs))} ({fmt.format(min(xs))} to {fmt.format(max(xs))})"
 
 
 def _recipe_groups(models: list[str]) -> dict[str, list[str]]:
