@@ -64,8 +64,11 @@ def _records(results: Path) -> list[dict]:
     seen: set[str] = set()
     for j in JOBS:
         tag = "r" + j.split("_")[1].removeprefix("study")
-        recs = [r for r in read_job_records([results / j]) if json.dumps(r, sort_keys=True) not in seen]
-        seen |= {json.dumps(r, sort_keys=True) for r in recs}
+        recs = []
+        for r in read_job_records([results / j]):
+            if (text := json.dumps(r, sort_keys=True)) not in seen:
+                seen.add(text)
+                recs.append(r)
         again = {r["model"] for r in out} & {r["model"] for r in recs} - UNTRAINED
         out += [dict(r, model=f"{r['model']} ({tag})") if r["model"] in again else r for r in recs]
     return out
@@ -90,6 +93,8 @@ def recipe_summary(ppl: dict, pk: dict, prompts: dict) -> list[str]:
     """Markdown lines: each recipe of RECIPES over its trainings (mean and range of SOTU 16K / 32K
     perplexity and of greedy passkey prompts answered, from the trainings scored on 72 prompts), and
     the exact permutation p over trainings of its 16K / 32K mean against CPT's trainings."""
+    from restoration_study import spread
+
     from linearard_ray.paired_stats import trainings_permutation_p
 
     models = sorted({k[0] for k in ppl})
@@ -97,9 +102,6 @@ def recipe_summary(ppl: dict, pk: dict, prompts: dict) -> list[str]:
 
     def at(ms: list[str], L: int) -> list[float]:
         return [ppl[(m, "main", L)] for m in ms if (m, "main", L) in ppl]
-
-    def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
-        return "–" if not xs else f"{fmt.format(sum(xs) / len(xs))} ({fmt.format(min(xs))} to {fmt.format(max(xs))})"
 
     out = ["| recipe | trainings | SOTU @16K | 16K vs CPT, p over trainings | SOTU @32K | 32K vs CPT, p over trainings "
            "| passkey greedy of 72 |", "|---|---|---|---|---|---|---|"]
