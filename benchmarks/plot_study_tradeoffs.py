@@ -1,16 +1,17 @@
 #!/usr/bin/env python
-"""Rounds 5 to 12 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
+"""Rounds 5 to 13 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
 
 Left (issue 10): short-text recovery on the unseen pydocs against pydocs perplexity at 32K. The
 target corner is ≥ 95% and below the CPT baseline's 32K figure; documentation-genre training text
 (unixdocs) on 2K blocks reaches the first and loses the second (round 6); on 8K blocks, or with an
 8K next-token stream, it reaches both (round 7). CPT on the same text (cpt-unix) is drawn too.
-Right (issue 9): SOTU perplexity at 32K against passkey accuracy (mean over 8K / 16K / 30K). The
+Right (issue 9): SOTU perplexity at 32K against passkey accuracy (mean over 8K / 16K / 30K, the
+lengths every round scored; round 13 added 4K). The
 target corner is below CPT's 32K and above YaRN×4's passkey. The five trainings of the weight-2
 recipe (round 6, its repeat and seeds 1-3 in round 8) are drawn in orange, the nine of weight 2.2
 (round 8, seeds 1-5 in round 9, seeds 0-2 again in round 10) in green, the same recipe on the
 YaRN×4 student (round 10, seeds 0-2) in cyan, weight 2.2 plus the attention-map term (round 11
-seed 0, round 12 seeds 1-3) in magenta, and CPT's trainings as red squares: their spread is how far
+seed 0, round 12 seeds 1-3, round 13 seeds 0-1 again) in magenta, and CPT's trainings as red squares: their spread is how far
 one training is from the next.
 
 It also prints each recipe over all its trainings (mean and range at SOTU 16K / 32K and of greedy
@@ -20,10 +21,11 @@ window and prompt tests of `restoration_study.py table` take the evaluation text
 
 Reads only the committed evaluation jobs (same windows, seeds and prompts in every round); passkey
 uses the 24-prompt records where a model has them, else the 9-prompt ones. A trained model that a
-later round trained again keeps both points, the later one named "<model> (r8)"; the untrained
-references evaluate the same every round.
+later round trained again keeps both points, the later one named "<model> (r8)"
+(restoration_study.read_job_records(..., apart=True)); the untrained references evaluate the same
+every round.
 
-    python benchmarks/plot_study_tradeoffs.py --out benchmarks/results/plots/study12/tradeoffs.png
+    python benchmarks/plot_study_tradeoffs.py --out benchmarks/results/plots/study13/tradeoffs.png
 """
 
 from __future__ import annotations
@@ -40,51 +42,32 @@ for p in (_ROOT, _ROOT / "benchmarks"):  # runnable from a checkout that is not 
         sys.path.insert(0, str(p))
 JOBS = ["smollm2_study5_jobs.jsonl", "smollm2_study6_jobs.jsonl", "smollm2_study7a_jobs.jsonl",
         "smollm2_study7_jobs.jsonl", "smollm2_study8_jobs.jsonl", "smollm2_study9_jobs.jsonl",
-        "smollm2_study10_jobs.jsonl", "smollm2_study11_jobs.jsonl", "smollm2_study12_jobs.jsonl"]
+        "smollm2_study10_jobs.jsonl", "smollm2_study11_jobs.jsonl", "smollm2_study12_jobs.jsonl",
+        "smollm2_study13_jobs.jsonl"]
+PASSKEY_LENGTHS = (8192, 16384, 30000)
 BASELINES = {"cpt", "cpt-unix", "YaRN×4", "PI×4", "teacher"}
-UNTRAINED = {"YaRN×4", "PI×4", "teacher"}
 WEIGHT2 = re.compile(r"^tsample-vmix-ce20(-s\d)?( \(r\d+a?\))?$")  # the five trainings of one recipe
 WEIGHT22 = re.compile(r"^tsample-vmix-ce22(-s\d)?( \(r\d+\))?$")  # its nine trainings at weight 2.2
 YARN22 = re.compile(r"^tsample-vmix-ce22-yarn(-s\d)?$")  # the same recipe on the YaRN×4 student
-QK22 = re.compile(r"^tsample-vmix-ce22-qk(-s\d)?$")  # weight 2.2 plus the attention-map term at weight 1
+QK22 = re.compile(r"^tsample-vmix-ce22-qk(-s\d)?( \(r\d+\))?$")  # weight 2.2 plus the attention-map term at weight 1
 CPT = re.compile(r"^cpt(-s\d)?( \(r\d+\))?$")
 RECIPES = {"ce22 on PI×4": WEIGHT22, "ce22 + attention map (qk 1) on PI×4": QK22, "ce22 on YaRN×4": YARN22,
            "CPT": CPT}
 
 
-def _records(results: Path) -> list[dict]:
-    """Every round's jobs; a trained model met again in a later round is renamed "<model> (r<round>)".
-    A round seeded with an earlier round's jobs file (so that the teacher's jobs are reused) carries
-    that round's records unchanged: those are the same evaluations, not new trainings, and are kept once."""
-    import json
-
-    from restoration_study import read_job_records
-
-    out: list[dict] = []
-    seen: set[str] = set()
-    for j in JOBS:
-        tag = "r" + j.split("_")[1].removeprefix("study")
-        recs = []
-        for r in read_job_records([results / j]):
-            if (text := json.dumps(r, sort_keys=True)) not in seen:
-                seen.add(text)
-                recs.append(r)
-        again = {r["model"] for r in out} & {r["model"] for r in recs} - UNTRAINED
-        out += [dict(r, model=f"{r['model']} ({tag})") if r["model"] in again else r for r in recs]
-    return out
-
-
 def figures(results: Path) -> tuple[dict, dict, dict]:
     """ppl[(model, domain, length)], passkey mean accuracy per model (most prompts wins) and the
     prompts per length that accuracy rests on (the fewest over its lengths)."""
-    from restoration_study import job_figures
+    from restoration_study import job_figures, read_job_records
 
-    ppl, acc = job_figures(_records(results))
+    ppl, acc = job_figures(read_job_records([results / j for j in JOBS], apart=True))
     pk: dict[str, dict[int, tuple[int, float]]] = {}
     for (m, n, L), a in acc.items():
         cur = pk.setdefault(m, {}).get(L)
         if cur is None or n > cur[0]:
             pk[m][L] = (n, a)
+    # the three lengths every round since round 4 scored (round 13 added 4K): one scale for all rounds
+    pk = {m: {L: v for L, v in by_len.items() if L in PASSKEY_LENGTHS} for m, by_len in pk.items()}
     mean_pk = {m: sum(a for _, a in by_len.values()) / len(by_len) for m, by_len in pk.items() if len(by_len) == 3}
     return ppl, mean_pk, {m: min(n for n, _ in pk[m].values()) for m in mean_pk}
 
@@ -171,7 +154,7 @@ def main() -> int:
     ax2.scatter([], [], color="tab:orange", label="weight 2, five trainings (rounds 6, 8)")
     ax2.scatter([], [], color="tab:green", label="weight 2.2, nine trainings (rounds 8, 9, 10)")
     ax2.scatter([], [], color="tab:cyan", label="weight 2.2 on the YaRN×4 student (round 10)")
-    ax2.scatter([], [], color="magenta", label="weight 2.2 + attention map, four trainings (rounds 11, 12)")
+    ax2.scatter([], [], color="magenta", label="weight 2.2 + attention map, six trainings (rounds 11-13)")
     ax2.set(xlabel="SOTU @32K: perplexity", ylabel="passkey accuracy, mean of 8K / 16K / 30K",
             title="Training domain 32K vs passkey (issue 9)")
     ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the top is where the points are

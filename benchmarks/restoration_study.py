@@ -38,6 +38,10 @@ before the report is written, or several rounds on the same windows. Its last ta
 recipe trained more than once (variants that differ by -s<seed>) against YaRN×4 on the passkey
 prompts and against CPT's trainings on the long-context windows, each prompt and window averaged
 over each side's trainings first (linearard_ray.paired_stats.pooled_passkey / pooled_windows).
+Later files win where two hold the same model's job; `--apart` keeps a model that a later round
+trained again as a training of its own ("<model> (r13)"), so a retrained seed adds to its recipe:
+
+    python benchmarks/restoration_study.py table --apart --jobs benchmarks/results/smollm2_study1{0,1,2,3}_jobs.jsonl
 """
 
 from __future__ import annotations
@@ -891,12 +895,40 @@ def render_tables(report: dict, runs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def read_job_records(paths: list[Path]) -> list[dict]:
+def read_job_records(paths: list[Path], apart: bool = False) -> list[dict]:
     """Finished evaluation jobs from `evaluate.py`'s <output_dir>/jobs.jsonl files, later files winning.
 
     These are what is left when a machine is taken back before the report is written, and they
     let rounds that share windows and seeds (every round of this study) be tabled together.
+
+    With ``apart``, a model that a later file trained again (a name seen in an earlier file, other
+    than the untrained references) keeps both trainings: the later one is named "<model> (r<round>)",
+    the round taken from a "..._study<round>_jobs" file name, else the file's place in ``paths``.
+    A file seeded with an earlier file's records (so that the teacher's jobs are reused) carries
+    those records unchanged: they are the same evaluations, not new trainings, and are kept once.
     """
+    if not apart:
+        return list(_latest_per_job(paths).values())
+    out: list[dict] = []
+    seen: set[str] = set()
+    for i, path in enumerate(paths, 1):
+        m = re.search(r"study(\w+?)_jobs", Path(path).stem)
+        tag = "r" + (m.group(1) if m else str(i))
+        recs = []
+        for r in _latest_per_job([path]).values():
+            if (text := json.dumps(r, sort_keys=True)) not in seen:
+                seen.add(text)
+                recs.append(r)
+        again = {r["model"] for r in out} & {r["model"] for r in recs} - UNTRAINED
+        out += [dict(r, model=f"{r['model']} ({tag})") if r["model"] in again else r for r in recs]
+    return out
+
+
+UNTRAINED = {"teacher", "PI×4", "YaRN×4"}  # the same model, and so the same figures, in every round
+ROUND_TAG = re.compile(r" \(r\w+\)$")
+
+
+def _latest_per_job(paths: list[Path]) -> dict[tuple, dict]:
     from linearard_ray.eval_resume import JobLog
 
     by_job: dict[tuple, dict] = {}
@@ -906,7 +938,7 @@ def read_job_records(paths: list[Path]) -> list[dict]:
                 by_job[(r["model"], "nll", r["domain"], int(r["length"]))] = r
             elif r.get("kind") == "passkey":  # rounds with more trials per depth are kept apart
                 by_job[(r["model"], "passkey", len(r["results"]), int(r["length"]))] = r
-    return list(by_job.values())
+    return by_job
 
 
 def job_figures(records: list[dict]) -> tuple[dict[tuple, float], dict[tuple, float]]:
@@ -1010,10 +1042,11 @@ def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def _recipe_groups(models: list[str]) -> dict[str, list[str]]:
-    """Recipe -> its trainings: the models that differ only by a -s<seed> suffix."""
+    """Recipe -> its trainings: the models that differ only by a -s<seed> suffix or by the round
+    tag of a training repeated in a later round (read_job_records(..., apart=True))."""
     groups: dict[str, list[str]] = {}
     for m in models:
-        groups.setdefault(SEED_SUFFIX.sub("", m), []).append(m)
+        groups.setdefault(SEED_SUFFIX.sub("", ROUND_TAG.sub("", m)), []).append(m)
     return groups
 
 
@@ -1240,6 +1273,9 @@ def main() -> int:
     p.add_argument("--versus", default="cpt",
                    help="table --jobs: the model every other is compared with window by window, where the jobs keep "
                         "per-window NLL (default cpt, the baseline issue 9 and 10 name)")
+    p.add_argument("--apart", action="store_true",
+                   help="table --jobs: keep a model trained again in a later file as a training of its own, "
+                        "named '<model> (r<round>)', instead of letting the later file win")
     a = p.parse_args()
     work = Path(a.work).expanduser().resolve()  # absolute: Ray workers do not share this cwd
     if a.phase == "table":
@@ -1248,7 +1284,7 @@ def main() -> int:
             if missing:
                 raise SystemExit(f"restoration_study.py: --jobs files not found: {missing}")
             domains = dict(x.split("=", 1) for x in a.domains.split(","))
-            print(render_job_tables(read_job_records([Path(j) for j in a.jobs]), domains, versus=a.versus), end="")
+            print(render_job_tables(read_job_records([Path(j) for j in a.jobs], a.apart), domains, versus=a.versus), end="")
             return 0
         return run_table(work, a.report, a.runs)
     if not a.dry_run:

@@ -488,8 +488,37 @@ def test_study_recipe_versus_table_averages_each_side_over_its_trainings(tmp_pat
     assert cells[5] == f"{d.mean():+.4f} ({(d < 0).sum()}/6, p {flip_p(d):.2g})"
 
 
+def test_study_records_apart_keep_a_retrained_model_as_another_training(tmp_path):
+    """With apart=True, a later round that trains a model again (seeded with the earlier round's
+    jobs, as gpu_round.sh does) adds a training "<model> (r<round>)" that groups with its recipe; the
+    records it inherits are not counted twice, and the untrained references keep their one name."""
+    import json
+
+    study = _study()
+    rng = np.random.default_rng()
+
+    def nll(model, value):
+        return {"kind": "nll", "model": model, "domain": "main", "length": 32768, "nll_sum": value * 100,
+                "tokens": 100}
+
+    old = [nll("r", rng.uniform(2.9, 3.1)), nll("r-s1", rng.uniform(2.9, 3.1)), nll("YaRN×4", rng.uniform(3.1, 3.3))]
+    again = nll("r", rng.uniform(2.9, 3.1))
+    write = lambda path, rs: path.write_text("".join(json.dumps({"key": str(i), "result": r}) + "\n"  # noqa: E731
+                                                     for i, r in enumerate(rs)))
+    write(tmp_path / "smollm2_study4_jobs.jsonl", old)
+    write(tmp_path / "smollm2_study5_jobs.jsonl", [*old, again])  # seeded, then r retrained
+    paths = [tmp_path / "smollm2_study4_jobs.jsonl", tmp_path / "smollm2_study5_jobs.jsonl"]
+    kept = {r["model"]: r["nll_sum"] for r in study.read_job_records(paths, apart=True)}
+    assert kept == {"r": old[0]["nll_sum"], "r-s1": old[1]["nll_sum"], "YaRN×4": old[2]["nll_sum"],
+                    "r (r5)": again["nll_sum"]}
+    assert {r["model"] for r in study.read_job_records(paths)} == {"r", "r-s1", "YaRN×4"}  # later file wins
+    assert study._recipe_groups(list(kept)) == {"r": ["r", "r-s1", "r (r5)"], "YaRN×4": ["YaRN×4"]}
+    write(tmp_path / "later.jsonl", [nll("r-s1", rng.uniform(2.9, 3.1))])  # no round in the name: its place
+    assert "r-s1 (r2)" in {r["model"] for r in study.read_job_records([paths[0], tmp_path / "later.jsonl"], apart=True)}
+
+
 def test_pi_long_restore_recipe_is_the_measured_study_variant():
-    """configs/smollm2-135m-x4-restore-long.yaml must stay what rounds 11-12's tsample-vmix-ce22-qk ran:
+    """configs/smollm2-135m-x4-restore-long.yaml must stay what rounds 11-13's tsample-vmix-ce22-qk ran:
     -restore's teacher samples, PI×4, the next-token term at 2.2 and the attention-map term at 1."""
     recipe = _assert_sampling_recipe_is_variant("smollm2-135m-x4-restore-long.yaml", "tsample-vmix-ce22-qk")
     assert (recipe["rope"]["type"], recipe["rope"]["factor"], recipe["objective"]["next_token"]["weight"],
