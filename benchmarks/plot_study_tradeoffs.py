@@ -6,13 +6,13 @@ target corner is ≥ 95% and below the CPT baseline's 32K figure; documentation-
 (unixdocs) on 2K blocks reaches the first and loses the second (round 6); on 8K blocks, or with an
 8K next-token stream, it reaches both (round 7). CPT on the same text (cpt-unix) is drawn too.
 Right (issue 9): SOTU perplexity at 32K against passkey accuracy (mean over 8K / 16K / 30K, the
-lengths every round scored; round 13 added 4K). The
-target corner is below CPT's 32K and above YaRN×4's passkey. The five trainings of the weight-2
-recipe (round 6, its repeat and seeds 1-3 in round 8) are drawn in orange, the nine of weight 2.2
-(round 8, seeds 1-5 in round 9, seeds 0-2 again in round 10) in green, the same recipe on the
-YaRN×4 student (round 10, seeds 0-2) in cyan, weight 2.2 plus the attention-map term (round 11
-seed 0, round 12 seeds 1-3, round 13 seeds 0-1 again) in magenta, and CPT's trainings as red squares: their spread is how far
-one training is from the next.
+lengths every round scored; round 13 added 4K). The target corner is below CPT's 32K and above
+YaRN×4's passkey. The five trainings of the weight-2 recipe (round 6, its repeat and seeds 1-3 in
+round 8) are drawn in orange, the nine of weight 2.2 (round 8, seeds 1-5 in round 9, seeds 0-2
+again in round 10) in green, the same recipe on the YaRN×4 student (round 10, seeds 0-2) in cyan,
+weight 2.2 plus the attention-map term (round 11 seed 0, round 12 seeds 1-3, round 13 seeds 0-1
+again) in magenta, and CPT's trainings as red squares: their spread is how far one training is
+from the next.
 
 It also prints each recipe over all its trainings (mean and range at SOTU 16K / 32K and of greedy
 passkey) with the exact permutation p over trainings against CPT's

@@ -906,6 +906,8 @@ def read_job_records(paths: list[Path], apart: bool = False) -> list[dict]:
     the round taken from a "..._study<round>_jobs" file name, else the file's place in ``paths``.
     A file seeded with an earlier file's records (so that the teacher's jobs are reused) carries
     those records unchanged: they are the same evaluations, not new trainings, and are kept once.
+    The records do not name the checkpoint, so a trained model scored again in a later round on new
+    jobs would count as a new training; in this study no trained model outlives its round.
     """
     if not apart:
         return list(_latest_per_job(paths).values())
