@@ -304,8 +304,11 @@ def _bench(Ts: list[int]) -> None:
                     lambda: rk.relation_kl_rows(s, None, t, None, None, True, D ** -0.5, D ** -0.5)),
                 "sdpa": triton.testing.do_bench(lambda: F.scaled_dot_product_attention(s, s, s, is_causal=True)),
             }
+            # two products (student, teacher) over the causal half of the T x T logits, per head
+            flops = 2 * 2 * 32 * (T * T / 2) * D
             print(f"D={D} T={T}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
-                  + f"; gluon/triton {ms['triton'] / ms['gluon']:.2f}x speed, gluon/sdpa {ms['gluon'] / ms['sdpa']:.2f}x time")
+                  + f"; gluon/triton {ms['triton'] / ms['gluon']:.2f}x speed, gluon/sdpa {ms['gluon'] / ms['sdpa']:.2f}x time"
+                  + f"; products at {flops / ms['gluon'] / 1e9:.0f} (gluon) / {flops / ms['triton'] / 1e9:.0f} (triton) TFLOP/s")
 
 
 def main() -> int:
