@@ -1,26 +1,30 @@
 #!/usr/bin/env python
-"""Experiment (issue 5): the relation-KL forward as a Gluon kernel with TMA loads and async wgmma.
+"""Experiment (issue 5): the relation-KL forward and backward as Gluon kernels (TMA, async wgmma).
 
 Not part of the product and not yet run on a GPU: it compiles for sm_90 on a CPU machine
 (``--compile``), which checks the kernel's syntax, registers and spills; its values and its speed
 need the GPU host (``--check``, ``--bench``). What it is meant to find out is the question the
 ≤ 10% target of the 7B distillation step rests on (benchmarks/RESULTS.md, distillation step):
 whether Hopper-specific code gets the relation tiles' products past the ~45% tensor-core use of
-the Triton ``tl.dot`` kernels in ``linearard_ray/ops/relation_kl.py``. The forward is the simplest
-place to learn that; the backward (two thirds of the time) would follow the same scheme.
+the Triton ``tl.dot`` kernels in ``linearard_ray/ops/relation_kl.py``, and whether a backward that
+computes each causal tile once (6 products per relation with the forward, the floor; the op's
+default sweep does 8) pays for its atomics there.
 
 Scope: causal self-relation (student X_s·X_sᵀ, teacher X_t·X_tᵀ) of bf16 [B, H, T, D] tensors,
 contiguous or the [B, T, H, D] view a model hands over, D in {64, 128}, T a multiple of 128, no
 mask. Same math and outputs as ``_fwd_kernel``: base-2 logits, per row the student's and the
 teacher's LSE (base 2) and KL_i = Σ_j p^t_ij (t_ij - s_ij) - LSE_t + LSE_s (natural log).
 
-Schedule (one warpgroup pair per 128-row block, FlashAttention-3's intra-warpgroup overlap): the
-two key tiles of column block j+2 are copied by TMA while block j is in use (two buffers, one
-mbarrier each), and the two wgmma products of block j+1 are issued asynchronously before the
-softmax statistics of block j are computed, so the tensor cores and the exp2 units work at once.
+Forward (two warpgroups per 128-row block, FlashAttention-3's intra-warpgroup overlap): the two
+key tiles of column block j+2 are copied by TMA while block j is in use (two buffers, one mbarrier
+each), and the two wgmma products of block j+1 are issued asynchronously before the softmax
+statistics of block j are computed, so the tensor cores and the exp2 units work at once.
+Backward (``_relation_bwd_kernel``, one warpgroup per 64-column block): FlashAttention-2's scheme,
+the column part kept in registers and the row part added with fp32 atomics, so each tile is
+computed once; not bitwise reproducible.
 
-    python benchmarks/experimental/gluon_relation_fwd.py --compile        # CPU: registers, spills
-    python benchmarks/experimental/gluon_relation_fwd.py --check --bench  # GPU: values, speed
+    python benchmarks/experimental/gluon_relation_kl.py --compile        # CPU: registers, spills
+    python benchmarks/experimental/gluon_relation_kl.py --check --bench  # GPU: values, speed
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
@@ -148,6 +153,112 @@ def _relation_fwd_kernel(qs_desc, ks_desc, qt_desc, kt_desc, LseS, LseT, Kl, sc_
     gl.store(Kl + stat, 0.6931471805599453 * (acc / l_t - lse_t + lse_s))
 
 
+BWD_BLOCK, BWD_WARPS = 64, 4
+
+
+@gluon.jit
+def _relation_bwd_kernel(qs_desc, qt_desc, LseS, LseT, Dkl, DX, sc_s, sc_t, T, H,
+                         rows_per_b, rows_per_h, cols_per_h,
+                         BLOCK: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+    """One recompute per causal tile. A program owns column block J: its key pair stays in shared
+    memory while it sweeps the row blocks I >= J (their pairs TMA double-buffered), keeps the
+    column part Σ_I G_IJᵀ X_I in registers and adds each tile's row part G_IJ X_J to the fp32
+    buffer DX with atomics (FlashAttention-2's dQ scheme). G_IJ = dkl_i (p^s_ij - p^t_ij) is
+    rounded to bf16 in shared memory, where both of its products read it. DX is unscaled: the
+    caller multiplies by the student's scale."""
+    nb = T // BLOCK
+    jb = gl.program_id(0)  # column block 0 has the most row blocks: launched first
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    row0 = b * rows_per_b + h * rows_per_h
+    col0 = h * cols_per_h
+    j0 = jb * BLOCK
+
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BLOCK, 16])
+    mma_d: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, D, 16])
+    row_l: gl.constexpr = gl.SliceLayout(1, mma_s)
+    col_l: gl.constexpr = gl.SliceLayout(0, mma_s)
+    g_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.bfloat16)
+
+    ks = gl.allocate_shared_memory(qs_desc.dtype, qs_desc.block_type.shape, qs_desc.layout)
+    kt = gl.allocate_shared_memory(qt_desc.dtype, qt_desc.block_type.shape, qt_desc.layout)
+    qs = gl.allocate_shared_memory(qs_desc.dtype, [2] + qs_desc.block_type.shape, qs_desc.layout)
+    qt = gl.allocate_shared_memory(qt_desc.dtype, [2] + qt_desc.block_type.shape, qt_desc.layout)
+    g_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK, BLOCK], g_layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(k_bar, count=1)
+    mbarrier.init(q_bar.index(0), count=1)
+    mbarrier.init(q_bar.index(1), count=1)
+
+    mbarrier.expect(k_bar, qs_desc.block_type.nbytes + qt_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(qs_desc, [row0 + j0, col0], k_bar, ks)
+    tma.async_copy_global_to_shared(qt_desc, [row0 + j0, col0], k_bar, kt)
+    n = nb - jb  # row blocks jb .. nb-1
+    _load_keys(qs_desc, qt_desc, row0 + j0, q_bar.index(0), qs.index(0), qt.index(0))
+    if n > 1:
+        _load_keys(qs_desc, qt_desc, row0 + j0 + BLOCK, q_bar.index(1), qs.index(1), qt.index(1))
+
+    offs_n = j0 + gl.arange(0, BLOCK, layout=col_l)
+    offs_r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, mma_d))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, mma_d))
+    zero_s = gl.zeros([BLOCK, BLOCK], gl.float32, mma_s)
+    zero_d = gl.zeros([BLOCK, D], gl.float32, mma_d)
+    dk = gl.zeros([BLOCK, D], gl.float32, mma_d)
+    stat0 = (b * H + h).to(gl.int64) * T
+    mbarrier.wait(k_bar, phase=0)
+    for it in range(0, n):
+        buf = it % 2
+        i0 = j0 + it * BLOCK
+        mbarrier.wait(q_bar.index(buf), phase=(it // 2) & 1)
+        x = warpgroup_mma(qs.index(buf), ks.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        y = warpgroup_mma(qt.index(buf), kt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        offs_m = i0 + gl.arange(0, BLOCK, layout=row_l)
+        lse_s = gl.load(LseS + stat0 + offs_m)
+        lse_t = gl.load(LseT + stat0 + offs_m)
+        dkl = gl.load(Dkl + stat0 + offs_m)
+        x, y = warpgroup_mma_wait(num_outstanding=0, deps=(x, y))
+        g = gl.exp2(x * sc_s - lse_s[:, None]) - gl.exp2(y * sc_t - lse_t[:, None])
+        if it == 0:  # the diagonal tile: columns past the row are not seen
+            g = gl.where(offs_n[None, :] <= offs_m[:, None], g, 0.0)
+        g_smem.store((g * dkl[:, None]).to(gl.bfloat16))
+        fence_async_shared()
+        dk = warpgroup_mma(g_smem.permute((1, 0)), qs.index(buf), dk, is_async=True)  # column part
+        dq = warpgroup_mma(g_smem, ks, zero_d, use_acc=False, is_async=True)  # row part of rows I
+        dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dq))
+        if it + 2 < n:  # both products have read buffer buf
+            _load_keys(qs_desc, qt_desc, row0 + i0 + 2 * BLOCK, q_bar.index(buf), qs.index(buf), qt.index(buf))
+        rows = (stat0 + i0 + offs_r) * D
+        gl.atomic_add(DX + rows[:, None] + offs_d[None, :], dq, sem="relaxed")
+    rows = (stat0 + j0 + offs_r) * D
+    gl.atomic_add(DX + rows[:, None] + offs_d[None, :], dk, sem="relaxed")
+    mbarrier.invalidate(k_bar)
+    mbarrier.invalidate(q_bar.index(0))
+    mbarrier.invalidate(q_bar.index(1))
+
+
+def relation_kl_grad_gluon(student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
+                           dkl: torch.Tensor, scale_s: float | None = None,
+                           scale_t: float | None = None) -> torch.Tensor:
+    """∂(Σ_i dkl_i KL_i)/∂student for the causal self-relation, from the forward's base-2 LSEs."""
+    B, H, T, D = student.shape
+    if T % BWD_BLOCK:
+        raise ValueError(f"gluon_relation_kl: T a multiple of {BWD_BLOCK}, got {T}")
+    s2, rb, rh, ch = _rows_view(student)
+    t2, *_ = _rows_view(teacher)
+    a_s = scale_s if scale_s is not None else D ** -0.5
+    sc_t = (scale_t if scale_t is not None else D ** -0.5) * LOG2E
+    dx = torch.zeros(B, H, T, D, device=student.device, dtype=torch.float32)
+    _relation_bwd_kernel[(T // BWD_BLOCK, B * H)](
+        _desc(s2, [BWD_BLOCK, D]), _desc(t2, [BWD_BLOCK, D]), lse_s, lse_t,
+        dkl.float().expand(B, H, T).contiguous(), dx, a_s * LOG2E, sc_t, T, H, rb, rh, ch,
+        BWD_BLOCK, D, num_warps=BWD_WARPS)
+    return (dx * a_s).to(student.dtype)
+
+
 def _rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """x [B, H, T, D] (contiguous, or the transpose of a contiguous [B, T, H, D]) as the 2-D tensor
     the TMA descriptor reads, with the row offset of a batch and of a head and the column offset
@@ -157,7 +268,7 @@ def _rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
         return x.view(B * H * T, D), H * T, T, 0
     if x.transpose(1, 2).is_contiguous():
         return x.transpose(1, 2).reshape(B * T, H * D), T, 0, D
-    raise ValueError("gluon_relation_fwd: x must be contiguous [B, H, T, D] or a [B, T, H, D] transpose view")
+    raise ValueError("gluon_relation_kl: x must be contiguous [B, H, T, D] or a [B, T, H, D] transpose view")
 
 
 def _desc(x2: torch.Tensor, block: list[int]) -> TensorDescriptor:
@@ -170,14 +281,14 @@ def relation_kl_rows_gluon(student: torch.Tensor, teacher: torch.Tensor, scale_s
     """KL rows [B, H, T] (natural log) and the base-2 LSEs of the causal self-relations."""
     B, H, T, D = student.shape
     if teacher.shape != student.shape or student.dtype != torch.bfloat16 or teacher.dtype != torch.bfloat16:
-        raise ValueError(f"gluon_relation_fwd: bf16 student and teacher of one shape, got {student.dtype} "
+        raise ValueError(f"gluon_relation_kl: bf16 student and teacher of one shape, got {student.dtype} "
                          f"{tuple(student.shape)} and {teacher.dtype} {tuple(teacher.shape)}")
     if D not in (64, 128) or T % BLOCK_M:
-        raise ValueError(f"gluon_relation_fwd: D in (64, 128) and T a multiple of {BLOCK_M}, got D={D}, T={T}")
+        raise ValueError(f"gluon_relation_kl: D in (64, 128) and T a multiple of {BLOCK_M}, got D={D}, T={T}")
     s2, rb, rh, ch = _rows_view(student)
     t2, rb_t, rh_t, ch_t = _rows_view(teacher)
     if (rb, rh, ch) != (rb_t, rh_t, ch_t):
-        raise ValueError("gluon_relation_fwd: the student and the teacher must have the same layout")
+        raise ValueError("gluon_relation_kl: the student and the teacher must have the same layout")
     sc_s = (scale_s if scale_s is not None else D ** -0.5) * LOG2E
     sc_t = (scale_t if scale_t is not None else D ** -0.5) * LOG2E
     lse_s, lse_t, kl = (torch.empty(B, H, T, device=student.device, dtype=torch.float32) for _ in range(3))
@@ -206,29 +317,44 @@ def _resources(k) -> dict:
 
 
 def _waits_in_loops(ttgir: str) -> int:
-    """How many wgmma waits one pass of the column loop(s) makes: the Triton kernel waits after each
-    of its two products, before any softmax work; this one waits once per column tile."""
-    import re
+    """How many wgmma waits one pass of the first loop makes (its body up to the matching brace):
+    the Triton forward waits after each of its two products, before any softmax work; the Gluon
+    forward waits once per column tile, the backward once for its logit pair and once for its two
+    gradient products."""
+    head = ttgir.find("scf.for")
+    start = ttgir.rfind("{", head, ttgir.find("\n", head))  # the region opens at the end of the loop's line
+    depth, end = 0, start
+    for end in range(start, len(ttgir)):
+        depth += {"{": 1, "}": -1}.get(ttgir[end], 0)
+        if depth == 0:
+            break
+    return ttgir[start:end].count("warp_group_dot_wait")
 
-    return len(re.findall(r"warp_group_dot_wait", ttgir.split("scf.for", 1)[-1].split("scf.yield", 1)[0]))
 
-
-def compile_for_hopper(D: int) -> dict:
-    """Compile this kernel for sm_90 without a GPU (Triton 3.6 ships ptxas)."""
+def compile_for_hopper(D: int, kernel: str = "fwd") -> dict:
+    """Compile the forward ("fwd") or backward ("bwd") kernel for sm_90 without a GPU (Triton 3.6
+    ships ptxas)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     x2 = torch.empty(1024, D, dtype=torch.bfloat16)
-    descs = {n: mangle_type(_desc(x2, [BLOCK_M if n[0] == "q" else BLOCK_N, D]))
-             for n in ("qs_desc", "ks_desc", "qt_desc", "kt_desc")}
-    sig = {**descs, "LseS": "*fp32", "LseT": "*fp32", "Kl": "*fp32", "sc_s": "fp32", "sc_t": "fp32",
-           "T": "i32", "H": "i32", "rows_per_b": "i32", "rows_per_h": "i32", "cols_per_h": "i32",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "D": "constexpr", "num_warps": "constexpr"}
-    src = GluonASTSource(_relation_fwd_kernel, sig,
-                         constexprs={"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "D": D, "num_warps": NUM_WARPS})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": NUM_WARPS})
-    return {"kernel": "gluon", "D": D, **_resources(k)}
+    ints = {n: "i32" for n in ("T", "H", "rows_per_b", "rows_per_h", "cols_per_h")}
+    if kernel == "fwd":
+        fn, warps = _relation_fwd_kernel, NUM_WARPS
+        descs = {n: mangle_type(_desc(x2, [BLOCK_M if n[0] == "q" else BLOCK_N, D]))
+                 for n in ("qs_desc", "ks_desc", "qt_desc", "kt_desc")}
+        ptrs = {"LseS": "*fp32", "LseT": "*fp32", "Kl": "*fp32"}
+        consts = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "D": D, "num_warps": warps}
+    else:
+        fn, warps = _relation_bwd_kernel, BWD_WARPS
+        descs = {n: mangle_type(_desc(x2, [BWD_BLOCK, D])) for n in ("qs_desc", "qt_desc")}
+        ptrs = {"LseS": "*fp32", "LseT": "*fp32", "Dkl": "*fp32", "DX": "*fp32"}
+        consts = {"BLOCK": BWD_BLOCK, "D": D, "num_warps": warps}
+    sig = {**descs, **ptrs, "sc_s": "fp32", "sc_t": "fp32", **ints, **{c: "constexpr" for c in consts}}
+    k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 128),
+                       options={"num_warps": warps})
+    return {"kernel": f"gluon {kernel}", "D": D, **_resources(k)}
 
 
 def compile_triton_fwd(D: int) -> dict:
@@ -280,11 +406,17 @@ def _check() -> bool:
             s, t = (x.to(torch.bfloat16) for x in (s, t))
             if view:
                 s, t = s.transpose(1, 2), t.transpose(1, 2)
-            kl, _, _ = relation_kl_rows_gluon(s, t)
-            ref = _dense_kl(s, t)
+            kl, lse_s, lse_t = relation_kl_rows_gluon(s, t)
+            leaf = s.detach().double().requires_grad_()
+            ref = _dense_kl(leaf, t)
             err = ((kl.double() - ref).abs() / (ref.abs() + 1e-2)).max().item()
-            print(f"check D={D} view={view}: max rel err {err:.2e} (kl mean {ref.mean().item():.4f})")
-            ok &= err < 2e-2
+            dkl = torch.rand(B, H, T, device="cuda", generator=gen) + 0.5
+            (ref * dkl).sum().backward()
+            grad = relation_kl_grad_gluon(s, t, lse_s, lse_t, dkl)
+            gerr = ((grad.double() - leaf.grad).abs().max() / leaf.grad.abs().max()).item()
+            print(f"check D={D} view={view}: KL max rel err {err:.2e} (mean KL {ref.mean().item():.4f}); "
+                  f"grad max err / max |grad| {gerr:.2e}")
+            ok &= err < 2e-2 and gerr < 2e-2
     return ok
 
 
@@ -304,11 +436,21 @@ def _bench(Ts: list[int]) -> None:
                     lambda: rk.relation_kl_rows(s, None, t, None, None, True, D ** -0.5, D ** -0.5)),
                 "sdpa": triton.testing.do_bench(lambda: F.scaled_dot_product_attention(s, s, s, is_causal=True)),
             }
+            kl, lse_s, lse_t = relation_kl_rows_gluon(s, t)
+            ones = torch.ones_like(kl)
+            sg = s.detach().requires_grad_()
+            ms["gluon bwd"] = triton.testing.do_bench(lambda: relation_kl_grad_gluon(s, t, lse_s, lse_t, ones))
+            ms["triton fwd+bwd"] = triton.testing.do_bench(
+                lambda: rk.relation_kl_rows(sg, None, t, None, None, True, D ** -0.5, D ** -0.5).sum().backward())
+            ms["sdpa fwd+bwd"] = triton.testing.do_bench(
+                lambda: F.scaled_dot_product_attention(sg, sg, sg, is_causal=True).sum().backward())
             # two products (student, teacher) over the causal half of the T x T logits, per head
             flops = 2 * 2 * 32 * (T * T / 2) * D
             print(f"D={D} T={T}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
                   + f"; gluon/triton {ms['triton'] / ms['gluon']:.2f}x speed, gluon/sdpa {ms['gluon'] / ms['sdpa']:.2f}x time"
-                  + f"; products at {flops / ms['gluon'] / 1e9:.0f} (gluon) / {flops / ms['triton'] / 1e9:.0f} (triton) TFLOP/s")
+                  + f"; products at {flops / ms['gluon'] / 1e9:.0f} (gluon) / {flops / ms['triton'] / 1e9:.0f} (triton) TFLOP/s"
+                  + f"; fwd+bwd gluon {ms['gluon'] + ms['gluon bwd']:.3f} ms, "
+                  f"{ms['triton fwd+bwd'] / (ms['gluon'] + ms['gluon bwd']):.2f}x the op's speed")
 
 
 def main() -> int:
@@ -319,9 +461,16 @@ def main() -> int:
     p.add_argument("--T", default="2048,4096,8192,16384")
     a = p.parse_args()
     if a.compile:
+        import json
+        import os
+
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            # Under TRITON_INTERPRET=1 (the CPU test setting) Triton's own jit helpers (gl.max, ...)
+            # were made interpreted functions at import, which no compiled kernel can call.
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "0"})
         for D in (64, 128):
-            print(compile_for_hopper(D))
-            print(compile_triton_fwd(D))
+            for r in (compile_for_hopper(D), compile_triton_fwd(D), compile_for_hopper(D, "bwd")):
+                print(json.dumps(r))
     ok = True
     if a.check:
         ok = _check()
