@@ -421,10 +421,13 @@ def _check() -> bool:
 
 
 def _bench(Ts: list[int]) -> None:
-    """Forward ms against the op's Triton forward and SDPA's forward, same shapes, same process."""
+    """Forward, backward and fwd+bwd ms against the op's Triton path and SDPA, same shapes, same
+    process (B=1, H=32, bf16)."""
+    import importlib
+
     import torch.nn.functional as F
 
-    from linearard_ray.ops import relation_kl as rk
+    rk = importlib.import_module("linearard_ray.ops.relation_kl")  # the package's relation_kl is the function
 
     for D in (128, 64):
         for T in Ts:
