@@ -67,10 +67,35 @@ def _stats_step(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m, j0,
 
 
 @gluon.jit
-def _load_keys(ks_desc, kt_desc, row, bar, ks_buf, kt_buf):
-    mbarrier.expect(bar, ks_desc.block_type.nbytes + kt_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(ks_desc, [row, 0], bar, ks_buf)
-    tma.async_copy_global_to_shared(kt_desc, [row, 0], bar, kt_buf)
+def _load_pair(a_desc, b_desc, row, col, bar, a_buf, b_buf):
+    """TMA copies of the tiles at [row, col] of two tensors, completing on one mbarrier."""
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [row, col], bar, a_buf)
+    tma.async_copy_global_to_shared(b_desc, [row, col], bar, b_buf)
+
+
+@gluon.jit
+def _buffers(fixed_a, fixed_b, ring_a, ring_b, row, col):
+    """Shared memory for a pair of tiles a program keeps (loaded here, by TMA, at [row, col]) and a
+    two-slot ring of the pairs it sweeps, with one mbarrier for the kept pair and one per slot."""
+    fa = gl.allocate_shared_memory(fixed_a.dtype, fixed_a.block_type.shape, fixed_a.layout)
+    fb = gl.allocate_shared_memory(fixed_b.dtype, fixed_b.block_type.shape, fixed_b.layout)
+    ra = gl.allocate_shared_memory(ring_a.dtype, [2] + ring_a.block_type.shape, ring_a.layout)
+    rb = gl.allocate_shared_memory(ring_b.dtype, [2] + ring_b.block_type.shape, ring_b.layout)
+    f_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    r_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(f_bar, count=1)
+    mbarrier.init(r_bar.index(0), count=1)
+    mbarrier.init(r_bar.index(1), count=1)
+    _load_pair(fixed_a, fixed_b, row, col, f_bar, fa, fb)
+    return fa, fb, ra, rb, f_bar, r_bar
+
+
+@gluon.jit
+def _release(f_bar, r_bar):
+    mbarrier.invalidate(f_bar)
+    mbarrier.invalidate(r_bar.index(0))
+    mbarrier.invalidate(r_bar.index(1))
 
 
 @gluon.jit
@@ -91,24 +116,12 @@ def _relation_fwd_kernel(qs_desc, ks_desc, qt_desc, kt_desc, LseS, LseT, Kl, sc_
     row_l: gl.constexpr = gl.SliceLayout(1, mma)
     col_l: gl.constexpr = gl.SliceLayout(0, mma)
 
-    qs = gl.allocate_shared_memory(qs_desc.dtype, qs_desc.block_type.shape, qs_desc.layout)
-    qt = gl.allocate_shared_memory(qt_desc.dtype, qt_desc.block_type.shape, qt_desc.layout)
-    ks = gl.allocate_shared_memory(ks_desc.dtype, [2] + ks_desc.block_type.shape, ks_desc.layout)
-    kt = gl.allocate_shared_memory(kt_desc.dtype, [2] + kt_desc.block_type.shape, kt_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(k_bar.index(0), count=1)
-    mbarrier.init(k_bar.index(1), count=1)
-
-    mbarrier.expect(q_bar, qs_desc.block_type.nbytes + qt_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(qs_desc, [row0 + i0, col0], q_bar, qs)
-    tma.async_copy_global_to_shared(qt_desc, [row0 + i0, col0], q_bar, qt)
+    qs, qt, ks, kt, q_bar, k_bar = _buffers(qs_desc, qt_desc, ks_desc, kt_desc, row0 + i0, col0)
     # Causal: column blocks 0 .. n-1 with n >= 2 (BLOCK_M = 2 * BLOCK_N); the last two cross the diagonal.
     n = (i0 + BLOCK_M) // BLOCK_N
     lo = i0 // BLOCK_N
-    _load_keys(ks_desc, kt_desc, row0, k_bar.index(0), ks.index(0), kt.index(0))
-    _load_keys(ks_desc, kt_desc, row0 + BLOCK_N, k_bar.index(1), ks.index(1), kt.index(1))
+    _load_pair(ks_desc, kt_desc, row0, col0, k_bar.index(0), ks.index(0), kt.index(0))
+    _load_pair(ks_desc, kt_desc, row0 + BLOCK_N, col0, k_bar.index(1), ks.index(1), kt.index(1))
 
     offs_m = i0 + gl.arange(0, BLOCK_M, layout=row_l)
     m_s = gl.full([BLOCK_M], -1.0e30, gl.float32, row_l)
@@ -126,7 +139,7 @@ def _relation_fwd_kernel(qs_desc, ks_desc, qt_desc, kt_desc, LseS, LseT, Kl, sc_
         x, y = warpgroup_mma_wait(num_outstanding=0, deps=(xn, yn))  # block j is ready, its buffer free
         buf = j % 2
         if j + 2 < n:
-            _load_keys(ks_desc, kt_desc, row0 + (j + 2) * BLOCK_N, k_bar.index(buf), ks.index(buf), kt.index(buf))
+            _load_pair(ks_desc, kt_desc, row0 + (j + 2) * BLOCK_N, col0, k_bar.index(buf), ks.index(buf), kt.index(buf))
         nxt = (j + 1) % 2
         mbarrier.wait(k_bar.index(nxt), phase=((j + 1) // 2) & 1)
         # Block j+1's products run on the tensor cores while block j's statistics are computed.
@@ -141,9 +154,7 @@ def _relation_fwd_kernel(qs_desc, ks_desc, qt_desc, kt_desc, LseS, LseT, Kl, sc_
     x, y = warpgroup_mma_wait(num_outstanding=0, deps=(xn, yn))
     m_s, l_s, m_t, l_t, acc = _stats_step(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m,
                                           (n - 1) * BLOCK_N, BLOCK_N, col_l, True)
-    mbarrier.invalidate(q_bar)
-    mbarrier.invalidate(k_bar.index(0))
-    mbarrier.invalidate(k_bar.index(1))
+    _release(q_bar, k_bar)
 
     lse_s = m_s + gl.log2(l_s)
     lse_t = m_t + gl.log2(l_t)
@@ -183,24 +194,12 @@ def _relation_bwd_kernel(qs_desc, qt_desc, LseS, LseT, Dkl, DX, sc_s, sc_t, T, H
     col_l: gl.constexpr = gl.SliceLayout(0, mma_s)
     g_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.bfloat16)
 
-    ks = gl.allocate_shared_memory(qs_desc.dtype, qs_desc.block_type.shape, qs_desc.layout)
-    kt = gl.allocate_shared_memory(qt_desc.dtype, qt_desc.block_type.shape, qt_desc.layout)
-    qs = gl.allocate_shared_memory(qs_desc.dtype, [2] + qs_desc.block_type.shape, qs_desc.layout)
-    qt = gl.allocate_shared_memory(qt_desc.dtype, [2] + qt_desc.block_type.shape, qt_desc.layout)
+    ks, kt, qs, qt, k_bar, q_bar = _buffers(qs_desc, qt_desc, qs_desc, qt_desc, row0 + j0, col0)
     g_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK, BLOCK], g_layout)
-    k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(k_bar, count=1)
-    mbarrier.init(q_bar.index(0), count=1)
-    mbarrier.init(q_bar.index(1), count=1)
-
-    mbarrier.expect(k_bar, qs_desc.block_type.nbytes + qt_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(qs_desc, [row0 + j0, col0], k_bar, ks)
-    tma.async_copy_global_to_shared(qt_desc, [row0 + j0, col0], k_bar, kt)
     n = nb - jb  # row blocks jb .. nb-1
-    _load_keys(qs_desc, qt_desc, row0 + j0, q_bar.index(0), qs.index(0), qt.index(0))
+    _load_pair(qs_desc, qt_desc, row0 + j0, col0, q_bar.index(0), qs.index(0), qt.index(0))
     if n > 1:
-        _load_keys(qs_desc, qt_desc, row0 + j0 + BLOCK, q_bar.index(1), qs.index(1), qt.index(1))
+        _load_pair(qs_desc, qt_desc, row0 + j0 + BLOCK, col0, q_bar.index(1), qs.index(1), qt.index(1))
 
     offs_n = j0 + gl.arange(0, BLOCK, layout=col_l)
     offs_r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, mma_d))
@@ -230,14 +229,12 @@ def _relation_bwd_kernel(qs_desc, qt_desc, LseS, LseT, Dkl, DX, sc_s, sc_t, T, H
         dq = warpgroup_mma(g_smem, ks, zero_d, use_acc=False, is_async=True)  # row part of rows I
         dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dq))
         if it + 2 < n:  # both products have read buffer buf
-            _load_keys(qs_desc, qt_desc, row0 + i0 + 2 * BLOCK, q_bar.index(buf), qs.index(buf), qt.index(buf))
+            _load_pair(qs_desc, qt_desc, row0 + i0 + 2 * BLOCK, col0, q_bar.index(buf), qs.index(buf), qt.index(buf))
         rows = (stat0 + i0 + offs_r) * D
         gl.atomic_add(DX + rows[:, None] + offs_d[None, :], dq, sem="relaxed")
     rows = (stat0 + j0 + offs_r) * D
     gl.atomic_add(DX + rows[:, None] + offs_d[None, :], dk, sem="relaxed")
-    mbarrier.invalidate(k_bar)
-    mbarrier.invalidate(q_bar.index(0))
-    mbarrier.invalidate(q_bar.index(1))
+    _release(k_bar, q_bar)
 
 
 def relation_kl_grad_gluon(student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
