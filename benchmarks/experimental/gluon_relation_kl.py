@@ -242,10 +242,7 @@ def relation_kl_grad_gluon(student: torch.Tensor, teacher: torch.Tensor, lse_s: 
                            scale_t: float | None = None) -> torch.Tensor:
     """∂(Σ_i dkl_i KL_i)/∂student for the causal self-relation, from the forward's base-2 LSEs."""
     B, H, T, D = student.shape
-    if T % BWD_BLOCK:
-        raise ValueError(f"gluon_relation_kl: T a multiple of {BWD_BLOCK}, got {T}")
-    s2, rb, rh, ch = _rows_view(student)
-    t2, *_ = _rows_view(teacher)
+    s2, t2, (rb, rh, ch) = _checked_views(student, teacher, BWD_BLOCK)
     a_s = scale_s if scale_s is not None else D ** -0.5
     sc_t = (scale_t if scale_t is not None else D ** -0.5) * LOG2E
     dx = torch.zeros(B, H, T, D, device=student.device, dtype=torch.float32)
@@ -268,6 +265,22 @@ def _rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     raise ValueError("gluon_relation_kl: x must be contiguous [B, H, T, D] or a [B, T, H, D] transpose view")
 
 
+def _checked_views(student: torch.Tensor, teacher: torch.Tensor, multiple: int):
+    """What the kernels cover, or a ValueError naming what is not; then both 2-D views and the
+    shared row/column offsets of a batch and a head."""
+    B, H, T, D = student.shape
+    if teacher.shape != student.shape or student.dtype != torch.bfloat16 or teacher.dtype != torch.bfloat16:
+        raise ValueError(f"gluon_relation_kl: bf16 student and teacher of one shape, got {student.dtype} "
+                         f"{tuple(student.shape)} and {teacher.dtype} {tuple(teacher.shape)}")
+    if D not in (64, 128) or T % multiple:
+        raise ValueError(f"gluon_relation_kl: D in (64, 128) and T a multiple of {multiple}, got D={D}, T={T}")
+    s2, *offsets = _rows_view(student)
+    t2, *t_offsets = _rows_view(teacher)
+    if offsets != t_offsets:
+        raise ValueError("gluon_relation_kl: the student and the teacher must have the same layout")
+    return s2, t2, tuple(offsets)
+
+
 def _desc(x2: torch.Tensor, block: list[int]) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), block, layout)
@@ -277,15 +290,7 @@ def relation_kl_rows_gluon(student: torch.Tensor, teacher: torch.Tensor, scale_s
                            scale_t: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KL rows [B, H, T] (natural log) and the base-2 LSEs of the causal self-relations."""
     B, H, T, D = student.shape
-    if teacher.shape != student.shape or student.dtype != torch.bfloat16 or teacher.dtype != torch.bfloat16:
-        raise ValueError(f"gluon_relation_kl: bf16 student and teacher of one shape, got {student.dtype} "
-                         f"{tuple(student.shape)} and {teacher.dtype} {tuple(teacher.shape)}")
-    if D not in (64, 128) or T % BLOCK_M:
-        raise ValueError(f"gluon_relation_kl: D in (64, 128) and T a multiple of {BLOCK_M}, got D={D}, T={T}")
-    s2, rb, rh, ch = _rows_view(student)
-    t2, rb_t, rh_t, ch_t = _rows_view(teacher)
-    if (rb, rh, ch) != (rb_t, rh_t, ch_t):
-        raise ValueError("gluon_relation_kl: the student and the teacher must have the same layout")
+    s2, t2, (rb, rh, ch) = _checked_views(student, teacher, BLOCK_M)
     sc_s = (scale_s if scale_s is not None else D ** -0.5) * LOG2E
     sc_t = (scale_t if scale_t is not None else D ** -0.5) * LOG2E
     lse_s, lse_t, kl = (torch.empty(B, H, T, device=student.device, dtype=torch.float32) for _ in range(3))
