@@ -185,6 +185,10 @@ def parse(argv=None):
                    help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
                         "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
                         "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
+    p.add_argument("--relation-impl", default="op", choices=["op", "gluon-experimental"],
+                   help="op (linearard_ray.ops) or gluon-experimental: the causal self-relations go to the Gluon "
+                        "kernels of benchmarks/experimental/gluon_relation_kl.py (GPU only, not part of the "
+                        "product; the calls each path took are printed)")
     p.add_argument("--relation-qk", type=float, default=0.0,
                    help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
                         "three relations only, the issue's benchmark")
@@ -215,6 +219,18 @@ def run(a) -> dict:
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)
     restore = instrument_relation_ops(clock)
+    gluon = None
+    if a.relation_impl == "gluon-experimental":
+        if device.type != "cuda":
+            raise SystemExit("bench_distill_step.py: --relation-impl gluon-experimental needs a GPU")
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "gluon_relation_kl", Path(__file__).resolve().parent / "experimental" / "gluon_relation_kl.py")
+        gluon = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gluon)
+        undo_gluon = gluon.install()
+        restore = (lambda undo_ops=restore: (undo_gluon(), undo_ops()))
     g = torch.Generator().manual_seed(1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     step_ms, loss_ms, fwd_ms, losses = [], [], [], []
@@ -251,6 +267,7 @@ def run(a) -> dict:
         "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                   "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
         "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
+        "relation_impl": a.relation_impl, "relation_calls": dict(gluon.routed) if gluon else None,
         "relation_qk": a.relation_qk,
         "grad_checkpointing": a.grad_checkpointing,
         "dtype": str(dtype).replace("torch.", ""),
@@ -274,6 +291,8 @@ def main(argv=None) -> int:
           f"of the step | peak memory "
           + (f"{res['peak_mem_gb']:.1f} GiB" if res["peak_mem_gb"] is not None else "n/a (CPU)")
           + f" | loss {res['loss']:.4f}")
+    if res["relation_calls"] is not None:
+        print(f"relation calls: {res['relation_calls']['gluon']} to the Gluon kernels, {res['relation_calls']['op']} to the op")
     print(json.dumps(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))

@@ -64,3 +64,36 @@ def test_gluon_kernels_reject_what_they_do_not_cover():
     z = torch.randn(1, 2, 96, 64).to(torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 64"):
         mod.relation_kl_grad_gluon(z, z.clone(), None, None, None)
+
+
+def test_install_routes_only_what_the_kernels_cover_and_undoes():
+    """install() sends causal unmasked self-relations the kernels cover to them and every other call
+    to the op unchanged (counted), and its undo puts the op's function back."""
+    import importlib
+
+    import torch
+
+    mod = load_script("benchmarks/experimental/gluon_relation_kl.py")
+    rk = importlib.import_module("linearard_ray.ops.relation_kl")
+    original = rk.relation_kl_rows
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    s = torch.randn(1, 2, 40, 16, generator=rng)
+    t = s + 0.5 * torch.randn(1, 2, 40, 16, generator=rng)
+    want = original(s, None, t, None, None, True, 0.25, 0.25)
+    undo = mod.install()
+    try:
+        # fp32, D=16, T=40: not what the kernels cover, so the op answers, counted
+        got = rk.relation_kl_rows(s, None, t, None, None, True, 0.25, 0.25)
+        masked = rk.relation_kl_rows(s, None, t, None, torch.ones(1, 40, dtype=torch.int8), True, 0.25, 0.25)
+    finally:
+        undo()
+    assert rk.relation_kl_rows is original
+    assert torch.equal(got, want) and torch.allclose(masked, want)
+    assert mod.routed == {"gluon": 0, "op": 2}
+
+
+def test_distill_step_bench_refuses_the_gluon_kernels_without_a_gpu():
+    b = load_script("benchmarks/bench_distill_step.py")
+    a = b.parse(["--tiny", "--relation-impl", "gluon-experimental"])
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        b.run(a)

@@ -25,6 +25,10 @@ computed once; not bitwise reproducible.
 
     python benchmarks/experimental/gluon_relation_kl.py --compile        # CPU: registers, spills
     python benchmarks/experimental/gluon_relation_kl.py --check --bench  # GPU: values, speed
+    python benchmarks/bench_distill_step.py --relation-impl gluon-experimental  # GPU: the 7B step
+
+``install()`` routes the op's eligible relation calls to these kernels (``GluonRelationKL``), which
+is how the distillation-step benchmark uses them.
 """
 
 from __future__ import annotations
@@ -301,6 +305,49 @@ def relation_kl_rows_gluon(student: torch.Tensor, teacher: torch.Tensor, scale_s
     return kl, lse_s, lse_t
 
 
+class GluonRelationKL(torch.autograd.Function):
+    """Per-row KL [B, H, T] of one causal self-relation with student grads, by the two kernels."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, scale_s, scale_t):
+        kl, lse_s, lse_t = relation_kl_rows_gluon(student, teacher, scale_s, scale_t)
+        ctx.save_for_backward(student, teacher, lse_s, lse_t)
+        ctx.scales = (scale_s, scale_t)
+        return kl
+
+    @staticmethod
+    def backward(ctx, dkl):
+        student, teacher, lse_s, lse_t = ctx.saved_tensors
+        return relation_kl_grad_gluon(student, teacher, lse_s, lse_t, dkl, *ctx.scales), None, None, None
+
+
+routed = {"gluon": 0, "op": 0}  # calls of the op's relation_kl_rows since install(), by where they went
+
+
+def install():
+    """Route the op's eligible relation calls (causal self-relations, no mask, what the kernels
+    cover) to the Gluon kernels, for benchmarks; the rest go to the op as before. Returns the undo."""
+    import importlib
+
+    rk = importlib.import_module("linearard_ray.ops.relation_kl")
+    original = rk.relation_kl_rows
+
+    def relation_kl_rows(sq, sk, tq, tk, mask, causal, scale_s, scale_t):
+        ok = sk is None and tk is None and mask is None and causal
+        if ok:
+            try:
+                _checked_views(sq, tq, BLOCK_M)
+            except ValueError:
+                ok = False
+        routed["gluon" if ok else "op"] += 1
+        if ok:
+            return GluonRelationKL.apply(sq, tq.detach(), scale_s, scale_t)
+        return original(sq, sk, tq, tk, mask, causal, scale_s, scale_t)
+
+    rk.relation_kl_rows = relation_kl_rows
+    return lambda: setattr(rk, "relation_kl_rows", original)
+
+
 def _resources(k) -> dict:
     """Registers, spilled bytes, shared memory and wgmma counts of a kernel compiled for sm_90."""
     import re
@@ -414,7 +461,17 @@ def _check() -> bool:
             err = ((kl.double() - ref).abs() / (ref.abs() + 1e-2)).max().item()
             dkl = torch.rand(B, H, T, device="cuda", generator=gen) + 0.5
             (ref * dkl).sum().backward()
-            grad = relation_kl_grad_gluon(s, t, lse_s, lse_t, dkl)
+            sg = s.detach().requires_grad_()
+            # through the op's entry point, with install()'s routing, as the distillation step calls it
+            from linearard_ray.ops import relation_kl
+
+            undo = install()
+            try:
+                (relation_kl(sg, teacher_q=t, reduction="none") * dkl).sum().backward()
+            finally:
+                undo()
+            assert routed["gluon"] >= 1, routed
+            grad = sg.grad
             gerr = ((grad.double() - leaf.grad).abs().max() / leaf.grad.abs().max()).item()
             print(f"check D={D} view={view}: KL max rel err {err:.2e} (mean KL {ref.mean().item():.4f}); "
                   f"grad max err / max |grad| {gerr:.2e}")
