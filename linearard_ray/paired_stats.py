@@ -135,12 +135,16 @@ def sign_flip_p(d: Sequence[float], exact_up_to: int = 16, samples: int = 200_00
         signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
     else:
         signs = np.random.default_rng(seed).choice([-1, 1], size=(samples, n))
-    means = np.abs(signs @ d) / n
-    # a tolerance on the scale of the differences, so that the observed flip itself, and flips that
-    # tie it exactly (a mean of zero left as 1e-17 by rounding), always count
-    hits = int(np.sum(means >= observed - 1e-12 * np.abs(d).max()))
-    # sampled flips count the observed one too, so an estimate is never 0
-    return hits / len(means) if exact else (hits + 1) / (len(means) + 1)
+    return _permutation_p(np.abs(signs @ d) / n, observed, np.abs(d).max(), exact)
+
+
+def _permutation_p(stats: np.ndarray, observed: float, scale: float, exact: bool) -> float:
+    """Share of the permuted statistics at least as extreme as the observed one. The tolerance is on
+    the scale of the data, so that the observed permutation itself, and permutations that tie it
+    exactly (a mean of zero left as 1e-17 by rounding), always count; sampled permutations count
+    the observed one too, so an estimate is never 0."""
+    hits = int(np.sum(stats >= observed - 1e-12 * scale))
+    return hits / len(stats) if exact else (hits + 1) / (len(stats) + 1)
 
 
 def pooled_passkey(recipe: Sequence[Mapping[Any, Iterable[dict]]], baseline: Sequence[Mapping[Any, Iterable[dict]]],
@@ -202,7 +206,4 @@ def trainings_permutation_p(recipe: Sequence[float], baseline: Sequence[float], 
         np.put_along_axis(picks, order, True, axis=1)
     s = picks.astype(np.float64) @ pooled
     diffs = np.abs(s / k - (pooled.sum() - s) / b.size)
-    observed = abs(a.mean() - b.mean())
-    hits = int(np.sum(diffs >= observed - 1e-12 * max(np.abs(pooled).max(), 1e-300)))
-    # sampled splits count the observed one too, so an estimate is never 0
-    return hits / len(diffs) if exact else (hits + 1) / (len(diffs) + 1)
+    return _permutation_p(diffs, abs(a.mean() - b.mean()), max(np.abs(pooled).max(), 1e-300), exact)
