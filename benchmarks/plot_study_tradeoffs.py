@@ -63,11 +63,11 @@ def figures(results: Path) -> tuple[dict, dict, dict]:
     ppl, acc = job_figures(read_job_records([results / j for j in JOBS], apart=True))
     pk: dict[str, dict[int, tuple[int, float]]] = {}
     for (m, n, L), a in acc.items():
+        if L not in PASSKEY_LENGTHS:  # the three every round since round 4 scored (round 13 added 4K)
+            continue
         cur = pk.setdefault(m, {}).get(L)
         if cur is None or n > cur[0]:
             pk[m][L] = (n, a)
-    # the three lengths every round since round 4 scored (round 13 added 4K): one scale for all rounds
-    pk = {m: {L: v for L, v in by_len.items() if L in PASSKEY_LENGTHS} for m, by_len in pk.items()}
     mean_pk = {m: sum(a for _, a in by_len.values()) / len(by_len) for m, by_len in pk.items() if len(by_len) == 3}
     return ppl, mean_pk, {m: min(n for n, _ in pk[m].values()) for m in mean_pk}
 
