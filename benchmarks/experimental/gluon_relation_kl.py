@@ -247,8 +247,8 @@ def relation_kl_grad_gluon(student: torch.Tensor, teacher: torch.Tensor, lse_s: 
     """∂(Σ_i dkl_i KL_i)/∂student for the causal self-relation, from the forward's base-2 LSEs."""
     B, H, T, D = student.shape
     s2, t2, (rb, rh, ch) = _checked_views(student, teacher, BWD_BLOCK)
-    a_s = scale_s if scale_s is not None else D ** -0.5
-    sc_t = (scale_t if scale_t is not None else D ** -0.5) * LOG2E
+    a_s, a_t = _scales(D, scale_s, scale_t)
+    sc_t = a_t * LOG2E
     dx = torch.zeros(B, H, T, D, device=student.device, dtype=torch.float32)
     _relation_bwd_kernel[(T // BWD_BLOCK, B * H)](
         _desc(s2, [BWD_BLOCK, D]), _desc(t2, [BWD_BLOCK, D]), lse_s, lse_t,
@@ -285,6 +285,13 @@ def _checked_views(student: torch.Tensor, teacher: torch.Tensor, multiple: int):
     return s2, t2, tuple(offsets)
 
 
+def _scales(D: int, scale_s: float | None, scale_t: float | None) -> tuple[float, float]:
+    """The student's and the teacher's logit scales, checked and defaulted (1/sqrt(D)) as the op does."""
+    from linearard_ray.ops.relation_kl_api import _check_scale
+
+    return _check_scale("scale_s", scale_s, D), _check_scale("scale_t", scale_t, D)
+
+
 def _desc(x2: torch.Tensor, block: list[int]) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), block, layout)
@@ -295,8 +302,7 @@ def relation_kl_rows_gluon(student: torch.Tensor, teacher: torch.Tensor, scale_s
     """KL rows [B, H, T] (natural log) and the base-2 LSEs of the causal self-relations."""
     B, H, T, D = student.shape
     s2, t2, (rb, rh, ch) = _checked_views(student, teacher, BLOCK_M)
-    sc_s = (scale_s if scale_s is not None else D ** -0.5) * LOG2E
-    sc_t = (scale_t if scale_t is not None else D ** -0.5) * LOG2E
+    sc_s, sc_t = (a * LOG2E for a in _scales(D, scale_s, scale_t))
     lse_s, lse_t, kl = (torch.empty(B, H, T, device=student.device, dtype=torch.float32) for _ in range(3))
     grid = (T // BLOCK_M, B * H)
     _relation_fwd_kernel[grid](_desc(s2, [BLOCK_M, D]), _desc(s2, [BLOCK_N, D]), _desc(t2, [BLOCK_M, D]),
