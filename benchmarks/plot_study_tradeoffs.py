@@ -102,10 +102,10 @@ def recipe_summary(ppl: dict, pk: dict, prompts: dict) -> list[str]:
 
 def _scatter(ax, points: dict[str, tuple[float, float]]) -> None:
     """One labelled point per model; the baselines (any training of them) as red squares."""
-    from restoration_study import SEED_SUFFIX
+    from restoration_study import recipe_of
 
     for m, (x, y) in points.items():
-        base = SEED_SUFFIX.sub("", m.split(" (")[0]) in BASELINES
+        base = recipe_of(m) in BASELINES
         color = ("tab:red" if base else "tab:orange" if WEIGHT2.match(m) else "tab:green" if WEIGHT22.match(m)
                  else "tab:cyan" if YARN22.match(m) else "magenta" if QK22.match(m) else "tab:blue")
         ax.scatter(x, y, marker="s" if base else "o", color=color)

@@ -1048,8 +1048,14 @@ def _recipe_groups(models: list[str]) -> dict[str, list[str]]:
     tag of a training repeated in a later round (read_job_records(..., apart=True))."""
     groups: dict[str, list[str]] = {}
     for m in models:
-        groups.setdefault(SEED_SUFFIX.sub("", ROUND_TAG.sub("", m)), []).append(m)
+        groups.setdefault(recipe_of(m), []).append(m)
     return groups
+
+
+def recipe_of(model: str) -> str:
+    """The recipe a trained model is one training of: its name without the -s<seed> suffix and the
+    round tag of a training repeated in a later round."""
+    return SEED_SUFFIX.sub("", ROUND_TAG.sub("", model))
 
 
 def _recipe_versus_table(models: list[str], records: list[dict], trials: dict[tuple[str, int], dict[int, list[dict]]],
