@@ -185,10 +185,11 @@ def parse(argv=None):
                    help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
                         "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
                         "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
-    p.add_argument("--relation-impl", default="op", choices=["op", "gluon-experimental"],
+    p.add_argument("--relation-impl", default="op", choices=["op", "gluon-experimental", "gluon-fwd-experimental"],
                    help="op (linearard_ray.ops) or gluon-experimental: the causal self-relations go to the Gluon "
                         "kernels of benchmarks/experimental/gluon_relation_kl.py (GPU only, not part of the "
-                        "product; the calls each path took are printed)")
+                        "product; the calls each path took are printed); gluon-fwd-experimental: the Gluon "
+                        "forward with the op's backward")
     p.add_argument("--relation-qk", type=float, default=0.0,
                    help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
                         "three relations only, the issue's benchmark")
@@ -220,16 +221,16 @@ def run(a) -> dict:
     clock = _Clock(device)
     restore = instrument_relation_ops(clock)
     gluon = None
-    if a.relation_impl == "gluon-experimental":
+    if a.relation_impl.startswith("gluon"):
         if device.type != "cuda":
-            raise SystemExit("bench_distill_step.py: --relation-impl gluon-experimental needs a GPU")
+            raise SystemExit(f"bench_distill_step.py: --relation-impl {a.relation_impl} needs a GPU")
         import importlib.util
 
         spec = importlib.util.spec_from_file_location(
             "gluon_relation_kl", Path(__file__).resolve().parent / "experimental" / "gluon_relation_kl.py")
         gluon = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(gluon)
-        undo_gluon = gluon.install()
+        undo_gluon = gluon.install(backward="op" if a.relation_impl == "gluon-fwd-experimental" else "gluon")
         restore = (lambda undo_ops=restore: (undo_gluon(), undo_ops()))
     g = torch.Generator().manual_seed(1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)

@@ -32,10 +32,11 @@ def test_gluon_forward_compiles_for_hopper_without_spills(compiled, D):
     mod = load_script("benchmarks/experimental/gluon_relation_kl.py")
     r = compiled[("gluon fwd", D)]
     # two products (student, teacher) per column tile, D/16 wgmma instructions each, in the
-    # prologue and the loop
-    assert r["wgmma"] == 2 * 2 * D // 16
+    # prologue, the loop and the diagonal epilogue
+    assert r["wgmma"] == 3 * 2 * D // 16
     assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255
     assert r["product_waits_in_loop_body"] == 1  # student and teacher products waited together, once per tile
+    assert not r["wgmma_serialized"]  # ptxas keeps the products asynchronous
     assert r["shared_bytes"] >= 2 * (mod.BLOCK_M + 2 * mod.BLOCK_N) * D * 2  # Q pair + two K-pair buffers
     # the op's Triton forward, compiled alongside: it waits after each of its two products
     assert compiled[(next(k for k, d in compiled if k.startswith("triton") and d == D), D)]["product_waits_in_loop_body"] == 2
@@ -45,10 +46,12 @@ def test_gluon_forward_compiles_for_hopper_without_spills(compiled, D):
 def test_gluon_backward_compiles_for_hopper_without_spills(compiled, D):
     mod = load_script("benchmarks/experimental/gluon_relation_kl.py")
     r = compiled[("gluon bwd", D)]
-    # per tile: the logit pair (K = D) and the two gradient products (K = the block)
-    assert r["wgmma"] == 2 * D // 16 + 2 * mod.BWD_BLOCK // 16
+    # the logit pair (K = D) in the prologue and the loop, the two gradient products (K = the
+    # block) in the loop and the last tile
+    assert r["wgmma"] == 2 * (2 * D // 16) + 2 * (2 * mod.BWD_BLOCK // 16)
     assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255
     assert r["product_waits_in_loop_body"] == 2
+    assert not r["wgmma_serialized"]
 
 
 def test_gluon_kernels_reject_what_they_do_not_cover():
