@@ -348,27 +348,25 @@ class GluonRelationKL(torch.autograd.Function):
     """Per-row KL [B, H, T] of one causal self-relation with student grads, by the two kernels."""
 
     @staticmethod
-    def forward(ctx, student, teacher, scale_s, scale_t, q_in_regs=False):
+    def forward(ctx, student, teacher, scale_s, scale_t, q_in_regs=False, backward="gluon"):
         kl, lse_s, lse_t = relation_kl_rows_gluon(student, teacher, scale_s, scale_t, q_in_regs)
         ctx.save_for_backward(student, teacher, lse_s, lse_t)
         ctx.scales = (scale_s, scale_t)
+        ctx.backward_impl = backward  # fixed when the forward runs, as the op fixes its backward mode
         return kl
 
     @staticmethod
     def backward(ctx, dkl):
         student, teacher, lse_s, lse_t = ctx.saved_tensors
-        if backward_impl == "op":  # the op's default Triton sweep, from these LSEs (the same base-2 convention)
+        if ctx.backward_impl == "op":  # the op's default Triton sweep, from these LSEs (the same base-2 convention)
             import importlib
 
             rk = importlib.import_module("linearard_ray.ops.relation_kl")
             a_s, a_t = _scales(student.shape[-1], *ctx.scales)
             rel = rk._prep(rk._Rel(student, None, teacher, None, a_s, a_t), True)
             (grad,), _ = rk._backward([rel], None, True, 1, True, lse_s, lse_t, dkl)
-            return grad, None, None, None, None
-        return relation_kl_grad_gluon(student, teacher, lse_s, lse_t, dkl, *ctx.scales), None, None, None, None
-
-
-backward_impl = "gluon"  # or "op": the Gluon forward with the op's sweep backward (install(backward=...))
+            return grad, None, None, None, None, None
+        return relation_kl_grad_gluon(student, teacher, lse_s, lse_t, dkl, *ctx.scales), None, None, None, None, None
 
 
 routed = {"gluon": 0, "op": 0}  # calls of the op's relation_kl_rows since install(), by where they went
@@ -379,14 +377,11 @@ def install(backward: str = "gluon"):
     cover) to the Gluon kernels, for benchmarks; the rest go to the op as before. backward="op"
     keeps the Gluon forward but finishes with the op's sweep backward. Returns the undo."""
     import importlib
-
     import os
 
-    global backward_impl
     q_in_regs = os.environ.get("GLUON_Q_IN_REGS", "0") == "1"  # the forward variant, for the step benchmark
     if backward not in ("gluon", "op"):
         raise ValueError(f"backward must be 'gluon' or 'op', got {backward!r}")
-    backward_impl = backward
 
     rk = importlib.import_module("linearard_ray.ops.relation_kl")
     original = rk.relation_kl_rows
@@ -400,7 +395,7 @@ def install(backward: str = "gluon"):
                 ok = False
         routed["gluon" if ok else "op"] += 1
         if ok:
-            return GluonRelationKL.apply(sq, tq.detach(), scale_s, scale_t, q_in_regs)
+            return GluonRelationKL.apply(sq, tq.detach(), scale_s, scale_t, q_in_regs, backward)
         return original(sq, sk, tq, tk, mask, causal, scale_s, scale_t)
 
     rk.relation_kl_rows = relation_kl_rows
