@@ -84,6 +84,15 @@ def _load_pair(a_desc, b_desc, row, col, bar, a_buf, b_buf):
 
 
 @gluon.jit
+def _logit_pair(rows_s, rows_t, keys_s, keys_t, zero):
+    """The student's and the teacher's raw logit tiles rows·keysᵀ, issued asynchronously (the
+    caller waits for both with warpgroup_mma_wait)."""
+    x = warpgroup_mma(rows_s, keys_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    y = warpgroup_mma(rows_t, keys_t.permute((1, 0)), zero, use_acc=False, is_async=True)
+    return x, y
+
+
+@gluon.jit
 def _buffers(fixed_a, fixed_b, ring_a, ring_b, row, col):
     """Shared memory for a pair of tiles a program keeps (loaded here, by TMA, at [row, col]) and a
     two-slot ring of the pairs it sweeps, with one mbarrier for the kept pair and one per slot."""
@@ -145,8 +154,7 @@ def _relation_fwd_kernel(qs_desc, ks_desc, qt_desc, kt_desc, LseS, LseT, Kl, sc_
         qs = qs.load(a_l)
         qt = qt.load(a_l)
     mbarrier.wait(k_bar.index(0), phase=0)
-    x = warpgroup_mma(qs, ks.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-    y = warpgroup_mma(qt, kt.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    x, y = _logit_pair(qs, qt, ks.index(0), kt.index(0), zero)
     x, y = warpgroup_mma_wait(num_outstanding=0, deps=(x, y))
     # Block m sits in buffer m % 2, in that buffer's load number m // 2. Each pass waits for the
     # products it issued before it ends: a loop-carried value still being written by a wgmma
@@ -156,16 +164,14 @@ def _relation_fwd_kernel(qs_desc, ks_desc, qt_desc, kt_desc, LseS, LseT, Kl, sc_
         _load_pair(ks_desc, kt_desc, row0 + (j + 2) * BLOCK_N, col0, k_bar.index(buf), ks.index(buf), kt.index(buf))
         mbarrier.wait(k_bar.index(1 - buf), phase=((j + 1) // 2) & 1)
         # Block j+1's products run on the tensor cores while block j's statistics are computed.
-        xn = warpgroup_mma(qs, ks.index(1 - buf).permute((1, 0)), zero, use_acc=False, is_async=True)
-        yn = warpgroup_mma(qt, kt.index(1 - buf).permute((1, 0)), zero, use_acc=False, is_async=True)
+        xn, yn = _logit_pair(qs, qt, ks.index(1 - buf), kt.index(1 - buf), zero)
         m_s, l_s, m_t, l_t, acc = _stats_step(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m,
                                               j * BLOCK_N, BLOCK_N, col_l, False)
         x, y = warpgroup_mma_wait(num_outstanding=0, deps=(xn, yn))
     # The two blocks that cross the diagonal (BLOCK_M = 2 * BLOCK_N), both already loaded.
     last = (n - 1) % 2
     mbarrier.wait(k_bar.index(last), phase=((n - 1) // 2) & 1)
-    xn = warpgroup_mma(qs, ks.index(last).permute((1, 0)), zero, use_acc=False, is_async=True)
-    yn = warpgroup_mma(qt, kt.index(last).permute((1, 0)), zero, use_acc=False, is_async=True)
+    xn, yn = _logit_pair(qs, qt, ks.index(last), kt.index(last), zero)
     m_s, l_s, m_t, l_t, acc = _stats_step(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m,
                                           (n - 2) * BLOCK_N, BLOCK_N, col_l, True)
     x, y = warpgroup_mma_wait(num_outstanding=0, deps=(xn, yn))
@@ -246,8 +252,7 @@ def _relation_bwd_kernel(qs_desc, qt_desc, LseS, LseT, Dkl, DX, sc_s, sc_t, T, H
     stat0 = (b * H + h).to(gl.int64) * T
     mbarrier.wait(k_bar, phase=0)
     mbarrier.wait(q_bar.index(0), phase=0)
-    x = warpgroup_mma(qs.index(0), ks.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    y = warpgroup_mma(qt.index(0), kt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    x, y = _logit_pair(qs.index(0), qt.index(0), ks, kt, zero_s)
     x, y = warpgroup_mma_wait(num_outstanding=0, deps=(x, y))
     # Row block it sits in buffer it % 2, load number it // 2. The next block's logit products are
     # issued before this block's row part goes out by atomics, and waited for before the pass ends
@@ -259,8 +264,7 @@ def _relation_bwd_kernel(qs_desc, qt_desc, LseS, LseT, Dkl, DX, sc_s, sc_t, T, H
         if it + 2 < n:  # both gradient products have read buffer buf
             _load_pair(qs_desc, qt_desc, row0 + j0 + (it + 2) * BLOCK, col0, q_bar.index(buf), qs.index(buf), qt.index(buf))
         mbarrier.wait(q_bar.index(1 - buf), phase=((it + 1) // 2) & 1)
-        xn = warpgroup_mma(qs.index(1 - buf), ks.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        yn = warpgroup_mma(qt.index(1 - buf), kt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        xn, yn = _logit_pair(qs.index(1 - buf), qt.index(1 - buf), ks, kt, zero_s)
         rows = (stat0 + j0 + it * BLOCK + offs_r) * D
         gl.atomic_add(DX + rows[:, None] + offs_d[None, :], dq, sem="relaxed")
         x, y = warpgroup_mma_wait(num_outstanding=0, deps=(xn, yn))
