@@ -298,14 +298,19 @@ def table(title, rows):
 
 
 # ----------------------------------------------------------------------------- sweep
-def sweep(D):
-    T, H = 8192, 32
+def sweep(D, T=8192):
+    H = 32
     q, _, _ = inputs(1, H, H, T, D)
     tq = q + 0.5 * torch.randn_like(q)
     TC = rk.TileConfig
     if D == 128:
-        fwd_c = [TC(128, 128, 8, 2), TC(128, 128, 8, 3), TC(128, 64, 8, 3)]
-        bwd_c = [TC(64, 64, 4, 2), TC(128, 64, 8, 2)]
+        # The 4-warp tiles fit two programs per SM (registers and shared memory): two programs that
+        # are not kept in step might overlap each other's exponentials with their products, which
+        # the two warpgroups of one 8-warp program do not. Session 16, H200, T=4096: no faster.
+        fwd_c = [TC(128, 128, 8, 2), TC(128, 128, 8, 3), TC(128, 64, 8, 3),
+                 TC(64, 64, 4, 2), TC(64, 32, 4, 3)]
+        bwd_c = [TC(64, 64, 4, 2), TC(128, 64, 8, 2), TC(64, 32, 4, 2), TC(64, 32, 4, 3), TC(32, 32, 4, 3),
+                 TC(32, 32, 2, 3)]
     else:
         fwd_c = [TC(128, 64, 4, 3), TC(128, 128, 8, 3)]
         bwd_c = [TC(64, 32, 4, 3), TC(64, 64, 4, 3)]
@@ -325,10 +330,11 @@ def sweep(D):
                     ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
                 res.append((ms, c))
                 kern = rk.last_compiled.get(kind)
-                regs = f"regs {kern.n_regs} spills {kern.n_spills}" if kern is not None else ""
-                log(f"sweep D{D} {kind} {c}: {ms:.3f} ms {regs} (compile+time {time.time() - t0:.1f}s)")
+                regs = (f"regs {kern.n_regs} spills {kern.n_spills} smem {kern.metadata.shared // 1024} KiB"
+                        if kern is not None else "")
+                log(f"sweep T{T} D{D} {kind} {c}: {ms:.3f} ms {regs} (compile+time {time.time() - t0:.1f}s)")
             except Exception as e:  # out of resources etc.
-                log(f"sweep D{D} {kind} {c}: failed {type(e).__name__}: {str(e)[:120]}")
+                log(f"sweep T{T} D{D} {kind} {c}: failed {type(e).__name__}: {str(e)[:120]}")
         rk.set_tile_config(kind, None)
         if res:
             best[kind] = min(res, key=lambda x: x[0])[1]
@@ -510,6 +516,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-t", type=int, default=8192, help="sequence length of the tile sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the tile sweep (no tables)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--integration", action="store_true",
                     help="only the 7B layer call by input layout and mask (what training passes)")
@@ -531,10 +539,12 @@ def main():
         return 0
     if args.sweep:
         for D in (128, 64):
-            best = sweep(D)
+            best = sweep(D, args.sweep_t)
             log(f"best tiles D{D}: {best}")
             for kind, c in best.items():
                 (rk._FWD_CFG if kind == "fwd" else rk._BWD_CFG)[D] = c
+        if args.sweep_only:
+            return 0
 
     Ts = [2048, 8192, 32768] if args.quick else [2048, 4096, 8192, 16384, 32768]
     rows = []
