@@ -185,11 +185,13 @@ def parse(argv=None):
                    help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
                         "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
                         "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
-    p.add_argument("--relation-impl", default="op", choices=["op", "gluon-experimental", "gluon-fwd-experimental"],
+    p.add_argument("--relation-impl", default="op", choices=["op", "gluon-experimental", "gluon-fwd-experimental",
+                                                               "gluon-ws-fwd-experimental"],
                    help="op (linearard_ray.ops) or gluon-experimental: the causal self-relations go to the Gluon "
                         "kernels of benchmarks/experimental/gluon_relation_kl.py (GPU only, not part of the "
                         "product; the calls each path took are printed); gluon-fwd-experimental: the Gluon "
-                        "forward with the op's backward")
+                        "forward with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon "
+                        "forward (benchmarks/experimental/gluon_ws_forward.py) with the op's backward")
     p.add_argument("--relation-qk", type=float, default=0.0,
                    help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
                         "three relations only, the issue's benchmark")
@@ -230,7 +232,9 @@ def run(a) -> dict:
             "gluon_relation_kl", Path(__file__).resolve().parent / "experimental" / "gluon_relation_kl.py")
         gluon = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(gluon)
-        undo_gluon = gluon.install(backward="op" if a.relation_impl == "gluon-fwd-experimental" else "gluon")
+        undo_gluon = gluon.install(
+            backward="gluon" if a.relation_impl == "gluon-experimental" else "op",
+            forward="ws" if a.relation_impl == "gluon-ws-fwd-experimental" else "gluon")
         restore = (lambda undo_ops=restore: (undo_gluon(), undo_ops()))
     g = torch.Generator().manual_seed(1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)

@@ -352,8 +352,11 @@ class GluonRelationKL(torch.autograd.Function):
     """Per-row KL [B, H, T] of one causal self-relation with student grads, by the two kernels."""
 
     @staticmethod
-    def forward(ctx, student, teacher, scale_s, scale_t, q_in_regs=False, backward="gluon"):
-        kl, lse_s, lse_t = relation_kl_rows_gluon(student, teacher, scale_s, scale_t, q_in_regs)
+    def forward(ctx, student, teacher, scale_s, scale_t, q_in_regs=False, backward="gluon", forward=None):
+        if forward is not None:  # another forward with the same outputs (gluon_ws_forward.py)
+            kl, lse_s, lse_t = forward(student, teacher, scale_s, scale_t)
+        else:
+            kl, lse_s, lse_t = relation_kl_rows_gluon(student, teacher, scale_s, scale_t, q_in_regs)
         ctx.save_for_backward(student, teacher, lse_s, lse_t)
         ctx.scales = (scale_s, scale_t)
         ctx.backward_impl = backward  # fixed when the forward runs, as the op fixes its backward mode
@@ -369,19 +372,27 @@ class GluonRelationKL(torch.autograd.Function):
             a_s, a_t = _scales(student.shape[-1], *ctx.scales)
             rel = rk._prep(rk._Rel(student, None, teacher, None, a_s, a_t), True)
             (grad,), _ = rk._backward([rel], None, True, 1, True, lse_s, lse_t, dkl)
-            return grad, None, None, None, None, None
-        return relation_kl_grad_gluon(student, teacher, lse_s, lse_t, dkl, *ctx.scales), None, None, None, None, None
+            return grad, None, None, None, None, None, None
+        return relation_kl_grad_gluon(student, teacher, lse_s, lse_t, dkl, *ctx.scales), None, None, None, None, None, None
 
 
 routed = {"gluon": 0, "op": 0}  # calls of the op's relation_kl_rows since install(), by where they went
 
 
-def install(backward: str = "gluon"):
+def install(backward: str = "gluon", forward: str = "gluon"):
     """Route the op's eligible relation calls (causal self-relations, no mask, what the kernels
     cover) to the Gluon kernels, for benchmarks; the rest go to the op as before. backward="op"
-    keeps the Gluon forward but finishes with the op's sweep backward. Returns the undo."""
+    keeps the Gluon forward but finishes with the op's sweep backward; forward="ws" takes the
+    warp-specialised forward of gluon_ws_forward.py. Returns the undo."""
     import importlib
     import os
+
+    if forward not in ("gluon", "ws"):
+        raise ValueError(f"forward must be 'gluon' or 'ws', got {forward!r}")
+    fwd_fn = None
+    if forward == "ws":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        fwd_fn = importlib.import_module("gluon_ws_forward").relation_kl_rows_ws
 
     q_in_regs = os.environ.get("GLUON_Q_IN_REGS", "0") == "1"  # the forward variant, for the step benchmark
     if backward not in ("gluon", "op"):
@@ -399,7 +410,7 @@ def install(backward: str = "gluon"):
                 ok = False
         routed["gluon" if ok else "op"] += 1
         if ok:
-            return GluonRelationKL.apply(sq, tq.detach(), scale_s, scale_t, q_in_regs, backward)
+            return GluonRelationKL.apply(sq, tq.detach(), scale_s, scale_t, q_in_regs, backward, fwd_fn)
         return original(sq, sk, tq, tk, mask, causal, scale_s, scale_t)
 
     rk.relation_kl_rows = relation_kl_rows
