@@ -528,11 +528,10 @@ def _dense_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.where(causal, lt.exp() * (lt - ls), 0.0).sum(-1)
 
 
-def _check() -> bool:
-    """Against the float64 dense reference on fresh random inputs, both layouts, D 64 and 128."""
-    from linearard_ray.ops import relation_kl
-
-    ok = True
+def _check_inputs():
+    """Fresh random bf16 student/teacher pairs (B=2, H=3, T=640; the teacher is the student plus
+    noise 0.7) for D 64 and 128, contiguous and as the [B, T, H, D] view a model hands over:
+    yields (D, view, student, teacher)."""
     gen = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ()).item()))
     for D in (64, 128):
         for view in (False, True):
@@ -543,30 +542,40 @@ def _check() -> bool:
             s, t = (x.to(torch.bfloat16) for x in (s, t))
             if view:
                 s, t = s.transpose(1, 2), t.transpose(1, 2)
-            kl, _, _ = relation_kl_rows_gluon(s, t)
-            leaf = s.detach().double().requires_grad_()
-            ref = _dense_kl(leaf, t)
-            err = ((kl.double() - ref).abs() / (ref.abs() + 1e-2)).max().item()
-            kl_r, _, _ = relation_kl_rows_gluon(s, t, q_in_regs=True)
-            err_r = ((kl_r.double() - ref.detach()).abs() / (ref.detach().abs() + 1e-2)).max().item()
-            dkl = torch.rand(B, H, T, device="cuda", generator=gen) + 0.5
-            (ref * dkl).sum().backward()
-            gerrs = {}
-            for bwd in ("gluon", "op"):
-                sg = s.detach().requires_grad_()
-                # through the op's entry point, with install()'s routing, as the distillation step calls it
-                before = routed["gluon"]
-                undo = install(backward=bwd)
-                try:
-                    (relation_kl(sg, teacher_q=t, reduction="none") * dkl).sum().backward()
-                finally:
-                    undo()
-                assert routed["gluon"] == before + 1, routed
-                gerrs[bwd] = ((sg.grad.double() - leaf.grad).abs().max() / leaf.grad.abs().max()).item()
-            print(f"check D={D} view={view}: KL max rel err {err:.2e} ({err_r:.2e} q-in-registers; mean KL "
-                  f"{ref.mean().item():.4f}); "
-                  "grad max err / max |grad| " + ", ".join(f"{v:.2e} ({k} backward)" for k, v in gerrs.items()))
-            ok &= max(err, err_r) < 2e-2 and max(gerrs.values()) < 2e-2
+            yield D, view, s, t
+
+
+def _check() -> bool:
+    """Against the float64 dense reference on fresh random inputs, both layouts, D 64 and 128."""
+    from linearard_ray.ops import relation_kl
+
+    ok = True
+    for D, view, s, t in _check_inputs():
+        B, H, T = s.shape[0], s.shape[1], s.shape[2]
+        kl, _, _ = relation_kl_rows_gluon(s, t)
+        leaf = s.detach().double().requires_grad_()
+        ref = _dense_kl(leaf, t)
+        err = ((kl.double() - ref).abs() / (ref.abs() + 1e-2)).max().item()
+        kl_r, _, _ = relation_kl_rows_gluon(s, t, q_in_regs=True)
+        err_r = ((kl_r.double() - ref.detach()).abs() / (ref.detach().abs() + 1e-2)).max().item()
+        dkl = torch.rand(B, H, T, device="cuda") + 0.5
+        (ref * dkl).sum().backward()
+        gerrs = {}
+        for bwd in ("gluon", "op"):
+            sg = s.detach().requires_grad_()
+            # through the op's entry point, with install()'s routing, as the distillation step calls it
+            before = routed["gluon"]
+            undo = install(backward=bwd)
+            try:
+                (relation_kl(sg, teacher_q=t, reduction="none") * dkl).sum().backward()
+            finally:
+                undo()
+            assert routed["gluon"] == before + 1, routed
+            gerrs[bwd] = ((sg.grad.double() - leaf.grad).abs().max() / leaf.grad.abs().max()).item()
+        print(f"check D={D} view={view}: KL max rel err {err:.2e} ({err_r:.2e} q-in-registers; mean KL "
+              f"{ref.mean().item():.4f}); "
+              "grad max err / max |grad| " + ", ".join(f"{v:.2e} ({k} backward)" for k, v in gerrs.items()))
+        ok &= max(err, err_r) < 2e-2 and max(gerrs.values()) < 2e-2
     return ok
 
 
@@ -615,6 +624,14 @@ def main() -> int:
     p.add_argument("--bench", action="store_true", help="GPU: forward time against the Triton op and SDPA")
     p.add_argument("--T", default="2048,4096,8192,16384")
     a = p.parse_args()
+    return run_cli(a, lambda: (r for D in (64, 128) for r in (
+        compile_for_hopper(D), compile_for_hopper(D, q_in_regs=True), compile_triton_fwd(D),
+        compile_for_hopper(D, "bwd"))), _check, _bench)
+
+
+def run_cli(a, compiled_rows, check, bench) -> int:
+    """--compile (one JSON line per kernel that compiled_rows() yields), then --check, then --bench
+    (on the --T list); the exit status says whether the check passed."""
     if a.compile:
         import json
         import os
@@ -623,17 +640,12 @@ def main() -> int:
             # Under TRITON_INTERPRET=1 (the CPU test setting) Triton's own jit helpers (gl.max, ...)
             # were made interpreted functions at import, which no compiled kernel can call.
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "0"})
-        for D in (64, 128):
-            for r in (compile_for_hopper(D), compile_for_hopper(D, q_in_regs=True), compile_triton_fwd(D),
-                      compile_for_hopper(D, "bwd")):
-                print(json.dumps(r))
-    ok = True
-    if a.check:
-        ok = _check()
+        for r in compiled_rows():
+            print(json.dumps(r))
+    ok = check() if a.check else True
     if a.bench:
-        _bench([int(x) for x in a.T.split(",")])
+        bench([int(x) for x in a.T.split(",")])
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))

@@ -43,48 +43,17 @@ BM, BN, NBUF = 64, 64, 3  # rows per consumer warpgroup, key tile, ring slots
 
 
 @gluon.jit
-def _consume(qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, turn, LseS, LseT, Kl, sc_s, sc_t,
-             stat0, i0, n, W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NBUF: gl.constexpr,
-             PINGPONG: gl.constexpr):
-    """Consumer warpgroup W: rows i0 + W*BM ..., all n key tiles of the ring, then its rows' outputs."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    row_l: gl.constexpr = gl.SliceLayout(1, mma)
-    col_l: gl.constexpr = gl.SliceLayout(0, mma)
-    qs = qs_all.index(W)
-    qt = qt_all.index(W)
-    offs_m = i0 + W * BM + gl.arange(0, BM, layout=row_l)
-    m_s = gl.full([BM], -1.0e30, gl.float32, row_l)
-    m_t = gl.full([BM], -1.0e30, gl.float32, row_l)
-    l_s = gl.zeros([BM], gl.float32, row_l)
-    l_t = gl.zeros([BM], gl.float32, row_l)
-    acc = gl.zeros([BM], gl.float32, row_l)
-    zero = gl.zeros([BM, BN], gl.float32, mma)
-    mbarrier.wait(q_bar, phase=0)
-    first = i0 + W * BM  # this warpgroup's first row
-    for j in range(n):
-        slot = j % NBUF
-        mbarrier.wait(ready.index(slot), phase=(j // NBUF) & 1)
-        if PINGPONG:  # my turn on the tensor cores: warpgroup 0 goes first
-            mbarrier.wait(turn.index(W), phase=(j & 1) ^ (1 - W))
-        if j * BN <= first + BM - 1:  # else the tile lies wholly above this warpgroup's diagonal
-            x, y = g1._logit_pair(qs, qt, ks_ring.index(slot), kt_ring.index(slot), zero)
-            if PINGPONG:  # products issued: the other warpgroup may issue its own
-                mbarrier.arrive(turn.index(1 - W), count=1)
-            x, y = warpgroup_mma_wait(num_outstanding=0, deps=(x, y))
-            mbarrier.arrive(empty.index(slot), count=1)  # both consumers release a slot (count 2)
-            if j * BN + BN - 1 > first:  # crosses the diagonal
-                m_s, l_s, m_t, l_t, acc = g1._stats_step(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m,
-                                                         j * BN, BN, col_l, True)
-            else:
-                m_s, l_s, m_t, l_t, acc = g1._stats_step(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m,
-                                                         j * BN, BN, col_l, False)
-        else:
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - W), count=1)
-            mbarrier.arrive(empty.index(slot), count=1)
+def _fresh_rows(BM: gl.constexpr, row_l: gl.constexpr):
+    """Online-softmax state of BM rows: maxima, sums (student, teacher) and the cross term."""
+    return (gl.full([BM], -1.0e30, gl.float32, row_l), gl.zeros([BM], gl.float32, row_l),
+            gl.full([BM], -1.0e30, gl.float32, row_l), gl.zeros([BM], gl.float32, row_l),
+            gl.zeros([BM], gl.float32, row_l))
+
+
+@gluon.jit
+def _store_rows(m_s, l_s, m_t, l_t, acc, LseS, LseT, Kl, stat):
     lse_s = m_s + gl.log2(l_s)
     lse_t = m_t + gl.log2(l_t)
-    stat = stat0 + offs_m
     gl.store(LseS + stat, lse_s)
     gl.store(LseT + stat, lse_t)
     gl.store(Kl + stat, 0.6931471805599453 * (acc / l_t - lse_t + lse_s))
@@ -101,6 +70,41 @@ def _stats_any(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m, j0, first, BN:
 
 
 @gluon.jit
+def _consume(qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, turn, LseS, LseT, Kl, sc_s, sc_t,
+             stat0, i0, n, W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NBUF: gl.constexpr,
+             PINGPONG: gl.constexpr):
+    """Consumer warpgroup W: rows i0 + W*BM ..., all n key tiles of the ring, then its rows' outputs."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    row_l: gl.constexpr = gl.SliceLayout(1, mma)
+    col_l: gl.constexpr = gl.SliceLayout(0, mma)
+    qs = qs_all.index(W)
+    qt = qt_all.index(W)
+    offs_m = i0 + W * BM + gl.arange(0, BM, layout=row_l)
+    m_s, l_s, m_t, l_t, acc = _fresh_rows(BM, row_l)
+    zero = gl.zeros([BM, BN], gl.float32, mma)
+    mbarrier.wait(q_bar, phase=0)
+    first = i0 + W * BM  # this warpgroup's first row
+    for j in range(n):
+        slot = j % NBUF
+        mbarrier.wait(ready.index(slot), phase=(j // NBUF) & 1)
+        if PINGPONG:  # my turn on the tensor cores: warpgroup 0 goes first
+            mbarrier.wait(turn.index(W), phase=(j & 1) ^ (1 - W))
+        if j * BN <= first + BM - 1:  # else the tile lies wholly above this warpgroup's diagonal
+            x, y = g1._logit_pair(qs, qt, ks_ring.index(slot), kt_ring.index(slot), zero)
+            if PINGPONG:  # products issued: the other warpgroup may issue its own
+                mbarrier.arrive(turn.index(1 - W), count=1)
+            x, y = warpgroup_mma_wait(num_outstanding=0, deps=(x, y))
+            mbarrier.arrive(empty.index(slot), count=1)  # both consumers release a slot (count 2)
+            m_s, l_s, m_t, l_t, acc = _stats_any(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m, j * BN, first,
+                                                 BN, col_l)
+        else:
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - W), count=1)
+            mbarrier.arrive(empty.index(slot), count=1)
+    _store_rows(m_s, l_s, m_t, l_t, acc, LseS, LseT, Kl, stat0 + offs_m)
+
+
+@gluon.jit
 def _consume_overlap(qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, LseS, LseT, Kl, sc_s, sc_t,
                      stat0, i0, n, W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NBUF: gl.constexpr):
     """Consumer W as _consume, and within the warpgroup the next tile's products are issued before
@@ -114,11 +118,7 @@ def _consume_overlap(qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, LseS
     qt = qt_all.index(W)
     first = i0 + W * BM
     offs_m = first + gl.arange(0, BM, layout=row_l)
-    m_s = gl.full([BM], -1.0e30, gl.float32, row_l)
-    m_t = gl.full([BM], -1.0e30, gl.float32, row_l)
-    l_s = gl.zeros([BM], gl.float32, row_l)
-    l_t = gl.zeros([BM], gl.float32, row_l)
-    acc = gl.zeros([BM], gl.float32, row_l)
+    m_s, l_s, m_t, l_t, acc = _fresh_rows(BM, row_l)
     zero = gl.zeros([BM, BN], gl.float32, mma)
     mbarrier.wait(q_bar, phase=0)
     mbarrier.wait(ready.index(0), phase=0)
@@ -136,12 +136,7 @@ def _consume_overlap(qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, LseS
         mbarrier.arrive(empty.index(nxt), count=1)
     m_s, l_s, m_t, l_t, acc = _stats_any(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m, (n - 1) * BN, first,
                                          BN, col_l)
-    lse_s = m_s + gl.log2(l_s)
-    lse_t = m_t + gl.log2(l_t)
-    stat = stat0 + offs_m
-    gl.store(LseS + stat, lse_s)
-    gl.store(LseT + stat, lse_t)
-    gl.store(Kl + stat, 0.6931471805599453 * (acc / l_t - lse_t + lse_s))
+    _store_rows(m_s, l_s, m_t, l_t, acc, LseS, LseT, Kl, stat0 + offs_m)
 
 
 @gluon.jit
@@ -302,24 +297,15 @@ def _local_memory_instructions(k) -> int:
 
 def _check() -> bool:
     ok = True
-    gen = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ()).item()))
-    for D in (64, 128):
-        for view in (False, True):
-            B, H, T = 2, 3, 640
-            shape = (B, T, H, D) if view else (B, H, T, D)
-            s = torch.randn(shape, device="cuda", generator=gen)
-            t = s + 0.7 * torch.randn(shape, device="cuda", generator=gen)
-            s, t = (x.to(torch.bfloat16) for x in (s, t))
-            if view:
-                s, t = s.transpose(1, 2), t.transpose(1, 2)
-            ref = g1._dense_kl(s, t)
-            for pp, ov in ((False, False), (True, False), (False, True)):
-                kl, lse_s, _ = relation_kl_rows_ws(s, t, pingpong=pp, overlap=ov)
-                err = ((kl.double() - ref).abs() / (ref.abs() + 1e-2)).max().item()
-                _, lse_ref, _ = g1.relation_kl_rows_gluon(s, t)
-                lerr = (lse_s - lse_ref).abs().max().item()
-                print(f"check D={D} view={view} pingpong={pp} overlap={ov}: KL max rel err {err:.2e}, LSE vs gluon fwd {lerr:.1e}")
-                ok &= err < 2e-2 and lerr < 1e-2
+    for D, view, s, t in g1._check_inputs():
+        ref = g1._dense_kl(s, t)
+        for pp, ov in ((False, False), (True, False), (False, True)):
+            kl, lse_s, _ = relation_kl_rows_ws(s, t, pingpong=pp, overlap=ov)
+            err = ((kl.double() - ref).abs() / (ref.abs() + 1e-2)).max().item()
+            _, lse_ref, _ = g1.relation_kl_rows_gluon(s, t)
+            lerr = (lse_s - lse_ref).abs().max().item()
+            print(f"check D={D} view={view} pingpong={pp} overlap={ov}: KL max rel err {err:.2e}, LSE vs gluon fwd {lerr:.1e}")
+            ok &= err < 2e-2 and lerr < 1e-2
     return ok
 
 
@@ -356,22 +342,9 @@ def main() -> int:
     p.add_argument("--bench", action="store_true")
     p.add_argument("--T", default="4096,8192")
     a = p.parse_args()
-    if a.compile:
-        import json
-        import os
-
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "0"})
-        for D in (64, 128):
-            for pp, ov in ((False, False), (True, False), (False, True)):
-                print(json.dumps(compile_for_hopper(D, pp, ov)))
-    ok = True
-    if a.check:
-        ok = _check()
-    if a.bench:
-        _bench([int(x) for x in a.T.split(",")])
-    return 0 if ok else 1
-
+    modes = ((False, False), (True, False), (False, True))  # plain, ping-pong, overlap
+    return g1.run_cli(a, lambda: (compile_for_hopper(D, pp, ov) for D in (64, 128) for pp, ov in modes),
+                      _check, _bench)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
