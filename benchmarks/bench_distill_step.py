@@ -127,6 +127,36 @@ def instrument_relation_ops(clock: _Clock):
     return lambda: (setattr(ops, "relation_kl_layer", orig_layer), setattr(ops, "relation_kl", orig_single))
 
 
+class _NullRelation(torch.autograd.Function):
+    """Zero loss with zero gradients (stride-0, nothing written) in the relation op's place: the
+    step with every other kernel the relation loss brings (capture, casts, the student backward
+    it drives), which the real op's step is compared with to get the time the op adds."""
+
+    @staticmethod
+    def forward(ctx, n_out, *students):
+        ctx.shapes = [(s.shape, s.dtype) for s in students]
+        ctx.device = students[0].device
+        return tuple(torch.zeros((), device=ctx.device) for _ in range(n_out))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *(torch.zeros((), dtype=dt, device=ctx.device).expand(shape) for shape, dt in ctx.shapes))
+
+
+def install_null_relation():
+    """Route ops.relation_kl_layer / ops.relation_kl to _NullRelation; returns the undo."""
+    orig_layer, orig_single = ops.relation_kl_layer, ops.relation_kl
+
+    def layer(sq, sk, sv, *teachers, **kw):
+        return _NullRelation.apply(3, sq, sk, sv)
+
+    def single(sq, sk=None, *teachers, **kw):
+        return _NullRelation.apply(1, *(x for x in (sq, sk) if x is not None))[0]
+
+    ops.relation_kl_layer, ops.relation_kl = layer, single
+    return lambda: (setattr(ops, "relation_kl_layer", orig_layer), setattr(ops, "relation_kl", orig_single))
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -159,10 +189,14 @@ def build_models(a, device: torch.device, dtype: torch.dtype):
 # --------------------------------------------------------------------------- main
 
 
-def objective_config(a) -> ObjectiveConfig:
+def objective_config(a, overlap: bool = True) -> ObjectiveConfig:
     # the config keeps Q/Q, K/K, V/V at 1 when weights leaves them out
     weights = {"qk": a.relation_qk} if a.relation_qk else {}
-    return ObjectiveConfig(name="linearard", relation={"layers": a.relation_layers, "weights": weights})
+    return ObjectiveConfig(name="linearard", relation={"layers": a.relation_layers, "weights": weights,
+                                                       "overlap": overlap})
+
+
+IMPLS = ("op", "null", "gluon-experimental", "gluon-fwd-experimental", "gluon-ws-fwd-experimental")
 
 
 def parse(argv=None):
@@ -185,13 +219,17 @@ def parse(argv=None):
                    help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
                         "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
                         "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
-    p.add_argument("--relation-impl", default="op", choices=["op", "gluon-experimental", "gluon-fwd-experimental",
-                                                               "gluon-ws-fwd-experimental"],
-                   help="op (linearard_ray.ops) or gluon-experimental: the causal self-relations go to the Gluon "
-                        "kernels of benchmarks/experimental/gluon_relation_kl.py (GPU only, not part of the "
-                        "product; the calls each path took are printed); gluon-fwd-experimental: the Gluon "
-                        "forward with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon "
-                        "forward (benchmarks/experimental/gluon_ws_forward.py) with the op's backward")
+    p.add_argument("--relation-impl", default="op",
+                   help="comma list, each timed on the same models, step by step in turn: op (linearard_ray.ops); "
+                        "null (zero loss and gradients in the op's place: the step without the op, so the time the "
+                        "op adds is measured against it); gluon-experimental: the causal self-relations go to the "
+                        "Gluon kernels of benchmarks/experimental/gluon_relation_kl.py (GPU only, not part of the "
+                        "product; the calls each path took are printed); gluon-fwd-experimental: the Gluon forward "
+                        "with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon forward "
+                        "(benchmarks/experimental/gluon_ws_forward.py) with the op's backward")
+    p.add_argument("--overlap", default="on",
+                   help="comma list of on/off: objective.relation.overlap (each layer's relations start during the "
+                        "forward, on a second CUDA stream); crossed with --relation-impl")
     p.add_argument("--relation-qk", type=float, default=0.0,
                    help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
                         "three relations only, the issue's benchmark")
@@ -203,17 +241,55 @@ def parse(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny shape on CPU in fp32 (a smoke test of this script)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)
+    a.impls = [x.strip() for x in a.relation_impl.split(",") if x.strip()]
+    bad = [x for x in a.impls if x not in IMPLS]
+    if bad or not a.impls:
+        p.error(f"--relation-impl: unknown {bad or a.relation_impl!r}; choose from {', '.join(IMPLS)}")
+    a.overlaps = [x.strip() for x in a.overlap.split(",") if x.strip()]
+    if not a.overlaps or any(x not in ("on", "off") for x in a.overlaps):
+        p.error(f"--overlap: give on, off or both (on,off), got {a.overlap!r}")
     if a.tiny:
         a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab = 2, 64, 128, 4, 4, 256
         a.seq, a.native, a.lora_r, a.lora_alpha, a.steps, a.warmup = 128, 128, 8, 16, 2, 1
     return a
 
 
+def _load_gluon():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gluon_relation_kl", Path(__file__).resolve().parent / "experimental" / "gluon_relation_kl.py")
+    gluon = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gluon)
+    return gluon
+
+
+def _route(impl: str, gluon):
+    """Send the relation calls of one variant where ``impl`` says; returns the undo."""
+    if impl == "op":
+        return lambda: None
+    if impl == "null":
+        return install_null_relation()
+    return gluon.install(backward="gluon" if impl == "gluon-experimental" else "op",
+                         forward="ws" if impl == "gluon-ws-fwd-experimental" else "gluon")
+
+
 def run(a) -> dict:
+    """Time every (impl, overlap) variant on the same models, one step of each in turn.
+
+    One variant: its figures. Several: {"variants": [...]}; with a null variant among them each
+    other variant also gets ``added_ms`` (its step minus the null step with the same overlap
+    setting) and ``added_share`` (that over its step): the time the relation op adds, which is
+    the honest cost once the op overlaps the model and its own spans no longer add up to it.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda" and any(i.startswith("gluon") for i in a.impls):
+        bad = next(i for i in a.impls if i.startswith("gluon"))
+        raise SystemExit(f"bench_distill_step.py: --relation-impl {bad} needs a GPU")
     teacher, student, rope = build_models(a, device, dtype)
-    objective = Objective(objective_config(a), rope, a.layers, a.backend)
+    variants = [(impl, ov == "on") for impl in a.impls for ov in a.overlaps]
+    objectives = {v: Objective(objective_config(a, v[1]), rope, a.layers, a.backend) for v in variants}
     if device.type == "cuda":
         import importlib  # the package attribute `relation_kl` is the function, not the module
 
@@ -222,85 +298,103 @@ def run(a) -> dict:
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)
     restore = instrument_relation_ops(clock)
-    gluon = None
-    if a.relation_impl.startswith("gluon"):
-        if device.type != "cuda":
-            raise SystemExit(f"bench_distill_step.py: --relation-impl {a.relation_impl} needs a GPU")
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "gluon_relation_kl", Path(__file__).resolve().parent / "experimental" / "gluon_relation_kl.py")
-        gluon = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gluon)
-        undo_gluon = gluon.install(
-            backward="gluon" if a.relation_impl == "gluon-experimental" else "op",
-            forward="ws" if a.relation_impl == "gluon-ws-fwd-experimental" else "gluon")
-        restore = (lambda undo_ops=restore: (undo_gluon(), undo_ops()))
+    gluon = _load_gluon() if any(i.startswith("gluon") for i in a.impls) else None
     g = torch.Generator().manual_seed(1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    step_ms, loss_ms, fwd_ms, losses = [], [], [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        for i in range(a.warmup + a.steps):
-            ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            clock.reset()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+    rec = {v: {"step": [], "loss_ms": [], "fwd_ms": [], "loss": [], "peak": 0.0} for v in variants}
+
+    def step(v, timed: bool) -> None:
+        ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        clock.reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        undo = _route(v[0], gluon)
+        try:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             with autocast:
-                out = objective(teacher, student, batch)
+                out = objectives[v](teacher, student, batch)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) * 1e3
-            if i >= a.warmup:
-                step_ms.append(dt)
-                loss_ms.append(clock.total_ms())
-                fwd_ms.append(clock.total_ms("fwd"))
-                losses.append(out.metrics["loss"])
+        finally:
+            undo()
+        if timed:
+            r = rec[v]
+            r["step"].append(dt)
+            r["loss_ms"].append(clock.total_ms())
+            r["fwd_ms"].append(clock.total_ms("fwd"))
+            r["loss"].append(out.metrics["loss"])
+            if device.type == "cuda":
+                r["peak"] = max(r["peak"], torch.cuda.max_memory_allocated() / 2**30)
+
+    try:
+        for v in variants:
+            for _ in range(a.warmup):
+                step(v, False)
+        for _ in range(a.steps):
+            for v in variants:
+                step(v, True)
     finally:
         restore()
-    step = statistics.median(step_ms)
-    rel = statistics.median(loss_ms)
-    res = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
-                  "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
-        "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
-        "relation_impl": a.relation_impl, "relation_calls": dict(gluon.routed) if gluon else None,
-        "relation_qk": a.relation_qk,
-        "grad_checkpointing": a.grad_checkpointing,
-        "dtype": str(dtype).replace("torch.", ""),
-        "step_ms": step, "tokens_per_s": a.batch * a.seq / (step / 1e3),
-        "relation_loss_ms": rel, "relation_loss_fwd_ms": statistics.median(fwd_ms),
-        "relation_loss_share": rel / step,
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "loss": losses[-1], "steps_timed": len(step_ms),
-    }
-    return res
+    results = []
+    for v in variants:
+        r = rec[v]
+        st, rel = statistics.median(r["step"]), statistics.median(r["loss_ms"])
+        results.append({
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
+                      "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
+            "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
+            "relation_impl": v[0], "overlap": v[1], "relation_calls": dict(gluon.routed) if gluon else None,
+            "relation_qk": a.relation_qk,
+            "grad_checkpointing": a.grad_checkpointing,
+            "dtype": str(dtype).replace("torch.", ""),
+            "step_ms": st, "step_ms_all": r["step"], "tokens_per_s": a.batch * a.seq / (st / 1e3),
+            "relation_loss_ms": rel, "relation_loss_fwd_ms": statistics.median(r["fwd_ms"]),
+            "relation_loss_share": rel / st,
+            "peak_mem_gb": r["peak"] if device.type == "cuda" else None,
+            "loss": r["loss"][-1], "steps_timed": len(r["step"]),
+        })
+    nulls = {res["overlap"]: res for res in results if res["relation_impl"] == "null"}
+    for res in results:
+        base = nulls.get(res["overlap"]) or next(iter(nulls.values()), None)
+        if base is not None and res["relation_impl"] != "null":
+            res["added_ms"] = res["step_ms"] - base["step_ms"]
+            res["added_share"] = res["added_ms"] / res["step_ms"]
+    return results[0] if len(results) == 1 else {"variants": results}
+
+
+def _line(res: dict) -> str:
+    line = (f"{res['relation_impl']:>26} overlap {'on ' if res['overlap'] else 'off'} | step {res['step_ms']:.1f} ms | "
+            f"{res['tokens_per_s']:.0f} tokens/s | relation-op spans {res['relation_loss_ms']:.1f} ms "
+            f"(fwd {res['relation_loss_fwd_ms']:.1f}) = {100 * res['relation_loss_share']:.1f}% of the step")
+    if "added_ms" in res:
+        line += f" | adds {res['added_ms']:.1f} ms = {100 * res['added_share']:.1f}% of the step"
+    line += " | peak memory " + (f"{res['peak_mem_gb']:.1f} GiB" if res["peak_mem_gb"] is not None else "n/a (CPU)")
+    return line + f" | loss {res['loss']:.4f}"
 
 
 def main(argv=None) -> int:
     a = parse(argv)
-    res = run(a)
-    s = res["shape"]
-    print(f"device {res['device']} | L={s['layers']} H={s['heads']} D={s['head_dim']} T={s['seq']} B={s['batch']} "
-          f"LoRA r={s['lora_r']} | backend {res['backend']} | {res['dtype']} | grad ckpt {res['grad_checkpointing']}")
-    print(f"step {res['step_ms']:.1f} ms | {res['tokens_per_s']:.0f} tokens/s | relation loss "
-          f"{res['relation_loss_ms']:.1f} ms (fwd {res['relation_loss_fwd_ms']:.1f}) = {100 * res['relation_loss_share']:.1f}% "
-          f"of the step | peak memory "
-          + (f"{res['peak_mem_gb']:.1f} GiB" if res["peak_mem_gb"] is not None else "n/a (CPU)")
-          + f" | loss {res['loss']:.4f}")
-    if res["relation_calls"] is not None:
-        print(f"relation calls: {res['relation_calls']['gluon']} to the Gluon kernels, {res['relation_calls']['op']} to the op")
-    print(json.dumps(res))
+    out = run(a)
+    results = out["variants"] if "variants" in out else [out]
+    s = results[0]["shape"]
+    print(f"device {results[0]['device']} | L={s['layers']} H={s['heads']} D={s['head_dim']} T={s['seq']} B={s['batch']} "
+          f"LoRA r={s['lora_r']} | backend {a.backend} | {results[0]['dtype']} | grad ckpt {a.grad_checkpointing}")
+    for res in results:
+        print(_line(res))
+    calls = results[0]["relation_calls"]
+    if calls is not None:
+        print(f"relation calls: {calls['gluon']} to the Gluon kernels, {calls['op']} to the op")
+    print(json.dumps(out))
     if a.json:
-        a.json.write_text(json.dumps(res, indent=2))
+        a.json.write_text(json.dumps(out, indent=2))
     return 0
 
 

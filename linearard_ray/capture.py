@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -62,9 +62,10 @@ class Capture:
     """What one ``capture_qkv`` context recorded: ``q``, ``k``, ``v`` dicts keyed by layer index,
     plus ``scaling[l]``, the softmax scale the model's attention uses."""
 
-    def __init__(self, layers: list[int], what: tuple[str, ...]):
+    def __init__(self, layers: list[int], what: tuple[str, ...], on_record: Callable[["Capture", int], None] | None = None):
         self.layers = layers
         self.what = what
+        self.on_record = on_record
         self.q: dict[int, torch.Tensor] = {}
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
@@ -80,6 +81,8 @@ class Capture:
             if name in self.what:
                 getattr(self, name)[layer] = t if grad else t.detach()
         self.scaling[layer] = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+        if self.on_record is not None:
+            self.on_record(self, layer)
 
     def check_complete(self) -> None:
         missing = [l for l in self.layers if l not in self.scaling]
@@ -137,12 +140,15 @@ def _uninstall() -> None:
 
 
 @contextmanager
-def capture_qkv(model, layers: Iterable[int], what: Iterable[str] = ("q", "k", "v")) -> Iterator[Capture]:
+def capture_qkv(model, layers: Iterable[int], what: Iterable[str] = ("q", "k", "v"),
+                on_record: Callable[[Capture, int], None] | None = None) -> Iterator[Capture]:
     """Record post-RoPE q, k and v of `layers` during forward passes inside the context.
 
     ``what`` limits the recording to the relations that are needed (e.g. ``("q", "k")``) so the
     teacher keeps nothing the loss will not read. The context yields a :class:`Capture`; its
-    tensors stay valid after the context exits.
+    tensors stay valid after the context exits. ``on_record(capture, layer)``, when given, is called once
+    per layer right after its tensors are recorded, before that layer's attention runs (the
+    relation loss starts on a layer while the forward goes on with the next).
     """
     mods = attention_modules(model)
     layers = sorted({int(l) for l in layers})
@@ -150,7 +156,7 @@ def capture_qkv(model, layers: Iterable[int], what: Iterable[str] = ("q", "k", "
     if bad:
         raise ValueError(f"capture layers {bad} out of range for a model with {len(mods)} layers")
     what = tuple(w for w in ("q", "k", "v") if w in set(what))
-    cap = Capture(layers, what)
+    cap = Capture(layers, what, on_record)
     for l in layers:
         if getattr(mods[l], _ATTR, None) is not None:
             raise RuntimeError(f"layer {l} of this model is already being captured (nested capture_qkv on one model)")

@@ -167,6 +167,10 @@ class RelationTerm(_Section):
     )
     layers: LayerSelection = Field(default_factory=LayerSelection)
     fused: bool = Field(True, description="One op call per layer for the three relations.")
+    overlap: bool = Field(True, description="Start each layer's relations as soon as the student's forward has its "
+                                            "q/k/v, on a second CUDA stream, so they overlap the rest of the forward "
+                                            "and (their backward) the model's backward. Same values; on CPU only "
+                                            "the order changes.")
 
     @field_validator("weights")
     @classmethod

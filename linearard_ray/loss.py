@@ -50,6 +50,7 @@ from linearard_ray.capture import _unwrap, capture_qkv
 from linearard_ray.config import ObjectiveConfig, RopeConfig
 from linearard_ray.ops.logit_kl import chunked_cross_entropy, chunked_logit_kl
 from linearard_ray.rope import rope_attention_factor
+from linearard_ray.side_stream import SideStream
 
 SELF_RELATIONS = ("q", "k", "v")
 RELATIONS = (*SELF_RELATIONS, "qk")  # qk: the attention map, a cross-relation of q and k
@@ -140,6 +141,7 @@ class Objective:
         self.layers = rel.layers.resolve(self.num_layers) if self.relations else []
         self.needs_teacher = bool(self.relations) or self.w_logit > 0
         self._corr_cache: dict[int, tuple[object, float]] = {}
+        self._sides: dict[torch.device, SideStream] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -154,51 +156,88 @@ class Objective:
             hit = self._corr_cache[id(cfg)] = (cfg, 1.0 / (m * m))
         return hit[1]
 
-    def _relations(self, tcap, scap, mask, corr_s: float, corr_t: float,
-                   dense: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        n_tok = mask.sum().clamp_min(1).to(torch.float32)
-        # A block without padding needs no mask in the kernels: the masked path loads and applies
-        # it on every tile, which costs time in an exp-bound inner loop.
-        op_mask = None if dense else mask
-        per_rel: dict[str, list[torch.Tensor]] = {r: [] for r in self.relations}
-        logs: dict[str, torch.Tensor] = {}
-        fused = self.cfg.relation.fused and len(self.self_relations) == 3
-        cast = _relation_caster(mask.device, [getattr(c, r)[l] for c in (scap, tcap) for r in self.captured
-                                              for l in self.layers])
-        for l in self.layers:
-            s_scale = scap.scaling[l]
-            t_scale = tcap.scaling[l]
-            scales_s = {"q": s_scale * corr_s, "k": s_scale * corr_s, "v": s_scale}
-            scales_t = {"q": t_scale * corr_t, "k": t_scale * corr_t, "v": t_scale}
-            if fused:
-                vals = ops.relation_kl_layer(
-                    *(cast(getattr(c, r)[l]) for c in (scap, tcap) for r in SELF_RELATIONS), attention_mask=op_mask,
-                    causal=True, student_scales=tuple(scales_s[r] for r in SELF_RELATIONS),
-                    teacher_scales=tuple(scales_t[r] for r in SELF_RELATIONS), reduction="sum", backend=self.backend)
-                sums = dict(zip(SELF_RELATIONS, vals))
-            else:
-                sums = {}
-                for r in self.self_relations:
-                    s, t = cast(getattr(scap, r)[l]), cast(getattr(tcap, r)[l])
-                    sums[r] = ops.relation_kl(s, None, t, None, attention_mask=op_mask, causal=True,
-                                              student_scale=scales_s[r], teacher_scale=scales_t[r],
-                                              reduction="sum", backend=self.backend)
-            if "qk" in self.relations:
-                sums["qk"] = ops.relation_kl(cast(scap.q[l]), cast(scap.k[l]), cast(tcap.q[l]), cast(tcap.k[l]),
-                                             attention_mask=op_mask, causal=True, student_scale=s_scale,
-                                             teacher_scale=t_scale, reduction="sum", backend=self.backend)
-            for r in self.relations:
-                heads = getattr(scap, "q" if r == "qk" else r)[l].shape[1]
-                v = sums[r].float() / (heads * n_tok)
-                per_rel[r].append(v)
-                logs[f"relation_layer{l}_{r}"] = v
-        total = torch.zeros((), device=mask.device)
+    def _layer_relations(self, l: int, tcap, scap, op_mask, n_tok: torch.Tensor, corr_s: float,
+                         corr_t: float) -> dict[str, torch.Tensor]:
+        """R_{l,r} of every relation r of layer l (the per-layer terms of the module docstring)."""
+        s_scale, t_scale = scap.scaling[l], tcap.scaling[l]
+        scales_s = {"q": s_scale * corr_s, "k": s_scale * corr_s, "v": s_scale}
+        scales_t = {"q": t_scale * corr_t, "k": t_scale * corr_t, "v": t_scale}
+        cast = _relation_caster(n_tok.device, [getattr(c, r)[l] for c in (scap, tcap) for r in self.captured])
+        if self.cfg.relation.fused and len(self.self_relations) == 3:
+            vals = ops.relation_kl_layer(
+                *(cast(getattr(c, r)[l]) for c in (scap, tcap) for r in SELF_RELATIONS), attention_mask=op_mask,
+                causal=True, student_scales=tuple(scales_s[r] for r in SELF_RELATIONS),
+                teacher_scales=tuple(scales_t[r] for r in SELF_RELATIONS), reduction="sum", backend=self.backend)
+            sums = dict(zip(SELF_RELATIONS, vals))
+        else:
+            sums = {}
+            for r in self.self_relations:
+                s, t = cast(getattr(scap, r)[l]), cast(getattr(tcap, r)[l])
+                sums[r] = ops.relation_kl(s, None, t, None, attention_mask=op_mask, causal=True,
+                                          student_scale=scales_s[r], teacher_scale=scales_t[r],
+                                          reduction="sum", backend=self.backend)
+        if "qk" in self.relations:
+            sums["qk"] = ops.relation_kl(cast(scap.q[l]), cast(scap.k[l]), cast(tcap.q[l]), cast(tcap.k[l]),
+                                         attention_mask=op_mask, causal=True, student_scale=s_scale,
+                                         teacher_scale=t_scale, reduction="sum", backend=self.backend)
+        out = {}
         for r in self.relations:
-            mean_r = torch.stack(per_rel[r]).mean()
+            heads = getattr(scap, "q" if r == "qk" else r)[l].shape[1]
+            out[r] = sums[r].float() / (heads * n_tok)
+        return out
+
+    def _combine_relations(self, per_layer: dict[int, dict[str, torch.Tensor]],
+                           device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logs: dict[str, torch.Tensor] = {}
+        for l in self.layers:
+            for r, v in per_layer[l].items():
+                logs[f"relation_layer{l}_{r}"] = v
+        total = torch.zeros((), device=device)
+        for r in self.relations:
+            mean_r = torch.stack([per_layer[l][r] for l in self.layers]).mean()
             logs[f"relation_{r}"] = mean_r
             total = total + self.rel_weights[r] * mean_r
         logs["relation"] = total
         return total, logs
+
+    def _side_stream(self, device: torch.device) -> SideStream:
+        side = self._sides.get(device)
+        if side is None:
+            side = self._sides[device] = SideStream(device)
+        return side
+
+    def _student_relations(self, student, s_dec, ids, mask, dense: bool, tcap, corr_t: float):
+        """The student's forward with capture, and the relation loss on what it captured.
+
+        With ``relation.overlap`` each layer's relations are queued the moment its q/k/v are
+        recorded, on a second CUDA stream (``side_stream``), while the forward goes on with the
+        next layer; autograd then runs their backward on that stream too. Otherwise they run on
+        the main stream after the forward. The values are the same either way.
+        """
+        n_tok = mask.sum().clamp_min(1).to(torch.float32)
+        # A block without padding needs no mask in the kernels: the masked path loads and applies
+        # it on every tile, which costs time in an exp-bound inner loop.
+        op_mask = None if dense else mask
+        corr_s = self._scale_correction(student)
+        per_layer: dict[int, dict[str, torch.Tensor]] = {}
+        side = self._side_stream(mask.device)
+
+        def on_record(scap, l: int) -> None:
+            inputs = [getattr(c, r)[l] for c in (scap, tcap) for r in self.captured] + [n_tok, op_mask]
+            with side.run(inputs):
+                per_layer[l] = self._layer_relations(l, tcap, scap, op_mask, n_tok, corr_s, corr_t)
+
+        overlap = self.cfg.relation.overlap
+        with capture_qkv(student, self.layers, what=self.captured, on_record=on_record if overlap else None) as scap:
+            s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
+        scap.check_complete()
+        if overlap:
+            side.join([v for terms in per_layer.values() for v in terms.values()])
+        else:
+            for l in self.layers:
+                per_layer[l] = self._layer_relations(l, tcap, scap, op_mask, n_tok, corr_s, corr_t)
+        rel, logs = self._combine_relations(per_layer, mask.device)
+        return s_out, rel, logs
 
     # ------------------------------------------------------------------ call
 
@@ -233,14 +272,11 @@ class Objective:
         nt_on_batch = self.w_nt > 0 and lm_batch is None and not self.own_lm_stream
         if self.needs_teacher or nt_on_batch:
             if self.relations:
-                with capture_qkv(student, self.layers, what=self.captured) as scap:
-                    s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
-                scap.check_complete()
-                rel, rel_logs = self._relations(tcap, scap, mask, self._scale_correction(student),
-                                                self._scale_correction(teacher), dense)
+                s_out, rel, rel_logs = self._student_relations(student, s_dec, ids, mask, dense, tcap,
+                                                               self._scale_correction(teacher))
                 logs.update(rel_logs)
                 loss = loss + self.w_rel * rel
-                del scap, tcap
+                del tcap
             else:
                 s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
             s_hidden = s_out.last_hidden_state

@@ -422,3 +422,48 @@ def test_a_few_steps_reduce_the_relation_loss(cache_dir, teachers):
     assert hist[-1]["relation"] < 0.6 * hist[0]["relation"]
     assert hist[-1]["logit_kl"] < hist[0]["logit_kl"]
     assert all(b["loss"] < a["loss"] for a, b in zip(hist, hist[1:]))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_overlap_starts_each_layer_during_the_forward_with_the_same_loss_and_gradients(
+        cache_dir, teachers, monkeypatch, checkpointing):
+    """relation.overlap queues a layer's relations as soon as its q/k/v exist (on GPU on a second
+    stream); the loss, every metric and every gradient are exactly those of the loss computed after
+    the forward, also inside non-reentrant checkpointed layers, whose saved-tensor hooks must not
+    take over the relation op's saved tensors."""
+    from linearard_ray.models import enable_checkpointing
+
+    batch = _batch(seed=11)
+    events: list[str] = []
+    orig = loss_mod.ops.relation_kl_layer
+
+    def spy(*args, **kw):
+        events.append("relation")
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(loss_mod.ops, "relation_kl_layer", spy)
+    results = {}
+    for overlap in (False, True):
+        student = _student(cache_dir, perturb=0.05, seed=4)
+        if checkpointing:
+            enable_checkpointing(student)
+        student.train()
+        last = student.get_base_model().model.layers[-1]
+        hook = last.register_forward_hook(lambda *_: events.append("last layer done"))
+        obj = _obj()
+        obj.cfg = obj.cfg.model_copy(update={"relation": obj.cfg.relation.model_copy(update={"overlap": overlap})})
+        events.clear()
+        out = obj(teachers["llama"], student, batch)
+        out.loss.backward()
+        hook.remove()
+        order = list(events)
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        results[overlap] = (out, grads, order)
+    (off, g_off, order_off), (on, g_on, order_on) = results[False], results[True]
+    assert order_off == ["last layer done", "relation", "relation"]
+    assert order_on == ["relation", "relation", "last layer done"]
+    assert off.loss > 0 and torch.equal(off.loss.detach(), on.loss.detach())
+    assert off.metrics == on.metrics
+    assert g_off.keys() == g_on.keys() and any(g.abs().max() > 0 for g in g_off.values())
+    for n in g_off:
+        assert torch.equal(g_off[n], g_on[n]), n
