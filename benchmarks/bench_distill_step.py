@@ -301,7 +301,8 @@ def run(a) -> dict:
     gluon = _load_gluon() if any(i.startswith("gluon") for i in a.impls) else None
     g = torch.Generator().manual_seed(1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    rec = {v: {"step": [], "loss_ms": [], "fwd_ms": [], "loss": [], "peak": 0.0} for v in variants}
+    rec = {v: {"step": [], "loss_ms": [], "fwd_ms": [], "loss": [], "peak": 0.0,
+               "calls": {"gluon": 0, "op": 0} if v[0].startswith("gluon") else None} for v in variants}
 
     def step(v, timed: bool) -> None:
         ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
@@ -310,6 +311,7 @@ def run(a) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        before = dict(gluon.routed) if rec[v]["calls"] is not None else None
         undo = _route(v[0], gluon)
         try:
             t0 = time.perf_counter()
@@ -324,6 +326,9 @@ def run(a) -> dict:
             dt = (time.perf_counter() - t0) * 1e3
         finally:
             undo()
+        if before is not None:
+            for k in before:
+                rec[v]["calls"][k] += gluon.routed[k] - before[k]
         if timed:
             r = rec[v]
             r["step"].append(dt)
@@ -351,7 +356,7 @@ def run(a) -> dict:
             "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                       "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
             "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
-            "relation_impl": v[0], "overlap": v[1], "relation_calls": dict(gluon.routed) if gluon else None,
+            "relation_impl": v[0], "overlap": v[1], "relation_calls": r["calls"],
             "relation_qk": a.relation_qk,
             "grad_checkpointing": a.grad_checkpointing,
             "dtype": str(dtype).replace("torch.", ""),
@@ -389,9 +394,9 @@ def main(argv=None) -> int:
           f"LoRA r={s['lora_r']} | backend {a.backend} | {results[0]['dtype']} | grad ckpt {a.grad_checkpointing}")
     for res in results:
         print(_line(res))
-    calls = results[0]["relation_calls"]
-    if calls is not None:
-        print(f"relation calls: {calls['gluon']} to the Gluon kernels, {calls['op']} to the op")
+        calls = res["relation_calls"]
+        if calls is not None:
+            print(f"{'':>26} relation calls: {calls['gluon']} to the Gluon kernels, {calls['op']} to the op")
     print(json.dumps(out))
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))

@@ -3,6 +3,7 @@ time goes, by kernel family, and how much of the step the GPU is busy at all.
 
     python benchmarks/profile_distill_step.py                  # 32 layers, T=4096 (bench defaults)
     python benchmarks/profile_distill_step.py --layers 4 --top 25
+    python benchmarks/profile_distill_step.py --relation-impl op,null --overlap off --top 30   # what the op adds
 
 The relation-loss share printed here is kernel time (the op's Triton kernels plus the small
 kernels of its launch path), which CUDA events around the calls cannot isolate when the host
@@ -41,6 +42,15 @@ def family(name: str) -> str:
     return "other (elementwise, reductions, copies, optimizer)"
 
 
+def _kernels(prof) -> dict[str, float]:
+    """GPU ms by kernel name (kernels only: operator rows repeat their kernels' device time)."""
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and not e.name.startswith("ProfilerStep"):
+            out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--top", type=int, default=0, help="also print the top-N kernels and host ops")
@@ -48,50 +58,69 @@ def main() -> None:
     a = b.parse(rest)
     dev = torch.device("cuda")
     teacher, student, rope = b.build_models(a, dev, torch.bfloat16)
-    obj = Objective(b.objective_config(a), rope, a.layers, a.backend)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = obj(teacher, student, batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
-
-    for _ in range(a.warmup):
-        step()
-    torch.cuda.synchronize()
-    walls = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - t0) * 1e3)
-    wall = sorted(walls)[len(walls) // 2]
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    fams: dict[str, float] = {}
-    for e in prof.events():  # kernels only: operator rows repeat their kernels' device time
-        if e.device_type == DeviceType.CUDA and not e.name.startswith("ProfilerStep"):
-            f = family(e.name)
-            fams[f] = fams.get(f, 0.0) + e.time_range.elapsed_us() / 1e3
-    busy = sum(fams.values())
+    gluon = b._load_gluon() if any(i.startswith("gluon") for i in a.impls) else None
     print(f"L={a.layers} H={a.heads} D={a.hidden // a.heads} T={a.seq} B={a.batch} LoRA r={a.lora_r} "
           f"grad ckpt {a.grad_checkpointing} | {torch.cuda.get_device_name()} | ops backend {a.backend}")
-    print(f"step wall (median of {len(walls)}, unprofiled) {wall:.1f} ms | GPU busy in the profiled step {busy:.1f} ms")
-    print("| kernel family | GPU ms | share of GPU busy | share of step wall |")
-    print("|---|---|---|---|")
-    for f, t in sorted(fams.items(), key=lambda kv: -kv[1]):
-        print(f"| {f} | {t:.1f} | {100 * t / busy:.1f}% | {100 * t / wall:.1f}% |")
-    if own.top:
-        ka = prof.key_averages()
-        print(ka.table(sort_by="self_device_time_total", row_limit=own.top, max_name_column_width=70))
-        print(ka.table(sort_by="cpu_time_total", row_limit=own.top, max_name_column_width=70))
+    per_variant: dict[str, dict[str, float]] = {}
+    for impl in a.impls:
+        for ov in a.overlaps:
+            obj = Objective(b.objective_config(a, ov == "on"), rope, a.layers, a.backend)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = obj(teacher, student, batch)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+
+            undo = b._route(impl, gluon)
+            try:
+                for _ in range(a.warmup):
+                    step()
+                torch.cuda.synchronize()
+                walls = []
+                for _ in range(a.steps):
+                    t0 = time.perf_counter()
+                    step()
+                    torch.cuda.synchronize()
+                    walls.append((time.perf_counter() - t0) * 1e3)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    step()
+                    torch.cuda.synchronize()
+            finally:
+                undo()
+            wall = sorted(walls)[len(walls) // 2]
+            kern = _kernels(prof)
+            per_variant[f"{impl}/overlap {ov}"] = kern
+            fams: dict[str, float] = {}
+            for name, t in kern.items():
+                fams[family(name)] = fams.get(family(name), 0.0) + t
+            busy = sum(fams.values())
+            print(f"\n== {impl}, overlap {ov}: step wall (median of {len(walls)}, unprofiled) {wall:.1f} ms | "
+                  f"GPU kernel time in the profiled step {busy:.1f} ms (kernels of two streams can overlap)")
+            print("| kernel family | GPU ms | share of kernel time | share of step wall |")
+            print("|---|---|---|---|")
+            for f, t in sorted(fams.items(), key=lambda kv: -kv[1]):
+                print(f"| {f} | {t:.1f} | {100 * t / busy:.1f}% | {100 * t / wall:.1f}% |")
+            if own.top:
+                ka = prof.key_averages()
+                print(ka.table(sort_by="self_device_time_total", row_limit=own.top, max_name_column_width=70))
+                print(ka.table(sort_by="cpu_time_total", row_limit=own.top, max_name_column_width=70))
+    if len(per_variant) > 1 and own.top:
+        # Which kernels one variant has more of than the first: where an op's extra time goes.
+        names = list(per_variant)
+        ref = per_variant[names[0]]
+        for other in names[1:]:
+            cur = per_variant[other]
+            diff = sorted(((ref.get(k, 0.0) - cur.get(k, 0.0), k) for k in set(ref) | set(cur)), reverse=True)
+            print(f"\n== GPU ms of {names[0]} minus {other}, largest first")
+            for d, k in diff[:own.top]:
+                print(f"{d:9.2f}  {k[:110]}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ around the relation ops leaves the loss and the gradients exactly as they are.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.scripts import load_script
@@ -84,3 +85,29 @@ def test_attention_map_term_is_timed_with_the_relations():
         b.ops.relation_kl = orig
     assert calls and all(calls) and len(calls) == a.layers * (a.steps + a.warmup)
     assert res["relation_qk"] == 1.0 and 0 < res["relation_loss_share"] < 1
+
+
+def test_variants_are_timed_in_turn_and_the_op_is_charged_against_the_null_relation():
+    b = _bench()
+    a = b.parse(["--tiny", "--relation-impl", "op,null", "--overlap", "off,on"])
+    a.seq, a.native, a.steps, a.warmup = 32, 32, 1, 0
+    res = b.run(a)["variants"]
+    assert [(r["relation_impl"], r["overlap"]) for r in res] == [("op", False), ("op", True), ("null", False),
+                                                                   ("null", True)]
+    nulls = {r["overlap"]: r for r in res if r["relation_impl"] == "null"}
+    for r in res:
+        if r["relation_impl"] == "op":
+            assert r["loss"] > 0 and r["relation_loss_ms"] > 0
+            assert r["added_ms"] == r["step_ms"] - nulls[r["overlap"]]["step_ms"]
+        else:
+            assert r["loss"] == 0 and r["relation_loss_ms"] == 0 and "added_ms" not in r
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    undo = b.install_null_relation()
+    try:
+        kl = b.ops.relation_kl(x, None, x.detach(), None)
+    finally:
+        undo()
+    kl.backward()
+    assert kl.item() == 0 and x.grad.shape == x.shape and torch.count_nonzero(x.grad) == 0
+    with pytest.raises(SystemExit):
+        b.parse(["--tiny", "--relation-impl", "op,nope"])
