@@ -127,10 +127,25 @@ def instrument_relation_ops(clock: _Clock):
     return lambda: (setattr(ops, "relation_kl_layer", orig_layer), setattr(ops, "relation_kl", orig_single))
 
 
+_NULL_GRADS: dict[tuple, torch.Tensor] = {}
+
+
+def _null_grad(shape, dtype, device) -> torch.Tensor:
+    # Fixed random values, not zeros: GEMMs on all-zero operands draw less power and clock higher
+    # (measured: the step's GEMMs ran 9.6 ms faster behind zero gradients), which flatters the
+    # baseline. One cached tensor per shape: nothing is generated inside the timed steps.
+    key = (tuple(shape), dtype, device)
+    g = _NULL_GRADS.get(key)
+    if g is None:
+        gen = torch.Generator(device=device).manual_seed(7)
+        g = _NULL_GRADS[key] = (torch.randn(shape, generator=gen, device=device) * 1e-3).to(dtype)
+    return g
+
+
 class _NullRelation(torch.autograd.Function):
-    """Zero loss with zero gradients (stride-0, nothing written) in the relation op's place: the
-    step with every other kernel the relation loss brings (capture, casts, the student backward
-    it drives), which the real op's step is compared with to get the time the op adds."""
+    """Zero loss with fixed random gradients in the relation op's place: the step with every other
+    kernel the relation loss brings (capture, casts, the student backward it drives), which the real
+    op's step is compared with to get the time the op adds."""
 
     @staticmethod
     def forward(ctx, n_out, *students):
@@ -140,7 +155,7 @@ class _NullRelation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *(torch.zeros((), dtype=dt, device=ctx.device).expand(shape) for shape, dt in ctx.shapes))
+        return (None, *(_null_grad(shape, dt, ctx.device) for shape, dt in ctx.shapes))
 
 
 def install_null_relation():
@@ -196,6 +211,7 @@ def objective_config(a, overlap: bool = True) -> ObjectiveConfig:
                                                        "overlap": overlap})
 
 
+BACKWARDS = ("auto", "sweep", "atomic", "rowfwd")
 IMPLS = ("op", "null", "gluon-experimental", "gluon-fwd-experimental", "gluon-ws-fwd-experimental")
 
 
@@ -215,8 +231,9 @@ def parse(argv=None):
     p.add_argument("--lora-r", type=int, default=1024)
     p.add_argument("--lora-alpha", type=float, default=2048.0)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
-    p.add_argument("--relation-backward", default="auto", choices=["auto", "sweep", "atomic", "rowfwd"],
-                   help="Triton backward of the relation op: auto (the op's default, the sweep), sweep (two "
+    p.add_argument("--relation-backward", default="auto",
+                   help="comma list (crossed with the op variants; the others take auto): Triton backward of the "
+                        "relation op: auto (the op's default, the sweep), sweep (two "
                         "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
                         "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
     p.add_argument("--relation-impl", default="op",
@@ -245,6 +262,9 @@ def parse(argv=None):
     bad = [x for x in a.impls if x not in IMPLS]
     if bad or not a.impls:
         p.error(f"--relation-impl: unknown {bad or a.relation_impl!r}; choose from {', '.join(IMPLS)}")
+    a.backwards = [x.strip() for x in a.relation_backward.split(",") if x.strip()]
+    if not a.backwards or any(x not in BACKWARDS for x in a.backwards):
+        p.error(f"--relation-backward: choose from {', '.join(BACKWARDS)}, got {a.relation_backward!r}")
     a.overlaps = [x.strip() for x in a.overlap.split(",") if x.strip()]
     if not a.overlaps or any(x not in ("on", "off") for x in a.overlaps):
         p.error(f"--overlap: give on, off or both (on,off), got {a.overlap!r}")
@@ -288,12 +308,13 @@ def run(a) -> dict:
         bad = next(i for i in a.impls if i.startswith("gluon"))
         raise SystemExit(f"bench_distill_step.py: --relation-impl {bad} needs a GPU")
     teacher, student, rope = build_models(a, device, dtype)
-    variants = [(impl, ov == "on") for impl in a.impls for ov in a.overlaps]
-    objectives = {v: Objective(objective_config(a, v[1]), rope, a.layers, a.backend) for v in variants}
-    if device.type == "cuda":
-        import importlib  # the package attribute `relation_kl` is the function, not the module
+    # (impl, backward mode, overlap); only the op's own backward has modes
+    variants = [(impl, bw, ov == "on") for impl in a.impls for bw in (a.backwards if impl == "op" else ["auto"])
+                for ov in a.overlaps]
+    objectives = {v: Objective(objective_config(a, v[2]), rope, a.layers, a.backend) for v in variants}
+    import importlib  # the package attribute `relation_kl` is the function, not the module
 
-        importlib.import_module("linearard_ray.ops.relation_kl").set_backward_mode(None if a.relation_backward == "auto" else a.relation_backward)
+    rk = importlib.import_module("linearard_ray.ops.relation_kl") if device.type == "cuda" else None
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)
@@ -313,6 +334,8 @@ def run(a) -> dict:
             torch.cuda.reset_peak_memory_stats()
         before = dict(gluon.routed) if rec[v]["calls"] is not None else None
         undo = _route(v[0], gluon)
+        if rk is not None:
+            rk.set_backward_mode(None if v[1] == "auto" else v[1])
         try:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -347,6 +370,8 @@ def run(a) -> dict:
                 step(v, True)
     finally:
         restore()
+        if rk is not None:
+            rk.set_backward_mode(None)
     results = []
     for v in variants:
         r = rec[v]
@@ -355,8 +380,8 @@ def run(a) -> dict:
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                       "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
-            "backend": a.backend, "relation_backward": a.relation_backward, "relation_layers": a.relation_layers,
-            "relation_impl": v[0], "overlap": v[1], "relation_calls": r["calls"],
+            "backend": a.backend, "relation_backward": v[1], "relation_layers": a.relation_layers,
+            "relation_impl": v[0], "overlap": v[2], "relation_calls": r["calls"],
             "relation_qk": a.relation_qk,
             "grad_checkpointing": a.grad_checkpointing,
             "dtype": str(dtype).replace("torch.", ""),
@@ -376,7 +401,8 @@ def run(a) -> dict:
 
 
 def _line(res: dict) -> str:
-    line = (f"{res['relation_impl']:>26} overlap {'on ' if res['overlap'] else 'off'} | step {res['step_ms']:.1f} ms | "
+    impl = res["relation_impl"] + (f" ({res['relation_backward']})" if res["relation_backward"] != "auto" else "")
+    line = (f"{impl:>26} overlap {'on ' if res['overlap'] else 'off'} | step {res['step_ms']:.1f} ms | "
             f"{res['tokens_per_s']:.0f} tokens/s | relation-op spans {res['relation_loss_ms']:.1f} ms "
             f"(fwd {res['relation_loss_fwd_ms']:.1f}) = {100 * res['relation_loss_share']:.1f}% of the step")
     if "added_ms" in res:
