@@ -36,6 +36,7 @@ from linearard_ray.config import ObjectiveConfig, RopeConfig  # noqa: E402
 from linearard_ray.loss import Objective  # noqa: E402
 from linearard_ray.models import enable_checkpointing  # noqa: E402
 from linearard_ray.rope import apply_rope_scaling  # noqa: E402
+from linearard_ray.side_stream import SideStream  # noqa: E402
 
 
 # --------------------------------------------------------------------------- timing of the loss
@@ -245,8 +246,9 @@ def parse(argv=None):
                         "with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon forward "
                         "(benchmarks/experimental/gluon_ws_forward.py) with the op's backward")
     p.add_argument("--overlap", default="on",
-                   help="comma list of on/off: objective.relation.overlap (each layer's relations start during the "
-                        "forward, on a second CUDA stream); crossed with --relation-impl")
+                   help="comma list of on/off/on-hi: objective.relation.overlap (each layer's relations start during "
+                        "the forward, on a second CUDA stream; on-hi: that stream at a higher priority than the main "
+                        "one); crossed with --relation-impl")
     p.add_argument("--relation-qk", type=float, default=0.0,
                    help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
                         "three relations only, the issue's benchmark")
@@ -266,8 +268,8 @@ def parse(argv=None):
     if not a.backwards or any(x not in BACKWARDS for x in a.backwards):
         p.error(f"--relation-backward: choose from {', '.join(BACKWARDS)}, got {a.relation_backward!r}")
     a.overlaps = [x.strip() for x in a.overlap.split(",") if x.strip()]
-    if not a.overlaps or any(x not in ("on", "off") for x in a.overlaps):
-        p.error(f"--overlap: give on, off or both (on,off), got {a.overlap!r}")
+    if not a.overlaps or any(x not in ("on", "off", "on-hi") for x in a.overlaps):
+        p.error(f"--overlap: give a list of on, off, on-hi, got {a.overlap!r}")
     if a.tiny:
         a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab = 2, 64, 128, 4, 4, 256
         a.seq, a.native, a.lora_r, a.lora_alpha, a.steps, a.warmup = 128, 128, 8, 16, 2, 1
@@ -309,9 +311,12 @@ def run(a) -> dict:
         raise SystemExit(f"bench_distill_step.py: --relation-impl {bad} needs a GPU")
     teacher, student, rope = build_models(a, device, dtype)
     # (impl, backward mode, overlap); only the op's own backward has modes
-    variants = [(impl, bw, ov == "on") for impl in a.impls for bw in (a.backwards if impl == "op" else ["auto"])
+    variants = [(impl, bw, ov) for impl in a.impls for bw in (a.backwards if impl == "op" else ["auto"])
                 for ov in a.overlaps]
-    objectives = {v: Objective(objective_config(a, v[2]), rope, a.layers, a.backend) for v in variants}
+    objectives = {v: Objective(objective_config(a, v[2] != "off"), rope, a.layers, a.backend) for v in variants}
+    for v, obj in objectives.items():
+        if v[2] == "on-hi" and device.type == "cuda":
+            obj._sides[device] = SideStream(device, priority=-100)  # torch maps it to the most urgent
     import importlib  # the package attribute `relation_kl` is the function, not the module
 
     rk = importlib.import_module("linearard_ray.ops.relation_kl") if device.type == "cuda" else None
@@ -381,7 +386,8 @@ def run(a) -> dict:
             "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                       "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
             "backend": a.backend, "relation_backward": v[1], "relation_layers": a.relation_layers,
-            "relation_impl": v[0], "overlap": v[2], "relation_calls": r["calls"],
+            "relation_impl": v[0], "overlap": v[2] != "off", "side_priority": "high" if v[2] == "on-hi" else None,
+            "relation_calls": r["calls"],
             "relation_qk": a.relation_qk,
             "grad_checkpointing": a.grad_checkpointing,
             "dtype": str(dtype).replace("torch.", ""),
@@ -391,7 +397,7 @@ def run(a) -> dict:
             "peak_mem_gb": r["peak"] if device.type == "cuda" else None,
             "loss": r["loss"][-1], "steps_timed": len(r["step"]),
         })
-    nulls = {res["overlap"]: res for res in results if res["relation_impl"] == "null"}
+    nulls = {res["overlap"]: res for res in results if res["relation_impl"] == "null" and not res["side_priority"]}
     for res in results:
         base = nulls.get(res["overlap"]) or next(iter(nulls.values()), None)
         if base is not None and res["relation_impl"] != "null":
@@ -402,7 +408,8 @@ def run(a) -> dict:
 
 def _line(res: dict) -> str:
     impl = res["relation_impl"] + (f" ({res['relation_backward']})" if res["relation_backward"] != "auto" else "")
-    line = (f"{impl:>26} overlap {'on ' if res['overlap'] else 'off'} | step {res['step_ms']:.1f} ms | "
+    ov = ("on-hi" if res["side_priority"] else "on") if res["overlap"] else "off"
+    line = (f"{impl:>26} overlap {ov:<5} | step {res['step_ms']:.1f} ms | "
             f"{res['tokens_per_s']:.0f} tokens/s | relation-op spans {res['relation_loss_ms']:.1f} ms "
             f"(fwd {res['relation_loss_fwd_ms']:.1f}) = {100 * res['relation_loss_share']:.1f}% of the step")
     if "added_ms" in res:

@@ -29,10 +29,11 @@ class SideStream:
     """``with side.run(inputs): ...`` queues work on the side stream; ``side.join(outputs)`` hands
     its results back to the main stream. ``enabled`` is False off CUDA (both are then no-ops)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, priority: int = 0):
         self.device = torch.device(device)
         self.enabled = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(device=self.device) if self.enabled else None
+        # priority: CUDA's, lower is more urgent; 0 is the default streams' (the least urgent)
+        self.stream = torch.cuda.Stream(device=self.device, priority=priority) if self.enabled else None
 
     @contextmanager
     def run(self, inputs: Iterable[torch.Tensor]) -> Iterator[None]:
