@@ -246,9 +246,9 @@ def parse(argv=None):
                         "with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon forward "
                         "(benchmarks/experimental/gluon_ws_forward.py) with the op's backward")
     p.add_argument("--overlap", default="on",
-                   help="comma list of on/off/on-hi: objective.relation.overlap (each layer's relations start during "
-                        "the forward, on a second CUDA stream; on-hi: that stream at a higher priority than the main "
-                        "one); crossed with --relation-impl")
+                   help="comma list of on/off/on-lo: objective.relation.overlap (each layer's relations start during "
+                        "the forward, on a second CUDA stream, at the most urgent priority; on-lo: that stream at "
+                        "the default priority, the main stream's); crossed with --relation-impl")
     p.add_argument("--relation-qk", type=float, default=0.0,
                    help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
                         "three relations only, the issue's benchmark")
@@ -268,8 +268,8 @@ def parse(argv=None):
     if not a.backwards or any(x not in BACKWARDS for x in a.backwards):
         p.error(f"--relation-backward: choose from {', '.join(BACKWARDS)}, got {a.relation_backward!r}")
     a.overlaps = [x.strip() for x in a.overlap.split(",") if x.strip()]
-    if not a.overlaps or any(x not in ("on", "off", "on-hi") for x in a.overlaps):
-        p.error(f"--overlap: give a list of on, off, on-hi, got {a.overlap!r}")
+    if not a.overlaps or any(x not in ("on", "off", "on-lo") for x in a.overlaps):
+        p.error(f"--overlap: give a list of on, off, on-lo, got {a.overlap!r}")
     if a.tiny:
         a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab = 2, 64, 128, 4, 4, 256
         a.seq, a.native, a.lora_r, a.lora_alpha, a.steps, a.warmup = 128, 128, 8, 16, 2, 1
@@ -315,8 +315,8 @@ def run(a) -> dict:
                 for ov in a.overlaps]
     objectives = {v: Objective(objective_config(a, v[2] != "off"), rope, a.layers, a.backend) for v in variants}
     for v, obj in objectives.items():
-        if v[2] == "on-hi" and device.type == "cuda":
-            obj._sides[device] = SideStream(device, priority=-100)  # torch maps it to the most urgent
+        if v[2] == "on-lo" and device.type == "cuda":
+            obj._sides[device] = SideStream(device, priority=0)
     import importlib  # the package attribute `relation_kl` is the function, not the module
 
     rk = importlib.import_module("linearard_ray.ops.relation_kl") if device.type == "cuda" else None
@@ -386,7 +386,7 @@ def run(a) -> dict:
             "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
                       "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
             "backend": a.backend, "relation_backward": v[1], "relation_layers": a.relation_layers,
-            "relation_impl": v[0], "overlap": v[2] != "off", "side_priority": "high" if v[2] == "on-hi" else None,
+            "relation_impl": v[0], "overlap": v[2] != "off", "side_priority": "default" if v[2] == "on-lo" else None,
             "relation_calls": r["calls"],
             "relation_qk": a.relation_qk,
             "grad_checkpointing": a.grad_checkpointing,
@@ -408,7 +408,7 @@ def run(a) -> dict:
 
 def _line(res: dict) -> str:
     impl = res["relation_impl"] + (f" ({res['relation_backward']})" if res["relation_backward"] != "auto" else "")
-    ov = ("on-hi" if res["side_priority"] else "on") if res["overlap"] else "off"
+    ov = ("on-lo" if res["side_priority"] else "on") if res["overlap"] else "off"
     line = (f"{impl:>26} overlap {ov:<5} | step {res['step_ms']:.1f} ms | "
             f"{res['tokens_per_s']:.0f} tokens/s | relation-op spans {res['relation_loss_ms']:.1f} ms "
             f"(fwd {res['relation_loss_fwd_ms']:.1f}) = {100 * res['relation_loss_share']:.1f}% of the step")

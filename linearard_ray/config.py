@@ -167,6 +167,13 @@ class RelationTerm(_Section):
     )
     layers: LayerSelection = Field(default_factory=LayerSelection)
     fused: bool = Field(True, description="One op call per layer for the three relations.")
+    backward: Literal["auto", "sweep", "rowfwd"] = Field(
+        "auto", description="Backward of the Triton relation kernels: auto (the op's process-wide mode, "
+                             "ops.relation_kl.set_backward_mode; sweep unless changed), sweep (two recomputes, no "
+                             "extra memory) or "
+                             "rowfwd (the forward also keeps the row part of the gradient, an fp32 buffer twice the "
+                             "size of each student q/k/v, until the backward; measured 1.10-1.14x faster at head dim "
+                             "128 from 2K tokens, slower at head dim 64 below 8K). Both are bitwise reproducible.")
     overlap: bool = Field(True, description="Start each layer's relations as soon as the student's forward has its "
                                             "q/k/v, on a second CUDA stream, so they overlap the rest of the forward "
                                             "and (their backward) the model's backward. Same values; on CPU only "

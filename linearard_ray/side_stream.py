@@ -21,6 +21,10 @@ from typing import Iterable, Iterator
 import torch
 
 
+# torch maps any priority past the device's range to its end: this is the most urgent one
+MOST_URGENT = -100
+
+
 def _keep(t: torch.Tensor) -> torch.Tensor:
     return t
 

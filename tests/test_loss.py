@@ -467,3 +467,41 @@ def test_overlap_starts_each_layer_during_the_forward_with_the_same_loss_and_gra
     assert g_off.keys() == g_on.keys() and any(g.abs().max() > 0 for g in g_off.values())
     for n in g_off:
         assert torch.equal(g_off[n], g_on[n]), n
+
+
+def test_relation_backward_setting_reaches_the_triton_op_and_keeps_loss_and_gradients(cache_dir, teachers, monkeypatch):
+    """objective.relation.backward: the op runs its forwards in that mode (read at forward time) and
+    the process-wide mode is back afterwards; 'auto' leaves the process-wide mode in charge. The
+    rowfwd and sweep backwards agree (Triton; in CI under the interpreter)."""
+    rk = pytest.importorskip("linearard_ray.ops.relation_kl")
+    seen: list = []
+    orig = loss_mod.ops.relation_kl_layer
+
+    def spy(*args, **kw):
+        seen.append(rk._bwd_mode)
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(loss_mod.ops, "relation_kl_layer", spy)
+    batch = _batch(T=24, seed=13)
+    out = {}
+    for mode in ("sweep", "rowfwd"):
+        student = _student(cache_dir, perturb=0.05, seed=2)
+        obj = _obj()
+        obj.backend = "triton"
+        obj.cfg = obj.cfg.model_copy(update={"relation": obj.cfg.relation.model_copy(update={"backward": mode})})
+        seen.clear()
+        res = obj(teachers["llama"], student, batch)
+        res.loss.backward()
+        assert seen == [mode, mode] and rk._bwd_mode is None
+        out[mode] = (res.loss.detach(), {n: p.grad for n, p in student.named_parameters() if p.requires_grad})
+    (l_sw, g_sw), (l_rf, g_rf) = out["sweep"], out["rowfwd"]
+    assert l_sw > 0 and torch.allclose(l_sw, l_rf, rtol=1e-5)
+    for n in g_sw:
+        assert torch.allclose(g_sw[n], g_rf[n], rtol=1e-4, atol=1e-5 * float(g_sw[n].abs().max())), n
+    rk.set_backward_mode("rowfwd")
+    try:
+        seen.clear()
+        _obj()(teachers["llama"], _student(cache_dir), batch)
+        assert seen == ["rowfwd", "rowfwd"]  # auto: the process-wide mode
+    finally:
+        rk.set_backward_mode(None)

@@ -65,6 +65,8 @@ has no bf16): exact for the inputs, and G is still rounded to the input dtype fi
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -755,6 +757,17 @@ def set_backward_mode(mode: Optional[str]) -> None:
     if mode is not None and mode not in BACKWARD_MODES:
         raise ValueError(f"backward mode must be one of {BACKWARD_MODES} or None, got {mode!r}")
     _bwd_mode = mode
+
+
+@contextlib.contextmanager
+def backward_mode(mode: Optional[str]):
+    """``set_backward_mode(mode)`` for the forwards run inside, then the mode from before."""
+    prev = _bwd_mode
+    set_backward_mode(mode)
+    try:
+        yield
+    finally:
+        set_backward_mode(prev)
 
 
 def _use_atomic(self_rel: bool, causal: bool) -> bool:
