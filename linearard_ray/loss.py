@@ -219,8 +219,8 @@ class Objective:
         if side is None:
             # Most urgent: the main stream waits on what the side stream computes (the loss at the
             # end of the forward, each layer's q/k/v gradients in the backward), so the relation
-            # kernels are on the critical path. Measured on the 7B step: 2.8-5.7 ms faster than
-            # the default priority (benchmarks/RESULTS.md).
+            # kernels are on the critical path. On the 7B step it was 2.8-5.7 ms faster than the
+            # default priority in one run, within the spread between runs (benchmarks/RESULTS.md).
             side = self._sides[device] = SideStream(device, priority=MOST_URGENT)
         return side
 
