@@ -4,12 +4,17 @@ Why the relation loss goes there: its kernels are bound by the tensor cores and 
 units, while much of a decoder step is memory-bound elementwise work (RMSNorm, RoPE, SiLU, casts,
 residual adds) that leaves both idle. On one stream the two only take turns; on two the GPU
 can run them at once. Autograd runs an op's backward on the stream its forward ran on, so the
-relation backward lands on the side stream as well and overlaps the decoder's backward.
+relation backward lands on the side stream as well and overlaps the decoder's backward. Measured
+on the LLaMA-2-7B-shaped step (benchmarks/RESULTS.md, session 17): 4-14 ms a step. That is about
+the gaps the relation op's host path leaves on one stream; the decoder's GEMMs fill the GPU as
+well, so the relation kernels themselves mostly share SMs rather than hide.
 
 The stream rules kept here, so the caching allocator never hands out memory a stream still reads:
 the side stream waits for the main one before reading what the main one wrote; every tensor one
 stream allocated and the other reads is ``record_stream``-ed on the reader; the main stream waits
-for the side one before it uses a result. Off CUDA everything runs in place: same ops, same order
+for the side one before it uses a result. Gradients that the relation backward hands to the main
+stream need nothing from us: autograd's input buffer makes the consumer wait and records its
+stream on them. Off CUDA everything runs in place: same ops, same order
 within the relation loss, same values.
 """
 

@@ -66,7 +66,6 @@ has no bf16): exact for the inputs, and G is still rounded to the input dtype fi
 from __future__ import annotations
 
 import contextlib
-
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
