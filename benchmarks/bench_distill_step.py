@@ -18,6 +18,7 @@ Only torch, transformers, peft and this package are needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -296,8 +297,39 @@ def _route(impl: str, gluon):
                          forward="ws" if impl == "gluon-ws-fwd-experimental" else "gluon")
 
 
+def variants(a) -> list[tuple[str, str, str]]:
+    """(impl, backward mode, overlap) of every variant the arguments ask for; only the op's own
+    backward has modes."""
+    return [(impl, bw, ov) for impl in a.impls for bw in (a.backwards if impl == "op" else ["auto"])
+            for ov in a.overlaps]
+
+
+def make_objective(a, v, rope, device: torch.device) -> Objective:
+    obj = Objective(objective_config(a, v[2] != "off"), rope, a.layers, a.backend)
+    if v[2] == "on-lo" and device.type == "cuda":
+        obj._sides[device] = SideStream(device, priority=0)
+    return obj
+
+
+@contextlib.contextmanager
+def routed(v, gluon, device: torch.device):
+    """The relation calls go where variant v says, with its backward mode; both undone after."""
+    import importlib  # the package attribute `relation_kl` is the function, not the module
+
+    rk = importlib.import_module("linearard_ray.ops.relation_kl") if device.type == "cuda" else None
+    undo = _route(v[0], gluon)
+    if rk is not None:
+        rk.set_backward_mode(None if v[1] == "auto" else v[1])
+    try:
+        yield
+    finally:
+        undo()
+        if rk is not None:
+            rk.set_backward_mode(None)
+
+
 def run(a) -> dict:
-    """Time every (impl, overlap) variant on the same models, one step of each in turn.
+    """Time every (impl, backward, overlap) variant on the same models, one step of each in turn.
 
     One variant: its figures. Several: {"variants": [...]}; with a null variant among them each
     other variant also gets ``added_ms`` (its step minus the null step with the same overlap
@@ -310,16 +342,8 @@ def run(a) -> dict:
         bad = next(i for i in a.impls if i.startswith("gluon"))
         raise SystemExit(f"bench_distill_step.py: --relation-impl {bad} needs a GPU")
     teacher, student, rope = build_models(a, device, dtype)
-    # (impl, backward mode, overlap); only the op's own backward has modes
-    variants = [(impl, bw, ov) for impl in a.impls for bw in (a.backwards if impl == "op" else ["auto"])
-                for ov in a.overlaps]
-    objectives = {v: Objective(objective_config(a, v[2] != "off"), rope, a.layers, a.backend) for v in variants}
-    for v, obj in objectives.items():
-        if v[2] == "on-lo" and device.type == "cuda":
-            obj._sides[device] = SideStream(device, priority=0)
-    import importlib  # the package attribute `relation_kl` is the function, not the module
-
-    rk = importlib.import_module("linearard_ray.ops.relation_kl") if device.type == "cuda" else None
+    todo = variants(a)
+    objectives = {v: make_objective(a, v, rope, device) for v in todo}
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)
@@ -328,7 +352,7 @@ def run(a) -> dict:
     g = torch.Generator().manual_seed(1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     rec = {v: {"step": [], "loss_ms": [], "fwd_ms": [], "loss": [], "peak": 0.0,
-               "calls": {"gluon": 0, "op": 0} if v[0].startswith("gluon") else None} for v in variants}
+               "calls": {"gluon": 0, "op": 0} if v[0].startswith("gluon") else None} for v in todo}
 
     def step(v, timed: bool) -> None:
         ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
@@ -338,10 +362,7 @@ def run(a) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         before = dict(gluon.routed) if rec[v]["calls"] is not None else None
-        undo = _route(v[0], gluon)
-        if rk is not None:
-            rk.set_backward_mode(None if v[1] == "auto" else v[1])
-        try:
+        with routed(v, gluon, device):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             with autocast:
@@ -352,8 +373,6 @@ def run(a) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) * 1e3
-        finally:
-            undo()
         if before is not None:
             for k in before:
                 rec[v]["calls"][k] += gluon.routed[k] - before[k]
@@ -367,18 +386,16 @@ def run(a) -> dict:
                 r["peak"] = max(r["peak"], torch.cuda.max_memory_allocated() / 2**30)
 
     try:
-        for v in variants:
+        for v in todo:
             for _ in range(a.warmup):
                 step(v, False)
         for _ in range(a.steps):
-            for v in variants:
+            for v in todo:
                 step(v, True)
     finally:
         restore()
-        if rk is not None:
-            rk.set_backward_mode(None)
     results = []
-    for v in variants:
+    for v in todo:
         r = rec[v]
         st, rel = statistics.median(r["step"]), statistics.median(r["loss_ms"])
         results.append({

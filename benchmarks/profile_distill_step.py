@@ -24,7 +24,6 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import bench_distill_step as b  # noqa: E402
-from linearard_ray.loss import Objective  # noqa: E402
 
 # Kernel name fragments -> family. Our relation kernels are the Triton `_fwd_kernel`/`_bwd_kernel`.
 FAMILIES = (
@@ -66,51 +65,48 @@ def main() -> None:
     print(f"L={a.layers} H={a.heads} D={a.hidden // a.heads} T={a.seq} B={a.batch} LoRA r={a.lora_r} "
           f"grad ckpt {a.grad_checkpointing} | {torch.cuda.get_device_name()} | ops backend {a.backend}")
     per_variant: dict[str, dict[str, float]] = {}
-    for impl in a.impls:
-        for ov in a.overlaps:
-            obj = Objective(b.objective_config(a, ov == "on"), rope, a.layers, a.backend)
+    for v in b.variants(a):
+        obj = b.make_objective(a, v, rope, dev)
 
-            def step():
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = obj(teacher, student, batch)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 5.0)
-                opt.step()
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = obj(teacher, student, batch)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
 
-            undo = b._route(impl, gluon)
-            try:
-                for _ in range(a.warmup):
-                    step()
+        with b.routed(v, gluon, dev):
+            for _ in range(a.warmup):
+                step()
+            torch.cuda.synchronize()
+            walls = []
+            for _ in range(a.steps):
+                t0 = time.perf_counter()
+                step()
                 torch.cuda.synchronize()
-                walls = []
-                for _ in range(a.steps):
-                    t0 = time.perf_counter()
-                    step()
-                    torch.cuda.synchronize()
-                    walls.append((time.perf_counter() - t0) * 1e3)
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    step()
-                    torch.cuda.synchronize()
-            finally:
-                undo()
-            wall = sorted(walls)[len(walls) // 2]
-            kern = _kernels(prof)
-            per_variant[f"{impl}/overlap {ov}"] = kern
-            fams: dict[str, float] = {}
-            for name, t in kern.items():
-                fams[family(name)] = fams.get(family(name), 0.0) + t
-            busy = sum(fams.values())
-            print(f"\n== {impl}, overlap {ov}: step wall (median of {len(walls)}, unprofiled) {wall:.1f} ms | "
-                  f"GPU kernel time in the profiled step {busy:.1f} ms (kernels of two streams can overlap)")
-            print("| kernel family | GPU ms | share of kernel time | share of step wall |")
-            print("|---|---|---|---|")
-            for f, t in sorted(fams.items(), key=lambda kv: -kv[1]):
-                print(f"| {f} | {t:.1f} | {100 * t / busy:.1f}% | {100 * t / wall:.1f}% |")
-            if own.top:
-                ka = prof.key_averages()
-                print(ka.table(sort_by="self_device_time_total", row_limit=own.top, max_name_column_width=70))
-                print(ka.table(sort_by="cpu_time_total", row_limit=own.top, max_name_column_width=70))
+                walls.append((time.perf_counter() - t0) * 1e3)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+        wall = sorted(walls)[len(walls) // 2]
+        kern = _kernels(prof)
+        label = f"{v[0]} (backward {v[1]}), overlap {v[2]}"
+        per_variant[label] = kern
+        fams: dict[str, float] = {}
+        for name, t in kern.items():
+            fams[family(name)] = fams.get(family(name), 0.0) + t
+        busy = sum(fams.values())
+        print(f"\n== {label}: step wall (median of {len(walls)}, unprofiled) {wall:.1f} ms | "
+              f"GPU kernel time in the profiled step {busy:.1f} ms (kernels of two streams can overlap)")
+        print("| kernel family | GPU ms | share of kernel time | share of step wall |")
+        print("|---|---|---|---|")
+        for f, t in sorted(fams.items(), key=lambda kv: -kv[1]):
+            print(f"| {f} | {t:.1f} | {100 * t / busy:.1f}% | {100 * t / wall:.1f}% |")
+        if own.top:
+            ka = prof.key_averages()
+            print(ka.table(sort_by="self_device_time_total", row_limit=own.top, max_name_column_width=70))
+            print(ka.table(sort_by="cpu_time_total", row_limit=own.top, max_name_column_width=70))
     if len(per_variant) > 1 and own.top:
         # Which kernels one variant has more of than the first: where an op's extra time goes.
         names = list(per_variant)

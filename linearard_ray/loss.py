@@ -238,14 +238,14 @@ class Objective:
         op_mask = None if dense else mask
         corr_s = self._scale_correction(student)
         per_layer: dict[int, dict[str, torch.Tensor]] = {}
-        side = self._side_stream(mask.device)
+        overlap = self.cfg.relation.overlap
+        side = self._side_stream(mask.device) if overlap else None
 
         def on_record(scap, l: int) -> None:
             inputs = [getattr(c, r)[l] for c in (scap, tcap) for r in self.captured] + [n_tok, op_mask]
             with side.run(inputs):
                 per_layer[l] = self._layer_relations(l, tcap, scap, op_mask, n_tok, corr_s, corr_t)
 
-        overlap = self.cfg.relation.overlap
         with capture_qkv(student, self.layers, what=self.captured, on_record=on_record if overlap else None) as scap:
             s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
         scap.check_complete()

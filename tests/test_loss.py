@@ -42,13 +42,14 @@ def _batch(T=40, seed=0, B=2):
 
 
 def _obj(rel=1.0, logits=0.0, nt=0.0, weights=None, layers="all", fused=True, tau=1.0, top_k=None, corr="divide",
-         rope=None):
+         rope=None, overlap=True, backward="auto", backend="torch"):
     cfg = ObjectiveConfig(name="custom", relation={"weight": rel, "weights": weights or {"q": 1.0, "k": 1.0, "v": 1.0},
-                                                   "layers": layers, "fused": fused},
+                                                   "layers": layers, "fused": fused, "overlap": overlap,
+                                                   "backward": backward},
                           logits={"weight": logits, "temperature": tau, "top_k_positions": top_k, "chunk_size": 16},
                           next_token={"weight": nt})
     rope = (rope or RopeConfig(type="linear", factor=4.0)).model_copy(update={"yarn_logit_correction": corr})
-    return Objective(cfg, rope, num_layers=2, backend="torch")
+    return Objective(cfg, rope, num_layers=2, backend=backend)
 
 
 def _ref_self_kl(s, t, mask, a_s, a_t):
@@ -450,8 +451,7 @@ def test_overlap_starts_each_layer_during_the_forward_with_the_same_loss_and_gra
         student.train()
         last = student.get_base_model().model.layers[-1]
         hook = last.register_forward_hook(lambda *_: events.append("last layer done"))
-        obj = _obj()
-        obj.cfg = obj.cfg.model_copy(update={"relation": obj.cfg.relation.model_copy(update={"overlap": overlap})})
+        obj = _obj(overlap=overlap)
         events.clear()
         out = obj(teachers["llama"], student, batch)
         out.loss.backward()
@@ -486,9 +486,7 @@ def test_relation_backward_setting_reaches_the_triton_op_and_keeps_loss_and_grad
     out = {}
     for mode in ("sweep", "rowfwd"):
         student = _student(cache_dir, perturb=0.05, seed=2)
-        obj = _obj()
-        obj.backend = "triton"
-        obj.cfg = obj.cfg.model_copy(update={"relation": obj.cfg.relation.model_copy(update={"backward": mode})})
+        obj = _obj(backward=mode, backend="triton")
         seen.clear()
         res = obj(teachers["llama"], student, batch)
         res.loss.backward()
