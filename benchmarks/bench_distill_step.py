@@ -174,6 +174,59 @@ def install_null_relation():
     return lambda: (setattr(ops, "relation_kl_layer", orig_layer), setattr(ops, "relation_kl", orig_single))
 
 
+class _AttentionProxy(torch.autograd.Function):
+    """In the op's place, causal SDPA attention forward and backward of each relation's own
+    student tensor (q = k = v = X, [B, H, T, D]): how much of the step the relation loss would take
+    if it ran exactly as fast as that attention kernel does on the same shape (attention's
+    forward+backward is 7 products of T²D/2 per head, the relation op's 7 with rowfwd, 6 at its
+    floor). Zero loss; the gradient X gets is attention's own dX for fixed random output grads."""
+
+    @staticmethod
+    def forward(ctx, backend, n_out, *students):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if not students[0].is_cuda:  # CPU (tests): the forced GPU backends do not exist there
+            backend = SDPBackend.MATH
+        ctx.backend, ctx.xs, ctx.outs = backend, [], []
+        with torch.enable_grad(), sdpa_kernel(backend):
+            for s in students:
+                x = s.detach().requires_grad_(True)
+                ctx.xs.append(x)
+                ctx.outs.append(torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True))
+        return tuple(torch.zeros((), device=students[0].device) for _ in range(n_out))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from torch.nn.attention import sdpa_kernel
+
+        gos = [_null_grad(o.shape, o.dtype, o.device) for o in ctx.outs]
+        with sdpa_kernel(ctx.backend):
+            dxs = torch.autograd.grad(ctx.outs, ctx.xs, gos)
+        ctx.xs = ctx.outs = None
+        return (None, None, *dxs)
+
+
+def install_attention_proxy(backend_name: str):
+    """Route ops.relation_kl_layer / ops.relation_kl to _AttentionProxy with SDPA's cudnn or flash
+    backend forced; returns the undo."""
+    from torch.nn.attention import SDPBackend
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend_name]
+    orig_layer, orig_single = ops.relation_kl_layer, ops.relation_kl
+
+    def apply(n_out, *xs):
+        return _AttentionProxy.apply(backend, n_out, *xs)
+
+    def layer(sq, sk, sv, *teachers, **kw):
+        return apply(3, sq, sk, sv)
+
+    def single(sq, sk=None, *teachers, **kw):
+        return apply(1, *(x for x in (sq, sk) if x is not None))[0]
+
+    ops.relation_kl_layer, ops.relation_kl = layer, single
+    return lambda: (setattr(ops, "relation_kl_layer", orig_layer), setattr(ops, "relation_kl", orig_single))
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -214,7 +267,7 @@ def objective_config(a, overlap: bool = True) -> ObjectiveConfig:
 
 
 BACKWARDS = ("auto", "sweep", "atomic", "rowfwd")
-IMPLS = ("op", "null", "gluon-experimental", "gluon-fwd-experimental", "gluon-ws-fwd-experimental")
+IMPLS = ("op", "null", "attn-cudnn", "attn-flash", "gluon-experimental", "gluon-fwd-experimental", "gluon-ws-fwd-experimental")
 
 
 def parse(argv=None):
@@ -241,7 +294,11 @@ def parse(argv=None):
     p.add_argument("--relation-impl", default="op",
                    help="comma list, each timed on the same models, step by step in turn: op (linearard_ray.ops); "
                         "null (zero loss and gradients in the op's place: the step without the op, so the time the "
-                        "op adds is measured against it); gluon-experimental: the causal self-relations go to the "
+                        "op adds is measured against it); attn-cudnn / attn-flash (causal SDPA attention forward+backward of "
+                        "each relation's student tensor in its place, cuDNN or flash backend forced: the step if the "
+                        "relation loss were exactly as fast as that attention kernel on the same shape; on CPU the "
+                        "math backend); "
+                        "gluon-experimental: the causal self-relations go to the "
                         "Gluon kernels of benchmarks/experimental/gluon_relation_kl.py (GPU only, not part of the "
                         "product; the calls each path took are printed); gluon-fwd-experimental: the Gluon forward "
                         "with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon forward "
@@ -293,6 +350,8 @@ def _route(impl: str, gluon):
         return lambda: None
     if impl == "null":
         return install_null_relation()
+    if impl.startswith("attn-"):
+        return install_attention_proxy(impl.removeprefix("attn-"))
     return gluon.install(backward="gluon" if impl == "gluon-experimental" else "op",
                          forward="ws" if impl == "gluon-ws-fwd-experimental" else "gluon")
 

@@ -113,3 +113,34 @@ def test_variants_are_timed_in_turn_and_the_op_is_charged_against_the_null_relat
     assert 0 < x.grad.abs().max() < 0.1
     with pytest.raises(SystemExit):
         b.parse(["--tiny", "--relation-impl", "op,nope"])
+
+
+def test_attention_proxy_gives_attentions_own_gradient():
+    """attn-cudnn / attn-flash put causal SDPA fwd+bwd of each student tensor in the op's place; on
+    CPU (math backend) the gradient it returns is attention's dX for its fixed output grads."""
+    b = _bench()
+    undo = b.install_attention_proxy("cudnn")
+    try:
+        xs = [torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(i)).requires_grad_(True)
+              for i in range(3)]
+        kls = b.ops.relation_kl_layer(*xs, *(x.detach() for x in xs))
+        assert len(kls) == 3 and all(float(k) == 0.0 for k in kls)
+        sum(kls).backward()
+    finally:
+        undo()
+    assert b.ops.relation_kl_layer.__name__ != "layer"  # routed back
+    for x in xs:
+        ref = x.detach().clone().requires_grad_(True)
+        out = torch.nn.functional.scaled_dot_product_attention(ref, ref, ref, is_causal=True)
+        (dx,) = torch.autograd.grad(out, ref, b._null_grad(out.shape, out.dtype, out.device))
+        assert dx.abs().max() > 0
+        torch.testing.assert_close(x.grad, dx)
+
+
+def test_tiny_run_with_the_attention_proxy():
+    b = _bench()
+    a = b.parse(["--tiny", "--relation-impl", "attn-flash,null", "--overlap", "off"])
+    a.seq, a.native, a.steps, a.warmup = 32, 32, 1, 0
+    out = b.run(a)
+    proxy = next(r for r in out["variants"] if r["relation_impl"] == "attn-flash")
+    assert proxy["step_ms"] > 0 and "added_ms" in proxy and proxy["loss"] == 0.0
