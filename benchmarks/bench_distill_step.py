@@ -160,18 +160,24 @@ class _NullRelation(torch.autograd.Function):
         return (None, *(_null_grad(shape, dt, ctx.device) for shape, dt in ctx.shapes))
 
 
-def install_null_relation():
-    """Route ops.relation_kl_layer / ops.relation_kl to _NullRelation; returns the undo."""
+def _install_relation(apply):
+    """Route ops.relation_kl_layer / ops.relation_kl to ``apply(n_out, *students)`` (the teachers
+    and keyword arguments are ignored); returns the undo."""
     orig_layer, orig_single = ops.relation_kl_layer, ops.relation_kl
 
     def layer(sq, sk, sv, *teachers, **kw):
-        return _NullRelation.apply(3, sq, sk, sv)
+        return apply(3, sq, sk, sv)
 
     def single(sq, sk=None, *teachers, **kw):
-        return _NullRelation.apply(1, *(x for x in (sq, sk) if x is not None))[0]
+        return apply(1, *(x for x in (sq, sk) if x is not None))[0]
 
     ops.relation_kl_layer, ops.relation_kl = layer, single
     return lambda: (setattr(ops, "relation_kl_layer", orig_layer), setattr(ops, "relation_kl", orig_single))
+
+
+def install_null_relation():
+    """Route the relation calls to _NullRelation; returns the undo."""
+    return _install_relation(_NullRelation.apply)
 
 
 class _AttentionProxy(torch.autograd.Function):
@@ -212,19 +218,7 @@ def install_attention_proxy(backend_name: str):
     from torch.nn.attention import SDPBackend
 
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend_name]
-    orig_layer, orig_single = ops.relation_kl_layer, ops.relation_kl
-
-    def apply(n_out, *xs):
-        return _AttentionProxy.apply(backend, n_out, *xs)
-
-    def layer(sq, sk, sv, *teachers, **kw):
-        return apply(3, sq, sk, sv)
-
-    def single(sq, sk=None, *teachers, **kw):
-        return apply(1, *(x for x in (sq, sk) if x is not None))[0]
-
-    ops.relation_kl_layer, ops.relation_kl = layer, single
-    return lambda: (setattr(ops, "relation_kl_layer", orig_layer), setattr(ops, "relation_kl", orig_single))
+    return _install_relation(lambda n_out, *xs: _AttentionProxy.apply(backend, n_out, *xs))
 
 
 # --------------------------------------------------------------------------- models
