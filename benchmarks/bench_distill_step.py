@@ -253,9 +253,25 @@ def build_models(a, device: torch.device, dtype: torch.dtype):
 # --------------------------------------------------------------------------- main
 
 
+def _weights(text: str) -> dict[str, float]:
+    """'q=0,k=0' -> {'q': 0.0, 'k': 0.0}; names and values are checked here so a typo fails at once."""
+    out: dict[str, float] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in ("q", "k", "v"):
+            raise argparse.ArgumentTypeError(f"relation weight {part!r}: expected q=W, k=W or v=W")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"relation weight {part!r}: {value!r} is not a number") from None
+    return out
+
+
 def objective_config(a, overlap: bool = True) -> ObjectiveConfig:
     # the config keeps Q/Q, K/K, V/V at 1 when weights leaves them out
-    weights = {"qk": a.relation_qk} if a.relation_qk else {}
+    weights = dict(a.relation_weights)
+    if a.relation_qk:
+        weights["qk"] = a.relation_qk
     return ObjectiveConfig(name="linearard", relation={"layers": a.relation_layers, "weights": weights,
                                                        "overlap": overlap})
 
@@ -301,6 +317,9 @@ def parse(argv=None):
                    help="comma list of on/off/on-lo: objective.relation.overlap (each layer's relations start during "
                         "the forward, on a second CUDA stream, at the most urgent priority; on-lo: that stream at "
                         "the default priority, the main stream's); crossed with --relation-impl")
+    p.add_argument("--relation-weights", type=_weights, default={},
+                   help="objective.relation.weights as q=W,k=W,v=W (0 switches a relation off; one left out keeps "
+                        "1); the issue's benchmark keeps all three")
     p.add_argument("--relation-qk", type=float, default=0.0,
                    help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
                         "three relations only, the issue's benchmark")
@@ -458,7 +477,7 @@ def run(a) -> dict:
             "backend": a.backend, "relation_backward": v[1], "relation_layers": a.relation_layers,
             "relation_impl": v[0], "overlap": v[2] != "off", "side_priority": "default" if v[2] == "on-lo" else None,
             "relation_calls": r["calls"],
-            "relation_qk": a.relation_qk,
+            "relation_qk": a.relation_qk, "relation_weights": a.relation_weights,
             "grad_checkpointing": a.grad_checkpointing,
             "dtype": str(dtype).replace("torch.", ""),
             "step_ms": st, "step_ms_all": r["step"], "tokens_per_s": a.batch * a.seq / (st / 1e3),

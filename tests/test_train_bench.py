@@ -87,6 +87,31 @@ def test_attention_map_term_is_timed_with_the_relations():
     assert res["relation_qk"] == 1.0 and 0 < res["relation_loss_share"] < 1
 
 
+def test_relation_weights_switch_relations_off_and_bad_ones_fail_at_parse():
+    """--relation-weights q=0,k=0 times the step with V/V alone: one op call per layer and step."""
+    b = _bench()
+    a = b.parse(["--tiny", "--relation-weights", "q=0,k=0"])
+    assert b.objective_config(a).relation.weights == {"q": 0.0, "k": 0.0, "v": 1.0}
+    a.seq, a.native, a.steps, a.warmup = 32, 32, 1, 0
+    calls = []
+    orig = b.ops.relation_kl
+
+    def spy(*args, **kw):
+        calls.append(args[1] is None)  # a self-relation: no separate keys
+        return orig(*args, **kw)
+
+    b.ops.relation_kl = spy
+    try:
+        res = b.run(a)
+    finally:
+        b.ops.relation_kl = orig
+    assert calls and all(calls) and len(calls) == a.layers * (a.steps + a.warmup)
+    assert res["relation_weights"] == {"q": 0.0, "k": 0.0} and res["loss"] > 0
+    for bad in ("x=1", "q", "v=high"):
+        with pytest.raises(SystemExit):
+            b.parse(["--tiny", "--relation-weights", bad])
+
+
 def test_variants_are_timed_in_turn_and_the_op_is_charged_against_the_null_relation():
     b = _bench()
     a = b.parse(["--tiny", "--relation-impl", "op,null", "--overlap", "off,on"])
