@@ -64,26 +64,31 @@ def test_tiny_run_reports_the_figures():
     assert res["shape"]["layers"] == 2 and res["shape"]["seq"] == 32
 
 
+def _run_counting_relation_kl(b, a) -> tuple[dict, list[bool]]:
+    """One tiny timed step of `a`, and for each `ops.relation_kl` call whether it was a cross-relation."""
+    a.seq, a.native, a.steps, a.warmup = 32, 32, 1, 0
+    cross = []
+    orig = b.ops.relation_kl
+
+    def spy(*args, **kw):
+        cross.append(args[1] is not None)
+        return orig(*args, **kw)
+
+    b.ops.relation_kl = spy
+    try:
+        return b.run(a), cross
+    finally:
+        b.ops.relation_kl = orig
+
+
 def test_attention_map_term_is_timed_with_the_relations():
     """--relation-qk adds the attention-map call per layer; the clock counts it in the relation loss."""
     b = _bench()
     a = b.parse(["--tiny", "--relation-qk", "1.0"])
     assert b.objective_config(a).relation.weights == {"q": 1.0, "k": 1.0, "v": 1.0, "qk": 1.0}
     assert "qk" not in b.objective_config(b.parse(["--tiny"])).relation.weights
-    a.seq, a.native, a.steps, a.warmup = 32, 32, 1, 0
-    calls = []
-    orig = b.ops.relation_kl
-
-    def spy(*args, **kw):
-        calls.append(args[1] is not None)  # a cross-relation: the student's keys are given
-        return orig(*args, **kw)
-
-    b.ops.relation_kl = spy
-    try:
-        res = b.run(a)
-    finally:
-        b.ops.relation_kl = orig
-    assert calls and all(calls) and len(calls) == a.layers * (a.steps + a.warmup)
+    res, cross = _run_counting_relation_kl(b, a)
+    assert cross == [True] * (a.layers * (a.steps + a.warmup))  # the student's keys are given
     assert res["relation_qk"] == 1.0 and 0 < res["relation_loss_share"] < 1
 
 
@@ -92,20 +97,8 @@ def test_relation_weights_switch_relations_off_and_bad_ones_fail_at_parse():
     b = _bench()
     a = b.parse(["--tiny", "--relation-weights", "q=0,k=0"])
     assert b.objective_config(a).relation.weights == {"q": 0.0, "k": 0.0, "v": 1.0}
-    a.seq, a.native, a.steps, a.warmup = 32, 32, 1, 0
-    calls = []
-    orig = b.ops.relation_kl
-
-    def spy(*args, **kw):
-        calls.append(args[1] is None)  # a self-relation: no separate keys
-        return orig(*args, **kw)
-
-    b.ops.relation_kl = spy
-    try:
-        res = b.run(a)
-    finally:
-        b.ops.relation_kl = orig
-    assert calls and all(calls) and len(calls) == a.layers * (a.steps + a.warmup)
+    res, cross = _run_counting_relation_kl(b, a)
+    assert cross == [False] * (a.layers * (a.steps + a.warmup))  # self-relations, no separate keys
     assert res["relation_weights"] == {"q": 0.0, "k": 0.0} and res["loss"] > 0
     for bad in ("x=1", "q", "v=high"):
         with pytest.raises(SystemExit):
