@@ -31,9 +31,10 @@ if (_ROOT / "linearard_ray" / "__init__.py").is_file() and str(_ROOT) not in sys
     sys.path.insert(0, str(_ROOT))
 
 import torch  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
 from linearard_ray import ops  # noqa: E402
-from linearard_ray.config import ObjectiveConfig, RopeConfig  # noqa: E402
+from linearard_ray.config import ObjectiveConfig, RelationTerm, RopeConfig  # noqa: E402
 from linearard_ray.loss import Objective  # noqa: E402
 from linearard_ray.models import enable_checkpointing  # noqa: E402
 from linearard_ray.rope import apply_rope_scaling  # noqa: E402
@@ -254,17 +255,19 @@ def build_models(a, device: torch.device, dtype: torch.dtype):
 
 
 def _weights(text: str) -> dict[str, float]:
-    """'q=0,k=0' -> {'q': 0.0, 'k': 0.0}; names and values are checked here so a typo fails at once."""
-    out: dict[str, float] = {}
+    """'q=0,k=0' -> {'q': 0.0, 'k': 0.0}, checked at parse by the config's own rules (RelationTerm:
+    numbers >= 0), so a bad weight fails before the models are built, not after."""
+    given: dict[str, str] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         name, sep, value = part.partition("=")
-        if not sep or name not in ("q", "k", "v"):
+        if not sep or name not in ("q", "k", "v"):  # qk has its own flag, --relation-qk
             raise argparse.ArgumentTypeError(f"relation weight {part!r}: expected q=W, k=W or v=W")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"relation weight {part!r}: {value!r} is not a number") from None
-    return out
+        given[name] = value
+    try:
+        checked = RelationTerm(weights=given).weights
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError(f"relation weights {text!r}: {e.errors()[0]['msg']}") from None
+    return {name: checked[name] for name in given}
 
 
 def objective_config(a, overlap: bool = True) -> ObjectiveConfig:

@@ -100,7 +100,7 @@ def test_relation_weights_switch_relations_off_and_bad_ones_fail_at_parse():
     res, cross = _run_counting_relation_kl(b, a)
     assert cross == [False] * (a.layers * (a.steps + a.warmup))  # self-relations, no separate keys
     assert res["relation_weights"] == {"q": 0.0, "k": 0.0} and res["loss"] > 0
-    for bad in ("x=1", "q", "v=high"):
+    for bad in ("x=1", "q", "v=high", "k=-1"):
         with pytest.raises(SystemExit):
             b.parse(["--tiny", "--relation-weights", bad])
 
