@@ -6,7 +6,7 @@
 
 What one step is, exactly as the training loop runs it: teacher forward without gradients with
 Q/K/V capture, student (PI×8, LoRA r=1024/α=2048 on q/k/v) forward with capture, the relation KL
-of all three relations on every layer (``linearard_ray.loss.Objective`` → ``linearard_ray.ops``),
+of all three relations on every layer (``linearard_ray.objective.loss.Objective`` → ``linearard_ray.ops``),
 backward, gradient clipping, AdamW. Weights are random (the shapes are what cost time).
 
 Reported: tokens/s per GPU, the share of the step spent in the relation loss (forward and
@@ -35,11 +35,10 @@ from pydantic import ValidationError  # noqa: E402
 
 from linearard_ray import ops  # noqa: E402
 from linearard_ray.config import ObjectiveConfig, RelationTerm, RopeConfig  # noqa: E402
-from linearard_ray.loss import Objective  # noqa: E402
-from linearard_ray.models import enable_checkpointing  # noqa: E402
-from linearard_ray.rope import apply_rope_scaling  # noqa: E402
-from linearard_ray.side_stream import SideStream  # noqa: E402
-
+from linearard_ray.models.loading import enable_checkpointing  # noqa: E402
+from linearard_ray.models.rope import apply_rope_scaling  # noqa: E402
+from linearard_ray.objective.loss import Objective  # noqa: E402
+from linearard_ray.objective.side_stream import SideStream  # noqa: E402
 
 # --------------------------------------------------------------------------- timing of the loss
 
@@ -230,9 +229,16 @@ def build_models(a, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf = LlamaConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=a.native,
-        rope_theta=10000.0, tie_word_embeddings=False, attn_implementation="sdpa",
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=a.native,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     with torch.device(device):
@@ -244,9 +250,17 @@ def build_models(a, device: torch.device, dtype: torch.dtype):
     student.to(device).requires_grad_(False)
     if a.grad_checkpointing:
         enable_checkpointing(student)  # the same switch load_student uses
-    student = get_peft_model(student, LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "k_proj", "v_proj"], bias="none",
-                                                 task_type="CAUSAL_LM"))
+    student = get_peft_model(
+        student,
+        LoraConfig(
+            r=a.lora_r,
+            lora_alpha=a.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj"],
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
     student.train()
     return teacher, student, rope
 
@@ -275,17 +289,27 @@ def objective_config(a, overlap: bool = True) -> ObjectiveConfig:
     weights = dict(a.relation_weights)
     if a.relation_qk:
         weights["qk"] = a.relation_qk
-    return ObjectiveConfig(name="linearard", relation={"layers": a.relation_layers, "weights": weights,
-                                                       "overlap": overlap})
+    return ObjectiveConfig(
+        name="linearard", relation={"layers": a.relation_layers, "weights": weights, "overlap": overlap}
+    )
 
 
 BACKWARDS = ("auto", "sweep", "atomic", "rowfwd")
-IMPLS = ("op", "null", "attn-cudnn", "attn-flash", "gluon-experimental", "gluon-fwd-experimental", "gluon-ws-fwd-experimental")
+IMPLS = (
+    "op",
+    "null",
+    "attn-cudnn",
+    "attn-flash",
+    "gluon-experimental",
+    "gluon-fwd-experimental",
+    "gluon-ws-fwd-experimental",
+)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=11008)
@@ -299,35 +323,55 @@ def parse(argv=None):
     p.add_argument("--lora-r", type=int, default=1024)
     p.add_argument("--lora-alpha", type=float, default=2048.0)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
-    p.add_argument("--relation-backward", default="auto",
-                   help="comma list (crossed with the op variants; the others take auto): Triton backward of the "
-                        "relation op: auto (the op's default, the sweep), sweep (two "
-                        "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
-                        "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)")
-    p.add_argument("--relation-impl", default="op",
-                   help="comma list, each timed on the same models, step by step in turn: op (linearard_ray.ops); "
-                        "null (zero loss and gradients in the op's place: the step without the op, so the time the "
-                        "op adds is measured against it); attn-cudnn / attn-flash (causal SDPA attention forward+backward of "
-                        "each relation's student tensor in its place, cuDNN or flash backend forced: the step if the "
-                        "relation loss were exactly as fast as that attention kernel on the same shape; on CPU the "
-                        "math backend); "
-                        "gluon-experimental: the causal self-relations go to the "
-                        "Gluon kernels of benchmarks/experimental/gluon_relation_kl.py (GPU only, not part of the "
-                        "product; the calls each path took are printed); gluon-fwd-experimental: the Gluon forward "
-                        "with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon forward "
-                        "(benchmarks/experimental/gluon_ws_forward.py) with the op's backward")
-    p.add_argument("--overlap", default="on",
-                   help="comma list of on/off/on-lo: objective.relation.overlap (each layer's relations start during "
-                        "the forward, on a second CUDA stream, at the most urgent priority; on-lo: that stream at "
-                        "the default priority, the main stream's); crossed with --relation-impl")
-    p.add_argument("--relation-weights", type=_weights, default={},
-                   help="objective.relation.weights as q=W,k=W,v=W (0 switches a relation off; one left out keeps "
-                        "1); the issue's benchmark keeps all three")
-    p.add_argument("--relation-qk", type=float, default=0.0,
-                   help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
-                        "three relations only, the issue's benchmark")
-    p.add_argument("--relation-layers", default="all",
-                   help="objective.relation.layers (all, last:N, every:K, ...); the issue's benchmark uses all")
+    p.add_argument(
+        "--relation-backward",
+        default="auto",
+        help="comma list (crossed with the op variants; the others take auto): Triton backward of the "
+        "relation op: auto (the op's default, the sweep), sweep (two "
+        "recomputes, reproducible), atomic (one recompute, opt-in) or rowfwd (row part in the "
+        "forward, column-only backward; an fp32 [B, H, T, D] buffer per relation call)",
+    )
+    p.add_argument(
+        "--relation-impl",
+        default="op",
+        help="comma list, each timed on the same models, step by step in turn: op (linearard_ray.ops); "
+        "null (zero loss and gradients in the op's place: the step without the op, so the time the "
+        "op adds is measured against it); attn-cudnn / attn-flash (causal SDPA attention forward+backward of "
+        "each relation's student tensor in its place, cuDNN or flash backend forced: the step if the "
+        "relation loss were exactly as fast as that attention kernel on the same shape; on CPU the "
+        "math backend); "
+        "gluon-experimental: the causal self-relations go to the "
+        "Gluon kernels of research/experimental/gluon_relation_kl.py (GPU only, not part of the "
+        "product; the calls each path took are printed); gluon-fwd-experimental: the Gluon forward "
+        "with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon forward "
+        "(research/experimental/gluon_ws_forward.py) with the op's backward",
+    )
+    p.add_argument(
+        "--overlap",
+        default="on",
+        help="comma list of on/off/on-lo: objective.relation.overlap (each layer's relations start during "
+        "the forward, on a second CUDA stream, at the most urgent priority; on-lo: that stream at "
+        "the default priority, the main stream's); crossed with --relation-impl",
+    )
+    p.add_argument(
+        "--relation-weights",
+        type=_weights,
+        default={},
+        help="objective.relation.weights as q=W,k=W,v=W (0 switches a relation off; one left out keeps "
+        "1); the issue's benchmark keeps all three",
+    )
+    p.add_argument(
+        "--relation-qk",
+        type=float,
+        default=0.0,
+        help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
+        "three relations only, the issue's benchmark",
+    )
+    p.add_argument(
+        "--relation-layers",
+        default="all",
+        help="objective.relation.layers (all, last:N, every:K, ...); the issue's benchmark uses all",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotune)")
     p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false")
@@ -354,7 +398,8 @@ def _load_gluon():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "gluon_relation_kl", Path(__file__).resolve().parent / "experimental" / "gluon_relation_kl.py")
+        "gluon_relation_kl", Path(__file__).resolve().parent / "experimental" / "gluon_relation_kl.py"
+    )
     gluon = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gluon)
     return gluon
@@ -368,15 +413,18 @@ def _route(impl: str, gluon):
         return install_null_relation()
     if impl.startswith("attn-"):
         return install_attention_proxy(impl.removeprefix("attn-"))
-    return gluon.install(backward="gluon" if impl == "gluon-experimental" else "op",
-                         forward="ws" if impl == "gluon-ws-fwd-experimental" else "gluon")
+    return gluon.install(
+        backward="gluon" if impl == "gluon-experimental" else "op",
+        forward="ws" if impl == "gluon-ws-fwd-experimental" else "gluon",
+    )
 
 
 def variants(a) -> list[tuple[str, str, str]]:
     """(impl, backward mode, overlap) of every variant the arguments ask for; only the op's own
     backward has modes."""
-    return [(impl, bw, ov) for impl in a.impls for bw in (a.backwards if impl == "op" else ["auto"])
-            for ov in a.overlaps]
+    return [
+        (impl, bw, ov) for impl in a.impls for bw in (a.backwards if impl == "op" else ["auto"]) for ov in a.overlaps
+    ]
 
 
 def make_objective(a, v, rope, device: torch.device) -> Objective:
@@ -391,7 +439,7 @@ def routed(v, gluon, device: torch.device):
     """The relation calls go where variant v says, with its backward mode; both undone after."""
     import importlib  # the package attribute `relation_kl` is the function, not the module
 
-    rk = importlib.import_module("linearard_ray.ops.relation_kl") if device.type == "cuda" else None
+    rk = importlib.import_module("linearard_ray.ops.relation_kl_triton") if device.type == "cuda" else None
     undo = _route(v[0], gluon)
     if rk is not None:
         rk.set_backward_mode(None if v[1] == "auto" else v[1])
@@ -425,9 +473,20 @@ def run(a) -> dict:
     restore = instrument_relation_ops(clock)
     gluon = _load_gluon() if any(i.startswith("gluon") for i in a.impls) else None
     g = torch.Generator().manual_seed(1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    rec = {v: {"step": [], "loss_ms": [], "fwd_ms": [], "loss": [], "peak": 0.0,
-               "calls": {"gluon": 0, "op": 0} if v[0].startswith("gluon") else None} for v in todo}
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    rec = {
+        v: {
+            "step": [],
+            "loss_ms": [],
+            "fwd_ms": [],
+            "loss": [],
+            "peak": 0.0,
+            "calls": {"gluon": 0, "op": 0} if v[0].startswith("gluon") else None,
+        }
+        for v in todo
+    }
 
     def step(v, timed: bool) -> None:
         ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
@@ -473,22 +532,41 @@ def run(a) -> dict:
     for v in todo:
         r = rec[v]
         st, rel = statistics.median(r["step"]), statistics.median(r["loss_ms"])
-        results.append({
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
-                      "head_dim": a.hidden // a.heads, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r},
-            "backend": a.backend, "relation_backward": v[1], "relation_layers": a.relation_layers,
-            "relation_impl": v[0], "overlap": v[2] != "off", "side_priority": "default" if v[2] == "on-lo" else None,
-            "relation_calls": r["calls"],
-            "relation_qk": a.relation_qk, "relation_weights": a.relation_weights,
-            "grad_checkpointing": a.grad_checkpointing,
-            "dtype": str(dtype).replace("torch.", ""),
-            "step_ms": st, "step_ms_all": r["step"], "tokens_per_s": a.batch * a.seq / (st / 1e3),
-            "relation_loss_ms": rel, "relation_loss_fwd_ms": statistics.median(r["fwd_ms"]),
-            "relation_loss_share": rel / st,
-            "peak_mem_gb": r["peak"] if device.type == "cuda" else None,
-            "loss": r["loss"][-1], "steps_timed": len(r["step"]),
-        })
+        results.append(
+            {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "shape": {
+                    "layers": a.layers,
+                    "hidden": a.hidden,
+                    "heads": a.heads,
+                    "kv_heads": a.kv_heads,
+                    "head_dim": a.hidden // a.heads,
+                    "seq": a.seq,
+                    "batch": a.batch,
+                    "lora_r": a.lora_r,
+                },
+                "backend": a.backend,
+                "relation_backward": v[1],
+                "relation_layers": a.relation_layers,
+                "relation_impl": v[0],
+                "overlap": v[2] != "off",
+                "side_priority": "default" if v[2] == "on-lo" else None,
+                "relation_calls": r["calls"],
+                "relation_qk": a.relation_qk,
+                "relation_weights": a.relation_weights,
+                "grad_checkpointing": a.grad_checkpointing,
+                "dtype": str(dtype).replace("torch.", ""),
+                "step_ms": st,
+                "step_ms_all": r["step"],
+                "tokens_per_s": a.batch * a.seq / (st / 1e3),
+                "relation_loss_ms": rel,
+                "relation_loss_fwd_ms": statistics.median(r["fwd_ms"]),
+                "relation_loss_share": rel / st,
+                "peak_mem_gb": r["peak"] if device.type == "cuda" else None,
+                "loss": r["loss"][-1],
+                "steps_timed": len(r["step"]),
+            }
+        )
     nulls = {res["overlap"]: res for res in results if res["relation_impl"] == "null" and not res["side_priority"]}
     for res in results:
         base = nulls.get(res["overlap"]) or next(iter(nulls.values()), None)
@@ -501,9 +579,11 @@ def run(a) -> dict:
 def _line(res: dict) -> str:
     impl = res["relation_impl"] + (f" ({res['relation_backward']})" if res["relation_backward"] != "auto" else "")
     ov = ("on-lo" if res["side_priority"] else "on") if res["overlap"] else "off"
-    line = (f"{impl:>26} overlap {ov:<5} | step {res['step_ms']:.1f} ms | "
-            f"{res['tokens_per_s']:.0f} tokens/s | relation-op spans {res['relation_loss_ms']:.1f} ms "
-            f"(fwd {res['relation_loss_fwd_ms']:.1f}) = {100 * res['relation_loss_share']:.1f}% of the step")
+    line = (
+        f"{impl:>26} overlap {ov:<5} | step {res['step_ms']:.1f} ms | "
+        f"{res['tokens_per_s']:.0f} tokens/s | relation-op spans {res['relation_loss_ms']:.1f} ms "
+        f"(fwd {res['relation_loss_fwd_ms']:.1f}) = {100 * res['relation_loss_share']:.1f}% of the step"
+    )
     if "added_ms" in res:
         line += f" | adds {res['added_ms']:.1f} ms = {100 * res['added_share']:.1f}% of the step"
     line += " | peak memory " + (f"{res['peak_mem_gb']:.1f} GiB" if res["peak_mem_gb"] is not None else "n/a (CPU)")
@@ -515,8 +595,10 @@ def main(argv=None) -> int:
     out = run(a)
     results = out["variants"] if "variants" in out else [out]
     s = results[0]["shape"]
-    print(f"device {results[0]['device']} | L={s['layers']} H={s['heads']} D={s['head_dim']} T={s['seq']} B={s['batch']} "
-          f"LoRA r={s['lora_r']} | backend {a.backend} | {results[0]['dtype']} | grad ckpt {a.grad_checkpointing}")
+    print(
+        f"device {results[0]['device']} | L={s['layers']} H={s['heads']} D={s['head_dim']} T={s['seq']} B={s['batch']} "
+        f"LoRA r={s['lora_r']} | backend {a.backend} | {results[0]['dtype']} | grad ckpt {a.grad_checkpointing}"
+    )
     for res in results:
         print(_line(res))
         calls = res["relation_calls"]

@@ -35,9 +35,10 @@ if (_ROOT / "linearard_ray" / "__init__.py").is_file() and str(_ROOT) not in sys
 def _single_process(sources: list[str], tok_path: str, batch: int, ctx_len: int, parallel: bool, q) -> None:
     # A fresh process, so TOKENIZERS_PARALLELISM takes effect before the tokenizer starts threads.
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
-    from linearard_ray.blocks import cut_document, frame_document, resolve_token_spec
-    from linearard_ray.data import _plain_backend, encode_texts, load_tokenizer
-    from linearard_ray.sources import iter_documents, resolve_sources
+    from linearard_ray.data.blocks import cut_document, frame_document, resolve_token_spec
+    from linearard_ray.data.preprocess import _plain_backend, encode_texts
+    from linearard_ray.models.loading import load_tokenizer
+    from linearard_ray.data.sources import iter_documents, resolve_sources
 
     c0 = time.process_time()
     tok = _plain_backend(load_tokenizer(tok_path))
@@ -62,9 +63,17 @@ def _single_process(sources: list[str], tok_path: str, batch: int, ctx_len: int,
                 flush()
     flush()
     dt = time.perf_counter() - t0
-    cpu = time.process_time() - c0   # all threads, tokenizer loading included (as in the actors)
-    q.put({"tokens": tokens, "blocks": blocks, "seconds": dt, "tokens_per_s": tokens / dt,
-           "cpu_seconds": cpu, "tokens_per_cpu_s": tokens / cpu})
+    cpu = time.process_time() - c0  # all threads, tokenizer loading included (as in the actors)
+    q.put(
+        {
+            "tokens": tokens,
+            "blocks": blocks,
+            "seconds": dt,
+            "tokens_per_s": tokens / dt,
+            "cpu_seconds": cpu,
+            "tokens_per_cpu_s": tokens / cpu,
+        }
+    )
 
 
 def single_process(sources: list[str], tok_path: str, batch: int, ctx_len: int, parallel: bool) -> dict:
@@ -128,38 +137,55 @@ class _ClusterCPU:
 
 def ray_pipeline(sources: list[str], tok_path: str, batch: int, ctx_len: int, actors: int) -> dict:
     from linearard_ray.config import DataConfig
-    from linearard_ray.data import preprocess, read_manifest
+    from linearard_ray.data.preprocess import preprocess, read_manifest
 
     with tempfile.TemporaryDirectory() as d:
-        cfg = DataConfig(sources=sources, ctx_len=ctx_len, output_dir=str(Path(d) / "out"),
-                         tokenizer_actors=actors, tokenizer_batch_size=batch)
+        cfg = DataConfig(
+            sources=sources,
+            ctx_len=ctx_len,
+            output_dir=str(Path(d) / "out"),
+            tokenizer_actors=actors,
+            tokenizer_batch_size=batch,
+        )
         with _ClusterCPU() as cpu:
             t0 = time.perf_counter()
             out = preprocess(cfg, tok_path, progress=False)
             dt = time.perf_counter() - t0
         m = read_manifest(out)
-    return {"tokens": m["tokens"], "blocks": m["blocks"], "seconds": dt, "tokens_per_s": m["tokens"] / dt,
-            "cpu_seconds": cpu.cpu_seconds, "tokens_per_cpu_s": m["tokens"] / cpu.cpu_seconds}
+    return {
+        "tokens": m["tokens"],
+        "blocks": m["blocks"],
+        "seconds": dt,
+        "tokens_per_s": m["tokens"] / dt,
+        "cpu_seconds": cpu.cpu_seconds,
+        "tokens_per_cpu_s": m["tokens"] / cpu.cpu_seconds,
+    }
 
 
 def resolve_tokenizer(name: str) -> str:
     if Path(name).is_dir():
         return name
-    from linearard_ray.data import tokenizer_path_for
+    from linearard_ray.data.preprocess import tokenizer_path_for
 
     return tokenizer_path_for(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default="smollm2-135m", help="model name (smollm2-135m, tiny:llama, hub id) or tokenizer dir")
+    ap.add_argument(
+        "--tokenizer", default="smollm2-135m", help="model name (smollm2-135m, tiny:llama, hub id) or tokenizer dir"
+    )
     ap.add_argument("--actors", default="1,2", help="comma-separated tokenizer actor counts to time")
     ap.add_argument("--batch", type=int, default=16, help="documents per tokenizer batch (both sides)")
     ap.add_argument("--ctx-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
-    ap.add_argument("--copies", type=int, default=0,
-                    help="instead of builtin:sotu/train, N jsonl files each holding a copy of it (a larger corpus)")
+    ap.add_argument(
+        "--copies",
+        type=int,
+        default=0,
+        help="instead of builtin:sotu/train, N jsonl files each holding a copy of it (a larger corpus)",
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -168,26 +194,38 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory()
     sources = ["builtin:sotu/train"]
     if args.copies:
-        from linearard_ray.corpus import iter_sotu
+        from linearard_ray.data.corpus import iter_sotu
 
         lines = "".join(json.dumps({"text": d["text"]}) + "\n" for d in iter_sotu("train"))
         for i in range(args.copies):
             (Path(tmp.name) / f"sotu-{i:03d}.jsonl").write_text(lines)
         sources = [tmp.name]
-    results: dict = {"tokenizer": args.tokenizer, "tokenizer_path": tok_path, "batch": args.batch, "sources": sources,
-                     "copies": args.copies,
-                     "ctx_len": args.ctx_len, "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus,
-                     "machine": platform.processor() or platform.machine(), "runs": []}
+    results: dict = {
+        "tokenizer": args.tokenizer,
+        "tokenizer_path": tok_path,
+        "batch": args.batch,
+        "sources": sources,
+        "copies": args.copies,
+        "ctx_len": args.ctx_len,
+        "cpus": os.cpu_count(),
+        "ray_num_cpus": args.num_cpus,
+        "machine": platform.processor() or platform.machine(),
+        "runs": [],
+    }
 
     import ray
 
     t0 = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     results["ray_init_s"] = time.perf_counter() - t0
-    settings = [(f"single process, TOKENIZERS_PARALLELISM={'true' if p else 'false'}", single_process,
-                 {"parallel": p}) for p in (False, True)]
-    settings += [(f"Ray Data preprocess, {n} tokenizer actor(s), end to end", ray_pipeline, {"actors": n})
-                 for n in (int(x) for x in args.actors.split(","))]
+    settings = [
+        (f"single process, TOKENIZERS_PARALLELISM={'true' if p else 'false'}", single_process, {"parallel": p})
+        for p in (False, True)
+    ]
+    settings += [
+        (f"Ray Data preprocess, {n} tokenizer actor(s), end to end", ray_pipeline, {"actors": n})
+        for n in (int(x) for x in args.actors.split(","))
+    ]
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
     results["load_avg_before"] = os.getloadavg()
     try:
@@ -196,24 +234,33 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn, kw in settings:
                 r = fn(sources=sources, tok_path=tok_path, batch=args.batch, ctx_len=args.ctx_len, **kw)
                 runs[name].append(r)
-                print(f"  {name:<58} {r['tokens_per_s']:>10.0f} tok/s  {r['tokens_per_cpu_s']:>10.0f} tok/CPU-s  "
-                      f"({r['tokens']} tokens, {r['seconds']:.1f} s, {r['cpu_seconds']:.1f} CPU-s, "
-                      f"load {os.getloadavg()[0]:.1f})", flush=True)
+                print(
+                    f"  {name:<58} {r['tokens_per_s']:>10.0f} tok/s  {r['tokens_per_cpu_s']:>10.0f} tok/CPU-s  "
+                    f"({r['tokens']} tokens, {r['seconds']:.1f} s, {r['cpu_seconds']:.1f} CPU-s, "
+                    f"load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
     results["load_avg_after"] = os.getloadavg()
     tmp.cleanup()
     corpus = f"{args.copies} copies of SOTU 1790-1989 as jsonl" if args.copies else "builtin:sotu/train"
-    print(f"\nbest of {args.repeats} ({corpus}, tokenizer {args.tokenizer}, batch {args.batch}, ctx_len {args.ctx_len}, "
-          f"{os.cpu_count()} CPUs, load average {results['load_avg_before'][0]:.1f} -> {results['load_avg_after'][0]:.1f}):")
+    print(
+        f"\nbest of {args.repeats} ({corpus}, tokenizer {args.tokenizer}, batch {args.batch}, ctx_len {args.ctx_len}, "
+        f"{os.cpu_count()} CPUs, load average {results['load_avg_before'][0]:.1f} -> {results['load_avg_after'][0]:.1f}):"
+    )
     for name, rs in runs.items():
         b = max(rs, key=lambda r: r["tokens_per_s"])
         med = sorted(r["tokens_per_s"] for r in rs)[len(rs) // 2]
         cpu = max(r["tokens_per_cpu_s"] for r in rs)
-        results["runs"].append({"setting": name, "best": b, "median_tokens_per_s": med, "best_tokens_per_cpu_s": cpu, "all": rs})
+        results["runs"].append(
+            {"setting": name, "best": b, "median_tokens_per_s": med, "best_tokens_per_cpu_s": cpu, "all": rs}
+        )
         print(f"  {name:<58} {b['tokens_per_s']:>10.0f} tok/s best, {med:>10.0f} median, {cpu:>10.0f} tok/CPU-s best")
-    print(f"(ray.init: {results['ray_init_s']:.1f} s, not counted; TOKENIZERS_PARALLELISM in Ray workers: "
-          f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')})")
+    print(
+        f"(ray.init: {results['ray_init_s']:.1f} s, not counted; TOKENIZERS_PARALLELISM in Ray workers: "
+        f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -1,4 +1,4 @@
-"""Time and measure linearard_ray.ops.relation_kl on a GPU against PyTorch SDPA flash attention.
+"""Time and measure linearard_ray.ops.relation_kl_triton on a GPU against PyTorch SDPA flash attention.
 
     PYTHONPATH=$PWD python benchmarks/bench_relation_kl.py [--check] [--sweep] [--quick]
 
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from linearard_ray.ops import relation_kl, relation_kl_layer
-from linearard_ray.ops.relation_kl_api import FUSED_LAYER_MAX_ROWS as FUSED_DEFAULT
+from linearard_ray.ops.api import FUSED_LAYER_MAX_ROWS as FUSED_DEFAULT
 
-rk = importlib.import_module("linearard_ray.ops.relation_kl")
+rk = importlib.import_module("linearard_ray.ops.relation_kl_triton")
 DEV = "cuda"
 
 
@@ -99,18 +99,28 @@ def _check(mode: str) -> bool:
         if masked:
             mask = torch.ones(B, T, dtype=torch.long, device=DEV)
             mask[0, : T // 5] = 0
-            mask[-1, T - 7:] = 0
+            mask[-1, T - 7 :] = 0
         runs = []
         for _ in range(2):
             a = sq.clone().requires_grad_(True)
             b = None if self_rel else sk.clone().requires_grad_(True)
-            kl = relation_kl(a, b, tq, tk, attention_mask=mask, causal=causal, student_scale=a_s,
-                             teacher_scale=a_t, reduction="none", backend="triton")
+            kl = relation_kl(
+                a,
+                b,
+                tq,
+                tk,
+                attention_mask=mask,
+                causal=causal,
+                student_scale=a_s,
+                teacher_scale=a_t,
+                reduction="none",
+                backend="triton",
+            )
             w = torch.rand(kl.shape, device=DEV, generator=g) if not runs else runs[0][3]
             (kl * w).sum().backward()
             runs.append((kl.detach(), a.grad, None if b is None else b.grad, w))
         kl, ga, gb, w = runs[0]
-        det = all(torch.equal(x, y) for x, y in zip(runs[0][:3], runs[1][:3]) if x is not None)
+        det = all(torch.equal(x, y) for x, y in zip(runs[0][:3], runs[1][:3], strict=False) if x is not None)
         ra = sq.double().requires_grad_(True)
         rb = None if self_rel else sk.double().requires_grad_(True)
         ref = dense_reference(ra, rb, tq, tk, mask, causal, a_s or 1 / math.sqrt(D), a_t or 1 / math.sqrt(D))
@@ -119,9 +129,12 @@ def _check(mode: str) -> bool:
         errs = [rel(kl, ref), rel(ga, ra.grad)] + ([] if self_rel else [rel(gb, rb.grad)])
         good = (det or (mode == "atomic" and self_rel and causal)) and all(e <= tol for e in errs)
         ok &= good
-        log(f"check B{B} H{H}/{Hk} T{T} D{D} {str(dt)[6:]} {'self' if self_rel else 'cross'} "
+        log(
+            f"check B{B} H{H}/{Hk} T{T} D{D} {str(dt)[6:]} {'self' if self_rel else 'cross'} "
             f"{'causal' if causal else 'full'} {'mask' if masked else ''}: errs "
-            + " ".join(f"{e:.2e}" for e in errs) + f" deterministic={det} -> {'OK' if good else 'FAIL'}")
+            + " ".join(f"{e:.2e}" for e in errs)
+            + f" deterministic={det} -> {'OK' if good else 'FAIL'}"
+        )
         del ra, rb, ref
     # the fused layer call against three single calls
     q = torch.randn(2, 8, 600, 64, device=DEV, dtype=torch.bfloat16, generator=g)
@@ -131,13 +144,13 @@ def _check(mode: str) -> bool:
     mask = torch.ones(2, 600, dtype=torch.long, device=DEV)
     mask[1, :50] = 0
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    outs = relation_kl_layer(*leaves, tq, tk, tv, attention_mask=mask, student_scales=(None, 0.1, 0.2),
-                             reduction="mean", backend="triton")
+    outs = relation_kl_layer(
+        *leaves, tq, tk, tv, attention_mask=mask, student_scales=(None, 0.1, 0.2), reduction="mean", backend="triton"
+    )
     sum(outs).backward()
-    for i, (s, t, sc) in enumerate(zip((q, k, v), (tq, tk, tv), (1 / 8, 0.1, 0.2))):
+    for i, (s, t, sc) in enumerate(zip((q, k, v), (tq, tk, tv), (1 / 8, 0.1, 0.2), strict=False)):
         x = s.clone().requires_grad_(True)
-        one = relation_kl(x, None, t, None, attention_mask=mask, student_scale=sc, reduction="mean",
-                          backend="triton")
+        one = relation_kl(x, None, t, None, attention_mask=mask, student_scale=sc, reduction="mean", backend="triton")
         one.backward()
         e = (rel(outs[i], one), rel(leaves[i].grad, x.grad))
         # The atomic backward sums the fp32 grads in another order in the two calls (bf16 ulp flips);
@@ -282,7 +295,9 @@ def fmt_mb(v):
 
 def table(title, rows):
     log(f"\n### {title}\n")
-    log("| T | case | fwd ms | fwd+bwd ms | fwd / SDPA | fwd+bwd / SDPA | peak extra fwd MiB | peak extra fwd+bwd MiB |")
+    log(
+        "| T | case | fwd ms | fwd+bwd ms | fwd / SDPA | fwd+bwd / SDPA | peak extra fwd MiB | peak extra fwd+bwd MiB |"
+    )
     log("|---|---|---|---|---|---|---|---|")
     for T, rs in rows:
         sd = next((r for r in rs if r["name"].startswith("SDPA flash")), None)
@@ -292,9 +307,11 @@ def table(title, rows):
                 continue
             rf = r["fwd"] / sd["fwd"] if sd and "fwd" in sd else None
             rb = r["fb"] / sd["fb"] if sd and "fb" in sd else None
-            log(f"| {T} | {r['name']} | {fmt_ms(r['fwd'])} | {fmt_ms(r['fb'])} | "
+            log(
+                f"| {T} | {r['name']} | {fmt_ms(r['fwd'])} | {fmt_ms(r['fb'])} | "
                 f"{'-' if rf is None else f'{rf:.2f}x'} | {'-' if rb is None else f'{rb:.2f}x'} | "
-                f"{fmt_mb(r['mem_fwd'])} | {fmt_mb(r['mem_fb'])} |")
+                f"{fmt_mb(r['mem_fwd'])} | {fmt_mb(r['mem_fb'])} |"
+            )
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -307,10 +324,15 @@ def sweep(D, T=8192):
         # The 4-warp tiles fit two programs per SM (registers and shared memory): two programs that
         # are not kept in step might overlap each other's exponentials with their products, which
         # the two warpgroups of one 8-warp program do not. Session 16, H200, T=4096: no faster.
-        fwd_c = [TC(128, 128, 8, 2), TC(128, 128, 8, 3), TC(128, 64, 8, 3),
-                 TC(64, 64, 4, 2), TC(64, 32, 4, 3)]
-        bwd_c = [TC(64, 64, 4, 2), TC(128, 64, 8, 2), TC(64, 32, 4, 2), TC(64, 32, 4, 3), TC(32, 32, 4, 3),
-                 TC(32, 32, 2, 3)]
+        fwd_c = [TC(128, 128, 8, 2), TC(128, 128, 8, 3), TC(128, 64, 8, 3), TC(64, 64, 4, 2), TC(64, 32, 4, 3)]
+        bwd_c = [
+            TC(64, 64, 4, 2),
+            TC(128, 64, 8, 2),
+            TC(64, 32, 4, 2),
+            TC(64, 32, 4, 3),
+            TC(32, 32, 4, 3),
+            TC(32, 32, 2, 3),
+        ]
     else:
         fwd_c = [TC(128, 64, 4, 3), TC(128, 128, 8, 3)]
         bwd_c = [TC(64, 32, 4, 3), TC(64, 64, 4, 3)]
@@ -330,8 +352,11 @@ def sweep(D, T=8192):
                     ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
                 res.append((ms, c))
                 kern = rk.last_compiled.get(kind)
-                regs = (f"regs {kern.n_regs} spills {kern.n_spills} smem {kern.metadata.shared // 1024} KiB"
-                        if kern is not None else "")
+                regs = (
+                    f"regs {kern.n_regs} spills {kern.n_spills} smem {kern.metadata.shared // 1024} KiB"
+                    if kern is not None
+                    else ""
+                )
                 log(f"sweep T{T} D{D} {kind} {c}: {ms:.3f} ms {regs} (compile+time {time.time() - t0:.1f}s)")
             except Exception as e:  # out of resources etc.
                 log(f"sweep T{T} D{D} {kind} {c}: failed {type(e).__name__}: {str(e)[:120]}")
@@ -426,8 +451,14 @@ def _backward_row(T: int, D: int) -> str:
     mem = peak_extra(lambda: relation_kl(qg, None, tq, None).backward(), nbytes(qg))  # rowfwd still set
     qg.grad = None
     rk.set_backward_mode(None)
-    cells = [fmt_ms(t_sdpa), fmt_ms(fw["sweep"]), fmt_ms(bw["sweep"]), fmt_ms(bw["atomic"]),
-             fmt_ms(fw["rowfwd"]), fmt_ms(bw["rowfwd"])]
+    cells = [
+        fmt_ms(t_sdpa),
+        fmt_ms(fw["sweep"]),
+        fmt_ms(bw["sweep"]),
+        fmt_ms(bw["atomic"]),
+        fmt_ms(fw["rowfwd"]),
+        fmt_ms(bw["rowfwd"]),
+    ]
     cells += [fmt_ms(fb[m]) for m in ("sweep", "atomic", "rowfwd")]
     cells += [f"{fb[m] / t_sdpa:.2f}" for m in ("sweep", "atomic", "rowfwd")]
     cells += [f"{fb['sweep'] / fb['rowfwd']:.2f}x", fmt_mb(mem)]
@@ -439,15 +470,20 @@ def backward_modes(Ts=(2048, 4096, 8192, 16384), tiles=True):
     (bwd1) and rowfwd (row part in the forward, column-only backward), each after a small tile
     sweep; fwd and bwd apart, fwd+bwd end to end, ratios against SDPA flash fwd+bwd."""
     TC = rk.TileConfig
-    cands = {128: [TC(64, 128, 8, 2), TC(128, 128, 8, 2), TC(128, 64, 8, 2), TC(64, 64, 4, 2), TC(64, 128, 4, 2)],
-             64: [TC(64, 64, 4, 2), TC(64, 128, 8, 2), TC(128, 64, 4, 2)]}
+    cands = {
+        128: [TC(64, 128, 8, 2), TC(128, 128, 8, 2), TC(128, 64, 8, 2), TC(64, 64, 4, 2), TC(64, 128, 4, 2)],
+        64: [TC(64, 64, 4, 2), TC(64, 128, 8, 2), TC(128, 64, 4, 2)],
+    }
     # rowfwd forward: two fp32 [BLOCK_M, D] accumulators on top of the plain forward (see _FWDR_CFG)
-    fwdr_cands = {128: [TC(128, 64, 8, 2), TC(64, 64, 4, 2), TC(128, 32, 8, 2), TC(64, 32, 4, 3),
-                        TC(128, 128, 8, 2)],
-                  64: [TC(128, 64, 8, 3), TC(64, 64, 4, 3), TC(128, 32, 8, 3), TC(128, 64, 4, 3)]}
+    fwdr_cands = {
+        128: [TC(128, 64, 8, 2), TC(64, 64, 4, 2), TC(128, 32, 8, 2), TC(64, 32, 4, 3), TC(128, 128, 8, 2)],
+        64: [TC(128, 64, 8, 3), TC(64, 64, 4, 3), TC(128, 32, 8, 3), TC(128, 64, 4, 3)],
+    }
     # column-only backward: no row part alive, so larger tiles than the sweep's may fit
-    bwdc_cands = {128: [TC(64, 64, 4, 2), TC(128, 64, 8, 2), TC(64, 64, 4, 3), TC(64, 32, 4, 3)],
-                  64: [TC(64, 64, 4, 3), TC(128, 64, 8, 3), TC(64, 32, 4, 3)]}
+    bwdc_cands = {
+        128: [TC(64, 64, 4, 2), TC(128, 64, 8, 2), TC(64, 64, 4, 3), TC(64, 32, 4, 3)],
+        64: [TC(64, 64, 4, 3), TC(128, 64, 8, 3), TC(64, 32, 4, 3)],
+    }
     for D in (128, 64):
         if tiles:
             _bwd1_tiles(D, cands[D])
@@ -455,12 +491,16 @@ def backward_modes(Ts=(2048, 4096, 8192, 16384), tiles=True):
             torch.cuda.empty_cache()
             _rowfwd_tiles(D, fwdr_cands[D], bwdc_cands[D])
         log(f"\n### Backward modes of one causal self-relation (B=1, H=32, D={D}, bf16)\n")
-        log("fwd: the plain forward (sweep, atomic) or the one that also stores the row part (rowfwd, "
+        log(
+            "fwd: the plain forward (sweep, atomic) or the one that also stores the row part (rowfwd, "
             "student requiring grad); bwd: backward alone; fwd+bwd: one call end to end; "
-            "/ SDPA: fwd+bwd over SDPA flash fwd+bwd; peak: rowfwd fwd+bwd extra memory (R included).\n")
-        log("| T | SDPA flash fwd+bwd ms | fwd ms | sweep bwd ms | atomic bwd ms | rowfwd fwd ms | rowfwd bwd ms | "
+            "/ SDPA: fwd+bwd over SDPA flash fwd+bwd; peak: rowfwd fwd+bwd extra memory (R included).\n"
+        )
+        log(
+            "| T | SDPA flash fwd+bwd ms | fwd ms | sweep bwd ms | atomic bwd ms | rowfwd fwd ms | rowfwd bwd ms | "
             "sweep fwd+bwd ms | atomic fwd+bwd ms | rowfwd fwd+bwd ms | sweep / SDPA | atomic / SDPA | "
-            "rowfwd / SDPA | rowfwd speed-up over sweep | rowfwd peak extra MiB |")
+            "rowfwd / SDPA | rowfwd speed-up over sweep | rowfwd peak extra MiB |"
+        )
         log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for T in Ts:
             log(_backward_row(T, D))
@@ -474,7 +514,7 @@ def integration(B=1, T=4096, H=32, Hkv=32, D=128):
     [B, heads, T, D] (row stride heads*D), the loss divides each relation's sum by its own
     normaliser, and the batch mask is all ones (passed, or dropped as the training loss does).
     Defaults: a LLaMA-2-7B layer; SmolLM2-135M is B=2, T=2048, H=9, Hkv=3, D=64."""
-    import linearard_ray.ops.relation_kl_api as api
+    import linearard_ray.ops.api as api
 
     log(f"\n### One layer call (Q/Q+K/K+V/V, B={B}, H={H}/{Hkv}, T={T}, D={D}, bf16, causal) by input layout\n")
     log("| layout | mask | launch | backward | fwd ms | fwd+bwd ms |")
@@ -489,9 +529,15 @@ def integration(B=1, T=4096, H=32, Hkv=32, D=128):
         s, t = make(strided), [x + 0.5 * torch.randn_like(x) for x in make(strided)]
         leaves = [x.detach().clone().requires_grad_(True) for x in s]  # clone keeps the strides
         ones = torch.ones(B, T, dtype=torch.long, device=DEV)
-        for mask, limit, mode in ((None, 10**12, "sweep"), (ones, 10**12, "sweep"), (None, 0, "sweep"),
-                                  (None, 10**12, "atomic"), (None, 0, "atomic"),
-                                  (None, 10**12, "rowfwd"), (None, 0, "rowfwd")):
+        for mask, limit, mode in (
+            (None, 10**12, "sweep"),
+            (ones, 10**12, "sweep"),
+            (None, 0, "sweep"),
+            (None, 10**12, "atomic"),
+            (None, 0, "atomic"),
+            (None, 10**12, "rowfwd"),
+            (None, 0, "rowfwd"),
+        ):
             api.FUSED_LAYER_MAX_ROWS = limit
             rk.set_backward_mode(mode)
 
@@ -500,11 +546,13 @@ def integration(B=1, T=4096, H=32, Hkv=32, D=128):
 
             def fb():
                 vals = relation_kl_layer(*leaves, *t, attention_mask=mask)
-                sum(v / (h * B * T) for v, h in zip(vals, heads)).backward()
+                sum(v / (h * B * T) for v, h in zip(vals, heads, strict=False)).backward()
 
-            log(f"| {'[B,T,H,D] view' if strided else 'contiguous [B,H,T,D]'} | {'ones' if mask is not None else 'none'} "
+            log(
+                f"| {'[B,T,H,D] view' if strided else 'contiguous [B,H,T,D]'} | {'ones' if mask is not None else 'none'} "
                 f"| {'fused' if limit else 'three'} | {mode} | {fmt_ms(bench(f))} | "
-                f"{fmt_ms(bench(fb, grad_to_none=leaves))} |")
+                f"{fmt_ms(bench(fb, grad_to_none=leaves))} |"
+            )
         rk.set_backward_mode(None)
         del s, t, leaves
         gc.collect()
@@ -519,13 +567,21 @@ def main():
     ap.add_argument("--sweep-t", type=int, default=8192, help="sequence length of the tile sweep")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the tile sweep (no tables)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--integration", action="store_true",
-                    help="only the 7B layer call by input layout and mask (what training passes)")
-    ap.add_argument("--backward", action="store_true",
-                    help="only the backward modes (sweep, one recompute, rowfwd), with tile sweeps")
+    ap.add_argument(
+        "--integration",
+        action="store_true",
+        help="only the 7B layer call by input layout and mask (what training passes)",
+    )
+    ap.add_argument(
+        "--backward",
+        action="store_true",
+        help="only the backward modes (sweep, one recompute, rowfwd), with tile sweeps",
+    )
     args = ap.parse_args()
-    log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"triton {importlib.import_module('triton').__version__}")
+    log(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {importlib.import_module('triton').__version__}"
+    )
     torch.manual_seed(0)
     if args.integration:
         integration()  # LLaMA-2-7B layer
@@ -562,28 +618,42 @@ def main():
     table("B=1, H=32, D=128, bf16, causal self-relation", rows)
 
     rows = []
-    for T in ([8192] if args.quick else [4096, 16384]):
+    for T in [8192] if args.quick else [4096, 16384]:
         q, k, v = inputs(1, 32, 32, T, 64)
         tq = q + 0.5 * torch.randn_like(q)
-        rows.append((T, [measure("SDPA flash (32 heads)", *sdpa_fns(q, k, v), fwd_keep=nbytes(q)),
-                         measure("relation_kl Q/Q D=64 (ours)", *ours_fns(q, tq))]))
+        rows.append(
+            (
+                T,
+                [
+                    measure("SDPA flash (32 heads)", *sdpa_fns(q, k, v), fwd_keep=nbytes(q)),
+                    measure("relation_kl Q/Q D=64 (ours)", *ours_fns(q, tq)),
+                ],
+            )
+        )
         del q, k, v, tq
     table("B=1, H=32, D=64, bf16, causal self-relation", rows)
 
     rows = []
-    for T in ([8192] if args.quick else [4096, 16384]):
+    for T in [8192] if args.quick else [4096, 16384]:
         q, k, v = inputs(1, 32, 8, T, 128)
         tq, tk = q + 0.5 * torch.randn_like(q), k + 0.5 * torch.randn_like(k)
-        rows.append((T, [measure("SDPA flash GQA 32/8", *sdpa_fns(q, k, v), fwd_keep=nbytes(q)),
-                         measure("relation_kl K/K, 8 heads (ours)", *ours_fns(k, tk)),
-                         measure("relation_kl Q/K cross GQA 32/8 (ours)", *ours_fns(q, tq, k, tk))]))
+        rows.append(
+            (
+                T,
+                [
+                    measure("SDPA flash GQA 32/8", *sdpa_fns(q, k, v), fwd_keep=nbytes(q)),
+                    measure("relation_kl K/K, 8 heads (ours)", *ours_fns(k, tk)),
+                    measure("relation_kl Q/K cross GQA 32/8 (ours)", *ours_fns(q, tq, k, tk)),
+                ],
+            )
+        )
         del q, k, v, tq, tk
     table("GQA 32 query / 8 KV heads, D=128, bf16, causal", rows)
 
     log("\n### One layer: fused Q/Q+K/K+V/V call vs three calls (GQA 32/8, D=128, bf16, causal)\n")
     log("| T | fused fwd ms | 3 calls fwd ms | fwd ratio | fused fwd+bwd ms | 3 calls fwd+bwd ms | fwd+bwd ratio |")
     log("|---|---|---|---|---|---|---|")
-    for T in ([2048, 8192] if args.quick else [2048, 4096, 8192, 16384]):
+    for T in [2048, 8192] if args.quick else [2048, 4096, 8192, 16384]:
         q, k, v = inputs(1, 32, 8, T, 128)
         t = [x + 0.5 * torch.randn_like(x) for x in (q, k, v)]
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
@@ -592,13 +662,13 @@ def main():
             return relation_kl_layer(q, k, v, *t)
 
         def three_f():
-            return [relation_kl(s, None, tt, None) for s, tt in zip((q, k, v), t)]
+            return [relation_kl(s, None, tt, None) for s, tt in zip((q, k, v), t, strict=False)]
 
         def fused_fb():
             sum(relation_kl_layer(*leaves, *t)).backward()
 
         def three_fb():
-            sum(relation_kl(s, None, tt, None) for s, tt in zip(leaves, t)).backward()
+            sum(relation_kl(s, None, tt, None) for s, tt in zip(leaves, t, strict=False)).backward()
 
         a, b = bench(fused_f), bench(three_f)
         c, d = bench(fused_fb, grad_to_none=leaves), bench(three_fb, grad_to_none=leaves)
@@ -608,8 +678,10 @@ def main():
             kf, kb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
             three_fb()
             sf, sb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
-            log(f"(registers/spills fused fwd {kf.n_regs}/{kf.n_spills} bwd {kb.n_regs}/{kb.n_spills}; "
-                f"single fwd {sf.n_regs}/{sf.n_spills} bwd {sb.n_regs}/{sb.n_spills})")
+            log(
+                f"(registers/spills fused fwd {kf.n_regs}/{kf.n_spills} bwd {kb.n_regs}/{kb.n_spills}; "
+                f"single fwd {sf.n_regs}/{sf.n_spills} bwd {sb.n_regs}/{sb.n_spills})"
+            )
         del q, k, v, t, leaves
         gc.collect()
         torch.cuda.empty_cache()

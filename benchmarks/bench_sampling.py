@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Teacher sampling throughput (`pipelines/sample_teacher.py`): transformers' top-p warper against
-the bisection nucleus of `linearard_ray.sampling`, and how far their nucleus sets differ.
+the bisection nucleus of `linearard_ray.data.sampling`, and how far their nucleus sets differ.
 
 Both sides run the same `generate` call from BOS (sampling, top-k off, a fixed number of new
 tokens) on the teacher; only the top-p step differs. The set comparison uses the teacher's real
@@ -44,16 +44,22 @@ def main() -> int:
     from transformers import LogitsProcessorList, TopPLogitsWarper
 
     from linearard_ray.config import ModelConfig
-    from linearard_ray.models import load_teacher, load_tokenizer
-    from linearard_ray.sampling import NucleusSampling, nucleus_keep
+    from linearard_ray.data.sampling import NucleusSampling, nucleus_keep
+    from linearard_ray.models.loading import load_teacher, load_tokenizer
 
     cfg = ModelConfig(teacher=a.teacher)
     tok = load_tokenizer(cfg)
     model = load_teacher(cfg, device=a.device)
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
-    out = {"card": card, "teacher": a.teacher, "dtype": str(next(model.parameters()).dtype), "tokens": a.tokens,
-           "top_p": a.top_p, "runs": []}
+    out = {
+        "card": card,
+        "teacher": a.teacher,
+        "dtype": str(next(model.parameters()).dtype),
+        "tokens": a.tokens,
+        "top_p": a.top_p,
+        "runs": [],
+    }
     print(f"{card}, {a.teacher} ({out['dtype']}), {a.tokens} new tokens per call, top-p {a.top_p}", flush=True)
 
     def run(bs: int, **kw):
@@ -61,22 +67,37 @@ def main() -> int:
         torch.manual_seed(0)
         _sync(a.device)
         t0 = time.perf_counter()
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                             max_new_tokens=a.tokens, min_new_tokens=a.tokens, pad_token_id=tok.pad_token_id, **kw)
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=a.tokens,
+            min_new_tokens=a.tokens,
+            pad_token_id=tok.pad_token_id,
+            **kw,
+        )
         _sync(a.device)
         return gen, time.perf_counter() - t0
 
     run(a.batch[0], top_p=1.0)  # warm-up: kernels, allocator
     gen = None
     for bs in a.batch:
-        for name, kw in (("transformers top-p", {"top_p": a.top_p}),
-                         ("bisection nucleus", {"top_p": 1.0,
-                                                "logits_processor": LogitsProcessorList([NucleusSampling(1.0, a.top_p)])}),
-                         ("no top-p", {"top_p": 1.0})):
+        for name, kw in (
+            ("transformers top-p", {"top_p": a.top_p}),
+            (
+                "bisection nucleus",
+                {"top_p": 1.0, "logits_processor": LogitsProcessorList([NucleusSampling(1.0, a.top_p)])},
+            ),
+            ("no top-p", {"top_p": 1.0}),
+        ):
             gen, dt = run(bs, **kw)
             r = {"batch": bs, "method": name, "ms_per_step": 1000 * dt / a.tokens, "tokens_per_s": bs * a.tokens / dt}
             out["runs"].append(r)
-            print(f"batch {bs:5d}  {name:20s} {r['ms_per_step']:7.1f} ms/step {r['tokens_per_s']:10,.0f} tok/s", flush=True)
+            print(
+                f"batch {bs:5d}  {name:20s} {r['ms_per_step']:7.1f} ms/step {r['tokens_per_s']:10,.0f} tok/s",
+                flush=True,
+            )
 
     # Nucleus sets on real distributions, against a float64 sort (ties broken by sort order).
     with torch.no_grad():
@@ -84,19 +105,28 @@ def main() -> int:
     p64 = torch.softmax(logits.double(), -1)
     sp, order = p64.sort(-1, descending=True)
     ref = torch.zeros_like(sp, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) < a.top_p)
-    sets = {"transformers top-p": torch.isfinite(TopPLogitsWarper(a.top_p)(None, logits.clone())),
-            "bisection nucleus": nucleus_keep(torch.softmax(logits, -1), a.top_p)}
+    sets = {
+        "transformers top-p": torch.isfinite(TopPLogitsWarper(a.top_p)(None, logits.clone())),
+        "bisection nucleus": nucleus_keep(torch.softmax(logits, -1), a.top_p),
+    }
     out["sets"] = {}
     for name, keep in sets.items():
         d = keep ^ ref
-        s = {"rows": int(keep.shape[0]), "rows_equal": int((~d.any(-1)).sum()),
-             "max_tokens_differing": int(d.sum(-1).max()), "max_mass_differing": float((p64 * d).sum(-1).max()),
-             "mean_kept": float(keep.sum(-1).float().mean()),
-             "min_kept_mass": float((p64 * keep).sum(-1).min())}
+        s = {
+            "rows": int(keep.shape[0]),
+            "rows_equal": int((~d.any(-1)).sum()),
+            "max_tokens_differing": int(d.sum(-1).max()),
+            "max_mass_differing": float((p64 * d).sum(-1).max()),
+            "mean_kept": float(keep.sum(-1).float().mean()),
+            "min_kept_mass": float((p64 * keep).sum(-1).min()),
+        }
         out["sets"][name] = s
-        print(f"{name:20s} vs float64 sort: {s['rows_equal']}/{s['rows']} rows equal, at most "
-              f"{s['max_tokens_differing']} tokens / {s['max_mass_differing']:.2e} mass apart; "
-              f"{s['mean_kept']:.0f} tokens kept on average, kept mass >= {s['min_kept_mass']:.4f}", flush=True)
+        print(
+            f"{name:20s} vs float64 sort: {s['rows_equal']}/{s['rows']} rows equal, at most "
+            f"{s['max_tokens_differing']} tokens / {s['max_mass_differing']:.2e} mass apart; "
+            f"{s['mean_kept']:.0f} tokens kept on average, kept mass >= {s['min_kept_mass']:.4f}",
+            flush=True,
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

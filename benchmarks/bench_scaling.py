@@ -30,28 +30,61 @@ sys.path.insert(0, str(ROOT))
 
 SHAPES = {
     "llama2-7b-slice": dict(
-        model=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=8, num_attention_heads=32,
-                   num_key_value_heads=32, max_position_embeddings=4096, proj_std=None, dtype="bfloat16"),
-        sets=["rope.type=linear", "rope.factor=8", "lora.r=1024", "lora.alpha=2048", "data.ctx_len=4096",
-              "train.micro_batch_size=1", "train.lr=2e-5", "train.gradient_checkpointing=true"]),
+        model=dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=8,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            proj_std=None,
+            dtype="bfloat16",
+        ),
+        sets=[
+            "rope.type=linear",
+            "rope.factor=8",
+            "lora.r=1024",
+            "lora.alpha=2048",
+            "data.ctx_len=4096",
+            "train.micro_batch_size=1",
+            "train.lr=2e-5",
+            "train.gradient_checkpointing=true",
+        ],
+    ),
     "smollm2": dict(
-        model=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                   num_key_value_heads=3, max_position_embeddings=8192),
-        sets=["rope.type=linear", "rope.factor=4", "data.ctx_len=2048", "train.micro_batch_size=4"]),
+        model=dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+        ),
+        sets=["rope.type=linear", "rope.factor=4", "data.ctx_len=2048", "train.micro_batch_size=4"],
+    ),
 }
 
 
 def build_model(shape: str, out: Path) -> Path:
-    from linearard_ray.testing import build_tiny_model
+    from linearard_ray.models.tiny import build_tiny_model
 
     return build_tiny_model("llama", out / shape, **SHAPES[shape]["model"])
 
 
 def run(shape: str, model: Path, workers: int, steps: int, work: Path) -> dict:
-    sets = [f"model.teacher={model}", *SHAPES[shape]["sets"], f"train.num_workers={workers}", "train.use_gpu=true",
-            f"train.max_steps={steps}", "train.checkpoint_every=100000", "train.eval_every=null",
-            "tracking.enabled=false", f"train.run_name=scale-{shape}-{workers}gpu-{int(time.time())}",
-            f"train.storage_path={work}/ray", f"train.output_dir={work}/students"]
+    sets = [
+        f"model.teacher={model}",
+        *SHAPES[shape]["sets"],
+        f"train.num_workers={workers}",
+        "train.use_gpu=true",
+        f"train.max_steps={steps}",
+        "train.checkpoint_every=100000",
+        "train.eval_every=null",
+        "tracking.enabled=false",
+        f"train.run_name=scale-{shape}-{workers}gpu-{int(time.time())}",
+        f"train.storage_path={work}/ray",
+        f"train.output_dir={work}/students",
+    ]
     cmd = [sys.executable, "pipelines/distill.py"] + sum((["--set", s] for s in sets), [])
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -62,8 +95,15 @@ def run(shape: str, model: Path, workers: int, steps: int, work: Path) -> dict:
     rates = [(int(s), float(r)) for s, r in re.findall(r"step (\d+)/\d+ .*?\| ([0-9.]+) tok/s", text)]
     steady = [r for s, r in rates if s > 10]
     med = statistics.median(steady) if steady else float("nan")
-    return {"shape": shape, "workers": workers, "rc": p.returncode, "wall_s": round(time.time() - t0, 1),
-            "steps_seen": len(rates), "tokens_per_s": med, "tokens_per_s_per_gpu": med / workers}
+    return {
+        "shape": shape,
+        "workers": workers,
+        "rc": p.returncode,
+        "wall_s": round(time.time() - t0, 1),
+        "steps_seen": len(rates),
+        "tokens_per_s": med,
+        "tokens_per_s_per_gpu": med / workers,
+    }
 
 
 def main() -> int:
@@ -97,8 +137,10 @@ def main() -> int:
     print("| shape | GPUs | tokens/s | tokens/s per GPU | per-GPU efficiency vs 1 GPU |\n|---|---|---|---|---|")
     for r in res:
         base = next(x for x in res if x["shape"] == r["shape"])["tokens_per_s_per_gpu"]
-        print(f"| {r['shape']} | {r['workers']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_per_gpu']:.0f} | "
-              f"{100 * r['tokens_per_s_per_gpu'] / base:.1f}% |")
+        print(
+            f"| {r['shape']} | {r['workers']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_per_gpu']:.0f} | "
+            f"{100 * r['tokens_per_s_per_gpu'] / base:.1f}% |"
+        )
     return 0 if all(r["rc"] == 0 for r in res) else 1
 
 

@@ -9,6 +9,7 @@ The relation-loss share printed here is kernel time (the op's Triton kernels plu
 kernels of its launch path), which CUDA events around the calls cannot isolate when the host
 falls behind the GPU. Used to find integration slowdowns the op benchmark cannot see.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench_distill_step as b  # noqa: E402
 import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-import bench_distill_step as b  # noqa: E402
 
 # Kernel name fragments -> family. Our relation kernels are the Triton `_fwd_kernel`/`_bwd_kernel`.
 FAMILIES = (
@@ -62,8 +62,10 @@ def main() -> None:
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     gluon = b._load_gluon() if any(i.startswith("gluon") for i in a.impls) else None
-    print(f"L={a.layers} H={a.heads} D={a.hidden // a.heads} T={a.seq} B={a.batch} LoRA r={a.lora_r} "
-          f"grad ckpt {a.grad_checkpointing} | {torch.cuda.get_device_name()} | ops backend {a.backend}")
+    print(
+        f"L={a.layers} H={a.heads} D={a.hidden // a.heads} T={a.seq} B={a.batch} LoRA r={a.lora_r} "
+        f"grad ckpt {a.grad_checkpointing} | {torch.cuda.get_device_name()} | ops backend {a.backend}"
+    )
     per_variant: dict[str, dict[str, float]] = {}
     for v in b.variants(a):
         obj = b.make_objective(a, v, rope, dev)
@@ -97,8 +99,10 @@ def main() -> None:
         for name, t in kern.items():
             fams[family(name)] = fams.get(family(name), 0.0) + t
         busy = sum(fams.values())
-        print(f"\n== {label}: step wall (median of {len(walls)}, unprofiled) {wall:.1f} ms | "
-              f"GPU kernel time in the profiled step {busy:.1f} ms (kernels of two streams can overlap)")
+        print(
+            f"\n== {label}: step wall (median of {len(walls)}, unprofiled) {wall:.1f} ms | "
+            f"GPU kernel time in the profiled step {busy:.1f} ms (kernels of two streams can overlap)"
+        )
         print("| kernel family | GPU ms | share of kernel time | share of step wall |")
         print("|---|---|---|---|")
         for f, t in sorted(fams.items(), key=lambda kv: -kv[1]):
@@ -115,7 +119,7 @@ def main() -> None:
             cur = per_variant[other]
             diff = sorted(((ref.get(k, 0.0) - cur.get(k, 0.0), k) for k in set(ref) | set(cur)), reverse=True)
             print(f"\n== GPU ms of {names[0]} minus {other}, largest first")
-            for d, k in diff[:own.top]:
+            for d, k in diff[: own.top]:
                 print(f"{d:9.2f}  {k[:110]}")
 
 

@@ -59,7 +59,12 @@ def build_parser(prog: str, description: str, sections: list[str] | None = None)
     )
     p.add_argument("--config", "-c", default=None, help="YAML config file (default: the embedded default)")
     p.add_argument(
-        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="dotted override, e.g. --set data.ctx_len=2048 (repeatable; values parsed as YAML)",
     )
     return p

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from linearard_ray.corpus import check_builtin, is_builtin
+from linearard_ray.data.corpus import check_builtin, is_builtin
 
 
 class ConfigError(ValueError):
@@ -40,23 +40,31 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    teacher: str = Field("smollm2-135m", description="Hub id, local directory, .gguf file, or built-in name 'smollm2-135m'.")
+    teacher: str = Field(
+        "smollm2-135m", description="Hub id, local directory, .gguf file, or built-in name 'smollm2-135m'."
+    )
     student: str | None = Field(None, description="Checkpoint the student starts from; default: the teacher's weights.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' = bfloat16 on GPU, float32 on CPU."
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
-    cache_dir: str | None = Field(None, description="Where built-in models are fetched and converted (default ~/.cache/linearard_ray).")
+    cache_dir: str | None = Field(
+        None, description="Where built-in models are fetched and converted (default ~/.cache/linearard_ray)."
+    )
 
 
 RopeType = Literal["linear", "dynamic", "yarn", "llama3", "longrope"]
 
 
 class RopeConfig(_Section):
-    type: RopeType = Field("linear", description="Student RoPE scaling: linear (PI), dynamic (NTK), yarn, llama3, longrope.")
+    type: RopeType = Field(
+        "linear", description="Student RoPE scaling: linear (PI), dynamic (NTK), yarn, llama3, longrope."
+    )
     factor: float = Field(4.0, description="Context extension factor; must be > 1.")
-    original_max_position_embeddings: int | None = Field(None, description="Native window; default: the teacher's max_position_embeddings.")
+    original_max_position_embeddings: int | None = Field(
+        None, description="Native window; default: the teacher's max_position_embeddings."
+    )
     max_position_embeddings: int | None = Field(None, description="New window; default: native × factor.")
     # yarn
     beta_fast: float | None = None
@@ -123,10 +131,12 @@ class LayerSelection(_Section):
         try:
             return {"strategy": "list", "layers": [int(x) for x in s.split(",") if x.strip()]}
         except ValueError:
-            raise ValueError(f"cannot parse layer selection {v!r}; use all, first:N, last:N, every:K, range:A-B or a list")
+            raise ValueError(
+                f"cannot parse layer selection {v!r}; use all, first:N, last:N, every:K, range:A-B or a list"
+            )
 
     @model_validator(mode="after")
-    def _check(self) -> "LayerSelection":
+    def _check(self) -> LayerSelection:
         need = {"first": "n", "last": "n", "every": "k", "list": "layers", "range": "start"}
         f = need.get(self.strategy)
         if f and getattr(self, f) is None:
@@ -151,7 +161,9 @@ class LayerSelection(_Section):
         else:
             bad = [i for i in self.layers if not -L <= i < L]
             if bad:
-                raise ConfigError(f"objective.relation.layers: layer indices {bad} out of range for a model with {L} layers")
+                raise ConfigError(
+                    f"objective.relation.layers: layer indices {bad} out of range for a model with {L} layers"
+                )
             out = sorted({i % L for i in self.layers})
         if not out:
             raise ConfigError(f"objective.relation.layers selects no layer of a model with {L} layers")
@@ -163,21 +175,26 @@ class RelationTerm(_Section):
     weights: dict[Literal["q", "k", "v", "qk"], float] = Field(
         default_factory=lambda: {"q": 1.0, "k": 1.0, "v": 1.0},
         description="Per-relation weights (Q/Q, K/K, V/V); a relation left out keeps weight 1, 0 switches it off. "
-                    "'qk' adds the attention map itself (the causal softmax of Q·Kᵀ, GQA heads shared; off unless given).",
+        "'qk' adds the attention map itself (the causal softmax of Q·Kᵀ, GQA heads shared; off unless given).",
     )
     layers: LayerSelection = Field(default_factory=LayerSelection)
     fused: bool = Field(True, description="One op call per layer for the three relations.")
     backward: Literal["auto", "sweep", "rowfwd"] = Field(
-        "auto", description="Backward of the Triton relation kernels: auto (the op's process-wide mode, "
-                             "ops.relation_kl.set_backward_mode; sweep unless changed), sweep (two recomputes, no "
-                             "extra memory) or "
-                             "rowfwd (the forward also keeps the row part of the gradient, an fp32 buffer twice the "
-                             "size of each student q/k/v, until the backward; measured 1.10-1.14x faster at head dim "
-                             "128 from 2K tokens, slower at head dim 64 below 8K). Both are bitwise reproducible.")
-    overlap: bool = Field(True, description="Start each layer's relations as soon as the student's forward has its "
-                                            "q/k/v, on a second CUDA stream, so they overlap the rest of the forward "
-                                            "and (their backward) the model's backward. Same values; on CPU only "
-                                            "the order changes.")
+        "auto",
+        description="Backward of the Triton relation kernels: auto (the op's process-wide mode, "
+        "ops.relation_kl.set_backward_mode; sweep unless changed), sweep (two recomputes, no "
+        "extra memory) or "
+        "rowfwd (the forward also keeps the row part of the gradient, an fp32 buffer twice the "
+        "size of each student q/k/v, until the backward; measured 1.10-1.14x faster at head dim "
+        "128 from 2K tokens, slower at head dim 64 below 8K). Both are bitwise reproducible.",
+    )
+    overlap: bool = Field(
+        True,
+        description="Start each layer's relations as soon as the student's forward has its "
+        "q/k/v, on a second CUDA stream, so they overlap the rest of the forward "
+        "and (their backward) the model's backward. Same values; on CPU only "
+        "the order changes.",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -197,7 +214,9 @@ class RelationTerm(_Section):
 class LogitTerm(_Section):
     weight: float = Field(0.0, ge=0)
     temperature: float = Field(1.0, gt=0)
-    top_k_positions: int | None = Field(None, ge=1, description="Only the k positions with the largest teacher-student KL contribute.")
+    top_k_positions: int | None = Field(
+        None, ge=1, description="Only the k positions with the largest teacher-student KL contribute."
+    )
     chunk_size: int = Field(1024, ge=1, description="Tokens per chunk; the full fp32 logits are never materialised.")
 
 
@@ -232,7 +251,7 @@ class ObjectiveConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _some_term(self) -> "ObjectiveConfig":
+    def _some_term(self) -> ObjectiveConfig:
         if self.relation.weight == 0 and self.logits.weight == 0 and self.next_token.weight == 0:
             raise ValueError("objective: every term has weight 0; nothing to train")
         return self
@@ -261,12 +280,14 @@ def _default_sources() -> list[str]:
 
 
 class SampleSpec(_Section):
-    """How text is sampled from the teacher (linearard_ray.sampling)."""
+    """How text is sampled from the teacher (linearard_ray.data.sampling)."""
 
     num_samples: int = Field(..., ge=1, description="Samples to write.")
     max_new_tokens: int = Field(2048, ge=1, description="Tokens generated per sample (stops early at EOS).")
     min_tokens: int = Field(64, ge=1, description="Samples that end sooner are skipped (counted).")
-    batch_size: int = Field(64, ge=1, description="Samples generated at once (on a GPU, large: decoding is overhead-bound).")
+    batch_size: int = Field(
+        64, ge=1, description="Samples generated at once (on a GPU, large: decoding is overhead-bound)."
+    )
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus; below 1 keeps a small teacher's far tail out.")
     seed: int = 0
@@ -274,14 +295,19 @@ class SampleSpec(_Section):
     @model_validator(mode="after")
     def _reachable(self):
         if self.min_tokens > self.max_new_tokens:
-            raise ValueError(f"min_tokens={self.min_tokens} is more than max_new_tokens={self.max_new_tokens}: "
-                             "every sample would be skipped")
+            raise ValueError(
+                f"min_tokens={self.min_tokens} is more than max_new_tokens={self.max_new_tokens}: "
+                "every sample would be skipped"
+            )
         return self
 
 
 class TeacherSamplesConfig(SampleSpec):
-    path: str | None = Field(None, description="JSONL to write or reuse; default "
-                                               "outputs/data/teacher-samples/<hash of teacher and settings>.jsonl.")
+    path: str | None = Field(
+        None,
+        description="JSONL to write or reuse; default "
+        "outputs/data/teacher-samples/<hash of teacher and settings>.jsonl.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -297,15 +323,20 @@ class DataConfig(_Section):
         description="Files, globs, directories (local, s3://, gs://), 'hf:<dataset>[:split]', or 'builtin:sotu/<split>'.",
     )
     format: Literal["auto", "text", "jsonl", "json", "parquet"] = Field(
-        "auto", description="Input format; 'auto' = from each file's extension (.txt/.md, .jsonl/.ndjson, .json, .parquet; .gz/.bz2/.xz ok)."
+        "auto",
+        description="Input format; 'auto' = from each file's extension (.txt/.md, .jsonl/.ndjson, .json, .parquet; .gz/.bz2/.xz ok).",
     )
-    text_column: str = Field("text", description="Field/column holding the document text in jsonl, json and parquet inputs.")
+    text_column: str = Field(
+        "text", description="Field/column holding the document text in jsonl, json and parquet inputs."
+    )
     ctx_len: int = Field(512, ge=8, description="Tokens per training block.")
     pack: bool = Field(False, description="Pack across documents with EOS separators instead of cutting per document.")
     tail: Literal["drop", "pad"] = Field("drop", description="What to do with a document's last partial block.")
     min_doc_tokens: int = Field(64, ge=1, description="Documents with fewer tokens are skipped (and counted).")
     add_bos: bool | None = Field(None, description="Default: what the tokenizer does.")
-    add_eos: bool = Field(True, description="Append EOS to each document (always on when packing: it separates documents).")
+    add_eos: bool = Field(
+        True, description="Append EOS to each document (always on when packing: it separates documents)."
+    )
     shuffle: bool = Field(True, description="Seeded shuffle of the blocks before they are written.")
     seed: int = Field(0, description="Seed of the block shuffle.")
     output_dir: str | None = Field(None, description="Where token blocks go; default outputs/data/<hash of config>.")
@@ -313,14 +344,29 @@ class DataConfig(_Section):
     tokenizer_actors: int = Field(1, ge=1, description="Size of the Ray Data tokenizer actor pool.")
     tokenizer_batch_size: int = Field(16, ge=1, description="Documents per tokenizer call.")
     rows_per_shard: int = Field(2048, ge=1, description="Blocks per parquet shard.")
-    lm_ctx_len: int | None = Field(None, description="Block length for the next-token term's own stream; default ctx_len.")
+    lm_ctx_len: int | None = Field(
+        None, description="Block length for the next-token term's own stream; default ctx_len."
+    )
     lm_sources: list[str] | None = Field(None, description="Data for the next-token term; default: sources.")
-    lm_every: int = Field(1, ge=1, description="With its own stream, the next-token term gets a batch every N optimizer "
-                                               "steps (1 = every step), so long blocks need not outweigh the KL terms' "
-                                               "short ones in the token budget.")
+    lm_every: int = Field(
+        1,
+        ge=1,
+        description="With its own stream, the next-token term gets a batch every N optimizer "
+        "steps (1 = every step), so long blocks need not outweigh the KL terms' "
+        "short ones in the token budget.",
+    )
     teacher_samples: TeacherSamplesConfig | None = Field(
-        None, description="Text sampled from the teacher before training (on a GPU when train.use_gpu), resumable, "
-                          "and appended to data.sources; e.g. {num_samples: 2080, batch_size: 1040, top_p: 0.95}.")
+        None,
+        description="Text sampled from the teacher before training (on a GPU when train.use_gpu), resumable, "
+        "and appended to data.sources; e.g. {num_samples: 2080, batch_size: 1040, top_p: 0.95}.",
+    )
+
+    def lm_data_differs(self) -> bool:
+        """Whether the next-token term's blocks differ from the KL terms' ones: other sources or
+        another block length. Naming the same sources or length again is not a difference."""
+        own_sources = self.lm_sources is not None and list(self.lm_sources) != list(self.sources)
+        own_length = self.lm_ctx_len is not None and self.lm_ctx_len != self.ctx_len
+        return own_sources or own_length
 
 
 # --------------------------------------------------------------------------- train
@@ -346,7 +392,9 @@ def domain_metric(domain: str, metric: str) -> str:
 def _check_domain_name(name: str) -> str:
     # The name becomes part of metric names: keep it to characters MLflow and Tune take as they are.
     if not _DOMAIN_NAME.fullmatch(name):
-        raise ValueError(f"domain name {name!r}: use letters, digits, '_' and '-' (metrics are named eval_<name>_nll_gap, ...)")
+        raise ValueError(
+            f"domain name {name!r}: use letters, digits, '_' and '-' (metrics are named eval_<name>_nll_gap, ...)"
+        )
     return name
 
 
@@ -364,8 +412,10 @@ def _check_domain_sources(sources: list[str]) -> list[str]:
         if not src.strip():
             raise ValueError("empty source string")
         if "://" in src or src.startswith("hf:"):
-            raise ValueError(f"{src!r}: the in-training evaluation reads builtin: corpora and local files, "
-                             "directories and globs only")
+            raise ValueError(
+                f"{src!r}: the in-training evaluation reads builtin: corpora and local files, "
+                "directories and globs only"
+            )
         if is_builtin(src):
             check_builtin(src)
     return sources
@@ -378,13 +428,16 @@ EvalDomainSources = Annotated[list[str], BeforeValidator(_one_source_as_list), A
 class TrainConfig(_Section):
     run_name: str = Field("linearard-default", description="Deterministic name; starting a job again with it resumes.")
     storage_path: str = Field("outputs/ray", description="Ray Train storage (local dir or s3://).")
-    output_dir: str = Field("outputs/students", description="Where the exported student goes (<output_dir>/<run_name>).")
+    output_dir: str = Field(
+        "outputs/students", description="Where the exported student goes (<output_dir>/<run_name>)."
+    )
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | None = Field(None, description="Default: true when the cluster has GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
     accelerator_type: str | None = Field(
-        None, description="GPU model the workers need, e.g. 'A10G', 'A100', 'H100' (ScalingConfig.accelerator_type; cluster.yaml node types)."
+        None,
+        description="GPU model the workers need, e.g. 'A10G', 'A100', 'H100' (ScalingConfig.accelerator_type; cluster.yaml node types).",
     )
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -415,7 +468,9 @@ class TrainConfig(_Section):
         "eval_<name>_recovery_pct, ... every train.eval_every steps. {} = held-out SOTU only.",
     )
     evaluate_at_end: bool = False
-    fail_at_step: int | None = Field(None, description="Testing aid: raise once at this step (simulates a worker failure).")
+    fail_at_step: int | None = Field(
+        None, description="Testing aid: raise once at this step (simulates a worker failure)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -427,17 +482,19 @@ class TrainConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _budget(self) -> "TrainConfig":
+    def _budget(self) -> TrainConfig:
         if self.budget_tokens is None and self.max_steps is None:
             raise ValueError("train: set budget_tokens or max_steps")
         return self
 
     @model_validator(mode="after")
-    def _eval_sources_need_cadence(self) -> "TrainConfig":
+    def _eval_sources_need_cadence(self) -> TrainConfig:
         # Without eval_every nothing would be measured: say so instead of ignoring the domains.
         if self.eval_sources and self.eval_every is None:
-            raise ValueError("train.eval_sources are measured every train.eval_every steps: set train.eval_every, "
-                             "or train.eval_sources={} for no extra domain")
+            raise ValueError(
+                "train.eval_sources are measured every train.eval_every steps: set train.eval_every, "
+                "or train.eval_sources={} for no extra domain"
+            )
         return self
 
 
@@ -446,7 +503,9 @@ class TrainConfig(_Section):
 
 class TrackingConfig(_Section):
     enabled: bool = True
-    tracking_uri: str | None = Field(None, description="Default: sqlite:///<cwd>/mlflow.db (one absolute URI for every worker).")
+    tracking_uri: str | None = Field(
+        None, description="Default: sqlite:///<cwd>/mlflow.db (one absolute URI for every worker)."
+    )
     experiment: str = "linearard"
 
     def resolved_uri(self) -> str:
@@ -468,31 +527,44 @@ class EvalModelSpec(_Section):
 
 
 class EvalConfig(_Section):
-    models: list[EvalModelSpec] = Field(default_factory=list, description="Default: teacher, unrestored student, restored student.")
+    models: list[EvalModelSpec] = Field(
+        default_factory=list, description="Default: teacher, unrestored student, restored student."
+    )
     student_path: str | None = Field(None, description="The restored student to evaluate (exported directory).")
     texts: list[str] = Field(default_factory=lambda: ["builtin:sotu/eval"])
-    other_texts: list[str] = Field(default_factory=lambda: ["builtin:pydocs"],
-                                   description="A second domain not used in training (default: Python 3.11 docs); [] = none.")
+    other_texts: list[str] = Field(
+        default_factory=lambda: ["builtin:pydocs"],
+        description="A second domain not used in training (default: Python 3.11 docs); [] = none.",
+    )
     short_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
     long_lengths: list[int] = Field(default_factory=lambda: [4096, 8192])
     max_windows: int = Field(8, ge=1, description="Windows per length (more = less noise, more time).")
     passkey_lengths: list[int] = Field(default_factory=lambda: [1024, 4096])
     passkey_depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_trials: int = Field(3, ge=1)
-    passkey_choices: int = Field(10, ge=0, description="Forced-choice retrieval beside the greedy answer: the true key "
-                                                       "and N-1 seeded distractors are scored by the model's log-probability "
-                                                       "after the question, so reading the key is measured apart from how the "
-                                                       "model words its answer (chance 1/N); 0 = off.")
+    passkey_choices: int = Field(
+        10,
+        ge=0,
+        description="Forced-choice retrieval beside the greedy answer: the true key "
+        "and N-1 seeded distractors are scored by the model's log-probability "
+        "after the question, so reading the key is measured apart from how the "
+        "model words its answer (chance 1/N); 0 = off.",
+    )
     passkey_distractors: Literal["random", "one_digit"] = Field(
-        "random", description="Where the forced choice's distractors come from: 'random' five-digit keys (any "
-                              "retrieval tells them apart) or keys 'one_digit' away from the true one (only a model "
-                              "that holds every digit picks it; at most 45 choices).")
+        "random",
+        description="Where the forced choice's distractors come from: 'random' five-digit keys (any "
+        "retrieval tells them apart) or keys 'one_digit' away from the true one (only a model "
+        "that holds every digit picks it; at most 45 choices).",
+    )
     relation_kl: bool = True
     batch_size: int = Field(1, ge=1)
     seed: int = 0
     output_dir: str = "outputs/eval"
-    resume: bool = Field(True, description="Reuse finished jobs from <output_dir>/jobs.jsonl (same models, inputs "
-                                           "and settings); false = run everything again.")
+    resume: bool = Field(
+        True,
+        description="Reuse finished jobs from <output_dir>/jobs.jsonl (same models, inputs "
+        "and settings); false = run everything again.",
+    )
     device: str = "auto"
     lm_eval_tasks: list[str] = Field(default_factory=list)
 
@@ -504,10 +576,12 @@ class EvalConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _one_digit_choices(self) -> "EvalConfig":
+    def _one_digit_choices(self) -> EvalConfig:
         if self.passkey_distractors == "one_digit" and self.passkey_choices > 45:
-            raise ValueError(f"passkey_choices: {self.passkey_choices} with passkey_distractors 'one_digit', but a key "
-                             "has only 44 keys one digit away (at most 45 choices)")
+            raise ValueError(
+                f"passkey_choices: {self.passkey_choices} with passkey_distractors 'one_digit', but a key "
+                "has only 44 keys one digit away (at most 45 choices)"
+            )
         return self
 
 
@@ -517,14 +591,21 @@ class EvalConfig(_Section):
 class TuneConfig(_Section):
     sweep_name: str = "linearard-sweep"
     space: dict[str, Any] = Field(
-        default_factory=lambda: {"rope.factor": {"grid": [2.0, 4.0]}, "objective.relation.layers": {"grid": ["all", "last:2"]}},
+        default_factory=lambda: {
+            "rope.factor": {"grid": [2.0, 4.0]},
+            "objective.relation.layers": {"grid": ["all", "last:2"]},
+        },
         description="Dotted config path -> {grid: [...]} | {choice: [...]} | {uniform: [a,b]} | {loguniform: [a,b]} | {randint: [a,b]}.",
     )
     search: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, ge=1, description="Repeats of the grid (repeat k trains with train.seed + k: "
-                                                  "another LoRA init and block order; the summary gives each configuration's mean and range "
-                                                  "and the best configuration is the best mean), or samples for "
-                                                  "random/optuna.")
+    num_samples: int = Field(
+        1,
+        ge=1,
+        description="Repeats of the grid (repeat k trains with train.seed + k: "
+        "another LoRA init and block order; the summary gives each configuration's mean and range "
+        "and the best configuration is the best mean), or samples for "
+        "random/optuna.",
+    )
     metric: str = "nll_gap"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "none"] = "asha"
@@ -532,7 +613,9 @@ class TuneConfig(_Section):
     reduction_factor: int = Field(2, ge=2)
     max_concurrent: int | None = None
     trial_max_failures: int = Field(1, ge=0)
-    keep_students: Literal["best", "all"] = Field("best", description="Exported students kept after the sweep: the best trial's, or every trial's.")
+    keep_students: Literal["best", "all"] = Field(
+        "best", description="Exported students kept after the sweep: the best trial's, or every trial's."
+    )
     storage_path: str = "outputs/tune"
 
 
@@ -549,6 +632,11 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    def uses_lm_stream(self) -> bool:
+        """Whether the next-token term reads a stream of blocks of its own (the one place this is
+        decided: preprocessing, training and sweeps all ask here)."""
+        return self.objective.next_token.weight > 0 and self.data.lm_data_differs()
 
 
 # --------------------------------------------------------------------------- loading

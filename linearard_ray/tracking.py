@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 RUN_NAME_TAG = "linearard.run_name"
@@ -29,7 +30,7 @@ def local_artifact_root(uri: str) -> str | None:
     """Artifact root beside a local sqlite database (``sqlite:////abs/dir/mlflow.db`` → ``/abs/dir/mlartifacts``)."""
     if not uri.startswith("sqlite:///"):
         return None
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     return (db.parent / "mlartifacts").resolve().as_uri()
 
 
@@ -98,7 +99,7 @@ class RunLogger:
             elif existing[k] != s:
                 changed[k] = (existing[k], s)
         for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i:i + 100])
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
         for k, (old, s) in changed.items():
             self.client.set_tag(self.run_id, f"resume.changed.{k}", _param_value(f"{old} -> {s}"))
         return changed
@@ -107,8 +108,11 @@ class RunLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
-                 if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))]
+        items = [
+            Metric(k, float(v), ts, int(step))
+            for k, v in metrics.items()
+            if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
 

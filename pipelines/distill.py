@@ -34,15 +34,21 @@ def main(argv: list[str] | None = None) -> int:
         "(SmolLM2-135M, PI×4, the shipped State of the Union text, CPU, a few minutes).",
     )
     _, cfg = parse_config(parser, argv)
-    from linearard_ray.models import ModelError
-    from linearard_ray.rope import RopeError
-    from linearard_ray.sampling import SamplingError
-    from linearard_ray.sources import DataError
-    from linearard_ray.train import run_distill
+    from linearard_ray.data.sampling import SamplingError
+    from linearard_ray.data.sources import DataError
+    from linearard_ray.models.loading import ModelError
+    from linearard_ray.models.rope import RopeError
+    from linearard_ray.training.driver import run_distill
 
     try:
         run_distill(cfg)
-    except (ConfigError, DataError, ModelError, RopeError, SamplingError) as e:  # the user's input, not a bug: no traceback
+    except (
+        ConfigError,
+        DataError,
+        ModelError,
+        RopeError,
+        SamplingError,
+    ) as e:  # the user's input, not a bug: no traceback
         print(f"distill.py: {e}", file=sys.stderr)
         return 2
     return 0

@@ -35,19 +35,27 @@ def main(argv: list[str] | None = None) -> int:
         "(eval.student_path), or any list of models (eval.models).",
         sections=["model", "rope", "eval", "tracking"],
     )
-    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-                        help="Ray cluster to spread (model, length) jobs over, one GPU each (e.g. 'auto'; default "
-                             "$RAY_ADDRESS, which `ray job submit` sets); used when the cluster has more than one GPU")
-    parser.add_argument("--jobs-per-gpu", type=int, default=None, metavar="N",
-                        help="run N (model, length) jobs at once on each GPU as Ray tasks (small models leave a "
-                             "GPU mostly idle); starts a local Ray instance when there is no --ray-address")
+    parser.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to spread (model, length) jobs over, one GPU each (e.g. 'auto'; default "
+        "$RAY_ADDRESS, which `ray job submit` sets); used when the cluster has more than one GPU",
+    )
+    parser.add_argument(
+        "--jobs-per-gpu",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N (model, length) jobs at once on each GPU as Ray tasks (small models leave a "
+        "GPU mostly idle); starts a local Ray instance when there is no --ray-address",
+    )
     args, cfg = parse_config(parser, argv)
     if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
         parser.error(f"--jobs-per-gpu must be >= 1, got {args.jobs_per_gpu}")
-    from linearard_ray.evaluate import EvalError, evaluate
-    from linearard_ray.models import ModelError
-    from linearard_ray.rope import RopeError
-    from linearard_ray.texts import TextsError
+    from linearard_ray.evaluation.evaluate import EvalError, evaluate
+    from linearard_ray.evaluation.texts import TextsError
+    from linearard_ray.models.loading import ModelError
+    from linearard_ray.models.rope import RopeError
 
     try:
         if args.jobs_per_gpu:
@@ -59,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not torch.cuda.is_available():  # GPU-fraction tasks would wait forever
                     parser.error("--jobs-per-gpu needs a GPU here or a --ray-address with GPUs")
                 ray.init(log_to_driver=True)
-            report = evaluate(cfg, ray_address=args.ray_address, distribute=True,
-                              task_resources={"num_gpus": 1.0 / args.jobs_per_gpu})
+            report = evaluate(
+                cfg, ray_address=args.ray_address, distribute=True, task_resources={"num_gpus": 1.0 / args.jobs_per_gpu}
+            )
         else:
             report = evaluate(cfg, ray_address=args.ray_address)
     except (ConfigError, EvalError, TextsError, ModelError, RopeError) as e:

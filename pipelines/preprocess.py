@@ -32,15 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         "plus manifest.json. Bad documents are skipped, counted and reported.",
         sections=["model", "data"],
     )
-    parser.add_argument("--stream", choices=["main", "lm", "both"], default="main",
-                        help="main: the distillation blocks; lm: the next-token term's (data.lm_sources, "
-                             "data.lm_ctx_len); both: one after the other")
+    parser.add_argument(
+        "--stream",
+        choices=["main", "lm", "both"],
+        default="main",
+        help="main: the distillation blocks; lm: the next-token term's (data.lm_sources, "
+        "data.lm_ctx_len); both: one after the other",
+    )
     parser.add_argument("--force", action="store_true", help="preprocess again even when a finished directory matches")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args, cfg = parse_config(parser, argv)
 
-    from linearard_ray.data import DataError, ensure_preprocessed, format_report, read_manifest
-    from linearard_ray.models import ModelError
+    from linearard_ray.data.preprocess import DataError, ensure_preprocessed, format_report, read_manifest
+    from linearard_ray.models.loading import ModelError
 
     streams = ["main", "lm"] if args.stream == "both" else [args.stream]
     try:

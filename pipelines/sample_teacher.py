@@ -7,7 +7,7 @@
 
 The teacher is the config's model.teacher with its native RoPE. Started again with the same
 arguments, it continues after the last complete batch. On a GPU use a large batch: decoding a
-small model is bound by per-step overhead (benchmarks/RESULTS.md, teacher sampling). Top-p below
+small model is bound by per-step overhead (research/LOG.md, teacher sampling). Top-p below
 1 is advisable for small teachers, whose far tail drifts into noise over 2,048 tokens.
 """
 
@@ -41,12 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args, cfg = parse_config(parser, argv)
-    from linearard_ray.models import ModelError
-    from linearard_ray.sampling import SampleSpec, SamplingError, sample_corpus
+    from linearard_ray.data.sampling import SampleSpec, SamplingError, sample_corpus
+    from linearard_ray.models.loading import ModelError
 
     try:
-        spec = SampleSpec(num_samples=args.samples, max_new_tokens=args.tokens, min_tokens=args.min_tokens,
-                          batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        spec = SampleSpec(
+            num_samples=args.samples,
+            max_new_tokens=args.tokens,
+            min_tokens=args.min_tokens,
+            batch_size=args.batch_size,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
     except ValidationError as e:
         err = e.errors()[0]
         if not err["loc"]:  # a check across fields (min_tokens against max_new_tokens)

@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tune.py: {e}", file=sys.stderr)
         return 2
-    from linearard_ray.models import ModelError
-    from linearard_ray.sampling import SamplingError
-    from linearard_ray.sources import DataError
-    from linearard_ray.tune import run_sweep
+    from linearard_ray.data.sampling import SamplingError
+    from linearard_ray.data.sources import DataError
+    from linearard_ray.models.loading import ModelError
+    from linearard_ray.sweep.tune import run_sweep
 
     try:
         res = run_sweep(cfg)

@@ -20,8 +20,31 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 SECTIONS = ("tutorial", "howto", "faq", "reference", "library")
-BLOCK = {"p", "div", "section", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "table",
-         "ul", "ol", "dl", "blockquote", "pre", "br", "hr", "figure", "caption"}
+BLOCK = {
+    "p",
+    "div",
+    "section",
+    "li",
+    "dt",
+    "dd",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "tr",
+    "table",
+    "ul",
+    "ol",
+    "dl",
+    "blockquote",
+    "pre",
+    "br",
+    "hr",
+    "figure",
+    "caption",
+}
 
 
 class _BodyText(HTMLParser):
@@ -29,8 +52,8 @@ class _BodyText(HTMLParser):
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.depth = 0          # div nesting inside the body; 0 = outside
-        self.skip = 0           # inside <script>/<style>
+        self.depth = 0  # div nesting inside the body; 0 = outside
+        self.skip = 0  # inside <script>/<style>
         self.skip_link = False  # inside a "¶" header link
         self.pre = 0
         self.out: list[str] = []
@@ -99,7 +122,9 @@ def page_text(path: Path) -> tuple[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("html_dir", help=".../usr/share/doc/python3.11/html")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "linearard_ray" / "assets" / "pydocs.jsonl.xz"))
+    ap.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[1] / "linearard_ray" / "assets" / "pydocs.jsonl.xz")
+    )
     ap.add_argument("--min-chars", type=int, default=2000, help="pages shorter than this (indexes, stubs) are left out")
     args = ap.parse_args()
     root = Path(args.html_dir)
@@ -110,7 +135,9 @@ def main() -> None:
             if len(text) < args.min_chars:
                 dropped += 1
                 continue
-            rows.append({"id": f"{sec}/{f.stem}", "section": sec, "title": title.replace("¶", "").strip(), "text": text})
+            rows.append(
+                {"id": f"{sec}/{f.stem}", "section": sec, "title": title.replace("¶", "").strip(), "text": text}
+            )
     with lzma.open(args.out, "wt", encoding="utf-8", preset=9 | lzma.PRESET_EXTREME) as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")

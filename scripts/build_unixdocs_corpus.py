@@ -94,7 +94,7 @@ def main() -> None:
     with cf.ThreadPoolExecutor(args.workers) as ex:
         rendered = list(ex.map(render, pages))
     docs = []
-    for page, text in zip(pages, rendered):
+    for page, text in zip(pages, rendered, strict=False):
         if len(text.strip()) < 200:
             skipped["man page rendered to < 200 characters"] += 1
         elif len(PYTHON.findall(text)) > 2:
@@ -123,9 +123,19 @@ def main() -> None:
         for d in kept:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     kinds = collections.Counter(d["kind"] for d in kept)
-    print(json.dumps({"out": str(out), "documents": len(kept), "by_kind": kinds, "characters": chars,
-                      "skipped": dict(sorted(skipped.items())),
-                      "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}, indent=1))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "documents": len(kept),
+                "by_kind": kinds,
+                "characters": chars,
+                "skipped": dict(sorted(skipped.items())),
+                "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

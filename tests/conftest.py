@@ -28,7 +28,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_dir):
-    from linearard_ray.testing import resolve_tiny
+    from linearard_ray.models.tiny import resolve_tiny
 
     def make(family: str = "llama"):
         return resolve_tiny(f"tiny:{family}", cache_dir)

@@ -164,10 +164,18 @@ def _check_common(chunk_size: int, reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def chunked_logit_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head_weight: torch.Tensor,
-                     teacher_head_weight: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                     temperature: float = 1.0, top_k_positions: int | None = None, chunk_size: int = 1024,
-                     reduction: str = "sum") -> torch.Tensor:
+def chunked_logit_kl(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k_positions: int | None = None,
+    chunk_size: int = 1024,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Σ over valid positions of τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), t = teacher_hidden·W_tᵀ,
     s = student_hidden·W_sᵀ, computed chunk by chunk (never a full [T, V] logit matrix).
 
@@ -189,18 +197,31 @@ def chunked_logit_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     if top_k_positions is not None and top_k_positions < 1:
         raise ValueError(f"top_k_positions must be >= 1, got {top_k_positions}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
-                         "cover different positions")
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
+            "cover different positions"
+        )
     if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
-        raise ValueError(f"student vocabulary {student_head_weight.shape[0]} != teacher vocabulary {teacher_head_weight.shape[0]}")
-    for name, h, w in (("student", student_hidden, student_head_weight), ("teacher", teacher_hidden, teacher_head_weight)):
+        raise ValueError(
+            f"student vocabulary {student_head_weight.shape[0]} != teacher vocabulary {teacher_head_weight.shape[0]}"
+        )
+    for name, h, w in (
+        ("student", student_hidden, student_head_weight),
+        ("teacher", teacher_hidden, teacher_head_weight),
+    ):
         if h.shape[-1] != w.shape[1]:
             raise ValueError(f"{name} hidden size {h.shape[-1]} != head weight input size {w.shape[1]}")
     valid = _valid_mask(student_hidden, attention_mask, "attention_mask")
     hs, idx = _rows(student_hidden, valid)
     ht, _ = _rows(teacher_hidden.detach(), valid)
-    per = _ChunkedLogitKL.apply(hs, ht.to(hs.dtype) if ht.dtype != hs.dtype else ht, student_head_weight,
-                                teacher_head_weight.detach(), float(temperature), int(chunk_size))
+    per = _ChunkedLogitKL.apply(
+        hs,
+        ht.to(hs.dtype) if ht.dtype != hs.dtype else ht,
+        student_head_weight,
+        teacher_head_weight.detach(),
+        float(temperature),
+        int(chunk_size),
+    )
     full = torch.zeros(valid.numel(), dtype=per.dtype, device=per.device).index_put((idx,), per).view(valid.shape)
     used = valid
     if top_k_positions is not None:
@@ -219,9 +240,15 @@ def chunked_logit_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     return total
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                          mask: torch.Tensor | None = None, chunk_size: int = 1024, *,
-                          reduction: str = "sum") -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    *,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Σ over positions with mask = 1 of −log softmax(hidden·Wᵀ)[target], chunk by chunk.
 
     ``hidden`` ``[B, T, H]`` (or ``[N, H]``) is aligned with ``targets`` ``[B, T]``: the caller
@@ -230,7 +257,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targe
     """
     _check_common(chunk_size, reduction)
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden states {tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} does not match hidden states {tuple(hidden.shape[:-1])}"
+        )
     if hidden.shape[-1] != head_weight.shape[1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} != head weight input size {head_weight.shape[1]}")
     targets = targets.to(hidden.device).long()

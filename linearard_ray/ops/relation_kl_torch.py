@@ -5,7 +5,7 @@ KL_i = KL(softmax(t_i) || softmax(s_i)) over the valid columns, with s = a_s * A
 and t = a_t * C Dᵀ (teacher). Only a block of ``chunk`` rows of the logits exists at any time;
 the backward pass recomputes the block from the saved per-row log-sum-exps (fp32, [B, H, T]).
 
-Inputs arrive validated (see ``relation_kl_api``): [B, H, T, D] tensors, the key side with
+Inputs arrive validated (see ``api``): [B, H, T, D] tensors, the key side with
 H_k heads dividing H (GQA: query head h uses key head h // (H / H_k)), an optional bool [B, T]
 mask. All arithmetic is fp32 whatever the input dtype; gradients come back in the input dtype.
 """
@@ -34,8 +34,9 @@ def _logits(rows: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tenso
     return out.view(B, H, C, N).mul_(scale)
 
 
-def _valid(mask: torch.Tensor | None, r0: int, r1: int, ncols: int, causal: bool, B: int,
-           device: torch.device) -> torch.Tensor:
+def _valid(
+    mask: torch.Tensor | None, r0: int, r1: int, ncols: int, causal: bool, B: int, device: torch.device
+) -> torch.Tensor:
     """Bool [B or 1, 1, r1-r0, ncols]: column j is visible from row i."""
     rows = torch.arange(r0, r1, device=device)
     cols = torch.arange(ncols, device=device)
@@ -62,8 +63,9 @@ def _masked_rows(a, b, c, d, mask, r0: int, r1: int, n: int, causal: bool, scale
     return s, t, valid
 
 
-def relation_kl_rows_forward(sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float,
-                             chunk: int | None = None):
+def relation_kl_rows_forward(
+    sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float, chunk: int | None = None
+):
     """Per-row KL [B, H, T] (fp32) plus the saved LSEs (fp32, +inf on rows with nothing valid)."""
     B, H, T, _ = sq.shape
     a, b = sq.float(), (sq if sk is None else sk).float()
@@ -88,8 +90,9 @@ def relation_kl_rows_forward(sq, sk, tq, tk, mask, causal: bool, scale_s: float,
     return kl, lse_s, lse_t
 
 
-def relation_kl_rows_backward(dkl, sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float,
-                              lse_s, lse_t, chunk: int | None = None):
+def relation_kl_rows_backward(
+    dkl, sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float, lse_s, lse_t, chunk: int | None = None
+):
     """Gradients of Σ dkl·KL w.r.t. the student rows (and keys, None for a self-relation)."""
     B, H, T, D = sq.shape
     a, b = sq.float(), (sq if sk is None else sk).float()
@@ -105,7 +108,7 @@ def relation_kl_rows_backward(dkl, sq, sk, tq, tk, mask, causal: bool, scale_s: 
         n = _cols_for(r1, T, causal)
         s, t, valid = _masked_rows(a, b, c, d, mask, r0, r1, n, causal, scale_s, scale_t)
         # lse = +inf on empty rows, -inf logits on hidden columns: both give probability 0.
-        g = (s.sub_(lse_s[:, :, r0:r1, None]).exp_() - t.sub_(lse_t[:, :, r0:r1, None]).exp_())
+        g = s.sub_(lse_s[:, :, r0:r1, None]).exp_() - t.sub_(lse_t[:, :, r0:r1, None]).exp_()
         g.mul_(dkl[:, :, r0:r1, None])
         g5 = g.view(B, Hk, rep, r1 - r0, n)
         da[:, :, r0:r1] = torch.matmul(g5, b[:, :, None, :n]).view(B, H, r1 - r0, D)
@@ -133,13 +136,13 @@ class TorchRelationKL(torch.autograd.Function):
         causal, scale_s, scale_t, chunk = ctx.cfg
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return (None,) * 9
-        gq, gk = relation_kl_rows_backward(dkl, sq, sk, tq, tk, mask, causal, scale_s, scale_t,
-                                           lse_s, lse_t, chunk)
+        gq, gk = relation_kl_rows_backward(dkl, sq, sk, tq, tk, mask, causal, scale_s, scale_t, lse_s, lse_t, chunk)
         return gq, gk, None, None, None, None, None, None, None
 
 
-def relation_kl_rows(sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float,
-                     chunk: int | None = None) -> torch.Tensor:
+def relation_kl_rows(
+    sq, sk, tq, tk, mask, causal: bool, scale_s: float, scale_t: float, chunk: int | None = None
+) -> torch.Tensor:
     """Differentiable per-row KL [B, H, T] fp32 (teacher inputs are treated as constants)."""
     tq = tq.detach()
     tk = None if tk is None else tk.detach()

@@ -1,0 +1,162 @@
+"""Cutting token streams into fixed-length training blocks.
+
+Two layouts: per document (a block never mixes documents, as the paper trains) or packed (the
+documents, each ending in EOS, are concatenated and cut regardless of boundaries). A document's
+(or the packed stream's) last partial block is dropped or padded with attention_mask 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Special tokens around each document, as the model's tokenizer expects them."""
+
+    add_bos: bool
+    add_eos: bool
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenizer_adds_bos(tok) -> bool:
+    """Whether the tokenizer itself prepends BOS when asked for special tokens."""
+    if tok.bos_token_id is None:
+        return False
+    with_sp = tok("a b", add_special_tokens=True)["input_ids"]
+    without = tok("a b", add_special_tokens=False)["input_ids"]
+    return len(with_sp) > len(without) and with_sp[0] == tok.bos_token_id
+
+
+def resolve_token_spec(tok, add_bos: bool | None, add_eos: bool, pack: bool) -> TokenSpec:
+    """BOS as the tokenizer does (unless set), EOS after each document (always when packing:
+    it is the separator between documents)."""
+    bos = tok.bos_token_id
+    eos = tok.eos_token_id
+    want_bos = tokenizer_adds_bos(tok) if add_bos is None else add_bos
+    want_eos = add_eos or pack
+    if want_bos and bos is None:
+        raise ValueError("data.add_bos is true but the tokenizer has no BOS token")
+    if want_eos and eos is None:
+        what = "packing needs an EOS separator" if pack else "data.add_eos is true"
+        raise ValueError(f"{what}, but the tokenizer has no EOS token")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    return TokenSpec(bool(want_bos), bool(want_eos), bos, eos, int(pad))
+
+
+def vocab_hash(tok) -> str:
+    """sha256 of the vocabulary (token -> id, added tokens included) and the special token ids."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def frame_document(content: np.ndarray, spec: TokenSpec) -> np.ndarray:
+    """The document's ids with BOS/EOS added as the spec says (int32)."""
+    parts = []
+    if spec.add_bos:
+        parts.append(np.array([spec.bos_id], dtype=np.int32))
+    parts.append(np.asarray(content, dtype=np.int32))
+    if spec.add_eos:
+        parts.append(np.array([spec.eos_id], dtype=np.int32))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+@dataclass
+class Block:
+    input_ids: np.ndarray  # int32 [ctx_len]
+    attention_mask: np.ndarray  # int8 [ctx_len]
+    doc_id: str
+    block_index: int
+
+
+def _pad(ids: np.ndarray, ctx_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    out = np.full(ctx_len, pad_id, dtype=np.int32)
+    out[: len(ids)] = ids
+    mask = np.zeros(ctx_len, dtype=np.int8)
+    mask[: len(ids)] = 1
+    return out, mask
+
+
+def cut_document(ids: np.ndarray, doc_id: str, ctx_len: int, tail: str, pad_id: int) -> tuple[list[Block], int]:
+    """Consecutive ctx_len blocks of one document, and the number of tail tokens dropped."""
+    n_full = len(ids) // ctx_len
+    blocks = [
+        Block(
+            ids[i * ctx_len : (i + 1) * ctx_len].astype(np.int32, copy=True), np.ones(ctx_len, dtype=np.int8), doc_id, i
+        )
+        for i in range(n_full)
+    ]
+    rest = len(ids) - n_full * ctx_len
+    if rest == 0:
+        return blocks, 0
+    if tail == "drop":
+        return blocks, rest
+    ids_p, mask = _pad(ids[n_full * ctx_len :], ctx_len, pad_id)
+    blocks.append(Block(ids_p, mask, doc_id, n_full))
+    return blocks, 0
+
+
+_MAX_IDS_IN_NAME = 8
+
+
+class Packer:
+    """Concatenates framed documents and emits full blocks as they fill.
+
+    A packed block's doc_id names the documents it holds ('a+b+c', at most 8 then '+…');
+    block_index counts blocks of the whole packed stream.
+    """
+
+    def __init__(self, ctx_len: int, tail: str, pad_id: int):
+        self.ctx_len, self.tail, self.pad_id = ctx_len, tail, pad_id
+        self._buf: list[np.ndarray] = []
+        self._buf_len = 0
+        self._ids: list[str] = []  # documents with tokens in the current block
+        self._next_index = 0
+
+    def _name(self, ids: list[str]) -> str:
+        if len(ids) <= _MAX_IDS_IN_NAME:
+            return "+".join(ids)
+        return "+".join(ids[:_MAX_IDS_IN_NAME]) + f"+…({len(ids) - _MAX_IDS_IN_NAME} more)"
+
+    def add(self, doc_id: str, ids: np.ndarray) -> Iterator[Block]:
+        pos = 0
+        n = len(ids)
+        while pos < n:
+            if not self._ids or self._ids[-1] != doc_id:
+                self._ids.append(doc_id)
+            take = min(n - pos, self.ctx_len - self._buf_len)
+            self._buf.append(ids[pos : pos + take])
+            self._buf_len += take
+            pos += take
+            if self._buf_len == self.ctx_len:
+                block = np.concatenate(self._buf).astype(np.int32, copy=False)
+                yield Block(block, np.ones(self.ctx_len, dtype=np.int8), self._name(self._ids), self._next_index)
+                self._next_index += 1
+                self._buf, self._buf_len, self._ids = [], 0, []
+
+    def finish(self) -> tuple[list[Block], int]:
+        """The last partial block (padded) or the number of tokens dropped."""
+        if self._buf_len == 0:
+            return [], 0
+        rest = self._buf_len
+        ids = np.concatenate(self._buf)
+        name = self._name(self._ids)
+        self._buf, self._buf_len, self._ids = [], 0, []
+        if self.tail == "drop":
+            return [], rest
+        ids_p, mask = _pad(ids, self.ctx_len, self.pad_id)
+        block = Block(ids_p, mask, name, self._next_index)
+        self._next_index += 1
+        return [block], 0

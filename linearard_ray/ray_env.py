@@ -1,0 +1,52 @@
+"""The one place that starts or joins Ray, and the environment every Ray worker gets.
+
+Under ``ray job submit`` (``RAY_ADDRESS`` set) the driver joins that cluster. Otherwise it starts a
+private local instance (``address="local"``), never a stray cluster left running on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Variables a worker needs to see as the driver sees them: the model cache, offline hub settings,
+# the Triton interpreter on CPU, the token-auth mode of the cluster.
+FORWARDED_ENV = (
+    "LINEARARD_CACHE",
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "TRITON_INTERPRET",
+    "TOKENIZERS_PARALLELISM",
+    "RAY_AUTH_MODE",
+    "CUDA_LAUNCH_BLOCKING",
+)
+
+
+def worker_env(tracking_uri: str | None = None) -> dict[str, str]:
+    """Environment variables for every Ray worker: the forwarded ones and MLflow's one URI."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def ensure_ray(env: dict[str, str] | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local one; a no-op once Ray is up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # A local cluster started here: workers must import this package even from a checkout that
+    # is not installed and a driver started outside the repo root.
+    import linearard_ray
+
+    root = str(Path(linearard_ray.__file__).resolve().parent.parent)
+    local_env = dict(worker_env() if env is None else env)
+    local_env["PYTHONPATH"] = os.pathsep.join(
+        [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    )
+    ray.init(address="local", runtime_env={"env_vars": local_env}, log_to_driver=True)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One restoration-study round on a lent GPU host, as a detached chain that outlives a single
+# device call (each call is capped at 10 minutes; the host keeps /tmp while it stays held).
+#
+#   start:  bash research/gpu_round.sh start WORK "VARIANTS" [EVAL_JOBS_SEED]
+#   wait:   bash research/gpu_round.sh wait WORK SECONDS      (prints the log's tail; rc 0 once done)
+#   fetch:  bash research/gpu_round.sh fetch WORK             (copies the round's files to $OUT)
+#
+# `start` expects the Ray bundle under /tmp/site and the SmolLM2 GGUF under /tmp/stage (see
+# ../shared/GPU.md); it takes the teacher corpus from benchmarks/data (drawn in round 11 with round
+# 5's settings: 1,849 samples, 2,687,381 tokens, the same counts as round 5), else samples it,
+# trains VARIANTS all at once (sharing the GPUs), then evaluates them as round 10 did. EVAL_JOBS_SEED, an earlier
+# round's jobs.jsonl with the same windows and prompts, lets the teacher's jobs be reused.
+# LONG_LENGTHS / PASSKEY_LENGTHS (environment, JSON lists) change the evaluated lengths from round 10's
+# [16384,32768] / [8192,16384,30000]; jobs at lengths the seed file has are still reused, and
+# EVAL_ONLY (comma list, default VARIANTS) can add the untrained baselines (PI×4, YaRN×4) for new lengths.
+set -uo pipefail
+phase=$1 work=$2
+log="$work/driver.log"
+case "$phase" in
+start)
+  variants=$3 seed_jobs=${4:-}
+  long=${LONG_LENGTHS:-[16384,32768]} passkey=${PASSKEY_LENGTHS:-[8192,16384,30000]} only=${EVAL_ONLY:-$3}
+  mkdir -p "$work/eval" "$HOME/.cache/linearard_ray/downloads/smollm2-135m"
+  cp -n /tmp/stage/*.gguf "$HOME/.cache/linearard_ray/downloads/smollm2-135m/"
+  [ -n "$seed_jobs" ] && cp "$seed_jobs" "$work/eval/jobs.jsonl"
+  samples=research/data/smollm2_teacher_samples.jsonl.xz
+  [ -s "$work/teacher_samples.jsonl" ] || { [ -f "$samples" ] && xz -dc "$samples" >"$work/teacher_samples.jsonl"; }
+  n=$(tr ',' '\n' <<<"$variants" | grep -c .)
+  gpus=$(nvidia-smi -L | grep -c GPU)
+  cat >"$work/chain.sh" <<EOF
+set -x
+cd $PWD
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:\$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+nvidia-smi --query-gpu=name --format=csv,noheader
+date +%s > $work/t_start
+[ -s $work/teacher_samples.jsonl ] || python3 research/restoration_study.py sample --work $work --samples 2080 --sample-batch 1040 || exit 11
+date +%s > $work/t_sampled
+python3 research/restoration_study.py train --budget 4250000 --parallel $n --work $work --variants $variants || exit 12
+date +%s > $work/t_trained
+python3 research/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only '$only' \\
+  --set 'eval.long_lengths=$long' --set 'eval.passkey_lengths=$passkey' --set eval.passkey_trials=8 \\
+  --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 --out $work/out || exit 13
+date +%s > $work/t_evaluated
+EOF
+  setsid nohup bash -c "bash $work/chain.sh; echo \$? > $work/DONE" >"$log" 2>&1 < /dev/null &
+  echo "started chain in $work (pid $!)"
+  ;;
+wait)
+  limit=$3 t0=$(date +%s)
+  while [ ! -f "$work/DONE" ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
+  tail -c 6000 "$log"
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  if [ -f "$work/DONE" ]; then echo "chain exit $(cat "$work/DONE")"; exit 0; fi
+  echo "still running after ${limit}s"; exit 3
+  ;;
+fetch)
+  # eval --out leaves the report, tables, plots, runs and logs in WORK/out once it ends; before
+  # that, the live job records and the logs are what there is to bring back.
+  cp "$work"/out/* "$OUT/" 2>/dev/null
+  cp "$work"/eval/jobs.jsonl "$work"/runs.jsonl "$log" "$OUT/" 2>/dev/null
+  [ -f "$OUT/logs.tar.gz" ] || tar -czf "$OUT/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log t_* 2>/dev/null) 2>/dev/null
+  ls -la "$OUT"
+  ;;
+esac

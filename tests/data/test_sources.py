@@ -1,0 +1,321 @@
+"""Finding and reading inputs (no Ray): path resolution, each format, bad input as skip records."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import string
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from linearard_ray.data import sources
+from linearard_ray.data.corpus import iter_sotu
+from linearard_ray.data.sources import (
+    DataError,
+    glob_base,
+    has_glob,
+    iter_documents,
+    parse_hf,
+    resolve_sources,
+    split_uri,
+)
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))) for _ in range(n))
+
+
+def _docs(item, column="text"):
+    return list(iter_documents(item, column))
+
+
+# --------------------------------------------------------------------------- path resolution
+
+
+@pytest.mark.parametrize(
+    "uri,scheme,path",
+    [
+        ("s3://bucket/dir/*.jsonl", "s3", "bucket/dir/*.jsonl"),
+        ("gs://b/x/y.parquet", "gs", "b/x/y.parquet"),
+        ("gcs://b/x/", "gs", "b/x/"),
+        ("file:///tmp/a.txt", "file", "/tmp/a.txt"),
+        ("data/*.txt", None, "data/*.txt"),
+    ],
+)
+def test_split_uri(uri, scheme, path):
+    assert split_uri(uri) == (scheme, path)
+
+
+def test_split_uri_rejects_unknown_scheme():
+    with pytest.raises(DataError, match="unsupported URI scheme 'ftp'"):
+        split_uri("ftp://host/file.txt")
+
+
+@pytest.mark.parametrize(
+    "path,base,glob",
+    [
+        ("bucket/dir/*.jsonl", "bucket/dir", True),
+        ("bucket/a/b?/c/*.txt", "bucket/a", True),
+        ("bucket/a/[xy]/f", "bucket/a", True),
+        ("bucket/file.txt", "bucket", False),
+    ],
+)
+def test_glob_base(path, base, glob):
+    assert has_glob(path) is glob
+    if glob:
+        assert glob_base(path) == base
+
+
+@pytest.fixture
+def fake_s3(tmp_path, monkeypatch):
+    """'s3://' served by a local directory through a pyarrow filesystem (picklable, like S3's)."""
+    root = tmp_path / "s3root"
+    root.mkdir()
+    real = sources.filesystem_for
+
+    def fake(scheme):
+        if scheme in ("s3", "gs"):
+            return pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem())
+        return real(scheme)
+
+    monkeypatch.setattr(sources, "filesystem_for", fake)
+    return root
+
+
+def test_object_store_glob_prefix_and_file(fake_s3):
+    rng = random.Random()
+    (fake_s3 / "bucket" / "corpus" / "sub").mkdir(parents=True)
+    texts = {}
+    for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl"):
+        t = _words(rng, 20)
+        texts[name] = t
+        (fake_s3 / "bucket" / "corpus" / name).write_text(json.dumps({"text": t}) + "\n")
+    (fake_s3 / "bucket" / "corpus" / "readme.md").write_text("not data")
+
+    items = resolve_sources(["s3://bucket/corpus/*.jsonl"])
+    # fnmatch's * crosses '/', as object-store listings do.
+    assert [i.uri for i in items] == [
+        "s3://bucket/corpus/a.jsonl",
+        "s3://bucket/corpus/b.jsonl",
+        "s3://bucket/corpus/sub/c.jsonl",
+    ]
+    assert all(i.fmt == "jsonl" for i in items)
+    got = [d for i in items for d in _docs(i)]
+    assert [d.text for d in got] == [texts["a.jsonl"], texts["b.jsonl"], texts["sub/c.jsonl"]]
+    assert got[0].doc_id == "s3://bucket/corpus/a.jsonl:1"
+
+    prefix = resolve_sources(["gs://bucket/corpus/"])
+    assert [i.fmt for i in prefix] == ["jsonl", "jsonl", "text", "jsonl"]  # readme.md is text
+    single = resolve_sources(["s3://bucket/corpus/b.jsonl"])
+    assert len(single) == 1 and single[0].path.endswith("bucket/corpus/b.jsonl")
+
+    with pytest.raises(DataError, match=r"sources\[0\].*does not exist"):
+        resolve_sources(["s3://bucket/nothing.txt"])
+    with pytest.raises(DataError, match="matches no file"):
+        resolve_sources(["s3://bucket/corpus/*.parquet"])
+
+
+def test_missing_local_source_in_a_submitted_job_says_why(tmp_path, monkeypatch):
+    """Inside `ray job submit --working-dir .` the driver runs from an upload without the
+    .gitignore'd files; the error says so (and only there, and not for a bucket path)."""
+    missing = str(tmp_path / "outputs" / "corpus.jsonl.xz")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with pytest.raises(DataError) as plain:
+        resolve_sources(["builtin:sotu/train", missing])
+    assert "working-dir" not in str(plain.value)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    with pytest.raises(
+        DataError,
+        match=r"sources\[1\]: .*does not exist; this Ray job runs from its uploaded "
+        r"--working-dir.*\.gitignore.*s3://",
+    ):
+        resolve_sources(["builtin:sotu/train", missing])
+    with pytest.raises(DataError, match=r"matches no file; this Ray job"):
+        resolve_sources([str(tmp_path / "*.jsonl")])
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {}}))
+    with pytest.raises(DataError) as no_upload:
+        resolve_sources([missing])
+    assert "working-dir" not in str(no_upload.value)
+
+
+def test_local_missing_sources_fail_early(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "ok.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"sources\[1\]: .*nope\.txt' does not exist"):
+        resolve_sources([str(tmp_path / "ok.txt"), str(tmp_path / "nope.txt")])
+    with pytest.raises(DataError, match="matches no file"):
+        resolve_sources([str(tmp_path / "*.jsonl")])
+    with pytest.raises(DataError, match="holds no file"):
+        resolve_sources([str(tmp_path / "empty_dir")])
+    with pytest.raises(DataError, match="data.sources is empty"):
+        resolve_sources([])
+    with pytest.raises(DataError, match="unknown built-in corpus"):
+        resolve_sources(["builtin:nosuch/train"])
+
+
+def test_directory_listing_order_formats_and_unsupported(tmp_path):
+    (tmp_path / "d" / "z").mkdir(parents=True)
+    (tmp_path / "d" / ".git").mkdir()
+    for name in ("b.txt", "a.jsonl", "z/c.parquet", "x.json", "y.ndjson.gz", "notes.bin", ".DS_Store", ".git/HEAD"):
+        (tmp_path / "d" / name).write_bytes(b"")
+    items = resolve_sources([str(tmp_path / "d")])
+    names = [i.uri.split("/d/")[1] for i in items]
+    assert names == sorted(names)
+    fmt = {i.uri.split("/d/")[1]: i.fmt for i in items}
+    assert fmt == {
+        "a.jsonl": "jsonl",
+        "b.txt": "text",
+        "notes.bin": "skip",
+        "x.json": "json",
+        "y.ndjson.gz": "jsonl",
+        "z/c.parquet": "parquet",
+        ".DS_Store": "skip",
+        ".git/HEAD": "skip",
+    }
+    reasons = {i.uri.split("/d/")[1]: [d.reason for d in _docs(i)] for i in items if i.fmt == "skip"}
+    assert reasons == {
+        "notes.bin": ["unsupported_file_type"],
+        ".DS_Store": ["hidden_file"],
+        ".git/HEAD": ["hidden_file"],
+    }
+    # Named explicitly, an unknown extension is read as text; a forced format wins.
+    assert resolve_sources([str(tmp_path / "d" / "notes.bin")])[0].fmt == "text"
+    forced = resolve_sources([str(tmp_path / "d")], "jsonl")
+    assert {i.fmt for i in forced if i.skip_reason != "hidden_file"} == {"jsonl"}
+
+
+def test_hf_source_parsing_and_offline(monkeypatch):
+    assert parse_hf("hf:org/name:train") == ("org/name", "train")
+    assert parse_hf("hf:name") == ("name", None)
+    with pytest.raises(DataError, match="bad Hugging Face source"):
+        parse_hf("hf:a/b/c")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="needs the Hugging Face hub"):
+        resolve_sources(["hf:org/name:train"])
+
+
+def test_builtin_slices_cover_the_split_once_in_order(monkeypatch):
+    monkeypatch.setattr(sources, "_BUILTIN_DOCS_PER_ITEM", 4)
+    items = resolve_sources(["builtin:sotu/eval", "builtin:sotu/extra"])
+    ids = [d.doc_id for it in items for d in _docs(it)]
+    want = [f"sotu/{r['id']}" for r in iter_sotu("eval")] + [f"sotu/{r['id']}" for r in iter_sotu("extra")]
+    assert ids == want
+    n_eval, n_extra = sum(1 for _ in iter_sotu("eval")), sum(1 for _ in iter_sotu("extra"))
+    assert len(items) == -(-n_eval // 4) + -(-n_extra // 4)  # slices of 4 documents
+    texts = [d.text for d in _docs(items[0])]
+    assert texts[0] == next(iter_sotu("eval"))["text"]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _one(tmp_path, name, data: bytes, fmt="auto"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return resolve_sources([str(p)], fmt)[0]
+
+
+def test_text_files_good_and_bad(tmp_path):
+    rng = random.Random()
+    t = _words(rng, 50) + "\nnaïve café ✓"
+    [d] = _docs(_one(tmp_path, "good.txt", t.encode()))
+    assert d.text == t and d.reason == "" and d.doc_id.endswith("good.txt")
+    [d] = _docs(_one(tmp_path, "bom.txt", b"\xef\xbb\xbf" + t.encode()))
+    assert d.text == t
+    cases = {
+        "empty.txt": (b"", "empty"),
+        "blank.txt": (b"  \n\t\n", "empty"),
+        "junk.txt": (bytes(rng.randrange(256) for _ in range(3000)) + b"\x00", "binary"),
+        "latin1.txt": (_words(rng, 30).encode() + " caf\xe9".encode("latin-1"), "invalid_utf8"),
+    }
+    for name, (data, reason) in cases.items():
+        [d] = _docs(_one(tmp_path, name, data))
+        assert (d.text, d.reason) == (None, reason), name
+    [d] = _docs(_one(tmp_path, "latin1b.txt", b"abc \xe9 def"))
+    assert "byte 4" in d.detail
+
+
+def test_jsonl_records(tmp_path):
+    rng = random.Random()
+    good = [_words(rng, rng.randint(5, 40)) for _ in range(3)]
+    lines = [
+        json.dumps({"text": good[0], "id": 1}),
+        "{not json",
+        json.dumps({"body": "x"}),
+        "",
+        json.dumps({"text": 7}),
+        json.dumps([1, 2]),
+        json.dumps({"text": good[1]}),
+        json.dumps({"text": "   "}),
+        json.dumps({"text": None}),
+        json.dumps({"text": good[2]}),
+    ]
+    item = _one(tmp_path, "d.jsonl", ("\n".join(lines) + "\n").encode())
+    docs = _docs(item)
+    assert [(d.doc_id.rsplit(":", 1)[1], d.reason) for d in docs] == [
+        ("1", ""),
+        ("2", "invalid_json"),
+        ("3", "missing_text_column"),
+        ("5", "not_text"),
+        ("6", "not_an_object"),
+        ("7", ""),
+        ("8", "empty"),
+        ("9", "empty"),
+        ("10", ""),
+    ]
+    assert [d.text for d in docs if not d.reason] == good
+    assert "has: body" in docs[2].detail
+    # Other column name; gzip; a line with invalid UTF-8.
+    gz = gzip.compress(("\n".join(json.dumps({"content": g}) for g in good) + "\n").encode() + b'{"content": "\xff"}\n')
+    docs = _docs(_one(tmp_path, "d.jsonl.gz", gz), "content")
+    assert [d.text for d in docs[:3]] == good and docs[3].reason == "invalid_utf8"
+    # Binary junk named .jsonl: one skip for the file, not one per "line".
+    [d] = _docs(_one(tmp_path, "junk.jsonl", b"\x00\x01\x02" * 1000))
+    assert d.reason == "binary"
+    [d] = _docs(_one(tmp_path, "blank.jsonl", b"\n\n"))
+    assert d.reason == "empty"
+
+
+def test_json_layouts(tmp_path):
+    rng = random.Random()
+    a, b = _words(rng, 10), _words(rng, 12)
+    docs = _docs(_one(tmp_path, "list.json", json.dumps([{"text": a}, {"title": "t"}, {"text": b}]).encode()))
+    assert [(d.doc_id.rsplit(":", 1)[1], d.reason, d.text) for d in docs] == [
+        ("0", "", a),
+        ("1", "missing_text_column", None),
+        ("2", "", b),
+    ]
+    docs = _docs(_one(tmp_path, "wrapped.json", json.dumps({"data": [{"text": a}]}).encode()))
+    assert [d.text for d in docs] == [a]
+    [d] = _docs(_one(tmp_path, "single.json", json.dumps({"text": b, "meta": 1}).encode()))
+    assert d.text == b and d.doc_id.endswith("single.json")
+    [d] = _docs(_one(tmp_path, "broken.json", b'{"text": '))
+    assert d.reason == "invalid_json"
+    [d] = _docs(_one(tmp_path, "nocol.json", json.dumps({"a": 1, "b": 2}).encode()))
+    assert d.reason == "missing_text_column"
+
+
+def test_parquet(tmp_path):
+    rng = random.Random()
+    good = [_words(rng, rng.randint(3, 30)) for _ in range(600)]  # > one 256-row read batch
+    vals = good[:300] + [None] + good[300:]
+    pq.write_table(pa.table({"text": vals, "n": list(range(len(vals)))}), tmp_path / "t.parquet", row_group_size=128)
+    docs = _docs(resolve_sources([str(tmp_path / "t.parquet")])[0])
+    assert len(docs) == 601 and docs[300].reason == "empty"
+    assert [d.text for d in docs if not d.reason] == good
+    assert docs[301].doc_id.endswith("t.parquet:301")
+
+    pq.write_table(pa.table({"body": ["a", "b", "c"]}), tmp_path / "nocol.parquet")
+    [d] = _docs(resolve_sources([str(tmp_path / "nocol.parquet")])[0])
+    assert (d.reason, d.n_docs) == ("missing_text_column", 3)
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    [d] = _docs(resolve_sources([str(tmp_path / "ints.parquet")])[0])
+    assert (d.reason, d.n_docs) == ("not_text", 2)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    [d] = _docs(resolve_sources([str(tmp_path / "bad.parquet")])[0])
+    assert d.reason == "unreadable"

@@ -1,0 +1,42 @@
+"""The warp-specialised Gluon forward experiment (research/experimental/gluon_ws_forward.py)
+still compiles for Hopper (sm_90) on this CPU machine, in its three modes, with its partitions'
+register budgets applied and no local memory (its first version spilled inside the consumer
+partitions while cuobjdump reported no spill bytes). Values and speed need a GPU: the script's
+--check and --bench on the GPU host."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.scripts import ROOT
+
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "research/experimental/gluon_ws_forward.py"), "--compile"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {(r["kernel"], r["D"]): r for r in map(json.loads, out.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("mode", ["", " pingpong", " overlap"])
+def test_ws_forward_compiles_for_hopper(compiled, D, mode):
+    r = compiled[("gluon ws fwd" + mode, D)]
+    # two consumer warpgroups, two products (student, teacher) each, D/16 wgmma instructions per
+    # product; the overlapped consumer issues its first pair before the loop and the next inside it
+    assert r["wgmma"] == 2 * 2 * (D // 16) * (2 if mode == " overlap" else 1)
+    assert r["register_reallocation"]  # the producer gives its registers to the consumers
+    assert r["local_memory_instructions"] == 0
+    assert not r["wgmma_serialized"]

@@ -1,0 +1,63 @@
+"""research/gpu_round.sh on a CPU box: `start` writes the chain with the lengths and models the
+environment asks for (round 10's by default) and detaches it, `wait` reports how it ended, `fetch`
+brings the job records and logs to $OUT. A variant the study does not know stops the chain at its
+training step with that step's exit code, so nothing heavier than the argument check runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.scripts import ROOT
+
+pytestmark = pytest.mark.skipif(shutil.which("xz") is None, reason="gpu_round.sh unpacks the teacher corpus with xz")
+
+
+def _run(tmp_path, *args, env_extra=None):
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake (UUID: GPU-0)'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "HOME": str(tmp_path / "home"),
+        "OUT": str(tmp_path / "out"),
+        **(env_extra or {}),
+    }
+    return subprocess.run(
+        ["bash", "research/gpu_round.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("lengths", [None, ("[8192,16384,32768]", "[4096,8192,16384,30000]")])
+def test_gpu_round_chain_start_wait_fetch(tmp_path, lengths):
+    work = tmp_path / "work"
+    seed = tmp_path / "seed_jobs.jsonl"
+    seed.write_text('{"key": "k", "result": {"kind": "nll", "model": "teacher"}}\n')
+    extra = (
+        {}
+        if lengths is None
+        else {"LONG_LENGTHS": lengths[0], "PASSKEY_LENGTHS": lengths[1], "EVAL_ONLY": "no-such-variant,PI×4,YaRN×4"}
+    )
+    started = _run(tmp_path, "start", str(work), "no-such-variant", str(seed), env_extra=extra)
+    assert started.returncode == 0 and "started chain" in started.stdout
+    chain = (work / "chain.sh").read_text()
+    want_long, want_pk = lengths or ("[16384,32768]", "[8192,16384,30000]")
+    assert f"--set 'eval.long_lengths={want_long}' --set 'eval.passkey_lengths={want_pk}'" in chain
+    assert f"--only '{extra.get('EVAL_ONLY', 'no-such-variant')}'" in chain
+    assert (work / "eval" / "jobs.jsonl").read_text() == seed.read_text()  # the seed's jobs are reused
+    waited = _run(tmp_path, "wait", str(work), "240")
+    assert waited.returncode == 0 and "chain exit 12" in waited.stdout  # 12: the training step refused it
+    assert "unknown variants ['no-such-variant']" in (work / "driver.log").read_text()
+    # the shipped teacher corpus was unpacked, so no sampling step ran before training
+    assert (work / "teacher_samples.jsonl").stat().st_size > 1_000_000 and " sample " not in (
+        work / "driver.log"
+    ).read_text()
+    (tmp_path / "out").mkdir()
+    fetched = _run(tmp_path, "fetch", str(work))
+    assert fetched.returncode == 0
+    assert {"jobs.jsonl", "driver.log", "logs.tar.gz"} <= {p.name for p in (tmp_path / "out").iterdir()}

@@ -1,0 +1,229 @@
+"""The distill command line: --help, bad configs rejected before Ray starts, and the real
+deployment path, `ray job submit --working-dir . -- python pipelines/distill.py --config ...`
+against a `ray start --head` cluster on loopback that the test starts and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DISTILL = REPO / "pipelines" / "distill.py"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _run(args, timeout=120, env=None, cwd=None):
+    e = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(DISTILL), *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd
+    )
+
+
+def test_help_lists_the_config_fields():
+    r = _run(["--help"])
+    assert r.returncode == 0
+    for s in ("--config", "--set", "train.budget_tokens", "objective.name", "rope.factor", "LinearARD"):
+        assert s in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["--set", "train.lr=-1"], "train.lr"),
+        (["--set", "train.lrr=0.1"], "train.lrr: unknown field"),
+        (["--set", "rope.factor=0.5"], "rope.factor"),
+        (["--set", "objective.name=distill"], "objective.name"),
+        (["--set", "train.max_steps=null"], "train"),  # no budget at all
+        (["--set", "train.fail_at_step=0"], "train.fail_at_step"),
+        (
+            ["--set", "data.sources=[builtin:sotu/train, /no/such/dir/teacher_samples.jsonl]"],
+            "data.sources[1]: '/no/such/dir/teacher_samples.jsonl' does not exist",
+        ),
+        (
+            ["--set", "objective.next_token.weight=0.1", "--set", "data.lm_sources=[builtin:sotu/nope]"],
+            "data.lm_sources[0]",
+        ),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_field_before_ray_starts(tmp_path, args, field):
+    r = _run(args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert field in r.stderr
+    assert "Started a local Ray instance" not in r.stderr + r.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    r = _run(["--config", str(tmp_path / "nope.yaml")], cwd=tmp_path)
+    assert r.returncode == 2 and "nope.yaml" in r.stderr
+
+
+# --------------------------------------------------------------------------- ray job submit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """`ray start --head --block` on loopback with its own temp dir (so no other process on this
+    machine discovers it); stopping the blocking process stops exactly this cluster."""
+    port, dash = _free_port(), _free_port()
+    # Every port the head binds is picked here: other Ray clusters on this machine already hold
+    # the defaults (the dashboard agent's 52365, the client server's 10001, ...).
+    ports = {
+        flag: _free_port()
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
+    temp = tempfile.mkdtemp(prefix="lrjob", dir="/tmp")  # short: socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [
+            os.path.join(VENV_BIN, "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            *(f"--{flag}={p}" for flag, p in ports.items()),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=180)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_pipeline(head_node, tmp_path, cache_dir, tiny_model_dir):
+    from linearard_ray.data.corpus import iter_sotu
+
+    address, env = head_node
+    tiny_model_dir("llama")
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"text": d["text"][:2500]}) + "\n" for _, d in zip(range(4), iter_sotu("train"), strict=False)
+        )
+    )
+    cfg = {
+        "model": {"teacher": "tiny:llama"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"sources": [str(corpus)], "ctx_len": 64, "output_dir": str(tmp_path / "data")},
+        "train": {
+            "run_name": "job",
+            "storage_path": str(tmp_path / "ray"),
+            "output_dir": str(tmp_path / "students"),
+            "max_steps": 3,
+            "checkpoint_every": 2,
+            "cpus_per_worker": 1,
+        },
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "job"},
+        # train.evaluate_at_end runs the evaluation stage on the exported student, kept tiny here
+        "eval": {
+            "short_lengths": [64],
+            "long_lengths": [128],
+            "passkey_lengths": [],
+            "max_windows": 1,
+            "relation_kl": False,
+            "other_texts": [],
+        },
+    }
+    cfg["train"]["evaluate_at_end"] = True
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    runtime_env = {
+        "env_vars": {
+            "LINEARARD_CACHE": str(cache_dir),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_AUTH_MODE": "disabled",
+        }
+    }
+    cmd = [
+        os.path.join(VENV_BIN, "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "pipelines/distill.py",
+        "--config",
+        str(cfg_path),
+    ]
+    deadline = time.time() + 120
+    while True:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+        out = r.stdout + r.stderr
+        # the dashboard answers before the head's job agent has registered
+        if r.returncode == 0 or "No available agent" not in out or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert r.returncode == 0, out[-4000:]
+    assert "succeeded" in out.lower()
+    assert "[distill] step 3/3" in out
+    assert f"[distill] student: {tmp_path / 'students' / 'job' / 'merged'}" in out
+    assert (tmp_path / "students" / "job" / "merged" / "config.json").exists()
+    assert "[distill] MLflow run:" in out
+    assert "[distill] evaluation done" in out
+    report = json.loads((tmp_path / "students" / "job" / "merged" / "eval" / "report.json").read_text())
+    assert report["mlflow"]["run_id"]
