@@ -1,4 +1,5 @@
-"""Shared command line for the pipelines: ``--config FILE.yaml``, ``--set a.b=value``, ``--help``.
+"""The command line: ``linearard-ray <command>`` and what every pipeline shares (``--config
+FILE.yaml``, ``--set a.b=value``, ``--help``).
 
 The help text lists every config field with its default and description, generated from the
 pydantic models so it never drifts from what is validated.
@@ -77,5 +78,23 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``linearard-ray <command> [args]``: the same programs as ``python pipelines/<command>.py``."""
+    import importlib
+
+    from linearard_ray.commands import COMMANDS
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: linearard-ray {{{','.join(COMMANDS)}}} [--config FILE] [--set KEY=VALUE ...] [--help]")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"linearard-ray: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    name = argv[0]
+    module = importlib.import_module(f"linearard_ray.commands.{name.replace('-', '_')}")
+    return module.main(argv[1:], prog=f"linearard-ray {name}")

@@ -1,88 +1,13 @@
 #!/usr/bin/env python
 """Evaluate restoration and long context: the teacher, the RoPE-scaled (unrestored) student and the
-restored student on held-out text of two domains, long documents and passkey retrieval.
 
-    python pipelines/evaluate.py --set eval.student_path=outputs/students/linearard-default
-    python pipelines/evaluate.py --config configs/<recipe>.yaml --set eval.long_lengths=[16384,32768]
-    python pipelines/evaluate.py --set 'eval.models=[{name: a, path: ./ckpt-a}, {name: b, path: ./ckpt-b}]'
-    ray job submit --working-dir . -- python pipelines/evaluate.py --ray-address auto ...
-
-Writes report.json, report.md and PNG plots to eval.output_dir and logs an MLflow run.
+The entry point for ``python pipelines/evaluate.py`` and ``ray job submit -- python pipelines/evaluate.py``;
+the code and its usage are in ``linearard_ray.commands.evaluate`` (also ``linearard-ray evaluate``).
 """
 
-from __future__ import annotations
-
-import os
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-_ROOT = Path(__file__).resolve().parent.parent
-if (_ROOT / "linearard_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from linearard_ray.cli import build_parser, parse_config  # noqa: E402
-from linearard_ray.config import ConfigError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "evaluate.py",
-        "Short-text perplexity, relation KL and restoration figures on two text domains, long-context NLL and "
-        "passkey retrieval for the teacher, the unrestored RoPE-scaled student and the restored student "
-        "(eval.student_path), or any list of models (eval.models).",
-        sections=["model", "rope", "eval", "tracking"],
-    )
-    parser.add_argument(
-        "--ray-address",
-        default=os.environ.get("RAY_ADDRESS"),
-        help="Ray cluster to spread (model, length) jobs over, one GPU each (e.g. 'auto'; default "
-        "$RAY_ADDRESS, which `ray job submit` sets); used when the cluster has more than one GPU",
-    )
-    parser.add_argument(
-        "--jobs-per-gpu",
-        type=int,
-        default=None,
-        metavar="N",
-        help="run N (model, length) jobs at once on each GPU as Ray tasks (small models leave a "
-        "GPU mostly idle); starts a local Ray instance when there is no --ray-address",
-    )
-    args, cfg = parse_config(parser, argv)
-    if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
-        parser.error(f"--jobs-per-gpu must be >= 1, got {args.jobs_per_gpu}")
-    from linearard_ray.evaluation.evaluate import EvalError, evaluate
-    from linearard_ray.evaluation.texts import TextsError
-    from linearard_ray.models.loading import ModelError
-    from linearard_ray.models.rope import RopeError
-
-    try:
-        if args.jobs_per_gpu:
-            import ray
-
-            if not args.ray_address and not ray.is_initialized():
-                import torch
-
-                if not torch.cuda.is_available():  # GPU-fraction tasks would wait forever
-                    parser.error("--jobs-per-gpu needs a GPU here or a --ray-address with GPUs")
-                ray.init(log_to_driver=True)
-            report = evaluate(
-                cfg, ray_address=args.ray_address, distribute=True, task_resources={"num_gpus": 1.0 / args.jobs_per_gpu}
-            )
-        else:
-            report = evaluate(cfg, ray_address=args.ray_address)
-    except (ConfigError, EvalError, TextsError, ModelError, RopeError) as e:
-        print(f"evaluate.py: {e}", file=sys.stderr)
-        return 2
-    print(f"evaluate.py: report in {Path(cfg.eval.output_dir).resolve()}")
-    if report.get("mlflow"):
-        from linearard_ray.tracking import run_url
-
-        m = report["mlflow"]
-        print(f"evaluate.py: MLflow run: {run_url(m['tracking_uri'], m['experiment_id'], m['run_id'])}")
-    return 0
-
+from linearard_ray.commands.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,62 +1,13 @@
 #!/usr/bin/env python
 """Tokenize raw text into the token blocks training streams (Ray Data, parquet + manifest.json).
 
-    python pipelines/preprocess.py                                   # embedded SOTU 1790-1989, teacher's tokenizer
-    python pipelines/preprocess.py --set data.ctx_len=2048
-    python pipelines/preprocess.py --set 'data.sources=["corpus/*.jsonl", "s3://bucket/books/"]' --set data.pack=true
-    python pipelines/preprocess.py --config configs/<recipe>.yaml --stream lm
-
-The output goes to data.output_dir, or outputs/data/<hash of the data settings and tokenizer>;
-a run with the same settings and unchanged inputs reuses a finished directory (--force redoes it).
+The entry point for ``python pipelines/preprocess.py`` and ``ray job submit -- python pipelines/preprocess.py``;
+the code and its usage are in ``linearard_ray.commands.preprocess`` (also ``linearard-ray preprocess``).
 """
 
-from __future__ import annotations
-
-import os
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-_ROOT = Path(__file__).resolve().parent.parent
-if (_ROOT / "linearard_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from linearard_ray.cli import build_parser, parse_config  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "preprocess.py",
-        "Read text (files, directories, globs, s3:// gs://, hf:<dataset>, builtin:sotu/<split>), tokenize it "
-        "with the teacher's tokenizer in a Ray Data actor pool, cut ctx_len blocks and write parquet shards "
-        "plus manifest.json. Bad documents are skipped, counted and reported.",
-        sections=["model", "data"],
-    )
-    parser.add_argument(
-        "--stream",
-        choices=["main", "lm", "both"],
-        default="main",
-        help="main: the distillation blocks; lm: the next-token term's (data.lm_sources, "
-        "data.lm_ctx_len); both: one after the other",
-    )
-    parser.add_argument("--force", action="store_true", help="preprocess again even when a finished directory matches")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args, cfg = parse_config(parser, argv)
-
-    from linearard_ray.data.preprocess import DataError, ensure_preprocessed, format_report, read_manifest
-    from linearard_ray.models.loading import ModelError
-
-    streams = ["main", "lm"] if args.stream == "both" else [args.stream]
-    try:
-        for stream in streams:
-            out = ensure_preprocessed(cfg, stream=stream, progress=not args.quiet, force=args.force)
-            print(f"[{stream}] " + format_report(read_manifest(out), out))
-    except (DataError, ModelError) as e:
-        print(f"preprocess.py: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+from linearard_ray.commands.preprocess import main
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sys.exit(main())

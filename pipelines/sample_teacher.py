@@ -1,73 +1,13 @@
 #!/usr/bin/env python
 """Sample a training corpus from the teacher: text for the KL terms that no dataset has to supply.
 
-    python pipelines/sample_teacher.py --out data/teacher.jsonl --samples 2048 --tokens 2048 --top-p 0.95
-    python pipelines/sample_teacher.py --config configs/<recipe>.yaml --out ... --batch-size 1024
-    python pipelines/distill.py --set 'data.sources=[builtin:sotu/train, data/teacher.jsonl]'
-
-The teacher is the config's model.teacher with its native RoPE. Started again with the same
-arguments, it continues after the last complete batch. On a GPU use a large batch: decoding a
-small model is bound by per-step overhead (research/LOG.md, teacher sampling). Top-p below
-1 is advisable for small teachers, whose far tail drifts into noise over 2,048 tokens.
+The entry point for ``python pipelines/sample_teacher.py`` and ``ray job submit -- python pipelines/sample_teacher.py``;
+the code and its usage are in ``linearard_ray.commands.sample_teacher`` (also ``linearard-ray sample-teacher``).
 """
 
-from __future__ import annotations
-
-import json
-import os
 import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if (_ROOT / "linearard_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from pydantic import ValidationError  # noqa: E402
-
-from linearard_ray.cli import build_parser, parse_config  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("sample_teacher.py", __doc__.split("\n")[1], sections=["model"])
-    parser.add_argument("--out", required=True, help="JSONL file to write (appended to on a restart)")
-    parser.add_argument("--samples", type=int, required=True, help="number of samples")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens generated per sample (EOS ends one sooner)")
-    parser.add_argument("--min-tokens", type=int, default=64, help="skip (and count) samples shorter than this")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    args, cfg = parse_config(parser, argv)
-    from linearard_ray.data.sampling import SampleSpec, SamplingError, sample_corpus
-    from linearard_ray.models.loading import ModelError
-
-    try:
-        spec = SampleSpec(
-            num_samples=args.samples,
-            max_new_tokens=args.tokens,
-            min_tokens=args.min_tokens,
-            batch_size=args.batch_size,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    except ValidationError as e:
-        err = e.errors()[0]
-        if not err["loc"]:  # a check across fields (min_tokens against max_new_tokens)
-            parser.error(err["msg"].removeprefix("Value error, "))
-        flag = {"num_samples": "samples", "max_new_tokens": "tokens"}.get(err["loc"][0], str(err["loc"][0]))
-        parser.error(f"--{flag.replace('_', '-')}: {err['msg']}")
-    try:
-        summary = sample_corpus(cfg.model, spec, args.out, device=args.device)
-    except (SamplingError, ModelError) as e:
-        print(f"sample_teacher.py: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
-
+from linearard_ray.commands.sample_teacher import main
 
 if __name__ == "__main__":
     sys.exit(main())

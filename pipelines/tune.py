@@ -1,80 +1,13 @@
 #!/usr/bin/env python
 """Sweep distillation settings with Ray Tune (each trial one Ray Train run) and record it in MLflow.
 
-    python pipelines/tune.py                                  # small default sweep: SmolLM2-135M, CPU, minutes
-    python pipelines/tune.py --config configs/sweep-smollm2-135m.yaml
-    python pipelines/tune.py --config configs/sweep-default.yaml --set tune.num_samples=2
-    ray job submit --working-dir . -- python pipelines/tune.py --config configs/<sweep>.yaml
-
-The space is tune.space (dotted config path -> grid/choice/uniform/loguniform/randint). Results:
-<tune.storage_path>/<tune.sweep_name>/ (results.csv, results.md, objective.png, best_config.yaml)
-and the MLflow experiment named after the sweep: mlflow ui --backend-store-uri sqlite:///mlflow.db
+The entry point for ``python pipelines/tune.py`` and ``ray job submit -- python pipelines/tune.py``;
+the code and its usage are in ``linearard_ray.commands.tune`` (also ``linearard-ray tune``).
 """
 
-from __future__ import annotations
-
-import os
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-_ROOT = Path(__file__).resolve().parent.parent
-if (_ROOT / "linearard_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from linearard_ray.cli import build_parser  # noqa: E402
-from linearard_ray.config import ConfigError, load_config, parse_overrides  # noqa: E402
-
-# Without --config: the embedded default (SmolLM2-135M, PI, CPU) made small enough that its
-# 2 × 2 grid (rope.factor × layer selection, tune's default space) runs in minutes.
-# configs/sweep-default.yaml holds the same settings as a file.
-SWEEP_DEFAULTS: dict[str, object] = {
-    "data.ctx_len": 256,
-    "train.max_steps": 4,
-    "train.warmup_steps": 1,
-    "train.lr": 1.0e-3,
-    "train.eval_every": 2,
-    "train.eval_texts": 2,
-    "train.eval_long_len": 1024,
-    "train.checkpoint_every": 2,
-    "lora.r": 16,
-    "lora.alpha": 32.0,
-    "tune.sweep_name": "linearard-sweep-default",
-    "tune.grace_period": 2,
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "tune.py",
-        "Ray Tune sweep of LinearARD distillation runs (RoPE type/factor, layer selection, term weights, "
-        "objective, lr, LoRA rank, token budget), viewed in MLflow. Without --config it runs a small default "
-        "sweep (SmolLM2-135M, 2×2 grid of rope.factor × layer selection, CPU, minutes).",
-    )
-    args = parser.parse_args(argv)
-    try:
-        overrides = ({} if args.config else dict(SWEEP_DEFAULTS)) | parse_overrides(args.overrides)
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"tune.py: {e}", file=sys.stderr)
-        return 2
-    from linearard_ray.data.sampling import SamplingError
-    from linearard_ray.data.sources import DataError
-    from linearard_ray.models.loading import ModelError
-    from linearard_ray.sweep.tune import run_sweep
-
-    try:
-        res = run_sweep(cfg)
-    except (ConfigError, DataError, ModelError, SamplingError) as e:  # the user's input: no traceback
-        print(f"tune.py: {e}", file=sys.stderr)
-        return 2
-    if res.best is None:
-        print("tune.py: no trial reported the objective; see the table above for the errors", file=sys.stderr)
-        return 1
-    return 0
-
+from linearard_ray.commands.tune import main
 
 if __name__ == "__main__":
     sys.exit(main())

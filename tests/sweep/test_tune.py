@@ -378,9 +378,10 @@ def test_pipeline_help_and_bad_config_exit_codes():
 def test_default_sweep_file_matches_the_no_argument_sweep_and_recipes_check():
     from linearard_ray.sweep.tune import check_sweep
 
-    mod = _pipeline_module()
+    from linearard_ray.commands.tune import SWEEP_DEFAULTS
+
     default = load_config(ROOT / "configs" / "sweep-default.yaml")
-    assert default == load_config(None, dict(mod.SWEEP_DEFAULTS))
+    assert default == load_config(None, dict(SWEEP_DEFAULTS))
     specs = check_sweep(default)
     assert {s.key: list(s.values) for s in specs} == {
         "rope.factor": [2.0, 4.0],
