@@ -315,7 +315,7 @@ def test_ray_tasks_match_in_process(tmp_path, tiny_model_dir):
         "tracking": {"enabled": False},
     }
     local = evaluate(build_config(base, {"eval.output_dir": str(tmp_path / "local")}), distribute=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         from linearard_ray.evaluation.evaluate import _use_ray
 
