@@ -87,11 +87,11 @@ def nucleus_keep(probs: torch.Tensor, top_p: float, iters: int = 32) -> torch.Te
     """Boolean mask of each row's nucleus: the smallest set of most likely tokens whose mass is at
     least ``top_p``, i.e. every token with probability >= t*, t* the largest threshold that still
     keeps that mass. t* is found by bisection, each step one masked sum over the vocabulary,
-    instead of transformers' sort-based top-p warper. On one H200 (benchmarks/bench_sampling.py,
-    SmolLM2-135M, 128 new tokens) a decoding step at batch 1040 took 42 ms with it against 75 ms
-    with the warper (24 ms without top-p); at batch 520 it was 29 ms against 26 ms, so the big
-    batches the study samples with gain most. Ties at t* (common: the logits come from bf16) are
-    all kept, so the set does not depend on a sort's order among equal probabilities."""
+    instead of transformers' sort-based top-p warper: a fixed number of masked sums avoids sorting
+    the whole vocabulary at every decoding step, which pays off at the large batches teacher
+    samples are drawn with (benchmarks/bench_sampling.py; figures in research/LOG.md). Ties at t*
+    (common: the logits come from bf16) are all kept, so the set does not depend on a sort's order
+    among equal probabilities."""
     p = probs.float()
     lo = torch.zeros(p.shape[:-1] + (1,), dtype=p.dtype, device=p.device)  # mass(>= lo) >= top_p holds
     hi = p.amax(dim=-1, keepdim=True)

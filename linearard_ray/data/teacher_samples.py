@@ -1,11 +1,11 @@
 """``data.teacher_samples``: text sampled from the teacher, made before the data is preprocessed.
 
-Round 5 of the SmolLM2 study (research/LOG.md) restored most on SOTU plus teacher samples.
-With this section a recipe says so in one place: the job samples the corpus once (in a Ray actor
-that holds a GPU when the job trains on GPUs), keeps it under a name derived from the teacher and
-the settings, resumes it batch by batch after an interruption, and appends it to
-``data.sources``. The driver writes the file, so it lands where the driver preprocesses even when
-the actor runs on another node.
+Training on a corpus plus text the teacher itself wrote restored the most in the SmolLM2 study
+(research/LOG.md). With this section a recipe says so in one place: the job samples the corpus
+once (in a Ray actor that holds a GPU when the job trains on GPUs), keeps it under a name derived
+from the teacher and the settings, resumes it batch by batch after an interruption, and appends it
+to ``data.sources``. The driver writes the file, so it lands where the driver preprocesses even
+when the actor runs on another node.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def short_samples_note(cfg: Config, path: Path) -> str | None:
     """A warning when some samples will give no training block, else None.
 
     Samples stop at EOS, so many are shorter than ``data.ctx_len``; without packing, preprocessing
-    drops such a document whole (it counts it as ``no_full_block``). The study's sample rounds
-    trained on ~420 of 1,849 samples that way before anyone looked (RESULTS.md round 6)."""
+    drops such a document whole (it counts it as ``no_full_block``), silently training on a small
+    part of the samples (research/LOG.md)."""
     d = cfg.data
     if d.pack or d.tail != "drop":
         return None

@@ -77,7 +77,7 @@ class Capture:
             self.on_record(self, layer)
 
     def check_complete(self) -> None:
-        missing = [l for l in self.layers if l not in self.scaling]
+        missing = [layer for layer in self.layers if layer not in self.scaling]
         if missing:
             raise RuntimeError(
                 f"capture recorded nothing for layers {missing}: the model's attention did not go through "
@@ -147,22 +147,24 @@ def capture_qkv(
     relation loss starts on a layer while the forward goes on with the next).
     """
     mods = attention_modules(model)
-    layers = sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l < len(mods)]
+    layers = sorted({int(layer) for layer in layers})
+    bad = [layer for layer in layers if not 0 <= layer < len(mods)]
     if bad:
         raise ValueError(f"capture layers {bad} out of range for a model with {len(mods)} layers")
     what = tuple(w for w in ("q", "k", "v") if w in set(what))
     cap = Capture(layers, what, on_record)
-    for l in layers:
-        if getattr(mods[l], _ATTR, None) is not None:
-            raise RuntimeError(f"layer {l} of this model is already being captured (nested capture_qkv on one model)")
+    for layer in layers:
+        if getattr(mods[layer], _ATTR, None) is not None:
+            raise RuntimeError(
+                f"layer {layer} of this model is already being captured (nested capture_qkv on one model)"
+            )
     _install()
     try:
-        for l in layers:
-            setattr(mods[l], _ATTR, (cap, l))
+        for layer in layers:
+            setattr(mods[layer], _ATTR, (cap, layer))
         yield cap
     finally:
-        for l in layers:
-            if getattr(mods[l], _ATTR, None) is not None and getattr(mods[l], _ATTR)[0] is cap:
-                delattr(mods[l], _ATTR)
+        for layer in layers:
+            if getattr(mods[layer], _ATTR, None) is not None and getattr(mods[layer], _ATTR)[0] is cap:
+                delattr(mods[layer], _ATTR)
         _uninstall()

