@@ -140,7 +140,7 @@ def test_objective_name_and_term_weights_are_sweepable():
 
 
 def test_trial_names_are_deterministic_and_distinct():
-    from linearard_ray.sweep.tune import TrialNamer
+    from linearard_ray.sweep.trial import TrialNamer
 
     base = _base()
     a = trial_name("sw", apply_params(base, {"rope.factor": 2.0}))
@@ -196,7 +196,8 @@ def test_teacher_samples_and_a_swept_teacher_do_not_mix():
 
 def test_sweep_objective_can_be_another_domain():
     """train.eval_sources domains report eval_<name>_<metric>, which tune.metric may name."""
-    from linearard_ray.sweep.tune import check_sweep, context_metrics
+    from linearard_ray.sweep.metrics import context_metrics
+    from linearard_ray.sweep.tune import check_sweep
 
     pydocs = {"train.eval_sources": {"pydocs": ["builtin:pydocs"]}}
     check_sweep(_base(**pydocs, **{"tune.metric": "eval_pydocs_nll_gap"}))
@@ -261,7 +262,7 @@ def test_asha_stops_on_optimizer_steps():
 
 
 def test_trial_run_config_is_absolute_and_untracked(tmp_path, monkeypatch):
-    from linearard_ray.sweep.tune import make_plan, run_config
+    from linearard_ray.sweep.plan import make_plan, run_config
 
     monkeypatch.chdir(tmp_path)
     base = _base(
@@ -312,7 +313,8 @@ def _rows():
 
 
 def test_best_trial_table_plot_and_config(tmp_path):
-    from linearard_ray.sweep.tune import best_config_yaml, make_plan, pick_best, plot_objective, results_table
+    from linearard_ray.sweep.plan import make_plan
+    from linearard_ray.sweep.summary import best_config_yaml, pick_best, plot_objective, results_table
 
     base = _base(**{"train.fail_at_step": 3})
     specs = parse_space(
@@ -376,9 +378,8 @@ def test_pipeline_help_and_bad_config_exit_codes():
 
 
 def test_default_sweep_file_matches_the_no_argument_sweep_and_recipes_check():
-    from linearard_ray.sweep.tune import check_sweep
-
     from linearard_ray.commands.tune import SWEEP_DEFAULTS
+    from linearard_ray.sweep.tune import check_sweep
 
     default = load_config(ROOT / "configs" / "sweep-default.yaml")
     assert default == load_config(None, dict(SWEEP_DEFAULTS))
@@ -472,7 +473,7 @@ def sweep(cache_dir, tmp_path_factory):
 def test_four_trial_sweep_in_mlflow(sweep):
     from mlflow.tracking import MlflowClient
 
-    from linearard_ray.sweep.tune import ROLE_TAG, SWEEP_TAG
+    from linearard_ray.sweep.summary import ROLE_TAG, SWEEP_TAG
     from linearard_ray.training.driver import FAIL_MARKER
 
     cfg, res, failing = sweep
@@ -541,8 +542,9 @@ def test_repeats_train_with_other_seeds_and_the_best_mean_wins(tmp_path):
     single training."""
     from ray import tune
 
+    from linearard_ray.sweep.plan import make_plan, run_config
     from linearard_ray.sweep.search_space import REPEAT_KEY, to_tune_space
-    from linearard_ray.sweep.tune import best_config_yaml, collect_rows, make_plan, pick_best, point_rows, run_config
+    from linearard_ray.sweep.summary import best_config_yaml, collect_rows, pick_best, point_rows
 
     base = _base(**{"train.seed": 7, "data.seed": 3})
     specs = parse_space({"rope.factor": {"grid": [2.0, 4.0]}}, base)
