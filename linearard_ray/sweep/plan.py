@@ -45,7 +45,7 @@ def make_plan(cfg: Config, specs: list[ParamSpec]) -> dict:
     """Plain data every trial needs (it travels to the trials through the object store)."""
     import os
 
-    from linearard_ray.training.driver import resolve_storage_path
+    from linearard_ray.training.plan import resolve_storage_path
 
     cwd = os.getcwd()
     sweep_dir = f"{resolve_storage_path(cfg.tune.storage_path).rstrip('/')}/{cfg.tune.sweep_name}"
