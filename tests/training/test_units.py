@@ -21,7 +21,8 @@ from linearard_ray.training.checkpointing import (
     restore_rng,
     save_checkpoint,
 )
-from linearard_ray.training.driver import StreamSpec, plan_steps, progress_line
+from linearard_ray.training.plan import StreamSpec, plan_steps
+from linearard_ray.training.progress import progress_line
 from linearard_ray.training.schedule import build_scheduler, lr_factor
 
 # --------------------------------------------------------------------------- schedule
@@ -49,7 +50,7 @@ def test_scheduler_drives_optimizer_lr():
     opt = torch.optim.AdamW([p], lr=2e-3)
     sched = build_scheduler(opt, warmup_steps=3, total_steps=12, min_lr_ratio=0.25)
     seen = []
-    for s in range(12):
+    for _ in range(12):
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
@@ -378,10 +379,10 @@ def test_lm_every_spaces_the_long_stream_in_the_budget_and_the_epoch_count():
     ],
 )
 def test_lm_every_without_two_streams_is_refused_before_ray(overrides):
-    from linearard_ray.training.driver import _check_semantics
+    from linearard_ray.training.checks import check_config
 
     with pytest.raises(ConfigError, match="data.lm_every=2"):
-        _check_semantics(_cfg(**overrides))
+        check_config(_cfg(**overrides))
 
 
 def test_progress_line_names_the_numbers():
@@ -460,7 +461,7 @@ def test_eval_sources_config_errors_name_the_field(sources, field, message):
 
 
 def test_eval_sources_shape_cadence_and_local_paths(tmp_path):
-    from linearard_ray.training.driver import _check_semantics
+    from linearard_ray.training.checks import check_config
 
     cfg = _cfg(**{"train.eval_every": 2, "train.eval_sources.pydocs": "builtin:pydocs/tutorial"})
     assert cfg.train.eval_sources == {"pydocs": ["builtin:pydocs/tutorial"]}  # a bare string is one source
@@ -469,7 +470,7 @@ def test_eval_sources_shape_cadence_and_local_paths(tmp_path):
         _cfg(**{"train.eval_sources": {"pydocs": ["builtin:pydocs"]}})
     missing = _cfg(**{"train.eval_every": 2, "train.eval_sources": {"mine": [str(tmp_path / "nope.txt")]}})
     with pytest.raises(ConfigError, match="train.eval_sources.mine: .*no such file"):
-        _check_semantics(missing)  # the driver checks local paths before Ray starts
+        check_config(missing)  # the driver checks local paths before Ray starts
 
 
 def test_held_out_domains_report_prefixed_metrics_and_teacher_once(tiny_model_dir, tmp_path):
@@ -478,7 +479,7 @@ def test_held_out_domains_report_prefixed_metrics_and_teacher_once(tiny_model_di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from linearard_ray.data.corpus import iter_pydocs
-    from linearard_ray.training.driver import held_out_evals
+    from linearard_ray.training.held_out import held_out_evals
 
     d = tiny_model_dir("llama")
     tok = AutoTokenizer.from_pretrained(d)

@@ -1,0 +1,274 @@
+"""The Ray Train worker: holds a frozen teacher and a DDP-wrapped student, streams its share of
+the token blocks deterministically, evaluates on held-out text, and writes checkpoints that let a
+failed worker group, or the same job started again, continue at the exact step with the same
+data position. Rank 0 logs to MLflow and exports the student at the end.
+
+Ray Train pickles ``train_loop_per_worker`` by reference: it stays a module-level function.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from linearard_ray.config import Config, build_config, dump_config, flatten
+from linearard_ray.storage import read_text, write_text
+from linearard_ray.training.checkpointing import LoadedCheckpoint, capture_rng, load_checkpoint
+from linearard_ray.training.distributed import device_for_worker, gather_objects
+from linearard_ray.training.held_out import HeldOutEval, held_out_evals
+from linearard_ray.training.plan import JobSpec, fail_marker_path, lm_every
+from linearard_ray.training.progress import Progress, say
+from linearard_ray.training.step import WorkerStreams, open_streams, optimization_step
+from linearard_ray.training.trainee import Trainee, build_trainee, check_same_world, write_checkpoint
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Ray Train worker: ``config = {"cfg": <Config as dict>, "job": <JobSpec as dict>}``.
+
+    Returns (on rank 0) where the student was exported and the final step's numbers."""
+    import ray.train
+
+    cfg = build_config(config["cfg"])
+    job = JobSpec.from_dict(config["job"])
+    _quiet_libraries()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = device_for_worker(job.use_gpu)
+    loaded = _resume_checkpoint(world)
+    trainee = build_trainee(cfg, job, device, rank, world, loaded)
+    streams = open_streams(cfg, job, trainee.state, rank, world, _dataset_epochs, pin_memory=device.type == "cuda")
+    logger = _open_tracking(cfg, job, trainee, streams, rank, world, resumed=loaded is not None)
+    if rank == 0:
+        _announce_start(cfg, job, trainee, streams, world, resumed=loaded is not None)
+    evaluators = _held_out_evaluators(cfg, trainee, device, rank, world)
+    final_metrics = _train(cfg, job, trainee, streams, evaluators, logger, device, rank, world)
+    streams.close()
+    if rank != 0:
+        return None
+    return _export(cfg, job, trainee, logger, final_metrics)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def _quiet_libraries() -> None:
+    """Weight-loading progress bars from every worker would interleave with the step lines."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def _resume_checkpoint(world: int) -> LoadedCheckpoint | None:
+    """The checkpoint Ray Train hands this attempt (a retry, or the same run name again), if any."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        loaded = load_checkpoint(d)
+    check_same_world(loaded, world)
+    return loaded
+
+
+def _dataset_epochs(name: str):
+    """One epoch of the trainer's dataset ``name``, read in order (every worker reads it whole and
+    keeps its own rows: data/streams.py says why)."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    if shard is None:
+        raise RuntimeError(f"dataset {name!r} was not passed to the trainer")
+    return lambda: shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=1)
+
+
+def _open_tracking(
+    cfg: Config, job: JobSpec, trainee: Trainee, streams: WorkerStreams, rank: int, world: int, resumed: bool
+):
+    """Rank 0's MLflow logger (None elsewhere, or without tracking), with the run's parameters."""
+    state = trainee.state
+    run_id = state.mlflow_run_id or job.mlflow_run_id
+    state.mlflow_run_id = run_id
+    if not (rank == 0 and job.tracking_uri and run_id):
+        return None
+    from linearard_ray.tracking import RunLogger
+
+    logger = RunLogger(job.tracking_uri, run_id)
+    logger.log_params(_job_params(cfg, job, trainee, streams, world))
+    if resumed:
+        logger.set_tags({"resumed_from_step": state.step})
+    return logger
+
+
+def _job_params(cfg: Config, job: JobSpec, trainee: Trainee, streams: WorkerStreams, world: int) -> dict:
+    """The config's fields and what the driver resolved for the job, as MLflow parameters."""
+    params = flatten(cfg)
+    params.update(
+        {"job.total_steps": job.total_steps, "job.tokens_per_step": job.tokens_per_step, "job.world_size": world}
+    )
+    for name, spec in job.streams.items():
+        params[f"job.{name}.blocks"] = spec.num_rows
+        params[f"job.{name}.ctx_len"] = spec.ctx_len
+    params["job.primary_stream"] = job.primary
+    params["job.teacher_loaded"] = trainee.teacher is not None
+    params["job.dropped_blocks_per_epoch"] = streams.primary.stream.dropped_per_epoch
+    return params
+
+
+def _announce_start(cfg: Config, job: JobSpec, trainee: Trainee, streams: WorkerStreams, world: int, resumed: bool):
+    stream = streams.primary.stream
+    if stream.dropped_per_epoch:
+        say(
+            f"[distill] {stream.dropped_per_epoch} of {stream.num_rows} blocks per epoch are left out so that "
+            f"{world} workers × micro-batch {cfg.train.micro_batch_size} divide evenly"
+        )
+    if resumed:
+        state = trainee.state
+        say(f"[distill] resumed at step {state.step}/{job.total_steps} ({state.tokens_seen} tokens seen)")
+
+
+def _held_out_evaluators(cfg: Config, trainee: Trainee, device: torch.device, rank: int, world: int):
+    """The held-out evaluations (none without ``train.eval_every``); the teacher's numbers of
+    every domain are measured once, here."""
+    if not cfg.train.eval_every:
+        return []
+    from linearard_ray.models import loading as models
+
+    evaluators = held_out_evals(cfg, trainee.tokenizer, device, rank, world)
+    ref = trainee.teacher if trainee.teacher is not None else models.load_teacher(cfg.model, device=device)
+    for ev in evaluators:
+        ev.compute_teacher(ref)
+    if trainee.teacher is None:  # cpt trains without a teacher; it was loaded only for these measurements
+        del ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return evaluators
+
+
+def _injected_failure_step(cfg: Config, job: JobSpec, rank: int, world: int) -> int | None:
+    """``train.fail_at_step`` on the last rank (a worker other than rank 0 when there are two),
+    unless an earlier attempt already fired it."""
+    fail_at = cfg.train.fail_at_step
+    if fail_at is None or rank != world - 1:
+        return None
+    if read_text(fail_marker_path(job)) is not None:
+        return None
+    return fail_at
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _train(
+    cfg: Config,
+    job: JobSpec,
+    trainee: Trainee,
+    streams: WorkerStreams,
+    evaluators: list[HeldOutEval],
+    logger,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """Optimizer steps until ``job.total_steps``; returns the last step's metrics with the last
+    held-out evaluation's."""
+    t, state = cfg.train, trainee.state
+    every = lm_every(cfg, job.streams)
+    fail_at = _injected_failure_step(cfg, job, rank, world)
+    progress = Progress(job.total_steps)
+    metrics: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    while state.step < job.total_steps:
+        metrics = optimization_step(cfg, trainee, streams, every, device, world)
+        if state.step == fail_at:
+            write_text(fail_marker_path(job), f"fired at step {state.step}\n")
+            raise RuntimeError(f"train.fail_at_step={fail_at}: injected worker failure (rank {rank})")
+        is_last = state.step == job.total_steps
+        did_eval = bool(evaluators) and (state.step % t.eval_every == 0 or is_last)
+        if did_eval:
+            last_eval = {k: v for ev in evaluators for k, v in ev(trainee.student).items()}
+            metrics.update(last_eval)
+        progress.record(metrics["step_time_s"], metrics["loss"])
+        if rank == 0:
+            _log_step(cfg, progress, state.step, metrics, last_eval if did_eval else None, logger, is_last)
+        do_checkpoint = state.step % t.checkpoint_every == 0 or is_last
+        if do_checkpoint or did_eval:
+            _report(
+                trainee,
+                {"step": state.step, "tokens_seen": state.tokens_seen, **metrics, **last_eval},
+                do_checkpoint,
+                rank,
+            )
+    return {**metrics, **last_eval}
+
+
+def _log_step(cfg, progress: Progress, step: int, metrics: dict, evaluated: dict | None, logger, is_last: bool):
+    """Rank 0: the step line every ``train.log_every`` steps, and every step's metrics to MLflow."""
+    if step % cfg.train.log_every == 0 or is_last:
+        say(progress.line(step, metrics))
+        if evaluated is not None:
+            say("[distill] eval " + " ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+    if logger is not None:
+        logger.log_metrics(metrics, step=step)
+
+
+def _report(trainee: Trainee, report: dict, with_checkpoint: bool, rank: int) -> None:
+    """The step's numbers to Ray Train (a sweep reads them), with rank 0's checkpoint when one is due."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if not with_checkpoint:
+        ray.train.report(report)
+        return
+    rng_states = gather_objects(capture_rng())  # every rank takes part
+    if rank != 0:
+        ray.train.report(report)
+        return
+    with tempfile.TemporaryDirectory(prefix="linearard_ckpt_") as tmp:
+        write_checkpoint(tmp, trainee, rng_states)
+        ray.train.report(
+            report,
+            checkpoint=Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_step{trainee.state.step:07d}",
+        )
+
+
+# --------------------------------------------------------------------------- the end (rank 0)
+
+
+def _export(cfg: Config, job: JobSpec, trainee: Trainee, logger, final_metrics: dict[str, float]) -> dict:
+    """The merged student and the adapter, written and logged; what ``run_distill`` reports."""
+    from linearard_ray.models import loading as models
+
+    out_dir = Path(job.output_dir)
+    paths = models.export_student(trainee.student, trainee.tokenizer, out_dir, cfg.rope)
+    (out_dir / "distill_config.yaml").write_text(dump_config(cfg))
+    say(f"[distill] student exported to {paths.get('merged', out_dir)}")
+    if logger is not None:
+        _log_artifacts(cfg, job, logger, paths)
+    state = trainee.state
+    return {
+        "student_dir": str(paths.get("merged", out_dir)),
+        "export_dir": str(out_dir),
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        "mlflow_run_id": state.mlflow_run_id,
+        "metrics": {k: float(v) for k, v in final_metrics.items()},
+    }
+
+
+def _log_artifacts(cfg: Config, job: JobSpec, logger, paths: dict) -> None:
+    logger.log_text(dump_config(cfg), "config.yaml")
+    for name, spec in job.streams.items():
+        mf = Path(spec.directory) / "manifest.json"
+        if mf.exists():
+            logger.log_artifact(mf, f"data/{name}")
+    if "adapter" in paths:
+        logger.log_artifact(paths["adapter"], "adapter")
+    logger.log_artifact(paths["merged"], "student")
+    logger.finish("FINISHED")
