@@ -6,7 +6,7 @@ Reads only committed results: round 4's tsample-vmix (weight 0; short figures fr
 long ones from the printed lines of its cut-short evaluation) and round 5's raw evaluation jobs
 (weights 0.2 / 0.5 / 1 and CPT). All share the same windows and seeds.
 
-    python research/plot_next_token_weight.py --out research/results/plots/study5/next_token_weight.png
+    python research/plot_next_token_weight.py --out research/results/next-token-weight/next_token_weight.png
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _ROOT = RESULTS.parent.parent
-for p in (_ROOT, _ROOT / "benchmarks"):  # runnable from a checkout that is not installed
+for p in (_ROOT, _ROOT / "research"):  # runnable from a checkout that is not installed
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 TEACHER = {("main", 2048): 21.87, ("other", 2048): 8.19}  # fallback; read from the round-4 report below
@@ -27,12 +27,12 @@ RUNS = {0.0: "tsample-vmix", 0.2: "tsample-vmix-ce2", 0.5: "tsample-vmix-ce5", 1
 
 
 def round4_weight0(results: Path) -> dict[tuple[str, int], float]:
-    report = json.loads((results / "smollm2_study4_report.json").read_text())
+    report = json.loads((results / "teacher-text/report.json").read_text())
     ppl = {(d, int(L)): v["ppl"] for d in ("main", "other") for L, v in report["nll"][d]["tsample-vmix"].items()}
     for d in ("main", "other"):
         TEACHER[(d, 2048)] = report["nll"][d]["teacher"]["2048"]["ppl"]
     pat = re.compile(r"\[evaluate\] tsample-vmix (main|other) L=(\d+): ppl ([0-9.]+)")
-    for m in pat.finditer((results / "smollm2_study4_long_partial.txt").read_text()):
+    for m in pat.finditer((results / "teacher-text/long_partial.txt").read_text()):
         ppl[(m.group(1), int(m.group(2)))] = float(m.group(3))
     return ppl
 
@@ -41,7 +41,7 @@ def round5(results: Path) -> dict[str, dict[tuple[str, int], float]]:
     from restoration_study import job_figures, read_job_records
 
     out: dict[str, dict] = {}
-    for (m, d, L), v in job_figures(read_job_records([results / "smollm2_study5_jobs.jsonl"]))[0].items():
+    for (m, d, L), v in job_figures(read_job_records([results / "next-token-weight/jobs.jsonl"]))[0].items():
         out.setdefault(m, {})[(d, L)] = v
     return out
 

@@ -25,7 +25,7 @@ later round trained again keeps both points, the later one named "<model> (r8)"
 (restoration_study.read_job_records(..., apart=True)); the untrained references evaluate the same
 every round.
 
-    python research/plot_study_tradeoffs.py --out research/results/plots/study13/tradeoffs.png
+    python research/plot_study_tradeoffs.py --out research/results/pi4-restore-long/tradeoffs.png
 """
 
 from __future__ import annotations
@@ -37,20 +37,20 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _ROOT = RESULTS.parent.parent
-for p in (_ROOT, _ROOT / "benchmarks"):  # runnable from a checkout that is not installed
+for p in (_ROOT, _ROOT / "research"):  # runnable from a checkout that is not installed
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 JOBS = [
-    "smollm2_study5_jobs.jsonl",
-    "smollm2_study6_jobs.jsonl",
-    "smollm2_study7a_jobs.jsonl",
-    "smollm2_study7_jobs.jsonl",
-    "smollm2_study8_jobs.jsonl",
-    "smollm2_study9_jobs.jsonl",
-    "smollm2_study10_jobs.jsonl",
-    "smollm2_study11_jobs.jsonl",
-    "smollm2_study12_jobs.jsonl",
-    "smollm2_study13_jobs.jsonl",
+    "next-token-weight/jobs.jsonl",
+    "docs-genre/jobs.jsonl",
+    "next-token-weight-4/jobs.jsonl",
+    "pi4-restore-docs/jobs.jsonl",
+    "retraining-spread/jobs.jsonl",
+    "pi4-ce22-seeds/jobs.jsonl",
+    "yarn4-restore/jobs.jsonl",
+    "attention-map/jobs.jsonl",
+    "attention-map-seeds/jobs.jsonl",
+    "pi4-restore-long/jobs.jsonl",
 ]
 PASSKEY_LENGTHS = (8192, 16384, 30000)
 BASELINES = {"cpt", "cpt-unix", "YaRN×4", "PI×4", "teacher"}

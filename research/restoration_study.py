@@ -8,11 +8,13 @@ so all numbers share the same windows and passkey prompts.
 
     python research/restoration_study.py train --variants linearard,logits,cpt --work /tmp/study
     python research/restoration_study.py sample --work /tmp/study   # teacher samples for tsample-*
-    xz -dc research/data/smollm2_teacher_samples.jsonl.xz > /tmp/study/teacher_samples.jsonl  # or: the shipped draw (round 11, round 5's settings)
+    # or, instead of `sample`, the shipped draw (round 5's settings, research/README.md):
+    xz -dc research/data/smollm2_teacher_samples.jsonl.xz > /tmp/study/teacher_samples.jsonl
     python research/restoration_study.py train --variants all --parallel 4 --work /tmp/study
-    python research/restoration_study.py train --variants tsample-vmix-ce22,cpt --seeds 0-3 --parallel 8 --work /tmp/study
+    python research/restoration_study.py train --variants tsample-vmix-ce22,cpt --seeds 0-3 --parallel 8 \
+        --work /tmp/study
     python research/restoration_study.py eval --work /tmp/study --out $OUT
-    python research/restoration_study.py table --work /tmp/study      # markdown for RESULTS.md
+    python research/restoration_study.py table --work /tmp/study      # markdown for research/LOG.md
     python research/restoration_study.py table --jobs /tmp/study/eval/jobs.jsonl  # from raw jobs
 
 `--parallel N` (N > 1) shares the GPUs between N jobs: the script starts one local Ray head
@@ -41,7 +43,8 @@ over each side's trainings first (linearard_ray.evaluation.paired_stats.pooled_p
 Later files win where two hold the same model's job; `--apart` keeps a model that a later round
 trained again as a training of its own ("<model> (r13)"), so a retrained seed adds to its recipe:
 
-    python research/restoration_study.py table --apart --jobs research/results/smollm2_study1{0,1,2,3}_jobs.jsonl
+    python research/restoration_study.py table --apart \
+        --jobs research/results/{yarn4-restore,attention-map,attention-map-seeds,pi4-restore-long}/jobs.jsonl
 """
 
 from __future__ import annotations
@@ -1145,7 +1148,9 @@ def read_job_records(paths: list[Path], apart: bool = False) -> list[dict]:
 
     With ``apart``, a model that a later file trained again (a name seen in an earlier file, other
     than the untrained references) keeps both trainings: the later one is named "<model> (r<round>)",
-    the round taken from a "..._study<round>_jobs" file name, else the file's place in ``paths``.
+    the round taken from a "..._study<round>_jobs" file name or, for a study's jobs.jsonl under
+    research/results/, from RESULTS_ROUND (the research log's round of that folder), else the file's
+    place in ``paths``.
     A file seeded with an earlier file's records (so that the teacher's jobs are reused) carries
     those records unchanged: they are the same evaluations, not new trainings, and are kept once.
     The records do not name the checkpoint, so a trained model scored again in a later round on new
@@ -1157,7 +1162,7 @@ def read_job_records(paths: list[Path], apart: bool = False) -> list[dict]:
     seen: set[str] = set()
     for i, path in enumerate(paths, 1):
         m = re.search(r"study(\w+?)_jobs", Path(path).stem)
-        tag = "r" + (m.group(1) if m else str(i))
+        tag = "r" + (m.group(1) if m else _results_round(Path(path)) or str(i))
         recs = []
         for r in _latest_per_job([path]).values():
             if (text := json.dumps(r, sort_keys=True)) not in seen:
@@ -1169,6 +1174,31 @@ def read_job_records(paths: list[Path], apart: bool = False) -> list[dict]:
 
 
 UNTRAINED = {"teacher", "PI×4", "YaRN×4"}  # the same model, and so the same figures, in every round
+RESULTS = Path(__file__).resolve().parent / "results"
+# research/results/<study>/jobs.jsonl: the round of research/LOG.md each folder holds, for the
+# "(r<round>)" names that keep a retrained model apart (once taken from "smollm2_study<round>_jobs")
+RESULTS_ROUND = {
+    "next-token-weight": "5",
+    "docs-genre": "6",
+    "next-token-weight-4": "7a",
+    "pi4-restore-docs": "7",
+    "retraining-spread": "8",
+    "pi4-ce22-seeds": "9",
+    "yarn4-restore": "10",
+    "attention-map": "11",
+    "attention-map-seeds": "12",
+    "pi4-restore-long": "13",
+}
+
+
+def _results_round(path: Path) -> str | None:
+    """The round of a study's jobs.jsonl under research/results/, else None."""
+    path = path.resolve()
+    if path.name != "jobs.jsonl" or path.parent.parent != RESULTS:
+        return None
+    return RESULTS_ROUND.get(path.parent.name)
+
+
 ROUND_TAG = re.compile(r" \(r\w+\)$")
 
 

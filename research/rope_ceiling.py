@@ -125,10 +125,10 @@ def main() -> int:
             with torch.no_grad(), capture_qkv(model, layers, what=("q", "k")) as cap:
                 model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
             per_layer = []
-            for l in layers:
-                q, k = cap.q[l][0], cap.k[l][0]
+            for layer in layers:
+                q, k = cap.q[layer][0], cap.k[layer][0]
                 k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-                per_layer.append(row_figures(q.double(), k.double(), float(cap.scaling[l]), fast))
+                per_layer.append(row_figures(q.double(), k.double(), float(cap.scaling[layer]), fast))
             kl_l.append(torch.stack([x[0].mean() for x in per_layer]))
             vf_l.append(torch.stack([x[1].sum() for x in per_layer]))
             vr_l.append(torch.stack([x[2].sum() for x in per_layer]))
@@ -151,12 +151,12 @@ def main() -> int:
     names = list(out["domains"])
     print("\n| layer | " + " | ".join(f"{n} KL | {n} share" for n in names) + " |")
     print("|---|" + "---|---|" * len(names))
-    for l in layers:
+    for layer in layers:
         cells = []
         for n in names:
             d = out["domains"][n]
-            cells += [f"{d['kl_per_layer'][l]:.4f}", f"{100 * d['share_per_layer'][l]:.1f}%"]
-        print(f"| {l} | " + " | ".join(cells) + " |")
+            cells += [f"{d['kl_per_layer'][layer]:.4f}", f"{100 * d['share_per_layer'][layer]:.1f}%"]
+        print(f"| {layer} | " + " | ".join(cells) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -1,7 +1,8 @@
 """The Gluon relation-KL experiment (research/experimental/gluon_relation_kl.py) still compiles
 for Hopper (sm_90) on this CPU machine: the kernels' syntax, their wgmma products, their
-registers without spills, and ptxas keeping the products asynchronous. Their values need a GPU (Triton's interpreter does not run Gluon), so
-they are checked by the script's --check on the GPU host, not here."""
+registers without spills, and ptxas keeping the products asynchronous. Their values need a GPU
+(Triton's interpreter does not run Gluon), so they are checked by the script's --check on the GPU
+host, not here."""
 
 from __future__ import annotations
 

@@ -580,6 +580,23 @@ def test_study_records_apart_keep_a_retrained_model_as_another_training(tmp_path
     assert "r-s1 (r2)" in {r["model"] for r in study.read_job_records([paths[0], tmp_path / "later.jsonl"], apart=True)}
 
 
+def test_study_results_folders_keep_their_rounds_for_the_apart_names():
+    """The committed jobs moved from research/results/smollm2_study<round>_jobs.jsonl to one folder per
+    study: each must still name a retrained model with its round, as the research log quotes it."""
+    study = _study()
+    jobs = sorted(study.RESULTS.glob("*/jobs.jsonl"))
+    assert {p.parent.name for p in jobs} == set(study.RESULTS_ROUND)
+    assert [study._results_round(p) for p in jobs] == [study.RESULTS_ROUND[p.parent.name] for p in jobs]
+    kept = {
+        r["model"]
+        for r in study.read_job_records(
+            [study.RESULTS / "yarn4-restore" / "jobs.jsonl", study.RESULTS / "pi4-restore-long" / "jobs.jsonl"],
+            apart=True,
+        )
+    }
+    assert "cpt (r13)" in kept and "tsample-vmix-ce22-qk (r13)" not in kept  # qk first trained in round 11
+
+
 def test_pi_long_restore_recipe_is_the_measured_study_variant():
     """configs/smollm2-135m-x4-restore-long.yaml must stay what rounds 11-13's tsample-vmix-ce22-qk ran:
     -restore's teacher samples, PI×4, the next-token term at 2.2 and the attention-map term at 1."""

@@ -1,7 +1,7 @@
 """The study's cross-round summary on the committed evaluation records: each recipe's trainings are
 counted once even where a round's jobs file was seeded with an earlier round's records (rounds 11
 and 12 carry round 10's, round 13 round 12's), a training repeated in a later round (round 13's
-seeds 0 and 1, and CPT) counts as another, and the figures quoted in RESULTS.md's round 13 come back."""
+seeds 0 and 1, and CPT) counts as another, and the figures quoted in research/LOG.md's round 13 come back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.scripts import ROOT, load_script
 
 def test_recipe_summary_counts_each_training_once():
     mod = load_script("research/plot_study_tradeoffs.py")
-    ppl, pk, prompts = mod.figures(ROOT / "benchmarks" / "results")
+    ppl, pk, prompts = mod.figures(ROOT / "research" / "results")
     rows = {
         line.split(" | ")[0].lstrip("| "): [c.strip() for c in line.strip("|").split("|")]
         for line in mod.recipe_summary(ppl, pk, prompts)[2:]
@@ -21,7 +21,7 @@ def test_recipe_summary_counts_each_training_once():
         "ce22 on YaRN×4": "3",
         "CPT": "8",
     }
-    # RESULTS.md, round 13: each recipe over its trainings against CPT's eight
+    # research/LOG.md, round 13: each recipe over its trainings against CPT's eight
     assert rows["ce22 + attention map (qk 1) on PI×4"][4:7] == [
         "20.56 (20.49 to 20.62)",
         "0.0017",
