@@ -50,8 +50,8 @@ class SweepResult:
 
 def collect_rows(grid, specs: list[ParamSpec], plan: dict, t: TuneConfig, stopped: set[str]) -> list[dict[str, Any]]:
     """One row per trial: name, status (error, stopped early by the scheduler, completed, or
-    unfinished when the sweep was interrupted),
-    swept values, the objective (last and best) and context."""
+    unfinished when the sweep was interrupted), swept values, the objective (last and best) and
+    context."""
     rows = [_trial_row(r, specs, plan, t, stopped) for r in grid]
     rows.sort(key=lambda x: x["trial"])
     return rows
@@ -401,8 +401,8 @@ def _log_mlflow(cfg, specs, plan, rows, best, uri, exp_id, session, files, count
 
 
 def _complete_trial_runs(client, exp_id: str, session: str, specs: list[ParamSpec], plan: dict, rows) -> None:
-    """Add each trial's status, name and config to its MLflow run (of this session of the sweep),
-    and the run's id to its row."""
+    """Add each trial's status, name and config to its MLflow run (among the runs this invocation of
+    the sweep wrote, tagged with its ``session`` id), and the run's id to its row."""
     from linearard_ray import tracking
 
     runs = client.search_runs([exp_id], filter_string=f"tags.`{SESSION_TAG}` = '{session}'", max_results=10000)
