@@ -36,12 +36,12 @@ def _single_process(sources: list[str], tok_path: str, batch: int, ctx_len: int,
     # A fresh process, so TOKENIZERS_PARALLELISM takes effect before the tokenizer starts threads.
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
     from linearard_ray.data.blocks import cut_document, frame_document, resolve_token_spec
-    from linearard_ray.data.preprocess import _plain_backend, encode_texts
-    from linearard_ray.models.loading import load_tokenizer
     from linearard_ray.data.sources import iter_documents, resolve_sources
+    from linearard_ray.data.tokenization import encode_texts, plain_backend
+    from linearard_ray.models.loading import load_tokenizer
 
     c0 = time.process_time()
-    tok = _plain_backend(load_tokenizer(tok_path))
+    tok = plain_backend(load_tokenizer(tok_path))
     spec = resolve_token_spec(tok, None, True, pack=False)
     t0 = time.perf_counter()
     tokens = blocks = 0
@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     results["load_avg_after"] = os.getloadavg()
     tmp.cleanup()
     corpus = f"{args.copies} copies of SOTU 1790-1989 as jsonl" if args.copies else "builtin:sotu/train"
+    load = f"load average {results['load_avg_before'][0]:.1f} -> {results['load_avg_after'][0]:.1f}"
     print(
         f"\nbest of {args.repeats} ({corpus}, tokenizer {args.tokenizer}, batch {args.batch}, ctx_len {args.ctx_len}, "
-        f"{os.cpu_count()} CPUs, load average {results['load_avg_before'][0]:.1f} -> {results['load_avg_after'][0]:.1f}):"
+        f"{os.cpu_count()} CPUs, {load}):"
     )
     for name, rs in runs.items():
         b = max(rs, key=lambda r: r["tokens_per_s"])

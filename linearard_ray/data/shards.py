@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from linearard_ray.data.blocks import Block
+
 BLOCK_SCHEMA = pa.schema(
     [
         pa.field("input_ids", pa.list_(pa.int32())),
@@ -48,6 +50,16 @@ def blocks_table(
             pa.array(np.asarray(block_index, dtype=np.int32)),
         ],
         schema=BLOCK_SCHEMA,
+    )
+
+
+def table_of_blocks(blocks: list[Block]) -> pa.Table:
+    """`blocks_table` of a list of blocks."""
+    return blocks_table(
+        [b.input_ids for b in blocks],
+        [b.attention_mask for b in blocks],
+        [b.doc_id for b in blocks],
+        [b.block_index for b in blocks],
     )
 
 
