@@ -237,6 +237,7 @@ def test_lm_eval_missing_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_evaluate_student_plumbing(monkeypatch, tmp_path):
     import linearard_ray.evaluation.evaluate as ev
+    from linearard_ray.evaluation.specs import model_specs
 
     seen = []
     monkeypatch.setattr(ev, "evaluate", lambda cfg, **kw: seen.append(cfg) or {"ok": True})
@@ -244,7 +245,7 @@ def test_evaluate_student_plumbing(monkeypatch, tmp_path):
     assert ev.evaluate_student(cfg, tmp_path / "stu") == {"ok": True}
     c = seen[-1]
     assert c.eval.student_path == str(tmp_path / "stu") and c.eval.output_dir == str(tmp_path / "stu" / "eval")
-    assert [s.name for s in ev.model_specs(c)] == ["teacher", "scaled", "restored"]
+    assert [s.name for s in model_specs(c)] == ["teacher", "scaled", "restored"]
     assert cfg.eval.student_path is None  # the caller's config is not modified
     cfg2 = build_config(
         {"eval": {"output_dir": str(tmp_path / "mine"), "models": [{"name": "teacher", "path": "tiny:llama"}]}}
@@ -252,12 +253,12 @@ def test_evaluate_student_plumbing(monkeypatch, tmp_path):
     ev.evaluate_student(cfg2, tmp_path / "stu")
     c2 = seen[-1]
     assert c2.eval.output_dir == str(tmp_path / "mine")
-    assert [(s.name, s.role) for s in ev.model_specs(c2)] == [("teacher", "teacher"), ("restored", "model")]
+    assert [(s.name, s.role) for s in model_specs(c2)] == [("teacher", "teacher"), ("restored", "model")]
 
 
 def test_model_list_roles_and_duplicates():
     from linearard_ray.config import ConfigError
-    from linearard_ray.evaluation.evaluate import model_specs
+    from linearard_ray.evaluation.specs import model_specs
 
     cfg = build_config(
         {
@@ -317,9 +318,9 @@ def test_ray_tasks_match_in_process(tmp_path, tiny_model_dir):
     local = evaluate(build_config(base, {"eval.output_dir": str(tmp_path / "local")}), distribute=False)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        from linearard_ray.evaluation.evaluate import _use_ray
+        from linearard_ray.evaluation.jobs import use_ray
 
-        assert _use_ray(None, None) is False  # a cluster without GPUs: stay in-process by default
+        assert use_ray(None, None) is False  # a cluster without GPUs: stay in-process by default
         remote = evaluate(
             build_config(base, {"eval.output_dir": str(tmp_path / "ray")}),
             distribute=True,
@@ -362,7 +363,8 @@ def _fake_lm_eval(monkeypatch, simple_evaluate):
 
 
 def test_lm_eval_results_and_offline_failure(monkeypatch, tiny_model_dir):
-    from linearard_ray.evaluation.evaluate import EvalError, model_specs, run_lm_eval
+    from linearard_ray.evaluation.harness import run_lm_eval
+    from linearard_ray.evaluation.specs import EvalError, model_specs
 
     path = str(tiny_model_dir("llama"))
     cfg = build_config(
@@ -388,8 +390,9 @@ def test_lm_eval_results_and_offline_failure(monkeypatch, tiny_model_dir):
 
 
 def test_relation_kl_skipped_for_other_architecture(tmp_path, tiny_model_dir):
-    from linearard_ray.evaluation.evaluate import ModelSpec, _run_jobs
+    from linearard_ray.evaluation.jobs import run_model_jobs
     from linearard_ray.evaluation.report import build_report
+    from linearard_ray.evaluation.specs import ModelSpec
     from linearard_ray.models.tiny import build_tiny_model
 
     teacher = str(tiny_model_dir("llama"))
@@ -400,7 +403,7 @@ def test_relation_kl_skipped_for_other_architecture(tmp_path, tiny_model_dir):
     t = ModelSpec("teacher", teacher, None, "teacher")
     m = ModelSpec("deeper", other, None, "model")
     w = np.random.default_rng(0).integers(3, 500, size=(2, 16))
-    res = _run_jobs(m, t, [("nll", "main", 16), ("relkl", "main", 16)], {"windows": {"main": {16: w}}}, cfg)
+    res = run_model_jobs(m, t, [("nll", "main", 16), ("relkl", "main", 16)], {"windows": {"main": {16: w}}}, cfg)
     assert res[0]["kind"] == "nll" and res[1]["kind"] == "skip"
     assert "num_hidden_layers: teacher 2, student 3" in res[1]["reason"]
     models = [t.as_dict(), m.as_dict()]
@@ -441,7 +444,7 @@ def _resume_cfg(tmp_path, teacher: str, **over):
 
 def _count_calls(monkeypatch):
     """Count the jobs that really run (NLL, relation KL, passkey), by wrapping their workers."""
-    import linearard_ray.evaluation.evaluate as ev
+    import linearard_ray.evaluation.jobs as ev
 
     calls = []
     for name in ("nll_windows", "relation_kl_windows", "run_passkey"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from linearard_ray.config import ModelConfig, RopeConfig
-from linearard_ray.evaluation.evaluate import nll_windows, relation_kl_windows
+from linearard_ray.evaluation.metrics import nll_windows, relation_kl_windows
 
 
 def _load(path, rope=None):
@@ -66,9 +66,9 @@ def _reference_qkv(model, ids, own_rope_factor=None):
     cfg = model.config
     out = {}
     hooks = []
-    for l, layer in enumerate(model.model.layers):
+    for index, layer in enumerate(model.model.layers):
 
-        def pre(mod, args, kwargs, l=l):
+        def pre(mod, args, kwargs, index=index):
             h = kwargs["hidden_states"].double()
             B, T, _ = h.shape
             D = mod.head_dim
@@ -81,7 +81,7 @@ def _reference_qkv(model, ids, own_rope_factor=None):
                 cos, sin = (t.double()[0] for t in kwargs["position_embeddings"])
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            out[l] = (q, k, v)
+            out[index] = (q, k, v)
 
         hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
     try:
@@ -120,20 +120,20 @@ def test_relation_kl_matches_dense_reference(llama, rope):
     D = teacher.config.head_dim
     m = 1.0 if linear else 0.1 * math.log(rope["factor"]) + 1.0  # yarn's default attention factor
     a_t = D**-0.5
-    for l in range(teacher.config.num_hidden_layers):
+    for layer in range(teacher.config.num_hidden_layers):
         for i, r in enumerate("qkv"):
             a_s = D**-0.5 / (m * m if r != "v" else 1.0)
-            want, rows = _dense_kl(ref_s[l][i], ref_t[l][i], a_s, a_t)
+            want, rows = _dense_kl(ref_s[layer][i], ref_t[layer][i], a_s, a_t)
             assert got["rows"][r] == rows
-            assert got["sums"][str(l)][r] == pytest.approx(want, rel=2e-4, abs=1e-6)
+            assert got["sums"][str(layer)][r] == pytest.approx(want, rel=2e-4, abs=1e-6)
         # the attention map: causal softmax of Q·Kᵀ (key heads shared by their query heads), no m²
         # correction, rows = the query heads' rows
-        qs, ks, _ = ref_s[l]
-        qt, kt, _ = ref_t[l]
+        qs, ks, _ = ref_s[layer]
+        qt, kt, _ = ref_t[layer]
         rep = qs.shape[1] // ks.shape[1]
         want, rows = _dense_cross_kl(qs, ks.repeat_interleave(rep, 1), qt, kt.repeat_interleave(rep, 1), a_t, a_t)
         assert got["rows"]["qk"] == rows == got["rows"]["q"]
-        assert got["sums"][str(l)]["qk"] == pytest.approx(want, rel=2e-4, abs=1e-6)
+        assert got["sums"][str(layer)]["qk"] == pytest.approx(want, rel=2e-4, abs=1e-6)
     assert got["sums"]["1"]["qk"] > 1e-3
     # layer 0 sees identical inputs, so V/V (no RoPE) agrees exactly; Q/Q and K/K do not
     assert got["sums"]["0"]["v"] == pytest.approx(0.0, abs=1e-6)

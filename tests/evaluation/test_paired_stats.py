@@ -58,13 +58,13 @@ def test_wilson_interval_is_the_score_tests_acceptance_set(seed):
 def test_sign_test_sums_the_binomial_law_over_outcomes_as_uneven():
     rng = random.Random(3)
     for _ in range(40):
-        w, l = rng.randint(0, 30), rng.randint(0, 30)
-        n = w + l
+        wins, losses = rng.randint(0, 30), rng.randint(0, 30)
+        n = wins + losses
         if n == 0:
             continue
-        dev = abs(w - n / 2)
+        dev = abs(wins - n / 2)
         want = sum(Fraction(math.comb(n, i), 2**n) for i in range(n + 1) if abs(i - n / 2) >= dev)
-        assert sign_test_p(w, l) == pytest.approx(float(want), rel=1e-12)
+        assert sign_test_p(wins, losses) == pytest.approx(float(want), rel=1e-12)
     assert sign_test_p(9, 1) == pytest.approx(22 / 1024)
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(4, 4) == 1.0
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from linearard_ray.config import build_config
-from linearard_ray.evaluation.report import build_report, flat_metrics, render_markdown, restoration, write_report
+from linearard_ray.evaluation.markdown import render_markdown
+from linearard_ray.evaluation.outputs import write_report
+from linearard_ray.evaluation.report import build_report, flat_metrics, restoration
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,7 +103,7 @@ def _synthetic(seed=0, forced=False):
                     }
                 )
                 if m["role"] != "teacher" and L in (16, 32):
-                    sums = {str(l): {r: float(rng.uniform(0, 50)) for r in "qkv"} for l in range(3)}
+                    sums = {str(layer): {r: float(rng.uniform(0, 50)) for r in "qkv"} for layer in range(3)}
                     rows = {
                         "q": int(rng.integers(10, 100)),
                         "k": int(rng.integers(10, 100)),
@@ -148,16 +150,16 @@ def test_attention_map_column_reads_old_and_new_relation_jobs():
     new = [r for r in rel if r["model"] == "restored"]
     assert new and len(new) < len(rel)
     for r in new:
-        for l, v in r["sums"].items():
-            v["qk"] = 3.0 * (int(l) + 1)
+        for layer, v in r["sums"].items():
+            v["qk"] = 3.0 * (int(layer) + 1)
         r["rows"]["qk"] = 60
     rep = build_report(cfg, models, domains, results, skipped, {100: [], 200: []})
     got = rep["relation_kl"]["main"]
-    assert got["restored"]["16"]["mean"]["qk"] == pytest.approx(np.mean([3.0 * (l + 1) / 60 for l in range(3)]))
+    assert got["restored"]["16"]["mean"]["qk"] == pytest.approx(np.mean([3.0 * (layer + 1) / 60 for layer in range(3)]))
     assert "qk" not in got["scaled"]["16"]["mean"]
     old = next(r for r in rel if r["model"] == "scaled" and r["domain"] == "main" and r["length"] == 16)
     assert got["scaled"]["16"]["mean"]["v"] == pytest.approx(
-        np.mean([old["sums"][str(l)]["v"] / old["rows"]["v"] for l in range(3)])
+        np.mean([old["sums"][str(layer)]["v"] / old["rows"]["v"] for layer in range(3)])
     )
     md = render_markdown(rep)
     assert "| model | length | Q/Q | K/K | V/V | Q/K (attention) |" in md
@@ -183,7 +185,9 @@ def test_build_report_figures_match_results():
                 for k in "qkv":
                     assert p[k] == pytest.approx(r["sums"][str(p["layer"])][k] / r["rows"][k])
             for k in "qkv":
-                assert got["mean"][k] == pytest.approx(np.mean([r["sums"][str(l)][k] / r["rows"][k] for l in range(3)]))
+                assert got["mean"][k] == pytest.approx(
+                    np.mean([r["sums"][str(layer)][k] / r["rows"][k] for layer in range(3)])
+                )
         else:
             pk = rep["passkey"][r["model"]]
             j = pk["lengths"].index(r["length"])
