@@ -134,7 +134,7 @@ _NULL_GRADS: dict[tuple, torch.Tensor] = {}
 
 def _null_grad(shape, dtype, device) -> torch.Tensor:
     # Fixed random values, not zeros: GEMMs on all-zero operands draw less power and clock higher
-    # (measured: the step's GEMMs ran 9.6 ms faster behind zero gradients), which flatters the
+    # (measured: the step's GEMMs ran faster behind zero gradients; benchmarks/README.md), which flatters the
     # baseline. One cached tensor per shape: nothing is generated inside the timed steps.
     key = (tuple(shape), dtype, device)
     g = _NULL_GRADS.get(key)
@@ -295,15 +295,7 @@ def objective_config(a, overlap: bool = True) -> ObjectiveConfig:
 
 
 BACKWARDS = ("auto", "sweep", "atomic", "rowfwd")
-IMPLS = (
-    "op",
-    "null",
-    "attn-cudnn",
-    "attn-flash",
-    "gluon-experimental",
-    "gluon-fwd-experimental",
-    "gluon-ws-fwd-experimental",
-)
+IMPLS = ("op", "null", "attn-cudnn", "attn-flash")
 
 
 def parse(argv=None):
@@ -339,12 +331,7 @@ def parse(argv=None):
         "op adds is measured against it); attn-cudnn / attn-flash (causal SDPA attention forward+backward of "
         "each relation's student tensor in its place, cuDNN or flash backend forced: the step if the "
         "relation loss were exactly as fast as that attention kernel on the same shape; on CPU the "
-        "math backend); "
-        "gluon-experimental: the causal self-relations go to the "
-        "Gluon kernels of research/experimental/gluon_relation_kl.py (GPU only, not part of the "
-        "product; the calls each path took are printed); gluon-fwd-experimental: the Gluon forward "
-        "with the op's backward; gluon-ws-fwd-experimental: the warp-specialised Gluon forward "
-        "(research/experimental/gluon_ws_forward.py) with the op's backward",
+        "math backend)",
     )
     p.add_argument(
         "--overlap",
@@ -358,19 +345,19 @@ def parse(argv=None):
         type=_weights,
         default={},
         help="objective.relation.weights as q=W,k=W,v=W (0 switches a relation off; one left out keeps "
-        "1); the issue's benchmark keeps all three",
+        "1); the 7B benchmark keeps all three",
     )
     p.add_argument(
         "--relation-qk",
         type=float,
         default=0.0,
         help="weight of the optional attention-map term (objective.relation.weights.qk); 0 = LinearARD's "
-        "three relations only, the issue's benchmark",
+        "three relations only, the 7B benchmark",
     )
     p.add_argument(
         "--relation-layers",
         default="all",
-        help="objective.relation.layers (all, last:N, every:K, ...); the issue's benchmark uses all",
+        help="objective.relation.layers (all, last:N, every:K, ...); the 7B benchmark uses all",
     )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotune)")
@@ -394,29 +381,13 @@ def parse(argv=None):
     return a
 
 
-def _load_gluon():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "gluon_relation_kl", Path(__file__).resolve().parent / "experimental" / "gluon_relation_kl.py"
-    )
-    gluon = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gluon)
-    return gluon
-
-
-def _route(impl: str, gluon):
+def _route(impl: str):
     """Send the relation calls of one variant where ``impl`` says; returns the undo."""
     if impl == "op":
         return lambda: None
     if impl == "null":
         return install_null_relation()
-    if impl.startswith("attn-"):
-        return install_attention_proxy(impl.removeprefix("attn-"))
-    return gluon.install(
-        backward="gluon" if impl == "gluon-experimental" else "op",
-        forward="ws" if impl == "gluon-ws-fwd-experimental" else "gluon",
-    )
+    return install_attention_proxy(impl.removeprefix("attn-"))
 
 
 def variants(a) -> list[tuple[str, str, str]]:
@@ -435,12 +406,12 @@ def make_objective(a, v, rope, device: torch.device) -> Objective:
 
 
 @contextlib.contextmanager
-def routed(v, gluon, device: torch.device):
+def routed(v, device: torch.device):
     """The relation calls go where variant v says, with its backward mode; both undone after."""
     import importlib  # the package attribute `relation_kl` is the function, not the module
 
     rk = importlib.import_module("linearard_ray.ops.relation_kl_triton") if device.type == "cuda" else None
-    undo = _route(v[0], gluon)
+    undo = _route(v[0])
     if rk is not None:
         rk.set_backward_mode(None if v[1] == "auto" else v[1])
     try:
@@ -461,9 +432,6 @@ def run(a) -> dict:
     """
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type != "cuda" and any(i.startswith("gluon") for i in a.impls):
-        bad = next(i for i in a.impls if i.startswith("gluon"))
-        raise SystemExit(f"bench_distill_step.py: --relation-impl {bad} needs a GPU")
     teacher, student, rope = build_models(a, device, dtype)
     todo = variants(a)
     objectives = {v: make_objective(a, v, rope, device) for v in todo}
@@ -471,22 +439,11 @@ def run(a) -> dict:
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)
     restore = instrument_relation_ops(clock)
-    gluon = _load_gluon() if any(i.startswith("gluon") for i in a.impls) else None
     g = torch.Generator().manual_seed(1)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
-    rec = {
-        v: {
-            "step": [],
-            "loss_ms": [],
-            "fwd_ms": [],
-            "loss": [],
-            "peak": 0.0,
-            "calls": {"gluon": 0, "op": 0} if v[0].startswith("gluon") else None,
-        }
-        for v in todo
-    }
+    rec = {v: {"step": [], "loss_ms": [], "fwd_ms": [], "loss": [], "peak": 0.0} for v in todo}
 
     def step(v, timed: bool) -> None:
         ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
@@ -495,8 +452,7 @@ def run(a) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        before = dict(gluon.routed) if rec[v]["calls"] is not None else None
-        with routed(v, gluon, device):
+        with routed(v, device):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             with autocast:
@@ -507,9 +463,6 @@ def run(a) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) * 1e3
-        if before is not None:
-            for k in before:
-                rec[v]["calls"][k] += gluon.routed[k] - before[k]
         if timed:
             r = rec[v]
             r["step"].append(dt)
@@ -551,7 +504,6 @@ def run(a) -> dict:
                 "relation_impl": v[0],
                 "overlap": v[2] != "off",
                 "side_priority": "default" if v[2] == "on-lo" else None,
-                "relation_calls": r["calls"],
                 "relation_qk": a.relation_qk,
                 "relation_weights": a.relation_weights,
                 "grad_checkpointing": a.grad_checkpointing,
@@ -601,9 +553,6 @@ def main(argv=None) -> int:
     )
     for res in results:
         print(_line(res))
-        calls = res["relation_calls"]
-        if calls is not None:
-            print(f"{'':>26} relation calls: {calls['gluon']} to the Gluon kernels, {calls['op']} to the op")
     print(json.dumps(out))
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))

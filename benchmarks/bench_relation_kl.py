@@ -323,7 +323,7 @@ def sweep(D, T=8192):
     if D == 128:
         # The 4-warp tiles fit two programs per SM (registers and shared memory): two programs that
         # are not kept in step might overlap each other's exponentials with their products, which
-        # the two warpgroups of one 8-warp program do not. Session 16, H200, T=4096: no faster.
+        # the two warpgroups of one 8-warp program do not. Measured at T=4096: no faster (benchmarks/README.md).
         fwd_c = [TC(128, 128, 8, 2), TC(128, 128, 8, 3), TC(128, 64, 8, 3), TC(64, 64, 4, 2), TC(64, 32, 4, 3)]
         bwd_c = [
             TC(64, 64, 4, 2),
@@ -349,7 +349,7 @@ def sweep(D, T=8192):
                     ms = bench(lambda: relation_kl(q, None, tq, None), rep=100)
                 else:
                     kl = relation_kl(qg, None, tq, None)
-                    ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
+                    ms = bench(lambda kl=kl: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
                 res.append((ms, c))
                 kern = rk.last_compiled.get(kind)
                 regs = (
@@ -377,7 +377,7 @@ def _bwd1_tiles(D: int, cands) -> None:
         rk.set_tile_config("bwd1", c)
         try:
             kl = relation_kl(qg, None, tq, None)
-            ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
+            ms = bench(lambda kl=kl: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
             kern = rk.last_compiled.get("bwd1")
             log(f"bwd1 tiles D{D} T8192 {c}: {ms:.3f} ms regs {kern.n_regs} spills {kern.n_spills}")
             res.append((ms, c))
@@ -407,7 +407,7 @@ def _rowfwd_tiles(D: int, fwd_cands, bwd_cands) -> None:
                     ms = bench(lambda: relation_kl(qg, None, tq, None), rep=100)
                 else:
                     kl = relation_kl(qg, None, tq, None)
-                    ms = bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
+                    ms = bench(lambda kl=kl: kl.backward(retain_graph=True), grad_to_none=[qg], rep=100)
                 kern = rk.last_compiled.get(kind)
                 log(f"rowfwd tiles D{D} T8192 {kind} {c}: {ms:.3f} ms regs {kern.n_regs} spills {kern.n_spills}")
                 res.append((ms, c))
@@ -541,15 +541,17 @@ def integration(B=1, T=4096, H=32, Hkv=32, D=128):
             api.FUSED_LAYER_MAX_ROWS = limit
             rk.set_backward_mode(mode)
 
-            def f():
+            # the loop's tensors bound as defaults: each closure runs in its own pass only
+            def f(s=s, t=t, mask=mask):
                 return relation_kl_layer(*s, *t, attention_mask=mask)
 
-            def fb():
+            def fb(leaves=leaves, t=t, mask=mask):
                 vals = relation_kl_layer(*leaves, *t, attention_mask=mask)
                 sum(v / (h * B * T) for v, h in zip(vals, heads, strict=False)).backward()
 
+            view = "[B,T,H,D] view" if strided else "contiguous [B,H,T,D]"
             log(
-                f"| {'[B,T,H,D] view' if strided else 'contiguous [B,H,T,D]'} | {'ones' if mask is not None else 'none'} "
+                f"| {view} | {'ones' if mask is not None else 'none'} "
                 f"| {'fused' if limit else 'three'} | {mode} | {fmt_ms(bench(f))} | "
                 f"{fmt_ms(bench(fb, grad_to_none=leaves))} |"
             )
@@ -658,16 +660,17 @@ def main():
         t = [x + 0.5 * torch.randn_like(x) for x in (q, k, v)]
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
 
-        def fused_f():
+        # the loop's tensors bound as defaults: each closure runs in its own pass only
+        def fused_f(q=q, k=k, v=v, t=t):
             return relation_kl_layer(q, k, v, *t)
 
-        def three_f():
+        def three_f(q=q, k=k, v=v, t=t):
             return [relation_kl(s, None, tt, None) for s, tt in zip((q, k, v), t, strict=False)]
 
-        def fused_fb():
+        def fused_fb(leaves=leaves, t=t):
             sum(relation_kl_layer(*leaves, *t)).backward()
 
-        def three_fb():
+        def three_fb(leaves=leaves, t=t):
             sum(relation_kl(s, None, tt, None) for s, tt in zip(leaves, t, strict=False)).backward()
 
         a, b = bench(fused_f), bench(three_f)

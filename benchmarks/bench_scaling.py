@@ -5,7 +5,7 @@ Random-weight models with the tiny tokenizer (no weights need to travel) are dis
 `pipelines/distill.py` with 1 worker, then with every GPU of the machine, same per-worker batch;
 steady-state throughput is the median step rate after the first 10 steps. Shapes:
 - `llama2-7b-slice`: 8 layers of LLaMA-2-7B (hidden 4096, 32/32 heads, D=128, MLP 11008), PI×8,
-  LoRA r=1024/α=2048 on q/k/v, T=4096, micro-batch 1: the issue's 7B step. The DDP all-reduce
+  LoRA r=1024/α=2048 on q/k/v, T=4096, micro-batch 1: the 7B step of bench_distill_step.py. The DDP all-reduce
   and the per-layer compute both scale with the layer count, so the slice has the full model's
   communication-to-compute ratio (its fixed per-step costs weigh a little more).
 - `smollm2`: SmolLM2-135M shape (30 layers, 9/3 heads, D=64), PI×4, LoRA r=128, T=2048, micro-batch 4.

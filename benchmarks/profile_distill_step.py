@@ -61,7 +61,6 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=2e-5)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    gluon = b._load_gluon() if any(i.startswith("gluon") for i in a.impls) else None
     print(
         f"L={a.layers} H={a.heads} D={a.hidden // a.heads} T={a.seq} B={a.batch} LoRA r={a.lora_r} "
         f"grad ckpt {a.grad_checkpointing} | {torch.cuda.get_device_name()} | ops backend {a.backend}"
@@ -70,7 +69,7 @@ def main() -> None:
     for v in b.variants(a):
         obj = b.make_objective(a, v, rope, dev)
 
-        def step():
+        def step(obj=obj):  # bound: each variant's loop pass runs its own objective
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = obj(teacher, student, batch)
@@ -78,7 +77,7 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
 
-        with b.routed(v, gluon, dev):
+        with b.routed(v, dev):
             for _ in range(a.warmup):
                 step()
             torch.cuda.synchronize()

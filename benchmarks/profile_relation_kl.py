@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Hardware counters of the relation-KL kernels under Nsight Compute (GPU host; issue 5).
+"""Hardware counters of the relation-KL kernels under Nsight Compute (GPU host).
 
 The question it answers: per relation call the forward and the backward each cost about the *sum*
 of their tensor-core, exponential (MUFU) and issue times rather than the largest of them
-(research/LOG.md, session 14). ncu's pipe utilisations, issue activity and warp stall
+(benchmarks/README.md, "Profiling the kernels"). ncu's pipe utilisations, issue activity and warp stall
 reasons say which of the three waits on which.
 
     ncu --clock-control none -k regex:'_fwd_kernel|_bwd_kernel' --launch-skip 2 --launch-count 2 \\

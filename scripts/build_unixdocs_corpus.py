@@ -5,8 +5,8 @@
 
 It is technical text of the same *genre* as the evaluation's second domain (documentation and
 code) but none of its text: pages and headers that mention Python in their name are left out, and
-so are pages whose text mentions it more than twice. The study (issue 10) uses it to ask whether the
-unseen-domain gap is a gap of genre. The output is one JSON line per document,
+so are pages whose text mentions it more than twice. The restoration study (research/README.md)
+uses it to ask whether the unseen-domain gap is a gap of genre. The output is one JSON line per document,
 {"id", "kind", "text"}; what was left out is counted by reason and printed, with the sha256 of the
 output, so a rebuild on another machine can be compared. The file depends on the packages
 installed, so it is built where it is used rather than shipped.

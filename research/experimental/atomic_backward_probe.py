@@ -270,14 +270,16 @@ def main() -> int:
         # the op's sweep backward and its atomic one, same inputs, for reference and for timing
         leaf = s.detach().requires_grad_()
         kl = _entry(leaf, teacher_q=t, reduction="sum")
-        t_sweep = triton.testing.do_bench(lambda: kl.backward(retain_graph=True), grad_to_none=[leaf], rep=200)
+        t_sweep = triton.testing.do_bench(lambda kl=kl: kl.backward(retain_graph=True), grad_to_none=[leaf], rep=200)
         rk.set_backward_mode("atomic")
         try:
             leaf.grad = None
             kl = _entry(leaf, teacher_q=t, reduction="sum")
             kl.backward(retain_graph=True)
             ref = leaf.grad.float().clone()
-            t_atomic_op = triton.testing.do_bench(lambda: kl.backward(retain_graph=True), grad_to_none=[leaf], rep=200)
+            t_atomic_op = triton.testing.do_bench(
+                lambda kl=kl: kl.backward(retain_graph=True), grad_to_none=[leaf], rep=200
+            )
         finally:
             rk.set_backward_mode(None)
         print(

@@ -28,12 +28,14 @@ computed once; not bitwise reproducible.
 
     python research/experimental/gluon_relation_kl.py --compile        # CPU: registers, spills
     python research/experimental/gluon_relation_kl.py --check --bench  # GPU: values, speed
-    python benchmarks/bench_distill_step.py --relation-impl gluon-experimental  # GPU: the 7B step
-    python benchmarks/bench_distill_step.py --relation-impl gluon-fwd-experimental  # Gluon fwd, op bwd
 
-``install()`` routes the op's eligible relation calls to these kernels (``GluonRelationKL``), which
-is how the distillation-step benchmark uses them. ``GLUON_Q_IN_REGS=1`` makes that forward read its
-row tiles from registers.
+``install()`` routes the op's eligible relation calls to these kernels (``GluonRelationKL``). That
+is how the 7B distillation step was timed with them: ``benchmarks/bench_distill_step.py`` then had
+``--relation-impl gluon-experimental`` (Gluon forward and backward), ``gluon-fwd-experimental``
+(Gluon forward, the op's backward) and ``gluon-ws-fwd-experimental`` (gluon_ws_forward.py's
+forward); the product benchmark no longer routes to research code (the last version that did:
+``git show e7b1ee0:benchmarks/bench_distill_step.py``; its figures are in research/LOG.md).
+``GLUON_Q_IN_REGS=1`` makes that forward read its row tiles from registers.
 """
 
 from __future__ import annotations
@@ -797,30 +799,38 @@ def _bench(Ts: list[int]) -> None:
             s = torch.randn(1, 32, T, D, device="cuda", dtype=torch.bfloat16)
             t = s + 0.5 * torch.randn_like(s)
             ms = {
-                "gluon": triton.testing.do_bench(lambda: relation_kl_rows_gluon(s, t)),
-                "gluon q-in-registers": triton.testing.do_bench(lambda: relation_kl_rows_gluon(s, t, q_in_regs=True)),
-                "triton": triton.testing.do_bench(
-                    lambda: rk.relation_kl_rows(s, None, t, None, None, True, D**-0.5, D**-0.5)
+                "gluon": triton.testing.do_bench(lambda s=s, t=t: relation_kl_rows_gluon(s, t)),
+                "gluon q-in-registers": triton.testing.do_bench(
+                    lambda s=s, t=t: relation_kl_rows_gluon(s, t, q_in_regs=True)
                 ),
-                "sdpa": triton.testing.do_bench(lambda: F.scaled_dot_product_attention(s, s, s, is_causal=True)),
+                "triton": triton.testing.do_bench(
+                    lambda s=s, t=t, D=D: rk.relation_kl_rows(s, None, t, None, None, True, D**-0.5, D**-0.5)
+                ),
+                "sdpa": triton.testing.do_bench(lambda s=s: F.scaled_dot_product_attention(s, s, s, is_causal=True)),
             }
             kl, lse_s, lse_t = relation_kl_rows_gluon(s, t)
             ones = torch.ones_like(kl)
             sg = s.detach().requires_grad_()
-            ms["gluon bwd"] = triton.testing.do_bench(lambda: relation_kl_grad_gluon(s, t, lse_s, lse_t, ones))
+            ms["gluon bwd"] = triton.testing.do_bench(
+                lambda s=s, t=t, lse_s=lse_s, lse_t=lse_t, ones=ones: relation_kl_grad_gluon(s, t, lse_s, lse_t, ones)
+            )
             ms["triton fwd+bwd"] = triton.testing.do_bench(
-                lambda: rk.relation_kl_rows(sg, None, t, None, None, True, D**-0.5, D**-0.5).sum().backward()
+                lambda sg=sg, t=t, D=D: (
+                    rk.relation_kl_rows(sg, None, t, None, None, True, D**-0.5, D**-0.5).sum().backward()
+                )
             )
             ms["sdpa fwd+bwd"] = triton.testing.do_bench(
-                lambda: F.scaled_dot_product_attention(sg, sg, sg, is_causal=True).sum().backward()
+                lambda sg=sg: F.scaled_dot_product_attention(sg, sg, sg, is_causal=True).sum().backward()
             )
             # two products (student, teacher) over the causal half of the T x T logits, per head
             flops = 2 * 2 * 32 * (T * T / 2) * D
             print(
                 f"D={D} T={T}: "
                 + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
-                + f"; gluon/triton {ms['triton'] / ms['gluon']:.2f}x speed, gluon/sdpa {ms['gluon'] / ms['sdpa']:.2f}x time"
-                + f"; products at {flops / ms['gluon'] / 1e9:.0f} (gluon) / {flops / ms['triton'] / 1e9:.0f} (triton) TFLOP/s"
+                + f"; gluon/triton {ms['triton'] / ms['gluon']:.2f}x speed, "
+                f"gluon/sdpa {ms['gluon'] / ms['sdpa']:.2f}x time"
+                + f"; products at {flops / ms['gluon'] / 1e9:.0f} (gluon) / "
+                f"{flops / ms['triton'] / 1e9:.0f} (triton) TFLOP/s"
                 + f"; fwd+bwd gluon {ms['gluon'] + ms['gluon bwd']:.3f} ms, "
                 f"{ms['triton fwd+bwd'] / (ms['gluon'] + ms['gluon bwd']):.2f}x the op's speed"
                 + f"; gluon fwd + op bwd {ms['gluon'] + ms['triton fwd+bwd'] - ms['triton']:.3f} ms"

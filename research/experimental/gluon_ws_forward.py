@@ -545,7 +545,8 @@ def _check() -> bool:
             _, lse_ref, _ = g1.relation_kl_rows_gluon(s, t)
             lerr = (lse_s - lse_ref).abs().max().item()
             print(
-                f"check D={D} view={view} pingpong={pp} overlap={ov}: KL max rel err {err:.2e}, LSE vs gluon fwd {lerr:.1e}"
+                f"check D={D} view={view} pingpong={pp} overlap={ov}: KL max rel err {err:.2e}, "
+                f"LSE vs gluon fwd {lerr:.1e}"
             )
             ok &= err < 2e-2 and lerr < 1e-2
     return ok
@@ -562,21 +563,22 @@ def _bench(Ts) -> None:
             s = torch.randn(1, 32, T, D, device="cuda", dtype=torch.bfloat16)
             t = s + 0.5 * torch.randn_like(s)
             ms = {
-                "ws": triton.testing.do_bench(lambda: relation_kl_rows_ws(s, t)),
-                "ws pingpong": triton.testing.do_bench(lambda: relation_kl_rows_ws(s, t, pingpong=True)),
-                "ws overlap": triton.testing.do_bench(lambda: relation_kl_rows_ws(s, t, overlap=True)),
-                "gluon (session 13)": triton.testing.do_bench(lambda: g1.relation_kl_rows_gluon(s, t)),
+                "ws": triton.testing.do_bench(lambda s=s, t=t: relation_kl_rows_ws(s, t)),
+                "ws pingpong": triton.testing.do_bench(lambda s=s, t=t: relation_kl_rows_ws(s, t, pingpong=True)),
+                "ws overlap": triton.testing.do_bench(lambda s=s, t=t: relation_kl_rows_ws(s, t, overlap=True)),
+                "gluon (session 13)": triton.testing.do_bench(lambda s=s, t=t: g1.relation_kl_rows_gluon(s, t)),
                 "op triton": triton.testing.do_bench(
-                    lambda: rk.relation_kl_rows(s, None, t, None, None, True, D**-0.5, D**-0.5)
+                    lambda s=s, t=t, D=D: rk.relation_kl_rows(s, None, t, None, None, True, D**-0.5, D**-0.5)
                 ),
-                "sdpa": triton.testing.do_bench(lambda: F.scaled_dot_product_attention(s, s, s, is_causal=True)),
+                "sdpa": triton.testing.do_bench(lambda s=s: F.scaled_dot_product_attention(s, s, s, is_causal=True)),
             }
             flops = 2 * 2 * 32 * (T * T / 2) * D
             best = min(ms["ws"], ms["ws pingpong"], ms["ws overlap"])
             print(
                 f"D={D} T={T}: "
                 + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
-                + f"; best ws {ms['op triton'] / best:.2f}x the op's speed, products at {flops / best / 1e9:.0f} TFLOP/s",
+                + f"; best ws {ms['op triton'] / best:.2f}x the op's speed, "
+                f"products at {flops / best / 1e9:.0f} TFLOP/s",
                 flush=True,
             )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.scripts import load_script
+from tests.scripts import ROOT, load_script
 
 
 def _bench():
@@ -167,3 +167,14 @@ def test_tiny_run_with_the_attention_proxy():
     out = b.run(a)
     proxy = next(r for r in out["variants"] if r["relation_impl"] == "attn-flash")
     assert proxy["step_ms"] > 0 and "added_ms" in proxy and proxy["loss"] == 0.0
+
+
+def test_product_benchmarks_do_not_reach_into_research():
+    """The experimental Gluon kernels keep their own --bench in research/experimental/; the product
+    benchmarks neither offer them nor load anything from research/."""
+    b = load_script("benchmarks/bench_distill_step.py")
+    with pytest.raises(SystemExit):
+        b.parse(["--tiny", "--relation-impl", "gluon-experimental"])
+    assert not any(i.startswith("gluon") for i in b.IMPLS)
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        assert "experimental" not in path.read_text().replace("triton.experimental", ""), path.name

@@ -102,10 +102,3 @@ def test_install_routes_only_what_the_kernels_cover_and_undoes():
     assert rk.relation_kl_rows is original
     assert torch.equal(got, want) and torch.allclose(masked, want)
     assert mod.routed == {"gluon": 0, "op": 2}
-
-
-def test_distill_step_bench_refuses_the_gluon_kernels_without_a_gpu():
-    b = load_script("benchmarks/bench_distill_step.py")
-    a = b.parse(["--tiny", "--relation-impl", "gluon-experimental"])
-    with pytest.raises(SystemExit, match="needs a GPU"):
-        b.run(a)
