@@ -7,7 +7,7 @@
 #   fetch:  bash research/gpu_round.sh fetch WORK             (copies the round's files to $OUT)
 #
 # `start` expects the Ray bundle under /tmp/site and the SmolLM2 GGUF under /tmp/stage (see
-# ../shared/GPU.md); it takes the teacher corpus from benchmarks/data (drawn in round 11 with round
+# ../shared/GPU.md); it takes the teacher corpus from research/data (drawn in round 11 with round
 # 5's settings: 1,849 samples, 2,687,381 tokens, the same counts as round 5), else samples it,
 # trains VARIANTS all at once (sharing the GPUs), then evaluates them as round 10 did. EVAL_JOBS_SEED, an earlier
 # round's jobs.jsonl with the same windows and prompts, lets the teacher's jobs be reused.

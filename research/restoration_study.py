@@ -419,7 +419,7 @@ VARIANTS["tsample-vmix-ce22-yarn"] = ([*_ce22, "rope.type=yarn"], _ce22_text.rep
 # losing digits where the YaRN×4 student does not. The self-relations say where a head looks only
 # indirectly; the attention map (Q·Kᵀ, objective.relation.weights.qk) says it directly, so these
 # add it to the PI×4 recipe at V/V's weight and at 3 (ahead on key log-probability in a CPU check,
-# RESULTS.md).
+# research/LOG.md).
 for _w in (1, 3):
     VARIANTS[f"tsample-vmix-ce22-qk{'' if _w == 1 else _w}"] = (
         [*_ce22, f"objective.relation.weights.qk={_w:.1f}"],
@@ -1035,7 +1035,7 @@ def _domain_label(info: dict) -> str:
 
 
 def _ppl4(v: float) -> str:
-    """Short-text perplexity as RESULTS.md writes it: 26.97, 119.4."""
+    """Short-text perplexity as research/LOG.md writes it: 26.97, 119.4."""
     return f"{v:.0f}" if v >= 1000 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
 
 

@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def test_vlogits_recipe_is_the_measured_study_variant():
     """configs/smollm2-135m-x4-vlogits.yaml must stay what restoration_study's vlogits-hilr ran
-    (RESULTS.md round 3): the PI×4 recipe plus that variant's overrides at 4.25M tokens."""
+    (research/LOG.md round 3): the PI×4 recipe plus that variant's overrides at 4.25M tokens."""
     overrides, _ = _study().VARIANTS["vlogits-hilr"]
     ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*overrides, "train.budget_tokens=4250000"]).model_dump()
     recipe = load_config(CONFIGS / "smollm2-135m-x4-vlogits.yaml").model_dump()
@@ -29,7 +29,7 @@ def test_vlogits_recipe_is_the_measured_study_variant():
 
 def test_restore_recipe_is_the_measured_study_variant(tmp_path):
     """configs/smollm2-135m-x4-restore.yaml must stay what restoration_study's tsample-vmix-ce2 ran
-    (RESULTS.md round 5), its teacher samples made by the job (data.teacher_samples) with the
+    (research/LOG.md round 5), its teacher samples made by the job (data.teacher_samples) with the
     settings of the study's sample phase instead of a file in the study's work dir."""
     study = _study()
     sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS["tsample-vmix-ce2"][0]]
