@@ -96,7 +96,7 @@ def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return ids, mask, dense
 
 
-def _relation_caster(device: torch.device, tensors: list[torch.Tensor]):
+def relation_caster(device: torch.device, tensors: list[torch.Tensor]):
     """The relation op wants one dtype for a layer's six tensors. Mixed precision can hand it
     several: with fp32 weights under bf16 autocast, RoPE multiplies the bf16 projections by fp32
     cos/sin, so q/k arrive in fp32 and v in bf16. Under autocast everything goes to the autocast
@@ -172,26 +172,28 @@ class Objective:
         return hit[1]
 
     def _layer_relations(
-        self, l: int, tcap, scap, op_mask, n_tok: torch.Tensor, corr_s: float, corr_t: float
+        self, layer: int, tcap, scap, op_mask, n_tok: torch.Tensor, corr_s: float, corr_t: float
     ) -> dict[str, torch.Tensor]:
-        """R_{l,r} of every relation r of layer l (the per-layer terms of the module docstring)."""
-        s_scale, t_scale = scap.scaling[l], tcap.scaling[l]
+        """R_{l,r} of every relation r of this layer (l; the per-layer terms of the module docstring)."""
+        s_scale, t_scale = scap.scaling[layer], tcap.scaling[layer]
         scales_s = {"q": s_scale * corr_s, "k": s_scale * corr_s, "v": s_scale}
         scales_t = {"q": t_scale * corr_t, "k": t_scale * corr_t, "v": t_scale}
-        cast = _relation_caster(n_tok.device, [getattr(c, r)[l] for c in (scap, tcap) for r in self.captured])
+        cast = relation_caster(n_tok.device, [getattr(c, r)[layer] for c in (scap, tcap) for r in self.captured])
         with _backward_mode(self.cfg.relation.backward):
-            sums = self._layer_sums(l, tcap, scap, op_mask, cast, scales_s, scales_t)
+            sums = self._layer_sums(layer, tcap, scap, op_mask, cast, scales_s, scales_t)
         out = {}
         for r in self.relations:
-            heads = getattr(scap, "q" if r == "qk" else r)[l].shape[1]
+            heads = getattr(scap, "q" if r == "qk" else r)[layer].shape[1]
             out[r] = sums[r].float() / (heads * n_tok)
         return out
 
-    def _layer_sums(self, l: int, tcap, scap, op_mask, cast, scales_s: dict, scales_t: dict) -> dict[str, torch.Tensor]:
-        s_scale, t_scale = scap.scaling[l], tcap.scaling[l]
+    def _layer_sums(
+        self, layer: int, tcap, scap, op_mask, cast, scales_s: dict, scales_t: dict
+    ) -> dict[str, torch.Tensor]:
+        s_scale, t_scale = scap.scaling[layer], tcap.scaling[layer]
         if self.cfg.relation.fused and len(self.self_relations) == 3:
             vals = ops.relation_kl_layer(
-                *(cast(getattr(c, r)[l]) for c in (scap, tcap) for r in SELF_RELATIONS),
+                *(cast(getattr(c, r)[layer]) for c in (scap, tcap) for r in SELF_RELATIONS),
                 attention_mask=op_mask,
                 causal=True,
                 student_scales=tuple(scales_s[r] for r in SELF_RELATIONS),
@@ -203,7 +205,7 @@ class Objective:
         else:
             sums = {}
             for r in self.self_relations:
-                s, t = cast(getattr(scap, r)[l]), cast(getattr(tcap, r)[l])
+                s, t = cast(getattr(scap, r)[layer]), cast(getattr(tcap, r)[layer])
                 sums[r] = ops.relation_kl(
                     s,
                     None,
@@ -218,10 +220,10 @@ class Objective:
                 )
         if "qk" in self.relations:
             sums["qk"] = ops.relation_kl(
-                cast(scap.q[l]),
-                cast(scap.k[l]),
-                cast(tcap.q[l]),
-                cast(tcap.k[l]),
+                cast(scap.q[layer]),
+                cast(scap.k[layer]),
+                cast(tcap.q[layer]),
+                cast(tcap.k[layer]),
                 attention_mask=op_mask,
                 causal=True,
                 student_scale=s_scale,
@@ -235,12 +237,12 @@ class Objective:
         self, per_layer: dict[int, dict[str, torch.Tensor]], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logs: dict[str, torch.Tensor] = {}
-        for l in self.layers:
-            for r, v in per_layer[l].items():
-                logs[f"relation_layer{l}_{r}"] = v
+        for layer in self.layers:
+            for r, v in per_layer[layer].items():
+                logs[f"relation_layer{layer}_{r}"] = v
         total = torch.zeros((), device=device)
         for r in self.relations:
-            mean_r = torch.stack([per_layer[l][r] for l in self.layers]).mean()
+            mean_r = torch.stack([per_layer[layer][r] for layer in self.layers]).mean()
             logs[f"relation_{r}"] = mean_r
             total = total + self.rel_weights[r] * mean_r
         logs["relation"] = total
@@ -251,8 +253,8 @@ class Objective:
         if side is None:
             # Most urgent: the main stream waits on what the side stream computes (the loss at the
             # end of the forward, each layer's q/k/v gradients in the backward), so the relation
-            # kernels are on the critical path. On the 7B step it was 2.8-5.7 ms faster than the
-            # default priority in one run, within the spread between runs (research/LOG.md).
+            # kernels are on the critical path. Against the default priority the gain on the 7B step
+            # was within the spread between runs (measured: benchmarks/README.md, 'Distillation step').
             side = self._sides[device] = SideStream(device, priority=MOST_URGENT)
         return side
 
@@ -273,10 +275,10 @@ class Objective:
         overlap = self.cfg.relation.overlap
         side = self._side_stream(mask.device) if overlap else None
 
-        def on_record(scap, l: int) -> None:
-            inputs = [getattr(c, r)[l] for c in (scap, tcap) for r in self.captured] + [n_tok, op_mask]
+        def on_record(scap, layer: int) -> None:
+            inputs = [getattr(c, r)[layer] for c in (scap, tcap) for r in self.captured] + [n_tok, op_mask]
             with side.run(inputs):
-                per_layer[l] = self._layer_relations(l, tcap, scap, op_mask, n_tok, corr_s, corr_t)
+                per_layer[layer] = self._layer_relations(layer, tcap, scap, op_mask, n_tok, corr_s, corr_t)
 
         with capture_qkv(student, self.layers, what=self.captured, on_record=on_record if overlap else None) as scap:
             s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -284,8 +286,8 @@ class Objective:
         if overlap:
             side.join([v for terms in per_layer.values() for v in terms.values()])
         else:
-            for l in self.layers:
-                per_layer[l] = self._layer_relations(l, tcap, scap, op_mask, n_tok, corr_s, corr_t)
+            for layer in self.layers:
+                per_layer[layer] = self._layer_relations(layer, tcap, scap, op_mask, n_tok, corr_s, corr_t)
         rel, logs = self._combine_relations(per_layer, mask.device)
         return s_out, rel, logs
 
@@ -297,65 +299,11 @@ class Objective:
         s_dec, s_head = decoder_and_head(student)
         logs: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=dev)
-
-        tcap = None
-        t_hidden = None
-        if self.needs_teacher:
-            if teacher is None:
-                raise ValueError("this objective needs a teacher (relation or logit weight > 0) but teacher is None")
-            t_dec, t_head = decoder_and_head(teacher)
-            with torch.no_grad():
-                if self.relations:
-                    with capture_qkv(teacher, self.layers, what=self.captured) as tcap:
-                        t_out = t_dec(
-                            input_ids=ids.to(_device_of(teacher)),
-                            attention_mask=mask.to(_device_of(teacher)),
-                            use_cache=False,
-                        )
-                    tcap.check_complete()
-                else:
-                    t_out = t_dec(
-                        input_ids=ids.to(_device_of(teacher)),
-                        attention_mask=mask.to(_device_of(teacher)),
-                        use_cache=False,
-                    )
-                if self.w_logit > 0:
-                    t_hidden = t_out.last_hidden_state.to(dev)
-                del t_out
-
         # The student's forward on `batch` serves the KL terms, and the next-token term when it
         # has no stream of its own.
         nt_on_batch = self.w_nt > 0 and lm_batch is None and not self.own_lm_stream
         if self.needs_teacher or nt_on_batch:
-            if self.relations:
-                s_out, rel, rel_logs = self._student_relations(
-                    student, s_dec, ids, mask, dense, tcap, self._scale_correction(teacher)
-                )
-                logs.update(rel_logs)
-                loss = loss + self.w_rel * rel
-                del tcap
-            else:
-                s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
-            s_hidden = s_out.last_hidden_state
-            if self.w_logit > 0:
-                lc = self.cfg.logits
-                kl = chunked_logit_kl(
-                    s_hidden,
-                    t_hidden,
-                    s_head.weight,
-                    t_head.weight,
-                    attention_mask=mask,
-                    temperature=lc.temperature,
-                    top_k_positions=lc.top_k_positions,
-                    chunk_size=lc.chunk_size,
-                    reduction="mean",
-                )
-                logs["logit_kl"] = kl
-                loss = loss + self.w_logit * kl
-            if nt_on_batch:
-                nt = self._next_token(s_hidden, s_head, ids, mask)
-                logs["next_token"] = nt
-                loss = loss + self.w_nt * nt
+            loss = self._batch_terms(teacher, student, s_dec, s_head, ids, mask, dense, nt_on_batch, loss, logs)
         if self.w_nt > 0 and lm_batch is not None:
             lids, lmask, _ = _batch_to(lm_batch, dev)
             h = s_dec(input_ids=lids, attention_mask=lmask, use_cache=False).last_hidden_state
@@ -366,6 +314,73 @@ class Objective:
         keys = list(logs)
         vals = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist()  # one device sync
         return LossOutput(loss=loss, metrics=dict(zip(keys, vals, strict=False)))
+
+    def _teacher_forward(self, teacher, ids, mask, device: torch.device):
+        """The teacher's forward without grad -> (its captured q/k/v, None without relations; its
+        final hidden states on the student's device, None without the logit term; its LM head)."""
+        if teacher is None:
+            raise ValueError("this objective needs a teacher (relation or logit weight > 0) but teacher is None")
+        t_dec, t_head = decoder_and_head(teacher)
+        tcap = None
+        t_hidden = None
+        with torch.no_grad():
+            if self.relations:
+                with capture_qkv(teacher, self.layers, what=self.captured) as tcap:
+                    t_out = t_dec(
+                        input_ids=ids.to(_device_of(teacher)),
+                        attention_mask=mask.to(_device_of(teacher)),
+                        use_cache=False,
+                    )
+                tcap.check_complete()
+            else:
+                t_out = t_dec(
+                    input_ids=ids.to(_device_of(teacher)),
+                    attention_mask=mask.to(_device_of(teacher)),
+                    use_cache=False,
+                )
+            if self.w_logit > 0:
+                t_hidden = t_out.last_hidden_state.to(device)
+            del t_out
+        return tcap, t_hidden, t_head
+
+    def _batch_terms(
+        self, teacher, student, s_dec, s_head, ids, mask, dense: bool, nt_on_batch: bool, loss, logs: dict
+    ) -> torch.Tensor:
+        """The terms of the student's forward on `batch` (relation, logit KL, next token when it
+        reads `batch`) added to `loss`, their values to `logs`."""
+        tcap, t_hidden, t_head = None, None, None
+        if self.needs_teacher:
+            tcap, t_hidden, t_head = self._teacher_forward(teacher, ids, mask, ids.device)
+        if self.relations:
+            s_out, rel, rel_logs = self._student_relations(
+                student, s_dec, ids, mask, dense, tcap, self._scale_correction(teacher)
+            )
+            logs.update(rel_logs)
+            loss = loss + self.w_rel * rel
+            del tcap
+        else:
+            s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
+        s_hidden = s_out.last_hidden_state
+        if self.w_logit > 0:
+            lc = self.cfg.logits
+            kl = chunked_logit_kl(
+                s_hidden,
+                t_hidden,
+                s_head.weight,
+                t_head.weight,
+                attention_mask=mask,
+                temperature=lc.temperature,
+                top_k_positions=lc.top_k_positions,
+                chunk_size=lc.chunk_size,
+                reduction="mean",
+            )
+            logs["logit_kl"] = kl
+            loss = loss + self.w_logit * kl
+        if nt_on_batch:
+            nt = self._next_token(s_hidden, s_head, ids, mask)
+            logs["next_token"] = nt
+            loss = loss + self.w_nt * nt
+        return loss
 
     def _next_token(self, hidden, head, ids, mask) -> torch.Tensor:
         chunk = self.cfg.logits.chunk_size

@@ -4,10 +4,10 @@ Why the relation loss goes there: its kernels are bound by the tensor cores and 
 units, while much of a decoder step is memory-bound elementwise work (RMSNorm, RoPE, SiLU, casts,
 residual adds) that leaves both idle. On one stream the two only take turns; on two the GPU
 can run them at once. Autograd runs an op's backward on the stream its forward ran on, so the
-relation backward lands on the side stream as well and overlaps the decoder's backward. Measured
-on the LLaMA-2-7B-shaped step (research/LOG.md, session 17): 4-14 ms a step. That is about
-the gaps the relation op's host path leaves on one stream; the decoder's GEMMs fill the GPU as
-well, so the relation kernels themselves mostly share SMs rather than hide.
+relation backward lands on the side stream as well and overlaps the decoder's backward. On the
+LLaMA-2-7B-shaped step the gain is about the gaps the relation op's host path leaves on one
+stream; the decoder's GEMMs fill the GPU as well, so the relation kernels themselves mostly share
+SMs rather than hide (measured: benchmarks/README.md, 'Distillation step').
 
 The stream rules kept here, so the caching allocator never hands out memory a stream still reads:
 the side stream waits for the main one before reading what the main one wrote; every tensor one

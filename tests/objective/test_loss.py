@@ -108,10 +108,10 @@ def test_relation_term_matches_direct_computation(cache_dir, teachers, family):
     per_rel = {}
     for r in "qkv":
         vals = []
-        for l in (0, 1):
-            s, t = getattr(sc, r)[l], getattr(tc, r)[l]
+        for layer in (0, 1):
+            s, t = getattr(sc, r)[layer], getattr(tc, r)[layer]
             ref = _ref_self_kl(s, t, mask, alpha, alpha).item() / (s.shape[1] * n_tok)
-            assert out.metrics[f"relation_layer{l}_{r}"] == pytest.approx(ref, rel=1e-4, abs=1e-7)
+            assert out.metrics[f"relation_layer{layer}_{r}"] == pytest.approx(ref, rel=1e-4, abs=1e-7)
             vals.append(ref)
         per_rel[r] = sum(vals) / 2
         assert out.metrics[f"relation_{r}"] == pytest.approx(per_rel[r], rel=1e-4)
@@ -165,12 +165,14 @@ def test_attention_map_term_matches_direct_computation(cache_dir, teachers, rope
     per = {}
     for r in ("qk", "q"):
         vals = []
-        for l in (0, 1):
+        for layer in (0, 1):
             if r == "qk":
-                ref = _ref_attention_kl(sc.q[l], sc.k[l], tc.q[l], tc.k[l], mask, a, a).item() / (4 * n_tok)
+                ref = _ref_attention_kl(sc.q[layer], sc.k[layer], tc.q[layer], tc.k[layer], mask, a, a).item() / (
+                    4 * n_tok
+                )
             else:
-                ref = _ref_self_kl(sc.q[l], tc.q[l], mask, a / m2, a).item() / (4 * n_tok)
-            assert out.metrics[f"relation_layer{l}_{r}"] == pytest.approx(ref, rel=1e-4, abs=1e-7)
+                ref = _ref_self_kl(sc.q[layer], tc.q[layer], mask, a / m2, a).item() / (4 * n_tok)
+            assert out.metrics[f"relation_layer{layer}_{r}"] == pytest.approx(ref, rel=1e-4, abs=1e-7)
             vals.append(ref)
         per[r] = sum(vals) / 2
     assert per["qk"] > 1e-3 and "relation_k" not in out.metrics
@@ -239,7 +241,7 @@ def test_mixed_precision_captures_reach_the_op_in_one_dtype(cache_dir, teachers)
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert out.metrics["relation"] == pytest.approx(ref.metrics["relation"], rel=0.1)
-    caster = loss_mod._relation_caster(
+    caster = loss_mod.relation_caster(
         torch.device("cpu"), [torch.zeros(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.float32)]
     )
     assert caster(torch.randn(2, dtype=torch.bfloat16)).dtype == torch.float32
@@ -268,7 +270,10 @@ def test_zero_when_student_is_teacher(cache_dir, teachers):
     # while PI×4 on the same batch is clearly positive, on every relation except layer-0 V/V
     pi = _obj(rel=1.0, logits=1.0)(teacher, _student(cache_dir), batch).metrics
     assert pi["relation"] > 0.05 and pi["logit_kl"] > 1e-4
-    assert all(pi[f"relation_layer{l}_{r}"] > 1e-3 for l in (0, 1) for r in "qk") and pi["relation_layer1_v"] > 1e-3
+    assert (
+        all(pi[f"relation_layer{layer}_{r}"] > 1e-3 for layer in (0, 1) for r in "qk")
+        and pi["relation_layer1_v"] > 1e-3
+    )
     assert abs(pi["relation_layer0_v"]) < 1e-6  # V is not rotated and layer 0 sees the same embeddings
 
 
@@ -334,7 +339,9 @@ def test_gradients_only_on_trainable_qkv(cache_dir, teachers, lora):
         assert len(trainable) == 2 * 3 * 2 and all(".lora_" in n for n in trainable)
         assert all(student.get_parameter(n).grad.abs().sum() > 0 for n in trainable if "lora_B" in n)
     else:
-        assert sorted(trainable) == sorted(f"model.layers.{l}.self_attn.{p}_proj.weight" for l in (0, 1) for p in "qkv")
+        assert sorted(trainable) == sorted(
+            f"model.layers.{layer}.self_attn.{p}_proj.weight" for layer in (0, 1) for p in "qkv"
+        )
         assert all(student.get_parameter(n).grad.abs().sum() > 0 for n in trainable)
     assert all(p.grad is None for p in teachers["llama"].parameters())
 
