@@ -199,6 +199,18 @@ class BatchSampler:
         return records, skipped
 
 
+def _resume(out: Path, meta: dict, batches: int, log: Callable[[str], None]) -> tuple[int, int, int]:
+    """(batches done, samples written, samples skipped) of an earlier run into ``out``, with any
+    partially written batch cut off the file."""
+    done, written, skipped = _resume_point(out, meta)
+    if out.exists():
+        # Drop a partially written batch (a crash between its records and the sidecar).
+        lines = out.read_text(encoding="utf-8").splitlines(keepends=True)[:written]
+        out.write_text("".join(lines), encoding="utf-8")
+        log(f"[sample] resuming {out} after {done}/{batches} batches ({written} samples)")
+    return done, written, skipped
+
+
 def sample_corpus(
     model_cfg: ModelConfig,
     spec: SampleSpec,
@@ -218,12 +230,7 @@ def sample_corpus(
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": sample_args(model_cfg, spec)}
     batches = math.ceil(spec.num_samples / spec.batch_size)
-    done, written, skipped = _resume_point(out, meta)
-    if out.exists():
-        # Drop a partially written batch (a crash between its records and the sidecar).
-        lines = out.read_text(encoding="utf-8").splitlines(keepends=True)[:written]
-        out.write_text("".join(lines), encoding="utf-8")
-        log(f"[sample] resuming {out} after {done}/{batches} batches ({written} samples)")
+    done, written, skipped = _resume(out, meta, batches, log)
     meta.update(batches_done=done, written=written, skipped=skipped)
     _meta_path(out).write_text(json.dumps(meta, indent=1))
     if sampler is None and done < batches:

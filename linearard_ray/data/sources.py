@@ -192,6 +192,16 @@ def _uploaded_working_dir_hint() -> str:
     )
 
 
+def _glob_files(fs, scheme: str | None, pattern: str) -> list[Any]:
+    """The FileInfo of each file that matches `pattern` on `fs`, in path order."""
+    if scheme is None:
+        # glob.glob understands ** and [] the way users expect on local disk.
+        matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+        return fs.get_file_info(matches) if matches else []
+    base = glob_base(pattern)
+    return [i for i in _list_files(fs, base) if fnmatch.fnmatchcase(i.path, pattern)]
+
+
 def _resolve_fs_source(idx: int, source: str, fmt: str, field: str) -> list[InputFile]:
     import pyarrow.fs as pafs
 
@@ -204,13 +214,7 @@ def _resolve_fs_source(idx: int, source: str, fmt: str, field: str) -> list[Inpu
         return p if scheme in (None, "file") else f"{scheme}://{p}"
 
     if has_glob(path):
-        if scheme is None:
-            # glob.glob understands ** and [] the way users expect on local disk.
-            matches = sorted(m for m in glob.glob(path, recursive=True) if os.path.isfile(m))
-            infos = fs.get_file_info(matches) if matches else []
-        else:
-            base = glob_base(path)
-            infos = [i for i in _list_files(fs, base) if fnmatch.fnmatchcase(i.path, path)]
+        infos = _glob_files(fs, scheme, path)
         if not infos:
             raise DataError(
                 f"{field}[{idx}]: {source!r} matches no file" + (_uploaded_working_dir_hint() if scheme is None else "")

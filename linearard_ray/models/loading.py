@@ -320,6 +320,28 @@ def enable_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
+def _make_targets_trainable(model, lora_cfg: LoraConfig, targets: list[str]):
+    """`model` with LoRA adapters on the `targets` modules (a peft ``PeftModel``) when
+    ``lora.enabled``, else the same model with those modules' own weights trainable."""
+    if lora_cfg.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        pcfg = PeftLoraConfig(
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, pcfg)
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            mod.requires_grad_(True)
+    return model
+
+
 def load_student(
     model_cfg: ModelConfig,
     rope_cfg: RopeConfig,
@@ -360,23 +382,7 @@ def load_student(
         raise ModelError(f"lora.target_modules {missing} do not exist in {type(model).__name__}")
     if gradient_checkpointing:
         enable_checkpointing(model)
-    if lora_cfg.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        pcfg = PeftLoraConfig(
-            r=lora_cfg.r,
-            lora_alpha=lora_cfg.alpha,
-            lora_dropout=lora_cfg.dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, pcfg)
-    else:
-        for name, mod in model.named_modules():
-            if name.rsplit(".", 1)[-1] in targets:
-                mod.requires_grad_(True)
+    model = _make_targets_trainable(model, lora_cfg, targets)
     model.train()
     return model
 

@@ -95,10 +95,8 @@ def _check_factor_list(name: str, value: list[float] | None, n: int) -> list[flo
     return [float(x) for x in value]
 
 
-def build_rope_parameters(hf_config, rope_cfg: RopeConfig) -> tuple[dict[str, Any], int, int]:
-    """(rope dict, native window, new max_position_embeddings) for `rope_cfg` on `hf_config`."""
-    if isinstance(rope_cfg, dict):
-        rope_cfg = RopeConfig.model_validate(rope_cfg)
+def _check_type_and_factor(rope_cfg: RopeConfig) -> float:
+    """rope.factor, after checking rope.type is known and that only its own parameters are set."""
     rtype = rope_cfg.type
     if rtype not in ROPE_TYPES:
         raise RopeError(f"rope.type {rtype!r} is unknown; choose one of {ROPE_TYPES}")
@@ -111,29 +109,31 @@ def build_rope_parameters(hf_config, rope_cfg: RopeConfig) -> tuple[dict[str, An
         raise RopeError(
             f"rope.{stray[0]} does not apply to rope.type {rtype!r} (it takes: {sorted(allowed) or 'only factor'})"
         )
+    return factor
 
+
+def _windows(hf_config, rope_cfg: RopeConfig, factor: float) -> tuple[int, int]:
+    """(native window, new max_position_embeddings)."""
     native = int(rope_cfg.original_max_position_embeddings or native_window(hf_config))
     if native < 1:
         raise RopeError(f"rope.original_max_position_embeddings must be positive, got {native}")
-    if rtype == "dynamic":
+    if rope_cfg.type == "dynamic":
         if rope_cfg.max_position_embeddings is not None and rope_cfg.max_position_embeddings != native:
             raise RopeError(
                 "rope.max_position_embeddings cannot be changed for rope.type 'dynamic': transformers reads "
                 "max_position_embeddings as the native window in the dynamic NTK formula"
             )
-        new_window = native
-    else:
-        new_window = int(rope_cfg.max_position_embeddings or round(native * factor))
-        if new_window <= native:
-            raise RopeError(f"rope.max_position_embeddings ({new_window}) must exceed the native window ({native})")
+        return native, native
+    new_window = int(rope_cfg.max_position_embeddings or round(native * factor))
+    if new_window <= native:
+        raise RopeError(f"rope.max_position_embeddings ({new_window}) must exceed the native window ({native})")
+    return native, new_window
 
-    rp: dict[str, Any] = {"rope_type": rtype, "rope_theta": rope_theta(hf_config), "factor": factor}
-    prf = _current_rope(hf_config).get("partial_rotary_factor")
-    if prf is not None:
-        rp["partial_rotary_factor"] = prf
-    if rtype in ("yarn", "llama3", "longrope"):
-        rp["original_max_position_embeddings"] = native
-    if rtype == "yarn":
+
+def _type_parameters(hf_config, rope_cfg: RopeConfig) -> dict[str, Any]:
+    """The checked parameters that only rope.type's own formula reads (yarn, llama3, longrope)."""
+    rp: dict[str, Any] = {}
+    if rope_cfg.type == "yarn":
         for p in _TYPE_PARAMS["yarn"]:
             v = getattr(rope_cfg, p)
             if v is not None:
@@ -142,18 +142,35 @@ def build_rope_parameters(hf_config, rope_cfg: RopeConfig) -> tuple[dict[str, An
             raise RopeError("rope.mscale and rope.mscale_all_dim are used together for yarn; set both or neither")
         if rp.get("beta_fast", 32.0) <= rp.get("beta_slow", 1.0):
             raise RopeError("rope.beta_fast must be greater than rope.beta_slow")
-    elif rtype == "llama3":
+    elif rope_cfg.type == "llama3":
         for p, d in _LLAMA3_DEFAULTS.items():
             v = getattr(rope_cfg, p)
             rp[p] = float(d if v is None else v)
         if not rp["high_freq_factor"] > rp["low_freq_factor"]:
             raise RopeError("rope.high_freq_factor must be greater than rope.low_freq_factor")
-    elif rtype == "longrope":
+    elif rope_cfg.type == "longrope":
         n = rotary_dim(hf_config) // 2
         rp["long_factor"] = _check_factor_list("long_factor", rope_cfg.long_factor, n)
         rp["short_factor"] = _check_factor_list("short_factor", rope_cfg.short_factor, n)
         if rope_cfg.attention_factor is not None:
             rp["attention_factor"] = float(rope_cfg.attention_factor)
+    return rp
+
+
+def build_rope_parameters(hf_config, rope_cfg: RopeConfig) -> tuple[dict[str, Any], int, int]:
+    """(rope dict, native window, new max_position_embeddings) for `rope_cfg` on `hf_config`."""
+    if isinstance(rope_cfg, dict):
+        rope_cfg = RopeConfig.model_validate(rope_cfg)
+    factor = _check_type_and_factor(rope_cfg)
+    native, new_window = _windows(hf_config, rope_cfg, factor)
+    rtype = rope_cfg.type
+    rp: dict[str, Any] = {"rope_type": rtype, "rope_theta": rope_theta(hf_config), "factor": factor}
+    prf = _current_rope(hf_config).get("partial_rotary_factor")
+    if prf is not None:
+        rp["partial_rotary_factor"] = prf
+    if rtype in ("yarn", "llama3", "longrope"):
+        rp["original_max_position_embeddings"] = native
+    rp.update(_type_parameters(hf_config, rope_cfg))
     if rp.get("attention_factor") is not None and not rp["attention_factor"] > 0:
         raise RopeError("rope.attention_factor must be > 0")
     return rp, native, new_window
