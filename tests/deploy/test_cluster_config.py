@@ -50,7 +50,8 @@ def _ray_private_util():
     v = Version(ray.__version__)
     if not (RAY_MIN <= v < RAY_MAX):
         pytest.skip(
-            f"ray {v} is outside [{RAY_MIN}, {RAY_MAX}): prepare_config/validate_config are private API checked only there"
+            f"ray {v} is outside [{RAY_MIN}, {RAY_MAX}): "
+            "prepare_config/validate_config are private API checked only there"
         )
     from ray.autoscaler._private import util
 
@@ -319,7 +320,10 @@ def recipe_problem(name: str, train: dict, types: list[NodeType]) -> str | None:
         have = sorted(t.accelerator for t in types if t.accelerator)
         return f"{name}: train.accelerator_type={accel!r} is not offered by cluster.yaml (node types offer {have})"
     if not hosts_for(train, types):
-        need = f"{train.get('num_workers', 1)} workers × {train.get('gpus_per_worker', 1.0)} GPU, {train.get('cpus_per_worker', 1.0)} CPU each"
+        workers, gpus, cpus = (
+            train.get(k, d) for k, d in (("num_workers", 1), ("gpus_per_worker", 1.0), ("cpus_per_worker", 1.0))
+        )
+        need = f"{workers} workers × {gpus} GPU, {cpus} CPU each"
         return f"{name}: no node type of cluster.yaml can host {need}" + (f" on {accel}" if accel else "")
     return None
 
