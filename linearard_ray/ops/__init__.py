@@ -1,8 +1,10 @@
 """The relation-KL op and the chunked logit KL / cross-entropy.
 
-Read in this order: ``relation_kl_torch`` (the chunked PyTorch path: same math, linear memory,
-any device), ``relation_kl_triton`` (the CUDA kernels and their autograd Function), ``api`` (the
-public functions: input checks, backend choice, reduction), ``logit_kl``.
+Read in this order, as flash-attention's Triton ops are laid out: ``relation_kl_torch`` (the
+reference path: chunked PyTorch, same math, linear memory, any device), ``relation_kl_triton``
+(the kernels, their launchers and the autograd Function), ``api`` (the public functions: input
+checks, backend choice, reduction), then ``logit_kl``. The float64 dense reference the tests
+compare against is ``tests/ops/reference.py``.
 """
 
 from . import logit_kl

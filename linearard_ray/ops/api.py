@@ -1,5 +1,9 @@
 """Public entry points of the relation-KL op: input checks, backend choice, reduction.
 
+The last module to read of the op, as in flash-attention's Triton ops: ``relation_kl_torch`` is
+the reference path, ``relation_kl_triton`` the kernels and their autograd Function; this module
+holds the public functions ``relation_kl`` and ``relation_kl_layer`` that choose between them.
+
 Semantics (one head; student rows a_i, columns b_j, teacher c_i, d_j; b = a for a self-relation):
 s_ij = a_s <a_i, b_j>, t_ij = a_t <c_i, d_j>, valid set J_i = {j : j <= i if causal, mask_j = 1};
 KL_i = sum_{j in J_i} p^t_ij (log p^t_ij - log p^s_ij) with p = softmax over J_i; rows with
@@ -29,10 +33,10 @@ from . import relation_kl_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The fused Triton launch of a layer's three relations pays off while one relation alone cannot
-# fill the GPU (it saves launches and the tail wave). Measured on an H100 (research/LOG.md):
-# 0.82x three calls at GQA 32/8 heads, T=2048 (B*heads*T = 98K rows), parity at 4K, but 1.9x
-# *slower* for a LLaMA-2-7B layer (3 x 32 heads, T=4096, 393K rows). Above this many rows the
-# layer call runs the three relations as separate launches.
+# fill the GPU (it saves launches and the tail wave); once each relation fills it (a LLaMA-2-7B
+# layer at T=4096) the fused launch is slower than three. Above this many rows (B * heads * T over
+# the three relations) the layer call runs them as separate launches (measured:
+# benchmarks/README.md, 'Relation-KL op').
 FUSED_LAYER_MAX_ROWS = 2048 * 48
 _REDUCTIONS = ("sum", "mean", "none")
 _BACKENDS = ("auto", "triton", "torch")
@@ -195,6 +199,31 @@ def _reduce(kl: torch.Tensor, reduction: str, mask: torch.Tensor | None) -> torc
     return total / rows if rows > 0 else total * 0.0
 
 
+def _check_layer(students: tuple, teachers: tuple, student_scales, teacher_scales) -> None:
+    """Validate the six tensors of one layer call and its two triples of scales."""
+    names = ("q", "k", "v")
+    student_q, student_k, student_v = students
+    teacher_q = teachers[0]
+    for n, s, t in zip(names, students, teachers, strict=False):
+        _check_4d(f"student_{n}", s)
+        if t is None:
+            raise ValueError(f"teacher_{n} is required")
+        _check_4d(f"teacher_{n}", t)
+        _same_shape(f"teacher_{n}", t, f"student_{n}", s)
+    for n, s in zip(names[1:], students[1:], strict=False):
+        _same_bt_d(f"student_{n}", s, "student_q", student_q)
+        if s.dtype != student_q.dtype:
+            raise ValueError(f"student_{n} dtype {s.dtype} differs from student_q {student_q.dtype}")
+    if student_v.shape[1] != student_k.shape[1]:
+        raise ValueError(f"student_v has {student_v.shape[1]} heads but student_k has {student_k.shape[1]}")
+    for n, t in zip(names[1:], teachers[1:], strict=False):
+        if t.dtype != teacher_q.dtype:
+            raise ValueError(f"teacher_{n} dtype {t.dtype} differs from teacher_q {teacher_q.dtype}")
+    for arg, vals in (("student_scales", student_scales), ("teacher_scales", teacher_scales)):
+        if not isinstance(vals, (tuple, list)) or len(vals) != 3:
+            raise ValueError(f"{arg} must be a sequence of three scales (q, k, v; None = 1/sqrt(D)), got {vals!r}")
+
+
 # ----------------------------------------------------------------------------- entry points
 def relation_kl(
     student_q: torch.Tensor,
@@ -262,24 +291,7 @@ def relation_kl_layer(
     names = ("q", "k", "v")
     students = (student_q, student_k, student_v)
     teachers = (teacher_q, teacher_k, teacher_v)
-    for n, s, t in zip(names, students, teachers, strict=False):
-        _check_4d(f"student_{n}", s)
-        if t is None:
-            raise ValueError(f"teacher_{n} is required")
-        _check_4d(f"teacher_{n}", t)
-        _same_shape(f"teacher_{n}", t, f"student_{n}", s)
-    for n, s in zip(names[1:], students[1:], strict=False):
-        _same_bt_d(f"student_{n}", s, "student_q", student_q)
-        if s.dtype != student_q.dtype:
-            raise ValueError(f"student_{n} dtype {s.dtype} differs from student_q {student_q.dtype}")
-    if student_v.shape[1] != student_k.shape[1]:
-        raise ValueError(f"student_v has {student_v.shape[1]} heads but student_k has {student_k.shape[1]}")
-    for n, t in zip(names[1:], teachers[1:], strict=False):
-        if t.dtype != teacher_q.dtype:
-            raise ValueError(f"teacher_{n} dtype {t.dtype} differs from teacher_q {teacher_q.dtype}")
-    for arg, vals in (("student_scales", student_scales), ("teacher_scales", teacher_scales)):
-        if not isinstance(vals, (tuple, list)) or len(vals) != 3:
-            raise ValueError(f"{arg} must be a sequence of three scales (q, k, v; None = 1/sqrt(D)), got {vals!r}")
+    _check_layer(students, teachers, student_scales, teacher_scales)
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
     B, H, T, D = student_q.shape

@@ -108,9 +108,9 @@ class _ChunkedCE(torch.autograd.Function):
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             z = _logits(h[a:b], w, acc)
-            l = torch.logsumexp(z, -1)
-            nll[a:b] = l - z.gather(1, y[a:b, None]).squeeze(1)
-            lse[a:b] = l
+            chunk_lse = torch.logsumexp(z, -1)
+            nll[a:b] = chunk_lse - z.gather(1, y[a:b, None]).squeeze(1)
+            lse[a:b] = chunk_lse
             del z
         ctx.save_for_backward(h, w, y, lse)
         ctx.chunk = chunk

@@ -1,6 +1,7 @@
 """Relation KL in plain PyTorch, chunked over rows so memory stays linear in T.
 
-Same math as the Triton kernels (see ``relation_kl.py``): per row i of one head,
+The op's reference path, read first: the Triton kernels (``relation_kl_triton``) compute the same
+math, and the public functions in ``api`` choose between the two. Per row i of one head,
 KL_i = KL(softmax(t_i) || softmax(s_i)) over the valid columns, with s = a_s * A Bᵀ (student)
 and t = a_t * C Dᵀ (teacher). Only a block of ``chunk`` rows of the logits exists at any time;
 the backward pass recomputes the block from the saved per-row log-sum-exps (fp32, [B, H, T]).

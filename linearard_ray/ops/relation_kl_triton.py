@@ -1,5 +1,11 @@
 """Relation KL on the GPU: Triton kernels, their launchers and the autograd Function.
 
+Reading order, as in flash-attention's Triton ops: the reference is the chunked PyTorch path
+(``relation_kl_torch``, same math); this module then holds the kernels (jit helpers, forward,
+backward, one-recompute backward), their launchers, and the autograd Function
+``TritonRelationKL`` with the row functions (``relation_kl_rows``, ``relation_kl_layer_rows``) that
+the public functions of ``api`` call.
+
 One head: student rows a_i, columns b_j (b = a for a self-relation), teacher c_i, d_j,
 s = a_s A Bᵀ, t = a_t C Dᵀ, KL_i = Σ_j p^t_ij (t_ij - s_ij) - LSE_t(i) + LSE_s(i) over the valid
 columns of row i. Logits are kept in base 2 (log2(e) folded into the scales, exp2 on the chip).
@@ -24,8 +30,9 @@ Causal tiles entirely above (row part) or below (column part) the diagonal are n
 That sweep computes every causal logit tile twice (once per part). ``set_backward_mode('atomic')``
 runs the one-recompute backward for causal self-relations instead (``_bwd1_kernel``, below): each
 tile once, the row part added through fp32 atomics, 6 products of T²D/2 per relation with the
-forward instead of 8, not bitwise reproducible. Measured on an H200 it is 0.71-0.90x the sweep's
-speed at D=128 (atomics and register spills of the owned accumulator), so it is opt-in.
+forward instead of 8, not bitwise reproducible. The atomics and the register spills of the owned
+accumulator make it slower than the sweep, so it is opt-in (measured: benchmarks/README.md,
+'Relation-KL op').
 ``set_backward_mode('rowfwd')`` moves the row part into the forward instead: when a student grad
 is wanted, the forward also accumulates, FlashAttention-style over the student's key tile it has
 loaded anyway, O^s_i = Σ_j p^s_ij b_j and O^t_i = Σ_j p^t_ij b_j (two fp32 [BLOCK_M, D]
@@ -36,16 +43,16 @@ is 4 + 3 = 7 products and 2 + 2 exp2 instead of 8 and 6; it covers every case th
 cross-relation's dA is all row part, so its backward is the dB sweep only) and is bitwise
 reproducible. The cost is the R buffer, alive from the forward to the backward, and P rounded to
 the input dtype in two products whose difference is R (the sweep rounds G = P_s - P_t once).
-On an H200 it is 1.10-1.14x the sweep's fwd+bwd speed at D=128 from T=4096 and 1.17-1.24x at
-D=64 from 8192 (0.87-0.99x at D=64, 2-4K); on the LLaMA-2-7B step it saves 11 of 137 ms of
-relation loss for 6 GiB more memory, and its bf16 grads are rounder near agreement, so it is
-opt-in (research/LOG.md).
+It is faster than the sweep at long T (fewer products and exponentials per tile), but it costs
+the R buffer's memory and its bf16 grads are rounder near agreement, so it is opt-in (measured:
+benchmarks/README.md, 'Relation-KL op').
 
 ``relation_kl_layer`` runs the Q/Q, K/K and V/V self-relations in the same launches: the grid's
 head axis spans the heads of all three (NREL = 3) and a program reaches its relation's tensors by
 element offsets from relation 0's (host-computed, with alignment hints), so there is one kernel
 body and no extra register pressure. It saves launches and tail waves; the arithmetic is that of
-three calls, so it gains most at short T (see research/LOG.md).
+three calls, so it gains most at short T, while one relation alone cannot fill the GPU (measured:
+benchmarks/README.md, 'Relation-KL op').
 
 Upstream gradients: a sum/mean reduction hands the backward one value for every row (a stride-0
 tensor), which the kernel applies as a scalar; per-row gradients are divided by their max |.|
@@ -59,8 +66,9 @@ bf16 student tensor), from the forward until the backward.
 Precision: fp16/bf16 inputs go to the tensor cores with fp32 accumulation; G is rounded to the
 input dtype for the second product (as FlashAttention does with dS). fp32 inputs use full-fp32
 ("ieee") dots and smaller tiles: accurate (≤ 1e-5 against float64) but slower than 16-bit inputs
-(not tuned); there is no tf32 mode. Under TRITON_INTERPRET=1 (CPU tests) the tiles are upcast to fp32 before each dot (numpy
-has no bf16): exact for the inputs, and G is still rounded to the input dtype first.
+(not tuned); there is no tf32 mode. Under TRITON_INTERPRET=1 (CPU tests) the tiles are upcast to
+fp32 before each dot (numpy has no bf16): exact for the inputs, and G is still rounded to the
+input dtype first.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ LN2 = tl.constexpr(0.6931471805599453)  # used inside the kernels
 # distances between separate allocations). Triton would specialise (and recompile) on their
 # divisibility and on whether they fit in 32 bits, so they are passed unspecialised and biased
 # into one 64-bit range; the kernels subtract the bias. Without this a training loop recompiled
-# the kernels on most calls (~0.4 s of host time each).
+# the kernels on most calls, each recompilation a long stall of the host.
 OFFSET_BIAS = 1 << 40
 _BIAS = tl.constexpr(OFFSET_BIAS)
 
@@ -1504,7 +1512,8 @@ def _bwd_kernel(
 # column block J, sweeps the row blocks I >= J, keeps dA_J's column part Σ_I G_IJᵀ A_I in
 # registers and adds the row part G_IJ A_J into an fp32 buffer with relaxed atomics. The order of
 # those additions varies from run to run, so results are not bitwise reproducible; opt-in
-# (set_backward_mode('atomic')) because it measured slower than the sweep on an H200.
+# (set_backward_mode('atomic')) because it is slower than the sweep (measured: benchmarks/README.md,
+# 'Relation-KL op').
 @triton.jit
 def _add_rows(Buf, buf_base, offs, offs_d, dmask, T, vals, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, D: tl.constexpr):
     """Buf[rows offs] += vals (fp32, relaxed atomics; rows past T and padded D columns skipped)."""
@@ -1826,20 +1835,20 @@ class TileConfig:
     num_stages: int
 
 
-# Hand-picked for H100 (see research/LOG.md); BLOCK_M must be a multiple of BLOCK_N.
-# Picked by the sweep in benchmarks/bench_relation_kl.py (T=8K, B=1, H=32, bf16, causal); D=256 is
-# hand-picked to fit shared memory and was only checked for correctness.
+# BLOCK_M must be a multiple of BLOCK_N. D=64 and D=128: the fastest tiles of the sweep in
+# benchmarks/bench_relation_kl.py (T=8K, B=1, H=32, bf16, causal; measured: benchmarks/README.md,
+# 'Relation-KL op'); D=256 is hand-picked to fit shared memory and was only checked for correctness.
 _FWD_CFG = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 128, 8, 3), 256: TileConfig(64, 32, 4, 2)}
 _BWD_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
 # One-recompute backward: block_n = owned column block (its fp32 accumulator stays in registers),
-# block_m = swept row tile. Best of a small sweep on an H200 (bench_relation_kl.py --backward).
+# block_m = swept row tile. Best of a small sweep (bench_relation_kl.py --backward).
 _BWD1_CFG = {64: TileConfig(64, 64, 4, 2), 128: TileConfig(128, 128, 8, 2), 256: TileConfig(32, 64, 8, 1)}
-# rowfwd mode. 'fwdr' is the forward that also keeps two fp32 [BLOCK_M, D] output accumulators.
-# Best of the sweep in bench_relation_kl.py --backward on an H200 at T=8192 (H=32): D=128 64x64/4
-# warps 2.35 ms (128x64/8: 2.43 with 2 spills; 128x128/8: 3.68, 146 spills); D=64 64x64/4/3 stages
-# 1.43 ms (128x64/8: 1.55). D=256 is a guess, only checked for correctness.
+# rowfwd mode. 'fwdr' is the forward that also keeps two fp32 [BLOCK_M, D] output accumulators,
+# so it wants smaller tiles than the plain forward: larger ones spill registers and lose. Best of
+# the sweep in bench_relation_kl.py --backward at T=8192, H=32 (measured: benchmarks/README.md,
+# 'Relation-KL op'). D=256 is a guess, only checked for correctness.
 # 'bwdc' is the column-only backward (the sweep kernel with the row part skipped); the sweep's own
-# tiles measured best for it too (D=128 64x64/4: 1.84 ms against 2.01 for 128x64/8).
+# tiles measured best for it too.
 _FWDR_CFG = {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 2), 256: TileConfig(64, 32, 8, 1)}
 _BWDC_CFG = dict(_BWD_CFG)
 _KINDS = ("fwd", "bwd", "bwd1", "fwdr", "bwdc")
@@ -1886,7 +1895,8 @@ BACKWARD_MODES = ("sweep", "atomic", "rowfwd")
 
 def set_backward_mode(mode: str | None) -> None:
     """'sweep' (two recomputes, no atomics, bitwise reproducible; the default, None), 'atomic'
-    (one recompute, causal self-relations only; slower on an H200, see research/LOG.md) or
+    (one recompute, causal self-relations only; slower than the sweep, see benchmarks/README.md,
+    'Relation-KL op') or
     'rowfwd' (the forward also stores the row part, the backward recomputes only the column part;
     every case, bitwise reproducible, one fp32 [B, H, T, D] buffer per call kept for the backward).
 
@@ -1910,8 +1920,9 @@ def backward_mode(mode: str | None):
 
 
 def _use_atomic(self_rel: bool, causal: bool) -> bool:
-    # Opt-in only: measured 0.71-0.90x the sweep's speed (D=128) because of the atomics and the
-    # register pressure of the owned [BLOCK_N, D] accumulator. Never under deterministic torch.
+    # Opt-in only: slower than the sweep because of the atomics and the register pressure of the
+    # owned [BLOCK_N, D] accumulator (measured: benchmarks/README.md, 'Relation-KL op'). Never
+    # under deterministic torch.
     return _bwd_mode == "atomic" and self_rel and causal and not torch.are_deterministic_algorithms_enabled()
 
 
@@ -2078,6 +2089,34 @@ def _forward(rels: Sequence[_Rel], mask: torch.Tensor | None, causal: bool, rep:
     return lse_s, lse_t, kl, rpart
 
 
+def _upstream_grads(dkl: torch.Tensor):
+    """(upstream grads as the kernels read them, their scale, whether one value serves every row)."""
+    uniform = dkl.dim() == 3 and dkl.stride() == (0, 0, 0)
+    if uniform:  # sum / mean reductions: one upstream value for every row, no per-row loads
+        gscale = dkl.reshape(-1)[:1].float()
+        dkl = gscale
+    else:
+        dkl = dkl.float().contiguous()
+        # Normalise the upstream grads so that G = dkl * (P_s - P_t) keeps its precision when
+        # rounded to fp16 (per-row weights of 1e-6 would underflow); the scale comes back at the end.
+        amax = dkl.abs().amax()
+        gscale = torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(1)
+        dkl = dkl / gscale
+    return dkl, gscale, uniform
+
+
+def _grad_buffers(rels: Sequence[_Rel], self_rel: bool):
+    """Empty student grads (rows, keys); the keys' are the rows' for self-relations."""
+    if self_rel and len(rels) > 1:  # one buffer, so the kernels reach each relation by offset
+        sizes = [r.s.numel() for r in rels]
+        flat = torch.empty(sum(sizes), dtype=rels[0].s.dtype, device=rels[0].s.device)
+        grads_s = [c.view(r.s.shape) for c, r in zip(flat.split(sizes), rels, strict=False)]
+    else:
+        grads_s = [torch.empty(r.s.shape, dtype=r.s.dtype, device=r.s.device) for r in rels]
+    grads_k = grads_s if self_rel else [torch.empty(r.sk.shape, dtype=r.sk.dtype, device=r.sk.device) for r in rels]
+    return grads_s, grads_k
+
+
 def _backward(
     rels: Sequence[_Rel],
     mask,
@@ -2094,26 +2133,10 @@ def _backward(
     B, _, T, _ = rels[0].s.shape
     htot = sum(r.s.shape[1] for r in rels)
     hktot = htot // rep
-    uniform = dkl.dim() == 3 and dkl.stride() == (0, 0, 0)
-    if uniform:  # sum / mean reductions: one upstream value for every row, no per-row loads
-        gscale = dkl.reshape(-1)[:1].float()
-        dkl = gscale
-    else:
-        dkl = dkl.float().contiguous()
-        # Normalise the upstream grads so that G = dkl * (P_s - P_t) keeps its precision when
-        # rounded to fp16 (per-row weights of 1e-6 would underflow); the scale comes back at the end.
-        amax = dkl.abs().amax()
-        gscale = torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(1)
-        dkl = dkl / gscale
+    dkl, gscale, uniform = _upstream_grads(dkl)
     if rpart is None and _use_atomic(self_rel, causal):
         return _backward_atomic(rels, mask, lse_s, lse_t, dkl, gscale, uniform), None
-    if self_rel and len(rels) > 1:  # one buffer, so the kernels reach each relation by offset
-        sizes = [r.s.numel() for r in rels]
-        flat = torch.empty(sum(sizes), dtype=rels[0].s.dtype, device=rels[0].s.device)
-        grads_s = [c.view(r.s.shape) for c, r in zip(flat.split(sizes), rels, strict=False)]
-    else:
-        grads_s = [torch.empty(r.s.shape, dtype=r.s.dtype, device=r.s.device) for r in rels]
-    grads_k = grads_s if self_rel else [torch.empty(r.sk.shape, dtype=r.sk.dtype, device=r.sk.device) for r in rels]
+    grads_s, grads_k = _grad_buffers(rels, self_rel)
     D, block_d, ieee, upcast = _flags(rels[0].s)
     dtype = rels[0].s.dtype
     m = mask if mask is not None else lse_s
