@@ -82,6 +82,74 @@ def _cfg_dict(tmp_path, other):
     }
 
 
+def _check_nll_against_full_logits(report: dict, cfg, student_dir) -> dict:
+    """NLL of every model on the same windows as a direct full-logit computation; returns the
+    passkey prompts the evaluation built."""
+    from linearard_ray.config import ModelConfig
+    from linearard_ray.evaluation.evaluate import prepare_inputs
+    from linearard_ray.models.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    windows, _, passkey, _ = prepare_inputs(cfg, tok)
+    mc = ModelConfig(teacher="tiny:llama", dtype="float32")
+    models = {
+        "teacher": load_model("tiny:llama", mc, device="cpu"),
+        "scaled": load_model("tiny:llama", mc, rope_cfg=cfg.rope, device="cpu"),
+        "restored": load_model(str(student_dir), mc, device="cpu"),
+    }
+    for dom in ("main", "other"):
+        for L in (32, 128):
+            w = torch.as_tensor(windows[dom][L])
+            for name, model in models.items():
+                with torch.no_grad():
+                    lp = torch.log_softmax(model(w).logits.double()[:, :-1], -1)
+                want = -lp.gather(-1, w[:, 1:, None]).mean().item()
+                assert report["nll"][dom][name][str(L)]["nll"] == pytest.approx(want, rel=1e-5)
+                assert report["nll"][dom][name][str(L)]["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
+    return passkey
+
+
+def _check_plots(out) -> None:
+    """The plots are valid PNGs."""
+    from PIL import Image
+
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [
+        "passkey_restored.png",
+        "passkey_scaled.png",
+        "passkey_summary.png",
+        "passkey_teacher.png",
+        "ppl_vs_length.png",
+    ]
+    for p in out.glob("*.png"):
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(p) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+
+
+def _check_mlflow_run(report: dict, cfg) -> None:
+    """The MLflow run holds the figures and the report files."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    run = client.get_run(report["mlflow"]["run_id"])
+    met = run.data.metrics
+    assert met["main.restored.ppl_32"] == pytest.approx(report["nll"]["main"]["restored"]["32"]["ppl"])
+    assert met["other.restored.recovery_pct_64"] == pytest.approx(
+        report["restoration"]["other"]["restored"]["64"]["recovery_pct"]
+    )
+    assert met["other.restored.relkl_q_32"] == pytest.approx(
+        report["relation_kl"]["other"]["restored"]["32"]["mean"]["q"]
+    )
+    assert met["passkey.restored.acc_200"] == pytest.approx(report["passkey"]["restored"]["accuracy_by_length"]["200"])
+    hist = client.get_metric_history(run.info.run_id, "main.teacher.ppl")
+    assert sorted(h.step for h in hist) == [32, 64, 128]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/report.json", "eval/report.md", "eval/ppl_vs_length.png"} <= arts
+    assert run.data.params["eval.max_windows"] == "2"
+    assert run.info.status == "FINISHED"
+
+
 def test_cli_end_to_end(tmp_path, student_dir, cache_dir):
     cli = _cli()
 
@@ -111,29 +179,8 @@ def test_cli_end_to_end(tmp_path, student_dir, cache_dir):
     assert report["domains"]["other"]["empty_documents_skipped"] == 1
     assert "Windows of 128 tokens were cut from **concatenated documents**" in md
 
-    # NLL of every model on the same windows as a direct full-logit computation
-    from linearard_ray.config import ModelConfig
-    from linearard_ray.evaluation.evaluate import prepare_inputs
-    from linearard_ray.models.loading import load_model, load_tokenizer
-
     cfg = load_config(cfg_path, [f"eval.student_path={student_dir}"])
-    tok = load_tokenizer(cfg.model)
-    windows, _, passkey, _ = prepare_inputs(cfg, tok)
-    mc = ModelConfig(teacher="tiny:llama", dtype="float32")
-    models = {
-        "teacher": load_model("tiny:llama", mc, device="cpu"),
-        "scaled": load_model("tiny:llama", mc, rope_cfg=cfg.rope, device="cpu"),
-        "restored": load_model(str(student_dir), mc, device="cpu"),
-    }
-    for dom in ("main", "other"):
-        for L in (32, 128):
-            w = torch.as_tensor(windows[dom][L])
-            for name, model in models.items():
-                with torch.no_grad():
-                    lp = torch.log_softmax(model(w).logits.double()[:, :-1], -1)
-                want = -lp.gather(-1, w[:, 1:, None]).mean().item()
-                assert report["nll"][dom][name][str(L)]["nll"] == pytest.approx(want, rel=1e-5)
-                assert report["nll"][dom][name][str(L)]["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
+    passkey = _check_nll_against_full_logits(report, cfg, student_dir)
     # restoration tables for both domains, consistent with the NLLs
     from linearard_ray.evaluation.report import restoration
 
@@ -159,42 +206,9 @@ def test_cli_end_to_end(tmp_path, student_dir, cache_dir):
         assert pk["forced_choice"]["choices"] == 10 and pk["forced_choice"]["prompts"] == len(answers)
     assert "Forced choice among 10 keys" in md
 
-    # plots are valid PNGs
-    from PIL import Image
+    _check_plots(out)
 
-    pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == [
-        "passkey_restored.png",
-        "passkey_scaled.png",
-        "passkey_summary.png",
-        "passkey_teacher.png",
-        "ppl_vs_length.png",
-    ]
-    for p in out.glob("*.png"):
-        assert p.read_bytes()[:8] == PNG_MAGIC
-        with Image.open(p) as im:
-            assert im.size[0] > 100 and im.size[1] > 100
-
-    # the MLflow run holds the figures and the report files
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
-    run = client.get_run(report["mlflow"]["run_id"])
-    met = run.data.metrics
-    assert met["main.restored.ppl_32"] == pytest.approx(report["nll"]["main"]["restored"]["32"]["ppl"])
-    assert met["other.restored.recovery_pct_64"] == pytest.approx(
-        report["restoration"]["other"]["restored"]["64"]["recovery_pct"]
-    )
-    assert met["other.restored.relkl_q_32"] == pytest.approx(
-        report["relation_kl"]["other"]["restored"]["32"]["mean"]["q"]
-    )
-    assert met["passkey.restored.acc_200"] == pytest.approx(report["passkey"]["restored"]["accuracy_by_length"]["200"])
-    hist = client.get_metric_history(run.info.run_id, "main.teacher.ppl")
-    assert sorted(h.step for h in hist) == [32, 64, 128]
-    arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/report.json", "eval/report.md", "eval/ppl_vs_length.png"} <= arts
-    assert run.data.params["eval.max_windows"] == "2"
-    assert run.info.status == "FINISHED"
+    _check_mlflow_run(report, cfg)
 
 
 def test_cli_help_and_bad_input(capsys):

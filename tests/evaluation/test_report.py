@@ -32,25 +32,8 @@ def test_restoration_arithmetic():
     assert restoration(3.0, None, 2.5)["gap_closed_pct"] is None
 
 
-def _synthetic(seed=0, forced=False):
-    rng = np.random.default_rng(seed)
-    cfg = build_config(
-        {
-            "eval": {
-                "short_lengths": [16, 32],
-                "long_lengths": [64, 128],
-                "passkey_lengths": [100, 200],
-                "passkey_depths": [0.0, 0.5, 1.0],
-                "passkey_trials": 4,
-                "passkey_choices": 6,
-            }
-        }
-    )
-    models = [
-        {"name": "teacher", "path": "t", "role": "teacher", "rope": "from checkpoint"},
-        {"name": "scaled", "path": "t", "role": "scaled", "rope": {"type": "linear", "factor": 4.0}},
-        {"name": "restored", "path": "s", "role": "restored", "rope": "from checkpoint"},
-    ]
+def _synthetic_domains() -> dict:
+    """Two text domains: windows of 16, 32 (single documents) and 64 (concatenated), 128 skipped."""
     domains = {
         d: {
             "sources": [f"src-{d}"],
@@ -85,6 +68,12 @@ def _synthetic(seed=0, forced=False):
             "skipped": True,
             "reason": "needs 128 tokens but all 5 documents together hold only 100",
         }
+    return domains
+
+
+def _synthetic_results(rng, models: list[dict], domains: dict, forced: bool) -> list[dict]:
+    """Raw job results: NLL per model, domain and length; relation KL at the short lengths;
+    passkey answers (with the forced choice when `forced`)."""
     results = []
     for m in models:
         for d in domains:
@@ -134,6 +123,30 @@ def _synthetic(seed=0, forced=False):
                     rank = int(rng.integers(0, 3))
                     a.update(choice_rank=rank, choice_correct=rank == 0, key_logprob=float(rng.uniform(-12, -1)))
             results.append({"kind": "passkey", "model": m["name"], "length": L, "results": answers, "seconds": 0.1})
+    return results
+
+
+def _synthetic(seed=0, forced=False):
+    rng = np.random.default_rng(seed)
+    cfg = build_config(
+        {
+            "eval": {
+                "short_lengths": [16, 32],
+                "long_lengths": [64, 128],
+                "passkey_lengths": [100, 200],
+                "passkey_depths": [0.0, 0.5, 1.0],
+                "passkey_trials": 4,
+                "passkey_choices": 6,
+            }
+        }
+    )
+    models = [
+        {"name": "teacher", "path": "t", "role": "teacher", "rope": "from checkpoint"},
+        {"name": "scaled", "path": "t", "role": "scaled", "rope": {"type": "linear", "factor": 4.0}},
+        {"name": "restored", "path": "s", "role": "restored", "rope": "from checkpoint"},
+    ]
+    domains = _synthetic_domains()
+    results = _synthetic_results(rng, models, domains, forced)
     skipped = [
         {"section": "nll", "domain": d, "length": 128, "reason": domains[d]["lengths"]["128"]["reason"]}
         for d in domains
