@@ -1908,6 +1908,11 @@ def set_backward_mode(mode: str | None) -> None:
     _bwd_mode = mode
 
 
+def current_backward_mode() -> str | None:
+    """The mode the next forward reads (None: the default, 'sweep')."""
+    return _bwd_mode
+
+
 @contextlib.contextmanager
 def backward_mode(mode: str | None):
     """``set_backward_mode(mode)`` for the forwards run inside, then the mode from before."""

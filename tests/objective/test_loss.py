@@ -517,7 +517,7 @@ def test_relation_backward_setting_reaches_the_triton_op_and_keeps_loss_and_grad
     orig = loss_mod.ops.relation_kl_layer
 
     def spy(*args, **kw):
-        seen.append(rk._bwd_mode)
+        seen.append(rk.current_backward_mode())
         return orig(*args, **kw)
 
     monkeypatch.setattr(loss_mod.ops, "relation_kl_layer", spy)
@@ -529,7 +529,7 @@ def test_relation_backward_setting_reaches_the_triton_op_and_keeps_loss_and_grad
         seen.clear()
         res = obj(teachers["llama"], student, batch)
         res.loss.backward()
-        assert seen == [mode, mode] and rk._bwd_mode is None
+        assert seen == [mode, mode] and rk.current_backward_mode() is None
         out[mode] = (res.loss.detach(), {n: p.grad for n, p in student.named_parameters() if p.requires_grad})
     (l_sw, g_sw), (l_rf, g_rf) = out["sweep"], out["rowfwd"]
     assert l_sw > 0 and torch.allclose(l_sw, l_rf, rtol=1e-5)
