@@ -9,6 +9,7 @@ Ray Train pickles ``train_loop_per_worker`` by reference: it stays a module-leve
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,17 @@ from linearard_ray.training.step import WorkerStreams, open_streams, optimizatio
 from linearard_ray.training.trainee import Trainee, build_trainee, check_same_world, write_checkpoint
 
 
+@dataclass(frozen=True)
+class Worker:
+    """This worker's job, config, place in the group and device."""
+
+    cfg: Config
+    job: JobSpec
+    rank: int
+    world: int
+    device: torch.device
+
+
 def train_loop_per_worker(config: dict) -> dict | None:
     """Ray Train worker: ``config = {"cfg": <Config as dict>, "job": <JobSpec as dict>}``.
 
@@ -34,20 +46,19 @@ def train_loop_per_worker(config: dict) -> dict | None:
     job = JobSpec.from_dict(config["job"])
     _quiet_libraries()
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = device_for_worker(job.use_gpu)
-    loaded = _resume_checkpoint(world)
-    trainee = build_trainee(cfg, job, device, rank, world, loaded)
-    streams = open_streams(cfg, job, trainee.state, rank, world, _dataset_epochs, pin_memory=device.type == "cuda")
-    logger = _open_tracking(cfg, job, trainee, streams, rank, world, resumed=loaded is not None)
-    if rank == 0:
-        _announce_start(cfg, job, trainee, streams, world, resumed=loaded is not None)
-    evaluators = _held_out_evaluators(cfg, trainee, device, rank, world)
-    final_metrics = _train(cfg, job, trainee, streams, evaluators, logger, device, rank, world)
+    w = Worker(cfg, job, ctx.get_world_rank(), ctx.get_world_size(), device_for_worker(job.use_gpu))
+    loaded = _resume_checkpoint(w.world)
+    trainee = build_trainee(cfg, job, w.device, w.rank, w.world, loaded)
+    streams = open_streams(cfg, job, trainee.state, w.rank, w.world, _dataset_epochs, w.device.type == "cuda")
+    logger = _open_tracking(w, trainee, streams, resumed=loaded is not None)
+    if w.rank == 0:
+        _announce_start(w, trainee, streams, resumed=loaded is not None)
+    evaluators = _held_out_evaluators(w, trainee)
+    final_metrics = _train(w, trainee, streams, evaluators, logger)
     streams.close()
-    if rank != 0:
+    if w.rank != 0:
         return None
-    return _export(cfg, job, trainee, logger, final_metrics)
+    return _export(w, trainee, logger, final_metrics)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -87,29 +98,28 @@ def _dataset_epochs(name: str):
     return lambda: shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=1)
 
 
-def _open_tracking(
-    cfg: Config, job: JobSpec, trainee: Trainee, streams: WorkerStreams, rank: int, world: int, resumed: bool
-):
+def _open_tracking(w: Worker, trainee: Trainee, streams: WorkerStreams, resumed: bool):
     """Rank 0's MLflow logger (None elsewhere, or without tracking), with the run's parameters."""
     state = trainee.state
-    run_id = state.mlflow_run_id or job.mlflow_run_id
+    run_id = state.mlflow_run_id or w.job.mlflow_run_id
     state.mlflow_run_id = run_id
-    if not (rank == 0 and job.tracking_uri and run_id):
+    if not (w.rank == 0 and w.job.tracking_uri and run_id):
         return None
     from linearard_ray.tracking import RunLogger
 
-    logger = RunLogger(job.tracking_uri, run_id)
-    logger.log_params(_job_params(cfg, job, trainee, streams, world))
+    logger = RunLogger(w.job.tracking_uri, run_id)
+    logger.log_params(_job_params(w, trainee, streams))
     if resumed:
         logger.set_tags({"resumed_from_step": state.step})
     return logger
 
 
-def _job_params(cfg: Config, job: JobSpec, trainee: Trainee, streams: WorkerStreams, world: int) -> dict:
+def _job_params(w: Worker, trainee: Trainee, streams: WorkerStreams) -> dict:
     """The config's fields and what the driver resolved for the job, as MLflow parameters."""
-    params = flatten(cfg)
+    job = w.job
+    params = flatten(w.cfg)
     params.update(
-        {"job.total_steps": job.total_steps, "job.tokens_per_step": job.tokens_per_step, "job.world_size": world}
+        {"job.total_steps": job.total_steps, "job.tokens_per_step": job.tokens_per_step, "job.world_size": w.world}
     )
     for name, spec in job.streams.items():
         params[f"job.{name}.blocks"] = spec.num_rows
@@ -120,43 +130,43 @@ def _job_params(cfg: Config, job: JobSpec, trainee: Trainee, streams: WorkerStre
     return params
 
 
-def _announce_start(cfg: Config, job: JobSpec, trainee: Trainee, streams: WorkerStreams, world: int, resumed: bool):
+def _announce_start(w: Worker, trainee: Trainee, streams: WorkerStreams, resumed: bool) -> None:
     stream = streams.primary.stream
     if stream.dropped_per_epoch:
         say(
             f"[distill] {stream.dropped_per_epoch} of {stream.num_rows} blocks per epoch are left out so that "
-            f"{world} workers × micro-batch {cfg.train.micro_batch_size} divide evenly"
+            f"{w.world} workers × micro-batch {w.cfg.train.micro_batch_size} divide evenly"
         )
     if resumed:
         state = trainee.state
-        say(f"[distill] resumed at step {state.step}/{job.total_steps} ({state.tokens_seen} tokens seen)")
+        say(f"[distill] resumed at step {state.step}/{w.job.total_steps} ({state.tokens_seen} tokens seen)")
 
 
-def _held_out_evaluators(cfg: Config, trainee: Trainee, device: torch.device, rank: int, world: int):
+def _held_out_evaluators(w: Worker, trainee: Trainee) -> list[HeldOutEval]:
     """The held-out evaluations (none without ``train.eval_every``); the teacher's numbers of
     every domain are measured once, here."""
-    if not cfg.train.eval_every:
+    if not w.cfg.train.eval_every:
         return []
     from linearard_ray.models import loading as models
 
-    evaluators = held_out_evals(cfg, trainee.tokenizer, device, rank, world)
-    ref = trainee.teacher if trainee.teacher is not None else models.load_teacher(cfg.model, device=device)
+    evaluators = held_out_evals(w.cfg, trainee.tokenizer, w.device, w.rank, w.world)
+    ref = trainee.teacher if trainee.teacher is not None else models.load_teacher(w.cfg.model, device=w.device)
     for ev in evaluators:
         ev.compute_teacher(ref)
     if trainee.teacher is None:  # cpt trains without a teacher; it was loaded only for these measurements
         del ref
-        if device.type == "cuda":
+        if w.device.type == "cuda":
             torch.cuda.empty_cache()
     return evaluators
 
 
-def _injected_failure_step(cfg: Config, job: JobSpec, rank: int, world: int) -> int | None:
+def _injected_failure_step(w: Worker) -> int | None:
     """``train.fail_at_step`` on the last rank (a worker other than rank 0 when there are two),
     unless an earlier attempt already fired it."""
-    fail_at = cfg.train.fail_at_step
-    if fail_at is None or rank != world - 1:
+    fail_at = w.cfg.train.fail_at_step
+    if fail_at is None or w.rank != w.world - 1:
         return None
-    if read_text(fail_marker_path(job)) is not None:
+    if read_text(fail_marker_path(w.job)) is not None:
         return None
     return fail_at
 
@@ -165,49 +175,39 @@ def _injected_failure_step(cfg: Config, job: JobSpec, rank: int, world: int) -> 
 
 
 def _train(
-    cfg: Config,
-    job: JobSpec,
-    trainee: Trainee,
-    streams: WorkerStreams,
-    evaluators: list[HeldOutEval],
-    logger,
-    device: torch.device,
-    rank: int,
-    world: int,
+    w: Worker, trainee: Trainee, streams: WorkerStreams, evaluators: list[HeldOutEval], logger
 ) -> dict[str, float]:
     """Optimizer steps until ``job.total_steps``; returns the last step's metrics with the last
     held-out evaluation's."""
-    t, state = cfg.train, trainee.state
-    every = lm_every(cfg, job.streams)
-    fail_at = _injected_failure_step(cfg, job, rank, world)
-    progress = Progress(job.total_steps)
+    t, state, total = w.cfg.train, trainee.state, w.job.total_steps
+    every = lm_every(w.cfg, w.job.streams)
+    fail_at = _injected_failure_step(w)
+    progress = Progress(total)
     metrics: dict[str, float] = {}
     last_eval: dict[str, float] = {}
-    while state.step < job.total_steps:
-        metrics = optimization_step(cfg, trainee, streams, every, device, world)
+    while state.step < total:
+        metrics = optimization_step(w.cfg, trainee, streams, every, w.device, w.world)
         if state.step == fail_at:
-            write_text(fail_marker_path(job), f"fired at step {state.step}\n")
-            raise RuntimeError(f"train.fail_at_step={fail_at}: injected worker failure (rank {rank})")
-        is_last = state.step == job.total_steps
+            write_text(fail_marker_path(w.job), f"fired at step {state.step}\n")
+            raise RuntimeError(f"train.fail_at_step={fail_at}: injected worker failure (rank {w.rank})")
+        is_last = state.step == total
         did_eval = bool(evaluators) and (state.step % t.eval_every == 0 or is_last)
         if did_eval:
             last_eval = {k: v for ev in evaluators for k, v in ev(trainee.student).items()}
             metrics.update(last_eval)
         progress.record(metrics["step_time_s"], metrics["loss"])
-        if rank == 0:
-            _log_step(cfg, progress, state.step, metrics, last_eval if did_eval else None, logger, is_last)
+        if w.rank == 0:
+            _log_step(w.cfg, progress, state.step, metrics, last_eval if did_eval else None, logger, is_last)
         do_checkpoint = state.step % t.checkpoint_every == 0 or is_last
         if do_checkpoint or did_eval:
-            _report(
-                trainee,
-                {"step": state.step, "tokens_seen": state.tokens_seen, **metrics, **last_eval},
-                do_checkpoint,
-                rank,
-            )
+            report = {"step": state.step, "tokens_seen": state.tokens_seen, **metrics, **last_eval}
+            _report(w, trainee, report, do_checkpoint)
     return {**metrics, **last_eval}
 
 
-def _log_step(cfg, progress: Progress, step: int, metrics: dict, evaluated: dict | None, logger, is_last: bool):
+def _log_step(
+    cfg: Config, progress: Progress, step: int, metrics: dict, evaluated: dict | None, logger, is_last: bool
+) -> None:
     """Rank 0: the step line every ``train.log_every`` steps, and every step's metrics to MLflow."""
     if step % cfg.train.log_every == 0 or is_last:
         say(progress.line(step, metrics))
@@ -217,7 +217,7 @@ def _log_step(cfg, progress: Progress, step: int, metrics: dict, evaluated: dict
         logger.log_metrics(metrics, step=step)
 
 
-def _report(trainee: Trainee, report: dict, with_checkpoint: bool, rank: int) -> None:
+def _report(w: Worker, trainee: Trainee, report: dict, with_checkpoint: bool) -> None:
     """The step's numbers to Ray Train (a sweep reads them), with rank 0's checkpoint when one is due."""
     import ray.train
     from ray.train import Checkpoint
@@ -226,7 +226,7 @@ def _report(trainee: Trainee, report: dict, with_checkpoint: bool, rank: int) ->
         ray.train.report(report)
         return
     rng_states = gather_objects(capture_rng())  # every rank takes part
-    if rank != 0:
+    if w.rank != 0:
         ray.train.report(report)
         return
     with tempfile.TemporaryDirectory(prefix="linearard_ckpt_") as tmp:
@@ -241,16 +241,16 @@ def _report(trainee: Trainee, report: dict, with_checkpoint: bool, rank: int) ->
 # --------------------------------------------------------------------------- the end (rank 0)
 
 
-def _export(cfg: Config, job: JobSpec, trainee: Trainee, logger, final_metrics: dict[str, float]) -> dict:
+def _export(w: Worker, trainee: Trainee, logger, final_metrics: dict[str, float]) -> dict:
     """The merged student and the adapter, written and logged; what ``run_distill`` reports."""
     from linearard_ray.models import loading as models
 
-    out_dir = Path(job.output_dir)
-    paths = models.export_student(trainee.student, trainee.tokenizer, out_dir, cfg.rope)
-    (out_dir / "distill_config.yaml").write_text(dump_config(cfg))
+    out_dir = Path(w.job.output_dir)
+    paths = models.export_student(trainee.student, trainee.tokenizer, out_dir, w.cfg.rope)
+    (out_dir / "distill_config.yaml").write_text(dump_config(w.cfg))
     say(f"[distill] student exported to {paths.get('merged', out_dir)}")
     if logger is not None:
-        _log_artifacts(cfg, job, logger, paths)
+        _log_artifacts(w, logger, paths)
     state = trainee.state
     return {
         "student_dir": str(paths.get("merged", out_dir)),
@@ -262,9 +262,10 @@ def _export(cfg: Config, job: JobSpec, trainee: Trainee, logger, final_metrics: 
     }
 
 
-def _log_artifacts(cfg: Config, job: JobSpec, logger, paths: dict) -> None:
-    logger.log_text(dump_config(cfg), "config.yaml")
-    for name, spec in job.streams.items():
+def _log_artifacts(w: Worker, logger, paths: dict) -> None:
+    """The config, the streams' manifests, the adapter and the merged student into the MLflow run."""
+    logger.log_text(dump_config(w.cfg), "config.yaml")
+    for name, spec in w.job.streams.items():
         mf = Path(spec.directory) / "manifest.json"
         if mf.exists():
             logger.log_artifact(mf, f"data/{name}")
