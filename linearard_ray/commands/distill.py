@@ -1,5 +1,9 @@
 """Distil a RoPE-scaled student from its native-RoPE teacher on Ray Train (LinearARD).
 
+A frozen native-RoPE teacher restores the short-text ability of its RoPE-scaled student. Without
+arguments it runs the embedded default: SmolLM2-135M, PI×4, the shipped State of the Union text,
+on the CPU (about 10 minutes on 2 cores, most of it distillation).
+
     python pipelines/distill.py                          # embedded default: SmolLM2-135M PI×4 on CPU
     python pipelines/distill.py --config configs/llama2-7b-32k.yaml
     python pipelines/distill.py --set train.max_steps=10 --set data.ctx_len=256
@@ -17,12 +21,7 @@ from linearard_ray.config import ConfigError
 
 
 def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
-    parser = build_parser(
-        prog,
-        "LinearARD self-distillation on Ray Train: a frozen native-RoPE teacher restores the short-text "
-        "ability of its RoPE-scaled student. Without arguments it runs the embedded default "
-        "(SmolLM2-135M, PI×4, the shipped State of the Union text, CPU, a few minutes).",
-    )
+    parser = build_parser(prog, __doc__)
     _, cfg = parse_config(parser, argv)
     from linearard_ray.data.sampling import SamplingError
     from linearard_ray.data.sources import DataError

@@ -1,7 +1,11 @@
 """Evaluate restoration and long context: the teacher, the RoPE-scaled (unrestored) student and the
 restored student on held-out text of two domains, long documents and passkey retrieval.
 
-    python pipelines/evaluate.py --set eval.student_path=outputs/students/linearard-default
+Short-text perplexity, relation KL and restoration figures on two text domains, long-context NLL
+and passkey retrieval, for those three models (eval.student_path) or any list of models
+(eval.models).
+
+    python pipelines/evaluate.py --set eval.student_path=outputs/students/linearard-default/merged
     python pipelines/evaluate.py --config configs/<recipe>.yaml --set eval.long_lengths=[16384,32768]
     python pipelines/evaluate.py --set 'eval.models=[{name: a, path: ./ckpt-a}, {name: b, path: ./ckpt-b}]'
     ray job submit --working-dir . -- python pipelines/evaluate.py --ray-address auto ...
@@ -20,13 +24,7 @@ from linearard_ray.config import ConfigError
 
 
 def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
-    parser = build_parser(
-        prog,
-        "Short-text perplexity, relation KL and restoration figures on two text domains, long-context NLL and "
-        "passkey retrieval for the teacher, the unrestored RoPE-scaled student and the restored student "
-        "(eval.student_path), or any list of models (eval.models).",
-        sections=["model", "rope", "eval", "tracking"],
-    )
+    parser = build_parser(prog, __doc__, sections=["model", "rope", "eval", "tracking"])
     parser.add_argument(
         "--ray-address",
         default=os.environ.get("RAY_ADDRESS"),

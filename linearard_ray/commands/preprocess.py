@@ -1,5 +1,9 @@
 """Tokenize raw text into the token blocks training streams (Ray Data, parquet + manifest.json).
 
+Reads files, directories, globs, s3:// and gs:// paths, hf:<dataset> and builtin:sotu/<split>;
+tokenizes them with the teacher's tokenizer in a Ray Data actor pool, cuts ctx_len blocks and
+writes parquet shards plus manifest.json. Bad documents are skipped, counted and reported.
+
     python pipelines/preprocess.py                                   # embedded SOTU 1790-1989, teacher's tokenizer
     python pipelines/preprocess.py --set data.ctx_len=2048
     python pipelines/preprocess.py --set 'data.sources=["corpus/*.jsonl", "s3://bucket/books/"]' --set data.pack=true
@@ -18,13 +22,7 @@ from linearard_ray.cli import build_parser, parse_config
 
 
 def main(argv: list[str] | None = None, prog: str = "preprocess.py") -> int:
-    parser = build_parser(
-        prog,
-        "Read text (files, directories, globs, s3:// gs://, hf:<dataset>, builtin:sotu/<split>), tokenize it "
-        "with the teacher's tokenizer in a Ray Data actor pool, cut ctx_len blocks and write parquet shards "
-        "plus manifest.json. Bad documents are skipped, counted and reported.",
-        sections=["model", "data"],
-    )
+    parser = build_parser(prog, __doc__, sections=["model", "data"])
     parser.add_argument(
         "--stream",
         choices=["main", "lm", "both"],

@@ -21,7 +21,7 @@ from linearard_ray.cli import build_parser, parse_config
 
 
 def main(argv: list[str] | None = None, prog: str = "sample_teacher.py") -> int:
-    parser = build_parser(prog, __doc__.split("\n")[1], sections=["model"])
+    parser = build_parser(prog, __doc__, sections=["model"])
     parser.add_argument("--out", required=True, help="JSONL file to write (appended to on a restart)")
     parser.add_argument("--samples", type=int, required=True, help="number of samples")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens generated per sample (EOS ends one sooner)")

@@ -1,5 +1,9 @@
 """Sweep distillation settings with Ray Tune (each trial one Ray Train run) and record it in MLflow.
 
+Searches RoPE type/factor, layer selection, term weights, objective, lr, LoRA rank and token
+budget. Without --config it runs a small default sweep (SmolLM2-135M, a 2×2 grid of rope.factor ×
+layer selection, CPU, minutes).
+
     python pipelines/tune.py                                  # small default sweep: SmolLM2-135M, CPU, minutes
     python pipelines/tune.py --config configs/sweep-smollm2-135m.yaml
     python pipelines/tune.py --config configs/sweep-default.yaml --set tune.num_samples=2
@@ -37,12 +41,7 @@ SWEEP_DEFAULTS: dict[str, object] = {
 
 
 def main(argv: list[str] | None = None, prog: str = "tune.py") -> int:
-    parser = build_parser(
-        prog,
-        "Ray Tune sweep of LinearARD distillation runs (RoPE type/factor, layer selection, term weights, "
-        "objective, lr, LoRA rank, token budget), viewed in MLflow. Without --config it runs a small default "
-        "sweep (SmolLM2-135M, 2×2 grid of rope.factor × layer selection, CPU, minutes).",
-    )
+    parser = build_parser(prog, __doc__)
     args = parser.parse_args(argv)
     try:
         overrides = ({} if args.config else dict(SWEEP_DEFAULTS)) | parse_overrides(args.overrides)

@@ -169,13 +169,17 @@ def _perplexity_lines(report: dict, dom: str) -> list[str]:
             "",
             f"### {title}",
             "",
-            "| model | " + " | ".join(lengths) + " |",
-            "|---|" + "---|" * len(lengths),
+            *_table_head("model", lengths),
         ]
         for n in names:
             cells = [_perplexity_cell(report["nll"][dom].get(n, {}).get(L)) for L in lengths]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _table_head(first: str, columns: list[str]) -> list[str]:
+    """A markdown table's header row and its separator."""
+    return [f"| {first} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
 
 
 def _restoration_lines(report: dict, dom: str) -> list[str]:
@@ -188,8 +192,7 @@ def _restoration_lines(report: dict, dom: str) -> list[str]:
         f"### Restoration on {'the main texts' if dom == 'main' else 'the second domain'} "
         "(recovery % = teacher ppl ÷ model ppl; gap closed % in NLL)",
         "",
-        "| model | " + " | ".join(f"recovery {L} | gap closed {L}" for L in sl) + " |",
-        "|---|" + "---|---|" * len(sl),
+        *_table_head("model", [c for L in sl for c in (f"recovery {L}", f"gap closed {L}")]),
     ]
     for n, by_len in rest.items():
         cells = []
@@ -269,8 +272,7 @@ def _passkey_lines(report: dict) -> list[str]:
         lines += [
             f"**{n}** ({pk['trials']} trials per cell; overall {pk['accuracy_overall']:.2f})",
             "",
-            "| depth | " + " | ".join(Ls) + " |",
-            "|---|" + "---|" * len(Ls),
+            *_table_head("depth", Ls),
         ]
         for d, row in zip(pk["depths"], pk["accuracy"], strict=False):
             lines.append(f"| {d:g} | " + " | ".join(_or_dash(x, "{:.2f}") for x in row) + " |")

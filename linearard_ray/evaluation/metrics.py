@@ -89,33 +89,16 @@ def _layer_relation_kls(ct, cs, layer: int, mask: torch.Tensor, ct_corr: float, 
     from linearard_ray.ops import relation_kl, relation_kl_layer
 
     a_t, a_s = ct.scaling[layer], cs.scaling[layer]
-    kls = relation_kl_layer(
-        cs.q[layer],
-        cs.k[layer],
-        cs.v[layer],
-        ct.q[layer],
-        ct.k[layer],
-        ct.v[layer],
-        attention_mask=mask,
-        causal=True,
-        student_scales=(a_s * cs_corr, a_s * cs_corr, a_s),
-        teacher_scales=(a_t * ct_corr, a_t * ct_corr, a_t),
-        reduction="sum",
-    )
+    student = (cs.q[layer], cs.k[layer], cs.v[layer])
+    teacher = (ct.q[layer], ct.k[layer], ct.v[layer])
+    student_scales = (a_s * cs_corr, a_s * cs_corr, a_s)
+    teacher_scales = (a_t * ct_corr, a_t * ct_corr, a_t)
+    common = {"attention_mask": mask, "causal": True, "reduction": "sum"}
+    kls = relation_kl_layer(*student, *teacher, student_scales=student_scales, teacher_scales=teacher_scales, **common)
     out = {r: float(kl) for r, kl in zip("qkv", kls, strict=False)}
-    out["qk"] = float(
-        relation_kl(
-            cs.q[layer],
-            cs.k[layer],
-            ct.q[layer],
-            ct.k[layer],
-            attention_mask=mask,
-            causal=True,
-            student_scale=a_s,
-            teacher_scale=a_t,
-            reduction="sum",
-        )
-    )
+    # The attention map: queries against keys, at the model's own (uncorrected) logit scale.
+    attention_map = relation_kl(*student[:2], *teacher[:2], student_scale=a_s, teacher_scale=a_t, **common)
+    out["qk"] = float(attention_map)
     return out
 
 

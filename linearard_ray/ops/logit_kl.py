@@ -34,6 +34,16 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
+def _outside_autocast(backward_impl):
+    """An autograd Function's backward, run with autocast off as its forward is (see _no_autocast)."""
+
+    def backward(ctx, g):
+        with _no_autocast(g):
+            return backward_impl(ctx, g)
+
+    return staticmethod(backward)
+
+
 class _ChunkedLogitKL(torch.autograd.Function):
     """Per-position τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) for rows of hidden states."""
 
@@ -64,11 +74,6 @@ class _ChunkedLogitKL(torch.autograd.Function):
         return kl * (tau * tau)
 
     @staticmethod
-    def backward(ctx, g):
-        with _no_autocast(g):
-            return _ChunkedLogitKL._backward(ctx, g)
-
-    @staticmethod
     def _backward(ctx, g):
         hs, ht, ws, wt, lse_s, lse_t = ctx.saved_tensors
         tau, chunk = ctx.tau, ctx.chunk
@@ -89,6 +94,8 @@ class _ChunkedLogitKL(torch.autograd.Function):
             if need_w:
                 gw += d.transpose(0, 1) @ hs[a:b].to(acc)
         return gh, None, (gw.to(ws.dtype) if need_w else None), None, None, None
+
+    backward = _outside_autocast(_backward.__func__)
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -117,11 +124,6 @@ class _ChunkedCE(torch.autograd.Function):
         return nll
 
     @staticmethod
-    def backward(ctx, g):
-        with _no_autocast(g):
-            return _ChunkedCE._backward(ctx, g)
-
-    @staticmethod
     def _backward(ctx, g):
         h, w, y, lse = ctx.saved_tensors
         acc = lse.dtype
@@ -140,6 +142,8 @@ class _ChunkedCE(torch.autograd.Function):
             if need_w:
                 gw += d.transpose(0, 1) @ h[a:b].to(acc)
         return gh, (gw.to(w.dtype) if need_w else None), None, None
+
+    backward = _outside_autocast(_backward.__func__)
 
 
 def _rows(hidden: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
