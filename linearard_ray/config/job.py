@@ -153,7 +153,7 @@ def _one_source_as_list(v: Any) -> Any:
 
 def _check_domain_sources(sources: list[str]) -> list[str]:
     """Structure and built-in names only: whether local files exist is checked by the driver
-    (train.check_eval_sources), since workers re-validate this config on other machines."""
+    (training.checks.check_eval_sources), since workers re-validate this config on other machines."""
     if not sources:
         raise ValueError("no sources: give at least one, e.g. [builtin:pydocs]")
     for src in sources:
