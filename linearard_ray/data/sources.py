@@ -273,7 +273,7 @@ def _resolve_hf(idx: int, source: str, fmt: str, field: str) -> list[InputFile]:
     for root in (f"datasets/{name}", f"datasets/{name}@refs%2Fconvert%2Fparquet"):
         try:
             found = sorted(hffs.find(root))
-        except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all mean "cannot use it"
+        except Exception as e:  # the hub raises many kinds; all mean "cannot use it"
             if root.endswith("parquet"):
                 break
             raise DataError(f"{field}[{idx}]: cannot list {source!r} on the Hugging Face hub: {e}") from None
