@@ -82,19 +82,32 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     return args, cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``linearard-ray <command> [args]``: the same programs as ``python pipelines/<command>.py``."""
+def _command_module(name: str):
     import importlib
 
+    return importlib.import_module(f"linearard_ray.commands.{name.replace('-', '_')}")
+
+
+def _usage() -> str:
+    from linearard_ray.commands import COMMANDS
+
+    lines = ["usage: linearard-ray <command> [--config FILE] [--set KEY=VALUE ...] [--help]", "", "commands:"]
+    for name in COMMANDS:
+        summary = " ".join((_command_module(name).__doc__ or "").strip().split("\n\n")[0].split())
+        lines.append(f"  {name:<15} {summary}")
+    lines += ["", "`linearard-ray <command> --help` lists the command's options and every configuration field."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``linearard-ray <command> [args]``: the same programs as ``python pipelines/<command>.py``."""
     from linearard_ray.commands import COMMANDS
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: linearard-ray {{{','.join(COMMANDS)}}} [--config FILE] [--set KEY=VALUE ...] [--help]")
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"linearard-ray: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
         return 0
-    name = argv[0]
-    module = importlib.import_module(f"linearard_ray.commands.{name.replace('-', '_')}")
-    return module.main(argv[1:], prog=f"linearard-ray {name}")
+    if argv[0] not in COMMANDS:
+        print(f"linearard-ray: unknown command {argv[0]!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return _command_module(argv[0]).main(argv[1:], prog=f"linearard-ray {argv[0]}")

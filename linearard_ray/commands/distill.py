@@ -2,7 +2,7 @@
 
 A frozen native-RoPE teacher restores the short-text ability of its RoPE-scaled student. Without
 arguments it runs the embedded default: SmolLM2-135M, PI×4, the shipped State of the Union text,
-on the CPU (about 10 minutes on 2 cores, most of it distillation).
+on the CPU (about 4 minutes on 2 idle cores, most of it distillation).
 
     python pipelines/distill.py                          # embedded default: SmolLM2-135M PI×4 on CPU
     python pipelines/distill.py --config configs/llama2-7b-32k.yaml
