@@ -61,32 +61,8 @@ def _row_out(Buf, BufDesc, buf_base, row0, offs, offs_d, vals, sink, D: tl.const
 
 @triton.jit
 def _tile(
-    acc,
-    sink,
-    cs,
-    ct,
-    S,
-    TS,
-    base,
-    st,
-    i0,
-    offs_n,
-    offs_d,
-    dmask,
-    T,
-    ls_base,
-    LseS,
-    LseT,
-    Buf,
-    BufDesc,
-    buf_base,
-    sc_s,
-    sc_t,
-    BLOCK_M: tl.constexpr,
-    DIAG: tl.constexpr,
-    D: tl.constexpr,
-    ROW: tl.constexpr,
-    UPCAST: tl.constexpr,
+    acc, sink, cs, ct, S, TS, base, st, i0, offs_n, offs_d, dmask, T, ls_base, LseS, LseT, Buf, BufDesc, buf_base, sc_s,
+    sc_t, BLOCK_M: tl.constexpr, DIAG: tl.constexpr, D: tl.constexpr, ROW: tl.constexpr, UPCAST: tl.constexpr
 ):
     offs_m = i0 + tl.arange(0, BLOCK_M)
     rs, rt = rk._load_pair(S, TS, base, offs_m, st, offs_d, dmask, T, True, True, UPCAST)
@@ -106,24 +82,8 @@ def _tile(
 
 @triton.jit
 def _probe_kernel(
-    S,
-    TS,
-    Buf,
-    BufDesc,
-    LseS,
-    LseT,
-    ss_b,
-    ss_h,
-    ss_t,
-    sc_s,
-    sc_t,
-    T,
-    H,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ROW: tl.constexpr,
-    UPCAST: tl.constexpr,
+    S, TS, Buf, BufDesc, LseS, LseT, ss_b, ss_h, ss_t, sc_s, sc_t, T, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, ROW: tl.constexpr, UPCAST: tl.constexpr
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -144,61 +104,13 @@ def _probe_kernel(
     hi = tl.minimum(tl.cdiv(j0 + BLOCK_N, BLOCK_M), num_m)
     for i in range(lo, hi):
         acc, sink = _tile(
-            acc,
-            sink,
-            cs,
-            ct,
-            S,
-            TS,
-            base,
-            ss_t,
-            i * BLOCK_M,
-            offs_n,
-            offs_d,
-            dmask,
-            T,
-            ls_base,
-            LseS,
-            LseT,
-            Buf,
-            BufDesc,
-            buf_base,
-            sc_s,
-            sc_t,
-            BLOCK_M,
-            True,
-            D,
-            ROW,
-            UPCAST,
+            acc, sink, cs, ct, S, TS, base, ss_t, i * BLOCK_M, offs_n, offs_d, dmask, T, ls_base, LseS, LseT, Buf,
+            BufDesc, buf_base, sc_s, sc_t, BLOCK_M, True, D, ROW, UPCAST
         )
     for i in range(hi, num_m):
         acc, sink = _tile(
-            acc,
-            sink,
-            cs,
-            ct,
-            S,
-            TS,
-            base,
-            ss_t,
-            i * BLOCK_M,
-            offs_n,
-            offs_d,
-            dmask,
-            T,
-            ls_base,
-            LseS,
-            LseT,
-            Buf,
-            BufDesc,
-            buf_base,
-            sc_s,
-            sc_t,
-            BLOCK_M,
-            False,
-            D,
-            ROW,
-            UPCAST,
+            acc, sink, cs, ct, S, TS, base, ss_t, i * BLOCK_M, offs_n, offs_d, dmask, T, ls_base, LseS, LseT, Buf,
+            BufDesc, buf_base, sc_s, sc_t, BLOCK_M, False, D, ROW, UPCAST
         )
     if ROW == 2:
         acc += sink[None, :]
@@ -223,24 +135,8 @@ def probe(s, t, lses, variant: str, block_m: int, block_n: int, warps: int, stag
 
     def launch():
         _probe_kernel[(T // block_n, B * H)](
-            s,
-            t,
-            buf,
-            desc,
-            lse_s,
-            lse_t,
-            *s.stride()[:3],
-            sc,
-            sc,
-            T,
-            H,
-            D=D,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            ROW=VARIANTS.index(variant),
-            UPCAST=rk._interpreting(),
-            num_warps=warps,
-            num_stages=stages,
+            s, t, buf, desc, lse_s, lse_t, *s.stride()[:3], sc, sc, T, H, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+            ROW=VARIANTS.index(variant), UPCAST=rk._interpreting(), num_warps=warps, num_stages=stages
         )
 
     launch()

@@ -63,20 +63,8 @@ BLOCK_M, BLOCK_N, NUM_WARPS = 128, 64, 8
 
 @gluon.jit
 def _stats_step(
-    x,
-    y,
-    m_s,
-    l_s,
-    m_t,
-    l_t,
-    acc,
-    sc_s,
-    sc_t,
-    offs_m,
-    j0,
-    BLOCK_N: gl.constexpr,
-    col_l: gl.constexpr,
-    MASKED: gl.constexpr,
+    x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m, j0, BLOCK_N: gl.constexpr, col_l: gl.constexpr,
+    MASKED: gl.constexpr
 ):
     """Online-softmax statistics of one [BLOCK_M, BLOCK_N] pair of logit tiles (raw products)."""
     dd = y * sc_t - x * sc_s
@@ -139,25 +127,9 @@ def _release(f_bar, r_bar):
 
 @gluon.jit
 def _relation_fwd_kernel(
-    qs_desc,
-    ks_desc,
-    qt_desc,
-    kt_desc,
-    LseS,
-    LseT,
-    Kl,
-    sc_s,
-    sc_t,
-    T,
-    H,
-    rows_per_b,
-    rows_per_h,
-    cols_per_h,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    D: gl.constexpr,
-    num_warps: gl.constexpr,
-    Q_IN_REGS: gl.constexpr = False,
+    qs_desc, ks_desc, qt_desc, kt_desc, LseS, LseT, Kl, sc_s, sc_t, T, H, rows_per_b, rows_per_h, cols_per_h,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr,
+    Q_IN_REGS: gl.constexpr = False
 ):
     pid_m = gl.cdiv(T, BLOCK_M) - 1 - gl.program_id(0)  # longest causal rows first
     pid_bh = gl.program_id(1)
@@ -231,23 +203,8 @@ def _relation_fwd_kernel(
 
 @gluon.jit
 def _grad_tile(
-    x,
-    y,
-    dk,
-    g_smem,
-    q_i,
-    k_j,
-    LseS,
-    LseT,
-    Dkl,
-    stat_i,
-    cols,
-    sc_s,
-    sc_t,
-    zero_d,
-    BLOCK: gl.constexpr,
-    row_l: gl.constexpr,
-    DIAG,
+    x, y, dk, g_smem, q_i, k_j, LseS, LseT, Dkl, stat_i, cols, sc_s, sc_t, zero_d, BLOCK: gl.constexpr,
+    row_l: gl.constexpr, DIAG
 ):
     """One causal tile's gradient from its raw logit pair: G = dkl_i (p^s - p^t), rounded to bf16
     in shared memory, then the column part dk += Gᵀ X_I (kept) and the row part G X_J (returned)."""
@@ -270,22 +227,8 @@ BWD_BLOCK, BWD_WARPS = 64, 4
 
 @gluon.jit
 def _relation_bwd_kernel(
-    qs_desc,
-    qt_desc,
-    LseS,
-    LseT,
-    Dkl,
-    DX,
-    sc_s,
-    sc_t,
-    T,
-    H,
-    rows_per_b,
-    rows_per_h,
-    cols_per_h,
-    BLOCK: gl.constexpr,
-    D: gl.constexpr,
-    num_warps: gl.constexpr,
+    qs_desc, qt_desc, LseS, LseT, Dkl, DX, sc_s, sc_t, T, H, rows_per_b, rows_per_h, cols_per_h, BLOCK: gl.constexpr,
+    D: gl.constexpr, num_warps: gl.constexpr
 ):
     """One recompute per causal tile. A program owns column block J: its key pair stays in shared
     memory while it sweeps the row blocks I >= J (their pairs TMA double-buffered), keeps the
@@ -336,23 +279,8 @@ def _relation_bwd_kernel(
     for it in range(0, n - 1):
         buf = it % 2
         dk, dq = _grad_tile(
-            x,
-            y,
-            dk,
-            g_smem,
-            qs.index(buf),
-            ks,
-            LseS,
-            LseT,
-            Dkl,
-            stat0 + j0 + it * BLOCK,
-            cols,
-            sc_s,
-            sc_t,
-            zero_d,
-            BLOCK,
-            row_l,
-            it == 0,
+            x, y, dk, g_smem, qs.index(buf), ks, LseS, LseT, Dkl, stat0 + j0 + it * BLOCK, cols, sc_s, sc_t, zero_d,
+            BLOCK, row_l, it == 0
         )
         if it + 2 < n:  # both gradient products have read buffer buf
             _load_pair(
@@ -364,23 +292,8 @@ def _relation_bwd_kernel(
         gl.atomic_add(DX + rows[:, None] + offs_d[None, :], dq, sem="relaxed")
         x, y = warpgroup_mma_wait(num_outstanding=0, deps=(xn, yn))
     dk, dq = _grad_tile(
-        x,
-        y,
-        dk,
-        g_smem,
-        qs.index((n - 1) % 2),
-        ks,
-        LseS,
-        LseT,
-        Dkl,
-        stat0 + j0 + (n - 1) * BLOCK,
-        cols,
-        sc_s,
-        sc_t,
-        zero_d,
-        BLOCK,
-        row_l,
-        n == 1,
+        x, y, dk, g_smem, qs.index((n - 1) % 2), ks, LseS, LseT, Dkl, stat0 + j0 + (n - 1) * BLOCK, cols, sc_s, sc_t,
+        zero_d, BLOCK, row_l, n == 1
     )
     rows = (stat0 + j0 + (n - 1) * BLOCK + offs_r) * D
     gl.atomic_add(DX + rows[:, None] + offs_d[None, :], dq, sem="relaxed")
@@ -390,13 +303,8 @@ def _relation_bwd_kernel(
 
 
 def relation_kl_grad_gluon(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    dkl: torch.Tensor,
-    scale_s: float | None = None,
-    scale_t: float | None = None,
+    student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, dkl: torch.Tensor,
+    scale_s: float | None = None, scale_t: float | None = None
 ) -> torch.Tensor:
     """∂(Σ_i dkl_i KL_i)/∂student for the causal self-relation, from the forward's base-2 LSEs."""
     B, H, T, D = student.shape
@@ -405,22 +313,8 @@ def relation_kl_grad_gluon(
     sc_t = a_t * LOG2E
     dx = torch.zeros(B, H, T, D, device=student.device, dtype=torch.float32)
     _relation_bwd_kernel[(T // BWD_BLOCK, B * H)](
-        _desc(s2, [BWD_BLOCK, D]),
-        _desc(t2, [BWD_BLOCK, D]),
-        lse_s,
-        lse_t,
-        dkl.float().expand(B, H, T).contiguous(),
-        dx,
-        a_s * LOG2E,
-        sc_t,
-        T,
-        H,
-        rb,
-        rh,
-        ch,
-        BWD_BLOCK,
-        D,
-        num_warps=BWD_WARPS,
+        _desc(s2, [BWD_BLOCK, D]), _desc(t2, [BWD_BLOCK, D]), lse_s, lse_t, dkl.float().expand(B, H, T).contiguous(),
+        dx, a_s * LOG2E, sc_t, T, H, rb, rh, ch, BWD_BLOCK, D, num_warps=BWD_WARPS
     )
     return (dx * a_s).to(student.dtype)
 
@@ -468,11 +362,8 @@ def _desc(x2: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 
 def relation_kl_rows_gluon(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    scale_s: float | None = None,
-    scale_t: float | None = None,
-    q_in_regs: bool = False,
+    student: torch.Tensor, teacher: torch.Tensor, scale_s: float | None = None, scale_t: float | None = None,
+    q_in_regs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KL rows [B, H, T] (natural log) and the base-2 LSEs of the causal self-relations."""
     B, H, T, D = student.shape
@@ -481,25 +372,8 @@ def relation_kl_rows_gluon(
     lse_s, lse_t, kl = (torch.empty(B, H, T, device=student.device, dtype=torch.float32) for _ in range(3))
     grid = (T // BLOCK_M, B * H)
     _relation_fwd_kernel[grid](
-        _desc(s2, [BLOCK_M, D]),
-        _desc(s2, [BLOCK_N, D]),
-        _desc(t2, [BLOCK_M, D]),
-        _desc(t2, [BLOCK_N, D]),
-        lse_s,
-        lse_t,
-        kl,
-        sc_s,
-        sc_t,
-        T,
-        H,
-        rb,
-        rh,
-        ch,
-        BLOCK_M,
-        BLOCK_N,
-        D,
-        num_warps=NUM_WARPS,
-        Q_IN_REGS=q_in_regs,
+        _desc(s2, [BLOCK_M, D]), _desc(s2, [BLOCK_N, D]), _desc(t2, [BLOCK_M, D]), _desc(t2, [BLOCK_N, D]), lse_s,
+        lse_t, kl, sc_s, sc_t, T, H, rb, rh, ch, BLOCK_M, BLOCK_N, D, num_warps=NUM_WARPS, Q_IN_REGS=q_in_regs
     )
     return kl, lse_s, lse_t
 
@@ -530,13 +404,8 @@ class GluonRelationKL(torch.autograd.Function):
             (grad,), _ = rk._backward([rel], None, True, 1, True, lse_s, lse_t, dkl)
             return grad, None, None, None, None, None, None
         return (
-            relation_kl_grad_gluon(student, teacher, lse_s, lse_t, dkl, *ctx.scales),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            relation_kl_grad_gluon(student, teacher, lse_s, lse_t, dkl, *ctx.scales), None, None, None, None, None,
+            None
         )
 
 
@@ -675,18 +544,8 @@ def compile_triton_fwd(D: int) -> dict:
     rk = importlib.import_module("linearard_ray.ops.relation_kl_triton")
     cfg = rk._FWD_CFG[D]
     consts = dict(
-        D=D,
-        BLOCK_D=D,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        NREL=1,
-        CAUSAL=True,
-        HAS_MASK=False,
-        EVEN_T=True,
-        IEEE=False,
-        UPCAST=False,
-        ALIGN=16,
-        ROWFWD=False,
+        D=D, BLOCK_D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NREL=1, CAUSAL=True, HAS_MASK=False, EVEN_T=True,
+        IEEE=False, UPCAST=False, ALIGN=16, ROWFWD=False
     )
     ptrs = {
         "S": "*bf16",
@@ -850,10 +709,8 @@ def main() -> int:
             r
             for D in (64, 128)
             for r in (
-                compile_for_hopper(D),
-                compile_for_hopper(D, q_in_regs=True),
-                compile_triton_fwd(D),
-                compile_for_hopper(D, "bwd"),
+                compile_for_hopper(D), compile_for_hopper(D, q_in_regs=True), compile_triton_fwd(D),
+                compile_for_hopper(D, "bwd")
             )
         ),
         _check,

@@ -46,11 +46,8 @@ BM, BN, NBUF = 64, 64, 3  # rows per consumer warpgroup, key tile, ring slots
 def _fresh_rows(BM: gl.constexpr, row_l: gl.constexpr):
     """Online-softmax state of BM rows: maxima, sums (student, teacher) and the cross term."""
     return (
-        gl.full([BM], -1.0e30, gl.float32, row_l),
-        gl.zeros([BM], gl.float32, row_l),
-        gl.full([BM], -1.0e30, gl.float32, row_l),
-        gl.zeros([BM], gl.float32, row_l),
-        gl.zeros([BM], gl.float32, row_l),
+        gl.full([BM], -1.0e30, gl.float32, row_l), gl.zeros([BM], gl.float32, row_l),
+        gl.full([BM], -1.0e30, gl.float32, row_l), gl.zeros([BM], gl.float32, row_l), gl.zeros([BM], gl.float32, row_l)
     )
 
 
@@ -77,27 +74,8 @@ def _stats_any(x, y, m_s, l_s, m_t, l_t, acc, sc_s, sc_t, offs_m, j0, first, BN:
 
 @gluon.jit
 def _consume(
-    qs_all,
-    qt_all,
-    ks_ring,
-    kt_ring,
-    ready,
-    empty,
-    q_bar,
-    turn,
-    LseS,
-    LseT,
-    Kl,
-    sc_s,
-    sc_t,
-    stat0,
-    i0,
-    n,
-    W: gl.constexpr,
-    BM: gl.constexpr,
-    BN: gl.constexpr,
-    NBUF: gl.constexpr,
-    PINGPONG: gl.constexpr,
+    qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, turn, LseS, LseT, Kl, sc_s, sc_t, stat0, i0, n,
+    W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NBUF: gl.constexpr, PINGPONG: gl.constexpr
 ):
     """Consumer warpgroup W: rows i0 + W*BM ..., all n key tiles of the ring, then its rows' outputs."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
@@ -133,25 +111,8 @@ def _consume(
 
 @gluon.jit
 def _consume_overlap(
-    qs_all,
-    qt_all,
-    ks_ring,
-    kt_ring,
-    ready,
-    empty,
-    q_bar,
-    LseS,
-    LseT,
-    Kl,
-    sc_s,
-    sc_t,
-    stat0,
-    i0,
-    n,
-    W: gl.constexpr,
-    BM: gl.constexpr,
-    BN: gl.constexpr,
-    NBUF: gl.constexpr,
+    qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, LseS, LseT, Kl, sc_s, sc_t, stat0, i0, n, W: gl.constexpr,
+    BM: gl.constexpr, BN: gl.constexpr, NBUF: gl.constexpr
 ):
     """Consumer W as _consume, and within the warpgroup the next tile's products are issued before
     this tile's statistics (FlashAttention-3's intra-warpgroup overlap, on top of the two consumers).
@@ -194,25 +155,8 @@ def _consumer1_overlap(descs, bufs, bars, outs, scalars):
     LseS, LseT, Kl = outs
     sc_s, sc_t, stat0, i0, n, row0, col0 = scalars
     _consume_overlap(
-        qs_all,
-        qt_all,
-        ks_ring,
-        kt_ring,
-        ready,
-        empty,
-        q_bar,
-        LseS,
-        LseT,
-        Kl,
-        sc_s,
-        sc_t,
-        stat0,
-        i0,
-        n,
-        1,
-        qs_all.type.shape[1],
-        ks_ring.type.shape[1],
-        ks_ring.type.shape[0],
+        qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, LseS, LseT, Kl, sc_s, sc_t, stat0, i0, n, 1,
+        qs_all.type.shape[1], ks_ring.type.shape[1], ks_ring.type.shape[0]
     )
 
 
@@ -225,27 +169,8 @@ def _consumer1_args(bufs, bars, outs, scalars, PINGPONG: gl.constexpr):
     LseS, LseT, Kl = outs
     sc_s, sc_t, stat0, i0, n, row0, col0 = scalars
     _consume(
-        qs_all,
-        qt_all,
-        ks_ring,
-        kt_ring,
-        ready,
-        empty,
-        q_bar,
-        turn,
-        LseS,
-        LseT,
-        Kl,
-        sc_s,
-        sc_t,
-        stat0,
-        i0,
-        n,
-        1,
-        qs_all.type.shape[1],
-        ks_ring.type.shape[1],
-        ks_ring.type.shape[0],
-        PINGPONG,
+        qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, turn, LseS, LseT, Kl, sc_s, sc_t, stat0, i0, n, 1,
+        qs_all.type.shape[1], ks_ring.type.shape[1], ks_ring.type.shape[0], PINGPONG
     )
 
 
@@ -284,26 +209,9 @@ def _producer(descs, bufs, bars, outs, scalars):
 
 @gluon.jit
 def _ws_fwd_kernel(
-    qs_desc,
-    ks_desc,
-    qt_desc,
-    kt_desc,
-    LseS,
-    LseT,
-    Kl,
-    sc_s,
-    sc_t,
-    T,
-    H,
-    rows_per_b,
-    rows_per_h,
-    cols_per_h,
-    BM: gl.constexpr,
-    BN: gl.constexpr,
-    NBUF: gl.constexpr,
-    PINGPONG: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
-    OVERLAP: gl.constexpr = False,
+    qs_desc, ks_desc, qt_desc, kt_desc, LseS, LseT, Kl, sc_s, sc_t, T, H, rows_per_b, rows_per_h, cols_per_h,
+    BM: gl.constexpr, BN: gl.constexpr, NBUF: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    OVERLAP: gl.constexpr = False
 ):
     pid_m = gl.cdiv(T, 2 * BM) - 1 - gl.program_id(0)  # longest causal rows first
     pid_bh = gl.program_id(1)
@@ -343,25 +251,8 @@ def _ws_fwd_kernel(
                 (
                     _consume_overlap,
                     (
-                        qs_all,
-                        qt_all,
-                        ks_ring,
-                        kt_ring,
-                        ready,
-                        empty,
-                        q_bar,
-                        LseS,
-                        LseT,
-                        Kl,
-                        sc_s,
-                        sc_t,
-                        stat0,
-                        i0,
-                        n,
-                        W0,
-                        BM,
-                        BN,
-                        NBUF,
+                        qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, LseS, LseT, Kl, sc_s, sc_t, stat0, i0, n,
+                        W0, BM, BN, NBUF
                     ),
                 ),
                 (_consumer1_overlap, worker_args),
@@ -376,27 +267,8 @@ def _ws_fwd_kernel(
                 (
                     _consume,
                     (
-                        qs_all,
-                        qt_all,
-                        ks_ring,
-                        kt_ring,
-                        ready,
-                        empty,
-                        q_bar,
-                        turn,
-                        LseS,
-                        LseT,
-                        Kl,
-                        sc_s,
-                        sc_t,
-                        stat0,
-                        i0,
-                        n,
-                        W0,
-                        BM,
-                        BN,
-                        NBUF,
-                        PINGPONG,
+                        qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, turn, LseS, LseT, Kl, sc_s, sc_t, stat0,
+                        i0, n, W0, BM, BN, NBUF, PINGPONG
                     ),
                 ),
                 (_consumer1_pingpong, worker_args),
@@ -411,27 +283,8 @@ def _ws_fwd_kernel(
                 (
                     _consume,
                     (
-                        qs_all,
-                        qt_all,
-                        ks_ring,
-                        kt_ring,
-                        ready,
-                        empty,
-                        q_bar,
-                        turn,
-                        LseS,
-                        LseT,
-                        Kl,
-                        sc_s,
-                        sc_t,
-                        stat0,
-                        i0,
-                        n,
-                        W0,
-                        BM,
-                        BN,
-                        NBUF,
-                        PINGPONG,
+                        qs_all, qt_all, ks_ring, kt_ring, ready, empty, q_bar, turn, LseS, LseT, Kl, sc_s, sc_t, stat0,
+                        i0, n, W0, BM, BN, NBUF, PINGPONG
                     ),
                 ),
                 (_consumer1, worker_args),
@@ -443,14 +296,8 @@ def _ws_fwd_kernel(
 
 
 def relation_kl_rows_ws(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    scale_s: float | None = None,
-    scale_t: float | None = None,
-    pingpong: bool = False,
-    overlap: bool = False,
-    consumer_regs: int = 240,
-    maxnreg: int = 168,
+    student: torch.Tensor, teacher: torch.Tensor, scale_s: float | None = None, scale_t: float | None = None,
+    pingpong: bool = False, overlap: bool = False, consumer_regs: int = 240, maxnreg: int = 168
 ):
     """KL rows [B, H, T] (natural log) and base-2 LSEs of the causal self-relation."""
     B, H, T, D = student.shape
@@ -458,28 +305,8 @@ def relation_kl_rows_ws(
     sc_s, sc_t = (a * g1.LOG2E for a in g1._scales(D, scale_s, scale_t))
     lse_s, lse_t, kl = (torch.empty(B, H, T, device=student.device, dtype=torch.float32) for _ in range(3))
     _ws_fwd_kernel[(T // (2 * BM), B * H)](
-        g1._desc(s2, [BM, D]),
-        g1._desc(s2, [BN, D]),
-        g1._desc(t2, [BM, D]),
-        g1._desc(t2, [BN, D]),
-        lse_s,
-        lse_t,
-        kl,
-        sc_s,
-        sc_t,
-        T,
-        H,
-        rb,
-        rh,
-        ch,
-        BM,
-        BN,
-        NBUF,
-        pingpong,
-        consumer_regs,
-        overlap,
-        num_warps=4,
-        maxnreg=maxnreg,
+        g1._desc(s2, [BM, D]), g1._desc(s2, [BN, D]), g1._desc(t2, [BM, D]), g1._desc(t2, [BN, D]), lse_s, lse_t, kl,
+        sc_s, sc_t, T, H, rb, rh, ch, BM, BN, NBUF, pingpong, consumer_regs, overlap, num_warps=4, maxnreg=maxnreg
     )
     return kl, lse_s, lse_t
 
