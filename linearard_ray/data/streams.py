@@ -18,16 +18,23 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from linearard_ray.training.checkpointing import StreamPosition
-
 # Shuffle-buffer size in tokens (rows = this // block length). Preprocessing already shuffles
 # globally; this buffer only re-orders each epoch differently, so it can stay small.
 DEFAULT_SHUFFLE_TOKENS = 1 << 20
+
+
+@dataclass
+class StreamPosition:
+    """Where a worker's block stream stands: ``rows`` of its own rows of ``epoch`` are consumed."""
+
+    epoch: int = 0
+    rows: int = 0
 
 
 def _rows_of(batch: dict[str, Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:

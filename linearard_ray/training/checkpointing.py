@@ -17,19 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from linearard_ray.data.streams import StreamPosition
+
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
-
-
-@dataclass
-class StreamPosition:
-    """Where a worker's block stream stands: ``rows`` of its own rows of ``epoch`` are consumed."""
-
-    epoch: int = 0
-    rows: int = 0
 
 
 @dataclass

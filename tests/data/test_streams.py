@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from linearard_ray.data.streams import BlockStream, Prefetcher, shuffled
-from linearard_ray.training.checkpointing import StreamPosition
+from linearard_ray.data.streams import BlockStream, Prefetcher, StreamPosition, shuffled
 
 
 def _fake_dataset(n_rows: int, T: int, seed: int):
