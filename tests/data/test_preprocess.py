@@ -18,6 +18,7 @@ import pytest
 
 from linearard_ray.config import DataConfig, build_config
 from linearard_ray.data.preprocess import DataError, ensure_preprocessed, load_blocks, preprocess, read_manifest
+from tests.local_ray import local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +27,8 @@ CTX, MIN, ROWS = 64, 12, 30
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=2, log_to_driver=False):
+        yield
 
 
 @pytest.fixture(scope="module")

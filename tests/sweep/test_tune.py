@@ -16,6 +16,7 @@ import yaml
 
 from linearard_ray.config import ConfigError, build_config, load_config
 from linearard_ray.sweep.search_space import apply_params, trial_name
+from tests.local_ray import local_ray
 from tests.scripts import ROOT
 from tests.sweep.configs import base_config
 
@@ -171,7 +172,6 @@ def sweep(cache_dir, tmp_path_factory):
     """A 2 × 2 grid (rope.factor × objective name) on a tiny Llama. One trial's Train run fails at
     step 3 (train.max_failures=0, so the trial fails) and Tune retries the trial, which resumes
     the run from its step-2 checkpoint; the other three have the failure marked as already fired."""
-    import ray
 
     from linearard_ray.data.corpus import iter_sotu
     from linearard_ray.models.tiny import resolve_tiny
@@ -224,17 +224,8 @@ def sweep(cache_dir, tmp_path_factory):
             marker.parent.mkdir(parents=True)
             marker.write_text("marked as fired by the test\n")
     # 5 CPUs: one kept for Ray Data, so the default concurrency is 4 one-CPU trials at once.
-    ray.init(
-        address="local",
-        num_cpus=5,
-        include_dashboard=False,
-        log_to_driver=True,
-        runtime_env={"env_vars": {"LINEARARD_CACHE": str(cache_dir)}},
-    )
-    try:
+    with local_ray(num_cpus=5, cache_dir=cache_dir):
         res = run_sweep(cfg)
-    finally:
-        ray.shutdown()
     return cfg, res, failing
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.local_ray import local_ray
+
 pytestmark = pytest.mark.slow
 
 STEPS = 6
@@ -33,18 +35,8 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster(cache_dir):
-    import ray
-
-    # address="local": never attach to some other `ray start` cluster on this machine.
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=True,
-        runtime_env={"env_vars": {"LINEARARD_CACHE": str(cache_dir)}},
-    )
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=4, cache_dir=cache_dir):
+        yield
 
 
 @pytest.fixture(scope="module")
