@@ -344,17 +344,9 @@ def summarize(
     if uri and exp_id:
         summary_id = _log_mlflow(cfg, specs, plan, rows, best, uri, exp_id, session, files, counts, wall_s)
     _print_where(t, best, best_path, uri, exp_id, summary_id)
-    return SweepResult(
-        sweep_name=t.sweep_name,
-        sweep_dir=sweep_dir,
-        trials=rows,
-        best=best,
-        best_config_path=best_path,
-        tracking_uri=uri,
-        experiment_id=exp_id,
-        summary_run_id=summary_id,
-        files=files,
-    )
+    on_disk = {"sweep_dir": sweep_dir, "best_config_path": best_path, "files": files}
+    in_mlflow = {"tracking_uri": uri, "experiment_id": exp_id, "summary_run_id": summary_id}
+    return SweepResult(sweep_name=t.sweep_name, trials=rows, best=best, **on_disk, **in_mlflow)
 
 
 def _print_results(t: TuneConfig, rows: list[dict[str, Any]], counts: dict[str, int], md_text: str, wall_s: float):
