@@ -50,7 +50,7 @@ from linearard_ray import ops
 from linearard_ray.config import ObjectiveConfig, RopeConfig
 from linearard_ray.models.capture import capture_qkv
 from linearard_ray.models.rope import rope_attention_factor
-from linearard_ray.models.unwrap import unwrap_model
+from linearard_ray.models.unwrap import decoder_and_head, unwrap_model
 from linearard_ray.objective.side_stream import MOST_URGENT, SideStream
 from linearard_ray.ops.api import triton_module
 from linearard_ray.ops.logit_kl import chunked_cross_entropy, chunked_logit_kl
@@ -65,18 +65,17 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def decoder_and_head(model):
-    """(decoder returning last_hidden_state, lm_head) of a HF causal LM, peft/DDP-wrapped or not."""
+def _logit_term_parts(model):
+    """(decoder, lm_head) for the chunked logit terms, which compute logits from hidden states
+    themselves and so support only a plain linear head."""
     base = unwrap_model(model)
-    dec = getattr(base, "model", None)
-    head = getattr(base, "lm_head", None)
-    if dec is None or head is None:
+    if getattr(base, "model", None) is None or getattr(base, "lm_head", None) is None:
         raise ValueError(f"{type(base).__name__} has no .model decoder and .lm_head; not a supported causal LM")
-    if getattr(head, "bias", None) is not None:
+    if getattr(base.lm_head, "bias", None) is not None:
         raise ValueError("LM heads with a bias are not supported by the chunked logit terms")
     if getattr(base.config, "final_logit_softcapping", None):
         raise ValueError("models with final logit softcapping are not supported by the chunked logit terms")
-    return dec, head
+    return decoder_and_head(base)
 
 
 def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -296,7 +295,7 @@ class Objective:
     def __call__(self, teacher, student, batch: dict, lm_batch: dict | None = None) -> LossOutput:
         dev = _device_of(student)
         ids, mask, dense = _batch_to(batch, dev)
-        s_dec, s_head = decoder_and_head(student)
+        s_dec, s_head = _logit_term_parts(student)
         logs: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=dev)
         # The student's forward on `batch` serves the KL terms, and the next-token term when it
@@ -320,7 +319,7 @@ class Objective:
         final hidden states on the student's device, None without the logit term; its LM head)."""
         if teacher is None:
             raise ValueError("this objective needs a teacher (relation or logit weight > 0) but teacher is None")
-        t_dec, t_head = decoder_and_head(teacher)
+        t_dec, t_head = _logit_term_parts(teacher)
         tcap = None
         t_hidden = None
         with torch.no_grad():
