@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.scripts import ROOT, load_script
+from tests.scripts import compile_report, load_script
 
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
@@ -18,19 +18,7 @@ def compiled():
     """`--compile` as a user runs it: every kernel at D 64 and 128, one JSON line each. It runs in a
     process of its own, which the script makes non-interpreted (compiled kernels cannot call
     Triton's interpreted helpers)."""
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "research/experimental/gluon_relation_kl.py"), "--compile"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return {(r["kernel"], r["D"]): r for r in map(json.loads, out.stdout.splitlines())}
+    return compile_report("research/experimental/gluon_relation_kl.py")
 
 
 @pytest.mark.parametrize("D", [64, 128])

@@ -6,28 +6,16 @@ partitions while cuobjdump reported no spill bytes). Values and speed need a GPU
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.scripts import ROOT
+from tests.scripts import compile_report
 
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "research/experimental/gluon_ws_forward.py"), "--compile"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return {(r["kernel"], r["D"]): r for r in map(json.loads, out.stdout.splitlines())}
+    return compile_report("research/experimental/gluon_ws_forward.py")
 
 
 @pytest.mark.parametrize("D", [64, 128])
