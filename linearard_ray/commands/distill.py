@@ -22,7 +22,14 @@ from linearard_ray.config import ConfigError
 
 def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
     parser = build_parser(prog, __doc__)
-    _, cfg = parse_config(parser, argv)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="take over the run name from a job that seems to hold it (same as --set train.takeover=true)",
+    )
+    args, cfg = parse_config(parser, argv)
+    if args.force:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"takeover": True})})
     from linearard_ray.data.sampling import SamplingError
     from linearard_ray.data.sources import DataError
     from linearard_ray.models.loading import ModelError

@@ -202,6 +202,11 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    takeover: bool = Field(
+        False,
+        description="Take over this run name even if another job seems to hold it (its owner cannot be checked, "
+        "e.g. on another host); a lock whose owner is gone is taken over without it. distill --force sets it.",
+    )
     seed: int = 0
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"
