@@ -18,6 +18,7 @@ from typing import Any
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 RUN_NAME_TAG = "linearard.run_name"
+_NOT_READ = object()
 
 
 def _client(uri: str):
@@ -57,6 +58,20 @@ def create_run(uri: str, experiment_id: str, run_name: str, tags: Mapping[str, s
     return run.info.run_id
 
 
+def run_status(uri: str, run_id: str) -> str | None:
+    """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None when the store has no such
+    run (deleted, or a different store)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = _client(uri).get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        return None
+    return run.info.status
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """Where to find the run: a UI path for http stores, or the store plus ids for local ones."""
     if uri.startswith(("http://", "https://")):
@@ -82,6 +97,7 @@ class RunLogger:
         self.client = _client(uri)
         run = self.client.get_run(run_id)
         self.experiment_id = run.info.experiment_id
+        self._logged_through: int | None | object = _NOT_READ
         if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
             self.client.update_run(run_id, status="RUNNING")
 
@@ -115,6 +131,21 @@ class RunLogger:
         ]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
+
+    def last_logged_step(self, key: str = "loss") -> int | None:
+        """The highest step at which ``key`` was logged, or None before the first."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=None)
+
+    def log_step_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """A training step's metrics, once per step: steps the run already has (logged by an attempt
+        that ended after its last checkpoint, whose resume trains them again) are not logged again.
+        A resume reproduces those steps exactly, so the points already there are the same numbers."""
+        if self._logged_through is _NOT_READ:
+            self._logged_through = self.last_logged_step()
+        if self._logged_through is not None and step <= self._logged_through:
+            return
+        self.log_metrics(metrics, step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():

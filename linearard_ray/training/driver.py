@@ -15,8 +15,11 @@ from typing import Any
 from linearard_ray.config import Config, ConfigError, flatten
 from linearard_ray.ray_env import ensure_ray, worker_env
 from linearard_ray.storage import read_text, write_text
+from linearard_ray.training import run_lock
 from linearard_ray.training.checks import check_config
 from linearard_ray.training.plan import JOB_FILE, JobSpec, TrainResult, job_paths, plan_steps, prepare_streams
+from linearard_ray.training.progress import say
+from linearard_ray.training.run_lock import Acquired
 from linearard_ray.training.worker import train_loop_per_worker
 
 
@@ -78,8 +81,12 @@ def build_trainer(
     )
 
 
-def open_mlflow_run(cfg: Config, storage_dir: str) -> tuple[str | None, str | None, str | None]:
-    """(uri, experiment id, run id): the run recorded for this run name, or a new one."""
+def open_mlflow_run(
+    cfg: Config, storage_dir: str, lock: Acquired | None = None
+) -> tuple[str | None, str | None, str | None]:
+    """(uri, experiment id, run id): the run recorded for this run name, or a new one. A reopened
+    run is tagged with the attempt number, and as resumed from a kill when its last attempt
+    never ended it (still RUNNING) or left a lock behind."""
     if not cfg.tracking.enabled:
         return None, None, None
     from linearard_ray import tracking
@@ -88,26 +95,48 @@ def open_mlflow_run(cfg: Config, storage_dir: str) -> tuple[str | None, str | No
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     job_file = f"{storage_dir}/{JOB_FILE}"
     prior = read_text(job_file)
-    if prior:
-        info = json.loads(prior)
-        if info.get("tracking_uri") == uri and info.get("mlflow_run_id"):
-            try:
-                tracking.RunLogger(uri, info["mlflow_run_id"])  # exists and is marked running again
-                return uri, info.get("experiment_id", exp_id), info["mlflow_run_id"]
-            except Exception:
-                pass  # the run was deleted from the store: start a new one
-    run_id = tracking.create_run(uri, exp_id, cfg.train.run_name, tags={"linearard.storage": storage_dir})
-    write_text(job_file, json.dumps({"tracking_uri": uri, "experiment_id": exp_id, "mlflow_run_id": run_id}))
+    info = json.loads(prior) if prior else {}
+    attempt = int(info.get("attempts", 1)) + 1 if info else 1
+    reopened = _reopen_mlflow_run(uri, info, attempt, lock)
+    if reopened is not None:
+        exp_id, run_id = info.get("experiment_id", exp_id), reopened
+    else:
+        run_id = tracking.create_run(uri, exp_id, cfg.train.run_name, tags={"linearard.storage": storage_dir})
+        attempt = 1
+    record = {"tracking_uri": uri, "experiment_id": exp_id, "mlflow_run_id": run_id, "attempts": attempt}
+    write_text(job_file, json.dumps(record))
     return uri, exp_id, run_id
 
 
-def prepare_job(cfg: Config) -> tuple[JobSpec, dict[str, Any]]:
+def _reopen_mlflow_run(uri: str, info: dict, attempt: int, lock: Acquired | None) -> str | None:
+    """The run id recorded for this run name, reopened and tagged; None when there is none to reopen."""
+    from linearard_ray import tracking
+
+    run_id = info.get("mlflow_run_id")
+    if info.get("tracking_uri") != uri or not run_id:
+        return None
+    status = tracking.run_status(uri, run_id)
+    if status is None:
+        return None  # the run was deleted from the store: start a new one
+    killed = status == "RUNNING" or (lock is not None and lock.replaced is not None)
+    tags = {"linearard.attempts": attempt}
+    if killed:
+        tags["linearard.resumed_from_kill"] = "true"
+        if lock is not None and lock.replaced is not None:
+            tags["linearard.killed_owner"] = f"{lock.replaced.describe()} ({lock.replaced_because})"
+    tracking.RunLogger(uri, run_id).set_tags(tags)  # also marks it RUNNING again
+    if killed:
+        say(f"[distill] attempt {attempt}: the previous attempt was killed; MLflow run {run_id} tagged")
+    return run_id
+
+
+def prepare_job(cfg: Config, lock: Acquired | None = None) -> tuple[JobSpec, dict[str, Any]]:
     """Everything the driver checks and resolves before any worker starts."""
     storage_dir, output_dir = job_paths(cfg)
     use_gpu = resolve_use_gpu(cfg)
     streams, primary, datasets = prepare_streams(cfg)
     total, tokens_per_step = plan_steps(cfg, streams, primary, cfg.train.num_workers)
-    uri, exp_id, run_id = open_mlflow_run(cfg, storage_dir)
+    uri, exp_id, run_id = open_mlflow_run(cfg, storage_dir, lock)
     job = JobSpec(
         run_name=cfg.train.run_name,
         storage_dir=storage_dir,
@@ -120,27 +149,40 @@ def prepare_job(cfg: Config) -> tuple[JobSpec, dict[str, Any]]:
         tracking_uri=uri,
         experiment_id=exp_id,
         mlflow_run_id=run_id,
+        lock_token=lock.owner.token if lock is not None else None,
     )
     return job, datasets
 
 
 def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:
     """Run (or resume) the distillation job named ``cfg.train.run_name``; export and report where
-    the student and the MLflow run are."""
+    the student and the MLflow run are. The run name is locked for the job's whole life."""
     check_config(cfg)
+    storage_dir, _ = job_paths(cfg)
+    lock = run_lock.acquire(storage_dir, cfg.train.run_name, takeover=cfg.train.takeover)
+    if lock.replaced is not None:
+        say(f"[distill] took over run {cfg.train.run_name!r} from {lock.replaced.describe()}: {lock.replaced_because}")
+    try:
+        with run_lock.Heartbeat(storage_dir, lock.owner) as heartbeat:
+            return _run_locked(cfg, lock, heartbeat, callbacks)
+    finally:
+        run_lock.release(storage_dir, lock.owner)
+
+
+def _run_locked(cfg: Config, lock: Acquired, heartbeat: run_lock.Heartbeat, callbacks: list | None) -> TrainResult:
     uri = cfg.tracking.resolved_uri() if cfg.tracking.enabled else None
     env = worker_env(uri)
     ensure_ray(env)
     from linearard_ray.data.teacher_samples import with_teacher_samples
 
     cfg = with_teacher_samples(cfg, resolve_use_gpu(cfg))
-    job, datasets = prepare_job(cfg)
+    job, datasets = prepare_job(cfg, lock)
     print(
         f"[distill] run {job.run_name}: {job.total_steps} steps × {job.tokens_per_step} tokens "
         f"on {cfg.train.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); storage {job.storage_dir}",
         flush=True,
     )
-    result = _fit(build_trainer(cfg, job, datasets, worker_env=env, callbacks=callbacks), job)
+    result = _fit(build_trainer(cfg, job, datasets, worker_env=env, callbacks=callbacks), job, heartbeat)
     res = _train_result(job, result)
     if cfg.train.evaluate_at_end and res.student_dir:
         res.evaluation = evaluate_at_end(cfg, res)
@@ -155,21 +197,26 @@ def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:
     return res
 
 
-def _fit(trainer, job: JobSpec):
-    """The trainer's result; on failure the MLflow run is marked FAILED and the error raised."""
+def _fit(trainer, job: JobSpec, heartbeat: run_lock.Heartbeat | None = None):
+    """The trainer's result; on failure the MLflow run is marked FAILED and the error raised,
+    unless another job took the run over (the run is then that job's)."""
     try:
         result = trainer.fit()  # Train V2 raises on failure; older code paths return result.error
         if result.error is not None:
             raise result.error
-    except BaseException:
+    except BaseException as e:
+        if heartbeat is not None and heartbeat.lost_to is not None:
+            raise run_lock.RunLockError(
+                f"run {job.run_name!r} was taken over by another job ({heartbeat.lost_to.describe()})"
+            ) from e
         if job.mlflow_run_id and job.tracking_uri:
             # FAILED until the same run name is started again, which resumes and reopens this run
             from linearard_ray.tracking import RunLogger
 
             try:
                 RunLogger(job.tracking_uri, job.mlflow_run_id).finish("FAILED")
-            except Exception as e:  # never hide the training error behind a tracking one
-                print(f"[distill] could not mark the MLflow run failed: {e}", file=sys.stderr, flush=True)
+            except Exception as err:  # never hide the training error behind a tracking one
+                print(f"[distill] could not mark the MLflow run failed: {err}", file=sys.stderr, flush=True)
         raise
     return result
 

@@ -47,6 +47,7 @@ class JobSpec:
     tracking_uri: str | None = None
     experiment_id: str | None = None
     mlflow_run_id: str | None = None
+    lock_token: str | None = None  # the run lock this job holds; workers stop when it is not theirs
 
     def to_dict(self) -> dict:
         return asdict(self)

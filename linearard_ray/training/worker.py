@@ -171,6 +171,15 @@ def _injected_failure_step(w: Worker) -> int | None:
     return fail_at
 
 
+def _lock_watch(job: JobSpec):
+    """The per-step check that this job still owns its run name (None for a job without a lock)."""
+    if job.lock_token is None:
+        return None
+    from linearard_ray.training.run_lock import LockWatch
+
+    return LockWatch(job.storage_dir, job.lock_token)
+
+
 # --------------------------------------------------------------------------- the steps
 
 
@@ -182,10 +191,13 @@ def _train(
     t, state, total = w.cfg.train, trainee.state, w.job.total_steps
     every = lm_every(w.cfg, w.job.streams)
     fail_at = _injected_failure_step(w)
+    lock = _lock_watch(w.job)
     progress = Progress(total)
     metrics: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     while state.step < total:
+        if lock is not None:
+            lock.check()  # a killed driver or a job that took the run over: stop before the next step
         metrics = optimization_step(w.cfg, trainee, streams, every, w.device, w.world)
         if state.step == fail_at:
             write_text(fail_marker_path(w.job), f"fired at step {state.step}\n")
@@ -214,7 +226,7 @@ def _log_step(
         if evaluated is not None:
             say("[distill] eval " + " ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
     if logger is not None:
-        logger.log_metrics(metrics, step=step)
+        logger.log_step_metrics(metrics, step)
 
 
 def _report(w: Worker, trainee: Trainee, report: dict, with_checkpoint: bool) -> None:
