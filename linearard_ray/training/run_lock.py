@@ -26,6 +26,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
+from linearard_ray.config import ConfigError
 from linearard_ray.storage import fs_and_path, is_uri, read_text, write_text
 
 LOCK_FILE = "linearard_run.lock"
@@ -34,8 +35,10 @@ HEARTBEAT_S = 5.0
 STALE_AFTER_S = 30.0
 
 
-class RunLockError(RuntimeError):
-    """The run name is held by another job (or was taken over from this one)."""
+class RunLockError(ConfigError):
+    """The run name is held by another job (or was taken over from this one). A ``ConfigError``:
+    the fix is in the job's input (wait, another ``train.run_name``, or ``--force``), and the
+    pipelines report it as one, without a traceback."""
 
 
 @dataclass(frozen=True)
