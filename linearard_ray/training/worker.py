@@ -16,7 +16,12 @@ import torch
 
 from linearard_ray.config import Config, build_config, dump_config, flatten
 from linearard_ray.storage import read_text, write_text
-from linearard_ray.training.checkpointing import LoadedCheckpoint, capture_rng, load_checkpoint
+from linearard_ray.training.checkpointing import (
+    LoadedCheckpoint,
+    capture_rng,
+    load_newest_intact,
+    new_checkpoint_dir_name,
+)
 from linearard_ray.training.distributed import device_for_worker, gather_objects
 from linearard_ray.training.held_out import HeldOutEval, held_out_evals
 from linearard_ray.training.plan import JobSpec, fail_marker_path, lm_every
@@ -75,14 +80,15 @@ def _quiet_libraries() -> None:
 
 
 def _resume_checkpoint(world: int) -> LoadedCheckpoint | None:
-    """The checkpoint Ray Train hands this attempt (a retry, or the same run name again), if any."""
+    """The checkpoint Ray Train hands this attempt (a retry, or the same run name again), if any;
+    when it fails its check, the newest older checkpoint of the run that passes (rank 0 says which)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
-        loaded = load_checkpoint(d)
+    rank = ray.train.get_context().get_world_rank()
+    loaded = load_newest_intact(ckpt.filesystem, ckpt.path, say if rank == 0 else lambda _line: None)
     check_same_world(loaded, world)
     return loaded
 
@@ -246,7 +252,7 @@ def _report(w: Worker, trainee: Trainee, report: dict, with_checkpoint: bool) ->
         ray.train.report(
             report,
             checkpoint=Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_step{trainee.state.step:07d}",
+            checkpoint_dir_name=new_checkpoint_dir_name(w.job.storage_dir, trainee.state.step),
         )
 
 
