@@ -77,6 +77,14 @@ class DataConfig(Section):
     text_column: str = Field(
         "text", description="Field/column holding the document text in jsonl, json and parquet inputs."
     )
+    encoding: str = Field(
+        "utf-8", description="Text encoding of text, jsonl and json inputs (Python codec name, e.g. latin-1, cp1252)."
+    )
+    encoding_errors: Literal["skip", "replace"] = Field(
+        "skip",
+        description="Bytes that are not valid in data.encoding: skip the file (text, json) or line (jsonl), counted "
+        "in the report; or replace them with U+FFFD, the replaced characters counted.",
+    )
     ctx_len: int = Field(512, ge=8, description="Tokens per training block.")
     pack: bool = Field(False, description="Pack across documents with EOS separators instead of cutting per document.")
     tail: Literal["drop", "pad"] = Field("drop", description="What to do with a document's last partial block.")
@@ -108,6 +116,20 @@ class DataConfig(Section):
         description="Text sampled from the teacher before training (on a GPU when train.use_gpu), resumable, "
         "and appended to data.sources; e.g. {num_samples: 2080, batch_size: 1040, top_p: 0.95}.",
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_codec(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+            "".encode(v).decode(v)  # a bytes-to-text codec, not base64 or rot13
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r}; use a Python codec name such as utf-8 or latin-1") from None
+        except (TypeError, AttributeError):
+            raise ValueError(f"{v!r} is not a text encoding; use one such as utf-8 or latin-1") from None
+        return v
 
     def lm_data_differs(self) -> bool:
         """Whether the next-token term's blocks differ from the KL terms' ones: other sources or

@@ -42,8 +42,25 @@ class Config(Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_value(raw: str) -> Any:
-    return yaml.safe_load(raw) if raw != "" else ""
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'<line>:<column>: <problem>' (1-based) of a YAML syntax error, as editors count them."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    if mark is None:
+        return problem
+    return f"{mark.line + 1}:{mark.column + 1}: {problem}"
+
+
+def _parse_value(raw: str, key: str = "") -> Any:
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"invalid configuration: --set {key}={raw}: not a YAML value ({_yaml_problem(e)}); "
+            "quote a string that holds YAML punctuation"
+        ) from None
 
 
 def set_dotted(d: dict, dotted: str, value: Any) -> None:
@@ -66,7 +83,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v.strip())
+        out[k.strip()] = _parse_value(v.strip(), k.strip())
     return out
 
 
@@ -77,6 +94,7 @@ def _format_error(e: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+        msg = msg.removeprefix("Value error, ")  # our validators' own messages stand alone
         lines.append(f"  {loc}: {msg}")
     return "invalid configuration:\n" + "\n".join(lines)
 
@@ -115,6 +133,19 @@ def build_config(data: dict | None = None, overrides: dict[str, Any] | None = No
         raise ConfigError(_format_error(e)) from None
 
 
+def _read_yaml(p: Path) -> dict:
+    """The sections of a YAML config file; a syntax error is reported with its line and column."""
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid configuration: {p}:{_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"invalid configuration: {p}: not UTF-8 text (byte {e.start})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return loaded or {}
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Read YAML (or nothing: the embedded default), apply `--set` overrides, validate."""
     data: dict = {}
@@ -122,10 +153,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        data = loaded or {}
+        data = _read_yaml(p)
     ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     return build_config(data, ov)
 

@@ -96,16 +96,17 @@ class LayerSelection(Section):
         s = v.strip().lower()
         if s == "all":
             return {"strategy": "all"}
-        if ":" in s:
-            kind, arg = s.split(":", 1)
-            if kind in ("first", "last"):
-                return {"strategy": kind, "n": int(arg)}
-            if kind == "every":
-                return {"strategy": "every", "k": int(arg)}
-            if kind == "range":
-                a, b = arg.split("-", 1)
-                return {"strategy": "range", "start": int(a), "stop": int(b)}
         try:
+            if ":" in s:
+                kind, arg = s.split(":", 1)
+                if kind in ("first", "last"):
+                    return {"strategy": kind, "n": int(arg)}
+                if kind == "every":
+                    return {"strategy": "every", "k": int(arg)}
+                if kind == "range":
+                    a, b = arg.split("-", 1)
+                    return {"strategy": "range", "start": int(a), "stop": int(b)}
+                raise ValueError(kind)
             return {"strategy": "list", "layers": [int(x) for x in s.split(",") if x.strip()]}
         except ValueError:
             raise ValueError(
@@ -122,25 +123,58 @@ class LayerSelection(Section):
             raise ValueError("layer selection 'range' needs stop > start")
         return self
 
+    def spelled(self) -> str:
+        """The selection as the string form accepts it, e.g. 'last:4' (for messages)."""
+        if self.strategy == "all":
+            return "all"
+        if self.strategy in ("first", "last"):
+            return f"{self.strategy}:{self.n}"
+        if self.strategy == "every":
+            return f"every:{self.k}" + (f" (offset {self.offset})" if self.offset else "")
+        if self.strategy == "range":
+            return f"range:{self.start}-{self.stop}"
+        return ",".join(str(i) for i in self.layers)
+
+    def missing_layers(self, num_layers: int) -> str | None:
+        """What this selection names that a model of `num_layers` layers lacks, or None."""
+        L = num_layers
+        if self.strategy in ("first", "last") and self.n > L:
+            return f"{self.n} layers"
+        if self.strategy == "every" and self.offset >= L:
+            return f"layer {self.offset} (the offset)"
+        if self.strategy == "range" and self.stop > L:
+            return f"layers up to {self.stop - 1}"
+        if self.strategy == "list":
+            bad = [i for i in self.layers if not -L <= i < L]
+            if bad:
+                return f"layer indices {bad}"
+        return None
+
+    def check_fits(self, num_layers: int, field: str = "objective.relation.layers", model: str = "the model") -> None:
+        """ConfigError naming `field`, the selection and the layer count when the selection names
+        a layer the model lacks: a too-large selection is refused rather than quietly cut down."""
+        missing = self.missing_layers(num_layers)
+        if missing is not None:
+            raise ConfigError(
+                f"{field}: {self.spelled()!r} selects {missing}, but {model} has {num_layers} layers "
+                f"(0..{num_layers - 1})"
+            )
+
     def resolve(self, num_layers: int) -> list[int]:
         """The sorted layer indices this selection picks in a model of `num_layers` layers."""
         L = num_layers
+        self.check_fits(L)
         if self.strategy == "all":
             out = list(range(L))
         elif self.strategy == "first":
-            out = list(range(min(self.n, L)))
+            out = list(range(self.n))
         elif self.strategy == "last":
-            out = list(range(max(0, L - self.n), L))
+            out = list(range(L - self.n, L))
         elif self.strategy == "every":
             out = list(range(self.offset, L, self.k))
         elif self.strategy == "range":
-            out = list(range(self.start, min(self.stop, L)))
+            out = list(range(self.start, self.stop))
         else:
-            bad = [i for i in self.layers if not -L <= i < L]
-            if bad:
-                raise ConfigError(
-                    f"objective.relation.layers: layer indices {bad} out of range for a model with {L} layers"
-                )
             out = sorted({i % L for i in self.layers})
         if not out:
             raise ConfigError(f"objective.relation.layers selects no layer of a model with {L} layers")
@@ -188,6 +222,19 @@ class RelationTerm(Section):
             out["qk"] = v["qk"]
         return out
 
+    @model_validator(mode="after")
+    def _some_relation(self) -> RelationTerm:
+        # A term switched on with every part switched off computes nothing: refuse it here rather
+        # than let every worker fail on it.
+        if self.weight > 0 and not any(w > 0 for w in self.weights.values()):
+            parts = ", ".join(f"weights.{k}=0" for k in self.weights)
+            raise ValueError(
+                f"objective.relation.weight={self.weight:g} but every per-relation weight is 0 ({parts}): "
+                "the relation term would compute nothing; give one of objective.relation.weights.q/k/v/qk "
+                "a weight > 0, or set objective.relation.weight=0"
+            )
+        return self
+
 
 class LogitTerm(Section):
     weight: float = Field(0.0, ge=0)
@@ -231,7 +278,10 @@ class ObjectiveConfig(Section):
     @model_validator(mode="after")
     def _some_term(self) -> ObjectiveConfig:
         if self.relation.weight == 0 and self.logits.weight == 0 and self.next_token.weight == 0:
-            raise ValueError("objective: every term has weight 0; nothing to train")
+            raise ValueError(
+                "objective: every term has weight 0 (objective.relation.weight, objective.logits.weight, "
+                "objective.next_token.weight); nothing to train"
+            )
         return self
 
     @property
