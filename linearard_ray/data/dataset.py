@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from linearard_ray.config import DataConfig
 from linearard_ray.data.blocks import TokenSpec
-from linearard_ray.data.sources import InputFile, iter_documents
+from linearard_ray.data.sources import Decoding, InputFile, iter_documents
 from linearard_ray.data.tokenization import TokenizeCut
 
 if TYPE_CHECKING:
@@ -36,21 +36,25 @@ _READ_SCHEMA = pa.schema(
         pa.field("reason", pa.string()),
         pa.field("detail", pa.string()),
         pa.field("n_docs", pa.int64()),
+        pa.field("replaced", pa.int64()),
     ]
 )
 
 
-def _read_files(batch: dict[str, np.ndarray], items: list[InputFile], text_column: str) -> Iterator[pa.Table]:
+def _read_files(
+    batch: dict[str, np.ndarray], items: list[InputFile], text_column: str, decoding: Decoding
+) -> Iterator[pa.Table]:
     """Read task: the documents of the input files whose indices are in the batch."""
     rows: dict[str, list] = {k: [] for k in _READ_SCHEMA.names}
     size = 0
     for i in batch["id"]:
-        for doc in iter_documents(items[int(i)], text_column):
+        for doc in iter_documents(items[int(i)], text_column, decoding):
             rows["doc_id"].append(doc.doc_id)
             rows["text"].append(doc.text)
             rows["reason"].append(doc.reason)
             rows["detail"].append(doc.detail)
             rows["n_docs"].append(doc.n_docs)
+            rows["replaced"].append(doc.replaced)
             size += len(doc.text or "")
             if len(rows["doc_id"]) >= _READ_BATCH_DOCS or size >= _READ_BATCH_BYTES:
                 yield pa.table(rows, schema=_READ_SCHEMA)
@@ -101,7 +105,11 @@ def build_dataset(items: list[InputFile], data_cfg: DataConfig, tokenizer: dict,
         batch_size=1,
         batch_format="numpy",
         num_cpus=read_cpus,
-        fn_kwargs={"items": items, "text_column": data_cfg.text_column},
+        fn_kwargs={
+            "items": items,
+            "text_column": data_cfg.text_column,
+            "decoding": Decoding(data_cfg.encoding, data_cfg.encoding_errors),
+        },
     )
     return ds.map_batches(
         TokenizeCut,

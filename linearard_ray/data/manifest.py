@@ -43,6 +43,8 @@ _OUTPUT_FIELDS = (
     "sources",
     "format",
     "text_column",
+    "encoding",
+    "encoding_errors",
     "ctx_len",
     "pack",
     "tail",
@@ -107,6 +109,8 @@ def complete_manifest(
         "input_files": n_inputs,
         "format": data_cfg.format,
         "text_column": data_cfg.text_column,
+        "encoding": data_cfg.encoding,
+        "encoding_errors": data_cfg.encoding_errors,
         "ctx_len": data_cfg.ctx_len,
         "pack": data_cfg.pack,
         "tail": data_cfg.tail,
@@ -154,6 +158,11 @@ def format_report(manifest: dict, out: str | Path | None = None, max_skips: int 
         f"  blocks: {m['blocks']} x {m['ctx_len']} tokens ({layout}, tail={m['tail']}) in {len(m['shards'])} shard(s)",
         f"  wall time: {m['wall_time_s']:.1f} s ({m['tokens_per_s']:.0f} tokens/s)",
     ]
+    if m.get("chars_replaced"):
+        lines.append(
+            f"  decoding: {m['chars_replaced']} undecodable characters replaced with U+FFFD in "
+            f"{m['docs_replaced']} used documents (encoding={m['encoding']})"
+        )
     if m["docs_skipped"]:
         lines += _skip_report(m, max_skips)
     return "\n".join(lines)

@@ -91,6 +91,12 @@ class _Stats:
         self.dropped = 0
         self.blocks = 0
         self.real_tokens = 0
+        self.docs_replaced = 0  # used documents with characters decoded as U+FFFD
+        self.chars_replaced = 0
+
+    def count_replaced(self, replaced: np.ndarray) -> None:
+        self.docs_replaced += int((replaced > 0).sum())
+        self.chars_replaced += int(replaced.sum())
 
     @property
     def docs_read(self) -> int:
@@ -128,6 +134,8 @@ class _Stats:
             "shards": shards,
             "skipped": self.skipped,
             "skipped_listed": len(self.skipped),
+            "docs_replaced": self.docs_replaced,
+            "chars_replaced": self.chars_replaced,
         }
 
 
@@ -207,6 +215,13 @@ def preprocess(data_cfg: DataConfig, tokenizer_path: str | Path, *, progress: bo
         write_manifest(staging, manifest)
     manifest = read_manifest(out)
     log.info("%s", format_report(manifest, out))
+    if manifest["chars_replaced"]:
+        log.warning(
+            "preprocess replaced %d undecodable characters with U+FFFD in %d documents (data.encoding=%s)",
+            manifest["chars_replaced"],
+            manifest["docs_replaced"],
+            data_cfg.encoding,
+        )
     if manifest["docs_skipped"]:
         log.warning(
             "preprocess skipped %d of %d documents (%s); the list is in %s",
@@ -287,13 +302,33 @@ def _stream_blocks(
         bar.close()
 
 
+# What to change for each reason documents were skipped, when none gave a block.
+_NO_BLOCK_ADVICE = {
+    "missing_text_column": "set data.text_column to the column that holds the text",
+    "not_text": "set data.text_column to a column of strings",
+    "undecodable": "set data.encoding to the files' encoding, or data.encoding_errors=replace",
+    "too_short": "lower data.min_doc_tokens, or add data",
+    "no_full_block": "lower data.ctx_len or set data.tail=pad, or add data",
+}
+
+
 def _no_block_error(stats: _Stats, data_cfg: DataConfig) -> DataError:
+    """Why no block came out: the counts, an example of each skip reason (the file, and for a
+    missing text column the columns it has) and what to change."""
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.by_reason.items())) or "no documents"
+    examples = {}
+    for s in stats.skipped:
+        examples.setdefault(s["reason"], f"{s['doc_id']}: {s['detail']}")
+    advice = [_NO_BLOCK_ADVICE[r] for r in sorted(stats.by_reason) if r in _NO_BLOCK_ADVICE]
+    if not advice:
+        advice = ["add data, or lower data.ctx_len / data.min_doc_tokens, or set data.tail=pad"]
     return DataError(
         f"no usable block from data.sources={list(data_cfg.sources)}: {stats.docs_read} "
         f"documents read, {stats.docs_skipped} skipped ({reasons}), {stats.tokens} tokens kept "
-        f"(ctx_len={data_cfg.ctx_len}, min_doc_tokens={data_cfg.min_doc_tokens}, tail={data_cfg.tail}); "
-        "add data, or lower data.ctx_len / data.min_doc_tokens, or set data.tail=pad"
+        f"(ctx_len={data_cfg.ctx_len}, min_doc_tokens={data_cfg.min_doc_tokens}, tail={data_cfg.tail})"
+        + "".join(f"\n  e.g. {e}" for e in examples.values())
+        + "\n"
+        + "; ".join(advice)
     )
 
 
@@ -318,6 +353,7 @@ def _consume_blocks(blocks: pa.Table, stats: _Stats, put: Callable[[pa.Table], N
         return
     first = blocks.column("block_index").to_numpy() == 0
     stats.docs_used += int(first.sum())
+    stats.count_replaced(blocks.column("replaced").to_numpy())
     stats.tokens += int(blocks.column("n_tokens").to_numpy().sum())
     stats.dropped += int(blocks.column("dropped").to_numpy().sum())
     put(blocks.select(["input_ids", "attention_mask", "doc_id", "block_index"]))
@@ -326,6 +362,7 @@ def _consume_blocks(blocks: pa.Table, stats: _Stats, put: Callable[[pa.Table], N
 def _consume_documents(docs: pa.Table, stats: _Stats, packer: Packer, put: Callable[[pa.Table], None]) -> None:
     if docs.num_rows == 0:
         return
+    stats.count_replaced(docs.column("replaced").to_numpy())
     lists = docs.column("input_ids").combine_chunks()
     offsets = np.asarray(lists.offsets)
     values = np.asarray(lists.values)

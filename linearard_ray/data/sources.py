@@ -14,6 +14,7 @@ so the caller can count it rather than lose it.
 from __future__ import annotations
 
 import bz2
+import codecs
 import fnmatch
 import glob
 import gzip
@@ -58,7 +59,7 @@ class DataError(ValueError):
 SKIP_REASONS = {
     "empty": "empty file or document",
     "binary": "binary content (not text)",
-    "invalid_utf8": "not valid UTF-8",
+    "undecodable": "not valid text in data.encoding (with data.encoding_errors=skip)",
     "invalid_json": "a line or file that is not valid JSON",
     "not_an_object": "a JSON record that is not an object",
     "missing_text_column": "the text column is missing",
@@ -98,6 +99,39 @@ class Document:
     reason: str = ""  # a SKIP_REASONS key when the document is skipped
     detail: str = ""
     n_docs: int = 1  # documents this record stands for (a whole unreadable parquet file: its rows)
+    replaced: int = 0  # characters that data.encoding_errors=replace turned into U+FFFD
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the bytes of text, jsonl and json inputs become text (data.encoding, data.encoding_errors)."""
+
+    encoding: str = "utf-8"
+    errors: str = "skip"  # skip: the file or line is a counted skip; replace: U+FFFD, counted
+
+    @property
+    def codec(self) -> str:
+        # UTF-8 reads a leading byte-order mark as a mark, not as text
+        return "utf-8-sig" if codecs.lookup(self.encoding).name == "utf-8" else self.encoding
+
+    @property
+    def wide(self) -> bool:
+        """UTF-16/32: NUL bytes are text, and lines cannot be split on the byte b'\\n'."""
+        return codecs.lookup(self.encoding).name.startswith(("utf-16", "utf-32"))
+
+    def decode(self, data: bytes, where: str = "") -> tuple[str | None, int, str]:
+        """(text, characters replaced, why not): text None when `data` is not valid and errors=skip."""
+        try:
+            return data.decode(self.codec), 0, ""
+        except UnicodeDecodeError as e:
+            if self.errors != "replace":
+                return None, 0, f"not valid {self.encoding} at byte {e.start}{where} (data.encoding)"
+        text = data.decode(self.codec, "replace")
+        # U+FFFD already in the text is not a replacement: count only what decoding added
+        return text, text.count("\ufffd") - data.decode(self.codec, "ignore").count("\ufffd"), ""
+
+
+UTF8 = Decoding()
 
 
 # --------------------------------------------------------------------------- resolution
@@ -359,8 +393,11 @@ def _open_bytes(item: InputFile) -> io.RawIOBase:
     return raw
 
 
-def looks_binary(data: bytes) -> bool:
-    """NUL bytes or many control characters: not text in any encoding we read."""
+def looks_binary(data: bytes, decoding: Decoding = UTF8) -> bool:
+    """NUL bytes or many control characters: not text in any encoding we read (UTF-16/32 text
+    holds NUL bytes: there decoding alone decides)."""
+    if decoding.wide:
+        return False
     sample = data[:_SNIFF_BYTES]
     if b"\x00" in sample:
         return True
@@ -368,82 +405,97 @@ def looks_binary(data: bytes) -> bool:
     return len(sample) > 0 and ctrl / len(sample) > 0.1
 
 
-def _decode(data: bytes) -> tuple[str | None, str]:
-    try:
-        return data.decode("utf-8-sig"), ""
-    except UnicodeDecodeError as e:
-        return None, f"invalid UTF-8 at byte {e.start}"
-
-
 def _skip(doc_id: str, reason: str, detail: str = "", n_docs: int = 1) -> Document:
     return Document(doc_id, None, reason, detail or SKIP_REASONS[reason], n_docs)
 
 
-def _doc_from_value(doc_id: str, value: Any) -> Document:
+def _doc_from_value(doc_id: str, value: Any, replaced: int = 0) -> Document:
     if value is None:
         return _skip(doc_id, "empty", "null text")
     if not isinstance(value, str):
         return _skip(doc_id, "not_text", f"text column holds {type(value).__name__}, not a string")
     if not value.strip():
         return _skip(doc_id, "empty")
-    return Document(doc_id, value)
+    return Document(doc_id, value, replaced=replaced)
 
 
-def _file_text(item: InputFile) -> tuple[str | None, Document | None]:
-    """The whole file decoded as UTF-8, or the skip record that says why it cannot be."""
+def _file_text(item: InputFile, decoding: Decoding) -> tuple[str | None, int, Document | None]:
+    """The whole file decoded, with the characters replaced, or the skip record that says why it
+    cannot be."""
     with _open_bytes(item) as f:
         data = f.read()
     if not data.strip():
-        return None, _skip(item.uri, "empty")
-    if looks_binary(data):
-        return None, _skip(item.uri, "binary")
-    text, err = _decode(data)
+        return None, 0, _skip(item.uri, "empty")
+    if looks_binary(data, decoding):
+        return None, 0, _skip(item.uri, "binary")
+    text, replaced, err = decoding.decode(data)
     if text is None:
-        return None, _skip(item.uri, "invalid_utf8", err)
-    return text, None
+        return None, 0, _skip(item.uri, "undecodable", err)
+    return text, replaced, None
 
 
-def _read_text(item: InputFile) -> Iterator[Document]:
-    text, skipped = _file_text(item)
+def _read_text(item: InputFile, decoding: Decoding) -> Iterator[Document]:
+    text, replaced, skipped = _file_text(item, decoding)
     if skipped is not None:
         yield skipped
         return
-    yield _doc_from_value(item.uri, text)
+    yield _doc_from_value(item.uri, text, replaced)
 
 
-def _record(doc_id: str, obj: Any, column: str) -> Document:
+def _record(doc_id: str, obj: Any, column: str, replaced: int = 0) -> Document:
     if not isinstance(obj, dict):
         return _skip(doc_id, "not_an_object", f"record is a JSON {type(obj).__name__}")
     if column not in obj:
         keys = ", ".join(sorted(obj)[:8])
-        return _skip(doc_id, "missing_text_column", f"no column {column!r} (has: {keys})")
-    return _doc_from_value(doc_id, obj[column])
+        return _skip(doc_id, "missing_text_column", f"no column {column!r} (has: {keys}; data.text_column)")
+    return _doc_from_value(doc_id, obj[column], replaced if isinstance(obj[column], str) else 0)
 
 
-def _read_jsonl(item: InputFile, column: str) -> Iterator[Document]:
+def _jsonl_lines(item: InputFile, decoding: Decoding) -> Iterator[tuple[int, bytes | str, int]]:
+    """(line number, line, characters replaced) of every non-blank line: bytes, decoded one line
+    at a time, for encodings whose newline is the byte b'\\n'; text for UTF-16/32, whose file is
+    decoded whole (its replaced characters counted with the first line)."""
+    replaced = 0
     with _open_bytes(item) as f:
-        head = f.read(_SNIFF_BYTES)
-        if looks_binary(head):
-            yield _skip(item.uri, "binary")
+        if decoding.wide:
+            text, replaced, err = decoding.decode(f.read())
+            if text is None:
+                yield 0, err, 0
+                return
+            lines: Any = text.splitlines()
+        else:
+            head = f.read(_SNIFF_BYTES)
+            if looks_binary(head):
+                yield -1, b"", 0
+                return
+            lines = io.BufferedReader(_Prefixed(head, f))
+        for lineno, line in enumerate(lines, start=1):
+            if line.strip():
+                yield lineno, line, replaced
+                replaced = 0
+
+
+def _read_jsonl(item: InputFile, column: str, decoding: Decoding) -> Iterator[Document]:
+    any_line = False
+    for lineno, line, replaced in _jsonl_lines(item, decoding):
+        if lineno <= 0:  # the whole file: binary (-1), or a wide encoding that did not decode (0)
+            yield _skip(item.uri, "binary") if lineno < 0 else _skip(item.uri, "undecodable", line)
             return
-        stream = io.BufferedReader(_Prefixed(head, f))
-        any_line = False
-        for lineno, line in enumerate(stream, start=1):
-            if not line.strip():
+        any_line = True
+        doc_id = f"{item.uri}:{lineno}"
+        if isinstance(line, bytes):
+            line, replaced, err = decoding.decode(line, f" of line {lineno}")
+            if line is None:
+                yield _skip(doc_id, "undecodable", err)
                 continue
-            any_line = True
-            doc_id = f"{item.uri}:{lineno}"
-            try:
-                obj = json.loads(line.decode("utf-8-sig"))
-            except UnicodeDecodeError as e:
-                yield _skip(doc_id, "invalid_utf8", f"invalid UTF-8 at byte {e.start} of line {lineno}")
-                continue
-            except json.JSONDecodeError as e:
-                yield _skip(doc_id, "invalid_json", f"line {lineno}: {e.msg}")
-                continue
-            yield _record(doc_id, obj, column)
-        if not any_line:
-            yield _skip(item.uri, "empty")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield _skip(doc_id, "invalid_json", f"line {lineno}: {e.msg}")
+            continue
+        yield _record(doc_id, obj, column, replaced)
+    if not any_line:
+        yield _skip(item.uri, "empty")
 
 
 class _Prefixed(io.RawIOBase):
@@ -467,8 +519,8 @@ class _Prefixed(io.RawIOBase):
         return n
 
 
-def _read_json(item: InputFile, column: str) -> Iterator[Document]:
-    text, skipped = _file_text(item)
+def _read_json(item: InputFile, column: str, decoding: Decoding) -> Iterator[Document]:
+    text, replaced, skipped = _file_text(item, decoding)
     if skipped is not None:
         yield skipped
         return
@@ -485,10 +537,16 @@ def _read_json(item: InputFile, column: str) -> Iterator[Document]:
     if isinstance(obj, list):
         if not obj:
             yield _skip(item.uri, "empty", "empty JSON list")
+        # the replaced characters are counted once, with the file's first record
         for i, rec in enumerate(obj):
-            yield _record(f"{item.uri}:{i}", rec, column)
+            yield _record(f"{item.uri}:{i}", rec, column, replaced if i == 0 else 0)
     else:
-        yield _record(item.uri, obj, column)
+        yield _record(item.uri, obj, column, replaced)
+
+
+def _missing_column(column: str, names: list[str]) -> str:
+    more = f", … ({len(names)} columns)" if len(names) > 8 else ""
+    return f"no column {column!r} (data.text_column); the file's columns: {', '.join(names[:8]) or 'none'}{more}"
 
 
 def _read_parquet(item: InputFile, column: str) -> Iterator[Document]:
@@ -506,9 +564,7 @@ def _read_parquet(item: InputFile, column: str) -> Iterator[Document]:
         yield _skip(item.uri, "empty", "parquet file without rows")
         return
     if column not in names:
-        yield _skip(
-            item.uri, "missing_text_column", f"no column {column!r} (has: {', '.join(names[:8])})", n_docs=n_rows
-        )
+        yield _skip(item.uri, "missing_text_column", _missing_column(column, names), n_docs=n_rows)
         return
     typ = pf.schema_arrow.field(column).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
@@ -531,15 +587,16 @@ def _read_builtin(item: InputFile, column: str) -> Iterator[Document]:
             yield _doc_from_value(f"{corpus}/{row['id']}", row.get("text"))
 
 
-def iter_documents(item: InputFile, text_column: str = "text") -> Iterator[Document]:
-    """Every document of one input, in file order; unreadable ones come out as skips."""
+def iter_documents(item: InputFile, text_column: str = "text", decoding: Decoding = UTF8) -> Iterator[Document]:
+    """Every document of one input, in file order; unreadable ones come out as skips. `decoding`
+    applies to text, jsonl and json files (parquet and the built-in corpora hold text already)."""
     if item.fmt == "skip":
         yield _skip(item.uri, item.skip_reason)
         return
     readers = {
-        "text": lambda it, c: _read_text(it),
-        "jsonl": _read_jsonl,
-        "json": _read_json,
+        "text": lambda it, c: _read_text(it, decoding),
+        "jsonl": lambda it, c: _read_jsonl(it, c, decoding),
+        "json": lambda it, c: _read_json(it, c, decoding),
         "parquet": _read_parquet,
         "builtin": _read_builtin,
     }

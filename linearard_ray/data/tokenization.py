@@ -40,6 +40,7 @@ _STREAM_SCHEMA = pa.schema(
         pa.field("n_docs", pa.int64()),
         pa.field("n_tokens", pa.int64()),  # the document's tokens with BOS/EOS (block 0 / doc rows)
         pa.field("dropped", pa.int64()),  # its tail tokens dropped (block 0 rows)
+        pa.field("replaced", pa.int64()),  # its characters decoded as U+FFFD (block 0 / doc rows)
     ]
 )
 _LIST_COLUMNS = ("input_ids", "attention_mask")
@@ -125,6 +126,7 @@ class _StreamRows:
         n_docs: int = 1,
         n_tokens: int = 0,
         dropped: int = 0,
+        replaced: int = 0,
     ) -> None:
         row = {
             "kind": kind,
@@ -135,6 +137,7 @@ class _StreamRows:
             "n_docs": n_docs,
             "n_tokens": n_tokens,
             "dropped": dropped,
+            "replaced": replaced,
         }
         for k, v in row.items():
             self.columns[k].append(v)
@@ -167,23 +170,25 @@ class TokenizeCut:
         reasons = batch.column("reason").to_pylist()
         details = batch.column("detail").to_pylist()
         n_docs = batch.column("n_docs").to_pylist()
+        replaced = batch.column("replaced").to_pylist() if "replaced" in batch.column_names else [0] * len(doc_ids)
         good = [i for i, r in enumerate(reasons) if not r]
         encoded = dict(zip(good, encode_texts(self.tok, [texts[i] for i in good]), strict=False)) if good else {}
         for i, doc_id in enumerate(doc_ids):
             if reasons[i]:
                 rows.skip(doc_id, reasons[i], details[i], n_docs[i])
             else:
-                self._add_document(rows, doc_id, encoded[i])
+                self._add_document(rows, doc_id, encoded[i], replaced[i])
         return rows.table()
 
-    def _add_document(self, rows: _StreamRows, doc_id: str, content: np.ndarray) -> None:
-        """The rows of one readable document: a skip, its framed tokens (packing), or its blocks."""
+    def _add_document(self, rows: _StreamRows, doc_id: str, content: np.ndarray, replaced: int = 0) -> None:
+        """The rows of one readable document: a skip, its framed tokens (packing), or its blocks.
+        Its count of replaced characters rides on its first row, as its token count does."""
         if len(content) < self.min_doc_tokens:
             rows.skip(doc_id, "too_short", f"{len(content)} tokens < data.min_doc_tokens={self.min_doc_tokens}")
             return
         ids = frame_document(content, self.spec)
         if self.pack:
-            rows.add(KIND_DOC, doc_id, 0, ids, _NO_MASK, n_tokens=len(ids))
+            rows.add(KIND_DOC, doc_id, 0, ids, _NO_MASK, n_tokens=len(ids), replaced=replaced)
             return
         blocks, dropped = cut_document(ids, doc_id, self.ctx_len, self.tail, self.spec.pad_id)
         if not blocks:
@@ -199,4 +204,5 @@ class TokenizeCut:
                 b.attention_mask,
                 n_tokens=len(ids) if first else 0,
                 dropped=dropped if first else 0,
+                replaced=replaced if first else 0,
             )

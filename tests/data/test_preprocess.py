@@ -82,7 +82,7 @@ def _make_corpus(root: Path) -> Corpus:
     (root / "junk.txt").write_bytes(bytes(rng.randrange(256) for _ in range(4096)) + b"\x00")
     c.add(str(root / "junk.txt"), None, "binary")
     (root / "latin1.txt").write_bytes(_words(rng, 200).encode() + " caf\xe9".encode("latin-1"))
-    c.add(str(root / "latin1.txt"), None, "invalid_utf8")
+    c.add(str(root / "latin1.txt"), None, "undecodable")
     (root / "notes.bin").write_bytes(b"\x01\x02")
     c.add(str(root / "notes.bin"), None, "unsupported_file_type")
 
@@ -186,7 +186,7 @@ def test_end_to_end_counts_and_blocks(first_run, corpus, tok):
     assert set(exp["by_reason"]) == {
         "empty",
         "binary",
-        "invalid_utf8",
+        "undecodable",
         "unsupported_file_type",
         "invalid_json",
         "missing_text_column",

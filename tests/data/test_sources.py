@@ -231,7 +231,7 @@ def test_text_files_good_and_bad(tmp_path):
         "empty.txt": (b"", "empty"),
         "blank.txt": (b"  \n\t\n", "empty"),
         "junk.txt": (bytes(rng.randrange(256) for _ in range(3000)) + b"\x00", "binary"),
-        "latin1.txt": (_words(rng, 30).encode() + " caf\xe9".encode("latin-1"), "invalid_utf8"),
+        "latin1.txt": (_words(rng, 30).encode() + " caf\xe9".encode("latin-1"), "undecodable"),
     }
     for name, (data, reason) in cases.items():
         [d] = _docs(_one(tmp_path, name, data))
@@ -273,7 +273,7 @@ def test_jsonl_records(tmp_path):
     # Other column name; gzip; a line with invalid UTF-8.
     gz = gzip.compress(("\n".join(json.dumps({"content": g}) for g in good) + "\n").encode() + b'{"content": "\xff"}\n')
     docs = _docs(_one(tmp_path, "d.jsonl.gz", gz), "content")
-    assert [d.text for d in docs[:3]] == good and docs[3].reason == "invalid_utf8"
+    assert [d.text for d in docs[:3]] == good and docs[3].reason == "undecodable"
     # Binary junk named .jsonl: one skip for the file, not one per "line".
     [d] = _docs(_one(tmp_path, "junk.jsonl", b"\x00\x01\x02" * 1000))
     assert d.reason == "binary"
