@@ -3,6 +3,10 @@ FILE.yaml``, ``--set a.b=value``, ``--help``).
 
 The help text lists every config field with its default and description, generated from the
 pydantic models so it never drifts from what is validated.
+
+Exit status, the same for every command: 0 done; 2 (``EXIT_USER``) the user's input cannot be used
+(configuration, data, model: the message alone, no traceback); 1 (``EXIT_INTERNAL``) an internal
+failure (an uncaught exception and its traceback, Python's own status for it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Annotated, Any, get_args, get_origin
 from pydantic import BaseModel
 
 from linearard_ray.config import Config, ConfigError, load_config
+
+EXIT_INTERNAL = 1
+EXIT_USER = 2
 
 
 def _type_name(ann: Any) -> str:
@@ -78,8 +85,26 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USER) from None
     return args, cfg
+
+
+def user_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
+    """The exceptions that mean the user's input is wrong (config, data, model, RoPE, teacher
+    sampling), plus a command's own `extra` ones: a command reports them with `user_error`.
+    Imported here, after the config is parsed, so `--help` and a bad config stay fast."""
+    from linearard_ray.data.sampling import SamplingError
+    from linearard_ray.data.sources import DataError
+    from linearard_ray.models.loading import ModelError
+    from linearard_ray.models.rope import RopeError
+
+    return (ConfigError, DataError, ModelError, RopeError, SamplingError, *extra)
+
+
+def user_error(prog: str, e: Exception) -> int:
+    """Report an error in the user's input without a traceback; the exit status for it."""
+    print(f"{prog}: {e}", file=sys.stderr)
+    return EXIT_USER
 
 
 def _command_module(name: str):
@@ -109,5 +134,5 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] not in COMMANDS:
         print(f"linearard-ray: unknown command {argv[0]!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     return _command_module(argv[0]).main(argv[1:], prog=f"linearard-ray {argv[0]}")

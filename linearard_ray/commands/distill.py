@@ -14,10 +14,7 @@ Starting it again with the same train.run_name resumes from the last checkpoint.
 
 from __future__ import annotations
 
-import sys
-
-from linearard_ray.cli import build_parser, parse_config
-from linearard_ray.config import ConfigError
+from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
 
 
 def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
@@ -30,21 +27,10 @@ def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
     args, cfg = parse_config(parser, argv)
     if args.force:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"takeover": True})})
-    from linearard_ray.data.sampling import SamplingError
-    from linearard_ray.data.sources import DataError
-    from linearard_ray.models.loading import ModelError
-    from linearard_ray.models.rope import RopeError
     from linearard_ray.training.driver import run_distill
 
     try:
         run_distill(cfg)
-    except (
-        ConfigError,
-        DataError,
-        ModelError,
-        RopeError,
-        SamplingError,
-    ) as e:  # the user's input, not a bug: no traceback
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
+    except user_errors() as e:  # the user's input, not a bug: no traceback
+        return user_error(prog, e)
     return 0

@@ -16,11 +16,9 @@ Writes report.json, report.md and PNG plots to eval.output_dir and logs an MLflo
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from linearard_ray.cli import build_parser, parse_config
-from linearard_ray.config import ConfigError
+from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
 
 
 def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
@@ -44,8 +42,6 @@ def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
         parser.error(f"--jobs-per-gpu must be >= 1, got {args.jobs_per_gpu}")
     from linearard_ray.evaluation.evaluate import EvalError, evaluate
     from linearard_ray.evaluation.texts import TextsError
-    from linearard_ray.models.loading import ModelError
-    from linearard_ray.models.rope import RopeError
 
     try:
         if args.jobs_per_gpu:
@@ -62,9 +58,8 @@ def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
             )
         else:
             report = evaluate(cfg, ray_address=args.ray_address)
-    except (ConfigError, EvalError, TextsError, ModelError, RopeError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
+    except user_errors(EvalError, TextsError) as e:
+        return user_error(prog, e)
     print(f"{prog}: report in {Path(cfg.eval.output_dir).resolve()}")
     if report.get("mlflow"):
         from linearard_ray.tracking import run_url

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from linearard_ray.cli import build_parser, parse_config
+from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
 
 
 def main(argv: list[str] | None = None, prog: str = "preprocess.py") -> int:
@@ -34,17 +34,15 @@ def main(argv: list[str] | None = None, prog: str = "preprocess.py") -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args, cfg = parse_config(parser, argv)
 
-    from linearard_ray.data.preprocess import DataError, ensure_preprocessed, format_report, read_manifest
-    from linearard_ray.models.loading import ModelError
+    from linearard_ray.data.preprocess import ensure_preprocessed, format_report, read_manifest
 
     streams = ["main", "lm"] if args.stream == "both" else [args.stream]
     try:
         for stream in streams:
             out = ensure_preprocessed(cfg, stream=stream, progress=not args.quiet, force=args.force)
             print(f"[{stream}] " + format_report(read_manifest(out), out))
-    except (DataError, ModelError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 1
+    except user_errors() as e:  # the user's input (sources, data, tokenizer), not a bug: no traceback
+        return user_error(prog, e)
     return 0
 
 

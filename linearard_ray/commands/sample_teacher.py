@@ -13,11 +13,10 @@ small model is bound by per-step overhead (research/LOG.md, teacher sampling). T
 from __future__ import annotations
 
 import json
-import sys
 
 from pydantic import ValidationError
 
-from linearard_ray.cli import build_parser, parse_config
+from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
 
 
 def main(argv: list[str] | None = None, prog: str = "sample_teacher.py") -> int:
@@ -32,8 +31,7 @@ def main(argv: list[str] | None = None, prog: str = "sample_teacher.py") -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args, cfg = parse_config(parser, argv)
-    from linearard_ray.data.sampling import SampleSpec, SamplingError, sample_corpus
-    from linearard_ray.models.loading import ModelError
+    from linearard_ray.data.sampling import SampleSpec, sample_corpus
 
     try:
         spec = SampleSpec(
@@ -53,8 +51,7 @@ def main(argv: list[str] | None = None, prog: str = "sample_teacher.py") -> int:
         parser.error(f"--{flag.replace('_', '-')}: {err['msg']}")
     try:
         summary = sample_corpus(cfg.model, spec, args.out, device=args.device)
-    except (SamplingError, ModelError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
+    except user_errors() as e:
+        return user_error(prog, e)
     print(json.dumps(summary))
     return 0

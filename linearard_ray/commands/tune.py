@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from linearard_ray.cli import build_parser
+from linearard_ray.cli import EXIT_INTERNAL, build_parser, user_error, user_errors
 from linearard_ray.config import ConfigError, load_config, parse_overrides
 
 # Without --config: the embedded default (SmolLM2-135M, PI, CPU) made small enough that its
@@ -47,19 +47,14 @@ def main(argv: list[str] | None = None, prog: str = "tune.py") -> int:
         overrides = ({} if args.config else dict(SWEEP_DEFAULTS)) | parse_overrides(args.overrides)
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    from linearard_ray.data.sampling import SamplingError
-    from linearard_ray.data.sources import DataError
-    from linearard_ray.models.loading import ModelError
+        return user_error(prog, e)
     from linearard_ray.sweep.tune import run_sweep
 
     try:
         res = run_sweep(cfg)
-    except (ConfigError, DataError, ModelError, SamplingError) as e:  # the user's input: no traceback
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
+    except user_errors() as e:  # the user's input: no traceback
+        return user_error(prog, e)
     if res.best is None:
         print(f"{prog}: no trial reported the objective; see the table above for the errors", file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL
     return 0

@@ -33,7 +33,7 @@ import torch
 
 from linearard_ray.config import LoraConfig, ModelConfig, RopeConfig
 from linearard_ray.models.rope import apply_rope_scaling, native_window, rope_summary
-from linearard_ray.models.tiny import TINY_PREFIX, default_cache_dir, resolve_tiny
+from linearard_ray.models.tiny import TINY_PREFIX, default_cache_dir, resolve_tiny, tiny_config
 from linearard_ray.models.unwrap import unwrap_model
 
 BUILTIN_MODELS: dict[str, dict[str, str]] = {
@@ -253,6 +253,33 @@ def load_hf_config(name_or_path: str, model_cfg: ModelConfig | None = None):
     return AutoConfig.from_pretrained(
         resolve_model(name_or_path, model_cfg.cache_dir), trust_remote_code=model_cfg.trust_remote_code
     )
+
+
+def read_model_config(name_or_path: str, model_cfg: ModelConfig | None = None):
+    """A model's HF config read without loading, fetching or converting weights, for checks before
+    Ray starts; None when it cannot be read here and now (a built-in model or GGUF file not yet
+    converted, a hub id not in the local cache): the model's loading reports any problem later.
+    ModelError for a local path that does not exist or holds no config."""
+    from transformers import AutoConfig
+
+    model_cfg = model_cfg or ModelConfig()
+    if name_or_path.startswith(TINY_PREFIX):
+        try:
+            return tiny_config(name_or_path[len(TINY_PREFIX) :])
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+    if name_or_path in BUILTIN_MODELS:
+        built = _cache_root(model_cfg.cache_dir) / "models" / name_or_path
+        return AutoConfig.from_pretrained(str(built)) if (built / COMPLETE_MARKER).exists() else None
+    if name_or_path.endswith(".gguf"):
+        return None
+    path = resolve_model(name_or_path, model_cfg.cache_dir)  # local paths only: hub ids come back as they are
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as e:  # transformers raises many kinds for an unreadable config
+        if Path(path).is_dir():
+            raise ModelError(f"cannot read the model config in {path}: {e}") from None
+        return None
 
 
 def load_model(

@@ -23,6 +23,7 @@ def check_config(cfg: Config) -> None:
         )
     check_eval_sources(cfg)
     check_train_sources(cfg)
+    check_model_fit(cfg)
 
 
 def check_eval_sources(cfg: Config) -> None:
@@ -55,3 +56,69 @@ def check_train_sources(cfg: Config) -> None:
                 resolve_source(i, src, cfg.data.format, field=name)
             except DataError as e:
                 raise ConfigError(str(e)) from None
+
+
+def check_model_fit(cfg: Config) -> None:
+    """Driver side, before Ray starts: every length the job runs a model at fits that model's
+    window, and the relation layers exist. Reads the models' configs only (no weights, no network);
+    a model whose config is not at hand yet (a hub id not cached, a built-in model not fetched) is
+    left to the workers' loading."""
+    from linearard_ray.models.loading import ModelError, read_model_config
+
+    names = {"model.teacher": cfg.model.teacher}
+    if cfg.model.student:
+        names["model.student"] = cfg.model.student
+    configs = {}
+    for field, name in names.items():
+        try:
+            configs[field] = read_model_config(name, cfg.model)
+        except ModelError as e:
+            raise ConfigError(f"{field}={name!r}: {e}") from None
+    teacher = configs["model.teacher"]
+    student = configs.get("model.student", teacher)
+    if teacher is None or student is None:
+        return
+    check_lengths(cfg, int(teacher.max_position_embeddings), student_window(cfg, teacher, student))
+    layers = getattr(teacher, "num_hidden_layers", None)
+    if cfg.objective.relation.weight > 0 and layers:
+        cfg.objective.relation.layers.check_fits(int(layers), model=f"model.teacher={cfg.model.teacher!r}")
+
+
+def student_window(cfg: Config, teacher, student) -> int:
+    """The student's window once its RoPE is scaled, as models.loading.load_student scales it:
+    from rope.original_max_position_embeddings or the teacher's native window. Dynamic NTK keeps
+    max_position_embeddings native (models/rope.py says why) but stretches to native × factor."""
+    from linearard_ray.models.rope import RopeError, build_rope_parameters, native_window
+
+    rope = cfg.rope
+    if rope.original_max_position_embeddings is None:
+        rope = rope.model_copy(update={"original_max_position_embeddings": native_window(teacher)})
+    try:
+        _, native, window = build_rope_parameters(student, rope)
+    except RopeError as e:
+        raise ConfigError(str(e)) from None
+    return round(native * rope.factor) if rope.type == "dynamic" else window
+
+
+def check_lengths(cfg: Config, teacher_window: int, student_window: int) -> None:
+    """Each length the job runs at against the window of each model that runs at it."""
+    d, t, obj = cfg.data, cfg.train, cfg.objective
+    teacher = f"the teacher's window (model.teacher={cfg.model.teacher!r}: max_position_embeddings {teacher_window})"
+    student = (
+        f"the student's window ({student_window} tokens: rope.type={cfg.rope.type}, rope.factor={cfg.rope.factor:g})"
+    )
+    limits = [(f"data.ctx_len={d.ctx_len}", d.ctx_len, student_window, student)]
+    # the teacher runs at data.ctx_len for the KL terms and for the held-out evaluation
+    if obj.needs_teacher or t.eval_every is not None:
+        limits.append((f"data.ctx_len={d.ctx_len}", d.ctx_len, teacher_window, teacher))
+    if d.lm_ctx_len is not None and obj.next_token.weight > 0:
+        limits.append((f"data.lm_ctx_len={d.lm_ctx_len}", d.lm_ctx_len, student_window, student))
+    if t.eval_long_len is not None:
+        limits.append((f"train.eval_long_len={t.eval_long_len}", t.eval_long_len, student_window, student))
+    if d.teacher_samples is not None:
+        n = d.teacher_samples.max_new_tokens
+        # generation starts from one start token, then samples n more
+        limits.append((f"data.teacher_samples.max_new_tokens={n} (+1 start token)", n + 1, teacher_window, teacher))
+    for what, length, window, whose in limits:
+        if length > window:
+            raise ConfigError(f"{what} is longer than {whose}")

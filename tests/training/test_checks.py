@@ -77,7 +77,7 @@ def test_help_lists_the_config_fields(capsys):
 
 def test_a_good_config_passes_the_checks_and_reaches_ray(no_ray):
     """The tripwire fires for a config the checks accept: the refusals above are the checks' doing."""
-    cfg = build_config({"model": {"teacher": "tiny:llama"}, "train": {"max_steps": 2}})
+    cfg = build_config({"model": {"teacher": "tiny:llama"}, "data": {"ctx_len": 64}, "train": {"max_steps": 2}})
     check_config(cfg)
     with pytest.raises(AssertionError, match="Ray was started"):
         driver.run_distill(cfg)
