@@ -126,6 +126,7 @@ def test_the_driver_refuses_a_held_run_name_before_ray_starts(tmp_path, other_pr
     cfg = build_config(
         {
             "model": {"teacher": "tiny:llama"},
+            "data": {"ctx_len": 64},  # within the tiny model's 256-token window
             "train": {"run_name": "busy", "storage_path": str(tmp_path / "ray"), "max_steps": 1},
             "tracking": {"enabled": False},
         }
