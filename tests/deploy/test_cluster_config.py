@@ -24,6 +24,8 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+# Where the head keeps the MLflow credentials every Ray process sources (made by head_setup_commands).
+MLFLOW_ENV = "~/.linearard/mlflow.env"
 
 # pyproject pins ray>=2.60,<2.61; the private autoscaler API is only trusted inside that range.
 RAY_MIN, RAY_MAX = Version("2.60"), Version("2.61")
@@ -213,24 +215,28 @@ def test_nccl_env_follows_the_node_network(raw, tmp_path, efa):
         assert again["LD_LIBRARY_PATH"].endswith(":/x/lib")
 
 
-def test_ray_start_sources_the_nccl_env_and_tracking_uri(raw):
+def test_ray_start_sources_the_nccl_env_tracking_uri_and_token_auth(raw):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in raw[key] if "ray start" in c]
         assert len(start) == 1, key
         cmd = start[0]
         # The env must be in place before `ray start`: Ray worker processes inherit the raylet's env.
-        assert cmd.index("source ~/linearard_nccl.env") < cmd.index("ray start")
-        assert cmd.index("MLFLOW_TRACKING_URI=") < cmd.index("ray start")
+        for needed in ("source ~/linearard_nccl.env", "MLFLOW_TRACKING_URI=", "export RAY_AUTH_MODE=token"):
+            assert needed in cmd and cmd.index(needed) < cmd.index("ray start"), f"{key}: {needed}"
+        assert cmd.index(f"source {MLFLOW_ENV}") < cmd.index("ray start"), f"{key}: MLflow credentials"
         assert ":5000" in cmd
+        assert "0.0.0.0" not in cmd and "RAY_AUTH_MODE=disabled" not in cmd
     head = next(c for c in raw["head_start_ray_commands"] if "ray start" in c)
-    assert "--head" in head and "--dashboard-host=0.0.0.0" in head
+    # The dashboard carries the Jobs API (it runs any code it is sent): loopback only, reached by SSH.
+    assert "--head" in head and "--dashboard-host=127.0.0.1" in head
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
     worker = next(c for c in raw["worker_start_ray_commands"] if "ray start" in c)
     assert "$RAY_HEAD_IP:6379" in worker and "http://$RAY_HEAD_IP:5000" in worker
 
 
 def test_mlflow_server_command_parses_with_mlflows_own_cli(raw, tmp_path):
-    """The head's MLflow command is accepted by `mlflow server` and binds the cluster network."""
+    """The head's MLflow command is accepted by `mlflow server`; it binds the cluster network only
+    behind the basic-auth app, whose config and admin password come from the head's secrets."""
     pytest.importorskip("mlflow")
     from mlflow.cli import server as mlflow_server
 
@@ -245,7 +251,11 @@ def test_mlflow_server_command_parses_with_mlflows_own_cli(raw, tmp_path):
     args = shlex.split(tail)
     ctx = mlflow_server.make_context("server", args)
     p = ctx.params
-    assert p["host"] == "0.0.0.0" and p["port"] == 5000
+    assert p["port"] == 5000
+    assert p["host"] in ("127.0.0.1", "localhost") or p["app_name"] == "basic-auth", "MLflow open without auth"
+    setup = start.split("nohup", 1)[0]
+    assert f"source {MLFLOW_ENV}" in setup and 'MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in setup
+    assert "MLFLOW_AUTH_CONFIG_PATH=~/mlflow/basic_auth.ini" in setup
     assert p["backend_store_uri"].split(":", 1)[0] in ("sqlite", "postgresql")
     assert p["serve_artifacts"] is True
     assert p["artifacts_destination"].startswith("s3://")
