@@ -86,6 +86,16 @@ RAYJOB_SCHEMA = {
                     "properties": {
                         "rayVersion": {"type": "string"},
                         "enableInTreeAutoscaling": {"type": "boolean"},
+                        # KubeRay >= 1.5.1: token auth with a generated Secret (AuthOptions in the CRD).
+                        "authOptions": {
+                            "type": "object",
+                            "properties": {
+                                "mode": {"enum": ["disabled", "token"]},
+                                "secretName": {"type": "string"},
+                                "enableK8sTokenAuth": {"type": "boolean"},
+                            },
+                            "additionalProperties": False,
+                        },
                         "headGroupSpec": {
                             "type": "object",
                             "required": ["rayStartParams", "template"],
@@ -164,6 +174,30 @@ def test_schema_rejects_broken_manifests(manifest, breakage):
         del spec["entrypoint"]
     elif breakage == "bad_group_name":
         spec["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"] = "GPU_H100"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(m, RAYJOB_SCHEMA)
+
+
+def test_token_auth_guards_every_reachable_endpoint(manifest):
+    """The dashboard carries the Jobs API, which runs any code it is sent: off loopback only with
+    Ray token auth on, and nothing in the manifest switches auth off again."""
+    rcs = manifest["spec"]["rayClusterSpec"]
+    assert rcs.get("authOptions", {}).get("mode") == "token", "the cluster runs without authentication"
+    assert Version(rcs["rayVersion"]) >= Version("2.52"), "Ray token authentication starts at 2.52"
+    host = rcs["headGroupSpec"]["rayStartParams"].get("dashboard-host", "localhost")
+    assert host in ("localhost", "127.0.0.1", "0.0.0.0")  # 0.0.0.0: the operator and submitter need it
+    for name, container, _ in _containers(manifest):
+        for var in container.get("env", []):
+            assert var["name"] not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") or "valueFrom" in var, (
+                f"{name}: {var['name']} set by hand (KubeRay sets it from its Secret)"
+            )
+    env_vars = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"]).get("env_vars", {})
+    assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env_vars), "auth settings do not belong in the job's env"
+
+
+def test_schema_rejects_an_unknown_auth_mode(manifest):
+    m = copy.deepcopy(manifest)
+    m["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "password"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(m, RAYJOB_SCHEMA)
 
