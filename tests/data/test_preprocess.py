@@ -17,7 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from linearard_ray.config import DataConfig, build_config
-from linearard_ray.data.preprocess import DataError, ensure_preprocessed, load_blocks, preprocess, read_manifest
+from linearard_ray.data.preprocess import (
+    DataError,
+    ensure_preprocessed,
+    format_report,
+    load_blocks,
+    preprocess,
+    read_manifest,
+)
 from tests.local_ray import local_ray
 
 pytestmark = pytest.mark.slow
@@ -287,6 +294,38 @@ def test_no_usable_block_is_an_error(ray_cluster, corpus, tok_dir, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".none*"))
 
 
+def test_encoding_replace_keeps_and_counts_what_skip_drops(ray_cluster, tok_dir, tmp_path):
+    """A latin-1 file: skipped and counted under the default (utf-8, skip), read whole with
+    data.encoding=latin-1, kept with its undecodable bytes as U+FFFD (counted) under replace; each
+    setting has its own config hash, so no run reuses another's blocks."""
+    rng = random.Random(1)
+    src = tmp_path / "latin1.txt"
+    body = " ".join(_words(rng, 60) + " caf\xe9 na\xefve" for _ in range(4))
+    src.write_bytes(body.encode("latin-1"))
+    runs = {}
+    for name, kw in {"latin": {"encoding": "latin-1"}, "replace": {"encoding_errors": "replace"}}.items():
+        out = preprocess(_cfg([src], tmp_path / name, **kw), tok_dir, progress=False)
+        runs[name] = read_manifest(out)
+    assert runs["latin"]["docs_used"] == 1 and runs["latin"]["chars_replaced"] == 0
+    assert runs["replace"]["docs_used"] == 1 and runs["replace"]["docs_replaced"] == 1
+    assert runs["replace"]["chars_replaced"] == 8  # é and ï in each of the 4 pieces
+    assert runs["replace"]["encoding_errors"] == "replace" and runs["latin"]["encoding"] == "latin-1"
+    assert runs["latin"]["config_hash"] != runs["replace"]["config_hash"]
+    assert "8 undecodable characters replaced with U+FFFD in 1 used documents" in format_report(runs["replace"])
+    with pytest.raises(DataError, match=r"(?s)undecodable: 1.*not valid utf-8 at byte .*set data.encoding"):
+        preprocess(_cfg([src], tmp_path / "skip"), tok_dir, progress=False)
+
+
+def test_wrong_text_column_names_the_file_its_columns_and_the_field(ray_cluster, tok_dir, tmp_path):
+    p = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"body": ["x " * 300], "title": ["t"]}), p)
+    with pytest.raises(DataError) as err:
+        preprocess(_cfg([p], tmp_path / "out"), tok_dir, progress=False)
+    msg = str(err.value)
+    assert str(p) in msg and "no column 'text' (data.text_column)" in msg and "columns: body, title" in msg
+    assert "set data.text_column" in msg and "lower data.ctx_len" not in msg
+
+
 def test_missing_source_fails_before_work(tok_dir, tmp_path):
     out = tmp_path / "x"
     with pytest.raises(DataError, match=r"data.sources\[1\]: .*missing.txt' does not exist"):
@@ -353,7 +392,7 @@ def test_cli(ray_cluster, tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"preprocessed data: {out}" in printed and f"{read_manifest(out)['blocks']} x 128 tokens" in printed
     rc = cli.main(["--quiet", "--set", "model.teacher=tiny:llama", "--set", f"data.sources=[{tmp_path}/none*.txt]"])
-    assert rc == 1 and "matches no file" in capsys.readouterr().err
+    assert rc == 2 and "matches no file" in capsys.readouterr().err  # the user's data: exit 2
     help_text = subprocess.run(
         [sys.executable, "pipelines/preprocess.py", "--help"], cwd=root, capture_output=True, text=True, check=True
     ).stdout
