@@ -95,3 +95,147 @@ def test_check_config_refuses_what_the_schema_lets_through(overrides, message):
     cfg = build_config({"model": {"teacher": "tiny:llama"}, "train": {"max_steps": 2}}, overrides)
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
+
+
+# --------------------------------------------------------------------------- the models' windows and layers
+
+TINY = ["--set", "model.teacher=tiny:llama"]  # 2 layers, a 256-token window; PI×4 gives the student 1024
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "data.ctx_len=512"], "data.ctx_len=512 is longer than the teacher's window"),
+        (
+            ["--set", "objective.name=cpt", "--set", "data.ctx_len=2048"],
+            "data.ctx_len=2048 is longer than the student's window (1024 tokens: rope.type=linear, rope.factor=4)",
+        ),
+        (
+            ["--set", "objective.name=cpt", "--set", "data.ctx_len=64", "--set", "data.lm_ctx_len=4096"],
+            "data.lm_ctx_len=4096 is longer than the student's window",
+        ),
+        (
+            ["--set", "data.ctx_len=64", "--set", "rope.factor=2", "--set", "train.eval_long_len=1024"],
+            "train.eval_long_len=1024 is longer than the student's window (512 tokens",
+        ),
+        (
+            ["--set", "data.ctx_len=64", "--set", "data.teacher_samples={num_samples: 2, max_new_tokens: 256}"],
+            "data.teacher_samples.max_new_tokens=256 (+1 start token) is longer than the teacher's window",
+        ),
+        (
+            ["--set", "data.ctx_len=64", "--set", "objective.relation.layers=last:999"],
+            "objective.relation.layers: 'last:999' selects 999 layers, but model.teacher='tiny:llama' has 2 layers",
+        ),
+        (["--set", "data.ctx_len=64", "--set", "objective.relation.layers=first:3"], "'first:3' selects 3 layers"),
+        (["--set", "data.ctx_len=64", "--set", "objective.relation.layers=range:1-4"], "'range:1-4' selects layers"),
+        (["--set", "data.ctx_len=64", "--set", "objective.relation.layers=[0, 5]"], "layer indices [5]"),
+        (["--set", "data.ctx_len=64", "--set", "model.teacher=./no/such/model"], "model.teacher='./no/such/model'"),
+        (
+            ["--set", "data.ctx_len=64", "--set", "rope.type=llama3", "--set", "rope.beta_fast=3"],
+            "rope.beta_fast does not apply to rope.type 'llama3'",
+        ),
+    ],
+)
+def test_what_the_model_cannot_run_is_refused_before_ray_starts(no_ray, capsys, args, message):
+    assert _exit_status(TINY + args) == 2
+    assert message in capsys.readouterr().err
+    assert list(no_ray.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args,fields",
+    [
+        (
+            ["--set", "objective.relation.weights={q: 0, k: 0, v: 0}"],
+            ["objective.relation.weight=1", "weights.q=0, weights.k=0, weights.v=0"],
+        ),
+        (
+            ["--set", "objective.name=custom", "--set", "objective.relation.weight=0"],
+            ["objective.relation.weight, objective.logits.weight, objective.next_token.weight"],
+        ),
+    ],
+)
+def test_weights_that_switch_everything_off_are_refused_at_validation(no_ray, capsys, args, fields):
+    assert _exit_status(TINY + args) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and all(f in err for f in fields)
+
+
+def test_relation_weights_with_one_part_on_pass(no_ray):
+    for weights in ({"q": 0, "k": 0, "v": 1}, {"q": 0, "k": 0, "v": 0, "qk": 1}):
+        build_config({"objective": {"relation": {"weights": weights}}})
+    build_config({"objective": {"relation": {"weight": 0, "weights": {"q": 0}}, "logits": {"weight": 1}}})
+
+
+def _local_model(root, window: int) -> str:
+    """A model directory holding only a config (the checks read nothing else)."""
+    from linearard_ray.models.tiny import tiny_config
+
+    tiny_config("llama", max_position_embeddings=window).save_pretrained(root / "model")
+    return str(root / "model")
+
+
+def test_a_local_models_window_is_read_from_its_config(no_ray):
+    model = _local_model(no_ray, 128)
+    base = {"model": {"teacher": model}, "train": {"max_steps": 2}}
+    check_config(build_config(base, {"data.ctx_len": 128}))
+    with pytest.raises(ConfigError, match=r"data.ctx_len=129 is longer than the teacher's window .*128"):
+        check_config(build_config(base, {"data.ctx_len": 129}))
+    # dynamic NTK keeps max_position_embeddings native but reaches native × factor
+    dynamic = build_config(base, {"data.ctx_len": 64, "rope.type": "dynamic", "train.eval_long_len": 512})
+    check_config(dynamic)
+    with pytest.raises(ConfigError, match="train.eval_long_len=513 is longer than the student's window .512"):
+        check_config(dynamic.model_copy(update={"train": dynamic.train.model_copy(update={"eval_long_len": 513})}))
+
+
+def test_a_hub_model_not_in_the_cache_is_left_to_loading(no_ray, monkeypatch):
+    """Offline and uncached, its config cannot be read: the check steps aside without an error."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(no_ray / "hf"))
+    cfg = build_config(
+        {"model": {"teacher": "some-org/not-cached-model"}, "data": {"ctx_len": 1 << 20}, "train": {"max_steps": 2}}
+    )
+    check_config(cfg)
+
+
+def test_the_shipped_configs_fit_their_models():
+    """The embedded default and every recipe pass (models whose config is not cached are skipped)."""
+    from pathlib import Path
+
+    from linearard_ray.config import load_config
+    from linearard_ray.training.checks import check_model_fit
+
+    check_config(build_config())
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
+        check_model_fit(load_config(path))
+
+
+# --------------------------------------------------------------------------- reading the config
+
+
+def test_yaml_syntax_error_names_the_file_line_and_column(no_ray, capsys):
+    path = no_ray / "bad.yaml"
+    path.write_text("train:\n  lr: [1e-3\n  max_steps: 3\n")
+    assert _exit_status(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid configuration: {path}:3:12: expected ',' or ']', but got ':'" in err
+    assert "Traceback" not in err
+
+
+def test_unparsable_set_value_is_named(no_ray, capsys):
+    assert _exit_status(["--set", "data.sources=[a.txt,"]) == 2
+    assert "invalid configuration: --set data.sources=[a.txt,: not a YAML value" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- exit status
+
+
+def test_an_internal_failure_is_not_reported_as_the_users(no_ray, monkeypatch):
+    """Exit 2 is kept for the user's input: anything else keeps its traceback (Python exits 1)."""
+
+    def broken(cfg):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(driver, "run_distill", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(TINY + ["--set", "data.ctx_len=64"])
