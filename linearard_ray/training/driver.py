@@ -16,6 +16,7 @@ from linearard_ray.config import Config, ConfigError, flatten
 from linearard_ray.ray_env import ensure_ray, worker_env
 from linearard_ray.storage import read_text, write_text
 from linearard_ray.training import run_lock
+from linearard_ray.training.checkpointing import stand_in_for_deleted_checkpoints
 from linearard_ray.training.checks import check_config
 from linearard_ray.training.plan import JOB_FILE, JobSpec, TrainResult, job_paths, plan_steps, prepare_streams
 from linearard_ray.training.progress import say
@@ -182,6 +183,7 @@ def _run_locked(cfg: Config, lock: Acquired, heartbeat: run_lock.Heartbeat, call
         f"on {cfg.train.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); storage {job.storage_dir}",
         flush=True,
     )
+    stand_in_for_deleted_checkpoints(job.storage_dir, say)  # else Ray Train refuses the whole run
     result = _fit(build_trainer(cfg, job, datasets, worker_env=env, callbacks=callbacks), job, heartbeat)
     res = _train_result(job, result)
     if cfg.train.evaluate_at_end and res.student_dir:
