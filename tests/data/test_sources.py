@@ -319,3 +319,87 @@ def test_parquet(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     [d] = _docs(resolve_sources([str(tmp_path / "bad.parquet")])[0])
     assert d.reason == "unreadable"
+
+
+# --------------------------------------------------------------------------- encodings
+
+
+def _decoded(item, encoding="utf-8", errors="skip", column="text"):
+    return list(iter_documents(item, column, sources.Decoding(encoding, errors)))
+
+
+def test_latin1_text_is_read_with_data_encoding(tmp_path):
+    text = "Le café est naïf. " * 20
+    item = _one(tmp_path, "latin1.txt", text.encode("latin-1"))
+    [skipped] = _decoded(item)
+    assert (skipped.text, skipped.reason) == (None, "undecodable") and "not valid utf-8 at byte 6" in skipped.detail
+    [doc] = _decoded(item, "latin-1")
+    assert (doc.text, doc.reason, doc.replaced) == (text, "", 0)
+
+
+def test_replace_counts_only_the_characters_it_replaced(tmp_path):
+    # one é and one ï per sentence become U+FFFD; the U+FFFD already in the text is not counted
+    data = ("Le café est naïf. " * 3).encode("latin-1") + "déjà \ufffd".encode()
+    [doc] = _decoded(_one(tmp_path, "mixed.txt", data), errors="replace")
+    assert doc.reason == "" and doc.replaced == 6 and doc.text.count("\ufffd") == 7
+    assert doc.text.endswith("déjà \ufffd")
+
+
+def test_jsonl_decodes_line_by_line(tmp_path):
+    data = b'{"text": "caf\xe9 au lait"}\n{"text": "fine"}\n{"text": "na\xefve"}\n'
+    item = _one(tmp_path, "l.jsonl", data)
+    assert [(d.reason, d.replaced) for d in _decoded(item)] == [("undecodable", 0), ("", 0), ("undecodable", 0)]
+    assert "of line 3" in _decoded(item)[2].detail
+    assert [(d.text, d.replaced) for d in _decoded(item, errors="replace")] == [
+        ("caf\ufffd au lait", 1),
+        ("fine", 0),
+        ("na\ufffdve", 1),
+    ]
+    assert [d.text for d in _decoded(item, "cp1252")] == ["café au lait", "fine", "naïve"]
+
+
+def test_utf16_files_are_not_taken_for_binary(tmp_path):
+    text = "Grüße aus Köln. " * 10
+    [doc] = _decoded(_one(tmp_path, "w.txt", text.encode("utf-16")), "utf-16")
+    assert doc.text == text
+    lines = "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in ("été", "hiver")) + "\n"
+    docs = _decoded(_one(tmp_path, "w.jsonl", lines.encode("utf-16")), "utf-16")
+    assert [d.text for d in docs] == ["été", "hiver"]
+
+
+def test_encoding_fields_are_validated_and_change_the_config_hash():
+    from linearard_ray.config import ConfigError, DataConfig, build_config
+    from linearard_ray.data.manifest import config_payload, hash_payload
+
+    for bad, message in (("utf-9", "unknown text encoding 'utf-9'"), ("rot13", "rot13")):
+        with pytest.raises(ConfigError, match=rf"data.encoding: .*{message}"):
+            build_config({"data": {"encoding": bad}})
+    with pytest.raises(ConfigError, match="data.encoding_errors"):
+        build_config({"data": {"encoding_errors": "ignore"}})
+    tok = {k: 0 for k in ("vocab_hash", "add_bos", "add_eos", "bos_id", "eos_id", "pad_id")}
+    hashes = {
+        hash_payload(config_payload(DataConfig(**kw), tok, "inputs"))
+        for kw in ({}, {"encoding": "latin-1"}, {"encoding_errors": "replace"})
+    }
+    assert len(hashes) == 3
+
+
+# --------------------------------------------------------------------------- the text column
+
+
+def test_a_missing_column_names_the_columns_found_and_the_field(tmp_path):
+    from linearard_ray.config import DataConfig
+    from linearard_ray.data.preprocess import _no_block_error, _Stats
+
+    p = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"body": ["some text"] * 3, "title": ["a", "b", "c"]}), p)
+    [skip] = _docs(resolve_sources([str(p)])[0])
+    assert skip.reason == "missing_text_column" and skip.n_docs == 3
+    assert skip.detail == "no column 'text' (data.text_column); the file's columns: body, title"
+    stats = _Stats()
+    stats.skip(skip.doc_id, skip.reason, skip.detail, skip.n_docs)
+    msg = str(_no_block_error(stats, DataConfig(sources=[str(p)])))
+    assert f"{p}: no column 'text' (data.text_column); the file's columns: body, title" in msg
+    assert "set data.text_column" in msg and "lower data.ctx_len" not in msg
+    [rec] = _docs(_one(tmp_path, "w.jsonl", b'{"body": "x", "id": 1}\n'))
+    assert rec.detail == "no column 'text' (has: body, id; data.text_column)"
