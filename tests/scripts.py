@@ -17,6 +17,7 @@ def load_script(relpath: str) -> ModuleType:
     path = ROOT / relpath
     spec = importlib.util.spec_from_file_location("_script_" + path.stem, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the script runs
     spec.loader.exec_module(mod)
     return mod
 
