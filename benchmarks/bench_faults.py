@@ -16,7 +16,8 @@ Before one driver restart it also truncates ``trainable.pt`` of the checkpoint R
 resume from (the latest in its run record), so that restart must go back to the one before it. It
 reports the kills survived, whether the exported student is bitwise equal to the reference, tokens
 counted twice or skipped (the ``tokens_seen`` of every step against the reference), MLflow points
-per step, the resumes past a broken checkpoint, and how many steps an orphaned worker trained after its driver was killed.
+per step, the resumes past a broken checkpoint, and how many steps an orphaned worker trained
+after its driver was killed.
 """
 
 from __future__ import annotations
