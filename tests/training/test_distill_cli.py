@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -67,7 +69,9 @@ def _wait_http(url: str, timeout: float) -> None:
 @pytest.fixture
 def head_node(tmp_path):
     """`ray start --head --block` on loopback with its own temp dir (so no other process on this
-    machine discovers it); stopping the blocking process stops exactly this cluster."""
+    machine discovers it) and Ray token authentication, as on a real cluster; stopping the blocking
+    process stops exactly this cluster. The token is private to the test (RAY_AUTH_TOKEN_PATH), so
+    the real ~/.ray is never read or written."""
     port, dash = _free_port(), _free_port()
     # Every port the head binds is picked here: other Ray clusters on this machine already hold
     # the defaults (the dashboard agent's 52365, the client server's 10001, ...).
@@ -84,7 +88,16 @@ def head_node(tmp_path):
         )
     }
     temp = tempfile.mkdtemp(prefix="lrjob", dir="/tmp")  # short: socket paths live under it
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+    }
+    env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
@@ -110,7 +123,11 @@ def head_node(tmp_path):
         start_new_session=True,
     )
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=180)
+        # The one endpoint besides health checks that answers without the token.
+        _wait_http(f"http://127.0.0.1:{dash}/api/authentication_mode", timeout=180)
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the Jobs API wants the token
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
         yield f"http://127.0.0.1:{dash}", env
     finally:
         head.send_signal(signal.SIGTERM)
@@ -165,7 +182,6 @@ def test_ray_job_submit_runs_the_pipeline(head_node, tmp_path, cache_dir, tiny_m
             "LINEARARD_CACHE": str(cache_dir),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            "RAY_AUTH_MODE": "disabled",
         }
     }
     cmd = [
