@@ -283,6 +283,25 @@ class TrackingConfig(Section):
         None, description="Default: sqlite:///<cwd>/mlflow.db (one absolute URI for every worker)."
     )
     experiment: str = "linearard"
+    registered_model: str | None = Field(
+        None,
+        description="MLflow registered model the exported student becomes a version of (default: train.run_name).",
+    )
+    recipe: str | None = Field(
+        None,
+        description="Recipe name on the registered model version and the model card (e.g. the config file's "
+        "name); default: objective.name.",
+    )
+    system_metrics: bool = Field(
+        True, description="MLflow system metrics (CPU, memory, disk, network; GPU where NVML is) of rank 0's node."
+    )
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system-metric samples.")
+    log_model_copy: bool = Field(
+        False,
+        description="Also copy the merged student into the run's artifacts. Off: the registered version points "
+        "at the exported directory (a copy is still logged when the registry cannot read a local path: an "
+        "http tracking server).",
+    )
 
     def resolved_uri(self) -> str:
         if self.tracking_uri:
@@ -291,3 +310,14 @@ class TrackingConfig(Section):
         if env:
             return env
         return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------- export
+
+
+class ExportConfig(Section):
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="dtype of the exported merged student; 'auto' = the dtype of the checkpoint the student's "
+        "weights came from (bf16 for smollm2-135m).",
+    )

@@ -16,7 +16,7 @@ from pydantic import (
 
 from linearard_ray.config.base import ConfigError, Section
 from linearard_ray.config.evaluation import EvalConfig, TuneConfig
-from linearard_ray.config.job import DEFAULT_MAX_STEPS, DataConfig, TrackingConfig, TrainConfig
+from linearard_ray.config.job import DEFAULT_MAX_STEPS, DataConfig, ExportConfig, TrackingConfig, TrainConfig
 from linearard_ray.config.model import LoraConfig, ModelConfig, ObjectiveConfig, RopeConfig
 
 # --------------------------------------------------------------------------- top level
@@ -30,6 +30,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=DEFAULT_MAX_STEPS))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 

