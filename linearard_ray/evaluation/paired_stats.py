@@ -24,32 +24,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
     """Wilson score interval of a binomial proportion (95% by default); None without trials."""
     if n <= 0:
         return None
     if not 0 <= correct <= n:
         raise ValueError(f"wilson_interval: {correct} correct of {n} trials")
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # at 0 or n correct the bound is exactly 0 or 1; rounding would leave it a hair inside
-    lo = 0.0 if correct == 0 else max(0.0, centre - half)
-    hi = 1.0 if correct == n else min(1.0, centre + half)
-    return lo, hi
+    ci = stats.binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def sign_test_p(wins: int, losses: int) -> float:
     """Exact two-sided p-value of ``wins`` against ``losses`` when each is equally likely (McNemar's
     exact test on the discordant pairs); 1.0 when there are none."""
-    n = wins + losses
-    if n == 0:
+    if wins + losses == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return float(stats.binomtest(wins, wins + losses, 0.5).pvalue)
 
 
 def _keyed(trials: Mapping[Any, Iterable[dict]], field: str = "correct", cast=bool) -> dict[tuple, Any]:
@@ -142,27 +135,45 @@ def paired_windows(
 
 def sign_flip_p(d: Sequence[float], exact_up_to: int = 16, samples: int = 200_000, seed: int = 0) -> float:
     """Two-sided sign-flip permutation p of the mean of paired differences ``d``: exact over all 2^n
-    flips up to ``exact_up_to`` pairs, else from ``samples`` seeded random flips."""
+    flips up to ``exact_up_to`` pairs (or when ``samples`` would cover them all), else from
+    ``samples`` seeded random flips."""
     d = np.asarray(d, dtype=np.float64)
-    n = d.size
-    if n == 0:
+    if d.size == 0:
         raise ValueError("sign_flip_p: no paired differences")
-    observed = abs(d.mean())
-    exact = n <= exact_up_to
-    if exact:
-        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
-    else:
-        signs = np.random.default_rng(seed).choice([-1, 1], size=(samples, n))
-    return _permutation_p(np.abs(signs @ d) / n, observed, np.abs(d).max(), exact)
+    if d.size == 1:
+        return 1.0  # both signs of a lone difference give the same |mean| (scipy wants two or more)
+    scale = float(np.abs(d).max())
+
+    def abs_mean(x, axis):
+        return _tie_safe(np.abs(np.mean(x, axis=axis)), scale)
+
+    return _permutation_p((d,), abs_mean, "samples", d.size <= exact_up_to, samples, seed)
 
 
-def _permutation_p(stats: np.ndarray, observed: float, scale: float, exact: bool) -> float:
-    """Share of the permuted statistics at least as extreme as the observed one. The tolerance is on
-    the scale of the data, so that the observed permutation itself, and permutations that tie it
-    exactly (a mean of zero left as 1e-17 by rounding), always count; sampled permutations count
-    the observed one too, so an estimate is never 0."""
-    hits = int(np.sum(stats >= observed - 1e-12 * scale))
-    return hits / len(stats) if exact else (hits + 1) / (len(stats) + 1)
+def _tie_safe(statistic: np.ndarray, scale: float) -> np.ndarray:
+    """The statistic on a grid of 1e-12 of the data's scale. scipy counts a permuted statistic as
+    tying the observed one within a relative slack only; statistics that are equal but for float
+    rounding (a mean of zero left as 1e-17, sums of thirds added in another order) must tie, else the
+    observed permutation itself could fail to count."""
+    return np.round(statistic / (scale or 1.0), 12)
+
+
+def _permutation_p(data: tuple, statistic, kind: str, exact: bool, samples: int, seed: int) -> float:
+    """scipy's permutation test of a statistic that is already two-sided (an absolute value), so the
+    p is the share of permutations at least as large: exact over every permutation when ``exact``,
+    else from ``samples`` seeded random ones counting the observed one too (never 0). Batches keep
+    the memory of a sampled test with many pairs bounded; they do not change the draws."""
+    result = stats.permutation_test(
+        data,
+        statistic,
+        permutation_type=kind,
+        vectorized=True,
+        n_resamples=np.inf if exact else samples,
+        batch=20_000,
+        alternative="greater",
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.pvalue)
 
 
 def pooled_passkey(
@@ -220,23 +231,26 @@ def trainings_permutation_p(
     ``exact_up_to`` such splits, else over ``samples`` seeded random ones. Here the trainings are the
     draws, so it says whether the recipe's edge survives the spread from one training to the next
     (the window tests say whether it survives the evaluation text)."""
-    import itertools
-
     a, b = np.asarray(recipe, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     if a.size == 0 or b.size == 0:
         raise ValueError(f"trainings_permutation_p: need trainings on both sides (got {a.size} and {b.size})")
+    scale = float(np.abs(np.concatenate([a, b])).max())
+
+    def abs_mean_diff(x, y, axis):
+        return _tie_safe(np.abs(np.mean(x, axis=axis) - np.mean(y, axis=axis)), scale)
+
+    if min(a.size, b.size) == 1:
+        return _lone_training_p(a, b)
+    exact = math.comb(a.size + b.size, a.size) <= exact_up_to
+    return _permutation_p((a, b), abs_mean_diff, "independent", exact, samples, seed)
+
+
+def _lone_training_p(a: np.ndarray, b: np.ndarray) -> float:
+    """trainings_permutation_p when a side has one training, which scipy's test does not take: the
+    splits are which one of the pooled trainings is that side's, so the p is the share of trainings
+    whose distance from the mean of the others is at least the observed one."""
     pooled = np.concatenate([a, b])
-    n, k = pooled.size, a.size
-    exact = math.comb(n, k) <= exact_up_to
-    if exact:
-        picks = np.zeros((math.comb(n, k), n), dtype=bool)
-        for row, idx in enumerate(itertools.combinations(range(n), k)):
-            picks[row, list(idx)] = True
-    else:
-        rng = np.random.default_rng(seed)
-        picks = np.zeros((samples, n), dtype=bool)
-        order = np.argsort(rng.random((samples, n)), axis=1)[:, :k]
-        np.put_along_axis(picks, order, True, axis=1)
-    s = picks.astype(np.float64) @ pooled
-    diffs = np.abs(s / k - (pooled.sum() - s) / b.size)
-    return _permutation_p(diffs, abs(a.mean() - b.mean()), max(np.abs(pooled).max(), 1e-300), exact)
+    rest = (pooled.sum() - pooled) / (pooled.size - 1)
+    scale = float(np.abs(pooled).max())
+    distances = _tie_safe(np.abs(pooled - rest), scale)
+    return float(np.mean(distances >= _tie_safe(np.abs(a.mean() - b.mean()), scale)))

@@ -1,6 +1,8 @@
 """Passkey statistics against independent computations: the Wilson interval as the set of
 proportions its score test accepts (found by bisection), the sign test by summing the exact
-binomial law over every outcome at least as uneven, and paired counts by a direct walk."""
+binomial law over every outcome at least as uneven, the permutation tests by walking every sign flip
+or split (or, past that, by counting sign patterns of integer sums), and paired counts by a direct
+walk."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from linearard_ray.evaluation.paired_stats import (
     paired_windows,
     pooled_passkey,
     pooled_windows,
+    sign_flip_p,
     sign_test_p,
     wilson_interval,
 )
@@ -277,3 +280,40 @@ def test_trainings_permutation_p_counts_every_split_of_the_pooled_trainings():
     )
     with pytest.raises(ValueError, match="both sides"):
         trainings_permutation_p([], [1.0])
+
+
+def _exact_flip_p_in_thirds(m: list[int]) -> Fraction:
+    """Exact two-sided sign-flip p for differences m_i / 3: the flipped sums are integers (in
+    thirds), so their law is a count of sign patterns per sum, built one difference at a time."""
+    counts = {0: 1}
+    for v in m:
+        nxt: dict[int, int] = {}
+        for total, c in counts.items():
+            for s in (total + v, total - v):
+                nxt[s] = nxt.get(s, 0) + c
+        counts = nxt
+    observed = abs(sum(m))
+    return Fraction(sum(c for total, c in counts.items() if abs(total) >= observed), 2 ** len(m))
+
+
+def test_sampled_sign_flips_estimate_the_exact_law_of_thirds():
+    """Past the exact limit (40 prompts, shares right over three trainings against one baseline), the
+    seeded random flips estimate the exact p within a few standard errors."""
+    rng = random.Random(23)
+    for _ in range(3):
+        m = [rng.choice([-3, -2, -1, 0, 0, 1, 1, 2, 3]) for _ in range(40)]
+        want = float(_exact_flip_p_in_thirds(m))
+        got = sign_flip_p([v / 3 for v in m], samples=100_000, seed=rng.randrange(100))
+        standard_error = math.sqrt(max(want * (1 - want), 1e-5) / 100_000)
+        assert abs(got - want) <= 5 * standard_error, (m, got, want)
+
+
+def test_differences_that_cancel_but_for_rounding_give_p_one():
+    """Thirds that sum to zero leave a float mean of a few 1e-17; the observed flip (and every flip
+    that ties it) must still count, exact or sampled."""
+    thirds = [1 / 3, 1 / 3, 1 / 3, -1.0, 2 / 3, -1 / 3, -1 / 3]
+    assert sign_flip_p(thirds) == 1.0
+    assert sign_flip_p(thirds * 4, samples=2_000) == 1.0
+    assert sign_flip_p([0.0] * 5) == 1.0 and sign_flip_p([0.3]) == 1.0
+    with pytest.raises(ValueError, match="no paired differences"):
+        sign_flip_p([])
