@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock
+
 from linearard_ray.config import DataConfig
 from linearard_ray.data.blocks import TokenSpec, vocab_hash
 from linearard_ray.data.sources import DataError
@@ -235,13 +237,9 @@ def staged_output(out: Path) -> Iterator[Path]:
 
 @contextmanager
 def output_dir_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on a file beside `out`, held for the block."""
-    import fcntl
-
+    """An exclusive lock on `.<name>.lock` beside `out`, held for the block. A second holder, in this
+    process or another, waits without a time limit; the lock goes with the process that held it, so
+    a run killed while building never blocks the next one."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        yield
