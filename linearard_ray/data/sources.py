@@ -2,7 +2,8 @@
 
 A source is a string from ``data.sources``: a local file, directory or glob; an ``s3://``,
 ``gs://`` or ``file://`` URI (file, prefix or glob, through pyarrow filesystems); a Hugging Face
-dataset ``hf:<name>[:split]`` (its data files, read through the hub's filesystem); or the embedded
+dataset ``hf:<name>[:split]`` or ``hf:<name>:<config>:[split]`` (its data files of that
+configuration and split, read through the hub's filesystem: `parse_hf` has the grammar); or the embedded
 corpus ``builtin:sotu/<split>``.
 
 Resolution (`resolve_sources`) runs in the driver before any work starts and fails on a source
@@ -23,11 +24,12 @@ import io
 import json
 import lzma
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from linearard_ray.data.corpus import is_builtin, iter_builtin
 
@@ -278,13 +280,31 @@ def _resolve_fs_source(idx: int, source: str, fmt: str, field: str) -> list[Inpu
     return out
 
 
-def parse_hf(source: str) -> tuple[str, str | None]:
-    """'hf:org/name:train' -> ('org/name', 'train')."""
-    body = source[len(HF_PREFIX) :]
-    name, _, split = body.partition(":")
-    if not name or name.count("/") > 1:
-        raise DataError(f"bad Hugging Face source {source!r}; use hf:<dataset>[:split], e.g. hf:org/name:train")
-    return name, (split or None)
+class HfSource(NamedTuple):
+    """A parsed ``hf:`` source: the dataset, and the configuration and split it names (None: not named)."""
+
+    name: str
+    config: str | None
+    split: str | None
+
+
+HF_GRAMMAR = "hf:<dataset>[:split] or hf:<dataset>:<config>:[split]"
+
+
+def parse_hf(source: str) -> HfSource:
+    """The grammar of a Hugging Face source (``HF_GRAMMAR``); the dataset is ``name`` or
+    ``owner/name``, and a part left empty is not named:
+
+    - ``hf:org/name``: every split of the default configuration;
+    - ``hf:org/name:train``: one part is a split (of the default configuration), as before configs;
+    - ``hf:org/name:wiki:train``: two parts are a configuration and a split;
+    - ``hf:org/name:wiki:``: every split of one configuration; ``hf:org/name::train`` = ``hf:org/name:train``.
+    """
+    name, *parts = source[len(HF_PREFIX) :].split(":")
+    if len(parts) > 2 or not name or name.count("/") > 1 or any("/" in x for x in parts):
+        raise DataError(f"bad Hugging Face source {source!r}; use {HF_GRAMMAR}, e.g. hf:org/name:train")
+    config, split = parts if len(parts) == 2 else (None, parts[0] if parts else None)
+    return HfSource(name, config or None, split or None)
 
 
 def _split_matches(rel: str, split: str | None) -> bool:
@@ -294,36 +314,158 @@ def _split_matches(rel: str, split: str | None) -> bool:
     return split in parts[:-1] or parts[-1].startswith(split + "-") or parts[-1].startswith(split + ".")
 
 
-def _resolve_hf(idx: int, source: str, fmt: str, field: str) -> list[InputFile]:
-    name, split = parse_hf(source)
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise DataError(f"{field}[{idx}]: {source!r} needs the Hugging Face hub, but HF_HUB_OFFLINE is set")
-    import pyarrow.fs as pafs
-    from huggingface_hub import HfFileSystem
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A data_files pattern as the hub reads it: ``*`` and ``?`` stay within a folder, ``**`` crosses
+    folders."""
+    out, i = [], 0
+    pattern = pattern.removeprefix("./")
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        else:
+            out.append({"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i])))
+            i += 1
+    return re.compile("".join(out))
 
-    hffs = HfFileSystem()
-    fs = pafs.PyFileSystem(pafs.FSSpecHandler(hffs))
-    # The dataset's own data files first; else the hub's parquet conversion of it.
-    for root in (f"datasets/{name}", f"datasets/{name}@refs%2Fconvert%2Fparquet"):
-        try:
-            found = sorted(hffs.find(root))
-        except Exception as e:  # the hub raises many kinds; all mean "cannot use it"
-            if root.endswith("parquet"):
-                break
-            raise DataError(f"{field}[{idx}]: cannot list {source!r} on the Hugging Face hub: {e}") from None
-        items = []
-        for p in found:
-            rel = p[len(root) + 1 :]
-            f = file_format(p, fmt, explicit=False)
-            if f is None or Path(rel).name.lower().startswith("readme") or not _split_matches(rel, split):
-                continue
-            info = fs.get_file_info(p)
-            items.append(_item(idx, source, f"hf://{p}", fs, info, f))
-        if items:
-            return items
+
+def _card_configs(hub, root: str, source: str) -> list[dict]:
+    """The ``configs`` a dataset card (README.md's YAML header) declares; [] when there is none."""
+    import yaml
+
+    try:
+        with hub.open(f"{root}/README.md", "r", encoding="utf-8") as fh:
+            text = fh.read()
+    except Exception:  # no card, or no dataset: the listing that follows names the dataset's own error
+        return []
+    if not text.startswith("---"):
+        return []
+    header = text[3:].partition("\n---")[0]
+    try:
+        configs = (yaml.safe_load(header) or {}).get("configs") or []
+    except yaml.YAMLError as e:
+        raise DataError(f"{source!r}: cannot read the configs of its README.md: {e}") from None
+    return [c for c in configs if isinstance(c, dict) and c.get("config_name")]
+
+
+def _pick_config(configs: list[dict], ref: HfSource, source: str) -> dict:
+    """The configuration ``ref`` names, or the card's default one (marked ``default: true``, named
+    "default", or the only one)."""
+    names = [str(c["config_name"]) for c in configs]
+    if ref.config is not None:
+        if ref.config not in names:
+            raise DataError(f"{source!r}: no configuration {ref.config!r}; the dataset has {', '.join(names)}")
+        return configs[names.index(ref.config)]
+    default = [c for c in configs if c.get("default")] or [c for c in configs if c["config_name"] == "default"]
+    if default or len(configs) == 1:
+        return (default or configs)[0]
     raise DataError(
-        f"{field}[{idx}]: {source!r} has no text/jsonl/json/parquet files" + (f" for split {split!r}" if split else "")
+        f"{source!r}: the dataset has configurations {', '.join(names)} and none is the default; "
+        f"name one: hf:{ref.name}:<config>:[split]"
     )
+
+
+def _config_patterns(config: dict, split: str | None, source: str) -> list[str] | None:
+    """The file patterns (relative to the dataset's root) of a card's configuration and split; None
+    when the configuration lists no data_files (its files are then found by split name)."""
+    files = config.get("data_files")
+    if not files:
+        return None
+    if isinstance(files, str) or all(isinstance(f, str) for f in files):
+        by_split = {"train": [files] if isinstance(files, str) else list(files)}  # the hub's rule
+    else:
+        by_split = {}
+        for f in files:
+            paths = f.get("path") or []
+            by_split.setdefault(str(f.get("split", "train")), []).extend([paths] if isinstance(paths, str) else paths)
+    if split is not None and split not in by_split:
+        raise DataError(
+            f"{source!r}: configuration {config['config_name']!r} has no split {split!r}; it has {', '.join(by_split)}"
+        )
+    base = str(config.get("data_dir") or "").strip("/")
+    chosen = by_split[split] if split is not None else [p for ps in by_split.values() for p in ps]
+    return [f"{base}/{p}" if base else p for p in chosen]
+
+
+def _hf_items(idx: int, source: str, fmt: str, hub, fs, root: str, keep) -> list[InputFile]:
+    """The corpus files under ``root`` (relative path ``rel``) for which ``keep(rel)`` holds."""
+    try:
+        found = sorted(hub.find(root))
+    except Exception as e:  # the hub raises many kinds; all mean "cannot use it"
+        raise DataError(f"cannot list {source!r} on the Hugging Face hub: {e}") from None
+    items = []
+    for p in found:
+        rel = p[len(root) + 1 :]
+        f = file_format(p, fmt, explicit=False)
+        if f is None or Path(rel).name.lower().startswith("readme") or not keep(rel):
+            continue
+        items.append(_item(idx, source, f"hf://{p}", fs, fs.get_file_info(p), f))
+    return items
+
+
+def _hf_selection(hub, root: str, ref: HfSource, source: str) -> tuple[Callable[[str], bool] | None, str | None]:
+    """Which of the dataset's own files ``ref`` selects (a predicate on the relative path, from the
+    configurations its card declares), and the configuration's name. No predicate when the card
+    declares none and ``ref`` names one, which only the hub's parquet conversion can then have."""
+    configs = _card_configs(hub, root, source)
+    if not configs:
+        if ref.config not in (None, "default"):  # "default": the one configuration of a card without configs
+            return None, ref.config
+        return (lambda rel: _split_matches(rel, ref.split)), ref.config
+    config = _pick_config(configs, ref, source)
+    patterns = _config_patterns(config, ref.split, source)
+    if patterns is None:
+        return (lambda rel: _split_matches(rel, ref.split)), str(config["config_name"])
+    regexes = [_glob_regex(p) for p in patterns]
+    return (lambda rel: any(r.fullmatch(rel) for r in regexes)), str(config["config_name"])
+
+
+def resolve_hf(idx: int, source: str, fmt: str = "auto", field: str = "data.sources", hub=None) -> list[InputFile]:
+    """The input files of an ``hf:`` source: the dataset's own data files of the configuration and
+    split it names (as its card's ``configs`` give them), else those of the hub's parquet conversion
+    (``<config>/<split>/...``). ``hub`` is an fsspec filesystem laid out as the hub
+    (``datasets/<name>/...``); the hub itself (``HfFileSystem``) when None."""
+    ref = parse_hf(source)
+    if hub is None:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise DataError(f"{field}[{idx}]: {source!r} needs the Hugging Face hub, but HF_HUB_OFFLINE is set")
+        from huggingface_hub import HfFileSystem
+
+        hub = HfFileSystem()
+    import pyarrow.fs as pafs
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(hub))
+    root = f"datasets/{ref.name}"
+    try:
+        keep, config = _hf_selection(hub, root, ref, source)
+        items = _hf_items(idx, source, fmt, hub, fs, root, keep) if keep else []
+        if not items:  # a script dataset, or a configuration the card does not declare
+            items = _hf_converted(idx, source, fmt, hub, fs, root, ref._replace(config=config))
+    except DataError as e:
+        raise DataError(f"{field}[{idx}]: {e}") from None
+    if items:
+        return items
+    wanted = " ".join(f"{k} {v!r}" for k, v in (("configuration", ref.config), ("split", ref.split)) if v)
+    raise DataError(
+        f"{field}[{idx}]: {source!r} has no text/jsonl/json/parquet files" + (f" for {wanted}" if wanted else "")
+    )
+
+
+def _hf_converted(idx: int, source: str, fmt: str, hub, fs, root: str, ref: HfSource) -> list[InputFile]:
+    """Files of the hub's parquet conversion (``<config>/<split>/NNNN.parquet``); [] without one."""
+    converted = f"{root}@refs%2Fconvert%2Fparquet"
+    prefix = f"{ref.config}/" if ref.config else ""
+
+    def keep(rel: str) -> bool:
+        return rel.startswith(prefix) and _split_matches(rel[len(prefix) :], ref.split)
+
+    try:
+        return _hf_items(idx, source, fmt, hub, fs, converted, keep)
+    except DataError:
+        return []
 
 
 def resolve_source(idx: int, source: str, fmt: str = "auto", field: str = "data.sources") -> list[InputFile]:
@@ -356,7 +498,7 @@ def resolve_source(idx: int, source: str, fmt: str = "auto", field: str = "data.
             for a in range(0, n, step)
         ]
     if source.startswith(HF_PREFIX):
-        return _resolve_hf(idx, source, fmt, field)
+        return resolve_hf(idx, source, fmt, field)
     return _resolve_fs_source(idx, source, fmt, field)
 
 

@@ -190,8 +190,8 @@ def test_directory_listing_order_formats_and_unsupported(tmp_path):
 
 
 def test_hf_source_parsing_and_offline(monkeypatch):
-    assert parse_hf("hf:org/name:train") == ("org/name", "train")
-    assert parse_hf("hf:name") == ("name", None)
+    assert parse_hf("hf:org/name:train") == ("org/name", None, "train")
+    assert parse_hf("hf:name") == ("name", None, None)
     with pytest.raises(DataError, match="bad Hugging Face source"):
         parse_hf("hf:a/b/c")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -403,3 +403,120 @@ def test_a_missing_column_names_the_columns_found_and_the_field(tmp_path):
     assert "set data.text_column" in msg and "lower data.ctx_len" not in msg
     [rec] = _docs(_one(tmp_path, "w.jsonl", b'{"body": "x", "id": 1}\n'))
     assert rec.detail == "no column 'text' (has: body, id; data.text_column)"
+
+
+# --------------------------------------------------------------------------- Hugging Face configurations
+
+_CARD = """---
+pretty_name: two languages
+configs:
+- config_name: en
+  default: true
+  data_files:
+  - split: train
+    path: en/train-*.jsonl
+  - split: validation
+    path: en/valid.jsonl
+- config_name: de
+  data_files: de/*.txt
+---
+# A corpus in two languages
+"""
+
+
+def _hub(tmp_path):
+    """A directory laid out as the hub (datasets/<owner>/<name>/...), read through fsspec as
+    HfFileSystem reads the hub."""
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    return DirFileSystem(path=str(tmp_path / "hub"), fs=LocalFileSystem())
+
+
+def _write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+@pytest.fixture
+def card_dataset(tmp_path):
+    """A dataset whose card declares two configurations: "en" (the default; split patterns) and "de"
+    (one flat pattern, which the hub reads as its train split)."""
+    repo = tmp_path / "hub" / "datasets" / "org" / "corpus"
+    _write(repo / "README.md", _CARD)
+    for i in range(2):
+        _write(repo / "en" / f"train-0000{i}.jsonl", json.dumps({"text": f"english train {i}"}) + "\n")
+    _write(repo / "en" / "valid.jsonl", json.dumps({"text": "english validation"}) + "\n")
+    _write(repo / "en" / "notes" / "train-extra.jsonl", json.dumps({"text": "one folder too deep"}) + "\n")
+    _write(repo / "de" / "a.txt", "deutsch a")
+    _write(repo / "de" / "b.txt", "deutsch b")
+    return _hub(tmp_path)
+
+
+def _texts(items):
+    return sorted(d.text for it in items for d in _docs(it))
+
+
+@pytest.mark.parametrize(
+    "source,want",
+    [
+        ("hf:org/corpus", ["english train 0", "english train 1", "english validation"]),
+        ("hf:org/corpus:validation", ["english validation"]),
+        ("hf:org/corpus::validation", ["english validation"]),
+        ("hf:org/corpus:en:train", ["english train 0", "english train 1"]),
+        ("hf:org/corpus:de:", ["deutsch a", "deutsch b"]),
+        ("hf:org/corpus:de:train", ["deutsch a", "deutsch b"]),
+    ],
+)
+def test_hf_card_configurations_and_splits(card_dataset, source, want):
+    items = sources.resolve_hf(0, source, hub=card_dataset)
+    assert _texts(items) == want
+    assert all(it.uri.startswith("hf://datasets/org/corpus/") and it.source == source for it in items)
+
+
+def test_hf_unknown_configuration_or_split_names_what_there_is(card_dataset):
+    with pytest.raises(DataError, match=r"data.sources\[2\]: .*no configuration 'fr'; the dataset has en, de"):
+        sources.resolve_hf(2, "hf:org/corpus:fr:train", hub=card_dataset)
+    with pytest.raises(DataError, match="configuration 'de' has no split 'test'; it has train"):
+        sources.resolve_hf(0, "hf:org/corpus:de:test", hub=card_dataset)
+    with pytest.raises(DataError, match="no split 'test'; it has train, validation"):
+        sources.resolve_hf(0, "hf:org/corpus:test", hub=card_dataset)
+
+
+def test_hf_several_configurations_without_a_default_must_be_named(tmp_path):
+    repo = tmp_path / "hub" / "datasets" / "corpus"
+    _write(repo / "README.md", _CARD.replace("  default: true\n", ""))
+    _write(repo / "en" / "valid.jsonl", json.dumps({"text": "english validation"}) + "\n")
+    _write(repo / "de" / "a.txt", "deutsch a")
+    hub = _hub(tmp_path)
+    with pytest.raises(DataError, match=r"configurations en, de and none is the default; name one: hf:corpus:<config>"):
+        sources.resolve_hf(0, "hf:corpus", hub=hub)
+    assert _texts(sources.resolve_hf(0, "hf:corpus:de:", hub=hub)) == ["deutsch a"]
+
+
+def test_hf_parquet_conversion_by_configuration_and_split(tmp_path):
+    """A dataset without data files of its own (a loading script) is read from the hub's parquet
+    conversion, laid out <config>/<split>/NNNN.parquet."""
+    repo = tmp_path / "hub" / "datasets" / "org" / "scripted"
+    _write(repo / "scripted.py", "# a loading script: not a corpus file")
+    converted = tmp_path / "hub" / "datasets" / "org" / "scripted@refs%2Fconvert%2Fparquet"
+    for config in ("wiki", "books"):
+        for split in ("train", "test"):
+            (converted / config / split).mkdir(parents=True)
+            table = pa.table({"text": [f"{config} {split} {i}" for i in range(2)]})
+            pq.write_table(table, converted / config / split / "0000.parquet")
+    hub = _hub(tmp_path)
+    assert _texts(sources.resolve_hf(0, "hf:org/scripted:books:test", hub=hub)) == ["books test 0", "books test 1"]
+    assert len(_texts(sources.resolve_hf(0, "hf:org/scripted:wiki:", hub=hub))) == 4
+    assert len(_texts(sources.resolve_hf(0, "hf:org/scripted:test", hub=hub))) == 4  # no config: as before
+    with pytest.raises(DataError, match="no text/jsonl/json/parquet files for configuration 'news' split 'train'"):
+        sources.resolve_hf(0, "hf:org/scripted:news:train", hub=hub)
+
+
+def test_hf_source_grammar():
+    assert parse_hf("hf:org/name:wiki:train") == ("org/name", "wiki", "train")
+    assert parse_hf("hf:org/name:wiki:") == ("org/name", "wiki", None)
+    assert parse_hf("hf:org/name::train") == parse_hf("hf:org/name:train") == ("org/name", None, "train")
+    for bad in ("hf:", "hf::train", "hf:org/name:a:b:c", "hf:org/name:wiki/x:train", "hf:a/b/c:train"):
+        with pytest.raises(DataError, match=r"bad Hugging Face source .*hf:<dataset>:<config>:\[split\]"):
+            parse_hf(bad)
