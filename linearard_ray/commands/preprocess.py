@@ -1,7 +1,7 @@
 """Tokenize raw text into the token blocks training streams (Ray Data, parquet + manifest.json).
 
-Reads files, directories, globs, s3:// and gs:// paths, hf:<dataset> and builtin:sotu/<split>;
-tokenizes them with the teacher's tokenizer in a Ray Data actor pool, cuts ctx_len blocks and
+Reads files, directories, globs, s3:// and gs:// paths, hf:<dataset>[:split] or hf:<dataset>:<config>:[split]
+and builtin:sotu/<split>; tokenizes them with the teacher's tokenizer in a Ray Data actor pool, cuts ctx_len blocks and
 writes parquet shards plus manifest.json. Bad documents are skipped, counted and reported.
 
     python pipelines/preprocess.py                                   # embedded SOTU 1790-1989, teacher's tokenizer

@@ -67,7 +67,7 @@ class DataConfig(Section):
     sources: list[str] = Field(
         default_factory=_default_sources,
         description="Files, globs, directories (local, s3://, gs://), 'hf:<dataset>[:split]', "
-        "or 'builtin:sotu/<split>'.",
+        "'hf:<dataset>:<config>:[split]' or 'builtin:sotu/<split>'.",
     )
     format: Literal["auto", "text", "jsonl", "json", "parquet"] = Field(
         "auto",

@@ -43,19 +43,21 @@ def check_eval_sources(cfg: Config) -> None:
 def check_train_sources(cfg: Config) -> None:
     """Driver side, before Ray starts: every local or built-in training source exists, so a
     mistyped path fails in a second with the field's name rather than a traceback from inside
-    preprocessing. Hub sources are left to preprocessing, which may need the network."""
+    preprocessing. Of a hub source only the grammar is checked: the hub is left to preprocessing,
+    which may need the network."""
     if cfg.data.preprocessed:
         return  # the manifest's blocks are used; the sources are not read again
-    from linearard_ray.data.sources import HF_PREFIX, DataError, resolve_source
+    from linearard_ray.data.sources import HF_PREFIX, DataError, parse_hf, resolve_source
 
     for name, sources in (("data.sources", cfg.data.sources), ("data.lm_sources", cfg.data.lm_sources or [])):
         for i, src in enumerate(sources):
-            if src.startswith(HF_PREFIX):
-                continue
             try:
-                resolve_source(i, src, cfg.data.format, field=name)
+                if src.startswith(HF_PREFIX):
+                    parse_hf(src)
+                else:
+                    resolve_source(i, src, cfg.data.format, field=name)
             except DataError as e:
-                raise ConfigError(str(e)) from None
+                raise ConfigError(f"{name}[{i}]: {e}" if src.startswith(HF_PREFIX) else str(e)) from None
 
 
 def check_model_fit(cfg: Config) -> None:
