@@ -1,4 +1,5 @@
-"""The report's files (``report.json``, ``report.md`` with its plots) and its MLflow run."""
+"""The report's files (``report.json``, ``report.md`` with its plots) and its MLflow run; the
+evaluated students' cards and training runs get the results too (``students``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from linearard_ray.evaluation.markdown import render_markdown
 from linearard_ray.evaluation.plots import plot_passkey, plot_passkey_summary, plot_ppl_vs_length
 from linearard_ray.evaluation.report import clean_json, flat_metrics, safe_name
+from linearard_ray.evaluation.students import link_students_in_mlflow, update_student_cards
 
 
 def write_json(report: dict, path: Path) -> Path:
@@ -38,6 +40,7 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     md.write_text(
         render_markdown(report) + "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     )
+    update_student_cards(report)
     return [write_json(report, out_dir / "report.json"), md, *plots]
 
 
@@ -61,6 +64,8 @@ def log_mlflow(cfg, report: dict, out_dir: Path) -> dict:
                 for L, v in by_len.items():
                     log.log_metrics({f"{dom}.{safe_name(n)}.ppl": v["ppl"]}, step=int(L))
         log.log_artifact(out_dir, "eval")
+        link_students_in_mlflow(report, log)
+        update_student_cards(report, run_id)
         log.finish("FINISHED")
     except Exception:
         log.finish("FAILED")
