@@ -216,13 +216,12 @@ class Report:
 
 
 def plan_kills(n: int, steps: int, checkpoint_every: int, seed: int) -> list[Kill]:
-    """N kills at distinct random steps after the first checkpoint, driver or worker at random
-    (at least one of each); the driver kill after the second checkpoint also corrupts one."""
+    """N kills at distinct random steps after the first checkpoint, driver and worker in turn from
+    a random first; the first driver kill that has a checkpoint to go back to also corrupts one."""
     rng = random.Random(seed)
     at = sorted(rng.sample(range(checkpoint_every + 1, steps), n))
-    kinds = [rng.choice(("driver", "worker")) for _ in at]
-    kinds[0], kinds[-1] = "driver", "worker"
-    return [Kill(s, k) for s, k in zip(at, kinds, strict=True)]
+    first = rng.randrange(2)
+    return [Kill(s, ("driver", "worker")[(i + first) % 2]) for i, s in enumerate(at)]
 
 
 def run_faults(workdir: Path, kills: list[Kill], steps: int, checkpoint_every: int) -> tuple[int, bool]:
@@ -243,7 +242,7 @@ def run_faults(workdir: Path, kills: list[Kill], steps: int, checkpoint_every: i
             kill.orphan_steps = max([s for s in logged_steps(uri) if s > kill.at_step], default=kill.at_step)
             kill.orphan_steps -= kill.at_step
             job.cleanup()
-            if not corrupted_once and kill.at_step >= 2 * checkpoint_every:
+            if not corrupted_once:
                 target = corrupt_latest_checkpoint(out / "ray" / RUN_NAME)
                 kill.corrupted, corrupted_once = (str(target) if target else None), target is not None
             job = Job(cfg, workdir / "faulty.log")
