@@ -403,12 +403,13 @@ def test_forced_choice_figures_table_metrics_and_plot(tmp_path):
     files = write_report(rep, tmp_path)
     summary = next(p for p in files if p.name == "passkey_summary.png")
     with Image.open(summary) as im:
-        with_forced = im.size[0]
+        with_forced = im.size[1]
     plain = build_report(cfg, models, domains, _synthetic(7)[3], skipped, {100: [], 200: []})
     assert "forced_choice" not in plain["passkey"]["restored"] and "Forced choice" not in render_markdown(plain)
     with Image.open(next(p for p in write_report(plain, tmp_path / "plain") if p.name == "passkey_summary.png")) as im:
-        # greedy alone: one panel; with the forced choice also its panel and the key's log-probability
-        assert with_forced > 2.2 * im.size[0]
+        # greedy alone: one panel; with the forced choice also its panel and the key's log-probability,
+        # stacked below it
+        assert with_forced > 2.2 * im.size[1]
 
 
 def test_greedy_answers_are_sorted_into_right_other_number_and_no_number():
