@@ -222,6 +222,19 @@ def grid_size(specs: list[ParamSpec], search: str, num_samples: int) -> int | No
     return n * num_samples
 
 
+def trial_count_text(specs: list[ParamSpec], search: str, num_samples: int) -> str:
+    """How many trials the sweep runs and why, e.g. "8 trials: grid of 2 rope.factor × 2
+    objective.relation.layers values, × 2 repeats (tune.num_samples)"."""
+    n = grid_size(specs, search, num_samples)
+    if search != "grid":
+        return f"{n} trials: tune.num_samples samples ({search} search)"
+    sizes = [f"{len(s.values)} {s.key}" for s in specs if s.kind == "grid"]
+    text = f"{n} trials: grid of " + (" × ".join(sizes) + " values" if sizes else "one point")
+    if num_samples > 1:
+        text += f", × {num_samples} repeats (tune.num_samples)"
+    return text
+
+
 def finite_combinations(specs: list[ParamSpec], keys: list[str]) -> list[dict[str, Any]] | None:
     """Every combination of the values of ``keys`` (all grid/choice), or None if one is a range."""
     chosen = [s for s in specs if s.key in keys]

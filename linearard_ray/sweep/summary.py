@@ -24,12 +24,13 @@ from linearard_ray.storage import fs_and_path, read_text, write_bytes
 from linearard_ray.sweep.metrics import context_metrics
 from linearard_ray.sweep.plan import repeat_dict
 from linearard_ray.sweep.search_space import ParamSpec, apply_params, plain, split_repeat
-from linearard_ray.sweep.trial import TRIAL_RESULT_FILE
+from linearard_ray.sweep.trial import TRIAL_RESULT_FILE, ran_every_step
 
 SWEEP_TAG = "linearard.sweep"
 ROLE_TAG = "linearard.sweep.role"
 SESSION_TAG = "linearard.sweep.session"
 STATUSES = ("completed", "stopped", "error", "unfinished")
+OBJECTIVE_DPI = 110
 
 
 @dataclass
@@ -83,7 +84,8 @@ def _trial_status(r, name: str, metrics: dict[str, Any], stopped: set[str]) -> s
     if r.error is not None:
         return "error"
     if name in stopped:
-        return "stopped"
+        # a stop decided on the report of the last step cut nothing short
+        return "completed" if ran_every_step(metrics) else "stopped"
     # Tune marks a trial's last result done when its function returned; not when interrupted
     return "completed" if metrics.get("done") else "unfinished"
 
@@ -243,8 +245,11 @@ def _results_texts(cfg: Config, specs: list[ParamSpec], rows: list[dict[str, Any
     keys = [s.key for s in specs]
     points = point_rows(rows, keys, t.metric)
     if any(p["trials"] > 1 for p in points):
+        for p in points:
+            p["trial names"] = ", ".join(p["trial_names"])
         _, points_md = results_table(
-            points, keys + ["trials", "scored", f"mean_{t.metric}", f"min_{t.metric}", f"max_{t.metric}"]
+            points,
+            keys + ["trials", "scored", f"mean_{t.metric}", f"min_{t.metric}", f"max_{t.metric}", "trial names"],
         )
         md_text += (
             "\nPer configuration, over its repeats (repeat k trains with train.seed + k; the best "
@@ -254,34 +259,53 @@ def _results_texts(cfg: Config, specs: list[ParamSpec], rows: list[dict[str, Any
     return csv_text, md_text
 
 
-def plot_objective(rows: list[dict[str, Any]], specs: list[ParamSpec], metric: str) -> bytes:
-    """PNG: the objective (last reported) against each swept value, one panel per parameter;
-    completed trials filled, stopped ones hollow."""
+def objective_figure(rows: list[dict[str, Any]], specs: list[ParamSpec], metric: str):
+    """The objective (last reported) against each swept value, one panel per parameter; completed
+    trials filled, stopped ones hollow. The title is wrapped to the figure's width: with one or two
+    swept parameters the figure is narrower than the title's line."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(specs)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    cols = min(n, 3)  # rows of at most three panels keep the PNG narrow enough to read unscaled
+    n_rows = math.ceil(n / cols)
+    width = max(4.1 * cols, 6.0)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(width, 3.6 * n_rows + 0.6), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
     scored = [r for r in rows if r.get(metric) is not None]
-    for ax, s in zip(axes[0], specs, strict=False):
+    for ax, s in zip(axes.flat, specs, strict=False):
         pos = _x_positions(ax, s, [r[s.key] for r in scored])
         for x, r in zip(pos, scored, strict=False):
             done = r["status"] == "completed"
             ax.scatter([x], [r[metric]], s=40, facecolors="C0" if done else "none", edgecolors="C0")
-        ax.set_xlabel(s.key)
-        ax.set_ylabel(metric)
+        ax.set_xlabel(s.key, fontsize=10)
+        ax.set_ylabel(metric, fontsize=10)
+        ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
     failed = len(rows) - len(scored)
-    fig.suptitle(
+    title = (
         f"{metric} per trial, last report ({len(scored)} scored"
         + (f", {failed} without a result" if failed else "")
         + "; hollow: stopped early)"
     )
+    chars_per_line = int(width * 72 / (11 * 0.6))  # an 11 pt character is about 0.6 em wide
+    fig.suptitle("\n".join(textwrap.wrap(title, chars_per_line)), fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def plot_objective(rows: list[dict[str, Any]], specs: list[ParamSpec], metric: str) -> bytes:
+    """objective.png (see ``objective_figure``) as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    fig = objective_figure(rows, specs, metric)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=OBJECTIVE_DPI)
     plt.close(fig)
     return buf.getvalue()
 
@@ -301,7 +325,7 @@ def _x_positions(ax, spec: ParamSpec, xs: list[Any]) -> list[float]:
     labels = sorted({label(x) for x in xs})
     index = {lab: i for i, lab in enumerate(labels)}
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=20, fontsize=8)
+    ax.set_xticklabels(labels, rotation=20, fontsize=9)
     return [index[label(x)] for x in xs]
 
 

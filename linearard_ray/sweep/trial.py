@@ -19,7 +19,21 @@ from linearard_ray.sweep.plan import repeat_name, run_config
 from linearard_ray.sweep.search_space import apply_params, config_hash, plain, split_repeat, trial_name
 
 LAST_REPORT_FILE = "tune_last_report.json"
+TOTAL_STEPS_KEY = "total_steps"  # added to every report: the optimizer steps the trial's run trains
 TRIAL_RESULT_FILE = "tune_trial_result.json"
+
+
+def total_steps(run_context) -> int | None:
+    """The optimizer steps of the Train run, from the job the driver resolved (None if absent)."""
+    job = (getattr(run_context, "train_loop_config", None) or {}).get("job") or {}
+    total = job.get("total_steps")
+    return int(total) if total is not None else None
+
+
+def ran_every_step(metrics: dict[str, Any]) -> bool:
+    """Whether a report comes from the trial's last optimizer step."""
+    step, total = metrics.get("step"), metrics.get(TOTAL_STEPS_KEY)
+    return step is not None and total is not None and int(step) >= int(total)
 
 
 def _report_callback_class():
@@ -42,6 +56,9 @@ def _report_callback_class():
             metrics = [dict(m) for m in metrics]
             if "step" in metrics[0]:
                 metrics[0][TIMESTEPS_TOTAL] = int(metrics[0]["step"])
+            total = total_steps(run_context)
+            if total is not None:  # the scheduler and the summary tell a finished trial from a stopped one
+                metrics[0][TOTAL_STEPS_KEY] = total
             super().after_report(run_context, metrics, checkpoint)
             try:
                 keep = {k: plain(v) for k, v in metrics[0].items() if isinstance(plain(v), (int, float, str))}

@@ -15,7 +15,14 @@ import uuid
 from linearard_ray.config import Config, ConfigError, TuneConfig
 from linearard_ray.sweep.metrics import HIGHER_IS_BETTER, objective_metrics
 from linearard_ray.sweep.plan import make_plan, prepare_data, trial_checkpoint_every
-from linearard_ray.sweep.search_space import ParamSpec, base_dict, grid_size, parse_space, to_tune_space
+from linearard_ray.sweep.search_space import (
+    ParamSpec,
+    base_dict,
+    grid_size,
+    parse_space,
+    to_tune_space,
+    trial_count_text,
+)
 from linearard_ray.sweep.summary import (
     ROLE_TAG,
     SESSION_TAG,
@@ -26,7 +33,7 @@ from linearard_ray.sweep.summary import (
     remove_other_students,
     summarize,
 )
-from linearard_ray.sweep.trial import TrialNamer, trial_dirname, trial_driver
+from linearard_ray.sweep.trial import TrialNamer, ran_every_step, trial_dirname, trial_driver
 
 DATA_CPUS = 1.0  # left free for Ray Data's read tasks, which feed the workers during training
 DRIVER_CPUS = 0.01  # a trial's driver function only waits on its Train run; workers hold the real resources
@@ -96,7 +103,10 @@ def build_searcher(t: TuneConfig, seed: int, max_concurrent: int = 0):
 def build_scheduler(t: TuneConfig):
     """ASHA on the optimizer step the workers report (grace_period and its rungs are steps), so a
     trial retried after a failure continues on the same scale. It remembers which trials it
-    stopped (``.stopped``, trial names), for the results table."""
+    stopped (``.stopped``, trial names), for the results table.
+
+    A report from a trial's last step (``TOTAL_STEPS_KEY``) is never a stop: the trial has trained
+    every step, and stopping it then would only cut off its export and show it as stopped early."""
     if t.scheduler != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
@@ -108,9 +118,10 @@ def build_scheduler(t: TuneConfig):
 
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP:
+            if action == TrialScheduler.STOP and not ran_every_step(result):
                 self.stopped.add(str(trial))
-            return action
+                return action
+            return TrialScheduler.CONTINUE
 
     return RecordingASHA(
         time_attr="step", max_t=ASHA_MAX_T, grace_period=t.grace_period, reduction_factor=t.reduction_factor
@@ -185,7 +196,7 @@ def build_tuner(t: TuneConfig, specs: list[ParamSpec], plan: dict, searcher, sch
 # --------------------------------------------------------------------------- the sweep
 
 
-def _announce(cfg: Config, plan: dict, n_trials: int | None, max_conc: int, use_gpu: bool) -> None:
+def _announce(cfg: Config, specs: list[ParamSpec], plan: dict, max_conc: int, use_gpu: bool) -> None:
     """Print the sweep's shape before it starts, and the trials' checkpoint interval when it is not
     train.checkpoint_every itself."""
     t = cfg.tune
@@ -197,7 +208,7 @@ def _announce(cfg: Config, plan: dict, n_trials: int | None, max_conc: int, use_
             flush=True,
         )
     print(
-        f"[tune] sweep {t.sweep_name}: {n_trials} trials ({t.search}), up to {max_conc} at once, "
+        f"[tune] sweep {t.sweep_name}: {trial_count_text(specs, t.search, t.num_samples)}; up to {max_conc} at once, "
         f"{'GPU' if use_gpu else 'CPU'}; objective {t.metric} ({t.mode}); storage {plan['sweep_dir']}",
         flush=True,
     )
@@ -224,7 +235,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     max_conc = t.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources(), use_gpu)
     searcher = build_searcher(t, cfg.train.seed, max_conc)
     n_trials = grid_size(specs, t.search, t.num_samples)
-    _announce(cfg, plan, n_trials, max_conc, use_gpu)
+    _announce(cfg, specs, plan, max_conc, use_gpu)
 
     session = uuid.uuid4().hex[:12]
     exp_id, callbacks = mlflow_trial_callbacks(t, uri, session)

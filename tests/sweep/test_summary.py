@@ -142,3 +142,49 @@ def load_config_text(tmp_path, text: str):
     path = tmp_path / "best_config.yaml"
     path.write_text(text)
     return load_config(path)
+
+
+def _tune_result(name: str, step: int, total: int | None, **config):
+    metrics = {"nll_gap": 0.3, "step": step, "done": False}
+    if total is not None:
+        metrics["total_steps"] = total
+    return SimpleNamespace(path=f"/x/{name}", metrics=metrics, error=None, metrics_dataframe=None, config=config)
+
+
+def test_a_trial_stopped_at_its_last_step_is_completed():
+    """ASHA decides at a rung; when the rung is the trial's last step, the trial has trained every
+    step and is reported completed, not "stopped early". One stopped before its last step stays
+    stopped; without the step count (reports from before it was added) the scheduler's word stands."""
+    from linearard_ray.sweep.plan import make_plan
+    from linearard_ray.sweep.summary import collect_rows
+
+    base = base_config()
+    specs = parse_space({"rope.factor": {"grid": [2.0, 4.0]}}, base)
+    plan = make_plan(base, specs)
+    total = int(np.random.default_rng().integers(4, 40))
+    grid = [
+        _tune_result("sw-last", total, total, **{"rope.factor": 2.0}),
+        _tune_result("sw-early", total // 2, total, **{"rope.factor": 4.0}),
+        _tune_result("sw-old", total, None, **{"rope.factor": 4.0}),
+    ]
+    rows = collect_rows(grid, specs, plan, base.tune, stopped={"sw-last", "sw-early", "sw-old"})
+    assert {r["trial"]: r["status"] for r in rows} == {
+        "sw-last": "completed",
+        "sw-early": "stopped",
+        "sw-old": "stopped",
+    }
+
+
+def test_per_configuration_table_names_its_trials():
+    from linearard_ray.sweep.summary import _results_texts
+
+    cfg = base_config(**{"tune.num_samples": 2})
+    specs = parse_space({"rope.factor": {"grid": [2.0, 4.0]}}, cfg)
+    rows = [
+        {"trial": name, "status": "completed", "rope.factor": f, "nll_gap": g}
+        for name, f, g in (("sw-a", 2.0, 0.1), ("sw-a-r2", 2.0, 0.2), ("sw-b", 4.0, 0.3), ("sw-b-r2", 4.0, 0.4))
+    ]
+    _, md = _results_texts(cfg, specs, rows)
+    per_config = md.split("Per configuration")[1]
+    assert "trial names" in per_config
+    assert "| sw-a, sw-a-r2 |" in per_config and "| sw-b, sw-b-r2 |" in per_config

@@ -15,12 +15,15 @@ import pytest
 import yaml
 
 from linearard_ray.config import ConfigError, build_config, load_config
-from linearard_ray.sweep.search_space import apply_params, trial_name
+from linearard_ray.sweep.search_space import apply_params, parse_space, trial_name
 from tests.local_ray import local_ray
 from tests.scripts import ROOT
 from tests.sweep.configs import base_config
 
 # --------------------------------------------------------------------------- sweep checks
+
+
+TWO_BY_TWO = {"rope.factor": {"grid": [2.0, 4.0]}, "objective.relation.layers": {"grid": ["all", "last:2"]}}
 
 
 def test_optuna_missing_gives_a_clear_message(monkeypatch):
@@ -123,6 +126,62 @@ def test_asha_stops_on_optimizer_steps():
     assert s.on_trial_result(None, trials[1], {"step": grace, "nll_gap": bad}) == TrialScheduler.STOP
     assert s.stopped == {str(trials[1])}  # the results table marks it "stopped"
     assert build_scheduler(base_config(**{"tune.scheduler": "none"}).tune) is None
+
+
+def test_asha_never_stops_a_trial_on_its_last_step():
+    """A rung that falls on a trial's last step (the default sweep: 4 steps, rungs at 2 and 4) must
+    not stop it: it has trained every step, and a stop would cut off its export. The trials' reports
+    carry the run's step count, which the Train callback adds from the job the driver resolved."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from linearard_ray.sweep.trial import total_steps
+    from linearard_ray.sweep.tune import build_scheduler
+
+    class FakeTrial:
+        def __init__(self, i):
+            self.trial_id = f"t{i}"
+
+    total = int(np.random.default_rng().integers(4, 40))
+    s = build_scheduler(base_config(**{"tune.grace_period": total, "tune.reduction_factor": 2}).tune)
+    s.set_search_properties("nll_gap", "min")
+    trials = [FakeTrial(i) for i in range(3)]
+    for tr in trials:
+        s.on_trial_add(None, tr)
+    last = {"step": total, "total_steps": total}
+    assert s.on_trial_result(None, trials[0], {**last, "nll_gap": 0.1}) == TrialScheduler.CONTINUE
+    # behind at the rung, but the rung is its last step: it runs to its end
+    assert s.on_trial_result(None, trials[1], {**last, "nll_gap": 0.9}) == TrialScheduler.CONTINUE
+    assert s.stopped == set()
+    # the same decision with steps still to go stops it
+    s.on_trial_add(None, trials[2])
+    early = {"step": total, "total_steps": 2 * total, "nll_gap": 0.95}
+    assert s.on_trial_result(None, trials[2], early) == TrialScheduler.STOP
+    assert s.stopped == {str(trials[2])}
+    assert total_steps(SimpleNamespace(train_loop_config={"job": {"total_steps": total}})) == total
+    assert total_steps(SimpleNamespace(train_loop_config={})) is None
+
+
+@pytest.mark.parametrize(
+    "space, search, num_samples, trials, text",
+    [
+        (TWO_BY_TWO, "grid", 1, 4, "4 trials: grid of 2 rope.factor × 2 objective.relation.layers values"),
+        (TWO_BY_TWO, "grid", 2, 8, "× 2 repeats (tune.num_samples)"),
+        (TWO_BY_TWO, "random", 3, 3, "3 trials: tune.num_samples samples (random search)"),
+        ({"rope.factor": {"grid": [4.0]}, "train.lr": {"loguniform": [1e-4, 1e-3]}}, "grid", 3, 3, "× 3 repeats"),
+    ],
+)
+def test_the_trial_count_is_announced_with_its_reason(space, search, num_samples, trials, text):
+    """docs/sweeps.md: with search grid, num_samples repeats the whole grid (2 × 2 × 2 = 8 trials);
+    search random with num_samples N runs exactly N."""
+    from linearard_ray.sweep.search_space import grid_size, trial_count_text
+
+    cfg = base_config(**{"tune.search": search, "tune.num_samples": num_samples})
+    specs = parse_space(space, cfg)
+    assert grid_size(specs, search, num_samples) == trials
+    assert text in trial_count_text(specs, search, num_samples)
+    assert trial_count_text(specs, search, num_samples).startswith(f"{trials} trials")
 
 
 # --------------------------------------------------------------------------- command line and recipes
