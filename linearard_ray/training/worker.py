@@ -115,6 +115,7 @@ def _open_tracking(w: Worker, trainee: Trainee, streams: WorkerStreams, resumed:
 
     logger = RunLogger(w.job.tracking_uri, run_id)
     logger.log_params(_job_params(w, trainee, streams))
+    logger.start_system_metrics(w.cfg.tracking)  # stopped by logger.finish at export
     if resumed:
         logger.set_tags({"resumed_from_step": state.step})
     return logger
@@ -260,16 +261,26 @@ def _report(w: Worker, trainee: Trainee, report: dict, with_checkpoint: bool) ->
 
 
 def _export(w: Worker, trainee: Trainee, logger, final_metrics: dict[str, float]) -> dict:
-    """The merged student and the adapter, written and logged; what ``run_distill`` reports."""
+    """The merged student (in ``export.dtype``, with its model card) and the adapter, written,
+    registered and logged; what ``run_distill`` reports."""
+    from linearard_ray.models import card as cards
     from linearard_ray.models import loading as models
 
-    out_dir = Path(w.job.output_dir)
-    paths = models.export_student(trainee.student, trainee.tokenizer, out_dir, w.cfg.rope)
+    out_dir, state = Path(w.job.output_dir), trainee.state
+    dtype = models.export_dtype(w.cfg.export.dtype, w.cfg.model)
+    card = cards.training_card(
+        w.cfg,
+        manifests=cards.read_manifests({name: spec.directory for name, spec in w.job.streams.items()}),
+        steps=state.step,
+        tokens_seen=state.tokens_seen,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    paths = models.export_student(trainee.student, trainee.tokenizer, out_dir, w.cfg.rope, dtype=dtype, card=card)
     (out_dir / "distill_config.yaml").write_text(dump_config(w.cfg))
-    say(f"[distill] student exported to {paths.get('merged', out_dir)}")
+    size_mb = sum(f.stat().st_size for f in paths["merged"].glob("*.safetensors")) / 1e6
+    say(f"[distill] student exported to {paths['merged']} ({size_mb:.0f} MB of {card.dtype} weights)")
     if logger is not None:
         _log_artifacts(w, logger, paths)
-    state = trainee.state
     return {
         "student_dir": str(paths.get("merged", out_dir)),
         "export_dir": str(out_dir),
@@ -281,7 +292,14 @@ def _export(w: Worker, trainee: Trainee, logger, final_metrics: dict[str, float]
 
 
 def _log_artifacts(w: Worker, logger, paths: dict) -> None:
-    """The config, the streams' manifests, the adapter and the merged student into the MLflow run."""
+    """The student registered in the MLflow Model Registry (its source: the exported directory), its
+    card rewritten with the run and version; the config, the streams' manifests, the adapter and
+    the card logged into the run. The merged weights are copied into the run only when
+    ``tracking.log_model_copy`` asks or the registry cannot read the exported directory."""
+    from linearard_ray.models import card as cards
+    from linearard_ray.models.loading import STUDENT_RECORD
+    from linearard_ray.tracking import register_student
+
     logger.log_text(dump_config(w.cfg), "config.yaml")
     for name, spec in w.job.streams.items():
         mf = Path(spec.directory) / "manifest.json"
@@ -289,5 +307,16 @@ def _log_artifacts(w: Worker, logger, paths: dict) -> None:
             logger.log_artifact(mf, f"data/{name}")
     if "adapter" in paths:
         logger.log_artifact(paths["adapter"], "adapter")
-    logger.log_artifact(paths["merged"], "student")
+    merged, t = paths["merged"], w.cfg.tracking
+    card = cards.read_student_record(merged)
+    card.mlflow = {"tracking_uri": logger.uri, "experiment_id": logger.experiment_id, "run_id": logger.run_id}
+    try:
+        name = t.registered_model or w.cfg.train.run_name
+        card.mlflow |= register_student(logger, merged, name, card.registry_tags(), copy=t.log_model_copy)
+        say(f"[distill] registered as {name!r} version {card.mlflow['version']} ({card.mlflow['source']})")
+    except Exception as e:  # the student is exported and trained: a registry problem must not fail the job
+        say(f"[distill] could not register the student in the MLflow Model Registry: {type(e).__name__}: {e}")
+    cards.write_model_card(merged, card)
+    for small in (cards.CARD_FILE, STUDENT_RECORD, "config.json"):
+        logger.log_artifact(merged / small, "student")
     logger.finish("FINISHED")

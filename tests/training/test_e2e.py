@@ -89,7 +89,12 @@ def reference(ray_cluster, tiny_model_dir, workdir, corpus):
 
     tiny_model_dir("llama")
     # a second held-out domain, never trained on, measured at the same evaluations
-    cfg = _cfg(workdir, corpus, "ref", **{"train.eval_sources": {"pydocs": ["builtin:pydocs/tutorial"]}})
+    cfg = _cfg(
+        workdir,
+        corpus,
+        "ref",
+        **{"train.eval_sources": {"pydocs": ["builtin:pydocs/tutorial"]}, "tracking.system_metrics_interval_s": 1.0},
+    )
     return cfg, run_distill(cfg)
 
 
@@ -147,8 +152,12 @@ def test_two_workers_end_to_end_with_mlflow(reference, tiny_model_dir):
 
     root = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"config.yaml", "data", "adapter", "student"} <= root
+    # the weights exist once, in the exported directory the registered version points at; the
+    # run holds the small things: config, card, record
     student_files = {Path(a.path).name for a in client.list_artifacts(res.mlflow_run_id, "student")}
-    assert {"config.json", "model.safetensors"} <= student_files
+    assert student_files == {"config.json", "README.md", "linearard_student.json"}
+    _check_registered_student(cfg, res)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
     assert "manifest.json" in {Path(a.path).name for a in client.list_artifacts(res.mlflow_run_id, "data/train")}
     assert "adapter_model.safetensors" in {
         Path(a.path).name for a in client.list_artifacts(res.mlflow_run_id, "adapter")
@@ -166,6 +175,32 @@ def test_two_workers_end_to_end_with_mlflow(reference, tiny_model_dir):
         model.state_dict()["model.layers.0.mlp.up_proj.weight"],
         teacher.state_dict()["model.layers.0.mlp.up_proj.weight"],
     )
+
+
+def _check_registered_student(cfg, res) -> None:
+    """The student is a version of the registered model named after the run, sourced from the
+    exported directory, tagged with what tells students apart; its card says so."""
+    from huggingface_hub import ModelCard
+    from mlflow.tracking import MlflowClient
+
+    from linearard_ray.models.card import read_student_record
+
+    uri = cfg.tracking.resolved_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = client.search_model_versions("name = 'ref'")
+    assert len(versions) == 1
+    mv = versions[0]
+    assert mv.source == str(Path(res.student_dir).resolve()) and mv.run_id == res.mlflow_run_id
+    assert mv.tags["rope_type"] == "linear" and mv.tags["rope_factor"] == "4.0"
+    assert mv.tags["tokens_seen"] == str(res.tokens_seen) and mv.tags["recipe"] == "linearard"
+    assert mv.tags["teacher"] == "tiny:llama" and mv.tags["dtype"] == "float32"  # the tiny teacher's dtype
+    card = ModelCard.load(Path(res.student_dir) / "README.md")
+    assert card.data.library_name == "transformers" and "linear" in card.data.tags
+    mlflow = card.data.to_dict()["linearard"]["mlflow"]
+    assert mlflow["run_id"] == res.mlflow_run_id and mlflow["version"] == str(mv.version)
+    record = read_student_record(res.student_dir)
+    assert record.tokens_seen == res.tokens_seen and record.data[0]["stream"] == "train"
+    assert record.data[0]["tokens_in_blocks"] > 0
 
 
 def test_worker_failure_resumes_to_the_same_weights(reference, workdir, corpus):
