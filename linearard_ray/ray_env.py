@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Variables a worker needs to see as the driver sees them: the model cache, offline hub settings,
-# the Triton interpreter on CPU, the token-auth mode of the cluster.
+# Variables a worker needs to see as the driver sees them: the model cache, the base of relative
+# output paths (linearard_ray.paths), offline hub settings, the Triton interpreter on CPU, the
+# token-auth mode of the cluster.
 FORWARDED_ENV = (
     "LINEARARD_CACHE",
+    "LINEARARD_HOME",
     "HF_HUB_OFFLINE",
     "HF_HOME",
     "TRITON_INTERPRET",

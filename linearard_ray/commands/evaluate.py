@@ -16,9 +16,9 @@ Writes report.json, report.md and PNG plots to eval.output_dir and logs an MLflo
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
+from linearard_ray.paths import output_path
 
 
 def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
             report = evaluate(cfg, ray_address=args.ray_address)
     except user_errors(EvalError, TextsError) as e:
         return user_error(prog, e)
-    print(f"{prog}: report in {Path(cfg.eval.output_dir).resolve()}")
+    print(f"{prog}: report in {report.get('output_dir') or output_path(cfg.eval.output_dir)}")
     if report.get("mlflow"):
         from linearard_ray.tracking import run_url
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,6 +16,7 @@ from pydantic import (
 
 from linearard_ray.config.base import Section
 from linearard_ray.data.corpus import check_builtin, is_builtin
+from linearard_ray.paths import sqlite_uri
 
 # --------------------------------------------------------------------------- data
 
@@ -280,7 +280,10 @@ class TrainConfig(Section):
 class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str | None = Field(
-        None, description="Default: sqlite:///<cwd>/mlflow.db (one absolute URI for every worker)."
+        None,
+        description="Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db. A relative sqlite file lands in "
+        "$LINEARARD_HOME when set, else the working directory (~/linearard_ray in a `ray job submit --working-dir` "
+        "job), like relative output paths.",
     )
     experiment: str = "linearard"
     registered_model: str | None = Field(
@@ -304,12 +307,10 @@ class TrackingConfig(Section):
     )
 
     def resolved_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
-        env = os.environ.get("MLFLOW_TRACKING_URI")
-        if env:
-            return env
-        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        """The one URI every process of the job logs to: tracking.tracking_uri, else
+        $MLFLOW_TRACKING_URI (a cluster's server), else sqlite:///mlflow.db; a sqlite file given
+        relative lands under the output base, as relative output paths do (linearard_ray.paths)."""
+        return sqlite_uri(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
 
 
 # --------------------------------------------------------------------------- export

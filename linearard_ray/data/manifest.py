@@ -21,6 +21,7 @@ from filelock import FileLock
 from linearard_ray.config import DataConfig
 from linearard_ray.data.blocks import TokenSpec, vocab_hash
 from linearard_ray.data.sources import DataError
+from linearard_ray.paths import output_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -184,8 +185,9 @@ def _skip_report(m: dict, max_skips: int) -> list[str]:
 
 
 def default_output_dir(h: str) -> Path:
-    """outputs/data/<the config hash's first 12 hex digits>."""
-    return Path("outputs") / "data" / h[:12]
+    """outputs/data/<the config hash's first 12 hex digits>, under the output base
+    (linearard_ray.paths)."""
+    return Path(output_path(Path("outputs") / "data" / h[:12]))
 
 
 def _our_file(name: str) -> bool:

@@ -52,6 +52,7 @@ from linearard_ray.data.tokenization import (
     plain_backend,
     tokenizer_payload,
 )
+from linearard_ray.paths import output_path
 from linearard_ray.ray_env import ensure_ray
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def preprocess(data_cfg: DataConfig, tokenizer_path: str | Path, *, progress: bo
     """
     t0 = time.perf_counter()
     items, tok, spec, tok_info, h = _prepare(data_cfg, tokenizer_path)
-    out = Path(data_cfg.output_dir) if data_cfg.output_dir else default_output_dir(h)
+    out = Path(output_path(data_cfg.output_dir)) if data_cfg.output_dir else default_output_dir(h)
     check_output_dir(out)
     with staged_output(out) as staging:
         payload = tokenizer_payload(plain_backend(tok), tokenizer_path)
@@ -456,7 +457,7 @@ def ensure_preprocessed(
     data_cfg = cfg.data if stream == "main" else lm_data_config(cfg.data)
     h = config_hash(data_cfg, tok_path)
     if cfg.data.output_dir:
-        out = Path(cfg.data.output_dir)
+        out = Path(output_path(cfg.data.output_dir))
         if not same:
             out = out.with_name(out.name + "-lm")
     else:

@@ -36,6 +36,7 @@ from linearard_ray.evaluation.jobs import job_keys, plan_jobs, reuse_finished_jo
 from linearard_ray.evaluation.passkey import min_length, prompts_for
 from linearard_ray.evaluation.specs import EvalError, log_progress, model_specs, reference_tokenizer
 from linearard_ray.evaluation.texts import bos_prefix, load_documents, make_windows, tokenize_documents
+from linearard_ray.paths import output_path
 
 __all__ = ["EvalError", "evaluate", "evaluate_student", "prepare_inputs"]
 
@@ -126,7 +127,7 @@ def evaluate(
         raise ConfigError("eval.texts is empty: give at least one text source (default builtin:sotu/eval)")
     specs = model_specs(cfg)
     teacher_spec = next(s for s in specs if s.role == "teacher")
-    out_dir = Path(ev.output_dir)
+    out_dir = Path(output_path(ev.output_dir))  # not in Ray's copy of a submitted job's working_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = reference_tokenizer(cfg, specs)

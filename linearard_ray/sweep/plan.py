@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from linearard_ray.config import Config, build_config
+from linearard_ray.paths import output_base
 from linearard_ray.storage import is_uri
 from linearard_ray.sweep.search_space import (
     ParamSpec,
@@ -48,14 +49,18 @@ def make_plan(cfg: Config, specs: list[ParamSpec]) -> dict:
     from linearard_ray.training.plan import resolve_storage_path
 
     cwd = os.getcwd()
+    # relative inputs are read from the working directory, relative outputs go to the output base
+    # (the same place outside a `ray job submit --working-dir` job)
+    base = str(output_base())
     sweep_dir = f"{resolve_storage_path(cfg.tune.storage_path).rstrip('/')}/{cfg.tune.sweep_name}"
     return {
         "sweep_name": cfg.tune.sweep_name,
         "base": base_dict(cfg),
         "cwd": cwd,
+        "output_base": base,
         "sweep_dir": sweep_dir,
         "run_storage": f"{sweep_dir}/runs",
-        "students_dir": f"{absolute_path(cfg.train.output_dir, cwd)}/{cfg.tune.sweep_name}",
+        "students_dir": f"{absolute_path(cfg.train.output_dir, base)}/{cfg.tune.sweep_name}",
         "data_swept": bool(data_keys(specs)),
         "data_dirs": {},
     }
@@ -64,9 +69,10 @@ def make_plan(cfg: Config, specs: list[ParamSpec]) -> dict:
 # --------------------------------------------------------------------------- per-trial configs
 
 
-def _absolutize(d: dict, cwd: str) -> dict:
+def _absolutize(d: dict, cwd: str, out_base: str) -> dict:
     """Trials run with the trial directory as their working directory: every relative path of
-    the driver's config is made absolute against the driver's."""
+    the driver's config is made absolute, inputs against the driver's working directory and the
+    data's output directory against its output base."""
     d = copy.deepcopy(d)
     m, data = d["model"], d["data"]
     for k in ("teacher", "student"):
@@ -84,9 +90,10 @@ def _absolutize(d: dict, cwd: str) -> dict:
     t["eval_sources"] = {k: [src(s) for s in v] for k, v in (t.get("eval_sources") or {}).items()}
     if data.get("lm_sources"):
         data["lm_sources"] = [src(s) for s in data["lm_sources"]]
-    for k in ("preprocessed", "output_dir"):
-        if data.get(k):
-            data[k] = absolute_path(data[k], cwd)
+    if data.get("preprocessed"):
+        data["preprocessed"] = absolute_path(data["preprocessed"], cwd)
+    if data.get("output_dir"):
+        data["output_dir"] = absolute_path(data["output_dir"], out_base)
     return d
 
 
@@ -114,9 +121,9 @@ def repeat_dict(base: Config | dict, params: dict[str, Any], k: int) -> dict:
     return d
 
 
-def _swept_data_dir(output_dir: str | None, cwd: str, dh: str) -> str:
+def _swept_data_dir(output_dir: str | None, out_base: str, dh: str) -> str:
     """Where one data config of a sweep that varies the data is preprocessed: its own directory."""
-    root = output_dir or absolute_path(DEFAULT_SWEEP_DATA_DIR, cwd)
+    root = output_dir or absolute_path(DEFAULT_SWEEP_DATA_DIR, out_base)
     return f"{root}-{dh}"
 
 
@@ -124,7 +131,7 @@ def run_config(plan: dict, params: dict[str, Any], name: str) -> Config:
     """The config one trial trains with: its repeat's config (`repeat_dict`) with absolute paths,
     its own run name and storage, the sweep's preprocessed data, and no MLflow run of its own."""
     params, k = split_repeat(params)
-    d = _absolutize(repeat_dict(plan["base"], params, k), plan["cwd"])
+    d = _absolutize(repeat_dict(plan["base"], params, k), plan["cwd"], _output_base(plan))
     cfg = build_config(d)
     dh = data_hash(cfg)
     t, data = d["train"], d["data"]
@@ -141,7 +148,7 @@ def run_config(plan: dict, params: dict[str, Any], name: str) -> Config:
         if prepared:
             data["output_dir"] = prepared
         elif plan["data_swept"]:
-            data["output_dir"] = _swept_data_dir(data.get("output_dir"), plan["cwd"], dh)
+            data["output_dir"] = _swept_data_dir(data.get("output_dir"), _output_base(plan), dh)
     return build_config(d)
 
 
@@ -162,18 +169,22 @@ def prepare_data(cfg: Config, specs: list[ParamSpec], plan: dict) -> dict[str, s
     objective_swept = any(s.key.startswith("objective.") for s in specs)
     out: dict[str, str] = {}
     for combo in combos:
-        c = build_config(_absolutize(base_dict(apply_params(plan["base"], combo)), plan["cwd"]))
+        c = build_config(_absolutize(base_dict(apply_params(plan["base"], combo)), plan["cwd"], _output_base(plan)))
         if c.data.preprocessed:
             continue
         dh = data_hash(c)
         if plan["data_swept"]:
-            c = _with_data_dir(c, _swept_data_dir(c.data.output_dir, plan["cwd"], dh))
+            c = _with_data_dir(c, _swept_data_dir(c.data.output_dir, _output_base(plan), dh))
         main = Path(data_mod.ensure_preprocessed(c)).resolve()
         out[dh] = str(main)
         c = _with_data_dir(c, str(main))
         if c.data.lm_data_differs() and (objective_swept or c.objective.next_token.weight > 0):
             data_mod.ensure_preprocessed(c, stream="lm")
     return out
+
+
+def _output_base(plan: dict) -> str:
+    return plan.get("output_base") or plan["cwd"]  # a plan made before outputs had a base of their own
 
 
 def _with_data_dir(cfg: Config, output_dir: str) -> Config:

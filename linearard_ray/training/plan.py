@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from linearard_ray.config import Config, ConfigError
-from linearard_ray.storage import is_uri
+from linearard_ray.paths import output_path
 
 # Written into the job's storage directory once train.fail_at_step has fired, so that the
 # retried worker group (or the job started again) does not fail a second time.
@@ -123,14 +123,17 @@ def plan_steps(cfg: Config, streams: dict[str, StreamSpec], primary: str, world_
 
 
 def resolve_storage_path(path: str) -> str:
-    """A URI as given; a local path made absolute (workers on other nodes resolve nothing)."""
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+    """A URI as given; a local path made absolute, a relative one under the output base
+    (``linearard_ray.paths``: not Ray's temporary copy of a submitted job's working_dir).
+    Workers on other nodes resolve nothing."""
+    return output_path(path)
 
 
 def job_paths(cfg: Config) -> tuple[str, str]:
-    """(storage dir, export dir) of the run: ``<storage_path>/<run_name>``, ``<output_dir>/<run_name>``."""
+    """(storage dir, export dir) of the run: ``<storage_path>/<run_name>``, ``<output_dir>/<run_name>``,
+    both absolute."""
     storage_dir = f"{resolve_storage_path(cfg.train.storage_path).rstrip('/')}/{cfg.train.run_name}"
-    output_dir = str(Path(cfg.train.output_dir).expanduser().resolve() / cfg.train.run_name)
+    output_dir = f"{output_path(cfg.train.output_dir).rstrip('/')}/{cfg.train.run_name}"
     return storage_dir, output_dir
 
 
