@@ -3,8 +3,10 @@ restored student on held-out text of two domains, long documents and passkey ret
 
 Short-text perplexity, relation KL and restoration figures on two text domains, long-context NLL
 and passkey retrieval, for those three models (eval.student_path) or any list of models
-(eval.models).
+(eval.models). eval.preset=quick|standard|full sizes it (quick: a CPU smoke test in minutes);
+fields set explicitly override the preset.
 
+    python pipelines/evaluate.py --set eval.preset=quick --set eval.student_path=outputs/students/<run>/merged
     python pipelines/evaluate.py --set eval.student_path=outputs/students/linearard-default/merged
     python pipelines/evaluate.py --config configs/<recipe>.yaml --set eval.long_lengths=[16384,32768]
     python pipelines/evaluate.py --set 'eval.models=[{name: a, path: ./ckpt-a}, {name: b, path: ./ckpt-b}]'

@@ -6,7 +6,8 @@ layer selection, CPU, minutes).
 
     python pipelines/tune.py                                  # small default sweep: SmolLM2-135M, CPU, minutes
     python pipelines/tune.py --config configs/sweep-smollm2-135m.yaml
-    python pipelines/tune.py --config configs/sweep-default.yaml --set tune.num_samples=2
+    python pipelines/tune.py --config configs/sweep-default.yaml --set tune.num_samples=2   # 2 × 2 grid twice: 8
+    python pipelines/tune.py --set tune.search=random --set tune.num_samples=3              # exactly 3 trials
     ray job submit --working-dir . -- python pipelines/tune.py --config configs/<sweep>.yaml
 
 The space is tune.space (dotted config path -> grid/choice/uniform/loguniform/randint). Results:

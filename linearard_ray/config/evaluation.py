@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 from pydantic import (
@@ -22,11 +23,49 @@ class EvalModelSpec(Section):
     rope: RopeConfig | None = Field(None, description="RoPE settings to apply; default: as in the checkpoint.")
 
 
+# What each eval.preset sets. A field given in the config file or with --set keeps its value: the
+# preset only fills in the fields left out (pydantic's fields set by the input, see _apply_preset).
+# "standard" is the schema's own defaults.
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    # A CPU smoke test of the whole report on SmolLM2-135M (docs/evaluation.md gives measured times):
+    # one domain, one short and one long length, few windows and prompts.
+    "quick": {
+        "other_texts": [],
+        "short_lengths": [512],
+        "long_lengths": [1024],
+        "max_windows": 2,
+        "passkey_lengths": [512],
+        "passkey_depths": [0.5],
+        "passkey_trials": 2,
+        "passkey_choices": 5,
+    },
+    "standard": {},
+    # Less noise and the extended window: for a GPU.
+    "full": {
+        "long_lengths": [4096, 8192, 16384, 32768],
+        "max_windows": 16,
+        "passkey_lengths": [1024, 4096, 8192, 16384, 32768],
+        "passkey_depths": [0.1, 0.3, 0.5, 0.7, 0.9],
+        "passkey_trials": 5,
+    },
+}
+
+
 class EvalConfig(Section):
+    preset: Literal["quick", "standard", "full"] = Field(
+        "standard",
+        description="Defaults for the size of the evaluation: 'quick' (a CPU smoke test of SmolLM2-135M: "
+        "one domain, lengths 512 and 1024, 2 windows, 2 passkey prompts at 512), "
+        "'standard' (the defaults below) or 'full' (16 windows, lengths up to 32768, 25 passkey prompts "
+        "per length; for a GPU). Fields set in the config or with --set override the preset.",
+    )
     models: list[EvalModelSpec] = Field(
         default_factory=list, description="Default: teacher, unrestored student, restored student."
     )
-    student_path: str | None = Field(None, description="The restored student to evaluate (exported directory).")
+    student_path: str | None = Field(
+        None,
+        description="The restored student to evaluate: the export's <train.output_dir>/<run>/merged directory.",
+    )
     texts: list[str] = Field(default_factory=lambda: ["builtin:sotu/eval"])
     other_texts: list[str] = Field(
         default_factory=lambda: ["builtin:pydocs"],
@@ -63,6 +102,31 @@ class EvalConfig(Section):
     )
     device: str = "auto"
     lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for lm-evaluation-harness, passed through: those of "
+        "lm_eval.simple_evaluate (e.g. metadata: {max_seq_lengths: [8192]} for RULER, limit, num_fewshot) "
+        "and of its HFLM model (e.g. max_length: 8192). Checked against lm-eval's signatures before any "
+        "model runs.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fill in the preset's values for the fields the input leaves out. Done on the raw input,
+        before the defaults: after validation every field has a value and only model_fields_set
+        tells a default from a value the user gave, and assigning there would run validation again."""
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "standard")
+        if preset not in EVAL_PRESETS:
+            return data  # the Literal names the allowed presets
+        return {**copy.deepcopy(EVAL_PRESETS[preset]), **data}
+
+    def preset_overrides(self) -> dict[str, Any]:
+        """The preset's fields that the config set to another value: {field: (preset's, config's)}."""
+        mine = EVAL_PRESETS[self.preset]
+        return {k: (v, getattr(self, k)) for k, v in mine.items() if getattr(self, k) != v}
 
     @field_validator("passkey_choices")
     @classmethod

@@ -32,9 +32,23 @@ from typing import Any
 from linearard_ray.config import Config, ConfigError, EvalModelSpec
 from linearard_ray.evaluation.harness import check_lm_eval, run_lm_eval
 from linearard_ray.evaluation.job_log import JobLog
-from linearard_ray.evaluation.jobs import job_keys, plan_jobs, reuse_finished_jobs, run_all_jobs, use_ray
+from linearard_ray.evaluation.jobs import (
+    OverallProgress,
+    job_keys,
+    job_weight,
+    plan_jobs,
+    reuse_finished_jobs,
+    run_all_jobs,
+    use_ray,
+)
 from linearard_ray.evaluation.passkey import min_length, prompts_for
-from linearard_ray.evaluation.specs import EvalError, log_progress, model_specs, reference_tokenizer
+from linearard_ray.evaluation.specs import (
+    EvalError,
+    check_model_paths,
+    log_progress,
+    model_specs,
+    reference_tokenizer,
+)
 from linearard_ray.evaluation.texts import bos_prefix, load_documents, make_windows, tokenize_documents
 from linearard_ray.paths import output_path
 
@@ -108,6 +122,15 @@ def _write_outputs(cfg: Config, report: dict, specs, out_dir: Path, t_start: flo
     return files
 
 
+def _log_preset(ev) -> None:
+    """Which preset sized this evaluation, and the fields the config set over it."""
+    kept = ev.preset_overrides()
+    log_progress(
+        f"eval.preset={ev.preset}"
+        + ("; set in the config over it: " + ", ".join(f"{k}={v[1]}" for k, v in kept.items()) if kept else "")
+    )
+
+
 def evaluate(
     cfg: Config, *, ray_address: str | None = None, distribute: bool | None = None, task_resources: dict | None = None
 ) -> dict:
@@ -122,10 +145,12 @@ def evaluate(
 
     t_start = time.time()
     ev = cfg.eval
-    check_lm_eval(ev.lm_eval_tasks)
+    check_lm_eval(ev.lm_eval_tasks, ev.lm_eval_args)
     if not ev.texts:
         raise ConfigError("eval.texts is empty: give at least one text source (default builtin:sotu/eval)")
     specs = model_specs(cfg)
+    check_model_paths(specs, cfg)  # a wrong student path fails now, not after the teacher's jobs
+    _log_preset(ev)
     teacher_spec = next(s for s in specs if s.role == "teacher")
     out_dir = Path(output_path(ev.output_dir))  # not in Ray's copy of a submitted job's working_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +166,9 @@ def evaluate(
         log.path.unlink()  # a fresh run: the log describes this run only
     ray_tasks = use_ray(ray_address, distribute)
     todo = sum(len(j) for j in plan.values())
+    progress = OverallProgress(
+        {(n, job): job_weight(job, payload, cfg) for n, jobs in plan.items() for job in jobs}, len(reused)
+    )
     log_progress(
         f"{len(specs)} models, {todo + len(reused)} jobs ({len(reused)} reused from {log.path}), "
         f"{'Ray tasks' if ray_tasks else 'in this process'}; output {out_dir}"
@@ -153,7 +181,7 @@ def evaluate(
         cfg,
         ray_tasks,
         task_resources,
-        lambda s, job, r: log.append(keys[(s.name, job)], r),
+        lambda s, job, r: (log.append(keys[(s.name, job)], r), progress.job_done(s.name, job)),
     )
     report = build_report(cfg, [s.as_dict() for s in specs], info, results, skipped, passkey)
     files = _write_outputs(cfg, report, specs, out_dir, t_start)

@@ -21,6 +21,7 @@ from linearard_ray.evaluation.passkey import run_passkey, score_key_choices
 from linearard_ray.evaluation.specs import EvalError, ModelSpec, eval_device, load_eval_model, log_progress, max_window
 
 ResultHook = Callable[[ModelSpec, tuple, dict], None]
+RELATION_KL_COST = 5  # a relation-KL job's time over an NLL job's on the same windows (measured, CPU)
 
 
 # --------------------------------------------------------------------------- one model's jobs
@@ -226,6 +227,56 @@ def run_all_jobs(
     if not ray_tasks:
         return _run_in_process(specs, teacher_spec, plan, payload, cfg, on_result)
     return _run_as_ray_tasks(specs, teacher_spec, plan, payload, cfg, task_resources, on_result)
+
+
+# --------------------------------------------------------------------------- overall progress
+
+
+def job_weight(job: tuple, payload: dict, cfg: Config) -> float:
+    """A job's expected cost in tokens through a model, for the ETA: NLL reads each window once;
+    relation KL runs the teacher and the model and compares every layer's relations (about five
+    NLL passes on SmolLM2-135M on CPU); passkey generates an answer and scores the forced-choice
+    candidates after each prompt."""
+    if job[0] == "passkey":
+        prompts = payload["passkey"][job[1]]
+        return len(prompts) * job[1] * (2 if cfg.eval.passkey_choices else 1)
+    windows = len(payload["windows"][job[1]][job[2]])
+    return windows * job[2] * (RELATION_KL_COST if job[0] == "relkl" else 1)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class OverallProgress:
+    """Jobs done of the total with an ETA, one line per finished job. The ETA is the time per token
+    so far (``job_weight``) times the tokens left, so a long-context job ahead is not counted as
+    cheap as the short ones behind."""
+
+    def __init__(self, weights: dict, reused: int = 0):
+        self.weights = weights  # (model name, job) -> weight, for the jobs still to run
+        self.total_jobs = len(weights) + reused
+        self.done_jobs = reused
+        self.left = float(sum(weights.values()))
+        self.done = 0.0
+        self.started = time.time()
+
+    def job_done(self, name: str, job: tuple) -> str:
+        w = self.weights.get((name, job), 0.0)
+        self.done_jobs += 1
+        self.done += w
+        self.left -= w
+        elapsed = time.time() - self.started
+        line = f"{self.done_jobs}/{self.total_jobs} jobs done, {_duration(elapsed)} elapsed"
+        if self.left > 0 and self.done > 0:
+            line += f", about {_duration(elapsed / self.done * self.left)} left"
+        log_progress(line)
+        return line
 
 
 # --------------------------------------------------------------------------- resume

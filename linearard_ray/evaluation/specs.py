@@ -68,6 +68,40 @@ def model_specs(cfg: Config) -> list[ModelSpec]:
     return specs
 
 
+def _field_of(spec: ModelSpec, cfg: Config) -> str:
+    """The config field a model's path came from, for error messages."""
+    if cfg.eval.models:
+        return f"eval.models[{spec.name}].path"
+    return "eval.student_path" if spec.role == "restored" else "model.teacher"
+
+
+def _local_path_problem(path: str) -> str | None:
+    """Why a path meant as a local model directory cannot be loaded (None: fine, or not local).
+
+    A path counts as local when it exists or its first component does (``outputs/students/x``
+    would otherwise pass for a hub id and fail only when it is loaded, after other models ran)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if path.endswith(".gguf"):
+        return None if p.is_file() else f"GGUF file not found: {p}"
+    if p.is_dir():
+        if (p / "config.json").exists():
+            return None
+        if (p / "merged" / "config.json").exists():
+            return f"{p} is a training run's export directory; the model is in its merged/ subdirectory: {p / 'merged'}"
+        return f"{p} is a directory without config.json, so not a model directory"
+    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or Path(p.parts[0]).exists()
+    return f"{p} does not exist" if looks_local else None
+
+
+def check_model_paths(specs: list[ModelSpec], cfg: Config) -> None:
+    """Fail before any job runs when a local model path cannot be loaded, naming its field."""
+    problems = [f"{_field_of(s, cfg)}={s.path!r}: {why}" for s in specs if (why := _local_path_problem(s.path))]
+    if problems:
+        raise EvalError("cannot evaluate these models:\n  " + "\n  ".join(problems))
+
+
 def eval_device(cfg: Config) -> torch.device:
     """``eval.device`` as a torch device ('auto': CUDA when there is one)."""
     d = cfg.eval.device
