@@ -1,0 +1,146 @@
+"""A `ray start --head` cluster on loopback for the tests that submit jobs to it with
+`ray job submit`, the way users run the pipeline on a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class HeadNode:
+    address: str  # the dashboard (Jobs API)
+    env: dict[str, str]  # what `ray job submit` needs to reach it: the token settings
+    temp_dir: Path  # the head's --temp-dir: its sessions, with each job's copy of its working_dir
+
+    def submit(self, runtime_env: dict, entrypoint: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir .` from the repository root, waiting for the job's end."""
+        cmd = [
+            os.path.join(VENV_BIN, "ray"),
+            "job",
+            "submit",
+            "--address",
+            self.address,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            *entrypoint,
+        ]
+        deadline = time.time() + 120
+        while True:
+            r = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+            # the dashboard answers before the head's job agent has registered
+            if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.time() > deadline:
+                return r
+            time.sleep(3)
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """`ray start --head --block` on loopback with its own temp dir (so no other process on this
+    machine discovers it) and Ray token authentication, as on a real cluster; stopping the blocking
+    process stops exactly this cluster. The token is private to the test (RAY_AUTH_TOKEN_PATH), so
+    the real ~/.ray is never read or written, and no MLflow server of the caller's shell is used."""
+    port, dash = _free_port(), _free_port()
+    # Every port the head binds is picked here: other Ray clusters on this machine already hold
+    # the defaults (the dashboard agent's 52365, the client server's 10001, ...).
+    ports = {
+        flag: _free_port()
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
+    temp = tempfile.mkdtemp(prefix="lrjob", dir="/tmp")  # short: socket paths live under it
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+    }
+    for inherited in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LINEARARD_HOME"):
+        env.pop(inherited, None)  # the token would win over the file; the others would redirect the job
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [
+            os.path.join(VENV_BIN, "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            *(f"--{flag}={p}" for flag, p in ports.items()),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        # The one endpoint besides health checks that answers without the token.
+        _wait_http(f"http://127.0.0.1:{dash}/api/authentication_mode", timeout=180)
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the Jobs API wants the token
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
+        yield HeadNode(f"http://127.0.0.1:{dash}", env, Path(temp))
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
