@@ -155,3 +155,14 @@ def test_a_submitted_sweep_keeps_inputs_in_the_copy_and_outputs_under_the_home(j
     assert trial.data.output_dir == str(base / "blocks")
     assert trial.train.storage_path == str(base / "outputs" / "tune" / "s" / "runs")
     assert trial.train.output_dir == str(base / "outputs" / "students" / "s")
+
+
+def test_teacher_samples_of_a_submitted_job_are_under_the_home(job_copy, home):
+    from linearard_ray.config import build_config
+    from linearard_ray.data.teacher_samples import samples_path
+
+    base = home / "linearard_ray"
+    default = samples_path(build_config({"data": {"teacher_samples": {"num_samples": 4}}}))
+    assert default.parent == base / "outputs" / "data" / "teacher-samples"
+    named = samples_path(build_config({"data": {"teacher_samples": {"num_samples": 4, "path": "s.jsonl"}}}))
+    assert named == base / "s.jsonl"

@@ -17,6 +17,7 @@ import json
 from pydantic import ValidationError
 
 from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
+from linearard_ray.paths import output_path
 
 
 def main(argv: list[str] | None = None, prog: str = "sample_teacher.py") -> int:
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None, prog: str = "sample_teacher.py") -> int:
         flag = {"num_samples": "samples", "max_new_tokens": "tokens"}.get(err["loc"][0], str(err["loc"][0]))
         parser.error(f"--{flag.replace('_', '-')}: {err['msg']}")
     try:
-        summary = sample_corpus(cfg.model, spec, args.out, device=args.device)
+        # an output like any other: not into Ray's copy of a submitted job's working_dir
+        summary = sample_corpus(cfg.model, spec, output_path(args.out), device=args.device)
     except user_errors() as e:
         return user_error(prog, e)
     print(json.dumps(summary))

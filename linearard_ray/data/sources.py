@@ -224,7 +224,9 @@ def _uploaded_working_dir_hint() -> str:
         return ""
     return (
         "; this Ray job runs from its uploaded --working-dir, which leaves out files that .gitignore "
-        "names (outputs/ among them): put the file on shared storage (s3://, gs://) and name that URI"
+        "names (outputs/ among them): put the file on shared storage (s3://, gs://) and name that URI; "
+        "what earlier jobs wrote to relative paths is under $LINEARARD_HOME (default ~/linearard_ray) "
+        "of the node that ran them, to name by its absolute path"
     )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from linearard_ray.config import Config, ModelConfig, SampleSpec
+from linearard_ray.paths import output_path
 
 
 def samples_path(cfg: Config) -> Path:
@@ -25,12 +26,12 @@ def samples_path(cfg: Config) -> Path:
     if ts is None:
         raise ValueError("data.teacher_samples is not set")
     if ts.path:
-        return Path(ts.path).expanduser().resolve()
+        return Path(output_path(ts.path))
     from linearard_ray.data.sampling import sample_args
 
     key = json.dumps(sample_args(cfg.model, ts), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return (Path.cwd() / "outputs" / "data" / "teacher-samples" / f"{digest}.jsonl").resolve()
+    return Path(output_path(Path("outputs") / "data" / "teacher-samples" / f"{digest}.jsonl"))
 
 
 def short_samples_note(cfg: Config, path: Path) -> str | None:
