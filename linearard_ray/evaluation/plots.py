@@ -157,7 +157,7 @@ def _summary_panel(
     if chance is not None:
         ax.axvline(chance, color="tab:red", ls=":", lw=1, label=f"chance: {chance:.2f}")
     if base in names or chance is not None:
-        ax.legend(fontsize=TEXT_PT, loc="lower right")
+        _legend_above(ax)
     for i, st in enumerate(stats):
         v = st.get("vs_scaled")
         label = f"{st.get('correct', '?')}/{st.get('prompts', '?')}" + (f", p {v['p_value']:.2g}" if v else "")
@@ -170,7 +170,13 @@ def _summary_panel(
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.tick_params(axis="x", labelsize=TEXT_PT)
     ax.set_xlabel(xlabel, fontsize=LABEL_PT)
-    ax.set_title(title, fontsize=TITLE_PT)
+    ax.set_title(title, fontsize=TITLE_PT, loc="left")
+
+
+def _legend_above(ax) -> None:
+    """The legend above the panel, right of its left-aligned title: inside, it would cover the
+    bars' counts or the points."""
+    ax.legend(fontsize=TEXT_PT, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, borderaxespad=0.2)
 
 
 def _nats_ticks(lowest: float) -> list[float]:
@@ -197,7 +203,7 @@ def _logprob_panel(ax, names: list[str], pks: list[dict], base: str | None) -> N
         ax.annotate(label, (vals.mean(), i - 0.32), ha="center", va="bottom", fontsize=NOTE_PT)
     if base in names:
         ax.axvline(float(per_model[names.index(base)].mean()), color="tab:gray", ls="--", lw=1, label=f"{base}: mean")
-        ax.legend(fontsize=TEXT_PT, loc="lower right")
+        _legend_above(ax)
     # symlog: a model outside its window sits tens of nats down, while trained models differ by one
     # or two; a linear axis would squash those together. Ticks as plain numbers, not powers of ten.
     ax.set_xscale("symlog", linthresh=1.0)
@@ -212,7 +218,7 @@ def _logprob_panel(ax, names: list[str], pks: list[dict], base: str | None) -> N
     ax.set_xlabel(
         "log P(true key), nats, symlog (dots: prompts; ↑/↓: prompts above / below the baseline)", fontsize=LABEL_PT
     )
-    ax.set_title("passkey retrieval: the key's log-probability", fontsize=TITLE_PT)
+    ax.set_title("passkey retrieval: the key's log-probability", fontsize=TITLE_PT, loc="left")
 
 
 def passkey_summary_figure(report: dict):
