@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from linearard_ray.config import Config, ConfigError, flatten
+from linearard_ray.config import Config, ConfigError
 from linearard_ray.ray_env import ensure_ray, worker_env
 from linearard_ray.storage import read_text, write_text
 from linearard_ray.training import run_lock
@@ -257,17 +257,11 @@ def evaluate_at_end(cfg: Config, res: TrainResult) -> dict[str, Any] | None:
 
 
 def _log_evaluation(res: TrainResult, report: dict) -> None:
-    """The evaluation report's numbers into the training run, tagged with the evaluation's run."""
+    """Tag the training run with the evaluation's run and close it. The evaluation itself logs its
+    headline figures into this run (``evaluation.students``), as it does for any exported student."""
     from linearard_ray.tracking import RunLogger
 
-    numeric = {
-        f"eval.{k}": v for k, v in flatten(report).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
     lg = RunLogger(res.tracking_uri, res.mlflow_run_id)
-    try:
-        lg.log_metrics(numeric, step=res.final_step)
-    except Exception as e:  # a report key MLflow will not take as a metric name
-        print(f"[distill] could not log evaluation metrics into the training run: {e}", file=sys.stderr, flush=True)
     if isinstance(report.get("mlflow"), dict) and report["mlflow"].get("run_id"):
         lg.set_tags({"evaluation.mlflow_run_id": report["mlflow"]["run_id"]})
     lg.finish("FINISHED")
