@@ -301,9 +301,9 @@ class TrackingConfig(Section):
     system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system-metric samples.")
     log_model_copy: bool = Field(
         False,
-        description="Also copy the merged student into the run's artifacts. Off: the registered version points "
-        "at the exported directory (a copy is still logged when the registry cannot read a local path: an "
-        "http tracking server).",
+        description="Also copy the merged student and the adapter into the run's artifacts. Off: the registered "
+        "version points at the exported directory (a copy is still logged when the registry cannot read a local "
+        "path: an http tracking server).",
     )
 
     def resolved_uri(self) -> str:

@@ -295,7 +295,8 @@ def _log_artifacts(w: Worker, logger, paths: dict) -> None:
     """The student registered in the MLflow Model Registry (its source: the exported directory), its
     card rewritten with the run and version; the config, the streams' manifests, the adapter and
     the card logged into the run. The merged weights are copied into the run only when
-    ``tracking.log_model_copy`` asks or the registry cannot read the exported directory."""
+    ``tracking.log_model_copy`` asks or the registry cannot read the exported directory; the adapter
+    (beside the merged student in the exported directory) only when it asks."""
     from linearard_ray.models import card as cards
     from linearard_ray.models.loading import STUDENT_RECORD
     from linearard_ray.tracking import register_student
@@ -305,9 +306,9 @@ def _log_artifacts(w: Worker, logger, paths: dict) -> None:
         mf = Path(spec.directory) / "manifest.json"
         if mf.exists():
             logger.log_artifact(mf, f"data/{name}")
-    if "adapter" in paths:
-        logger.log_artifact(paths["adapter"], "adapter")
     merged, t = paths["merged"], w.cfg.tracking
+    if "adapter" in paths and t.log_model_copy:
+        logger.log_artifact(paths["adapter"], "adapter")
     card = cards.read_student_record(merged)
     card.mlflow = {"tracking_uri": logger.uri, "experiment_id": logger.experiment_id, "run_id": logger.run_id}
     try:
