@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.local_ray import free_port
+
 
 def test_run_logger_params_metrics_and_resume(tmp_path):
     from mlflow.tracking import MlflowClient
@@ -193,14 +195,6 @@ def test_system_metrics_are_sampled_until_the_run_finishes(tmp_path):
 # --------------------------------------------------------------------------- against a tracking server
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(url: str, proc, timeout_s: float = 120.0) -> None:
     import time
     import urllib.request
@@ -224,7 +218,7 @@ def mlflow_server(tmp_path):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

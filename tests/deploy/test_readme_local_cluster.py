@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -26,21 +25,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.local_ray import head_port_flags
+
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- local-ray-cluster -->\s*```bash\n(.*?)```\s*<!-- /local-ray-cluster -->", re.S)
 MODEL_CACHE = Path.home() / ".cache" / "linearard_ray"  # the real one: the test's HOME is private
-HEAD_PORT_FLAGS = (
-    "port",
-    "dashboard-port",
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "metrics-export-port",
-    "runtime-env-agent-port",
-    "ray-client-server-port",
-    "node-manager-port",
-    "object-manager-port",
-)
 
 
 def readme_local_cluster_lines() -> list[str]:
@@ -65,12 +55,6 @@ def test_readme_block_sets_up_token_auth_before_the_head():
     after = lines[start + 1 :]
     assert any(_is(line, "ray", "job", "submit") for line in after)
     assert any(_is(line, "ray", "job", "status") for line in after)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_token_mode(url: str, head: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -126,7 +110,7 @@ def _env(home: Path, cache: Path) -> dict[str, str]:
 def test_readme_local_cluster_runs_as_written(tmp_path):
     lines = readme_local_cluster_lines()
     start = next(i for i, line in enumerate(lines) if _is(line, "ray", "start", "--head"))
-    ports = {flag: _free_port() for flag in HEAD_PORT_FLAGS}
+    ports = head_port_flags()
     temp = tempfile.mkdtemp(prefix="lrreadme", dir="/tmp")  # short: socket paths live under it
     isolation = [f"--{flag}={port}" for flag, port in ports.items()]
     isolation += [f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--block"]

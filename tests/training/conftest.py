@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,15 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tests.local_ray import head_port_flags
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -71,6 +67,28 @@ class HeadNode:
                 return r
             time.sleep(3)
 
+    def submit_distill(self, cfg: dict, tmp_path: Path, cache_dir: Path, **env_vars: str) -> str:
+        """`pipelines/distill.py` on ``cfg`` (written to tmp_path/job.yaml), submitted with the
+        tests' model cache and offline; its output, once it has succeeded."""
+        cfg_path = tmp_path / "job.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        env = {"LINEARARD_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        r = self.submit(
+            {"env_vars": {**env, **env_vars}}, ["python", "pipelines/distill.py", "--config", str(cfg_path)]
+        )
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-4000:]
+        return out
+
+
+def small_corpus(path: Path, docs: int = 4, chars: int = 2500) -> Path:
+    """A jsonl of the first ``docs`` SOTU addresses cut to ``chars`` characters: a few token blocks."""
+    from linearard_ray.data.corpus import iter_sotu
+
+    texts = (d["text"][:chars] for _, d in zip(range(docs), iter_sotu("train"), strict=False))
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
 
 @pytest.fixture
 def head_node(tmp_path):
@@ -78,21 +96,8 @@ def head_node(tmp_path):
     machine discovers it) and Ray token authentication, as on a real cluster; stopping the blocking
     process stops exactly this cluster. The token is private to the test (RAY_AUTH_TOKEN_PATH), so
     the real ~/.ray is never read or written, and no MLflow server of the caller's shell is used."""
-    port, dash = _free_port(), _free_port()
-    # Every port the head binds is picked here: other Ray clusters on this machine already hold
-    # the defaults (the dashboard agent's 52365, the client server's 10001, ...).
-    ports = {
-        flag: _free_port()
-        for flag in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "ray-client-server-port",
-            "node-manager-port",
-            "object-manager-port",
-        )
-    }
+    ports = head_port_flags()
+    dash = ports["dashboard-port"]
     temp = tempfile.mkdtemp(prefix="lrjob", dir="/tmp")  # short: socket paths live under it
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -112,8 +117,6 @@ def head_node(tmp_path):
             "start",
             "--head",
             "--block",
-            f"--port={port}",
-            f"--dashboard-port={dash}",
             "--dashboard-host=127.0.0.1",
             "--node-ip-address=127.0.0.1",
             "--num-cpus=2",

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.training.conftest import small_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 DISTILL = REPO / "pipelines" / "distill.py"
@@ -43,15 +44,8 @@ def test_the_script_prints_help_and_refuses_a_bad_config_before_ray_starts(tmp_p
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline(head_node, tmp_path, cache_dir, tiny_model_dir):
-    from linearard_ray.data.corpus import iter_sotu
-
     tiny_model_dir("llama")
-    corpus = tmp_path / "docs.jsonl"
-    corpus.write_text(
-        "".join(
-            json.dumps({"text": d["text"][:2500]}) + "\n" for _, d in zip(range(4), iter_sotu("train"), strict=False)
-        )
-    )
+    corpus = small_corpus(tmp_path / "docs.jsonl")
     cfg = {
         "model": {"teacher": "tiny:llama"},
         "lora": {"r": 4, "alpha": 8},
@@ -76,18 +70,7 @@ def test_ray_job_submit_runs_the_pipeline(head_node, tmp_path, cache_dir, tiny_m
         },
     }
     cfg["train"]["evaluate_at_end"] = True
-    cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    runtime_env = {
-        "env_vars": {
-            "LINEARARD_CACHE": str(cache_dir),
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    }
-    r = head_node.submit(runtime_env, ["python", "pipelines/distill.py", "--config", str(cfg_path)])
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
+    out = head_node.submit_distill(cfg, tmp_path, cache_dir)
     assert "succeeded" in out.lower()
     assert "[distill] step 3/3" in out
     assert f"[distill] student: {tmp_path / 'students' / 'job' / 'merged'}" in out

@@ -8,15 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
-
-def _small_corpus(path):
-    from linearard_ray.data.corpus import iter_sotu
-
-    docs = zip(range(4), iter_sotu("train"), strict=False)
-    path.write_text("".join(json.dumps({"text": d["text"][:2500]}) + "\n" for _, d in docs))
-    return path
+from tests.training.conftest import small_corpus
 
 
 def _files_in_job_copies(temp_dir, names):
@@ -38,24 +31,12 @@ def test_relative_outputs_of_a_submitted_job_land_under_linearard_home(head_node
     cfg = {
         "model": {"teacher": "tiny:llama"},
         "lora": {"r": 4, "alpha": 8},
-        "data": {"sources": [str(_small_corpus(tmp_path / "docs.jsonl"))], "ctx_len": 64},
+        "data": {"sources": [str(small_corpus(tmp_path / "docs.jsonl"))], "ctx_len": 64},
         # train.storage_path, train.output_dir, data.output_dir and the tracking URI left at
         # their relative defaults (outputs/ray, outputs/students, outputs/data/<hash>, sqlite:///mlflow.db)
         "train": {"run_name": "job", "max_steps": 3, "checkpoint_every": 2, "cpus_per_worker": 1},
     }
-    cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    runtime_env = {
-        "env_vars": {
-            "LINEARARD_HOME": str(home),
-            "LINEARARD_CACHE": str(cache_dir),
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    }
-    r = head_node.submit(runtime_env, ["python", "pipelines/distill.py", "--config", str(cfg_path)])
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
+    out = head_node.submit_distill(cfg, tmp_path, cache_dir, LINEARARD_HOME=str(home))
     assert "[distill] step 3/3" in out
 
     student = home / "outputs" / "students" / "job" / "merged"
