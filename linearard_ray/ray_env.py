@@ -6,12 +6,15 @@ private local instance (``address="local"``), never a stray cluster left running
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
+from linearard_ray.logs import LEVEL_ENV
+
 # Variables a worker needs to see as the driver sees them: the model cache, the base of relative
 # output paths (linearard_ray.paths), offline hub settings, the Triton interpreter on CPU, the
-# token-auth mode of the cluster.
+# token-auth mode of the cluster, the log level the command line chose (linearard_ray.logs).
 FORWARDED_ENV = (
     "LINEARARD_CACHE",
     "LINEARARD_HOME",
@@ -21,7 +24,20 @@ FORWARDED_ENV = (
     "TOKENIZERS_PARALLELISM",
     "RAY_AUTH_MODE",
     "CUDA_LAUNCH_BLOCKING",
+    LEVEL_ENV,
 )
+
+# Ray >= 2.59 turns token authentication on for a local instance when RAY_AUTH_MODE is unset, and
+# says so with a warning on every start. For the private instance started here (loopback, gone
+# with the process) the notice asks nothing of the user, so that one message is dropped; the
+# cluster still uses token authentication, and every other message of the module shows.
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_AUTH_ON_BY_DEFAULT = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropAuthDefaultNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_AUTH_ON_BY_DEFAULT)
 
 
 def worker_env(tracking_uri: str | None = None) -> dict[str, str]:
@@ -51,4 +67,10 @@ def ensure_ray(env: dict[str, str] | None = None) -> None:
     local_env["PYTHONPATH"] = os.pathsep.join(
         [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     )
-    ray.init(address="local", runtime_env={"env_vars": local_env}, log_to_driver=True)
+    notice = _DropAuthDefaultNotice()
+    auth_logger = logging.getLogger(_AUTH_LOGGER)
+    auth_logger.addFilter(notice)
+    try:
+        ray.init(address="local", runtime_env={"env_vars": local_env}, log_to_driver=True)
+    finally:
+        auth_logger.removeFilter(notice)

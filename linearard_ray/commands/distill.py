@@ -9,12 +9,15 @@ on the CPU (about 4 minutes on 2 idle cores, most of it distillation).
     python pipelines/distill.py --set train.max_steps=10 --set data.ctx_len=256
     ray job submit --working-dir . -- python pipelines/distill.py --config configs/<recipe>.yaml
 
-Starting it again with the same train.run_name resumes from the last checkpoint.
+Starting it again with the same train.run_name resumes from the last checkpoint. --dry-run checks
+the config and shows the run lock, the paths, the data and the step plan without starting Ray.
 """
 
 from __future__ import annotations
 
-from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
+from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
+from linearard_ray.config import Config
+from linearard_ray.paths import output_path
 
 
 def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
@@ -27,10 +30,22 @@ def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
     args, cfg = parse_config(parser, argv)
     if args.force:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"takeover": True})})
-    from linearard_ray.training.driver import run_distill
-
     try:
+        if args.dry_run:
+            return show_plan(prog, dry_run(cfg))
+        from linearard_ray.training.driver import run_distill
+
         run_distill(cfg)
     except user_errors() as e:  # the user's input, not a bug: no traceback
         return user_error(prog, e)
     return 0
+
+
+def dry_run(cfg: Config) -> list[str]:
+    """What the job would do: every check that needs no worker, the run lock, paths, data, steps."""
+    from linearard_ray.commands.dry_run import training_lines
+
+    lines = training_lines(cfg)
+    if cfg.train.evaluate_at_end:
+        lines.append(f"then: evaluation of the student into {output_path(cfg.eval.output_dir)}")
+    return lines

@@ -12,15 +12,20 @@ fields set explicitly override the preset.
     python pipelines/evaluate.py --set 'eval.models=[{name: a, path: ./ckpt-a}, {name: b, path: ./ckpt-b}]'
     ray job submit --working-dir . -- python pipelines/evaluate.py --ray-address auto ...
 
-Writes report.json, report.md and PNG plots to eval.output_dir and logs an MLflow run.
+Writes report.json, report.md and PNG plots to eval.output_dir and logs an MLflow run. --dry-run
+checks the models' paths and the settings and lists the models and where the report would go.
 """
 
 from __future__ import annotations
 
 import os
 
-from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
+from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
+from linearard_ray.config import Config, ConfigError
+from linearard_ray.logs import get_logger
 from linearard_ray.paths import output_path
+
+log = get_logger(__name__)
 
 
 def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
     from linearard_ray.evaluation.texts import TextsError
 
     try:
+        if args.dry_run:
+            return show_plan(prog, dry_run(cfg, args.ray_address, args.jobs_per_gpu))
         if args.jobs_per_gpu:
             import ray
 
@@ -62,10 +69,43 @@ def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
             report = evaluate(cfg, ray_address=args.ray_address)
     except user_errors(EvalError, TextsError) as e:
         return user_error(prog, e)
-    print(f"{prog}: report in {report.get('output_dir') or output_path(cfg.eval.output_dir)}")
+    log.info(f"{prog}: report in {report.get('output_dir') or output_path(cfg.eval.output_dir)}")
     if report.get("mlflow"):
         from linearard_ray.tracking import run_url
 
         m = report["mlflow"]
-        print(f"{prog}: MLflow run: {run_url(m['tracking_uri'], m['experiment_id'], m['run_id'])}")
+        log.info(f"{prog}: MLflow run: {run_url(m['tracking_uri'], m['experiment_id'], m['run_id'])}")
     return 0
+
+
+def dry_run(cfg: Config, ray_address: str | None, jobs_per_gpu: int | None) -> list[str]:
+    """The checks ``evaluate`` makes before its first job, and what it would evaluate where."""
+    from pathlib import Path
+
+    from linearard_ray.commands.dry_run import tracking_line
+    from linearard_ray.evaluation.harness import check_lm_eval
+    from linearard_ray.evaluation.specs import check_model_paths, model_specs
+
+    ev = cfg.eval
+    check_lm_eval(ev.lm_eval_tasks, ev.lm_eval_args)
+    if not ev.texts:
+        raise ConfigError("eval.texts is empty: give at least one text source (default builtin:sotu/eval)")
+    specs = model_specs(cfg)
+    check_model_paths(specs, cfg)
+    out_dir = Path(output_path(ev.output_dir))
+    finished = out_dir / "jobs.jsonl"
+    where = "this process"
+    if jobs_per_gpu:
+        where = f"Ray tasks, {jobs_per_gpu} per GPU"
+    elif ray_address:
+        where = f"this process, or Ray tasks on {ray_address} when it has more than one GPU"
+    lines = [f"model {s.name} ({s.role}): {s.path}" for s in specs]
+    lines += [
+        f"texts: {', '.join(ev.texts)} (other domain: {', '.join(ev.other_texts) or 'none'}); "
+        f"long lengths {ev.long_lengths}",
+        f"output: {out_dir}"
+        + (f" (finished jobs in {finished} are reused)" if ev.resume and finished.exists() else ""),
+        f"runs in: {where}",
+        tracking_line(cfg),
+    ]
+    return lines

@@ -11,6 +11,7 @@ writes parquet shards plus manifest.json. Bad documents are skipped, counted and
 
 The output goes to data.output_dir, or outputs/data/<hash of the data settings and tokenizer>;
 a run with the same settings and unchanged inputs reuses a finished directory (--force redoes it).
+--dry-run shows where each stream's blocks would go and whether they are already there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
-from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
+from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
+from linearard_ray.config import Config
 
 
 def main(argv: list[str] | None = None, prog: str = "preprocess.py") -> int:
@@ -31,19 +33,30 @@ def main(argv: list[str] | None = None, prog: str = "preprocess.py") -> int:
         "data.lm_ctx_len); both: one after the other",
     )
     parser.add_argument("--force", action="store_true", help="preprocess again even when a finished directory matches")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args, cfg = parse_config(parser, argv)
 
     from linearard_ray.data.preprocess import ensure_preprocessed, format_report, read_manifest
 
     streams = ["main", "lm"] if args.stream == "both" else [args.stream]
     try:
+        if args.dry_run:
+            return show_plan(prog, dry_run(cfg, streams, args.force))
         for stream in streams:
             out = ensure_preprocessed(cfg, stream=stream, progress=not args.quiet, force=args.force)
-            print(f"[{stream}] " + format_report(read_manifest(out), out))
+            print(f"[{stream}] " + format_report(read_manifest(out), out))  # the result, even with --quiet
     except user_errors() as e:  # the user's input (sources, data, tokenizer), not a bug: no traceback
         return user_error(prog, e)
     return 0
+
+
+def dry_run(cfg: Config, streams: list[str], force: bool) -> list[str]:
+    """Each stream's directory and whether it is already preprocessed (sources resolved, nothing read)."""
+    from linearard_ray.commands.dry_run import data_dir, data_line
+
+    lines = []
+    for stream in streams:
+        lines.append(data_line(stream, *data_dir(cfg, stream), force=force))
+    return lines
 
 
 if __name__ == "__main__":

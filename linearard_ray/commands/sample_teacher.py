@@ -7,7 +7,8 @@
 The teacher is the config's model.teacher with its native RoPE. Started again with the same
 arguments, it continues after the last complete batch. On a GPU use a large batch: decoding a
 small model is bound by per-step overhead (research/LOG.md, teacher sampling). Top-p below
-1 is advisable for small teachers, whose far tail drifts into noise over 2,048 tokens.
+1 is advisable for small teachers, whose far tail drifts into noise over 2,048 tokens. --dry-run
+shows the output file and how much of it an earlier run already wrote.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 
 from pydantic import ValidationError
 
-from linearard_ray.cli import build_parser, parse_config, user_error, user_errors
+from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
 from linearard_ray.paths import output_path
 
 
@@ -50,10 +51,32 @@ def main(argv: list[str] | None = None, prog: str = "sample_teacher.py") -> int:
             parser.error(err["msg"].removeprefix("Value error, "))
         flag = {"num_samples": "samples", "max_new_tokens": "tokens"}.get(err["loc"][0], str(err["loc"][0]))
         parser.error(f"--{flag.replace('_', '-')}: {err['msg']}")
+    if args.dry_run:
+        return show_plan(prog, dry_run(cfg, spec, output_path(args.out), args.device))
     try:
         # an output like any other: not into Ray's copy of a submitted job's working_dir
         summary = sample_corpus(cfg.model, spec, output_path(args.out), device=args.device)
     except user_errors() as e:
         return user_error(prog, e)
-    print(json.dumps(summary))
+    print(json.dumps(summary))  # the result, for scripts: stdout even with --quiet
     return 0
+
+
+def dry_run(cfg, spec, out: str, device: str | None) -> list[str]:
+    from pathlib import Path
+
+    from linearard_ray.data.sampling import is_complete
+
+    p = Path(out)
+    if is_complete(p, cfg.model, spec):
+        state = "complete: nothing left to sample"
+    elif p.exists():
+        state = "exists: sampling continues after its last complete batch"
+    else:
+        state = "new"
+    return [
+        f"teacher: {cfg.model.teacher} (native RoPE) on {device or 'cuda when available, else cpu'}",
+        f"samples: {spec.num_samples} × up to {spec.max_new_tokens} tokens, batch {spec.batch_size}, "
+        f"temperature {spec.temperature}, top-p {spec.top_p}, seed {spec.seed}",
+        f"output: {p} ({state})",
+    ]

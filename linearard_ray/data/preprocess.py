@@ -14,7 +14,6 @@ directory without a complete manifest is never reused (see `manifest`).
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -52,13 +51,14 @@ from linearard_ray.data.tokenization import (
     plain_backend,
     tokenizer_payload,
 )
+from linearard_ray.logs import get_logger
 from linearard_ray.paths import output_path
 from linearard_ray.ray_env import ensure_ray
 
 if TYPE_CHECKING:
     import ray.data
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MAX_LISTED_SKIPS = 10_000
 _SPILL_BUCKET_BYTES = 64 << 20
@@ -162,11 +162,9 @@ class _Progress:
         now = time.perf_counter()
         if now - self.last >= self.every:
             self.last = now
-            print(
+            log.info(
                 f"preprocess: {docs} documents, {blocks} blocks, {tokens} tokens "
-                f"({tokens / (now - self.t0):.0f} tokens/s)",
-                file=sys.stderr,
-                flush=True,
+                f"({tokens / (now - self.t0):.0f} tokens/s)"
             )
 
     def close(self) -> None:
@@ -215,7 +213,7 @@ def preprocess(data_cfg: DataConfig, tokenizer_path: str | Path, *, progress: bo
         manifest = complete_manifest(counts, data_cfg, len(items), h, tok_info, time.perf_counter() - t0)
         write_manifest(staging, manifest)
     manifest = read_manifest(out)
-    log.info("%s", format_report(manifest, out))
+    log.debug("%s", format_report(manifest, out))  # the callers report it in their own words
     if manifest["chars_replaced"]:
         log.warning(
             "preprocess replaced %d undecodable characters with U+FFFD in %d documents (data.encoding=%s)",

@@ -24,6 +24,9 @@ import torch
 from pydantic import ValidationError
 
 from linearard_ray.config import ModelConfig, SampleSpec
+from linearard_ray.logs import get_logger
+
+_log = get_logger(__name__)
 
 __all__ = [
     "BatchSampler",
@@ -144,7 +147,7 @@ class BatchSampler:
     ``sample_corpus`` owns the file; this object only generates, so it can live in a Ray actor on
     a GPU node while the output stays where the driver is."""
 
-    def __init__(self, model_cfg: ModelConfig, spec: SampleSpec, device=None, log: Callable[[str], None] = print):
+    def __init__(self, model_cfg: ModelConfig, spec: SampleSpec, device=None, log: Callable[[str], None] = _log.info):
         from linearard_ray.models.loading import load_teacher, load_tokenizer
 
         self.spec, self.log = spec, log
@@ -217,7 +220,7 @@ def sample_corpus(
     out_path: str | Path,
     *,
     device=None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log.info,
     sampler: Callable[[int, int], tuple[list[dict], int]] | None = None,
 ) -> dict:
     """Write ``spec.num_samples`` teacher samples to ``out_path`` (JSONL); returns the summary.

@@ -16,7 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from linearard_ray.config import Config, ModelConfig, SampleSpec
+from linearard_ray.logs import get_logger
 from linearard_ray.paths import output_path
+
+_log = get_logger(__name__)
 
 
 def samples_path(cfg: Config) -> Path:
@@ -59,13 +62,13 @@ class _SamplerActor:
     def __init__(self, model_cfg: ModelConfig, spec: SampleSpec, device: str):
         from linearard_ray.data.sampling import BatchSampler
 
-        self.sampler = BatchSampler(model_cfg, spec, device=device, log=lambda m: print(m, flush=True))
+        self.sampler = BatchSampler(model_cfg, spec, device=device, log=_log.info)
 
     def sample(self, b: int, batches: int) -> tuple[list[dict], int]:
         return self.sampler(b, batches)
 
 
-def with_teacher_samples(cfg: Config, use_gpu: bool, log: Callable[[str], None] = print) -> Config:
+def with_teacher_samples(cfg: Config, use_gpu: bool, log: Callable[[str], None] = _log.info) -> Config:
     """``cfg`` with its teacher samples in ``data.sources``, sampling whatever is missing first
     (Ray must be initialised). Without ``data.teacher_samples`` it returns ``cfg`` unchanged."""
     ts = cfg.data.teacher_samples

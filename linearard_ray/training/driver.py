@@ -9,19 +9,20 @@ needs the cluster (its GPUs, the data volume against the budget), preprocesses t
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 from linearard_ray.config import Config, ConfigError
+from linearard_ray.logs import get_logger
 from linearard_ray.ray_env import ensure_ray, worker_env
 from linearard_ray.storage import read_text, write_text
 from linearard_ray.training import run_lock
 from linearard_ray.training.checkpointing import stand_in_for_deleted_checkpoints
 from linearard_ray.training.checks import check_config
 from linearard_ray.training.plan import JOB_FILE, JobSpec, TrainResult, job_paths, plan_steps, prepare_streams
-from linearard_ray.training.progress import say
 from linearard_ray.training.run_lock import Acquired
 from linearard_ray.training.worker import train_loop_per_worker
+
+log = get_logger(__name__)
 
 
 def resolve_use_gpu(cfg: Config) -> bool:
@@ -127,7 +128,7 @@ def _reopen_mlflow_run(uri: str, info: dict, attempt: int, lock: Acquired | None
             tags["linearard.killed_owner"] = f"{lock.replaced.describe()} ({lock.replaced_because})"
     tracking.RunLogger(uri, run_id).set_tags(tags)  # also marks it RUNNING again
     if killed:
-        say(f"[distill] attempt {attempt}: the previous attempt was killed; MLflow run {run_id} tagged")
+        log.info(f"[distill] attempt {attempt}: the previous attempt was killed; MLflow run {run_id} tagged")
     return run_id
 
 
@@ -162,7 +163,9 @@ def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:
     storage_dir, _ = job_paths(cfg)
     lock = run_lock.acquire(storage_dir, cfg.train.run_name, takeover=cfg.train.takeover)
     if lock.replaced is not None:
-        say(f"[distill] took over run {cfg.train.run_name!r} from {lock.replaced.describe()}: {lock.replaced_because}")
+        log.info(
+            f"[distill] took over run {cfg.train.run_name!r} from {lock.replaced.describe()}: {lock.replaced_because}"
+        )
     try:
         with run_lock.Heartbeat(storage_dir, lock.owner) as heartbeat:
             return _run_locked(cfg, lock, heartbeat, callbacks)
@@ -178,24 +181,20 @@ def _run_locked(cfg: Config, lock: Acquired, heartbeat: run_lock.Heartbeat, call
 
     cfg = with_teacher_samples(cfg, resolve_use_gpu(cfg))
     job, datasets = prepare_job(cfg, lock)
-    print(
+    log.info(
         f"[distill] run {job.run_name}: {job.total_steps} steps × {job.tokens_per_step} tokens "
-        f"on {cfg.train.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); storage {job.storage_dir}",
-        flush=True,
+        f"on {cfg.train.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); storage {job.storage_dir}"
     )
-    stand_in_for_deleted_checkpoints(job.storage_dir, say)  # else Ray Train refuses the whole run
+    stand_in_for_deleted_checkpoints(job.storage_dir, log.info)  # else Ray Train refuses the whole run
     result = _fit(build_trainer(cfg, job, datasets, worker_env=env, callbacks=callbacks), job, heartbeat)
     res = _train_result(job, result)
     if cfg.train.evaluate_at_end and res.student_dir:
         res.evaluation = evaluate_at_end(cfg, res)
-    print(f"[distill] student: {res.student_dir}", flush=True)
+    log.info(f"[distill] student: {res.student_dir}")
     if res.mlflow_run_id:
         from linearard_ray.tracking import run_url
 
-        print(
-            f"[distill] MLflow run: {run_url(res.tracking_uri, res.mlflow_experiment_id, res.mlflow_run_id)}",
-            flush=True,
-        )
+        log.info(f"[distill] MLflow run: {run_url(res.tracking_uri, res.mlflow_experiment_id, res.mlflow_run_id)}")
     return res
 
 
@@ -218,7 +217,7 @@ def _fit(trainer, job: JobSpec, heartbeat: run_lock.Heartbeat | None = None):
             try:
                 RunLogger(job.tracking_uri, job.mlflow_run_id).finish("FAILED")
             except Exception as err:  # never hide the training error behind a tracking one
-                print(f"[distill] could not mark the MLflow run failed: {err}", file=sys.stderr, flush=True)
+                log.error(f"[distill] could not mark the MLflow run failed: {err}")
         raise
     return result
 
@@ -248,10 +247,9 @@ def evaluate_at_end(cfg: Config, res: TrainResult) -> dict[str, Any] | None:
     report = evaluate_student(cfg, res.student_dir)
     if res.mlflow_run_id and res.tracking_uri and isinstance(report, dict):
         _log_evaluation(res, report)
-    print(
+    log.info(
         "[distill] evaluation done"
-        + (f": {report.get('output_dir')}" if isinstance(report, dict) and report.get("output_dir") else ""),
-        flush=True,
+        + (f": {report.get('output_dir')}" if isinstance(report, dict) and report.get("output_dir") else "")
     )
     return report
 

@@ -1,19 +1,11 @@
-"""The step lines rank 0 prints: the step's numbers, a running mean of the loss, and an ETA."""
+"""The step lines rank 0 logs: the step's numbers, a running mean of the loss, and an ETA."""
 
 from __future__ import annotations
 
 import collections
-import sys
 
 # steps in the running means (loss, step time) of the progress line
 WINDOW = 10
-
-
-def say(msg: str) -> None:
-    """One line to stdout. Ray Train patches ``print`` in workers and, when stdout is wrapped,
-    emits every line twice; writing to the stream directly keeps it once."""
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
 
 
 def format_eta(seconds: float) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from linearard_ray.config import Config, build_config, dump_config, flatten
+from linearard_ray.logs import get_logger, setup_worker_logging
 from linearard_ray.storage import read_text, write_text
 from linearard_ray.training.checkpointing import (
     LoadedCheckpoint,
@@ -25,9 +26,11 @@ from linearard_ray.training.checkpointing import (
 from linearard_ray.training.distributed import device_for_worker, gather_objects
 from linearard_ray.training.held_out import HeldOutEval, held_out_evals
 from linearard_ray.training.plan import JobSpec, fail_marker_path, lm_every
-from linearard_ray.training.progress import Progress, say
+from linearard_ray.training.progress import Progress
 from linearard_ray.training.step import WorkerStreams, open_streams, optimization_step
 from linearard_ray.training.trainee import Trainee, build_trainee, check_same_world, write_checkpoint
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     Returns (on rank 0) where the student was exported and the final step's numbers."""
     import ray.train
 
+    setup_worker_logging()  # the driver's level; Ray Train's per-report metrics line left out
     cfg = build_config(config["cfg"])
     job = JobSpec.from_dict(config["job"])
     _quiet_libraries()
@@ -88,7 +92,7 @@ def _resume_checkpoint(world: int) -> LoadedCheckpoint | None:
     if ckpt is None:
         return None
     rank = ray.train.get_context().get_world_rank()
-    loaded = load_newest_intact(ckpt.filesystem, ckpt.path, say if rank == 0 else lambda _line: None)
+    loaded = load_newest_intact(ckpt.filesystem, ckpt.path, log.info if rank == 0 else lambda _line: None)
     check_same_world(loaded, world)
     return loaded
 
@@ -140,13 +144,13 @@ def _job_params(w: Worker, trainee: Trainee, streams: WorkerStreams) -> dict:
 def _announce_start(w: Worker, trainee: Trainee, streams: WorkerStreams, resumed: bool) -> None:
     stream = streams.primary.stream
     if stream.dropped_per_epoch:
-        say(
+        log.info(
             f"[distill] {stream.dropped_per_epoch} of {stream.num_rows} blocks per epoch are left out so that "
             f"{w.world} workers × micro-batch {w.cfg.train.micro_batch_size} divide evenly"
         )
     if resumed:
         state = trainee.state
-        say(f"[distill] resumed at step {state.step}/{w.job.total_steps} ({state.tokens_seen} tokens seen)")
+        log.info(f"[distill] resumed at step {state.step}/{w.job.total_steps} ({state.tokens_seen} tokens seen)")
 
 
 def _held_out_evaluators(w: Worker, trainee: Trainee) -> list[HeldOutEval]:
@@ -229,9 +233,9 @@ def _log_step(
 ) -> None:
     """Rank 0: the step line every ``train.log_every`` steps, and every step's metrics to MLflow."""
     if step % cfg.train.log_every == 0 or is_last:
-        say(progress.line(step, metrics))
+        log.info(progress.line(step, metrics))
         if evaluated is not None:
-            say("[distill] eval " + " ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+            log.info("[distill] eval " + " ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
     if logger is not None:
         logger.log_step_metrics(metrics, step)
 
@@ -278,7 +282,7 @@ def _export(w: Worker, trainee: Trainee, logger, final_metrics: dict[str, float]
     paths = models.export_student(trainee.student, trainee.tokenizer, out_dir, w.cfg.rope, dtype=dtype, card=card)
     (out_dir / "distill_config.yaml").write_text(dump_config(w.cfg))
     size_mb = sum(f.stat().st_size for f in paths["merged"].glob("*.safetensors")) / 1e6
-    say(f"[distill] student exported to {paths['merged']} ({size_mb:.0f} MB of {card.dtype} weights)")
+    log.info(f"[distill] student exported to {paths['merged']} ({size_mb:.0f} MB of {card.dtype} weights)")
     if logger is not None:
         _log_artifacts(w, logger, paths)
     return {
@@ -314,9 +318,9 @@ def _log_artifacts(w: Worker, logger, paths: dict) -> None:
     try:
         name = t.registered_model or w.cfg.train.run_name
         card.mlflow |= register_student(logger, merged, name, card.registry_tags(), copy=t.log_model_copy)
-        say(f"[distill] registered as {name!r} version {card.mlflow['version']} ({card.mlflow['source']})")
+        log.info(f"[distill] registered as {name!r} version {card.mlflow['version']} ({card.mlflow['source']})")
     except Exception as e:  # the student is exported and trained: a registry problem must not fail the job
-        say(f"[distill] could not register the student in the MLflow Model Registry: {type(e).__name__}: {e}")
+        log.warning(f"[distill] could not register the student in the MLflow Model Registry: {type(e).__name__}: {e}")
     cards.write_model_card(merged, card)
     for small in (cards.CARD_FILE, STUDENT_RECORD, "config.json"):
         logger.log_artifact(merged / small, "student")

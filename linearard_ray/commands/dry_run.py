@@ -1,0 +1,131 @@
+"""What the commands' ``--dry-run`` reports, found without starting Ray or any worker: where the
+token blocks of a stream would go and whether they are already there, who holds a run name, and
+the step plan when the data is preprocessed. Not a command itself (``COMMANDS`` does not list it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from linearard_ray.config import Config
+from linearard_ray.paths import output_path
+
+
+def data_dir(cfg: Config, stream: Literal["main", "lm"] = "main") -> tuple[Path, dict | None]:
+    """The directory ``data.preprocess.ensure_preprocessed`` would use for ``stream`` and its
+    manifest when it already holds this config's blocks (None: it would be built). Reads the
+    sources' sizes and the tokenizer, as that function does, but tokenises nothing."""
+    from linearard_ray.data.manifest import default_output_dir, read_manifest
+    from linearard_ray.data.preprocess import config_hash, lm_data_config, tokenizer_path_for
+    from linearard_ray.data.sources import DataError
+
+    same = stream == "main" or not cfg.data.lm_data_differs()
+    if cfg.data.preprocessed and same:  # given as it is: it must exist
+        return Path(cfg.data.preprocessed), read_manifest(cfg.data.preprocessed)
+    data_cfg = cfg.data if stream == "main" else lm_data_config(cfg.data)
+    h = config_hash(data_cfg, tokenizer_path_for(cfg.model.teacher))
+    if cfg.data.output_dir:
+        out = Path(output_path(cfg.data.output_dir))
+        if not same:
+            out = out.with_name(out.name + "-lm")
+    else:
+        out = default_output_dir(h)
+    try:
+        manifest = read_manifest(out)
+    except DataError:
+        return out, None
+    return out, manifest if manifest.get("config_hash") == h else None
+
+
+def data_line(stream: str, out: Path, manifest: dict | None, force: bool = False) -> str:
+    if manifest is None:
+        return f"data ({stream}): {out} (not there yet: it would be preprocessed)"
+    then = "--force: preprocessed again" if force else "reused"
+    return f"data ({stream}): {out} (preprocessed: {manifest['blocks']} blocks × {manifest['ctx_len']} tokens; {then})"
+
+
+def lock_line(storage_dir: str, run_name: str, takeover: bool) -> str:
+    """Who holds the run name, read without taking the lock."""
+    from linearard_ray.training.run_lock import lock_path, read_owner
+
+    owner = read_owner(storage_dir)
+    if owner is None:
+        return f"run lock: {run_name!r} is free ({lock_path(storage_dir)})"
+    gone = owner.gone_because()
+    if gone is not None:
+        return f"run lock: {run_name!r} was held by {owner.describe()}, which is gone ({gone}): it would be taken over"
+    action = "--force given: it would be taken over" if takeover else "the run would be refused (--force takes it over)"
+    return f"run lock: {run_name!r} is HELD by {owner.describe()}; {action}"
+
+
+def tracking_line(cfg: Config) -> str:
+    if not cfg.tracking.enabled:
+        return "tracking: off"
+    return f"tracking: {cfg.tracking.resolved_uri()} (experiment {cfg.tracking.experiment!r})"
+
+
+def step_plan_line(cfg: Config, found: dict[str, tuple[Path, dict | None]]) -> str:
+    """The step count and tokens per step, from the manifests of the streams training reads."""
+    from linearard_ray.training.plan import StreamSpec, plan_steps
+
+    needs_main = cfg.objective.needs_teacher or not cfg.uses_lm_stream()
+    wanted = (["train"] if needs_main else []) + (["lm"] if cfg.uses_lm_stream() else [])
+    streams: dict[str, StreamSpec] = {}
+    for name in wanted:
+        out, manifest = found["main" if name == "train" else "lm"]
+        if manifest is None:
+            return "steps: known once the data is preprocessed (train.max_steps / train.budget_tokens set the budget)"
+        streams[name] = StreamSpec(name, str(out), int(manifest["blocks"]), int(manifest["ctx_len"]))
+    total, tokens = plan_steps(cfg, streams, "train" if needs_main else "lm", cfg.train.num_workers)
+    return f"steps: {total} × {tokens} tokens on {cfg.train.num_workers} worker(s)"
+
+
+def training_lines(cfg: Config) -> list[str]:
+    """A training job's plan: run name and lock, storage, export, tracking, data and steps. Raises
+    what ``run_distill`` would raise for a config it refuses (``check_config``, the step plan)."""
+    from linearard_ray.training.checks import check_config
+    from linearard_ray.training.plan import job_paths
+
+    check_config(cfg)
+    storage_dir, export_dir = job_paths(cfg)
+    lines = [
+        "config: checks passed (run name, sources, block lengths against the models' windows, relation layers)",
+        lock_line(storage_dir, cfg.train.run_name, cfg.train.takeover),
+        f"storage (checkpoints): {storage_dir}",
+        f"export: {export_dir}",
+        tracking_line(cfg),
+    ]
+    cfg, samples, ready = with_finished_teacher_samples(cfg)
+    lines += [samples] if samples else []
+    if not ready:
+        return [*lines, "data and steps: known once the teacher samples exist"]
+    found = {"main": data_dir(cfg, "main")}
+    if cfg.uses_lm_stream():
+        found["lm"] = data_dir(cfg, "lm")
+    lines += [data_line(name, *found[name]) for name in found]
+    lines.append(step_plan_line(cfg, found))
+    return lines
+
+
+def with_finished_teacher_samples(cfg: Config) -> tuple[Config, str | None, bool]:
+    """``cfg`` with its teacher samples in ``data.sources`` when they are complete (training adds
+    them there, and they decide the data's hash), a line about them (None without any), and
+    whether the data can be looked up yet."""
+    ts = cfg.data.teacher_samples
+    if ts is None:
+        return cfg, None, True
+    from linearard_ray.data.sampling import is_complete
+    from linearard_ray.data.teacher_samples import samples_path
+
+    out = samples_path(cfg)
+    if not is_complete(out, cfg.model, ts):
+        return (
+            cfg,
+            f"teacher samples: {out} ({ts.num_samples} samples would be drawn from {cfg.model.teacher} first)",
+            False,
+        )
+    if str(out) not in cfg.data.sources:
+        data = cfg.data.model_copy(update={"sources": [*cfg.data.sources, str(out)]})
+        cfg = cfg.model_copy(update={"data": data})
+    return cfg, f"teacher samples: {out} (complete, reused)", True
