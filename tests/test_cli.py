@@ -67,3 +67,131 @@ def test_preprocess_data_error_exits_2_before_ray_starts(tmp_path, capsys, monke
     argv = ["preprocess", "--set", "model.teacher=tiny:llama", "--set", f"data.sources=[{missing}]"]
     assert _exit_status(argv) == 2
     assert f"data.sources[0]: '{missing}' does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --print-config, --dry-run, --help
+
+
+@pytest.mark.parametrize("command", ["distill", "tune", "evaluate", "preprocess"])
+def test_print_config_prints_yaml_that_loads_back_to_the_same_config(command, tmp_path, capsys):
+    from linearard_ray.config import load_config
+
+    argv = [command, "--set", "train.max_steps=7", "--set", "rope.factor=8", "--print-config"]
+    assert _exit_status(argv) == 0
+    dumped = tmp_path / "printed.yaml"
+    dumped.write_text(capsys.readouterr().out)
+    cfg = load_config(dumped)
+    assert cfg.train.max_steps == 7 and cfg.rope.factor == 8
+    if command == "tune":  # a bare tune run is the small default sweep
+        from linearard_ray.commands.tune import SWEEP_DEFAULTS
+
+        assert cfg.data.ctx_len == SWEEP_DEFAULTS["data.ctx_len"]
+
+
+@pytest.fixture
+def preprocessed_run(tmp_path, tiny_model_dir, monkeypatch):
+    """A distill config on a local text file whose token blocks are already there: the directory
+    preprocessing would use holds a finished manifest with this config's hash."""
+    import json
+
+    from linearard_ray.config import build_config
+    from linearard_ray.data.preprocess import config_hash, tokenizer_path_for
+
+    tiny_model_dir("llama")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("some text to train on\n" * 50)
+    overrides = {
+        "model.teacher": "tiny:llama",
+        "data.sources": [str(tmp_path / "corpus.txt")],
+        "data.ctx_len": 64,
+        "data.output_dir": str(tmp_path / "blocks"),
+        "train.max_steps": 5,
+        "train.run_name": "dry",
+        "train.storage_path": str(tmp_path / "ray"),
+    }
+    cfg = build_config({}, overrides)
+    h = config_hash(cfg.data, tokenizer_path_for(cfg.model.teacher))
+    (tmp_path / "blocks").mkdir()
+    manifest = {"complete": True, "config_hash": h, "blocks": 40, "ctx_len": 64}
+    (tmp_path / "blocks" / "manifest.json").write_text(json.dumps(manifest))
+    argv = [f"--set={k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
+    return cfg, argv
+
+
+def test_distill_dry_run_shows_the_plan_and_the_lock_holder_without_starting_ray(preprocessed_run, capsys):
+    import ray
+
+    from linearard_ray.training import run_lock
+    from linearard_ray.training.plan import job_paths
+
+    cfg, argv = preprocessed_run
+    storage_dir, export_dir = job_paths(cfg)
+    held = run_lock.acquire(storage_dir, "dry")  # another job (this process) holds the run name
+    try:
+        assert _exit_status(["distill", "--dry-run", *argv]) == 0
+        out = capsys.readouterr().out
+        assert run_lock.read_owner(storage_dir) == held.owner  # read, not taken
+    finally:
+        run_lock.release(storage_dir, held.owner)
+    assert not ray.is_initialized()
+    assert "steps: 5 × 64 tokens on 1 worker(s)" in out
+    assert f"'dry' is HELD by {held.owner.describe()}" in out and "--force" in out
+    assert f"storage (checkpoints): {storage_dir}" in out and f"export: {export_dir}" in out
+    assert "(preprocessed: 40 blocks × 64 tokens; reused)" in out
+
+
+def test_dry_run_refuses_what_run_distill_would_refuse(preprocessed_run, capsys):
+    import ray
+
+    _, argv = preprocessed_run
+    assert _exit_status(["distill", "--dry-run", *argv, "--set", "train.max_steps=100000"]) == 2
+    assert "train.epochs_max" in capsys.readouterr().err and not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "command,extra",
+    [("preprocess", []), ("tune", []), ("evaluate", []), ("sample-teacher", ["--out", "t.jsonl", "--samples", "2"])],
+)
+def test_every_command_has_a_dry_run_that_starts_nothing(command, extra, preprocessed_run, capsys):
+    import ray
+
+    _, argv = preprocessed_run
+    if command in ("evaluate", "sample-teacher"):
+        argv = ["--set", "model.teacher=tiny:llama"]
+    assert _exit_status([command, "--dry-run", *argv, *extra]) == 0
+    out = capsys.readouterr().out
+    assert "--dry-run: checks passed; nothing was started" in out and not ray.is_initialized()
+
+
+def test_quiet_and_verbose_set_the_level_the_workers_get(preprocessed_run, capsys):
+    import logging
+
+    from linearard_ray.logs import LEVEL_ENV, get_logger, setup_logging
+    from linearard_ray.ray_env import worker_env
+
+    _, argv = preprocessed_run
+    log = get_logger("linearard_ray.training.driver")
+    try:
+        assert _exit_status(["distill", "--quiet", "--dry-run", *argv]) == 0
+        assert not log.isEnabledFor(logging.INFO) and worker_env()[LEVEL_ENV] == "WARNING"
+        log.info("[distill] hidden")
+        assert _exit_status(["distill", "--verbose", "--dry-run", *argv]) == 0
+        log.debug("[distill] shown")
+        assert worker_env()[LEVEL_ENV] == "DEBUG"
+        out = capsys.readouterr().out
+        assert "[distill] shown" in out and "[distill] hidden" not in out
+    finally:
+        setup_logging()
+
+
+def test_help_shows_readable_types_and_the_bare_runs_values(capsys):
+    assert _exit_status(["distill", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "UnionType" not in out and "NoneType" not in out
+    assert "train.max_steps (int | None) = 24 (bare run; schema default None)" in out
+    assert "rope.type (linear | dynamic | yarn | llama3 | longrope) = 'linear'" in out
+    assert "train.eval_sources (dict[str, list[str]])" in out
+    for flag in ("--print-config", "--dry-run", "--quiet", "--verbose"):
+        assert flag in out
+    assert _exit_status(["tune", "--help"]) == 0
+    assert "train.max_steps (int | None) = 4 (bare run; schema default None)" in capsys.readouterr().out
