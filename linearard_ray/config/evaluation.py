@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Literal
 
 from pydantic import (
@@ -13,6 +14,8 @@ from pydantic import (
 
 from linearard_ray.config.base import Section
 from linearard_ray.config.model import RopeConfig
+from linearard_ray.data.corpus import check_builtin, is_builtin
+from linearard_ray.data.genres import GenreError, is_genre, parse_genre
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -40,6 +43,19 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "passkey_choices": 5,
     },
     "standard": {},
+    # The restoration study's short-text judgement: windows enough for per-domain intervals (48 at
+    # 512, 24 at 2048 on every domain) and three held-out genres that no recipe trains on, whose
+    # mean and worst recovery the report gives with bootstrap intervals. The genres are built at
+    # set-up (scripts/build_genre_corpora.py).
+    "study": {
+        "short_lengths": [512, 2048],
+        "windows_by_length": {512: 48, 2048: 24},
+        "domains": {
+            "legal": ["genre:legal"],
+            "standards": ["genre:standards"],
+            "history": ["genre:history"],
+        },
+    },
     # Less noise and the extended window: for a GPU.
     "full": {
         "long_lengths": [4096, 8192, 16384, 32768],
@@ -51,13 +67,40 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+RESERVED_DOMAINS = ("main", "other", "passkey", "unseen")
+
+
+def _check_eval_domains(domains: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Names usable in metric names and sources whose scheme and corpus exist; whether a genre is
+    built and local files exist is checked when the evaluation starts (texts.check_source)."""
+    for name, sources in domains.items():
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or name in RESERVED_DOMAINS:
+            raise ValueError(
+                f"domains: {name!r} is not a domain name: letters, digits, '_' and '-', starting with a "
+                f"letter, and none of {', '.join(RESERVED_DOMAINS)}"
+            )
+        if not sources:
+            raise ValueError(f"domains.{name}: no sources; give at least one, e.g. [genre:legal]")
+        for src in sources:
+            try:
+                if is_genre(src):
+                    parse_genre(src)
+                elif is_builtin(src):
+                    check_builtin(src)
+            except (GenreError, ValueError) as e:
+                raise ValueError(f"domains.{name}: {e}") from None
+    return domains
+
+
 class EvalConfig(Section):
-    preset: Literal["quick", "standard", "full"] = Field(
+    preset: Literal["quick", "standard", "full", "study"] = Field(
         "standard",
         description="Defaults for the size of the evaluation: 'quick' (a CPU smoke test of SmolLM2-135M: "
         "one domain, lengths 512 and 1024, 2 windows, 2 passkey prompts at 512), "
-        "'standard' (the defaults below) or 'full' (16 windows, lengths up to 32768, 25 passkey prompts "
-        "per length; for a GPU). Fields set in the config or with --set override the preset.",
+        "'standard' (the defaults below), 'full' (16 windows, lengths up to 32768, 25 passkey prompts "
+        "per length; for a GPU) or 'study' (48 windows at 512 and 24 at 2048 on every domain, and the "
+        "held-out genres legal, standards and history as eval.domains). Fields set in the config or with "
+        "--set override the preset.",
     )
     models: list[EvalModelSpec] = Field(
         default_factory=list, description="Default: teacher, unrestored student, restored student."
@@ -71,9 +114,20 @@ class EvalConfig(Section):
         default_factory=lambda: ["builtin:pydocs"],
         description="A second domain not used in training (default: Python 3.11 docs); [] = none.",
     )
+    domains: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Held-out evaluation domains, name -> sources (genre:<name>, builtin:<corpus>, local "
+        "files), each evaluated like the texts at every length; the report gives the recovery on them "
+        "(mean and worst, with bootstrap intervals) as 'recovery on unseen genres'. A domain of the same "
+        "genre as data.sources is labelled in-domain and left out of that figure.",
+    )
     short_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
     long_lengths: list[int] = Field(default_factory=lambda: [4096, 8192])
     max_windows: int = Field(8, ge=1, description="Windows per length (more = less noise, more time).")
+    windows_by_length: dict[int, int] = Field(
+        default_factory=dict,
+        description="Windows at particular lengths instead of max_windows, e.g. {512: 48, 2048: 24}.",
+    )
     passkey_lengths: list[int] = Field(default_factory=lambda: [1024, 4096])
     passkey_depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_trials: int = Field(3, ge=1)
@@ -127,6 +181,23 @@ class EvalConfig(Section):
         """The preset's fields that the config set to another value: {field: (preset's, config's)}."""
         mine = EVAL_PRESETS[self.preset]
         return {k: (v, getattr(self, k)) for k, v in mine.items() if getattr(self, k) != v}
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return _check_eval_domains(v)
+
+    @field_validator("windows_by_length")
+    @classmethod
+    def _windows_by_length(cls, v: dict[int, int]) -> dict[int, int]:
+        bad = {L: n for L, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"windows_by_length: every length needs at least one window, got {bad}")
+        return v
+
+    def windows_at(self, length: int) -> int:
+        """How many windows an evaluation cuts at ``length``."""
+        return self.windows_by_length.get(length, self.max_windows)
 
     @field_validator("passkey_choices")
     @classmethod

@@ -4,7 +4,9 @@ A source is a string from ``data.sources``: a local file, directory or glob; an 
 ``gs://`` or ``file://`` URI (file, prefix or glob, through pyarrow filesystems); a Hugging Face
 dataset ``hf:<name>[:split]`` or ``hf:<name>:<config>:[split]`` (its data files of that
 configuration and split, read through the hub's filesystem: `parse_hf` has the grammar); or the embedded
-corpus ``builtin:sotu/<split>``.
+corpus ``builtin:sotu/<split>``; or a genre built at set-up, ``genre:<name>[/<part>]``
+(``data.genres``: its JSONL files in the cache; the held-out evaluation genres are refused as
+training text).
 
 Resolution (`resolve_sources`) runs in the driver before any work starts and fails on a source
 that matches nothing. Reading (`iter_documents`) runs inside Ray tasks, one input file at a time,
@@ -26,12 +28,13 @@ import lzma
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from linearard_ray.data.corpus import is_builtin, iter_builtin
+from linearard_ray.data.genres import GENRES, GenreError, genre_files, is_genre, parse_genre
 
 FORMATS = ("text", "jsonl", "json", "parquet")
 _EXT_FORMAT = {
@@ -501,7 +504,31 @@ def resolve_source(idx: int, source: str, fmt: str = "auto", field: str = "data.
         ]
     if source.startswith(HF_PREFIX):
         return resolve_hf(idx, source, fmt, field)
+    if is_genre(source):
+        return _resolve_genre(idx, source, fmt, field)
     return _resolve_fs_source(idx, source, fmt, field)
+
+
+TRAINING_FIELDS = ("data.sources", "data.lm_sources")
+
+
+def _resolve_genre(idx: int, source: str, fmt: str, field: str) -> list[InputFile]:
+    """The built files of a genre, named by the genre source; an evaluation genre is no training text."""
+    try:
+        g, _ = parse_genre(source)
+        if field in TRAINING_FIELDS and g.role == "eval":
+            raise GenreError(
+                f"{source!r} is a held-out evaluation genre: no recipe trains on it (training genres: "
+                + ", ".join(f"genre:{n}" for n, x in sorted(GENRES.items()) if x.role == "train")
+                + ")"
+            )
+        files = genre_files(source)
+    except GenreError as e:
+        raise DataError(f"{field}[{idx}]: {e}") from None
+    items = []
+    for path in files:
+        items += [replace(it, source=source) for it in _resolve_fs_source(idx, str(path), fmt, field)]
+    return items
 
 
 def resolve_sources(sources: list[str], fmt: str = "auto") -> list[InputFile]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from linearard_ray.config import Config, ConfigError, EvalModelSpec
+from linearard_ray.data.genres import source_family
 from linearard_ray.evaluation.harness import check_lm_eval, run_lm_eval
 from linearard_ray.evaluation.job_log import JobLog
 from linearard_ray.evaluation.jobs import (
@@ -49,10 +50,41 @@ from linearard_ray.evaluation.specs import (
     model_specs,
     reference_tokenizer,
 )
-from linearard_ray.evaluation.texts import bos_prefix, load_documents, make_windows, tokenize_documents
+from linearard_ray.evaluation.texts import (
+    TextsError,
+    bos_prefix,
+    check_source,
+    load_documents,
+    make_windows,
+    tokenize_documents,
+)
 from linearard_ray.paths import output_path
 
 __all__ = ["EvalError", "evaluate", "evaluate_student", "prepare_inputs"]
+
+
+def eval_domains(cfg: Config) -> dict[str, list[str]]:
+    """Every text domain of the evaluation, by its key in the report: main, other, then eval.domains."""
+    ev = cfg.eval
+    return {k: list(v) for k, v in (("main", ev.texts), ("other", ev.other_texts), *ev.domains.items()) if v}
+
+
+def check_eval_texts(cfg: Config) -> None:
+    """ConfigError naming the field unless every evaluation source can be read here (a genre not
+    built yet names the command that builds it); before any model is loaded."""
+    fields = {"main": "eval.texts", "other": "eval.other_texts"}
+    for dom, sources in eval_domains(cfg).items():
+        for src in sources:
+            try:
+                check_source(src)
+            except TextsError as e:
+                raise ConfigError(f"{fields.get(dom, f'eval.domains.{dom}')}: {e}") from None
+
+
+def in_domain(sources: list[str], cfg: Config) -> bool:
+    """Whether a domain's text is of the genre the training sources name (data.sources)."""
+    trained = {source_family(s) for s in (*cfg.data.sources, *(cfg.data.lm_sources or []))}
+    return any(source_family(s) in trained for s in sources)
 
 
 def prepare_inputs(cfg: Config, tokenizer) -> tuple[dict, dict, dict, list[dict]]:
@@ -67,9 +99,7 @@ def prepare_inputs(cfg: Config, tokenizer) -> tuple[dict, dict, dict, list[dict]
     windows: dict = {}
     info: dict = {}
     skipped: list[dict] = []
-    for dom, sources in (("main", ev.texts), ("other", ev.other_texts)):
-        if not sources:
-            continue
+    for dom, sources in eval_domains(cfg).items():
         docs = load_documents(sources, cfg.data.text_column)
         tok_docs = tokenize_documents(docs, tokenizer)
         ids = [d.id for d in docs.documents]
@@ -78,11 +108,12 @@ def prepare_inputs(cfg: Config, tokenizer) -> tuple[dict, dict, dict, list[dict]
             "documents": len(docs.documents),
             "empty_documents_skipped": docs.empty_skipped,
             "tokens": int(sum(len(t) for t in tok_docs)),
+            "in_domain": in_domain(sources, cfg),
             "lengths": {},
         }
         windows[dom] = {}
         for L in lengths:
-            ws = make_windows(tok_docs, ids, L, ev.max_windows, ev.seed, prefix, sep)
+            ws = make_windows(tok_docs, ids, L, ev.windows_at(L), ev.seed, prefix, sep)
             info[dom]["lengths"][str(L)] = ws.describe()
             if ws.skipped:
                 skipped.append({"section": "nll", "domain": dom, "length": L, "reason": ws.skipped_reason})
@@ -148,6 +179,7 @@ def evaluate(
     check_lm_eval(ev.lm_eval_tasks, ev.lm_eval_args)
     if not ev.texts:
         raise ConfigError("eval.texts is empty: give at least one text source (default builtin:sotu/eval)")
+    check_eval_texts(cfg)
     specs = model_specs(cfg)
     check_model_paths(specs, cfg)  # a wrong student path fails now, not after the teacher's jobs
     _log_preset(ev)

@@ -182,6 +182,11 @@ def _table_head(first: str, columns: list[str]) -> list[str]:
     return [f"| {first} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
 
 
+def _domain_phrase(dom: str, info: dict) -> str:
+    where = {"main": "the main texts", "other": "the second domain"}.get(dom, f"held-out domain {dom}")
+    return where + (" (in-domain)" if info.get("in_domain") else "")
+
+
 def _restoration_lines(report: dict, dom: str) -> list[str]:
     rest = report["restoration"].get(dom, {})
     if not rest:
@@ -189,7 +194,7 @@ def _restoration_lines(report: dict, dom: str) -> list[str]:
     sl = [str(L) for L in report["short_lengths"]]
     lines = [
         "",
-        f"### Restoration on {'the main texts' if dom == 'main' else 'the second domain'} "
+        f"### Restoration on {_domain_phrase(dom, report['domains'].get(dom, {}))} "
         "(recovery % = teacher ppl ÷ model ppl; gap closed % in NLL)",
         "",
         *_table_head("model", [c for L in sl for c in (f"recovery {L}", f"gap closed {L}")]),
@@ -280,6 +285,42 @@ def _passkey_lines(report: dict) -> list[str]:
     return lines
 
 
+def _ci(ci) -> str:
+    return f" ({ci[0]:.1f}–{ci[1]:.1f})" if ci else ""
+
+
+def _unseen_lines(report: dict) -> list[str]:
+    """Recovery on the unseen genres (mean and worst, with intervals) beside the in-domain figure."""
+    unseen = report.get("unseen_recovery") or {}
+    if not unseen:
+        return []
+    first = next(iter(next(iter(unseen.values())).values()))
+    conf = round(100 * first["confidence"])
+    lines = [
+        "## Recovery on unseen genres",
+        "",
+        f"Recovery % = teacher perplexity ÷ model perplexity on held-out genres (eval.domains) that are not "
+        f"of the training sources' genre; {conf}% bootstrap intervals over windows. In-domain: the same ratio "
+        "on text of the training genre, which measures fitting the training text, not general ability. "
+        "A perplexity ratio is not a benchmark's accuracy share.",
+        "",
+        "| model | length | mean over unseen genres | worst (genre) | each unseen genre | in-domain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, by_len in unseen.items():
+        for L, u in by_len.items():
+            each = "; ".join(
+                f"{d} {v['recovery_pct']:.1f}%{_ci(v['ci'])} ({v['windows']} windows)" for d, v in u["domains"].items()
+            )
+            ind = "; ".join(f"{d} {v:.1f}%" for d, v in u["in_domain"].items()) or "–"
+            w = u["worst"]
+            lines.append(
+                f"| {n} | {L} | {u['mean']['recovery_pct']:.1f}%{_ci(u['mean']['ci'])} | "
+                f"{w['recovery_pct']:.1f}%{_ci(w['ci'])} ({w['domain']}) | {each} | {ind} |"
+            )
+    return lines + [""]
+
+
 def _lm_eval_lines(report: dict) -> list[str]:
     if not report.get("lm_eval"):
         return []
@@ -303,7 +344,7 @@ def _skipped_lines(report: dict) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     """The report as Markdown (without the plots, which ``outputs.write_report`` appends)."""
-    lines = _header_lines(report) + _models_lines(report)
+    lines = _header_lines(report) + _unseen_lines(report) + _models_lines(report)
     for dom, info in report["domains"].items():
         lines += _domain_lines(report, dom, info)
     lines += _passkey_lines(report) + _lm_eval_lines(report) + _skipped_lines(report)

@@ -254,3 +254,50 @@ def _lone_training_p(a: np.ndarray, b: np.ndarray) -> float:
     scale = float(np.abs(pooled).max())
     distances = _tie_safe(np.abs(pooled - rest), scale)
     return float(np.mean(distances >= _tie_safe(np.abs(a.mean() - b.mean()), scale)))
+
+
+def recovery_pct(teacher: Sequence[float], model: Sequence[float]) -> float:
+    """100 × teacher perplexity ÷ model perplexity from per-window mean NLLs of equal-length windows."""
+    return 100.0 * math.exp(float(np.mean(teacher)) - float(np.mean(model)))
+
+
+def bootstrap_recovery(
+    domains: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    samples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict | None:
+    """Recovery across domains with percentile bootstrap intervals over windows.
+
+    ``domains`` maps a domain to (teacher's, model's) per-window mean NLL on the same windows. Each
+    resample draws every domain's windows with replacement (the same draw for teacher and model:
+    the windows are paired), so the interval reflects which windows the evaluation happened to cut.
+    Returns each domain's recovery with its interval, the mean over domains with its interval and
+    the worst domain (lowest recovery) with its own; None without domains."""
+    if not domains:
+        return None
+    rng = np.random.default_rng(seed)
+    alpha = (1 - confidence) / 2
+    per_domain, draws = {}, []
+    for name in sorted(domains):
+        t, m = (np.asarray(x, dtype=np.float64) for x in domains[name])
+        if t.size == 0 or t.size != m.size:
+            raise ValueError(f"bootstrap_recovery: {name}: {t.size} teacher and {m.size} model windows")
+        idx = rng.integers(0, t.size, size=(samples, t.size))
+        boot = 100.0 * np.exp(t[idx].mean(axis=1) - m[idx].mean(axis=1))
+        draws.append(boot)
+        low, high = np.quantile(boot, [alpha, 1 - alpha])
+        per_domain[name] = {"recovery_pct": recovery_pct(t, m), "ci": (float(low), float(high)), "windows": t.size}
+    mean_draws = np.mean(draws, axis=0)
+    worst = min(per_domain, key=lambda k: per_domain[k]["recovery_pct"])
+    return {
+        "domains": per_domain,
+        "mean": {
+            "recovery_pct": float(np.mean([d["recovery_pct"] for d in per_domain.values()])),
+            "ci": tuple(float(x) for x in np.quantile(mean_draws, [alpha, 1 - alpha])),
+        },
+        "worst": {"domain": worst, **per_domain[worst]},
+        "confidence": confidence,
+        "samples": samples,
+        "seed": seed,
+    }

@@ -17,6 +17,7 @@ import numpy as np
 
 from linearard_ray.evaluation.paired_stats import (
     answer_kinds,
+    bootstrap_recovery,
     paired_comparison,
     paired_logprob,
     paired_windows,
@@ -61,6 +62,12 @@ DEFINITIONS = {
     "baseline on the same windows: k = windows where its mean NLL is lower; p = exact two-sided "
     "sign-flip permutation test of the mean per-window NLL difference (with n windows the "
     "smallest possible p is 2/2^n)",
+    "unseen_recovery": "recovery on unseen genres: for each held-out domain of eval.domains that is not of "
+    "the training sources' genre, recovery = 100 × teacher perplexity ÷ model perplexity on the same windows; "
+    "'mean' averages it over those domains, 'worst' is the lowest domain; the 95% intervals are percentile "
+    "bootstrap intervals over windows (each domain's windows resampled with replacement, teacher and model "
+    "paired window by window, seeded). Not comparable with a benchmark's accuracy share: it is a ratio of "
+    "perplexities",
     "windows": "non-overlapping windows of exactly L tokens chosen with a seeded generator; cut from single "
     "documents when at least eval.max_windows such windows exist, otherwise from the documents "
     "joined in order with EOS separators ('concatenated documents')",
@@ -100,9 +107,12 @@ def safe_name(name: str) -> str:
 
 
 def domain_title(dom: str, info: dict) -> str:
-    """How a text domain is named in tables and plots."""
-    kind = "main texts (eval.texts)" if dom == "main" else "second domain (eval.other_texts)"
-    return f"{kind}: {', '.join(info['sources'])}"
+    """How a text domain is named in tables and plots; "in-domain" when it is of the genre of the
+    training sources (data.sources), so its figures are not read as general ability."""
+    kind = {"main": "main texts (eval.texts)", "other": "second domain (eval.other_texts)"}.get(
+        dom, f"held-out domain {dom} (eval.domains)"
+    )
+    return f"{kind}{', in-domain' if info.get('in_domain') else ''}: {', '.join(info['sources'])}"
 
 
 CHOICE_FIELDS = ("choice_correct", "choice_rank", "key_logprob")
@@ -152,6 +162,39 @@ def _restoration_figures(
                 s = nll[d][scaled].get(str(length)) if scaled else None
                 rest[d].setdefault(n, {})[str(length)] = restoration(t["nll"], s["nll"] if s else None, m["nll"])
     return rest
+
+
+def unseen_domains(domains: dict) -> list[str]:
+    """The eval.domains that are not of the training sources' genre."""
+    return [d for d, info in domains.items() if d not in ("main", "other") and not info.get("in_domain")]
+
+
+def _unseen_figures(nll: dict, rest: dict, domains: dict, names: list[str], teacher: str, short: list[int]) -> dict:
+    """unseen[model][length]: recovery on the unseen genres (mean, worst, each domain, with bootstrap
+    intervals over windows) and, beside it, the recovery on each in-domain text."""
+    unseen = unseen_domains(domains)
+    out: dict = {}
+    if not unseen:
+        return out
+    for n in names:
+        if n == teacher:
+            continue
+        for length in map(str, short):
+            pairs = {}
+            for d in unseen:
+                t, m = nll[d][teacher].get(length), nll[d][n].get(length)
+                if t and m and "window_nll" in t and "window_nll" in m:
+                    pairs[d] = (t["window_nll"], m["window_nll"])
+            figures = bootstrap_recovery(pairs)
+            if figures is None:
+                continue
+            figures["in_domain"] = {
+                d: rest[d][n][length]["recovery_pct"]
+                for d, info in domains.items()
+                if info.get("in_domain") and length in rest.get(d, {}).get(n, {})
+            }
+            out.setdefault(n, {})[length] = figures
+    return out
 
 
 # --------------------------------------------------------------------------- relation KL
@@ -309,7 +352,8 @@ def build_report(
         "short_lengths": short,
         "long_lengths": sorted(set(ev.long_lengths)),
         "nll": nll,
-        "restoration": _restoration_figures(nll, domains, names, teacher, scaled, short),
+        "restoration": (rest := _restoration_figures(nll, domains, names, teacher, scaled, short)),
+        "unseen_recovery": _unseen_figures(nll, rest, domains, names, teacher, short),
         "relation_kl": _relation_kl_figures(results, domains),
         "passkey": _passkey_figures(results, names, ev, sorted(passkey_prompts), scaled),
         "skipped": _all_skipped(skipped, results),
@@ -339,6 +383,12 @@ def flat_metrics(report: dict) -> dict[str, float]:
                 for k in ("recovery_pct", "gap_closed_pct"):
                     if v.get(k) is not None:
                         m[f"{dom}.{safe_name(n)}.{k}_{L}"] = v[k]
+    for n, by_len in report.get("unseen_recovery", {}).items():
+        for L, u in by_len.items():
+            m[f"unseen.{safe_name(n)}.recovery_pct_{L}"] = u["mean"]["recovery_pct"]
+            m[f"unseen.{safe_name(n)}.recovery_ci_low_{L}"] = u["mean"]["ci"][0]
+            m[f"unseen.{safe_name(n)}.recovery_ci_high_{L}"] = u["mean"]["ci"][1]
+            m[f"unseen.{safe_name(n)}.worst_recovery_pct_{L}"] = u["worst"]["recovery_pct"]
     for dom, by_model in report["relation_kl"].items():
         for n, by_len in by_model.items():
             for L, v in by_len.items():

@@ -1,9 +1,9 @@
 """Evaluation texts: documents from built-in corpora or local files, cut into token windows.
 
-Sources are ``builtin:<corpus>[/<split>]`` or local paths, directories and globs of ``.txt``
-(one document per file), ``.jsonl`` / ``.json`` (one document per record, ``text_column``) and
-``.parquet`` (one per row). Windows of one length are non-overlapping and picked with a seeded
-generator, so every model sees the same tokens.
+Sources are ``builtin:<corpus>[/<split>]``, built genres ``genre:<name>[/<part>]`` or local paths,
+directories and globs of ``.txt`` (one document per file), ``.jsonl`` / ``.json`` (one document
+per record, ``text_column``) and ``.parquet`` (one per row). Windows of one length are
+non-overlapping and picked with a seeded generator, so every model sees the same tokens.
 
 Where too few documents are long enough for a length, windows are cut from the documents joined
 end to end (separated by the EOS token) instead; the window set records that, and the report
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from linearard_ray.data.corpus import check_builtin, is_builtin, iter_builtin
+from linearard_ray.data.genres import GenreError, genre_files, is_genre, iter_genre_documents
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -109,9 +110,14 @@ def _expand(source: str) -> list[Path]:
 
 
 def check_source(source: str) -> None:
-    """TextsError unless ``source`` can be read here: a known built-in corpus (nothing is read)
-    or a local path, directory or glob that matches files."""
-    if is_builtin(source):
+    """TextsError unless ``source`` can be read here: a known built-in corpus (nothing is read), a
+    built genre, or a local path, directory or glob that matches files."""
+    if is_genre(source):
+        try:
+            genre_files(source)
+        except GenreError as e:
+            raise TextsError(str(e)) from None
+    elif is_builtin(source):
         try:
             check_builtin(source)
         except ValueError as e:
@@ -166,11 +172,11 @@ def load_documents(sources: Iterable[str], text_column: str = "text") -> Documen
     docs: list[Document] = []
     empty = 0
     for src in sources:
-        if is_builtin(src):
+        if is_builtin(src) or is_genre(src):
+            read = iter_genre_documents if is_genre(src) else iter_builtin
             try:
-                rows = ((str(r.get("id", i)), r.get("text")) for i, r in enumerate(iter_builtin(src)))
-                rows = list(rows)
-            except ValueError as e:
+                rows = [(str(r.get("id", i)), r.get("text")) for i, r in enumerate(read(src))]
+            except ValueError as e:  # GenreError included: not built, with the command that builds it
                 raise TextsError(str(e)) from None
         else:
             rows = [r for path in _expand(src) for r in _records(path, text_column)]
