@@ -1,8 +1,11 @@
 """The command line: ``linearard-ray <command>`` and what every pipeline shares (``--config
-FILE.yaml``, ``--set a.b=value``, ``--help``).
+FILE.yaml``, ``--set a.b=value``, ``--print-config``, ``--dry-run``, ``--quiet``/``--verbose``,
+``--help``).
 
-The help text lists every config field with its default and description, generated from the
-pydantic models so it never drifts from what is validated.
+The help text lists every config field with its type, the value a bare run uses and its
+description, generated from the pydantic models so it never drifts from what is validated.
+``parse_config`` sets up logging (linearard_ray.logs) and answers ``--print-config``; each command
+answers ``--dry-run`` with its own ``dry_run`` lines through ``show_plan``.
 
 Exit status, the same for every command: 0 done; 2 (``EXIT_USER``) the user's input cannot be used
 (configuration, data, model: the message alone, no traceback); 1 (``EXIT_INTERNAL``) an internal
