@@ -182,6 +182,12 @@ class EvalConfig(Section):
         mine = EVAL_PRESETS[self.preset]
         return {k: (v, getattr(self, k)) for k, v in mine.items() if getattr(self, k) != v}
 
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _one_source_as_list(cls, v: Any) -> Any:
+        # `--set eval.domains.legal=genre:legal` gives a bare string
+        return {k: [s] if isinstance(s, str) else s for k, s in v.items()} if isinstance(v, dict) else v
+
     @field_validator("domains")
     @classmethod
     def _domains(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
