@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from linearard_ray.config import Config, ConfigError, RopeConfig
+from linearard_ray.logs import get_logger
 
 
 class EvalError(RuntimeError):
@@ -31,7 +32,7 @@ class ModelSpec:
 
 
 def log_progress(msg: str) -> None:
-    print(f"[evaluate] {msg}", flush=True)
+    get_logger(__name__).info(f"[evaluate] {msg}")
 
 
 def model_specs(cfg: Config) -> list[ModelSpec]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from linearard_ray.config import Config, build_config
+from linearard_ray.logs import get_logger
 from linearard_ray.paths import output_base
 from linearard_ray.storage import is_uri
 from linearard_ray.sweep.search_space import (
@@ -19,6 +20,8 @@ from linearard_ray.sweep.search_space import (
     finite_combinations,
     split_repeat,
 )
+
+log = get_logger(__name__)
 
 DATA_PREFIXES = ("data.", "model.teacher")  # swept keys that change the preprocessed data
 DEFAULT_SWEEP_DATA_DIR = "outputs/data/sweep"
@@ -164,7 +167,7 @@ def prepare_data(cfg: Config, specs: list[ParamSpec], plan: dict) -> dict[str, s
     keys = data_keys(specs)
     combos = finite_combinations(specs, keys) if keys else [{}]
     if combos is None:
-        print(f"[tune] {', '.join(keys)}: sampled from a range, so each trial preprocesses its own data", flush=True)
+        log.info(f"[tune] {', '.join(keys)}: sampled from a range, so each trial preprocesses its own data")
         return {}
     objective_swept = any(s.key.startswith("objective.") for s in specs)
     out: dict[str, str] = {}

@@ -20,11 +20,14 @@ from typing import Any
 import yaml
 
 from linearard_ray.config import Config, TuneConfig, build_config, dump_config
+from linearard_ray.logs import get_logger
 from linearard_ray.storage import fs_and_path, read_text, write_bytes
 from linearard_ray.sweep.metrics import context_metrics
 from linearard_ray.sweep.plan import repeat_dict
 from linearard_ray.sweep.search_space import ParamSpec, apply_params, plain, split_repeat
 from linearard_ray.sweep.trial import TRIAL_RESULT_FILE, ran_every_step
+
+log = get_logger(__name__)
 
 SWEEP_TAG = "linearard.sweep"
 ROLE_TAG = "linearard.sweep.role"
@@ -194,10 +197,9 @@ def remove_other_students(plan: dict, rows: list[dict[str, Any]], best: dict[str
             removed.append(r["trial"])
             r["student_dir"] = None
     if removed:
-        print(
+        log.info(
             f"[tune] tune.keep_students=best: removed the exported students of {len(removed)} other trial(s) "
             f"under {root}",
-            flush=True,
         )
 
 
@@ -374,16 +376,15 @@ def summarize(
 
 
 def _print_results(t: TuneConfig, rows: list[dict[str, Any]], counts: dict[str, int], md_text: str, wall_s: float):
-    print(
+    log.info(
         f"\n[tune] sweep {t.sweep_name}: {len(rows)} trials, {counts['completed']} completed, "
         f"{counts['stopped']} stopped early, {counts['error']} failed"
         + (f", {counts['unfinished']} unfinished" if counts["unfinished"] else "")
         + f" ({wall_s:.0f} s)\n{md_text}",
-        flush=True,
     )
     for r in rows:
         if r["status"] == "error":
-            print(f"[tune] trial {r['trial']} failed: {r['error']}", flush=True)
+            log.warning(f"[tune] trial {r['trial']} failed: {r['error']}")
 
 
 def _print_where(
@@ -396,12 +397,12 @@ def _print_where(
 ) -> None:
     """The best trial, its config file, and where the sweep is in MLflow."""
     if best is not None:
-        print(f"[tune] best trial: {best['trial']} ({t.metric} {best[t.metric]:.4f}); config: {best_path}", flush=True)
+        log.info(f"[tune] best trial: {best['trial']} ({t.metric} {best[t.metric]:.4f}); config: {best_path}")
     if uri:
         from linearard_ray.tracking import run_url
 
         where = run_url(uri, exp_id, summary_id) if summary_id else uri
-        print(f"[tune] MLflow experiment {t.sweep_name!r}: {where}", flush=True)
+        log.info(f"[tune] MLflow experiment {t.sweep_name!r}: {where}")
 
 
 # --------------------------------------------------------------------------- MLflow

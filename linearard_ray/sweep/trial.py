@@ -9,14 +9,16 @@ Ray Train V2 cannot be handed to a ``Tuner`` directly, so every trial runs a *dr
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from typing import Any
 
 from linearard_ray.config import ConfigError
+from linearard_ray.logs import get_logger
 from linearard_ray.storage import read_text, write_bytes
 from linearard_ray.sweep.plan import repeat_name, run_config
 from linearard_ray.sweep.search_space import apply_params, config_hash, plain, split_repeat, trial_name
+
+log = get_logger(__name__)
 
 LAST_REPORT_FILE = "tune_last_report.json"
 TOTAL_STEPS_KEY = "total_steps"  # added to every report: the optimizer steps the trial's run trains
@@ -64,9 +66,7 @@ def _report_callback_class():
                 keep = {k: plain(v) for k, v in metrics[0].items() if isinstance(plain(v), (int, float, str))}
                 write_bytes(self.record_path, json.dumps({"attempt": self.attempt, "metrics": keep}).encode())
             except Exception as e:  # the record is a convenience for restarts; never fail training for it
-                print(
-                    f"[tune] could not record the last report in {self.record_path}: {e}", file=sys.stderr, flush=True
-                )
+                log.warning(f"[tune] could not record the last report in {self.record_path}: {e}")
 
     return SweepReportCallback
 
@@ -75,8 +75,10 @@ def trial_driver(config: dict[str, Any], plan: dict) -> None:
     """One trial: build its config and run the distillation with Tune reporting."""
     import ray.tune
 
+    from linearard_ray.logs import setup_worker_logging
     from linearard_ray.training.driver import run_distill
 
+    setup_worker_logging()  # a Tune worker process: the driver's level, Ray Train's report lines quiet
     params = {k: plain(v) for k, v in config.items()}
     name = ray.tune.get_context().get_trial_name()
     cfg = run_config(plan, params, name)

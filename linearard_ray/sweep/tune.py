@@ -13,6 +13,7 @@ import time
 import uuid
 
 from linearard_ray.config import Config, ConfigError, TuneConfig
+from linearard_ray.logs import get_logger
 from linearard_ray.sweep.metrics import HIGHER_IS_BETTER, objective_metrics
 from linearard_ray.sweep.plan import make_plan, prepare_data, trial_checkpoint_every
 from linearard_ray.sweep.search_space import (
@@ -34,6 +35,8 @@ from linearard_ray.sweep.summary import (
     summarize,
 )
 from linearard_ray.sweep.trial import TrialNamer, ran_every_step, trial_dirname, trial_driver
+
+log = get_logger(__name__)
 
 DATA_CPUS = 1.0  # left free for Ray Data's read tasks, which feed the workers during training
 DRIVER_CPUS = 0.01  # a trial's driver function only waits on its Train run; workers hold the real resources
@@ -137,12 +140,11 @@ def default_max_concurrent(cfg: Config, resources: dict[str, float], use_gpu: bo
     if use_gpu:
         n = min(n, math.floor(resources.get("GPU", 0.0) / (t.num_workers * t.gpus_per_worker)))
     if n < 1:
-        print(
+        log.info(
             f"[tune] the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs now; one "
             f"trial needs {t.num_workers} worker(s) × ({t.cpus_per_worker:g} CPU"
             f"{f', {t.gpus_per_worker:g} GPU' if use_gpu else ''}): running one trial at a time, "
             "which waits until the autoscaler adds nodes",
-            flush=True,
         )
     return max(1, n)
 
@@ -202,15 +204,13 @@ def _announce(cfg: Config, specs: list[ParamSpec], plan: dict, max_conc: int, us
     t = cfg.tune
     e, c = cfg.train.eval_every, cfg.train.checkpoint_every
     if c % e:
-        print(
+        log.info(
             f"[tune] trials checkpoint every {trial_checkpoint_every(base_dict(cfg)['train'])} steps "
             f"(train.checkpoint_every={c} rounded up to a multiple of train.eval_every={e})",
-            flush=True,
         )
-    print(
+    log.info(
         f"[tune] sweep {t.sweep_name}: {trial_count_text(specs, t.search, t.num_samples)}; up to {max_conc} at once, "
         f"{'GPU' if use_gpu else 'CPU'}; objective {t.metric} ({t.mode}); storage {plan['sweep_dir']}",
-        flush=True,
     )
 
 
@@ -245,9 +245,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     grid = tuner.fit()
     rows = collect_rows(grid, specs, plan, t, stopped=getattr(scheduler, "stopped", set()))
     if n_trials is not None and len(rows) < n_trials:
-        print(
-            f"[tune] {n_trials - len(rows)} of {n_trials} trials never started (the sweep was interrupted)", flush=True
-        )
+        log.info(f"[tune] {n_trials - len(rows)} of {n_trials} trials never started (the sweep was interrupted)")
     if t.keep_students == "best":
         remove_other_students(plan, rows, pick_best(rows, t.metric, t.mode, [s.key for s in specs]))
     return summarize(cfg, specs, plan, rows, uri, exp_id, session, wall_s=time.time() - started)
