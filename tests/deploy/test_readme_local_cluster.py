@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -76,8 +77,6 @@ def default_model_cache(tmp_path: Path) -> Path:
     SmolLM2 is there, else a stand-in (a tiny random Llama under the same name, its window widened
     to the default's lengths) so that the README's lines still run offline on a fresh machine.
     The lines exercise the cluster path (auth, submission, status), not the model."""
-    import shutil
-
     from linearard_ray.models.loading import COMPLETE_MARKER
     from linearard_ray.models.tiny import resolve_tiny
 
@@ -156,3 +155,4 @@ def test_readme_local_cluster_runs_as_written(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)  # the job's copy of the checkout and its outputs
