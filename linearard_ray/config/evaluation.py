@@ -30,9 +30,11 @@ class EvalModelSpec(Section):
 # preset only fills in the fields left out (pydantic's fields set by the input, see _apply_preset).
 # "standard" is the schema's own defaults.
 EVAL_PRESETS: dict[str, dict[str, Any]] = {
-    # A CPU smoke test of the whole report on SmolLM2-135M (docs/evaluation.md gives measured times):
-    # one domain, one short and one long length, few windows and prompts.
+    # A CPU smoke test of the report on SmolLM2-135M (docs/evaluation.md gives measured times): one
+    # domain, one short and one long length, few windows and prompts, and no relation KL, which on a
+    # CPU costs as much as all the other jobs together.
     "quick": {
+        "relation_kl": False,
         "other_texts": [],
         "short_lengths": [512],
         "long_lengths": [1024],
