@@ -350,7 +350,8 @@ def test_ensure_preprocessed_reuses_and_lm_stream(ray_cluster, tiny_model_dir, t
         }
     )
     main = ensure_preprocessed(cfg, progress=False)
-    assert main.parent == Path("outputs/data") and read_manifest(main)["ctx_len"] == 256
+    # the default directory, relative to the working directory, made absolute for the workers
+    assert main.parent == (tmp_path / "outputs" / "data").resolve() and read_manifest(main)["ctx_len"] == 256
     stamp = (main / "manifest.json").stat().st_mtime_ns
     assert ensure_preprocessed(cfg, progress=False) == main
     assert (main / "manifest.json").stat().st_mtime_ns == stamp  # reused, not redone
