@@ -9,28 +9,19 @@ from pathlib import Path
 from typing import Literal
 
 from linearard_ray.config import Config
-from linearard_ray.paths import output_path
 
 
 def data_dir(cfg: Config, stream: Literal["main", "lm"] = "main") -> tuple[Path, dict | None]:
     """The directory ``data.preprocess.ensure_preprocessed`` would use for ``stream`` and its
     manifest when it already holds this config's blocks (None: it would be built). Reads the
     sources' sizes and the tokenizer, as that function does, but tokenises nothing."""
-    from linearard_ray.data.manifest import default_output_dir, read_manifest
-    from linearard_ray.data.preprocess import config_hash, lm_data_config, tokenizer_path_for
+    from linearard_ray.data.manifest import read_manifest
+    from linearard_ray.data.preprocess import stream_target, tokenizer_path_for
     from linearard_ray.data.sources import DataError
 
-    same = stream == "main" or not cfg.data.lm_data_differs()
-    if cfg.data.preprocessed and same:  # given as it is: it must exist
+    if cfg.data.preprocessed and (stream == "main" or not cfg.data.lm_data_differs()):  # given: it must exist
         return Path(cfg.data.preprocessed), read_manifest(cfg.data.preprocessed)
-    data_cfg = cfg.data if stream == "main" else lm_data_config(cfg.data)
-    h = config_hash(data_cfg, tokenizer_path_for(cfg.model.teacher))
-    if cfg.data.output_dir:
-        out = Path(output_path(cfg.data.output_dir))
-        if not same:
-            out = out.with_name(out.name + "-lm")
-    else:
-        out = default_output_dir(h)
+    _, out, h = stream_target(cfg, stream, tokenizer_path_for(cfg.model.teacher))
     try:
         manifest = read_manifest(out)
     except DataError:

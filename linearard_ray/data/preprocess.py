@@ -437,6 +437,26 @@ def _check_preprocessed(path: str, data_cfg: DataConfig, tokenizer_path: str) ->
     return Path(path)
 
 
+def _same_blocks(cfg: Config, stream: str) -> bool:
+    """Whether ``stream`` reads the main stream's blocks (the main one, or an lm stream with no
+    data settings of its own)."""
+    return stream == "main" or not cfg.data.lm_data_differs()
+
+
+def stream_target(cfg: Config, stream: str, tok_path: str) -> tuple[DataConfig, Path, str]:
+    """(data settings, directory, config hash) of the blocks ``stream`` is built into: the given
+    ``data.output_dir`` (``-lm`` beside it for an lm stream of its own), else a directory named
+    by the hash. ``data.preprocessed`` is the caller's case."""
+    data_cfg = cfg.data if stream == "main" else lm_data_config(cfg.data)
+    h = config_hash(data_cfg, tok_path)
+    if not cfg.data.output_dir:
+        return data_cfg, default_output_dir(h), h
+    out = Path(output_path(cfg.data.output_dir))
+    if not _same_blocks(cfg, stream):
+        out = out.with_name(out.name + "-lm")
+    return data_cfg, out, h
+
+
 def ensure_preprocessed(
     cfg: Config, stream: Literal["main", "lm"] = "main", *, progress: bool = True, force: bool = False
 ) -> Path:
@@ -449,17 +469,9 @@ def ensure_preprocessed(
     if stream not in ("main", "lm"):
         raise ValueError(f"stream must be 'main' or 'lm', got {stream!r}")
     tok_path = tokenizer_path_for(cfg.model.teacher)
-    same = stream == "main" or not cfg.data.lm_data_differs()
-    if cfg.data.preprocessed and same:
+    if cfg.data.preprocessed and _same_blocks(cfg, stream):
         return _check_preprocessed(cfg.data.preprocessed, cfg.data, tok_path)
-    data_cfg = cfg.data if stream == "main" else lm_data_config(cfg.data)
-    h = config_hash(data_cfg, tok_path)
-    if cfg.data.output_dir:
-        out = Path(output_path(cfg.data.output_dir))
-        if not same:
-            out = out.with_name(out.name + "-lm")
-    else:
-        out = default_output_dir(h)
+    data_cfg, out, h = stream_target(cfg, stream, tok_path)
     # Concurrent runs (tune trials) wanting the same directory: one builds it, the others reuse it.
     with output_dir_lock(out):
         try:
