@@ -611,7 +611,19 @@ def export_student(
     cards.write_model_card(merged_dir, card)
     if is_peft:
         paths["adapter"] = _export_adapter(student, tokenizer, out / "adapter", cfg, card)
+    for directory in paths.values():
+        _readable_by_others(directory)
     return paths
+
+
+def _readable_by_others(directory: Path) -> None:
+    """Give every exported file the mode the umask gives new files. The weights are written through
+    a private temporary file (0600), so on a shared cluster nobody else could load the student."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def _export_adapter(student, tokenizer, adapter_dir: Path, cfg, card) -> Path:

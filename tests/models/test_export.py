@@ -86,6 +86,9 @@ def test_merged_student_is_written_once_in_the_teachers_dtype(cache_dir, bf16_te
         assert torch.equal(v, exact[k].to(torch.bfloat16)), k
     assert _weights_bytes(merged) < 0.55 * _weights_bytes(full)
     assert next(s.parameters()).dtype == torch.float32  # the training model is left as it was
+    # on a shared cluster others can read every exported file, the weights included
+    for f in (*merged.iterdir(), *paths["adapter"].iterdir()):
+        assert f.stat().st_mode & 0o044 == 0o044, f
 
 
 def test_model_card_parses_and_names_the_public_base_model(cache_dir, tmp_path):
