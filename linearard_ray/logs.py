@@ -94,6 +94,13 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
+def show_result(line: str) -> None:
+    """A command's result (where the student, the report or the MLflow run is): on stdout whatever
+    the level, so that ``--quiet`` leaves exactly the answer."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _limit(names: tuple[str, ...], level: int) -> None:
     """Raise these loggers to at least ``level``; ``_restore`` undoes it."""
     for name in names:

@@ -49,14 +49,29 @@ def worker_env(tracking_uri: str | None = None) -> dict[str, str]:
     return env
 
 
+def _ray_logging_config():
+    """Under ``--quiet`` (the package's level above INFO), Ray's own Python loggers in every Ray
+    process (the Train controller's resume notices, Ray Data's progress) at the same level; else
+    Ray's default."""
+    import ray
+
+    from linearard_ray.logs import LEVEL_ENV
+
+    level = logging.getLevelName(os.environ.get(LEVEL_ENV, "INFO").upper())
+    if not isinstance(level, int) or level <= logging.INFO:
+        return None
+    return ray.LoggingConfig(log_level=logging.getLevelName(level))
+
+
 def ensure_ray(env: dict[str, str] | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local one; a no-op once Ray is up."""
     import ray
 
     if ray.is_initialized():
         return
+    logging_config = _ray_logging_config()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_config=logging_config)
         return
     # A local cluster started here: workers must import this package even from a checkout that
     # is not installed and a driver started outside the repo root.
@@ -71,6 +86,8 @@ def ensure_ray(env: dict[str, str] | None = None) -> None:
     auth_logger = logging.getLogger(_AUTH_LOGGER)
     auth_logger.addFilter(notice)
     try:
-        ray.init(address="local", runtime_env={"env_vars": local_env}, log_to_driver=True)
+        ray.init(
+            address="local", runtime_env={"env_vars": local_env}, log_to_driver=True, logging_config=logging_config
+        )
     finally:
         auth_logger.removeFilter(notice)

@@ -73,3 +73,16 @@ def test_the_known_deprecation_is_ignored_and_other_warnings_still_show():
         )
         warnings.warn("some other change is coming", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["some other change is coming"]
+
+
+def test_quiet_keeps_a_commands_result_on_stdout(capsys):
+    from linearard_ray.logs import NORMAL, QUIET, get_logger, setup_logging, show_result
+
+    try:
+        setup_logging(QUIET)
+        get_logger("linearard_ray.training.driver").info("[distill] step 1/2 ...")
+        show_result("[distill] student: /somewhere/merged")
+    finally:
+        setup_logging(NORMAL)
+    out = capsys.readouterr().out
+    assert out == "[distill] student: /somewhere/merged\n"

@@ -22,7 +22,7 @@ import os
 
 from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
 from linearard_ray.config import Config, ConfigError
-from linearard_ray.logs import get_logger
+from linearard_ray.logs import get_logger, show_result
 from linearard_ray.paths import output_path
 
 log = get_logger(__name__)
@@ -69,12 +69,12 @@ def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
             report = evaluate(cfg, ray_address=args.ray_address)
     except user_errors(EvalError, TextsError) as e:
         return user_error(prog, e)
-    log.info(f"{prog}: report in {report.get('output_dir') or output_path(cfg.eval.output_dir)}")
+    show_result(f"{prog}: report in {report.get('output_dir') or output_path(cfg.eval.output_dir)}")
     if report.get("mlflow"):
         from linearard_ray.tracking import run_url
 
         m = report["mlflow"]
-        log.info(f"{prog}: MLflow run: {run_url(m['tracking_uri'], m['experiment_id'], m['run_id'])}")
+        show_result(f"{prog}: MLflow run: {run_url(m['tracking_uri'], m['experiment_id'], m['run_id'])}")
     return 0
 
 

@@ -488,7 +488,8 @@ def checkpoint_dtype(name_or_path: str, model_cfg: ModelConfig | None = None) ->
     if name_or_path in BUILTIN_MODELS:
         return resolve_dtype(BUILTIN_MODELS[name_or_path]["dtype"])
     hf = read_model_config(name_or_path, model_cfg)
-    declared = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) if hf is not None else None
+    # transformers 5 names it dtype; reading the old torch_dtype alias only prints a deprecation
+    declared = getattr(hf, "dtype", None) if hf is not None else None
     if isinstance(declared, torch.dtype):
         return declared
     if isinstance(declared, str) and declared in ("float32", "bfloat16", "float16"):

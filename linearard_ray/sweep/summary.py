@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from linearard_ray.config import Config, TuneConfig, build_config, dump_config
-from linearard_ray.logs import get_logger
+from linearard_ray.logs import get_logger, show_result
 from linearard_ray.storage import fs_and_path, read_text, write_bytes
 from linearard_ray.sweep.metrics import context_metrics
 from linearard_ray.sweep.plan import repeat_dict
@@ -397,12 +397,12 @@ def _print_where(
 ) -> None:
     """The best trial, its config file, and where the sweep is in MLflow."""
     if best is not None:
-        log.info(f"[tune] best trial: {best['trial']} ({t.metric} {best[t.metric]:.4f}); config: {best_path}")
+        show_result(f"[tune] best trial: {best['trial']} ({t.metric} {best[t.metric]:.4f}); config: {best_path}")
     if uri:
         from linearard_ray.tracking import run_url
 
         where = run_url(uri, exp_id, summary_id) if summary_id else uri
-        log.info(f"[tune] MLflow experiment {t.sweep_name!r}: {where}")
+        show_result(f"[tune] MLflow experiment {t.sweep_name!r}: {where}")
 
 
 # --------------------------------------------------------------------------- MLflow

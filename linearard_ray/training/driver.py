@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from linearard_ray.config import Config, ConfigError
-from linearard_ray.logs import get_logger
+from linearard_ray.logs import get_logger, show_result
 from linearard_ray.ray_env import ensure_ray, worker_env
 from linearard_ray.storage import read_text, write_text
 from linearard_ray.training import run_lock
@@ -190,11 +190,11 @@ def _run_locked(cfg: Config, lock: Acquired, heartbeat: run_lock.Heartbeat, call
     res = _train_result(job, result)
     if cfg.train.evaluate_at_end and res.student_dir:
         res.evaluation = evaluate_at_end(cfg, res)
-    log.info(f"[distill] student: {res.student_dir}")
+    show_result(f"[distill] student: {res.student_dir}")
     if res.mlflow_run_id:
         from linearard_ray.tracking import run_url
 
-        log.info(f"[distill] MLflow run: {run_url(res.tracking_uri, res.mlflow_experiment_id, res.mlflow_run_id)}")
+        show_result(f"[distill] MLflow run: {run_url(res.tracking_uri, res.mlflow_experiment_id, res.mlflow_run_id)}")
     return res
 
 

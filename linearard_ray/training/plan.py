@@ -3,12 +3,14 @@ count, and where the job's files live. Everything here is plain data the workers
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from linearard_ray.config import Config, ConfigError
+from linearard_ray.logs import get_logger
 from linearard_ray.paths import output_path
 
 # Written into the job's storage directory once train.fail_at_step has fired, so that the
@@ -160,7 +162,8 @@ def prepare_streams(cfg: Config) -> tuple[dict[str, StreamSpec], str, dict[str, 
 def _prepare_stream(cfg: Config, name: str) -> tuple[StreamSpec, Any]:
     from linearard_ray.data import preprocess as data_mod
 
-    d = data_mod.ensure_preprocessed(cfg) if name == "train" else data_mod.ensure_preprocessed(cfg, stream="lm")
+    progress = get_logger(__name__).isEnabledFor(logging.INFO)  # Ray Data's progress lines: not under --quiet
+    d = data_mod.ensure_preprocessed(cfg, stream="main" if name == "train" else "lm", progress=progress)
     manifest = data_mod.read_manifest(d)
     ctx = _manifest_ctx_len(manifest) or (
         cfg.data.ctx_len if name == "train" else (cfg.data.lm_ctx_len or cfg.data.ctx_len)
