@@ -165,6 +165,7 @@ def _prepare_stream(cfg: Config, name: str) -> tuple[StreamSpec, Any]:
     progress = get_logger(__name__).isEnabledFor(logging.INFO)  # Ray Data's progress lines: not under --quiet
     d = data_mod.ensure_preprocessed(cfg, stream="main" if name == "train" else "lm", progress=progress)
     manifest = data_mod.read_manifest(d)
+    get_logger(__name__).info(_stream_summary(name, manifest, d))
     ctx = _manifest_ctx_len(manifest) or (
         cfg.data.ctx_len if name == "train" else (cfg.data.lm_ctx_len or cfg.data.ctx_len)
     )
@@ -181,6 +182,15 @@ def _prepare_stream(cfg: Config, name: str) -> tuple[StreamSpec, Any]:
     ds.context.enable_progress_bars = False
     ds.context.enable_operator_progress_bars = False
     return StreamSpec(name=name, directory=str(Path(d).resolve()), num_rows=int(n), ctx_len=int(ctx)), ds
+
+
+def _stream_summary(name: str, m: dict, directory) -> str:
+    """One line on what a stream holds (preprocessing's own lines are progress snapshots)."""
+    skipped = f" ({m['docs_skipped']} skipped, reasons in its manifest)" if m.get("docs_skipped") else ""
+    return (
+        f"[distill] {name} stream: {m.get('docs_used', '?')} documents{skipped}, {m.get('blocks', '?')} blocks of "
+        f"{m.get('ctx_len', '?')} tokens ({m.get('tokens_in_blocks', '?')} tokens) in {directory}"
+    )
 
 
 def _in_memory_blocks(directory: Path, manifest: dict):
