@@ -195,3 +195,29 @@ def test_help_shows_readable_types_and_the_bare_runs_values(capsys):
         assert flag in out
     assert _exit_status(["tune", "--help"]) == 0
     assert "train.max_steps (int | None) = 4 (bare run; schema default None)" in capsys.readouterr().out
+
+
+def test_distill_dry_run_says_from_which_checkpoint_a_start_resumes(preprocessed_run, capsys):
+    import torch
+
+    from linearard_ray.training.checkpointing import TrainState, save_checkpoint
+    from linearard_ray.training.plan import job_paths
+
+    cfg, argv = preprocessed_run
+    storage_dir, _ = job_paths(cfg)
+    assert _exit_status(["distill", "--dry-run", *argv]) == 0
+    assert "checkpoint: none intact; a start begins at step 0" in capsys.readouterr().out
+    for step in (2, 4):
+        save_checkpoint(
+            f"{storage_dir}/checkpoint_step{step:07d}",
+            trainable={"w": torch.zeros(8)},
+            optimizer_state={},
+            scheduler_state={},
+            rng_states=[],
+            state=TrainState(step=step),
+        )
+    trainable = f"{storage_dir}/checkpoint_step0000004/trainable.pt"
+    with open(trainable, "r+b") as f:
+        f.truncate(10)  # the newest is broken: a start goes back to step 2
+    assert _exit_status(["distill", "--dry-run", *argv]) == 0
+    assert f"checkpoint: a start resumes at step 2 ({storage_dir}/checkpoint_step0000002)" in capsys.readouterr().out

@@ -50,6 +50,32 @@ def lock_line(storage_dir: str, run_name: str, takeover: bool) -> str:
     return f"run lock: {run_name!r} is HELD by {owner.describe()}; {action}"
 
 
+def checkpoint_line(storage_dir: str) -> str:
+    """Where a start of this run would begin: the newest checkpoint whose files have the sizes its
+    manifest records (a dry run does not hash gigabytes; the resume itself checks the sha256s), or
+    step 0."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from linearard_ray.storage import fs_and_path, read_text
+    from linearard_ray.training.checkpointing import MANIFEST_FILE, STATE_FILE, checkpoint_order
+
+    fs, base = fs_and_path(storage_dir)
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    found = sorted((checkpoint_order(i.base_name), i.path) for i in infos if checkpoint_order(i.base_name))
+    for _, path in reversed(found):
+        try:
+            files = json.loads(read_text(f"{path}/{MANIFEST_FILE}") or "")["files"]
+            sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(path))}
+            if all(sizes.get(name) == want["size"] for name, want in files.items()):
+                step = json.loads(read_text(f"{path}/{STATE_FILE}"))["step"]
+                return f"checkpoint: a start resumes at step {step} ({path})"
+        except (ValueError, KeyError, TypeError):
+            continue
+    return "checkpoint: none intact; a start begins at step 0"
+
+
 def tracking_line(cfg: Config) -> str:
     if not cfg.tracking.enabled:
         return "tracking: off"
@@ -84,6 +110,7 @@ def training_lines(cfg: Config) -> list[str]:
         "config: checks passed (run name, sources, block lengths against the models' windows, relation layers)",
         lock_line(storage_dir, cfg.train.run_name, cfg.train.takeover),
         f"storage (checkpoints): {storage_dir}",
+        checkpoint_line(storage_dir),
         f"export: {export_dir}",
         tracking_line(cfg),
     ]
