@@ -184,6 +184,7 @@ def _usage() -> str:
     lines = [
         "usage: linearard-ray <command> [--config FILE] [--set KEY=VALUE ...] [--print-config] [--dry-run]"
         " [--quiet | --verbose] [--help]",
+        "       linearard-ray --version",
         "",
         "commands:",
     ]
@@ -199,9 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     from linearard_ray.commands import COMMANDS
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv and argv[0] == "--version":
+        from linearard_ray import __version__
+
+        print(f"linearard-ray {__version__}")
+        return 0
+    if not argv:  # a command is required: the usage, as argparse answers a missing argument
+        sys.stderr.write(_usage() + "\n")
+        return EXIT_USER
     if argv[0] not in COMMANDS:
         log.error(f"linearard-ray: unknown command {argv[0]!r}; one of: {', '.join(COMMANDS)}")
         return EXIT_USER

@@ -16,6 +16,15 @@ def test_help_lists_every_command(capsys):
         assert f"  {name} " in out
 
 
+def test_no_command_is_a_usage_error_and_version_answers(capsys):
+    from linearard_ray import __version__
+
+    assert main([]) == 2
+    assert "usage: linearard-ray <command>" in capsys.readouterr().err
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"linearard-ray {__version__}\n"
+
+
 def test_unknown_command_is_refused_with_the_choices(capsys):
     assert main(["distil"]) == 2
     err = capsys.readouterr().err
