@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from linearard_ray.config import RopeConfig, build_config, load_config
+from tests.evaluation.configs import tiny_eval_config
 from tests.scripts import load_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -436,24 +437,8 @@ def test_relation_kl_skipped_for_other_architecture(tmp_path, tiny_model_dir):
 
 
 def _resume_cfg(tmp_path, teacher: str, **over):
-    base = {
-        "model": {"teacher": teacher, "dtype": "float32"},
-        "rope": {"type": "linear", "factor": 2.0},
-        "eval": {
-            "texts": ["builtin:sotu/extra"],
-            "other_texts": [],
-            "short_lengths": [32],
-            "long_lengths": [64],
-            "max_windows": 2,
-            "passkey_lengths": [200],
-            "passkey_depths": [0.3, 0.7],
-            "passkey_trials": 1,
-            "device": "cpu",
-            "output_dir": str(tmp_path / "out"),
-        },
-        "tracking": {"enabled": False},
-    }
-    return build_config(base, over)
+    base = tiny_eval_config(tmp_path / "out", teacher, passkey_depths=[0.3, 0.7])
+    return build_config({**base, "tracking": {"enabled": False}}, over)
 
 
 def _count_calls(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from linearard_ray.config import LoraConfig, ModelConfig, RopeConfig, build_config
+from tests.evaluation.configs import tiny_eval_config
 from tests.scripts import load_script
 
 
@@ -44,24 +45,8 @@ def registered_student(tmp_path, cache_dir):
 
 
 def _eval_config(tmp_path, uri) -> dict:
-    return {
-        "model": {"teacher": "tiny:llama", "dtype": "float32"},
-        "rope": {"type": "linear", "factor": 2.0},
-        "eval": {
-            "texts": ["builtin:sotu/extra"],
-            "other_texts": [],
-            "short_lengths": [32],
-            "long_lengths": [64],
-            "max_windows": 2,
-            "passkey_lengths": [200],
-            "passkey_depths": [0.5],
-            "passkey_trials": 1,
-            "relation_kl": False,
-            "output_dir": str(tmp_path / "eval"),
-            "device": "cpu",
-        },
-        "tracking": {"tracking_uri": uri, "experiment": "evals"},
-    }
+    cfg = tiny_eval_config(tmp_path / "eval", relation_kl=False)
+    return {**cfg, "tracking": {"tracking_uri": uri, "experiment": "evals"}}
 
 
 def test_evaluating_a_student_links_its_card_run_and_registered_version(tmp_path, registered_student):
