@@ -51,29 +51,15 @@ def lock_line(storage_dir: str, run_name: str, takeover: bool) -> str:
 
 
 def checkpoint_line(storage_dir: str) -> str:
-    """Where a start of this run would begin: the newest checkpoint whose files have the sizes its
-    manifest records (a dry run does not hash gigabytes; the resume itself checks the sha256s), or
-    step 0."""
-    import json
+    """Where a start of this run would begin: the newest checkpoint whose files have their recorded
+    sizes (a dry run does not hash gigabytes; the resume itself checks the sha256s), or step 0."""
+    from linearard_ray.training.checkpointing import newest_complete_checkpoint
 
-    import pyarrow.fs as pafs
-
-    from linearard_ray.storage import fs_and_path, read_text
-    from linearard_ray.training.checkpointing import MANIFEST_FILE, STATE_FILE, checkpoint_order
-
-    fs, base = fs_and_path(storage_dir)
-    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    found = sorted((checkpoint_order(i.base_name), i.path) for i in infos if checkpoint_order(i.base_name))
-    for _, path in reversed(found):
-        try:
-            files = json.loads(read_text(f"{path}/{MANIFEST_FILE}") or "")["files"]
-            sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(path))}
-            if all(sizes.get(name) == want["size"] for name, want in files.items()):
-                step = json.loads(read_text(f"{path}/{STATE_FILE}"))["step"]
-                return f"checkpoint: a start resumes at step {step} ({path})"
-        except (ValueError, KeyError, TypeError):
-            continue
-    return "checkpoint: none intact; a start begins at step 0"
+    found = newest_complete_checkpoint(storage_dir)
+    if found is None:
+        return "checkpoint: none intact; a start begins at step 0"
+    step, path = found
+    return f"checkpoint: a start resumes at step {step} ({path})"
 
 
 def tracking_line(cfg: Config) -> str:

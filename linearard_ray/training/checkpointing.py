@@ -286,23 +286,48 @@ def free_checkpoint_dir_name(filesystem, run_path: str, step: int) -> str:
     return name
 
 
+def run_checkpoints(filesystem, run_path: str) -> list[tuple[tuple[int, int], str]]:
+    """The run's checkpoint directories as (order, path), newest first."""
+    import pyarrow.fs as pafs
+
+    found = []
+    for info in filesystem.get_file_info(pafs.FileSelector(run_path.rstrip("/"), allow_not_found=True)):
+        key = checkpoint_order(info.base_name)
+        if info.type == pafs.FileType.Directory and key is not None:
+            found.append((key, info.path.rstrip("/")))
+    return sorted(found, reverse=True)
+
+
 def recovery_candidates(filesystem, latest_path: str) -> list[str]:
     """Ray Train's latest checkpoint, then the run's older checkpoint directories, newest first.
     Directories ordered after the latest one are left out: Ray never recorded them (a report cut
     short), so they may be incomplete."""
-    import pyarrow.fs as pafs
-
     latest_path = latest_path.rstrip("/")
     run_path, _, latest_name = latest_path.rpartition("/")
     latest_key = checkpoint_order(latest_name)
-    older = []
-    for info in filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True)):
-        key = checkpoint_order(info.base_name)
-        if info.type != pafs.FileType.Directory or key is None or info.path.rstrip("/") == latest_path:
+    older = [
+        path
+        for key, path in run_checkpoints(filesystem, run_path)
+        if path != latest_path and (latest_key is None or key < latest_key)
+    ]
+    return [latest_path, *older]
+
+
+def newest_complete_checkpoint(storage_dir: str) -> tuple[int, str] | None:
+    """(step, path) of the run's newest checkpoint whose files have the sizes its manifest records,
+    without hashing them (a quick look, as --dry-run takes; a resume checks the sha256s)."""
+    import pyarrow.fs as pafs
+
+    fs, base = fs_and_path(storage_dir)
+    for _, path in run_checkpoints(fs, base):
+        try:
+            files = json.loads(read_text(f"{path}/{MANIFEST_FILE}") or "")["files"]
+            sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(path))}
+            if all(sizes.get(name) == want["size"] for name, want in files.items()):
+                return int(json.loads(read_text(f"{path}/{STATE_FILE}") or "")["step"]), path
+        except (ValueError, KeyError, TypeError):
             continue
-        if latest_key is None or key < latest_key:
-            older.append((key, info.path.rstrip("/")))
-    return [latest_path] + [path for _, path in sorted(older, reverse=True)]
+    return None
 
 
 def load_newest_intact(filesystem, latest_path: str, log: Callable[[str], None]) -> LoadedCheckpoint:
