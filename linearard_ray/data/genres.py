@@ -531,29 +531,11 @@ def _genre_texts(manifest: dict, out: Path, parts: tuple[str, ...]) -> list[str]
 
 
 def build_genres(
-    names: list[str],
-    trees: dict[str, PackageTree],
-    out: Path,
-    *,
-    seed: int = 0,
-    tokenizer=None,
-    tokenizer_name: str | None = None,
-    samples_file: Path | None = None,
-    max_overlap: float = MAX_OVERLAP,
+    names: list[str], trees: dict[str, PackageTree], out: Path, *, max_overlap: float = MAX_OVERLAP, **options
 ) -> dict:
-    """Build ``names`` and report their overlap; returns what build.json holds."""
-    manifests = {
-        n: build_genre(
-            genre(n),
-            trees,
-            out,
-            seed=seed,
-            tokenizer=tokenizer,
-            tokenizer_name=tokenizer_name,
-            samples_file=samples_file,
-        )
-        for n in names
-    }
+    """Build ``names`` (``options``: the keywords of ``build_genre``) and report their overlap;
+    returns what build.json holds."""
+    manifests = {n: build_genre(genre(n), trees, out, **options) for n in names}
     train = [n for n in names if GENRES[n].role == "train"]
     evals = [n for n in names if GENRES[n].role == "eval"]
     overlap = None
