@@ -568,12 +568,17 @@ def shingles(text: str, n: int = SHINGLE_WORDS) -> set[int]:
     return out
 
 
+def _all_shingles(texts: Iterable[str], n: int) -> set[int]:
+    out: set[int] = set()
+    for t in texts:
+        out |= shingles(t, n)
+    return out
+
+
 def overlap_share(eval_texts: Iterable[str], train_shingles: set[int], n: int = SHINGLE_WORDS) -> dict:
     """How much of an evaluation text the training text holds: the share of its distinct n-word
     shingles that also occur in ``train_shingles``."""
-    mine: set[int] = set()
-    for t in eval_texts:
-        mine |= shingles(t, n)
+    mine = _all_shingles(eval_texts, n)
     shared = len(mine & train_shingles)
     return {"shingles": len(mine), "shared": shared, "share": shared / len(mine) if mine else 0.0}
 
@@ -583,9 +588,7 @@ def overlap_report(
 ) -> dict:
     """Per evaluation genre, the share of its n-word shingles found in the training texts, flagged
     above ``limit``."""
-    train: set[int] = set()
-    for t in train_texts:
-        train |= shingles(t, n)
+    train = _all_shingles(train_texts, n)
     out = {"shingle_words": n, "limit": limit, "training_shingles": len(train), "domains": {}}
     for name, texts in eval_genres.items():
         r = overlap_share(texts, train, n)
