@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 
 from linearard_ray.config import Config, ConfigError, build_config, dump_config, load_config, parse_overrides
-from linearard_ray.logs import NORMAL, QUIET, VERBOSE, get_logger, setup_logging
+from linearard_ray.logs import NORMAL, QUIET, VERBOSE, get_logger, setup_logging, show_result
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
@@ -140,17 +140,14 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         log.error(f"{parser.prog}: {e}")
         raise SystemExit(EXIT_USER) from None
     if args.print_config:
-        sys.stdout.write(dump_config(cfg))
-        sys.stdout.flush()
+        show_result(dump_config(cfg).rstrip("\n"))
         raise SystemExit(0)
     return args, cfg
 
 
 def show_plan(prog: str, lines: list[str]) -> int:
     """A --dry-run's report: what the command would do, one line each; exit status 0."""
-    sys.stdout.write(f"{prog} --dry-run: checks passed; nothing was started\n")
-    sys.stdout.write("".join(f"  {line}\n" for line in lines))
-    sys.stdout.flush()
+    show_result("\n".join([f"{prog} --dry-run: checks passed; nothing was started", *(f"  {line}" for line in lines)]))
     return 0
 
 

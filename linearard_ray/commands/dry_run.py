@@ -62,10 +62,12 @@ def checkpoint_line(storage_dir: str) -> str:
     return f"checkpoint: a start resumes at step {step} ({path})"
 
 
-def tracking_line(cfg: Config) -> str:
+def tracking_line(cfg: Config, experiment: str | None = None) -> str:
+    """Where the runs go; ``experiment`` when the command names its own (a sweep's is its name)."""
     if not cfg.tracking.enabled:
         return "tracking: off"
-    return f"tracking: {cfg.tracking.resolved_uri()} (experiment {cfg.tracking.experiment!r})"
+    name = experiment or cfg.tracking.experiment
+    return f"tracking: {cfg.tracking.resolved_uri()} (experiment {name!r})"
 
 
 def step_plan_line(cfg: Config, found: dict[str, tuple[Path, dict | None]]) -> str:

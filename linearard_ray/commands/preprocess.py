@@ -21,6 +21,7 @@ import sys
 
 from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
 from linearard_ray.config import Config
+from linearard_ray.logs import show_result
 
 
 def main(argv: list[str] | None = None, prog: str = "preprocess.py") -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None, prog: str = "preprocess.py") -> int:
             return show_plan(prog, dry_run(cfg, streams, args.force))
         for stream in streams:
             out = ensure_preprocessed(cfg, stream=stream, progress=not args.quiet, force=args.force)
-            print(f"[{stream}] " + format_report(read_manifest(out), out))  # the result, even with --quiet
+            show_result(f"[{stream}] " + format_report(read_manifest(out), out))
     except user_errors() as e:  # the user's input (sources, data, tokenizer), not a bug: no traceback
         return user_error(prog, e)
     return 0

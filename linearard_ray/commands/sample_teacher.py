@@ -18,6 +18,7 @@ import json
 from pydantic import ValidationError
 
 from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
+from linearard_ray.logs import show_result
 from linearard_ray.paths import output_path
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None, prog: str = "sample_teacher.py") -> int:
         summary = sample_corpus(cfg.model, spec, output_path(args.out), device=args.device)
     except user_errors() as e:
         return user_error(prog, e)
-    print(json.dumps(summary))  # the result, for scripts: stdout even with --quiet
+    show_result(json.dumps(summary))  # for scripts
     return 0
 
 

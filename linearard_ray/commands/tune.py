@@ -78,7 +78,7 @@ def dry_run(cfg: Config) -> list[str]:
         f"trials: {n if n is not None else t.num_samples} ({t.search} search, scheduler {t.scheduler}, "
         f"ranked by {t.metric} ({t.mode}))",
         f"results: {output_path(t.storage_path).rstrip('/')}/{t.sweep_name}",
-        tracking_line(cfg).replace(repr(cfg.tracking.experiment), repr(t.sweep_name)),  # one experiment per sweep
+        tracking_line(cfg, experiment=t.sweep_name),  # one experiment per sweep
     ]
     cfg, samples, ready = with_finished_teacher_samples(cfg)
     lines += [samples] if samples else []
