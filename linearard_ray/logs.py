@@ -67,7 +67,7 @@ def level_for(verbosity: int) -> int:
     return _LEVELS[max(QUIET, min(VERBOSE, verbosity))]
 
 
-def _env_level() -> int:
+def env_level() -> int:
     """The level the driver chose (``LINEARARD_LOG_LEVEL``), INFO when unset or unreadable."""
     level = logging.getLevelName(os.environ.get(LEVEL_ENV, "INFO").upper())
     return level if isinstance(level, int) else logging.INFO
@@ -83,7 +83,7 @@ def _install() -> logging.Logger:
             if handler.stream_name == "stderr":
                 handler.setLevel(logging.WARNING)
             pkg.addHandler(handler)
-        pkg.setLevel(_env_level())
+        pkg.setLevel(env_level())
         pkg.propagate = False  # a root handler (Ray's, a library's basicConfig) would print each line twice
     return pkg
 
@@ -150,7 +150,7 @@ def setup_worker_logging() -> int:
     """In a Ray worker function, first: the driver's level, and below --verbose Ray Train's
     per-report metrics line and MLflow's monitor notes left out; the known library deprecations
     ignored. Returns the level."""
-    level = _env_level()
+    level = env_level()
     _install().setLevel(level)
     quiet_known_warnings()
     if level > logging.DEBUG:

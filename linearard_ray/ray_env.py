@@ -55,10 +55,10 @@ def _ray_logging_config():
     Ray's default."""
     import ray
 
-    from linearard_ray.logs import LEVEL_ENV
+    from linearard_ray.logs import env_level
 
-    level = logging.getLevelName(os.environ.get(LEVEL_ENV, "INFO").upper())
-    if not isinstance(level, int) or level <= logging.INFO:
+    level = env_level()
+    if level <= logging.INFO:
         return None
     return ray.LoggingConfig(log_level=logging.getLevelName(level))
 
