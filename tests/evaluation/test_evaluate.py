@@ -314,22 +314,7 @@ def test_ray_tasks_match_in_process(tmp_path, tiny_model_dir):
     from linearard_ray.evaluation.evaluate import evaluate
 
     path = str(tiny_model_dir("llama"))
-    base = {
-        "model": {"teacher": path, "dtype": "float32"},
-        "rope": {"type": "linear", "factor": 2.0},
-        "eval": {
-            "texts": ["builtin:sotu/extra"],
-            "other_texts": [],
-            "short_lengths": [32],
-            "long_lengths": [],
-            "max_windows": 2,
-            "passkey_lengths": [200],
-            "passkey_depths": [0.5],
-            "passkey_trials": 1,
-            "device": "cpu",
-        },
-        "tracking": {"enabled": False},
-    }
+    base = {**tiny_eval_config(tmp_path / "local", path, long_lengths=[]), "tracking": {"enabled": False}}
     local = evaluate(build_config(base, {"eval.output_dir": str(tmp_path / "local")}), distribute=False)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
