@@ -139,17 +139,23 @@ def prepare_inputs(cfg: Config, tokenizer) -> tuple[dict, dict, dict, list[dict]
 
 
 def _write_outputs(cfg: Config, report: dict, specs, out_dir: Path, t_start: float) -> list[Path]:
-    """lm-eval scores (when asked for), the report's files and its MLflow run."""
+    """lm-eval scores (when asked for), the report's files, its MLflow run and the evaluated
+    students' model cards."""
     from linearard_ray.evaluation import outputs
+    from linearard_ray.evaluation.students import update_student_cards
 
     if cfg.eval.lm_eval_tasks:
         report["lm_eval"] = run_lm_eval(specs, cfg)
     report["seconds"] = round(time.time() - t_start, 1)
     report["output_dir"] = str(out_dir.resolve())
     files = outputs.write_report(report, out_dir)
-    if cfg.tracking.enabled:
-        report["mlflow"] = outputs.log_mlflow(cfg, report, out_dir)
-        outputs.write_json(report, out_dir / "report.json")
+    try:
+        if cfg.tracking.enabled:
+            report["mlflow"] = outputs.log_mlflow(cfg, report, out_dir)
+            outputs.write_json(report, out_dir / "report.json")
+    finally:
+        # Once, after the MLflow run so the cards name it; a failed run still leaves them updated.
+        update_student_cards(report, report.get("mlflow", {}).get("run_id"))
     return files
 
 

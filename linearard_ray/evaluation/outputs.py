@@ -1,5 +1,5 @@
-"""The report's files (``report.json``, ``report.md`` with its plots) and its MLflow run; the
-evaluated students' cards and training runs get the results too (``students``)."""
+"""The report's files (``report.json``, ``report.md`` with its plots) and its MLflow run, which
+links the evaluated students' training runs (``students``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from linearard_ray.evaluation.markdown import render_markdown
 from linearard_ray.evaluation.plots import plot_passkey, plot_passkey_summary, plot_ppl_vs_length
 from linearard_ray.evaluation.report import clean_json, flat_metrics, safe_name
-from linearard_ray.evaluation.students import link_students_in_mlflow, update_student_cards
+from linearard_ray.evaluation.students import link_students_in_mlflow
 
 
 def write_json(report: dict, path: Path) -> Path:
@@ -40,7 +40,6 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     md.write_text(
         render_markdown(report) + "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     )
-    update_student_cards(report)
     return [write_json(report, out_dir / "report.json"), md, *plots]
 
 
@@ -65,7 +64,6 @@ def log_mlflow(cfg, report: dict, out_dir: Path) -> dict:
                     log.log_metrics({f"{dom}.{safe_name(n)}.ppl": v["ppl"]}, step=int(L))
         log.log_artifact(out_dir, "eval")
         link_students_in_mlflow(report, log)
-        update_student_cards(report, run_id)
         log.finish("FINISHED")
     except Exception:
         log.finish("FAILED")
