@@ -195,6 +195,19 @@ EvalDomainName = Annotated[str, AfterValidator(_check_domain_name)]
 EvalDomainSources = Annotated[list[str], BeforeValidator(_one_source_as_list), AfterValidator(_check_domain_sources)]
 
 
+class FsdpConfig(Section):
+    offload_teacher: bool = Field(
+        False,
+        description="Keep the frozen teacher's shards in host memory (FSDP2 CPUOffloadPolicy); each layer is "
+        "brought to the GPU for its forward. Saves the teacher's share of GPU memory for PCIe traffic.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each student layer's gathered parameters after its forward and gather them again for "
+        "the backward (FSDP2's ZeRO-3); false keeps them (ZeRO-2: more memory, one all-gather less).",
+    )
+
+
 class TrainConfig(Section):
     run_name: str = Field("linearard-default", description="Deterministic name; starting a job again with it resumes.")
     storage_path: str = Field("outputs/ray", description="Ray Train storage (local dir or s3://).")
@@ -210,6 +223,12 @@ class TrainConfig(Section):
         description="GPU model the workers need, e.g. 'A10G', 'A100', 'H100' "
         "(ScalingConfig.accelerator_type; cluster.yaml node types).",
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole teacher and student. fsdp: both are sharded per decoder "
+        "layer over all workers with FSDP2 (fully_shard), for models that do not fit one GPU.",
+    )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="Settings used when parallelism is fsdp.")
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-4, gt=0)
