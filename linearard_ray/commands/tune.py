@@ -67,9 +67,7 @@ def dry_run(cfg: Config) -> list[str]:
     from linearard_ray.commands.dry_run import data_dir, data_line, tracking_line, with_finished_teacher_samples
     from linearard_ray.sweep.search_space import grid_size
     from linearard_ray.sweep.tune import check_sweep
-    from linearard_ray.training.checks import check_config
 
-    check_config(cfg)
     specs = check_sweep(cfg)
     t = cfg.tune
     n = grid_size(specs, t.search, t.num_samples)

@@ -18,6 +18,7 @@ from linearard_ray.sweep.metrics import HIGHER_IS_BETTER, objective_metrics
 from linearard_ray.sweep.plan import make_plan, prepare_data, trial_checkpoint_every
 from linearard_ray.sweep.search_space import (
     ParamSpec,
+    apply_params,
     base_dict,
     grid_size,
     parse_space,
@@ -75,7 +76,24 @@ def check_sweep(cfg: Config) -> list[ParamSpec]:
         )
     if t.search == "optuna":
         build_searcher(t, cfg.train.seed)  # fails now, not after the data is prepared
+    check_trial_configs(cfg, specs)
     return specs
+
+
+def check_trial_configs(cfg: Config, specs: list[ParamSpec]) -> None:
+    """distill's cluster-free checks (model windows, layer selections, sources) on the base config
+    and on every swept value, so a trial that would fail them fails the sweep before Ray starts
+    instead of one trial at a time after it."""
+    from linearard_ray.training.checks import check_config
+
+    check_config(cfg)
+    raw = base_dict(cfg)
+    for s in specs:
+        for v in s.candidates():
+            try:
+                check_config(apply_params(raw, {s.key: v}))
+            except ConfigError as e:
+                raise ConfigError(f"tune.space[{s.key!r}]: value {v!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------- Tune's parts

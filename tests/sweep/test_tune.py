@@ -61,6 +61,21 @@ def test_teacher_samples_and_a_swept_teacher_do_not_mix():
     assert check_sweep(base_config(**samples))  # samples with the default space are fine
 
 
+def test_a_swept_value_that_fails_distills_checks_stops_the_sweep_before_ray():
+    """Layer selections and block lengths are checked against the model for every swept value,
+    not only inside each trial after Ray has started."""
+    from linearard_ray.sweep.tune import check_sweep
+
+    layers = {"objective.relation.layers": {"grid": ["all", "last:999"]}}
+    with pytest.raises(ConfigError, match="tune.space\\['objective.relation.layers'\\]: value 'last:999'.*999 layers"):
+        check_sweep(base_config(**{"tune.space": layers}))
+    with pytest.raises(ConfigError, match="tune.space\\['data.ctx_len'\\]: value 1000000"):
+        check_sweep(base_config(**{"tune.space": {"data.ctx_len": {"choice": [64, 1000000]}}}))
+    assert [s.key for s in check_sweep(base_config(**{"tune.space": {"data.ctx_len": {"choice": [32, 64]}}}))] == [
+        "data.ctx_len"
+    ]
+
+
 def test_sweep_objective_can_be_another_domain():
     """train.eval_sources domains report eval_<name>_<metric>, which tune.metric may name."""
     from linearard_ray.sweep.metrics import context_metrics
