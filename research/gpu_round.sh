@@ -14,6 +14,8 @@
 # LONG_LENGTHS / PASSKEY_LENGTHS (environment, JSON lists) change the evaluated lengths from round 10's
 # [16384,32768] / [8192,16384,30000]; jobs at lengths the seed file has are still reused, and
 # EVAL_ONLY (comma list, default VARIANTS) can add the untrained baselines (PI×4, YaRN×4) for new lengths.
+# EVAL_SETS (space-separated key=value, no spaces inside) adds evaluate.py overrides, e.g. eval.preset=study;
+# built genre corpora in .gpu-genres (carried) replace the host's cache.
 set -uo pipefail
 phase=$1 work=$2
 log="$work/driver.log"
@@ -21,8 +23,11 @@ case "$phase" in
 start)
   variants=$3 seed_jobs=${4:-}
   long=${LONG_LENGTHS:-[16384,32768]} passkey=${PASSKEY_LENGTHS:-[8192,16384,30000]} only=${EVAL_ONLY:-$3}
+  eval_sets=""; for e in ${EVAL_SETS:-}; do eval_sets="$eval_sets --set '$e'"; done
   mkdir -p "$work/eval" "$HOME/.cache/linearard_ray/downloads/smollm2-135m"
   cp -n /tmp/stage/*.gguf "$HOME/.cache/linearard_ray/downloads/smollm2-135m/"
+  # genre corpora built here at set-up (scripts/build_genre_corpora.py): the host cannot reach Debian
+  [ -d .gpu-genres ] && { rm -rf "$HOME/.cache/linearard_ray/genres"; cp -r .gpu-genres "$HOME/.cache/linearard_ray/genres"; }
   [ -n "$seed_jobs" ] && cp "$seed_jobs" "$work/eval/jobs.jsonl"
   samples=research/data/smollm2_teacher_samples.jsonl.xz
   [ -s "$work/teacher_samples.jsonl" ] || { [ -f "$samples" ] && xz -dc "$samples" >"$work/teacher_samples.jsonl"; }
@@ -40,7 +45,7 @@ python3 research/restoration_study.py train --budget 4250000 --parallel $n --wor
 date +%s > $work/t_trained
 python3 research/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only '$only' \\
   --set 'eval.long_lengths=$long' --set 'eval.passkey_lengths=$passkey' --set eval.passkey_trials=8 \\
-  --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 --out $work/out || exit 13
+  --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 $eval_sets --out $work/out || exit 13
 date +%s > $work/t_evaluated
 EOF
   setsid nohup bash -c "bash $work/chain.sh; echo \$? > $work/DONE" >"$log" 2>&1 < /dev/null &

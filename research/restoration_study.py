@@ -426,6 +426,27 @@ for _w in (1, 3):
         _ce22_text.replace("q/k/v 0.1/0.1/1)", f"q/k/v 0.1/0.1/1, attention map {_w})"),
     )
 
+# next: the held-out genres (eval.preset=study: legal, standards, history, built by
+# scripts/build_genre_corpora.py) judge restoration on text no recipe trains on. The training side
+# widens from SOTU + teacher samples to a general mix of public-domain genres (scripture, fortunes,
+# lexicon), packed so that the short documents of fortunes and lexicon are kept; CPT gets the same
+# text. The objective is the long-context restorer's (configs/smollm2-135m-x4-restore-long.yaml).
+GENRE_MIX = f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}, genre:scripture, genre:fortunes, genre:lexicon]"
+_restore_long, _restore_long_text = VARIANTS["tsample-vmix-ce22-qk"]
+VARIANTS["genre-long"] = (
+    [*_restore_long, GENRE_MIX, "data.pack=true"],
+    _restore_long_text.replace("SOTU + teacher samples", "SOTU + teacher samples + scripture/fortunes/lexicon, packed"),
+)
+VARIANTS["genre-long-yarn"] = (
+    [*VARIANTS["genre-long"][0], "rope.type=yarn"],
+    VARIANTS["genre-long"][1].replace("PI×4", "YaRN×4 student"),
+)
+VARIANTS["cpt-genre"] = (
+    [*VARIANTS["cpt"][0], GENRE_MIX, "data.pack=true"],
+    "plain next-token training on 8K blocks of SOTU + teacher samples + scripture/fortunes/lexicon, packed "
+    "(the CPT baseline on the general mix), PI×4",
+)
+
 HEAD_LOG = "ray-head.log"
 
 
