@@ -181,6 +181,31 @@ def read_kjv(root: Path, helpers: dict[str, Path]) -> Iterator[tuple[str, str]]:
     yield from bible_chapters(out.stdout.decode("utf-8", "replace"))
 
 
+NATION_DIR = "usr/share/games/freeciv/nation"
+RULESET_LEGEND = re.compile(r'^legend\s*=\s*_\("((?:[^"\\]|\\.)*)"\)', re.MULTILINE | re.DOTALL)
+
+
+def ruleset_legend(text: str) -> str | None:
+    """The legend of a Freeciv nation ruleset (``legend=_("...")``), its escapes undone: a backslash
+    at the end of a line continues the string, ``\\n`` is a newline, ``\\"`` a quote."""
+    m = RULESET_LEGEND.search(text)
+    if not m:
+        return None
+    escapes = {"\n": "", "n": "\n"}
+    return re.sub(r"\\(.)", lambda e: escapes.get(e.group(1), e.group(1)), m.group(1), flags=re.DOTALL).strip()
+
+
+def read_nation_legends(root: Path, helpers: dict[str, Path]) -> Iterator[tuple[str, str]]:
+    """One document per real nation of Freeciv's nation rulesets: its legend, a few sentences of the
+    people's or state's history, named nation/<ruleset>. The barbarian, pirate and animal players
+    (``barbarian_type``) are game devices, not history, and are left out."""
+    for p in _files(root, f"{NATION_DIR}/*.ruleset"):
+        text = read_text_file(p)
+        legend = ruleset_legend(text)
+        if legend and not re.search(r"^barbarian_type\s*=", text, re.MULTILINE):
+            yield f"nation/{p.stem}", legend
+
+
 # --------------------------------------------------------------------------- the registry
 
 
@@ -243,12 +268,16 @@ GENRES: dict[str, Genre] = {
         Genre(
             "history",
             "eval",
-            "narrative history: A Brief History of Debian (English)",
+            "narrative history: A Brief History of Debian (English) and the histories of 555 peoples "
+            "and states from Freeciv's nation legends, consecutive legends joined into documents of "
+            "about 4,000 characters",
             (
                 PackageSource(
                     "debian-history", _file_reader("usr/share/doc/debian-history/docs/project-history.en.txt*")
                 ),
+                PackageSource("freeciv-data", read_nation_legends),
             ),
+            chunk_chars=4000,
         ),
     )
 }

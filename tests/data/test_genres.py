@@ -10,9 +10,14 @@ import json
 import lzma
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from linearard_ray.config.evaluation import EVAL_PRESETS
 from linearard_ray.data import genres as G
+from linearard_ray.evaluation.texts import bos_prefix, make_windows
+from linearard_ray.models.loading import COMPLETE_MARKER, load_tokenizer
+from linearard_ray.models.tiny import default_cache_dir
 from tests.scripts import load_script
 
 FORTUNES = "\n%\n".join(
@@ -24,6 +29,28 @@ FORTUNES = "\n%\n".join(
     ]
     + [f"Cookie number {k}: every cloud has a silver lining, said person {k}." for k in range(40)]
 )
+
+
+AZTEC_RULESET = r"""[nation_aztec]
+
+name=_("Aztec")
+groups="Medieval", "American", "Core"
+legend=_("The Azteca, a Nahuatl speaking people from the Sonoran desert,\
+ seized control of Central Mexico during the 15th century. They called\
+ their capital \"Tenochtitlan\".\nCortés conquered it in 1521.")
+
+leaders = {
+ "name",                        "sex"
+ "Itzcoatl",                    "Male"
+}
+"""
+# A game device with a legend, not a people: left out of the history genre.
+PIRATE_RULESET = r"""[nation_pirate]
+name=_("Pirate")
+legend=_("As long as honest men have sailed the seas, pirates have been a\
+ scourge of them.")
+barbarian_type = "Sea"
+"""
 
 
 def _trees(tmp_path: Path) -> Path:
@@ -50,6 +77,10 @@ def _trees(tmp_path: Path) -> Path:
     hist = root / "debian-history_2.28" / "usr/share/doc/debian-history/docs"
     hist.mkdir(parents=True)
     (hist / "project-history.en.txt.gz").write_bytes(gzip.compress(b"Debian was begun in August 1993 by Ian Murdock."))
+    nations = root / "freeciv-data_3.0.6-1+deb12u1" / G.NATION_DIR
+    nations.mkdir(parents=True)
+    (nations / "aztec.ruleset").write_text(AZTEC_RULESET)
+    (nations / "pirate.ruleset").write_text(PIRATE_RULESET)
     return root
 
 
@@ -88,6 +119,19 @@ def test_build_is_reproducible_counted_and_filtered(tmp_path):
     manifest = json.loads((tmp_path / "a" / "legal" / "manifest.json").read_text())
     assert manifest["role"] == "eval" and manifest["parts"] == ["eval"]
     assert manifest["totals"]["eval"]["documents"] == 3
+    history = {d["id"]: d["text"] for d in G.iter_genre_documents("genre:history", tmp_path / "a")}
+    assert set(history) == {"nation/aztec", "usr/share/doc/debian-history/docs/project-history.en.txt.gz"}
+    assert [s["package"] for s in first["genres"]["history"]["sources"]] == ["debian-history", "freeciv-data"]
+
+
+def test_nation_legends_are_read_unescaped_without_the_barbarians(tmp_path):
+    assert G.ruleset_legend(AZTEC_RULESET) == (
+        "The Azteca, a Nahuatl speaking people from the Sonoran desert, seized control of Central "
+        'Mexico during the 15th century. They called their capital "Tenochtitlan".\nCortés conquered it in 1521.'
+    )
+    assert G.ruleset_legend('[nation_x]\nname=_("X")\n') is None
+    docs = list(G.read_nation_legends(_trees(tmp_path) / "freeciv-data_3.0.6-1+deb12u1", {}))
+    assert [doc_id for doc_id, _ in docs] == ["nation/aztec"]  # the pirates are a game device
 
 
 def test_training_genres_split_by_document_with_a_seed():
@@ -196,3 +240,34 @@ def test_genre_sources_resolve_and_refuse_what_they_must(tmp_path, monkeypatch):
 def test_registry_keeps_training_and_evaluation_packages_apart():
     assert not G.training_packages() & G.evaluation_packages()
     assert len([g for g in G.GENRES.values() if g.role == "eval"]) >= 3
+
+
+# The corpora and tokenizer of this machine's set-up, read at collection: the cache_dir fixture later
+# points LINEARARD_CACHE at a temporary cache for the whole session.
+BUILT_GENRES = G.genres_root()
+MODEL_CACHE = default_cache_dir()
+
+
+def _study_tokenizer():
+    """The SmolLM2-135M tokenizer if it is in this machine's model cache (tests never download)."""
+    model_dir = MODEL_CACHE / "models" / "smollm2-135m"
+    if not (model_dir / COMPLETE_MARKER).exists():
+        pytest.skip(f"smollm2-135m is not in {MODEL_CACHE}: the study preset's windows cannot be counted")
+    return load_tokenizer(str(model_dir))
+
+
+def test_every_study_domain_holds_the_windows_the_study_preset_asks_for():
+    study = EVAL_PRESETS["study"]
+    genres = [G.parse_genre(s)[0] for sources in study["domains"].values() for s in sources]
+    assert genres and all(g.role == "eval" for g in genres)  # the study judges text no recipe trains on
+    missing = [g.name for g in genres if not (BUILT_GENRES / g.name / "manifest.json").is_file()]
+    if missing:
+        pytest.skip(f"genres {', '.join(missing)} not built under {BUILT_GENRES}: {G.BUILD_COMMAND}")
+    tok = _study_tokenizer()
+    for domain, sources in study["domains"].items():
+        docs = [d for s in sources for d in G.iter_genre_documents(s, BUILT_GENRES)]
+        token_docs = [np.asarray(tok(d["text"], add_special_tokens=False)["input_ids"]) for d in docs]
+        ids = [d["id"] for d in docs]
+        for length, wanted in study["windows_by_length"].items():
+            ws = make_windows(token_docs, ids, length, wanted, 0, bos_prefix(tok), tok.eos_token_id)
+            assert ws.n == wanted, f"{domain}: {ws.n} windows of {length} tokens, the study preset asks for {wanted}"

@@ -147,6 +147,10 @@ def _tiny_genres(cache_dir) -> None:
     hist = root / "debian-history_1" / "usr/share/doc/debian-history/docs"
     hist.mkdir(parents=True)
     (hist / "project-history.en.txt.gz").write_bytes(gzip.compress("\n".join(docs[5:9]).encode()))
+    nations = root / "freeciv-data_1" / G.NATION_DIR
+    nations.mkdir(parents=True)
+    legend = docs[9][:500].replace("\\", "").replace('"', "'")  # no escapes in the ruleset string
+    (nations / "x.ruleset").write_text(f'[nation_x]\nlegend=_("{legend}")\n')
     G.build_genres(["legal", "history"], G.trees_from_dir(root), G.genres_root())
 
 
