@@ -12,6 +12,8 @@ from linearard_ray.config.evaluation import EvalConfig, EvalModelSpec, TuneConfi
 from linearard_ray.config.job import (
     DEFAULT_MAX_STEPS,
     HELDOUT_METRICS,
+    UNSEEN_MEAN,
+    UNSEEN_WORST,
     DataConfig,
     ExportConfig,
     SampleSpec,
@@ -46,6 +48,8 @@ from linearard_ray.config.model import (
 __all__ = [
     "DEFAULT_MAX_STEPS",
     "HELDOUT_METRICS",
+    "UNSEEN_MEAN",
+    "UNSEEN_WORST",
     "OBJECTIVE_TERMS",
     "RECIPE_NAMES",
     "Config",

@@ -151,6 +151,9 @@ DEFAULT_MAX_STEPS = 24
 # (held-out SOTU) reports them under these names; a train.eval_sources domain under
 # domain_metric(name, metric), e.g. eval_pydocs_nll_gap.
 HELDOUT_METRICS = ("student_nll", "teacher_nll", "nll_gap", "recovery_pct", "long_nll")
+# Over all train.eval_sources domains: the mean and the lowest of their recovery_pct.
+UNSEEN_MEAN = "unseen_mean_recovery_pct"
+UNSEEN_WORST = "unseen_worst_recovery_pct"
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 

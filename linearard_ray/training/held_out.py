@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from linearard_ray.config import Config, ConfigError, domain_metric
+from linearard_ray.config import UNSEEN_MEAN, UNSEEN_WORST, Config, ConfigError, domain_metric
 from linearard_ray.training.distributed import all_reduce_sum, autocast
 
 DEFAULT_EVAL_SOURCE = "builtin:sotu/eval"
@@ -37,7 +37,7 @@ class HeldOutEval:
         self.cfg, self.device, self.rank, self.world, self.prefix = cfg, device, rank, world, prefix
         T, L = cfg.data.ctx_len, cfg.train.eval_long_len
         ids = self._documents(tokenizer, sources, field)
-        short = [d[:T] for d in ids if len(d) >= T][: cfg.train.eval_texts]
+        short = short_windows(ids, T, cfg.train.eval_texts)
         if not short:
             raise ConfigError(f"{field}: no held-out document of {', '.join(sources)} has data.ctx_len={T} tokens")
         self.short = short
@@ -49,6 +49,7 @@ class HeldOutEval:
                 raise ConfigError(f"train.eval_long_len={L}: the held-out text of {field} has only {len(flat)} tokens")
             self.long = [flat[i * L : (i + 1) * L] for i in range(n)]
         self.teacher_nll: float | None = None
+        self.latest: dict[str, float] = {}
 
     def _documents(self, tokenizer, sources: tuple[str, ...], field: str) -> list[list[int]]:
         """Token ids (with EOS) of the documents in order, tokenized only until there are enough
@@ -107,13 +108,52 @@ class HeldOutEval:
             out["recovery_pct"] = restoration(self.teacher_nll, None, s)["recovery_pct"]
         if self.long:
             out["long_nll"] = self._mean_nll(student, self.long)
+        self.latest = out
         return {self.prefix + k: v for k, v in out.items()}
 
 
-def held_out_evals(cfg: Config, tokenizer, device: torch.device, rank: int, world: int) -> list[HeldOutEval]:
+def short_windows(docs: list[list[int]], length: int, n: int) -> list[list[int]]:
+    """Up to ``n`` windows of ``length`` tokens: the start of each of the first ``n`` documents
+    that long; when fewer documents are that long (a held-out genre of a few long texts), each long
+    document's consecutive pieces instead, taken round-robin so that every document contributes."""
+    starts = [d[:length] for d in docs if len(d) >= length]
+    if len(starts) >= n:
+        return starts[:n]
+    pieces = [[d[i : i + length] for i in range(0, len(d) - length + 1, length)] for d in docs]
+    out: list[list[int]] = []
+    for k in range(max((len(p) for p in pieces), default=0)):
+        out += [p[k] for p in pieces if k < len(p)]
+    return out[:n]
+
+
+class DomainSummary:
+    """Recovery over the train.eval_sources domains, the figure a sweep can rank trials by when the
+    domains are genres the student never trains on: the mean and the worst domain's
+    ``recovery_pct`` (``unseen_mean_recovery_pct``, ``unseen_worst_recovery_pct``). It reads the
+    domain evaluations' latest results, so it comes after them in the list."""
+
+    def __init__(self, domains: list[HeldOutEval]):
+        self.domains = domains
+
+    def compute_teacher(self, teacher) -> None:
+        pass  # the domains measure their own teacher NLL
+
+    def __call__(self, student) -> dict[str, float]:
+        recoveries = [ev.latest["recovery_pct"] for ev in self.domains if "recovery_pct" in ev.latest]
+        if not recoveries:
+            return {}
+        return {
+            UNSEEN_MEAN: sum(recoveries) / len(recoveries),
+            UNSEEN_WORST: min(recoveries),
+        }
+
+
+def held_out_evals(
+    cfg: Config, tokenizer, device: torch.device, rank: int, world: int
+) -> list[HeldOutEval | DomainSummary]:
     """Held-out SOTU, then one evaluation per ``train.eval_sources`` domain (same windows rule,
-    same cadence, metrics named ``eval_<name>_<metric>``)."""
-    evals = [HeldOutEval(cfg, tokenizer, device, rank, world)]
+    same cadence, metrics named ``eval_<name>_<metric>``) and, with any domain, their summary."""
+    evals: list[HeldOutEval | DomainSummary] = [HeldOutEval(cfg, tokenizer, device, rank, world)]
     for name, sources in cfg.train.eval_sources.items():
         evals.append(
             HeldOutEval(
@@ -127,4 +167,6 @@ def held_out_evals(cfg: Config, tokenizer, device: torch.device, rank: int, worl
                 field=f"train.eval_sources.{name}",
             )
         )
+    if len(evals) > 1:
+        evals.append(DomainSummary(evals[1:]))
     return evals

@@ -338,16 +338,19 @@ def test_held_out_domains_report_prefixed_metrics_and_teacher_once(tiny_model_di
         }
     )
     evals = held_out_evals(cfg, tok, torch.device("cpu"), rank=0, world=1)
-    assert len(evals) == 3 and all(len(ev.short) == 2 and len(ev.long) == 1 for ev in evals)
+    assert len(evals) == 4 and all(len(ev.short) == 2 and len(ev.long) == 1 for ev in evals[:3])
     for ev in evals:
         ev.compute_teacher(model)
     out = {k: v for ev in evals for k, v in ev(model).items()}
+    domains = [out["eval_pydocs_recovery_pct"], out["eval_faq_recovery_pct"]]
+    assert out["unseen_mean_recovery_pct"] == pytest.approx(sum(domains) / 2)
+    assert out["unseen_worst_recovery_pct"] == min(domains)
     for prefix in ("", "eval_pydocs_", "eval_faq_"):
         m = {k: out[prefix + k] for k in ("student_nll", "teacher_nll", "nll_gap", "recovery_pct", "long_nll")}
         assert all(math.isfinite(v) for v in m.values())
         assert m["nll_gap"] == pytest.approx(m["student_nll"] - m["teacher_nll"])
         assert m["recovery_pct"] == pytest.approx(100 * math.exp(-m["nll_gap"]))
-    assert len(out) == 15
+    assert len(out) == 17
     # the student is the teacher here: no gap; different texts give different NLLs
     assert out["eval_pydocs_nll_gap"] == pytest.approx(0.0, abs=1e-6)
     assert out["student_nll"] != pytest.approx(out["eval_pydocs_student_nll"])
@@ -355,3 +358,16 @@ def test_held_out_domains_report_prefixed_metrics_and_teacher_once(tiny_model_di
     short = _cfg(**{"data.ctx_len": 4096, "train.eval_every": 1, "train.eval_sources": {"faq": [str(local)]}})
     with pytest.raises(ConfigError, match="train.eval_sources.faq: no held-out document"):
         held_out_evals(short, tok, torch.device("cpu"), rank=0, world=1)
+
+
+def test_held_out_windows_come_from_few_long_documents_when_few_are_long():
+    """Many documents long enough: the start of each (the rule the sweep figures were measured
+    with); a genre of a few long texts: their consecutive pieces, every document contributing."""
+    from linearard_ray.training.held_out import short_windows
+
+    many = [list(range(100 * i, 100 * i + 50)) for i in range(5)]
+    assert short_windows(many, 10, 3) == [d[:10] for d in many[:3]]
+    few = [list(range(35)), list(range(1000, 1012)), list(range(2000, 2005))]
+    assert short_windows(few, 10, 5) == [few[0][0:10], few[1][0:10], few[0][10:20], few[0][20:30]]
+    assert short_windows(few, 10, 2) == [few[0][0:10], few[1][0:10]]
+    assert short_windows([list(range(5))], 10, 3) == []
