@@ -8,9 +8,16 @@ The order is then a pure function of (data, seed, epoch, world size), and the po
 integers: the epoch and how many of its own rows the worker consumed. Resuming re-reads the
 stream up to that position and discards it, so no block is seen twice or skipped.
 
-Each worker takes exactly ``(num_rows // world) // micro_batch * micro_batch`` rows per epoch, so
-every worker runs the same number of micro-batches (collectives never hang on a ragged tail);
-the rows this leaves out of an epoch are counted in ``dropped_per_epoch``.
+Each epoch uses the first ``epoch_rows`` rows of the shuffled order, a multiple of ``world ×
+micro_batch`` (by default ``num_rows`` rounded down to one), so every worker takes exactly
+``epoch_rows // world`` of them and runs the same number of micro-batches (collectives never hang
+on a ragged tail); the rows this leaves out of an epoch are counted in ``dropped_per_epoch``.
+
+Across workers, micro-batch ``k`` of every worker together covers the global rows
+``[k·world·micro_batch, (k+1)·world·micro_batch)`` of the epoch, so an optimizer step covers a
+contiguous range of ``world × micro_batch × grad_accum`` rows whatever the worker count. That is
+what lets a run resume on another number of workers with the same global batch
+(``remap_position``), provided its epochs keep their length (``epoch_rows`` fixed for the run).
 """
 
 from __future__ import annotations
@@ -35,6 +42,32 @@ class StreamPosition:
 
     epoch: int = 0
     rows: int = 0
+
+
+def default_epoch_rows(num_rows: int, unit: int) -> int:
+    """The rows an epoch uses: ``num_rows`` rounded down to a multiple of ``unit`` (the rows one
+    micro-batch of every worker takes together, or a whole optimizer step's)."""
+    return num_rows // unit * unit
+
+
+def remap_position(pos: StreamPosition, epoch_rows: int, old_world: int, new_world: int, micro_batch: int, name: str):
+    """``pos`` of a stream read by ``old_world`` workers as the position of each of ``new_world``
+    workers with micro-batches of ``micro_batch`` rows: the same global rows consumed. Valid at an
+    optimizer step's end (every worker at the same position). Raises ``ValueError`` when the new
+    workers cannot continue exactly there."""
+    unit = new_world * micro_batch
+    if epoch_rows % unit:
+        raise ValueError(
+            f"{name} stream: the run's epochs use {epoch_rows} blocks, which {new_world} workers × micro-batch "
+            f"{micro_batch} cannot share evenly"
+        )
+    consumed = pos.rows * old_world
+    if consumed % unit:
+        raise ValueError(
+            f"{name} stream: the checkpoint stands {consumed} blocks into epoch {pos.epoch}, not a whole "
+            f"micro-batch of {new_world} workers × {micro_batch}"
+        )
+    return StreamPosition(pos.epoch, consumed // new_world)
 
 
 def _rows_of(batch: dict[str, Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -80,10 +113,18 @@ class BlockStream:
         max_epochs: int = 100,
         start: StreamPosition | None = None,
         name: str = "train",
+        epoch_rows: int | None = None,
     ):
         if num_rows <= 0:
             raise ValueError(f"{name} stream: the dataset has no blocks")
-        self.rows_per_epoch = (num_rows // world_size) // micro_batch_size * micro_batch_size
+        unit = world_size * micro_batch_size
+        epoch_rows = default_epoch_rows(num_rows, unit) if epoch_rows is None else epoch_rows
+        if epoch_rows % unit or epoch_rows > num_rows:
+            raise ValueError(
+                f"{name} stream: epochs of {epoch_rows} of its {num_rows} blocks cannot be shared evenly by "
+                f"{world_size} workers × micro_batch_size {micro_batch_size}"
+            )
+        self.rows_per_epoch = epoch_rows // world_size
         if self.rows_per_epoch == 0:
             raise ValueError(
                 f"{name} stream: {num_rows} blocks cannot feed {world_size} workers × micro_batch_size "

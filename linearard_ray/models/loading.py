@@ -447,6 +447,14 @@ def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
             p.copy_(t.to(device=p.device, dtype=p.dtype))
 
 
+def unsharded_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, lora_cfg: LoraConfig, trainable: dict):
+    """A whole student on the CPU carrying ``trainable`` (a sharded student's trainable weights
+    gathered whole), for ``export_student``: the frozen weights are the ones it was loaded with."""
+    student = load_student(model_cfg, rope_cfg, lora_cfg, device="cpu")
+    load_trainable_state_dict(student, trainable)
+    return student
+
+
 # --------------------------------------------------------------------------- export
 
 

@@ -1,9 +1,15 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, RNG of every rank, and the
 counters that make a resumed run continue exactly where it stopped (step, tokens, data position).
 
-Everything is written by rank 0 into one directory that Ray Train then persists. Tensors go
-through ``torch.save`` and are read back with ``weights_only=True``; RNG states are converted to
-plain lists first so that no pickled objects are needed.
+Under DDP everything is written by rank 0 into one directory that Ray Train then persists.
+Tensors go through ``torch.save`` and are read back with ``weights_only=True``; RNG states are
+converted to plain lists first so that no pickled objects are needed.
+
+Under FSDP the trainable weights and the optimizer state are sharded: every rank writes its share
+with ``torch.distributed.checkpoint`` (DCP: ``__<rank>_0.distcp``, and ``.metadata`` from rank 0)
+into its own directory, and Ray Train uploads every rank's directory into the same checkpoint
+directory. Rank 0 adds the scheduler, RNG and counters and the manifest, which lists every rank's
+files. DCP loads them back into any number of shards.
 
 Each checkpoint proves itself: ``manifest.json``, written last, holds the size and sha256 of every
 file, and loading checks them first. A resumed run whose latest checkpoint fails that check goes
@@ -17,6 +23,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +44,8 @@ RNG_FILE = "rng.pt"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE)
+DCP_METADATA = ".metadata"  # written by DCP's coordinator; marks a sharded checkpoint
+SHARDED_CHECKPOINT_FILES = (DCP_METADATA, SCHEDULER_FILE, RNG_FILE, STATE_FILE)
 
 
 @dataclass
@@ -49,6 +58,12 @@ class TrainState:
     lm_data: StreamPosition | None = None
     mlflow_run_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The batch shape the data positions were counted in (None: written before they were
+    # recorded; such a checkpoint resumes only with the worker count that wrote it), and what the
+    # streams' epoch lengths are a multiple of for the whole run (training/plan.py: epoch_unit).
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
+    epoch_unit: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -112,29 +127,47 @@ class CheckpointFileMissing(CheckpointError, FileNotFoundError):
 def save_checkpoint(
     directory: str | Path,
     *,
-    trainable: dict[str, torch.Tensor],
-    optimizer_state: dict,
+    trainable: dict[str, torch.Tensor] | None,
+    optimizer_state: dict | None,
     scheduler_state: dict,
     rng_states: list[dict[str, Any]],
     state: TrainState,
+    sharded_files: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Write one checkpoint into ``directory`` (created if needed), its manifest last."""
+    """Write one checkpoint into ``directory`` (created if needed), its manifest last.
+
+    A sharded checkpoint passes no ``trainable``/``optimizer_state`` but ``sharded_files``: every
+    rank's DCP files (``file_digests``), which the manifest lists beside this directory's files."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, d / TRAINABLE_FILE)
-    torch.save(_to_cpu(optimizer_state), d / OPTIMIZER_FILE)
+    if sharded_files is None:
+        torch.save({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, d / TRAINABLE_FILE)
+        torch.save(_to_cpu(optimizer_state), d / OPTIMIZER_FILE)
     torch.save(scheduler_state, d / SCHEDULER_FILE)
     torch.save(rng_states, d / RNG_FILE)
     (d / STATE_FILE).write_text(state.to_json())
-    write_manifest(d)
+    write_manifest(d, sharded_files)
     return d
 
 
-def write_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every checkpoint file, in ``manifest.json``: written after all of them,
-    so its presence marks a complete checkpoint and its contents let a reader prove it intact."""
+def file_digests(directory: str | Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the named files of ``directory`` (default: every file in it)."""
     d = Path(directory)
-    files = {name: _size_and_sha256(d / name) for name in CHECKPOINT_FILES}
+    names = sorted(f.name for f in d.iterdir() if f.is_file()) if names is None else names
+    return {name: _size_and_sha256(d / name) for name in names}
+
+
+def write_manifest(
+    directory: str | Path, sharded_files: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every checkpoint file, in ``manifest.json``: written after all of them,
+    so its presence marks a complete checkpoint and its contents let a reader prove it intact.
+    ``sharded_files``: the DCP files of every rank, which other ranks upload beside these."""
+    d = Path(directory)
+    if sharded_files is None:
+        files = file_digests(d, list(CHECKPOINT_FILES))
+    else:
+        files = {**sharded_files, **file_digests(d, [n for n in SHARDED_CHECKPOINT_FILES if n != DCP_METADATA])}
     tmp = d / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=2, sort_keys=True))
     tmp.replace(d / MANIFEST_FILE)
@@ -150,7 +183,7 @@ def verify_checkpoint(directory: str | Path, shown_as: str | None = None) -> boo
     if not (d / MANIFEST_FILE).exists():
         return False
     files = _read_manifest(d, where)
-    for name in CHECKPOINT_FILES:
+    for name in required_files(files):
         if name not in files:
             raise CheckpointError(where, f"{MANIFEST_FILE} does not list {name}")
     for name, want in files.items():
@@ -162,6 +195,11 @@ def verify_checkpoint(directory: str | Path, shown_as: str | None = None) -> boo
         if digest != want.get("sha256"):
             raise CheckpointError(where, f"{name} does not match its sha256 in {MANIFEST_FILE}")
     return True
+
+
+def required_files(names) -> tuple[str, ...]:
+    """The files a checkpoint with these files must have: a sharded (DCP) one or a whole one."""
+    return SHARDED_CHECKPOINT_FILES if DCP_METADATA in names else CHECKPOINT_FILES
 
 
 def _read_manifest(d: Path, where: str) -> dict[str, dict[str, Any]]:
@@ -186,12 +224,20 @@ def _size_and_sha256(path: Path) -> dict[str, Any]:
 
 @dataclass
 class LoadedCheckpoint:
-    trainable: dict[str, torch.Tensor]
-    optimizer_state: dict
+    trainable: dict[str, torch.Tensor] | None  # None in a sharded checkpoint: DCP reads them
+    optimizer_state: dict | None
     scheduler_state: dict
     rng_states: list[dict[str, Any]]
     state: TrainState
     verified: bool = True  # False: written before manifests existed, trusted because it loaded
+    dcp_dir: str | None = None  # a sharded checkpoint's local directory, for DCP to load from
+    temporary_copy: str | None = None  # a download of it that ``release`` deletes
+
+    def release(self) -> None:
+        """Delete the local download of a sharded checkpoint once it has been loaded."""
+        if self.temporary_copy is not None:
+            shutil.rmtree(self.temporary_copy, ignore_errors=True)
+            self.temporary_copy = None
 
 
 def load_checkpoint(directory: str | Path, shown_as: str | None = None) -> LoadedCheckpoint:
@@ -201,10 +247,21 @@ def load_checkpoint(directory: str | Path, shown_as: str | None = None) -> Loade
     where = shown_as or str(d)
     if (d / PLACEHOLDER_FILE).exists():
         raise CheckpointError(where, "was deleted; only a placeholder stands in for it")
-    missing = [f for f in CHECKPOINT_FILES if not (d / f).exists()]
+    sharded = (d / DCP_METADATA).exists()
+    missing = [f for f in (SHARDED_CHECKPOINT_FILES if sharded else CHECKPOINT_FILES) if not (d / f).exists()]
     if missing:
         raise CheckpointFileMissing(where, f"incomplete: missing {missing}")
     verified = verify_checkpoint(d, where)
+    if sharded:
+        return LoadedCheckpoint(
+            trainable=None,
+            optimizer_state=None,
+            scheduler_state=_load_tensors(d, SCHEDULER_FILE, where),
+            rng_states=_load_tensors(d, RNG_FILE, where),
+            state=_read_state(d, where),
+            verified=verified,
+            dcp_dir=str(d),
+        )
     return LoadedCheckpoint(
         trainable=_load_tensors(d, TRAINABLE_FILE, where),
         optimizer_state=_load_tensors(d, OPTIMIZER_FILE, where),
@@ -341,6 +398,9 @@ def load_newest_intact(filesystem, latest_path: str, log: Callable[[str], None])
         try:
             with _local_copy(filesystem, path) as d:
                 loaded = load_checkpoint(d, shown)
+                if loaded.dcp_dir is not None and d != path:  # DCP reads it later: keep a copy
+                    loaded.dcp_dir = loaded.temporary_copy = tempfile.mkdtemp(prefix="linearard_dcp_")
+                    shutil.copytree(d, loaded.dcp_dir, dirs_exist_ok=True)
         except CheckpointError as e:
             failures.append((shown, e.problem))
             continue

@@ -1,5 +1,5 @@
 """Where and how a worker computes: its device, the autocast precision, the sums and gathers
-across workers, and the DDP wrapper around the objective."""
+across workers, and the DDP wrapper around the objective (FSDP sharding: training/fsdp.py)."""
 
 from __future__ import annotations
 
@@ -30,12 +30,17 @@ def device_for_worker(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(cfg: Config, device: torch.device):
-    """The forward passes' precision context: ``train.precision``, where ``auto`` is bf16 on CUDA."""
+def compute_precision(cfg: Config, device: torch.device) -> str:
+    """``train.precision`` resolved: ``auto`` is bf16 on CUDA, fp32 elsewhere."""
     prec = cfg.train.precision
     if prec == "auto":
         prec = "bf16" if device.type == "cuda" else "fp32"
-    if prec == "fp32":
+    return prec
+
+
+def autocast(cfg: Config, device: torch.device):
+    """The forward passes' precision context: ``train.precision``, where ``auto`` is bf16 on CUDA."""
+    if compute_precision(cfg, device) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

@@ -17,6 +17,7 @@ the layer's parameters, so it sees the full per-worker activations, as under DDP
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,3 +130,48 @@ def full_trainable_state(student) -> dict[str, torch.Tensor]:
         return {}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in state.items() if k in trainable}
+
+
+# --------------------------------------------------------------------------- sharded checkpoints
+
+
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)  # the trainable weights only
+
+
+def save_sharded(directory: str | Path, student, optimizer) -> dict[str, dict[str, Any]]:
+    """This rank's share of the trainable weights and optimizer state, written with DCP into
+    ``directory`` (every rank its own); returns the size and sha256 of the files it wrote.
+    Every worker must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from linearard_ray.training.checkpointing import file_digests
+
+    d = Path(directory)
+    before = {f.name for f in d.iterdir()} if d.exists() else set()
+    model = unwrap_model(student, keep_adapter=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(d))
+    return file_digests(d, sorted(f.name for f in d.iterdir() if f.name not in before))
+
+
+def load_sharded(directory: str | Path, student, optimizer) -> None:
+    """The trainable weights and optimizer state of a DCP checkpoint, loaded into this worker's
+    shards (written by any number of workers: DCP re-shards). Every worker must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = unwrap_model(student, keep_adapter=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=_state_options(),
+    )

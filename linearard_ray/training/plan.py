@@ -90,6 +90,15 @@ def lm_every(cfg: Config, streams: dict) -> int:
     return cfg.data.lm_every if own_lm_stream(streams) else 1
 
 
+def epoch_unit(cfg: Config, world_size: int) -> int:
+    """What a stream's epoch length is a multiple of (``data/streams.py``): one micro-batch of
+    every worker under DDP; a whole optimizer step's global batch under FSDP, so that a checkpoint
+    can resume on any worker count that keeps the global batch (its epochs stay the same length)."""
+    t = cfg.train
+    unit = world_size * t.micro_batch_size
+    return unit * t.grad_accum if t.parallelism == "fsdp" else unit
+
+
 def plan_steps(cfg: Config, streams: dict[str, StreamSpec], primary: str, world_size: int) -> tuple[int, int]:
     """(total optimizer steps, tokens per optimizer step over all workers).
 
@@ -108,8 +117,11 @@ def plan_steps(cfg: Config, streams: dict[str, StreamSpec], primary: str, world_
     if t.budget_tokens is not None:
         candidates.append(max(1, math.ceil(t.budget_tokens / mean_tokens)))
     total = min(candidates)
+    from linearard_ray.data.streams import default_epoch_rows  # torch: not at the driver's import
+
+    unit = epoch_unit(cfg, world_size)
     for s in streams.values():
-        rows_per_epoch = (s.num_rows // world_size) // t.micro_batch_size * t.micro_batch_size
+        rows_per_epoch = default_epoch_rows(s.num_rows, unit) // world_size
         if rows_per_epoch == 0:
             raise ConfigError(
                 f"data: the {s.name} stream has {s.num_rows} blocks of {s.ctx_len} tokens, too few for "

@@ -17,8 +17,9 @@ from linearard_ray.config import Config
 from linearard_ray.data.streams import DEFAULT_SHUFFLE_TOKENS, BlockStream, Prefetcher
 from linearard_ray.training.checkpointing import StreamPosition, TrainState
 from linearard_ray.training.distributed import all_reduce_sum, autocast, to_device
+from linearard_ray.training.fsdp import clip_grad_norm, set_gradient_sync
 from linearard_ray.training.plan import JobSpec, StreamSpec, own_lm_stream
-from linearard_ray.training.trainee import Trainee
+from linearard_ray.training.trainee import Trainee, stream_epoch_rows
 
 # A stream's batches for one epoch, opened again at every epoch: ``name -> open_epoch``.
 EpochOpener = Callable[[str], Callable[[], Iterable[dict[str, Any]]]]
@@ -34,8 +35,10 @@ def open_block_stream(
     world: int,
     start: StreamPosition | None,
     open_epoch: Callable[[], Iterable[dict[str, Any]]],
+    epoch_rows: int | None = None,
 ) -> BlockStream:
-    """This worker's share of one stream, from ``start`` on."""
+    """This worker's share of one stream, from ``start`` on; each epoch uses ``epoch_rows`` of its
+    blocks (default: as many as ``world`` workers' micro-batches share evenly)."""
     return BlockStream(
         open_epoch,
         num_rows=spec.num_rows,
@@ -48,6 +51,7 @@ def open_block_stream(
         max_epochs=cfg.train.epochs_max,
         start=start,
         name=name,
+        epoch_rows=epoch_rows,
     )
 
 
@@ -77,13 +81,19 @@ class WorkerStreams:
 def open_streams(
     cfg: Config, job: JobSpec, state: TrainState, rank: int, world: int, opener: EpochOpener, pin_memory: bool
 ) -> WorkerStreams:
-    """The job's streams for this worker, each from the position ``state`` recorded."""
+    """The job's streams for this worker, each from the position ``state`` recorded, with the
+    epoch length the run started with."""
+
+    def epoch_rows(name: str) -> int | None:
+        return stream_epoch_rows(job.streams[name].num_rows, state) if state.epoch_unit is not None else None
+
     name = job.primary
     start = state.data if name == "train" else (state.lm_data or state.data)
-    stream = open_block_stream(name, job.streams[name], cfg, rank, world, start, opener(name))
+    stream = open_block_stream(name, job.streams[name], cfg, rank, world, start, opener(name), epoch_rows(name))
     streams = WorkerStreams(name, Prefetcher(stream, pin_memory=pin_memory))
     if own_lm_stream(job.streams):
-        lm = open_block_stream("lm", job.streams["lm"], cfg, rank, world, state.lm_data, opener("lm"))
+        lm_start = state.lm_data
+        lm = open_block_stream("lm", job.streams["lm"], cfg, rank, world, lm_start, opener("lm"), epoch_rows("lm"))
         streams.lm = Prefetcher(lm, pin_memory=pin_memory)
     return streams
 
@@ -100,7 +110,7 @@ def optimization_step(
     # drawn on a schedule of the step number, so a resumed run draws where the first would have
     draw_lm = streams.lm is not None and state.step % lm_every == 0
     sums, tokens_local = accumulate_gradients(cfg, trainee, streams, draw_lm, device, world)
-    grad_norm_t = torch.nn.utils.clip_grad_norm_(trainee.params, cfg.train.max_grad_norm)  # read after the sync
+    grad_norm_t = clip_grad_norm(trainee.params, cfg.train.max_grad_norm)  # read after the sync
     lr = trainee.scheduler.get_last_lr()[0]
     trainee.optimizer.step()
     trainee.scheduler.step()
@@ -142,12 +152,21 @@ def accumulate_gradients(
         tokens_local += int(host["attention_mask"].sum()) + (int(host_lm["attention_mask"].sum()) if host_lm else 0)
         batch = to_device(host, device)
         lm_batch = to_device(host_lm, device) if host_lm is not None else None
-        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-        sync = trainee.step_fn.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
-        with sync:
+        # Gradients are all-reduced (reduce-scattered when sharded) once per optimizer step, on the
+        # last micro-batch.
+        with _gradient_sync(trainee, world, last=micro == accum - 1):
             with autocast(cfg, device):
                 loss = trainee.step_fn(batch, lm_batch)
             (loss / accum).backward()
         for k, v in trainee.loss_module.last_metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) / accum
     return sums, tokens_local
+
+
+def _gradient_sync(trainee: Trainee, world: int, last: bool):
+    """The context a micro-batch's forward and backward run in: without the gradient sync across
+    workers unless it is the step's last one."""
+    if trainee.sharded:
+        set_gradient_sync(trainee.student, last)
+        return contextlib.nullcontext()
+    return trainee.step_fn.no_sync() if world > 1 and not last else contextlib.nullcontext()

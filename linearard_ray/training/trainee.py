@@ -1,6 +1,10 @@
 """What one worker trains and with what: the frozen teacher, the student, the optimizer, the
 learning-rate schedule and the counters; built fresh or from a checkpoint, and written back into
-one. Nothing here calls Ray, so a resumed continuation can be checked in-process."""
+one. Nothing here calls Ray, so a resumed continuation can be checked in-process.
+
+A checkpoint resumes on another number of workers when the global batch (workers × micro-batch ×
+grad_accum) stays the same: every optimizer step then reads the same blocks (data/streams.py), and
+the data positions are re-counted for the new workers."""
 
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from linearard_ray.training.checkpointing import (
     restore_rng,
     save_checkpoint,
 )
-from linearard_ray.training.distributed import ObjectiveModule, wrap_ddp
-from linearard_ray.training.plan import JobSpec, own_lm_stream
+from linearard_ray.training.distributed import ObjectiveModule, compute_precision, wrap_ddp
+from linearard_ray.training.plan import JobSpec, epoch_unit, own_lm_stream
 from linearard_ray.training.schedule import build_scheduler
 
 
@@ -35,16 +39,50 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: TrainState
     loss_module: ObjectiveModule
-    step_fn: torch.nn.Module  # the loss module, DDP-wrapped when there are several workers
+    step_fn: torch.nn.Module  # the loss module, DDP-wrapped when there are several DDP workers
+    sharded: bool = False  # teacher and student sharded with FSDP2 (train.parallelism: fsdp)
 
 
-def check_same_world(loaded: LoadedCheckpoint, world: int) -> None:
-    """Each worker's share of the data depends on the number of workers: a checkpoint resumes
-    only with as many as wrote it."""
-    if loaded.state.world_size != world:
+def check_same_world(
+    loaded: LoadedCheckpoint, world: int, micro_batch_size: int | None = None, grad_accum: int | None = None
+) -> None:
+    """A checkpoint resumes on ``world`` workers only with the global batch it was written with
+    (workers × micro-batch × grad_accum; ``micro_batch_size``/``grad_accum`` not given: the
+    checkpoint's). One written before it recorded its batch shape resumes only on as many workers."""
+    s = loaded.state
+    if s.world_size == world:
+        return
+    mb = micro_batch_size if micro_batch_size is not None else s.micro_batch_size
+    accum = grad_accum if grad_accum is not None else s.grad_accum
+    if s.micro_batch_size is None or s.grad_accum is None or mb is None or accum is None:
         raise RuntimeError(
-            f"checkpoint was written by {loaded.state.world_size} workers; resuming with {world} would change "
+            f"checkpoint was written by {s.world_size} workers; resuming with {world} would change "
             "the data order. Keep train.num_workers or start a new train.run_name."
+        )
+    before, after = s.world_size * s.micro_batch_size * s.grad_accum, world * mb * accum
+    if before == after:
+        return
+    keep = f"train.grad_accum={before // (world * mb)}" if before % (world * mb) == 0 else None
+    hint = (
+        f"Set {keep} to keep it"
+        if keep
+        else f"No train.grad_accum keeps it with train.micro_batch_size={mb}: choose micro_batch_size and "
+        f"grad_accum with {world} × micro_batch_size × grad_accum = {before}"
+    )
+    raise RuntimeError(
+        f"checkpoint was written by {s.world_size} workers; resuming with {world} (micro-batch {mb}, grad_accum "
+        f"{accum}) would change the global batch from {before} to {after} blocks per step, and with it the data "
+        f"order. {hint}, keep train.num_workers={s.world_size}, or start a new train.run_name."
+    )
+
+
+def check_same_parallelism(loaded: LoadedCheckpoint, parallelism: str) -> None:
+    """A sharded (DCP) checkpoint resumes only under fsdp, a whole one only under ddp."""
+    written = "fsdp" if loaded.dcp_dir is not None else "ddp"
+    if written != parallelism:
+        raise RuntimeError(
+            f"checkpoint was written with train.parallelism={written}; resuming with {parallelism} is not "
+            f"supported. Set train.parallelism={written} or start a new train.run_name."
         )
 
 
@@ -55,19 +93,26 @@ def build_trainee(
     schedule, counters and this rank's RNG)."""
     from linearard_ray.objective.loss import Objective
 
+    t = cfg.train
+    sharded = t.parallelism == "fsdp"
     tokenizer, teacher, student = _load_models(cfg, device, loaded)
+    if sharded:
+        from linearard_ray.training.fsdp import shard_models
+
+        bf16 = device.type == "cuda" and compute_precision(cfg, device) == "bf16"
+        shard_models(teacher, student, t.fsdp, device, mixed_precision=bf16)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the student has no trainable parameters (check lora.target_modules)")
-    t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = build_scheduler(optimizer, t.warmup_steps, job.total_steps, t.min_lr_ratio)
-    state = _continue_or_start(cfg, job, optimizer, scheduler, loaded, rank, world)
+    state = _continue_or_start(cfg, job, student, optimizer, scheduler, loaded, rank, world)
     num_layers = _num_layers(student)
     objective = Objective(cfg.objective, cfg.rope, num_layers, t.op_backend, own_lm_stream=own_lm_stream(job.streams))
     loss_module = ObjectiveModule(objective, student, teacher)
-    step_fn = wrap_ddp(loss_module, device) if world > 1 else loss_module
-    return Trainee(tokenizer, teacher, student, params, optimizer, scheduler, state, loss_module, step_fn)
+    # FSDP reduces the gradients itself; DDP's wrapper does it for the whole-model workers
+    step_fn = wrap_ddp(loss_module, device) if world > 1 and not sharded else loss_module
+    return Trainee(tokenizer, teacher, student, params, optimizer, scheduler, state, loss_module, step_fn, sharded)
 
 
 def _load_models(cfg: Config, device: torch.device, loaded: LoadedCheckpoint | None):
@@ -81,7 +126,7 @@ def _load_models(cfg: Config, device: torch.device, loaded: LoadedCheckpoint | N
     student = models.load_student(
         cfg.model, cfg.rope, cfg.lora, device=device, gradient_checkpointing=cfg.train.gradient_checkpointing
     )
-    if loaded is not None:
+    if loaded is not None and loaded.trainable is not None:  # a sharded checkpoint loads after sharding
         models.load_trainable_state_dict(student, loaded.trainable)
     return tokenizer, teacher, student
 
@@ -89,28 +134,76 @@ def _load_models(cfg: Config, device: torch.device, loaded: LoadedCheckpoint | N
 def _continue_or_start(
     cfg: Config,
     job: JobSpec,
+    student,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     loaded: LoadedCheckpoint | None,
     rank: int,
     world: int,
 ) -> TrainState:
-    """The counters: the checkpoint's (with its optimizer, schedule and RNG restored), or new ones."""
+    """The counters: the checkpoint's (with its weights if sharded, optimizer, schedule and RNG
+    restored), or new ones."""
+    t = cfg.train
     if loaded is not None:
-        optimizer.load_state_dict(loaded.optimizer_state)
+        if loaded.dcp_dir is not None:
+            from linearard_ray.training.fsdp import load_sharded
+
+            load_sharded(loaded.dcp_dir, student, optimizer)
+            loaded.release()
+        else:
+            optimizer.load_state_dict(loaded.optimizer_state)
         scheduler.load_state_dict(loaded.scheduler_state)
-        state = loaded.state
-        state.total_steps = job.total_steps
-        restore_rng(loaded.rng_states[rank])
+        state = resumed_state(loaded.state, job, world, t.micro_batch_size, t.grad_accum)
+        if rank < len(loaded.rng_states):
+            restore_rng(loaded.rng_states[rank])
+        else:  # a worker the checkpoint's run did not have
+            torch.manual_seed(t.seed + 1000 + rank)
         return state
     state = TrainState(
         total_steps=job.total_steps,
         world_size=world,
         mlflow_run_id=job.mlflow_run_id,
         lm_data=StreamPosition() if own_lm_stream(job.streams) else None,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        epoch_unit=epoch_unit(cfg, world),
     )
-    torch.manual_seed(cfg.train.seed + 1000 + rank)  # dropout etc. differ per rank
+    torch.manual_seed(t.seed + 1000 + rank)  # dropout etc. differ per rank
     return state
+
+
+def resumed_state(state: TrainState, job: JobSpec, world: int, micro_batch_size: int, grad_accum: int) -> TrainState:
+    """A checkpoint's counters continued by ``world`` workers (``check_same_world`` passed): the
+    streams' positions re-counted for them when their number changed; the epochs keep the length
+    the run started with. Raises ``RuntimeError`` when the new workers cannot continue exactly."""
+    from linearard_ray.data.streams import remap_position
+
+    state.total_steps = job.total_steps
+    if state.epoch_unit is None:  # written before it was recorded: the epochs of its own workers
+        state.epoch_unit = state.world_size * (state.micro_batch_size or micro_batch_size)
+    if state.world_size != world:
+        try:
+            for attr, name in (("data", "train"), ("lm_data", "lm")):
+                pos, spec = getattr(state, attr), job.streams.get(name)
+                if pos is None or spec is None:
+                    continue
+                rows = stream_epoch_rows(spec.num_rows, state)
+                setattr(state, attr, remap_position(pos, rows, state.world_size, world, micro_batch_size, name))
+        except ValueError as e:
+            raise RuntimeError(
+                f"checkpoint at step {state.step} cannot resume on {world} workers: {e}. "
+                f"Keep train.num_workers={state.world_size} or start a new train.run_name."
+            ) from None
+    state.world_size = world
+    state.micro_batch_size, state.grad_accum = micro_batch_size, grad_accum
+    return state
+
+
+def stream_epoch_rows(num_rows: int, state: TrainState) -> int:
+    """The rows each epoch of a stream of ``num_rows`` blocks uses in this run."""
+    from linearard_ray.data.streams import default_epoch_rows
+
+    return default_epoch_rows(num_rows, state.epoch_unit)
 
 
 def _num_layers(model) -> int:
@@ -119,9 +212,12 @@ def _num_layers(model) -> int:
 
 
 def write_checkpoint(directory: str | Path, trainee: Trainee, rng_states: list[dict[str, Any]]) -> Path:
-    """The trainee as a checkpoint (``rng_states``: every rank's, in rank order)."""
+    """The trainee as a checkpoint (``rng_states``: every rank's, in rank order). Sharded, every
+    worker calls it with its own directory: each writes its DCP share, rank 0 the rest."""
     from linearard_ray.models.loading import trainable_state_dict
 
+    if trainee.sharded:
+        return _write_sharded_checkpoint(Path(directory), trainee, rng_states)
     return save_checkpoint(
         directory,
         trainable=trainable_state_dict(trainee.student),
@@ -129,4 +225,31 @@ def write_checkpoint(directory: str | Path, trainee: Trainee, rng_states: list[d
         scheduler_state=trainee.scheduler.state_dict(),
         rng_states=rng_states,
         state=trainee.state,
+    )
+
+
+def _write_sharded_checkpoint(directory: Path, trainee: Trainee, rng_states: list[dict[str, Any]]) -> Path:
+    import torch.distributed as dist
+
+    from linearard_ray.training.distributed import gather_objects
+    from linearard_ray.training.fsdp import save_sharded
+
+    directory.mkdir(parents=True, exist_ok=True)
+    every_rank = gather_objects(save_sharded(directory, trainee.student, trainee.optimizer))
+    if dist.get_rank() != 0:
+        return directory
+    files: dict[str, dict[str, Any]] = {}
+    for mine in every_rank:
+        clash = set(files) & set(mine)
+        if clash:
+            raise RuntimeError(f"two workers wrote checkpoint files of the same name: {sorted(clash)}")
+        files.update(mine)
+    return save_checkpoint(
+        directory,
+        trainable=None,
+        optimizer_state=None,
+        scheduler_state=trainee.scheduler.state_dict(),
+        rng_states=rng_states,
+        state=trainee.state,
+        sharded_files=files,
     )

@@ -1,7 +1,8 @@
-"""The Ray Train worker: holds a frozen teacher and a DDP-wrapped student, streams its share of
-the token blocks deterministically, evaluates on held-out text, and writes checkpoints that let a
-failed worker group, or the same job started again, continue at the exact step with the same
-data position. Rank 0 logs to MLflow and exports the student at the end.
+"""The Ray Train worker: holds a frozen teacher and a DDP-wrapped student (or both sharded with
+FSDP2 under ``train.parallelism: fsdp``), streams its share of the token blocks
+deterministically, evaluates on held-out text, and writes checkpoints that let a failed worker
+group, or the same job started again, continue at the exact step with the same data position.
+Rank 0 logs to MLflow and exports the student at the end.
 
 Ray Train pickles ``train_loop_per_worker`` by reference: it stays a module-level function.
 """
@@ -28,7 +29,13 @@ from linearard_ray.training.held_out import HeldOutEval, held_out_evals
 from linearard_ray.training.plan import JobSpec, fail_marker_path, lm_every
 from linearard_ray.training.progress import Progress
 from linearard_ray.training.step import WorkerStreams, open_streams, optimization_step
-from linearard_ray.training.trainee import Trainee, build_trainee, check_same_world, write_checkpoint
+from linearard_ray.training.trainee import (
+    Trainee,
+    build_trainee,
+    check_same_parallelism,
+    check_same_world,
+    write_checkpoint,
+)
 
 log = get_logger(__name__)
 
@@ -56,7 +63,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     _quiet_libraries()
     ctx = ray.train.get_context()
     w = Worker(cfg, job, ctx.get_world_rank(), ctx.get_world_size(), device_for_worker(job.use_gpu))
-    loaded = _resume_checkpoint(w.world)
+    _check_supported(cfg)
+    loaded = _resume_checkpoint(w)
     trainee = build_trainee(cfg, job, w.device, w.rank, w.world, loaded)
     streams = open_streams(cfg, job, trainee.state, w.rank, w.world, _dataset_epochs, w.device.type == "cuda")
     logger = _open_tracking(w, trainee, streams, resumed=loaded is not None)
@@ -65,9 +73,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
     evaluators = _held_out_evaluators(w, trainee)
     final_metrics = _train(w, trainee, streams, evaluators, logger)
     streams.close()
+    gathered = _gather_sharded_student(trainee)  # every worker takes part
     if w.rank != 0:
         return None
-    return _export(w, trainee, logger, final_metrics)
+    return _export(w, trainee, logger, final_metrics, gathered)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -83,17 +92,30 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _resume_checkpoint(world: int) -> LoadedCheckpoint | None:
+def _check_supported(cfg: Config) -> None:
+    """Settings the sharded mode does not run with yet."""
+    if cfg.train.parallelism == "fsdp" and cfg.train.eval_every:
+        # the held-out windows are split over the workers unevenly, and every sharded forward is a
+        # collective that all workers must join
+        raise ValueError(
+            "train.eval_every is not supported with train.parallelism=fsdp; unset it (evaluate the exported "
+            "student with train.evaluate_at_end or the evaluate command)"
+        )
+
+
+def _resume_checkpoint(w: Worker) -> LoadedCheckpoint | None:
     """The checkpoint Ray Train hands this attempt (a retry, or the same run name again), if any;
-    when it fails its check, the newest older checkpoint of the run that passes (rank 0 says which)."""
+    when it fails its check, the newest older checkpoint of the run that passes (rank 0 says which).
+    It may have been written by another number of workers with the same global batch."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    rank = ray.train.get_context().get_world_rank()
-    loaded = load_newest_intact(ckpt.filesystem, ckpt.path, log.info if rank == 0 else lambda _line: None)
-    check_same_world(loaded, world)
+    loaded = load_newest_intact(ckpt.filesystem, ckpt.path, log.info if w.rank == 0 else lambda _line: None)
+    t = w.cfg.train
+    check_same_parallelism(loaded, t.parallelism)
+    check_same_world(loaded, w.world, t.micro_batch_size, t.grad_accum)
     return loaded
 
 
@@ -144,9 +166,13 @@ def _job_params(w: Worker, trainee: Trainee, streams: WorkerStreams) -> dict:
 def _announce_start(w: Worker, trainee: Trainee, streams: WorkerStreams, resumed: bool) -> None:
     stream = streams.primary.stream
     if stream.dropped_per_epoch:
+        t = w.cfg.train
+        shape = f"{w.world} workers × micro-batch {t.micro_batch_size}"
+        if t.parallelism == "fsdp":
+            shape += f" × grad_accum {t.grad_accum}"  # whole steps per epoch: any worker count can resume it
         log.info(
             f"[distill] {stream.dropped_per_epoch} of {stream.num_rows} blocks per epoch are left out so that "
-            f"{w.world} workers × micro-batch {w.cfg.train.micro_batch_size} divide evenly"
+            f"{shape} divide evenly"
         )
     if resumed:
         state = trainee.state
@@ -249,6 +275,9 @@ def _report(w: Worker, trainee: Trainee, report: dict, with_checkpoint: bool) ->
         ray.train.report(report)
         return
     rng_states = gather_objects(capture_rng())  # every rank takes part
+    if trainee.sharded:
+        _report_sharded(w, trainee, report, rng_states)
+        return
     if w.rank != 0:
         ray.train.report(report)
         return
@@ -261,16 +290,44 @@ def _report(w: Worker, trainee: Trainee, report: dict, with_checkpoint: bool) ->
         )
 
 
+def _report_sharded(w: Worker, trainee: Trainee, report: dict, rng_states: list) -> None:
+    """Every rank writes its DCP share into its own directory and reports it; Ray Train uploads
+    them all into the checkpoint directory rank 0 names (rank 0 adds the rest and the manifest)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    name = new_checkpoint_dir_name(w.job.storage_dir, trainee.state.step) if w.rank == 0 else None
+    with tempfile.TemporaryDirectory(prefix="linearard_ckpt_") as tmp:
+        write_checkpoint(tmp, trainee, rng_states)
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
 # --------------------------------------------------------------------------- the end (rank 0)
 
 
-def _export(w: Worker, trainee: Trainee, logger, final_metrics: dict[str, float]) -> dict:
+def _gather_sharded_student(trainee: Trainee) -> dict[str, torch.Tensor] | None:
+    """A sharded student's trainable weights gathered whole onto rank 0 (an empty dict elsewhere);
+    None when the student is not sharded."""
+    if not trainee.sharded:
+        return None
+    from linearard_ray.training.fsdp import full_trainable_state
+
+    return full_trainable_state(trainee.student)
+
+
+def _export(
+    w: Worker, trainee: Trainee, logger, final_metrics: dict[str, float], gathered: dict[str, torch.Tensor] | None
+) -> dict:
     """The merged student (in ``export.dtype``, with its model card) and the adapter, written,
-    registered and logged; what ``run_distill`` reports."""
+    registered and logged; what ``run_distill`` reports. ``gathered``: a sharded student's
+    trainable weights, exported through an unsharded copy of the student built on the CPU."""
     from linearard_ray.models import card as cards
     from linearard_ray.models import loading as models
 
     out_dir, state = Path(w.job.output_dir), trainee.state
+    student = trainee.student
+    if gathered is not None:
+        student = models.unsharded_student(w.cfg.model, w.cfg.rope, w.cfg.lora, gathered)
     dtype = models.export_dtype(w.cfg.export.dtype, w.cfg.model)
     card = cards.training_card(
         w.cfg,
@@ -279,7 +336,7 @@ def _export(w: Worker, trainee: Trainee, logger, final_metrics: dict[str, float]
         tokens_seen=state.tokens_seen,
         dtype=str(dtype).removeprefix("torch."),
     )
-    paths = models.export_student(trainee.student, trainee.tokenizer, out_dir, w.cfg.rope, dtype=dtype, card=card)
+    paths = models.export_student(student, trainee.tokenizer, out_dir, w.cfg.rope, dtype=dtype, card=card)
     (out_dir / "distill_config.yaml").write_text(dump_config(w.cfg))
     size_mb = sum(f.stat().st_size for f in paths["merged"].glob("*.safetensors")) / 1e6
     log.info(f"[distill] student exported to {paths['merged']} ({size_mb:.0f} MB of {card.dtype} weights)")
