@@ -44,12 +44,16 @@ leaders = {
  "Itzcoatl",                    "Male"
 }
 """
-# A game device with a legend, not a people: left out of the history genre.
+# Legends that are not history: a game device and an imaginary nation, left out of the history genre.
 PIRATE_RULESET = r"""[nation_pirate]
 name=_("Pirate")
 legend=_("As long as honest men have sailed the seas, pirates have been a\
  scourge of them.")
 barbarian_type = "Sea"
+"""
+HACKER_RULESET = r"""[nation_hacker]
+groups="Imaginary"
+legend=_("h4xx0r r0xx0rz!")
 """
 
 
@@ -81,6 +85,7 @@ def _trees(tmp_path: Path) -> Path:
     nations.mkdir(parents=True)
     (nations / "aztec.ruleset").write_text(AZTEC_RULESET)
     (nations / "pirate.ruleset").write_text(PIRATE_RULESET)
+    (nations / "hacker.ruleset").write_text(HACKER_RULESET)
     return root
 
 
@@ -131,7 +136,7 @@ def test_nation_legends_are_read_unescaped_without_the_barbarians(tmp_path):
     )
     assert G.ruleset_legend('[nation_x]\nname=_("X")\n') is None
     docs = list(G.read_nation_legends(_trees(tmp_path) / "freeciv-data_3.0.6-1+deb12u1", {}))
-    assert [doc_id for doc_id, _ in docs] == ["nation/aztec"]  # the pirates are a game device
+    assert [doc_id for doc_id, _ in docs] == ["nation/aztec"]  # the pirates are a game device, hackers a joke
 
 
 def test_training_genres_split_by_document_with_a_seed():
