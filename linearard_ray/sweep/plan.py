@@ -66,7 +66,27 @@ def make_plan(cfg: Config, specs: list[ParamSpec]) -> dict:
         "students_dir": f"{absolute_path(cfg.train.output_dir, base)}/{cfg.tune.sweep_name}",
         "data_swept": bool(data_keys(specs)),
         "data_dirs": {},
+        "teacher_samples": _teacher_samples_source(cfg),
     }
+
+
+def _teacher_samples_source(cfg: Config) -> str | None:
+    """The teacher samples the driver drew once for every trial (already in the base config's
+    data.sources), or None."""
+    if cfg.data.teacher_samples is None:
+        return None
+    from linearard_ray.data.teacher_samples import samples_path
+
+    return str(samples_path(cfg))
+
+
+def keep_teacher_samples(d: dict, plan: dict) -> dict:
+    """A trial that sweeps data.sources still trains on the sweep's teacher samples: they were
+    appended to the base config's list, which a swept list replaces."""
+    src = plan.get("teacher_samples")
+    if src and src not in d["data"]["sources"]:
+        d["data"]["sources"] = [*d["data"]["sources"], src]
+    return d
 
 
 # --------------------------------------------------------------------------- per-trial configs
@@ -134,7 +154,7 @@ def run_config(plan: dict, params: dict[str, Any], name: str) -> Config:
     """The config one trial trains with: its repeat's config (`repeat_dict`) with absolute paths,
     its own run name and storage, the sweep's preprocessed data, and no MLflow run of its own."""
     params, k = split_repeat(params)
-    d = _absolutize(repeat_dict(plan["base"], params, k), plan["cwd"], _output_base(plan))
+    d = _absolutize(keep_teacher_samples(repeat_dict(plan["base"], params, k), plan), plan["cwd"], _output_base(plan))
     cfg = build_config(d)
     dh = data_hash(cfg)
     t, data = d["train"], d["data"]
@@ -172,7 +192,8 @@ def prepare_data(cfg: Config, specs: list[ParamSpec], plan: dict) -> dict[str, s
     objective_swept = any(s.key.startswith("objective.") for s in specs)
     out: dict[str, str] = {}
     for combo in combos:
-        c = build_config(_absolutize(base_dict(apply_params(plan["base"], combo)), plan["cwd"], _output_base(plan)))
+        d = keep_teacher_samples(base_dict(apply_params(plan["base"], combo)), plan)
+        c = build_config(_absolutize(d, plan["cwd"], _output_base(plan)))
         if c.data.preprocessed:
             continue
         dh = data_hash(c)
