@@ -202,6 +202,22 @@ def test_the_trial_count_is_announced_with_its_reason(space, search, num_samples
 # --------------------------------------------------------------------------- command line and recipes
 
 
+def test_genre_sweep_ranks_by_the_worst_unseen_genre_and_names_the_build_step(tmp_path, monkeypatch):
+    """The genre sweep's space and objective check; without the built corpora the check names the
+    set-up command instead of failing inside a trial."""
+    from linearard_ray.sweep.tune import check_sweep
+
+    path = ROOT / "configs" / "sweep-smollm2-135m-genres.yaml"
+    monkeypatch.setenv("LINEARARD_CACHE", str(tmp_path))  # no genres built here
+    with pytest.raises(ConfigError, match="build_genre_corpora.py"):
+        check_sweep(load_config(path))
+    cfg = load_config(path)
+    assert cfg.tune.metric == "unseen_worst_recovery_pct" and cfg.tune.mode == "max"
+    assert set(cfg.train.eval_sources) == {"legal", "standards", "history"}
+    mixes = cfg.tune.space["data.sources"]["choice"]
+    assert all(not any(src in m for src in ("genre:legal", "genre:standards", "genre:history")) for m in mixes)
+
+
 def test_pipeline_help_and_bad_config_exit_codes():
     help_out = subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / "tune.py"), "--help"],
