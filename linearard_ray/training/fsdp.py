@@ -135,10 +135,12 @@ def full_trainable_state(student) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- sharded checkpoints
 
 
-def _state_options():
+def _state_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)  # the trainable weights only
+    # the trainable weights only; setting them must then not ask for the frozen ones (DCP's load
+    # has already checked that the checkpoint holds every trainable one)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def save_sharded(directory: str | Path, student, optimizer) -> dict[str, dict[str, Any]]:
@@ -173,5 +175,5 @@ def load_sharded(directory: str | Path, student, optimizer) -> None:
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=_state_options(),
+        options=_state_options(strict=False),
     )
