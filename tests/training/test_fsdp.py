@@ -126,6 +126,7 @@ def test_injected_worker_failure_resumes_to_the_same_weights(sharded, workdir, c
     res = run_distill(_cfg(workdir, corpus, "fsdp-fail", **{"train.fail_at_step": 3}))
     assert (Path(res.storage_dir) / "linearard_fail_at_step.fired").exists()
     assert res.final_step == STEPS and res.tokens_seen == sharded.tokens_seen
+    assert _checkpoints(res) == {"checkpoint_step0000002": 2, "checkpoint_step0000004": 2}  # resumed, not redone
     _assert_same_student(sharded, res, exact=True)
 
 
@@ -141,7 +142,16 @@ def test_resume_on_another_worker_count_with_the_same_global_batch(sharded, work
         run_distill(_cfg(workdir, corpus, name, **stop, **_shape(*first)))
     res = run_distill(_cfg(workdir, corpus, name, **stop, **_shape(*then)))
     assert res.final_step == STEPS and res.tokens_seen == sharded.tokens_seen
+    # resumed from the first run's step 2 (a fresh start would have written step 2 again, beside it)
+    assert _checkpoints(res) == {"checkpoint_step0000002": first[0], "checkpoint_step0000004": then[0]}
     _assert_same_student(sharded, res)
+
+
+def _checkpoints(res) -> dict[str, int]:
+    """The run's checkpoint directories and how many workers wrote each."""
+    from linearard_ray.training.checkpointing import read_state
+
+    return {p.name: read_state(p).world_size for p in Path(res.storage_dir).glob("checkpoint_step*")}
 
 
 def _shape(workers: int, accum: int) -> dict:
