@@ -226,6 +226,12 @@ class TrainConfig(Section):
         description="GPU model the workers need, e.g. 'A10G', 'A100', 'H100' "
         "(ScalingConfig.accelerator_type; cluster.yaml node types).",
     )
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of one GPU in GiB, for the memory estimate of --dry-run (docs/memory.md); default: "
+        "from train.accelerator_type's known cards (H100 79.1, H200 139.8, A100-80G 79.1, A10G 22.1, ...).",
+    )
     parallelism: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: every worker holds the whole teacher and student. fsdp: both are sharded per decoder "

@@ -487,3 +487,108 @@ def estimate_memory(model_config: Any, setup: TrainingSetup, gpu_memory_gib: flo
         parts={k: v for k, v in phases[peak].items() if v},
         phases={k: static + v for k, v in totals.items()},
     )
+
+
+# --------------------------------------------------------------------------- from a job's config
+
+
+def setup_from_config(cfg, model_config: Any, **changes: Any) -> TrainingSetup:
+    """The ``TrainingSetup`` of a job's config (``linearard_ray.config.Config``) on a GPU, with
+    ``changes`` to its fields on top (what-if questions: more workers, another block length)."""
+    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    o, t = cfg.objective, cfg.train
+    relations = ()
+    if o.relation.weight > 0:
+        relations = tuple(r for r in (*_SELF_RELATIONS, "qk") if o.relation.weights.get(r, 0.0) > 0)
+    lm_len = cfg.data.lm_ctx_len if cfg.data.lm_ctx_len not in (None, cfg.data.ctx_len) else None
+    fields = dict(
+        seq_len=cfg.data.ctx_len,
+        micro_batch=t.micro_batch_size,
+        lora_rank=cfg.lora.r,
+        lora_targets=tuple(cfg.lora.target_modules),
+        lora_enabled=cfg.lora.enabled,
+        workers=t.num_workers,
+        parallelism=t.parallelism,
+        offload_teacher=t.fsdp.offload_teacher,
+        gradient_checkpointing=t.gradient_checkpointing,
+        relations=relations,
+        relation_layers=len(o.relation.layers.resolve(shape.layers)) if relations else None,
+        relation_backward="rowfwd" if o.relation.backward == "rowfwd" else "default",
+        logit_kl=o.logits.weight > 0,
+        next_token=o.next_token.weight > 0,
+        next_token_seq_len=lm_len if o.next_token.weight > 0 else None,
+        logit_chunk=o.logits.chunk_size,
+        # on a GPU model.dtype auto and train.precision auto are bf16 (models.loading.resolve_dtype)
+        weight_bytes=4 if cfg.model.dtype in ("float32", "fp32") else 2,
+        activation_bytes=4 if t.precision == "fp32" else 2,
+    )
+    fields.update(changes)
+    return TrainingSetup(**fields)
+
+
+def config_gpu_memory(cfg) -> tuple[float | None, str | None]:
+    """(GiB, the card's name) from ``train.gpu_memory_gib``, else ``train.accelerator_type``."""
+    t = cfg.train
+    given = getattr(t, "gpu_memory_gib", None)
+    if given is not None:
+        return float(given), t.accelerator_type or "train.gpu_memory_gib"
+    return gpu_memory_gib(t.accelerator_type), t.accelerator_type
+
+
+def estimate_for_config(cfg, model_config: Any, gpu_memory: float | None = None, **changes: Any) -> MemoryEstimate:
+    """Per-GPU estimate of a job's config; ``gpu_memory`` (GiB) defaults to the config's card."""
+    if gpu_memory is None:
+        gpu_memory = config_gpu_memory(cfg)[0]
+    return estimate_memory(model_config, setup_from_config(cfg, model_config, **changes), gpu_memory)
+
+
+def what_would_fit(cfg, model_config: Any, gpu_memory: float, max_workers: int = 64) -> list[str]:
+    """Changes to a config that does not fit ``gpu_memory`` GiB under which the estimate fits:
+    fsdp over the fewest workers (with the teacher offloaded if that takes fewer), a shorter
+    block or a smaller LoRA rank (halved until it fits). Empty when nothing tried fits."""
+    fits = lambda **ch: estimate_for_config(cfg, model_config, gpu_memory, **ch).fits  # noqa: E731
+    out = []
+    start = cfg.train.num_workers if cfg.train.parallelism == "fsdp" else 1
+    for offload in (False, True):
+        n = next(
+            (
+                n
+                for n in range(max(start, 1), max_workers + 1)
+                if fits(parallelism="fsdp", workers=n, offload_teacher=offload)
+            ),
+            None,
+        )
+        if n is not None and (n > cfg.train.num_workers or cfg.train.parallelism != "fsdp" or offload):
+            extra = ", train.fsdp.offload_teacher=true" if offload else ""
+            out.append(f"train.parallelism=fsdp with train.num_workers={n}{extra}")
+            if not offload:
+                break
+    for name, key, value, floor in (
+        ("data.ctx_len", "seq_len", cfg.data.ctx_len, 256),
+        ("lora.r", "lora_rank", cfg.lora.r, 8),
+    ):
+        v = value // 2
+        while v >= floor and not fits(**{key: v}):
+            v //= 2
+        if v >= floor:
+            out.append(f"{name}={v}")
+    return out
+
+
+def plan_lines(cfg, model_config: Any) -> list[str]:
+    """The dry run's memory lines: the per-GPU breakdown, the verdict and, when it does not fit,
+    what would."""
+    gib, card = config_gpu_memory(cfg)
+    est = estimate_for_config(cfg, model_config, gib)
+    how = f"{cfg.train.parallelism}, {cfg.train.num_workers} worker(s)"
+    if cfg.train.parallelism == "fsdp" and cfg.train.fsdp.offload_teacher:
+        how += ", teacher offloaded"
+    lines = [f"memory per GPU ({how}; estimate, docs/memory.md): {est.breakdown_line()}"]
+    lines.append(f"memory verdict: {est.verdict_line(card)}")
+    if est.fits is False:
+        fixes = what_would_fit(cfg, model_config, gib)
+        lines.append(
+            "memory: would fit with "
+            + ("; or ".join(fixes) if fixes else "none of fsdp, offload, a shorter block or a smaller rank alone")
+        )
+    return lines
