@@ -149,6 +149,27 @@ def test_distill_dry_run_shows_the_plan_and_the_lock_holder_without_starting_ray
     assert "(preprocessed: 40 blocks × 64 tokens; reused)" in out
 
 
+def test_distill_dry_run_shows_the_memory_estimate_and_its_verdict(preprocessed_run, capsys):
+    """The per-GPU lines come from the teacher's config alone; the card from train.accelerator_type,
+    or train.gpu_memory_gib; a GPU too small gets 'does NOT fit'; a CPU job gets no lines."""
+    from linearard_ray.models.loading import read_model_config
+    from linearard_ray.training.memory import estimate_for_config
+
+    cfg, argv = preprocessed_run
+    assert _exit_status(["distill", "--dry-run", *argv, "--set", "train.accelerator_type=A10G"]) == 0
+    out = capsys.readouterr().out
+    want = estimate_for_config(cfg, read_model_config("tiny:llama"), 22.1)
+    assert f"memory per GPU (ddp, 1 worker(s); estimate, docs/memory.md): {want.breakdown_line()}" in out
+    assert "memory verdict: fits (A10G, 22.1 GiB;" in out
+    assert _exit_status(["distill", "--dry-run", *argv, "--set", "train.gpu_memory_gib=1.5"]) == 0
+    out = capsys.readouterr().out
+    assert "memory verdict: does NOT fit (train.gpu_memory_gib, 1.5 GiB;" in out and "memory: would fit with" in out
+    assert _exit_status(["distill", "--dry-run", *argv]) == 0
+    assert "memory verdict: no verdict: the GPU's memory is unknown" in capsys.readouterr().out
+    assert _exit_status(["distill", "--dry-run", *argv, "--set", "train.use_gpu=false"]) == 0
+    assert "memory" not in capsys.readouterr().out
+
+
 def test_dry_run_refuses_what_run_distill_would_refuse(preprocessed_run, capsys):
     import ray
 

@@ -101,6 +101,7 @@ def training_lines(cfg: Config) -> list[str]:
         checkpoint_line(storage_dir),
         f"export: {export_dir}",
         tracking_line(cfg),
+        *memory_lines(cfg),
     ]
     cfg, samples, ready = with_finished_teacher_samples(cfg)
     lines += [samples] if samples else []
@@ -112,6 +113,27 @@ def training_lines(cfg: Config) -> list[str]:
     lines += [data_line(name, *found[name]) for name in found]
     lines.append(step_plan_line(cfg, found))
     return lines
+
+
+def memory_lines(cfg: Config) -> list[str]:
+    """The per-GPU memory estimate and its verdict (training.memory), from the teacher's config
+    as the window checks read it (no weights, no network). A CPU job (train.use_gpu false) has
+    none; a model whose config is not at hand yet gets a line saying so."""
+    from linearard_ray.models.loading import ModelError, read_model_config
+    from linearard_ray.training.memory import plan_lines
+
+    if cfg.train.use_gpu is False:
+        return []
+    try:
+        hf = read_model_config(cfg.model.teacher, cfg.model)
+    except ModelError:
+        hf = None  # check_config has already reported a config that cannot be read
+    if hf is None:
+        return [f"memory per GPU: known once the config of {cfg.model.teacher!r} is at hand (fetched or cached)"]
+    try:
+        return plan_lines(cfg, hf)
+    except ValueError as e:  # not a Llama-family decoder: the estimate's formulas do not apply
+        return [f"memory per GPU: no estimate ({e})"]
 
 
 def with_finished_teacher_samples(cfg: Config) -> tuple[Config, str | None, bool]:
