@@ -108,8 +108,9 @@ class ModelShape:
     intermediate: int
     vocab: int
     tied_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # Llama's: a bias on q, k, v and o
     mlp_bias: bool = False
+    qkv_bias: bool = False  # Qwen2's: a bias on q, k and v only, whatever attention_bias says
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -135,6 +136,7 @@ class ModelShape:
             tied_embeddings=bool(get("tie_word_embeddings", False)),
             attention_bias=bool(get("attention_bias", False)),
             mlp_bias=bool(get("mlp_bias", False)),
+            qkv_bias=get("model_type") == "qwen2",
         )
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
@@ -153,8 +155,10 @@ class ModelShape:
 
     def module_params(self, name: str) -> int:
         fan_in, fan_out = self.linear_dims()[name]
-        bias = self.attention_bias if name in ("q_proj", "k_proj", "v_proj", "o_proj") else self.mlp_bias
-        # Llama's attention_bias puts a bias on q/k/v and o_proj alike
+        if name in ("q_proj", "k_proj", "v_proj"):
+            bias = self.attention_bias or self.qkv_bias
+        else:
+            bias = self.attention_bias if name == "o_proj" else self.mlp_bias
         return fan_in * fan_out + (fan_out if bias else 0)
 
     def layer_params(self) -> int:
