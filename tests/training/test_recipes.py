@@ -4,6 +4,7 @@ claim, and their step plans come out as documented."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def test_expected_recipes_exist():
     want = {
         "default.yaml",
         "llama2-7b-32k.yaml",
+        "llama2-13b-32k.yaml",
+        "llama3-70b-x4.yaml",
         "llama3-8b-x4.yaml",
         "mistral-7b-x4.yaml",
         "smollm2-135m-x4.yaml",
@@ -119,3 +122,45 @@ def test_setting_one_relation_weight_leaves_the_others_on(overrides, want):
 def test_negative_relation_weight_is_rejected():
     with pytest.raises(ConfigError, match="relation weight v"):
         load_config(None, ["objective.relation.weights.v=-1"])
+
+
+# The models the big recipes name, as config dicts (no network); their parameter counts are
+# checked against the real models in tests/training/test_memory.py.
+_GPU_LINE = re.compile(r"^# GPUs: (\d+) × (\S+) \((\d+) GB\)( at least)? \(memory estimate: ([\d.]+) GiB per GPU")
+
+
+def _model_dicts():
+    from tests.training.test_memory import LLAMA2_7B, LLAMA2_13B, LLAMA3_70B
+
+    return {
+        "meta-llama/Llama-2-7b-hf": LLAMA2_7B,
+        "meta-llama/Llama-2-13b-hf": LLAMA2_13B,
+        "meta-llama/Meta-Llama-3-70B": LLAMA3_70B,
+    }
+
+
+def test_big_recipes_state_their_gpus():
+    stated = {name for name in RECIPES if "\n# GPUs: " in (CONFIGS / name).read_text()}
+    assert {"llama2-7b-32k.yaml", "llama2-13b-32k.yaml", "llama3-70b-x4.yaml"} <= stated
+
+
+@pytest.mark.parametrize("name", ["llama2-7b-32k.yaml", "llama2-13b-32k.yaml", "llama3-70b-x4.yaml"])
+def test_recipe_header_gpus_agree_with_the_memory_estimate(name):
+    """'# GPUs: N × CARD (M GB) [at least] (memory estimate: X GiB per GPU': N is the recipe's
+    worker count, the estimate on that card fits with N workers and is X; 'at least': N - 1 does not."""
+    from linearard_ray.training.memory import estimate_for_config, gpu_memory_gib
+
+    text = (CONFIGS / name).read_text()
+    found = [m for m in map(_GPU_LINE.match, text.splitlines()) if m]
+    assert len(found) == 1, f"{name}: one '# GPUs: N × CARD (M GB) ... (memory estimate: X GiB per GPU' line"
+    n, card, _, at_least, stated = found[0].groups()
+    cfg = load_config(CONFIGS / name)
+    model = _model_dicts()[cfg.model.teacher]
+    assert int(n) == cfg.train.num_workers
+    if cfg.train.accelerator_type is not None:
+        assert cfg.train.accelerator_type == card
+    gib = gpu_memory_gib(card)
+    est = estimate_for_config(cfg, model, gib)
+    assert est.fits and f"{est.total / 2**30:.1f}" == stated
+    if at_least:
+        assert not estimate_for_config(cfg, model, gib, workers=int(n) - 1).fits
