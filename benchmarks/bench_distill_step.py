@@ -284,7 +284,16 @@ def _weights(text: str) -> dict[str, float]:
     return {name: checked[name] for name in given}
 
 
-def objective_config(a, overlap: bool = True) -> ObjectiveConfig:
+def objective_config(a, overlap: bool = True, backward: str = "auto") -> ObjectiveConfig:
+    """The objective of the timed step: ``--objective-config``'s recipe section (the step users
+    run), else LinearARD's relations shaped by the --relation-* flags. ``overlap`` and a
+    ``backward`` other than auto (the variant's) replace the recipe's own settings."""
+    if a.objective_config is not None:
+        obj = a.recipe_objective
+        rel = {"overlap": overlap}
+        if backward in ("sweep", "rowfwd"):
+            rel["backward"] = backward
+        return obj.model_copy(update={"relation": obj.relation.model_copy(update=rel)})
     # the config keeps Q/Q, K/K, V/V at 1 when weights leaves them out
     weights = dict(a.relation_weights)
     if a.relation_qk:
@@ -292,6 +301,20 @@ def objective_config(a, overlap: bool = True) -> ObjectiveConfig:
     return ObjectiveConfig(
         name="linearard", relation={"layers": a.relation_layers, "weights": weights, "overlap": overlap}
     )
+
+
+def objective_summary(a, v) -> dict:
+    """The terms and weights the variant's step computes, for the results."""
+    o = objective_config(a, v[2] != "off", v[1])
+    return {
+        "source": str(a.objective_config) if a.objective_config else "flags",
+        "relation": o.relation.weight,
+        "relation_weights": dict(o.relation.weights),
+        "relation_layers": o.relation.layers.model_dump(exclude_none=True),
+        "relation_backward": o.relation.backward,
+        "logits": o.logits.weight,
+        "next_token": o.next_token.weight,
+    }
 
 
 BACKWARDS = ("auto", "sweep", "atomic", "rowfwd")
@@ -359,6 +382,31 @@ def parse(argv=None):
         default="all",
         help="objective.relation.layers (all, last:N, every:K, ...); the 7B benchmark uses all",
     )
+    p.add_argument(
+        "--objective-config",
+        type=Path,
+        default=None,
+        help="a recipe YAML whose objective section the step computes (its relation weights, layers and "
+        "backward, the attention map, logit KL and next-token terms: the step users run, e.g. "
+        "configs/smollm2-135m-x4-restore-long.yaml); replaces --relation-weights/-qk/-layers",
+    )
+    p.add_argument(
+        "--parallelism",
+        default="ddp",
+        help="comma list of ddp/fsdp: ddp = whole models on every worker (DDP over the LoRA gradients when "
+        "--workers > 1); fsdp = teacher and student sharded per decoder layer with FSDP2 "
+        "(linearard_ray.training.fsdp.shard_models)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes, one per GPU (torch.multiprocessing spawn; NCCL on GPUs, gloo on CPU); 1 = this "
+        "process (fsdp still gets a one-process group)",
+    )
+    p.add_argument(
+        "--offload-teacher", action="store_true", help="fsdp: the teacher's shards in host memory (train.fsdp)"
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotune)")
     p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false")
@@ -375,6 +423,25 @@ def parse(argv=None):
     a.overlaps = [x.strip() for x in a.overlap.split(",") if x.strip()]
     if not a.overlaps or any(x not in ("on", "off", "on-lo") for x in a.overlaps):
         p.error(f"--overlap: give a list of on, off, on-lo, got {a.overlap!r}")
+    a.parallelisms = [x.strip() for x in a.parallelism.split(",") if x.strip()]
+    if not a.parallelisms or any(x not in ("ddp", "fsdp") for x in a.parallelisms):
+        p.error(f"--parallelism: give a list of ddp, fsdp, got {a.parallelism!r}")
+    if a.workers < 1:
+        p.error(f"--workers must be at least 1, got {a.workers}")
+    if a.workers > 1 and torch.cuda.is_available() and not a.tiny and a.workers > torch.cuda.device_count():
+        p.error(f"--workers {a.workers}: only {torch.cuda.device_count()} GPUs here")
+    a.recipe_objective = None
+    if a.objective_config is not None:
+        from linearard_ray.config import ConfigError, load_config
+
+        try:
+            a.recipe_objective = load_config(a.objective_config).objective
+        except (ConfigError, OSError) as e:
+            p.error(f"--objective-config {a.objective_config}: {e}")
+        if a.relation_weights or a.relation_qk or a.relation_layers != "all":
+            p.error(
+                "--objective-config gives the relation weights and layers: leave out --relation-weights/-qk/-layers"
+            )
     if a.tiny:
         a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab = 2, 64, 128, 4, 4, 256
         a.seq, a.native, a.lora_r, a.lora_alpha, a.steps, a.warmup = 128, 128, 8, 16, 2, 1
@@ -399,7 +466,7 @@ def variants(a) -> list[tuple[str, str, str]]:
 
 
 def make_objective(a, v, rope, device: torch.device) -> Objective:
-    obj = Objective(objective_config(a, v[2] != "off"), rope, a.layers, a.backend)
+    obj = Objective(objective_config(a, v[2] != "off", v[1]), rope, a.layers, a.backend)
     if v[2] == "on-lo" and device.type == "cuda":
         obj._sides[device] = SideStream(device, priority=0)
     return obj
@@ -422,24 +489,121 @@ def routed(v, device: torch.device):
             rk.set_backward_mode(None)
 
 
-def run(a) -> dict:
-    """Time every (impl, backward, overlap) variant on the same models, one step of each in turn.
+def _device(a, rank: int) -> torch.device:
+    if torch.cuda.is_available() and not a.tiny:
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
 
-    One variant: its figures. Several: {"variants": [...]}; with a null variant among them each
-    other variant also gets ``added_ms`` (its step minus the null step with the same overlap
-    setting) and ``added_share`` (that over its step): the time the relation op adds, which is
-    the honest cost once the op overlaps the model and its own spans no longer add up to it.
-    """
-    device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process_group(rank: int, world: int, port: int, device: torch.device):
+    """torch.distributed over ``world`` local processes: NCCL on GPUs, gloo on CPU."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def predicted_peak_gib(a, v, parallelism: str, world: int, device: torch.device) -> float | None:
+    """linearard_ray.training.memory's per-GPU peak for variant v, to print beside the measured one
+    (None for the attention proxies, which the memory model does not describe)."""
+    from linearard_ray.training.memory import GIB, TrainingSetup, estimate_memory
+
+    if v[0].startswith("attn"):
+        return None
+    o = objective_config(a, v[2] != "off", v[1])
+    relations = ()
+    if o.relation.weight > 0:
+        relations = tuple(r for r in ("q", "k", "v", "qk") if o.relation.weights.get(r, 0.0) > 0)
+    half = device.type == "cuda"
+    setup = TrainingSetup(
+        seq_len=a.seq,
+        micro_batch=a.batch,
+        lora_rank=a.lora_r,
+        workers=world,
+        parallelism=parallelism,
+        offload_teacher=a.offload_teacher,
+        gradient_checkpointing=a.grad_checkpointing,
+        relations=relations,
+        relation_layers=len(o.relation.layers.resolve(a.layers)) if relations else None,
+        relation_backward="rowfwd" if o.relation.backward == "rowfwd" else "default",
+        relation_impl="null" if v[0] == "null" else "op",
+        logit_kl=o.logits.weight > 0,
+        next_token=o.next_token.weight > 0,
+        logit_chunk=o.logits.chunk_size,
+        weight_bytes=2 if half else 4,
+        activation_bytes=2 if half else 4,
+    )
+    shape = {
+        "hidden_size": a.hidden,
+        "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "intermediate_size": a.intermediate,
+        "vocab_size": a.vocab,
+    }
+    return estimate_memory(shape, setup).total / GIB
+
+
+def _parallel_step(a, parallelism: str, world: int, teacher, student, device: torch.device):
+    """(loss_fn(objective, batch) -> LossOutput-like (loss, metrics), clip(params)) for the setup:
+    the objective called directly (one process, or FSDP2 after shard_models), or through DDP."""
+    from linearard_ray.training.fsdp import clip_grad_norm
+
+    if parallelism == "fsdp":
+        from linearard_ray.config.job import FsdpConfig
+        from linearard_ray.training.fsdp import shard_models
+
+        shard_models(teacher, student, FsdpConfig(offload_teacher=a.offload_teacher), device, device.type == "cuda")
+    if parallelism == "ddp" and world > 1:
+        from linearard_ray.training.distributed import ObjectiveModule, wrap_ddp
+
+        module = ObjectiveModule(None, student, teacher)
+        ddp = wrap_ddp(module, device)
+
+        def loss_fn(objective, batch):
+            module._frozen["objective"] = objective  # one DDP wrapper, the variant's objective
+            loss = ddp(batch)
+            return loss, module.last_metrics
+
+    else:
+
+        def loss_fn(objective, batch):
+            out = objective(teacher, student, batch)
+            return out.loss, out.metrics
+
+    return loss_fn, lambda params: clip_grad_norm(params, 5.0)
+
+
+def run_variants(a, parallelism: str = "ddp", rank: int = 0, world: int = 1) -> list[dict]:
+    """Time every (impl, backward, overlap) variant on the same models, one step of each in turn,
+    in this process (rank ``rank`` of ``world``; a process group is up when world > 1 or under
+    fsdp). Returns rank 0's figures, with every rank's peak memory in ``peak_mem_gb_ranks``."""
+    device = _device(a, rank)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher, student, rope = build_models(a, device, dtype)
+    loss_fn, clip = _parallel_step(a, parallelism, world, teacher, student, device)
     todo = variants(a)
     objectives = {v: make_objective(a, v, rope, device) for v in todo}
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)
     restore = instrument_relation_ops(clock)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1 + rank)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
@@ -456,9 +620,9 @@ def run(a) -> dict:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             with autocast:
-                out = objectives[v](teacher, student, batch)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
+                loss, metrics = loss_fn(objectives[v], batch)
+            loss.backward()
+            clip(params)
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -468,7 +632,7 @@ def run(a) -> dict:
             r["step"].append(dt)
             r["loss_ms"].append(clock.total_ms())
             r["fwd_ms"].append(clock.total_ms("fwd"))
-            r["loss"].append(out.metrics["loss"])
+            r["loss"].append(metrics["loss"])
             if device.type == "cuda":
                 r["peak"] = max(r["peak"], torch.cuda.max_memory_allocated() / 2**30)
 
@@ -481,47 +645,105 @@ def run(a) -> dict:
                 step(v, True)
     finally:
         restore()
+    peaks = {v: [rec[v]["peak"]] for v in todo}
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {str(v): rec[v]["peak"] for v in todo})
+        peaks = {v: [ranks[str(v)] for ranks in gathered] for v in todo}
+    return [_result(a, v, rec[v], peaks[v], parallelism, world, device, dtype) for v in todo]
+
+
+def _result(a, v, r: dict, peaks: list[float], parallelism: str, world: int, device, dtype) -> dict:
+    st, rel = statistics.median(r["step"]), statistics.median(r["loss_ms"])
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "shape": {
+            "layers": a.layers,
+            "hidden": a.hidden,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "head_dim": a.hidden // a.heads,
+            "seq": a.seq,
+            "batch": a.batch,
+            "lora_r": a.lora_r,
+        },
+        "parallelism": parallelism,
+        "workers": world,
+        "offload_teacher": a.offload_teacher if parallelism == "fsdp" else False,
+        "objective": objective_summary(a, v),
+        "backend": a.backend,
+        "relation_backward": v[1],
+        "relation_layers": a.relation_layers,
+        "relation_impl": v[0],
+        "overlap": v[2] != "off",
+        "side_priority": "default" if v[2] == "on-lo" else None,
+        "relation_qk": a.relation_qk,
+        "relation_weights": a.relation_weights,
+        "grad_checkpointing": a.grad_checkpointing,
+        "dtype": str(dtype).replace("torch.", ""),
+        "step_ms": st,
+        "step_ms_all": r["step"],
+        # every worker runs its own micro-batch: tokens/s per GPU is one worker's
+        "tokens_per_s": a.batch * a.seq / (st / 1e3),
+        "relation_loss_ms": rel,
+        "relation_loss_fwd_ms": statistics.median(r["fwd_ms"]),
+        "relation_loss_share": rel / st,
+        "peak_mem_gb": max(peaks) if cuda else None,
+        "peak_mem_gb_ranks": peaks if cuda else None,
+        "predicted_peak_gb": predicted_peak_gib(a, v, parallelism, world, device),
+        "loss": r["loss"][-1],
+        "steps_timed": len(r["step"]),
+    }
+
+
+def _worker(rank: int, a, parallelism: str, world: int, port: int, out: str) -> None:
+    device = _device(a, rank)
+    with process_group(rank, world, port, device):
+        results = run_variants(a, parallelism, rank, world)
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def run_spawned(a, parallelism: str, world: int) -> list[dict]:
+    """``run_variants`` in ``world`` spawned processes (one per GPU); rank 0's figures."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "results.json")
+        mp.spawn(_worker, args=(a, parallelism, world, _free_port(), out), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def run(a) -> dict:
+    """Every parallelism of ``--parallelism`` × every variant (see ``run_variants``).
+
+    One result: its figures. Several: {"variants": [...]}; with a null variant among them each
+    other variant also gets ``added_ms`` (its step minus the null step with the same parallelism
+    and overlap setting) and ``added_share`` (that over its step): the time the relation op adds,
+    which is the honest cost once the op overlaps the model and its own spans no longer add up to it.
+    """
     results = []
-    for v in todo:
-        r = rec[v]
-        st, rel = statistics.median(r["step"]), statistics.median(r["loss_ms"])
-        results.append(
-            {
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "shape": {
-                    "layers": a.layers,
-                    "hidden": a.hidden,
-                    "heads": a.heads,
-                    "kv_heads": a.kv_heads,
-                    "head_dim": a.hidden // a.heads,
-                    "seq": a.seq,
-                    "batch": a.batch,
-                    "lora_r": a.lora_r,
-                },
-                "backend": a.backend,
-                "relation_backward": v[1],
-                "relation_layers": a.relation_layers,
-                "relation_impl": v[0],
-                "overlap": v[2] != "off",
-                "side_priority": "default" if v[2] == "on-lo" else None,
-                "relation_qk": a.relation_qk,
-                "relation_weights": a.relation_weights,
-                "grad_checkpointing": a.grad_checkpointing,
-                "dtype": str(dtype).replace("torch.", ""),
-                "step_ms": st,
-                "step_ms_all": r["step"],
-                "tokens_per_s": a.batch * a.seq / (st / 1e3),
-                "relation_loss_ms": rel,
-                "relation_loss_fwd_ms": statistics.median(r["fwd_ms"]),
-                "relation_loss_share": rel / st,
-                "peak_mem_gb": r["peak"] if device.type == "cuda" else None,
-                "loss": r["loss"][-1],
-                "steps_timed": len(r["step"]),
-            }
-        )
-    nulls = {res["overlap"]: res for res in results if res["relation_impl"] == "null" and not res["side_priority"]}
+    for parallelism in a.parallelisms:
+        if a.workers > 1:
+            results += run_spawned(a, parallelism, a.workers)
+        elif parallelism == "fsdp":  # FSDP2 needs a process group, even of one
+            with process_group(0, 1, _free_port(), _device(a, 0)):
+                results += run_variants(a, parallelism)
+        else:
+            results += run_variants(a, parallelism)
+    nulls = {
+        (res["parallelism"], res["overlap"]): res
+        for res in results
+        if res["relation_impl"] == "null" and not res["side_priority"]
+    }
     for res in results:
-        base = nulls.get(res["overlap"]) or next(iter(nulls.values()), None)
+        same = [n for k, n in nulls.items() if k[0] == res["parallelism"]]
+        base = nulls.get((res["parallelism"], res["overlap"])) or next(iter(same), None)
         if base is not None and res["relation_impl"] != "null":
             res["added_ms"] = res["step_ms"] - base["step_ms"]
             res["added_share"] = res["added_ms"] / res["step_ms"]
@@ -531,14 +753,23 @@ def run(a) -> dict:
 def _line(res: dict) -> str:
     impl = res["relation_impl"] + (f" ({res['relation_backward']})" if res["relation_backward"] != "auto" else "")
     ov = ("on-lo" if res["side_priority"] else "on") if res["overlap"] else "off"
+    par = res["parallelism"] + (f"×{res['workers']}" if res["workers"] > 1 else "")
     line = (
-        f"{impl:>26} overlap {ov:<5} | step {res['step_ms']:.1f} ms | "
+        f"{par:>6} {impl:>26} overlap {ov:<5} | step {res['step_ms']:.1f} ms | "
         f"{res['tokens_per_s']:.0f} tokens/s | relation-op spans {res['relation_loss_ms']:.1f} ms "
         f"(fwd {res['relation_loss_fwd_ms']:.1f}) = {100 * res['relation_loss_share']:.1f}% of the step"
     )
     if "added_ms" in res:
         line += f" | adds {res['added_ms']:.1f} ms = {100 * res['added_share']:.1f}% of the step"
-    line += " | peak memory " + (f"{res['peak_mem_gb']:.1f} GiB" if res["peak_mem_gb"] is not None else "n/a (CPU)")
+    if res["peak_mem_gb"] is not None:
+        ranks = res["peak_mem_gb_ranks"]
+        line += f" | peak memory {res['peak_mem_gb']:.1f} GiB"
+        line += f" (ranks {', '.join(f'{x:.1f}' for x in ranks)})" if len(ranks) > 1 else ""
+    else:
+        line += " | peak memory n/a (CPU)"
+    if res["predicted_peak_gb"] is not None:
+        gib = res["predicted_peak_gb"]
+        line += f", memory model {gib:.1f} GiB" if gib >= 1 else f", memory model {gib * 1024:.1f} MiB"
     return line + f" | loss {res['loss']:.4f}"
 
 
