@@ -298,9 +298,10 @@ def objective_config(a, overlap: bool = True, backward: str = "auto") -> Objecti
     weights = dict(a.relation_weights)
     if a.relation_qk:
         weights["qk"] = a.relation_qk
-    return ObjectiveConfig(
-        name="linearard", relation={"layers": a.relation_layers, "weights": weights, "overlap": overlap}
-    )
+    relation = {"layers": a.relation_layers, "weights": weights, "overlap": overlap}
+    if backward in ("sweep", "rowfwd"):
+        relation["backward"] = backward
+    return ObjectiveConfig(name="linearard", relation=relation)
 
 
 def objective_summary(a, v) -> dict:
