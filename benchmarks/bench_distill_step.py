@@ -3,15 +3,25 @@
     python benchmarks/bench_distill_step.py                      # 32 layers, H=32, D=128, T=4096
     python benchmarks/bench_distill_step.py --layers 8           # shrink to fit / to iterate fast
     python benchmarks/bench_distill_step.py --tiny               # CPU smoke run of the same code
+    python benchmarks/bench_distill_step.py --objective-config configs/smollm2-135m-x4-restore-long.yaml
+    python benchmarks/bench_distill_step.py --parallelism ddp,fsdp --workers 2   # 2 GPUs, DDP then FSDP2
 
 What one step is, exactly as the training loop runs it: teacher forward without gradients with
 Q/K/V capture, student (PI×8, LoRA r=1024/α=2048 on q/k/v) forward with capture, the relation KL
 of all three relations on every layer (``linearard_ray.objective.loss.Objective`` → ``linearard_ray.ops``),
 backward, gradient clipping, AdamW. Weights are random (the shapes are what cost time).
 
-Reported: tokens/s per GPU, the share of the step spent in the relation loss (forward and
-backward of the relation ops, timed with CUDA events placed around them: the backward events
-fire from identity autograd nodes wrapped around the ops' inputs and outputs), and peak memory.
+``--objective-config`` times a recipe's objective instead (its relation weights and layers, the
+attention map, logit KL and next-token terms: the step users run); ``--relation-weights q=0,k=0``
+times V/V alone. ``--parallelism ddp,fsdp`` with ``--workers N`` runs the step in N spawned
+processes (one per GPU, NCCL; gloo on CPU): DDP over the LoRA gradients, or FSDP2 sharding of both
+models (``linearard_ray.training.fsdp.shard_models``, ``--offload-teacher``).
+
+Reported: tokens/s per GPU (one worker's micro-batch over its step), the share of the step spent
+in the relation loss (forward and backward of the relation ops, timed with CUDA events placed
+around them: the backward events fire from identity autograd nodes wrapped around the ops' inputs
+and outputs), and peak memory per rank beside what the memory model
+(``linearard_ray.training.memory``) predicts for the same setup.
 Only torch, transformers, peft and this package are needed.
 """
 
