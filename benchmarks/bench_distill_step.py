@@ -476,8 +476,8 @@ def variants(a) -> list[tuple[str, str, str]]:
     ]
 
 
-def make_objective(a, v, rope, device: torch.device) -> Objective:
-    obj = Objective(objective_config(a, v[2] != "off", v[1]), rope, a.layers, a.backend)
+def make_objective(a, v, rope, device: torch.device, sharded: bool = False) -> Objective:
+    obj = Objective(objective_config(a, v[2] != "off", v[1]), rope, a.layers, a.backend, sharded=sharded)
     if v[2] == "on-lo" and device.type == "cuda":
         obj._sides[device] = SideStream(device, priority=0)
     return obj
@@ -609,7 +609,7 @@ def run_variants(a, parallelism: str = "ddp", rank: int = 0, world: int = 1) -> 
     teacher, student, rope = build_models(a, device, dtype)
     loss_fn, clip = _parallel_step(a, parallelism, world, teacher, student, device)
     todo = variants(a)
-    objectives = {v: make_objective(a, v, rope, device) for v in todo}
+    objectives = {v: make_objective(a, v, rope, device, sharded=parallelism == "fsdp") for v in todo}
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
     clock = _Clock(device)

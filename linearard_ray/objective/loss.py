@@ -121,6 +121,15 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _output_anchor(hidden: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on the decoder's output. FSDP2 gathers a layer's weights again for its
+    backward from a hook on the layer's output; with relation terms alone the last layers' outputs
+    get no gradient (only their captured q/k/v do), so their backward would meet the weights still
+    in shards. This zero gives every output a (zero) gradient, at the cost of the backward of the
+    final norm and the last layer's tail."""
+    return hidden.sum() * 0.0
+
+
 class Objective:
     """``Objective(objective_cfg, rope_cfg, num_layers)(teacher, student, batch, lm_batch)``.
 
@@ -134,9 +143,11 @@ class Objective:
         num_layers: int,
         backend: str = "auto",
         own_lm_stream: bool = False,
+        sharded: bool = False,
     ):
         self.cfg = objective_cfg
         self.own_lm_stream = own_lm_stream
+        self.sharded = sharded
         self.rope_cfg = rope_cfg or RopeConfig()
         self.num_layers = int(num_layers)
         self.backend = backend
@@ -360,6 +371,8 @@ class Objective:
         else:
             s_out = s_dec(input_ids=ids, attention_mask=mask, use_cache=False)
         s_hidden = s_out.last_hidden_state
+        if self.sharded and not (self.w_logit > 0 or nt_on_batch):
+            loss = loss + _output_anchor(s_hidden)
         if self.w_logit > 0:
             lc = self.cfg.logits
             kl = chunked_logit_kl(

@@ -81,17 +81,27 @@ class HeldOutEval:
         was_training = model.training
         model.eval()
         with torch.no_grad(), autocast(self.cfg, self.device):
-            for i, w in enumerate(windows):
+            for i in range(self._rounds(len(windows))):
                 if i % self.world != self.rank:
                     continue
-                ids = torch.tensor([w], dtype=torch.long, device=self.device)
+                # a sharded model's forward is a collective: a rank without a window of its own in
+                # this round runs one anyway, and leaves it out of the sums
+                ids = torch.tensor([windows[i % len(windows)]], dtype=torch.long, device=self.device)
                 s, c = sequence_nll(model, ids, torch.ones_like(ids))
-                total += s
-                count += c
+                if i < len(windows):
+                    total += s
+                    count += c
         if was_training:
             model.train()
         total, count = all_reduce_sum([total, float(count)], self.device)
         return total / max(count, 1.0)
+
+    def _rounds(self, n: int) -> int:
+        """Windows visited: ``n``, or with sharded models (train.parallelism=fsdp) enough that every
+        worker runs as many forwards as the others."""
+        if self.cfg.train.parallelism != "fsdp":
+            return n
+        return -(-n // self.world) * self.world
 
     def compute_teacher(self, teacher) -> None:
         self.teacher_nll = self._mean_nll(teacher, self.short)

@@ -108,7 +108,9 @@ def build_trainee(
     scheduler = build_scheduler(optimizer, t.warmup_steps, job.total_steps, t.min_lr_ratio)
     state = _continue_or_start(cfg, job, student, optimizer, scheduler, loaded, rank, world)
     num_layers = _num_layers(student)
-    objective = Objective(cfg.objective, cfg.rope, num_layers, t.op_backend, own_lm_stream=own_lm_stream(job.streams))
+    objective = Objective(
+        cfg.objective, cfg.rope, num_layers, t.op_backend, own_lm_stream=own_lm_stream(job.streams), sharded=sharded
+    )
     loss_module = ObjectiveModule(objective, student, teacher)
     # FSDP reduces the gradients itself; DDP's wrapper does it for the whole-model workers
     step_fn = wrap_ddp(loss_module, device) if world > 1 and not sharded else loss_module

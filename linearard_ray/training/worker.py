@@ -63,7 +63,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
     _quiet_libraries()
     ctx = ray.train.get_context()
     w = Worker(cfg, job, ctx.get_world_rank(), ctx.get_world_size(), device_for_worker(job.use_gpu))
-    _check_supported(cfg)
     loaded = _resume_checkpoint(w)
     trainee = build_trainee(cfg, job, w.device, w.rank, w.world, loaded)
     streams = open_streams(cfg, job, trainee.state, w.rank, w.world, _dataset_epochs, w.device.type == "cuda")
@@ -90,17 +89,6 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - cosmetic only
         pass
-
-
-def _check_supported(cfg: Config) -> None:
-    """Settings the sharded mode does not run with yet."""
-    if cfg.train.parallelism == "fsdp" and cfg.train.eval_every:
-        # the held-out windows are split over the workers unevenly, and every sharded forward is a
-        # collective that all workers must join
-        raise ValueError(
-            "train.eval_every is not supported with train.parallelism=fsdp; unset it (evaluate the exported "
-            "student with train.evaluate_at_end or the evaluate command)"
-        )
 
 
 def _resume_checkpoint(w: Worker) -> LoadedCheckpoint | None:
