@@ -293,7 +293,8 @@ def load_model(
     device=None,
     dtype: str | torch.dtype | None = None,
 ):
-    """A causal LM in eval mode, frozen; with `rope_cfg` its RoPE is rescaled first (for evaluation)."""
+    """A causal LM in eval mode, frozen; with `rope_cfg` its RoPE is rescaled first (for evaluation).
+    ``device="meta"``: the same model built from its config alone, without reading weights."""
     from transformers import AutoModelForCausalLM
 
     model_cfg = model_cfg or ModelConfig()
@@ -306,15 +307,52 @@ def load_model(
     )
     if rope_cfg is not None:
         kw["config"] = apply_rope_scaling(load_hf_config(name_or_path, model_cfg), rope_cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, **kw).to(dev)
+    if dev.type == "meta":
+        model = _build_on_meta(kw.pop("config", None) or load_hf_config(name_or_path, model_cfg), **kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw).to(dev)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def load_teacher(model_cfg: ModelConfig, device=None):
-    """The frozen teacher (native RoPE) in eval mode."""
-    return load_model(model_cfg.teacher, model_cfg, device=device)
+def load_teacher(model_cfg: ModelConfig, device=None, *, dtype: torch.dtype | None = None):
+    """The frozen teacher (native RoPE) in eval mode; ``dtype`` defaults to ``model.dtype`` on
+    ``device`` (``device="meta"``: built without reading weights, see ``load_model``)."""
+    return load_model(model_cfg.teacher, model_cfg, device=device, dtype=dtype)
+
+
+def _build_on_meta(config, *, dtype: torch.dtype, attn_implementation, trust_remote_code: bool):
+    """The causal LM ``from_pretrained`` would give for ``config``, on the meta device: every
+    parameter and buffer has its shape and dtype and no storage, and no weight file is read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+
+
+def recompute_buffers(model) -> None:
+    """Refill the buffers a model computes from its config when it is built and keeps out of its
+    state dict (RoPE's inverse frequencies, scaled for the student): after ``to_empty`` they hold
+    garbage, and no state dict brings them back. Each module holding such buffers is built afresh
+    on the CPU from its own config, and its buffers are copied over."""
+    for name, module in model.named_modules():
+        computed = [b for b in module._non_persistent_buffers_set if module._buffers.get(b) is not None]
+        if not computed:
+            continue
+        config = getattr(module, "config", None)
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(config)
+        except Exception as e:  # a module that is not built from its config alone
+            raise ModelError(
+                f"cannot recompute the buffers {computed} of {name} ({type(module).__name__}) from its config: {e}"
+            ) from None
+        with torch.no_grad():
+            for b in computed:
+                module._buffers[b].copy_(getattr(fresh, b))
 
 
 _ARCH_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")
@@ -378,6 +416,7 @@ def load_student(
     lora_cfg: LoraConfig,
     *,
     device=None,
+    dtype: torch.dtype | None = None,
     gradient_checkpointing: bool = False,
 ):
     """The RoPE-scaled student, in train mode, with only its q/k/v projections trainable.
@@ -386,6 +425,9 @@ def load_student(
     scaling starts from is ``rope.original_max_position_embeddings`` or the teacher's window. With
     ``lora.enabled`` the student is a peft ``PeftModel`` with LoRA adapters on
     ``lora.target_modules``; otherwise those modules' weights (and biases) train directly.
+    ``dtype`` defaults to ``model.dtype`` on ``device``. ``device="meta"``: the same student (RoPE
+    scaling, LoRA wrapping, checkpointing) built from the configs alone, without reading weights;
+    its LoRA adapters get no values either.
     """
     from transformers import AutoModelForCausalLM
 
@@ -397,13 +439,16 @@ def load_student(
     if rope_cfg.original_max_position_embeddings is None:
         rope_cfg = rope_cfg.model_copy(update={"original_max_position_embeddings": native_window(teacher_hf)})
     scaled = apply_rope_scaling(student_hf, rope_cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(src, model_cfg.cache_dir),
-        config=scaled,
-        dtype=resolve_dtype(model_cfg.dtype, dev),
+    kw: dict[str, Any] = dict(
+        dtype=dtype or resolve_dtype(model_cfg.dtype, dev),
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
-    ).to(dev)
+    )
+    if dev.type == "meta":
+        model = _build_on_meta(scaled, **kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(src, model_cfg.cache_dir), config=scaled, **kw)
+        model = model.to(dev)
     model.requires_grad_(False)
     targets = list(lora_cfg.target_modules)
     found = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
@@ -412,7 +457,9 @@ def load_student(
         raise ModelError(f"lora.target_modules {missing} do not exist in {type(model).__name__}")
     if gradient_checkpointing:
         enable_checkpointing(model)
-    model = _make_targets_trainable(model, lora_cfg, targets)
+    # on meta, peft's adapters are built there too (not in host memory first)
+    with torch.device("meta") if dev.type == "meta" else contextlib.nullcontext():
+        model = _make_targets_trainable(model, lora_cfg, targets)
     model.train()
     return model
 

@@ -61,34 +61,83 @@ def _shard_model(model, mesh, *, reshard_after_forward: bool, mp_policy, offload
     fully_shard(decoder, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None, **kw)
 
 
+def _sharding(role: str, fsdp_cfg, device: torch.device, mixed_precision: bool) -> dict[str, Any]:
+    """``_shard_model``'s settings for the ``"student"`` or the ``"teacher"``."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    if role == "student":
+        return dict(
+            reshard_after_forward=bool(fsdp_cfg.reshard_after_forward),
+            mp_policy=_policies(mixed_precision, reduce=True),
+            offload_policy=OffloadPolicy(),
+        )
+    offload = fsdp_cfg.offload_teacher and device.type == "cuda"
+    return dict(
+        reshard_after_forward=True,  # no backward: nothing to keep gathered for
+        mp_policy=_policies(mixed_precision, reduce=False),
+        offload_policy=CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy(),
+    )
+
+
 def shard_models(teacher, student, fsdp_cfg, device: torch.device, mixed_precision: bool):
-    """Shard ``teacher`` (may be None) and ``student`` in place over all workers; returns them.
+    """Shard ``teacher`` (may be None) and ``student``, whole on every worker, in place over all
+    workers; returns them. (Training builds its models with ``shard_from_rank0`` instead, so that
+    no worker holds a whole model.)
 
     ``fsdp_cfg``: ``train.fsdp`` (``offload_teacher``, ``reshard_after_forward``).
     ``mixed_precision``: bf16 parameters with fp32 gradient reduction (training in bf16 on a GPU);
     otherwise everything stays in the models' own dtype (fp32 on CPU). The teacher's shards are
     kept in host memory with ``offload_teacher`` on a GPU (CPUOffloadPolicy; a no-op on CPU).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
-
     mesh = _mesh(device)
-    _shard_model(
-        student,
-        mesh,
-        reshard_after_forward=bool(fsdp_cfg.reshard_after_forward),
-        mp_policy=_policies(mixed_precision, reduce=True),
-        offload_policy=OffloadPolicy(),
-    )
+    _shard_model(student, mesh, **_sharding("student", fsdp_cfg, device, mixed_precision))
     if teacher is not None:
-        offload = fsdp_cfg.offload_teacher and device.type == "cuda"
-        _shard_model(
-            teacher,
-            mesh,
-            reshard_after_forward=True,  # no backward: nothing to keep gathered for
-            mp_policy=_policies(mixed_precision, reduce=False),
-            offload_policy=CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy(),
-        )
+        _shard_model(teacher, mesh, **_sharding("teacher", fsdp_cfg, device, mixed_precision))
     return teacher, student
+
+
+def shard_from_rank0(model, full_state: dict[str, torch.Tensor], role: str, fsdp_cfg, device, mixed_precision):
+    """Shard ``model``, built on the meta device on every worker, and fill every worker's shards
+    from rank 0's ``full_state`` (the whole model's state dict, in host memory; an empty dict on
+    the other ranks); returns the model. ``role``: ``"student"`` or ``"teacher"``, sharded as
+    ``shard_models`` shards them. Every worker must call it.
+
+    No worker ever holds the whole model on its device: each allocates only its shards (and the
+    LM head, which stays whole) and receives them one tensor at a time from rank 0's broadcast.
+    The buffers kept out of the state dict (RoPE's inverse frequencies) are recomputed from the
+    config on every worker."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from linearard_ray.models.loading import recompute_buffers
+
+    settings = _sharding(role, fsdp_cfg, device, mixed_precision)
+    _shard_model(model, _mesh(device), **settings)
+    # an offloaded model's shards live in host memory; the state-dict loader wants every tensor
+    # on one device, so all of it starts there and the unsharded rest moves to the GPU after
+    offloaded = isinstance(settings["offload_policy"], CPUOffloadPolicy)
+    model.to_empty(device="cpu" if offloaded else device)
+    recompute_buffers(model)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(unwrap_model(model, keep_adapter=True), full_state, options=options)
+    if offloaded:
+        _move_unsharded(model, device)
+    return model
+
+
+def _move_unsharded(model, device: torch.device) -> None:
+    """The parameters FSDP does not shard (the LM head, tied embeddings) and the buffers, moved
+    to ``device``; the sharded (DTensor) parameters stay where their offload policy keeps them."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if not isinstance(p, DTensor) and p.device != device:
+                    p.data = p.data.to(device)
+            for name, b in module._buffers.items():
+                if b is not None and b.device != device:
+                    module._buffers[name] = b.to(device)
 
 
 def fsdp_root(model):

@@ -95,12 +95,11 @@ def build_trainee(
 
     t = cfg.train
     sharded = t.parallelism == "fsdp"
-    tokenizer, teacher, student = _load_models(cfg, device, loaded)
     if sharded:
-        from linearard_ray.training.fsdp import shard_models
-
         bf16 = device.type == "cuda" and compute_precision(cfg, device) == "bf16"
-        shard_models(teacher, student, t.fsdp, device, mixed_precision=bf16)
+        tokenizer, teacher, student = _load_sharded_models(cfg, device, rank, loaded, mixed_precision=bf16)
+    else:
+        tokenizer, teacher, student = _load_models(cfg, device, loaded)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the student has no trainable parameters (check lora.target_modules)")
@@ -130,6 +129,44 @@ def _load_models(cfg: Config, device: torch.device, loaded: LoadedCheckpoint | N
     )
     if loaded is not None and loaded.trainable is not None:  # a sharded checkpoint loads after sharding
         models.load_trainable_state_dict(student, loaded.trainable)
+    return tokenizer, teacher, student
+
+
+def _load_sharded_models(
+    cfg: Config, device: torch.device, rank: int, loaded: LoadedCheckpoint | None, mixed_precision: bool
+):
+    """(tokenizer, teacher or None, student), sharded over the workers with FSDP2 without any
+    worker holding a whole model on its device: rank 0 reads each model's weights into host
+    memory, as a DDP worker loads them (same seed, same order: the LoRA adapters start as under
+    DDP), every worker builds the model on the meta device, and rank 0's weights are broadcast
+    into the shards. One model after the other, so rank 0 holds one whole model in host memory
+    at a time and the other ranks none."""
+    from linearard_ray.models import loading as models
+    from linearard_ray.models.unwrap import unwrap_model
+    from linearard_ray.training.fsdp import shard_from_rank0
+
+    t = cfg.train
+    dtype = models.resolve_dtype(cfg.model.dtype, device)  # the dtype DDP would load on this device
+
+    def teacher_on(where):
+        return models.load_teacher(cfg.model, device=where, dtype=dtype)
+
+    def student_on(where):
+        student = models.load_student(
+            cfg.model, cfg.rope, cfg.lora, device=where, dtype=dtype, gradient_checkpointing=t.gradient_checkpointing
+        )
+        if where != "meta" and loaded is not None and loaded.trainable is not None:
+            models.load_trainable_state_dict(student, loaded.trainable)
+        return student
+
+    def shard(role: str, build):
+        full_state = unwrap_model(build("cpu"), keep_adapter=True).state_dict() if rank == 0 else {}
+        return shard_from_rank0(build("meta"), full_state, role, t.fsdp, device, mixed_precision)
+
+    torch.manual_seed(t.seed)  # as _load_models seeds it: the same adapters as a DDP run
+    tokenizer = models.load_tokenizer(cfg.model)
+    teacher = shard("teacher", teacher_on) if cfg.objective.needs_teacher else None
+    student = shard("student", student_on)
     return tokenizer, teacher, student
 
 
