@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.local_ray import head_port_flags
+from tests.local_ray import head_port_flags, local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -88,6 +88,13 @@ def small_corpus(path: Path, docs: int = 4, chars: int = 2500) -> Path:
     texts = (d["text"][:chars] for _, d in zip(range(docs), iter_sotu("train"), strict=False))
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cache_dir):
+    """A local Ray cluster (4 CPUs) for one test module's in-process runs of run_distill."""
+    with local_ray(num_cpus=4, cache_dir=cache_dir):
+        yield
 
 
 @pytest.fixture

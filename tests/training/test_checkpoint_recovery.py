@@ -25,8 +25,9 @@ from linearard_ray.training.trainee import build_trainee, write_checkpoint
 from tests.training import test_e2e as e2e
 from tests.training.test_resume import CPU, OVERRIDES, SPECS, STEPS, _cfg, _deterministic, _job, _opener, _steps
 
-# the end-to-end tests' Ray cluster, corpus and uninterrupted reference run, as this module's fixtures
-ray_cluster, corpus, workdir, reference = e2e.ray_cluster, e2e.corpus, e2e.workdir, e2e.reference
+# the end-to-end tests' corpus and uninterrupted reference run, as this module's fixtures (the Ray
+# cluster comes from tests/training/conftest.py)
+corpus, workdir, reference = e2e.corpus, e2e.workdir, e2e.reference
 RAY_STEPS = e2e.STEPS
 
 

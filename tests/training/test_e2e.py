@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.local_ray import local_ray
+from tests.training.conftest import small_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +24,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A few SOTU openings as a small jsonl corpus (a few hundred tiny-tokenizer blocks)."""
-    from linearard_ray.data.corpus import iter_sotu
-
-    d = tmp_path_factory.mktemp("corpus")
-    p = d / "docs.jsonl"
-    docs = [doc for _, doc in zip(range(6), iter_sotu("train"), strict=False)]
-    p.write_text("".join(json.dumps({"text": doc["text"][:3000]}) + "\n" for doc in docs))
-    return p
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(cache_dir):
-    with local_ray(num_cpus=4, cache_dir=cache_dir):
-        yield
+    return small_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", docs=6, chars=3000)
 
 
 @pytest.fixture(scope="module")

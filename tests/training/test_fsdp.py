@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.local_ray import local_ray
+from tests.training.conftest import small_corpus
+from tests.training.test_e2e import _cfg as e2e_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -24,18 +25,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from linearard_ray.data.corpus import iter_sotu
-
-    p = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    docs = [doc for _, doc in zip(range(4), iter_sotu("train"), strict=False)]
-    p.write_text("".join(json.dumps({"text": doc["text"][:2000]}) + "\n" for doc in docs))
-    return p
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(cache_dir):
-    with local_ray(num_cpus=4, cache_dir=cache_dir):
-        yield
+    return small_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", docs=4, chars=2000)
 
 
 @pytest.fixture(scope="module")
@@ -44,37 +34,21 @@ def workdir(tmp_path_factory):
 
 
 def _cfg(workdir: Path, corpus: Path, run_name: str, **over):
-    from linearard_ray.config import build_config
-
-    base = {
-        "model": {"teacher": "tiny:llama"},
-        "rope": {"type": "linear", "factor": 4.0},
-        "lora": {"r": 4, "alpha": 8.0},
-        "objective": {"logits": {"weight": 0.5}},  # the logit KL on sharded modules too
-        "data": {"sources": [str(corpus)], "ctx_len": 64, "output_dir": str(workdir / "data")},
-        "train": {
-            "run_name": run_name,
-            "parallelism": "fsdp",
-            "storage_path": str(workdir / "ray"),
-            "output_dir": str(workdir / "students"),
-            "num_workers": 2,
-            "cpus_per_worker": 1,
-            "max_steps": STEPS,
-            "checkpoint_every": 2,
-            "micro_batch_size": 1,
-            "grad_accum": 1,
-            "lr": 1e-2,
-            "warmup_steps": 1,
-            "max_failures": 1,
-            "seed": 0,
-            "op_backend": "torch",
-            # 3 held-out windows over 2 workers: the sharded forwards of an uneven split must not hang
-            "eval_every": 2,
-            "eval_texts": 3,
-        },
-        "tracking": {"enabled": False},
+    """The end-to-end tests' tiny job, sharded: one block per worker and step, the torch op."""
+    fsdp = {
+        "train.parallelism": "fsdp",
+        "objective.logits.weight": 0.5,  # the logit KL on sharded modules too
+        "train.max_steps": STEPS,
+        "train.micro_batch_size": 1,
+        "train.grad_accum": 1,
+        "train.op_backend": "torch",
+        # 3 held-out windows over 2 workers: the sharded forwards of an uneven split must not hang
+        "train.eval_every": 2,
+        "train.eval_texts": 3,
+        "train.eval_long_len": None,
+        "tracking.enabled": False,
     }
-    return build_config(base, over)
+    return e2e_cfg(workdir, corpus, run_name, **{**fsdp, **over})
 
 
 def _exported(res) -> dict[str, torch.Tensor]:
