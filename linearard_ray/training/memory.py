@@ -424,25 +424,28 @@ def _loss_head(shape: ModelShape, s: TrainingSetup) -> tuple[int, int]:
     return kept, transient
 
 
-def estimate_memory(model_config: Any, setup: TrainingSetup, gpu_memory_gib: float | None = None) -> MemoryEstimate:
-    """Per-GPU memory of one training step (module docstring: what is counted and how)."""
-    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
-    s = setup
-    teacher_w, student_w = _weights(shape, s)
-    n_train, train_w, train_g, moment = _trainable(shape, s)
-    # DDP's gradient buckets: a flat copy of every trainable gradient (gradient_as_bucket_view off)
-    buckets = train_g if s.parallelism == "ddp" and s.workers > 1 else 0
-    a, tokens = s.activation_bytes, s.micro_batch * s.seq_len
-    L = shape.layers
-    static = teacher_w + student_w + train_w + 2 * moment + buckets
-    saved = _layer_saved(shape, s)
+def _stored_inputs(shape: ModelShape, s: TrainingSetup, saved: int) -> int:
+    """What the forward keeps for the backward: every layer's input under gradient checkpointing,
+    else every layer's saved activations; the next-token term's own forward adds its share."""
+    a, L = s.activation_bytes, shape.layers
+    tokens = s.micro_batch * s.seq_len
     stored = L * tokens * shape.hidden * a if s.gradient_checkpointing else L * saved
     if s.next_token_seq_len and s.next_token:  # the next-token term's own forward, same step
-        extra = replace(s, seq_len=s.next_token_seq_len)
-        stored += L * s.micro_batch * s.next_token_seq_len * shape.hidden * a if s.gradient_checkpointing else 0
-        stored += 0 if s.gradient_checkpointing else L * _layer_saved(shape, extra)
+        if s.gradient_checkpointing:
+            stored += L * s.micro_batch * s.next_token_seq_len * shape.hidden * a
+        else:
+            stored += L * _layer_saved(shape, replace(s, seq_len=s.next_token_seq_len))
+    return stored
+
+
+def _step_phases(shape: ModelShape, s: TrainingSetup, n_train: int, train_g: int, moment: int) -> dict:
+    """Bytes held beyond the static weights and state in each phase of the step, by part."""
+    a, tokens = s.activation_bytes, s.micro_batch * s.seq_len
+    saved = _layer_saved(shape, s)
+    stored = _stored_inputs(shape, s, saved)
+    stored_name = "stored layer inputs" if s.gradient_checkpointing else "saved activations"
     op = s.relation_impl == "op" and bool(s.relations)
-    captured, copies = _captured(shape, s), _op_copies(shape, s) if op else 0
+    copies = _op_copies(shape, s) if op else 0
     rowfwd = _rowfwd_buffers(shape, s) if op else 0
     # autocast caches the bf16 casts of fp32 leaf weights until it exits (the whole objective
     # call); FSDP's mixed precision gathers LoRA in bf16 already, so nothing is cast there
@@ -451,8 +454,8 @@ def estimate_memory(model_config: Any, setup: TrainingSetup, gpu_memory_gib: flo
     # the last layer's MLP at the end of the forward: gate, up, SiLU(gate) and their product
     mlp_working = 4 * tokens * shape.intermediate * a + tokens * shape.hidden * a
     fwd = {
-        "stored layer inputs" if s.gradient_checkpointing else "saved activations": stored,
-        "captured q/k/v": captured,
+        stored_name: stored,
+        "captured q/k/v": _captured(shape, s),
         "relation op copies": copies,
         "rowfwd buffers": rowfwd,
         "autocast weight cache": cast_cache,
@@ -460,7 +463,7 @@ def estimate_memory(model_config: Any, setup: TrainingSetup, gpu_memory_gib: flo
         "working set": max(mlp_working, head_transient),
     }
     bwd = {
-        "stored layer inputs" if s.gradient_checkpointing else "saved activations": stored,
+        stored_name: stored,
         "trainable gradients": train_g,
         "relation op copies": copies,
         "rowfwd buffers": rowfwd,
@@ -473,7 +476,19 @@ def estimate_memory(model_config: Any, setup: TrainingSetup, gpu_memory_gib: flo
         "relation op copies": copies,  # the op's context lives as long as the loss's graph
         "AdamW temporary": moment,  # foreach AdamW's sqrt of the second moment
     }
-    phases = {"end of the forward": fwd, "backward": bwd, "optimizer step": opt}
+    return {"end of the forward": fwd, "backward": bwd, "optimizer step": opt}
+
+
+def estimate_memory(model_config: Any, setup: TrainingSetup, gpu_memory_gib: float | None = None) -> MemoryEstimate:
+    """Per-GPU memory of one training step (module docstring: what is counted and how)."""
+    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    s = setup
+    teacher_w, student_w = _weights(shape, s)
+    n_train, train_w, train_g, moment = _trainable(shape, s)
+    # DDP's gradient buckets: a flat copy of every trainable gradient (gradient_as_bucket_view off)
+    buckets = train_g if s.parallelism == "ddp" and s.workers > 1 else 0
+    static = teacher_w + student_w + train_w + 2 * moment + buckets
+    phases = _step_phases(shape, s, n_train, train_g, moment)
     totals = {name: sum(p.values()) for name, p in phases.items()}
     peak = max(totals, key=totals.get)
     trainable_state = train_w + train_g + 2 * moment + buckets
