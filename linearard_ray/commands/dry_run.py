@@ -89,11 +89,12 @@ def step_plan_line(cfg: Config, found: dict[str, tuple[Path, dict | None]]) -> s
 def training_lines(cfg: Config) -> list[str]:
     """A training job's plan: run name and lock, storage, export, tracking, data and steps. Raises
     what ``run_distill`` would raise for a config it refuses (``check_config``, the step plan)."""
-    from linearard_ray.training.checks import check_config
+    from linearard_ray.training.checks import check_config, check_resumable
     from linearard_ray.training.plan import job_paths
 
     check_config(cfg)
     storage_dir, export_dir = job_paths(cfg)
+    check_resumable(cfg, storage_dir)
     lines = [
         "config: checks passed (run name, sources, block lengths against the models' windows, relation layers)",
         lock_line(storage_dir, cfg.train.run_name, cfg.train.takeover),

@@ -387,6 +387,63 @@ def newest_complete_checkpoint(storage_dir: str) -> tuple[int, str] | None:
     return None
 
 
+def check_same_world(
+    s: TrainState, world: int, micro_batch_size: int | None = None, grad_accum: int | None = None
+) -> None:
+    """A checkpoint (its ``TrainState``) resumes on ``world`` workers only with the global batch it
+    was written with (workers × micro-batch × grad_accum; ``micro_batch_size``/``grad_accum`` not
+    given: the checkpoint's). One written before it recorded its batch shape resumes only on as
+    many workers."""
+    if s.world_size == world:
+        return
+    mb = micro_batch_size if micro_batch_size is not None else s.micro_batch_size
+    accum = grad_accum if grad_accum is not None else s.grad_accum
+    if s.micro_batch_size is None or s.grad_accum is None or mb is None or accum is None:
+        raise RuntimeError(
+            f"checkpoint was written by {s.world_size} workers; resuming with {world} would change "
+            "the data order. Keep train.num_workers or start a new train.run_name."
+        )
+    before, after = s.world_size * s.micro_batch_size * s.grad_accum, world * mb * accum
+    if before == after:
+        return
+    keep = f"train.grad_accum={before // (world * mb)}" if before % (world * mb) == 0 else None
+    hint = (
+        f"Set {keep} to keep it"
+        if keep
+        else f"No train.grad_accum keeps it with train.micro_batch_size={mb}: choose micro_batch_size and "
+        f"grad_accum with {world} × micro_batch_size × grad_accum = {before}"
+    )
+    raise RuntimeError(
+        f"checkpoint was written by {s.world_size} workers; resuming with {world} (micro-batch {mb}, grad_accum "
+        f"{accum}) would change the global batch from {before} to {after} blocks per step, and with it the data "
+        f"order. {hint}, keep train.num_workers={s.world_size}, or start a new train.run_name."
+    )
+
+
+def check_same_parallelism(sharded: bool, parallelism: str) -> None:
+    """A sharded (DCP) checkpoint resumes only under fsdp, a whole one only under ddp."""
+    written = "fsdp" if sharded else "ddp"
+    if written != parallelism:
+        raise RuntimeError(
+            f"checkpoint was written with train.parallelism={written}; resuming with {parallelism} is not "
+            f"supported. Set train.parallelism={written} or start a new train.run_name."
+        )
+
+
+def newest_checkpoint_shape(storage_dir: str) -> tuple[TrainState, bool] | None:
+    """The ``TrainState`` of the run's newest complete checkpoint and whether it is sharded (DCP),
+    read without loading it: what the driver needs to refuse a resume before any worker starts."""
+    found = newest_complete_checkpoint(storage_dir)
+    if found is None:
+        return None
+    import pyarrow.fs as pafs
+
+    _, path = found
+    state = TrainState.from_json(read_text(f"{path}/{STATE_FILE}") or "")
+    fs, local = fs_and_path(f"{path}/{DCP_METADATA}")
+    return state, fs.get_file_info(local).type == pafs.FileType.File
+
+
 def load_newest_intact(filesystem, latest_path: str, log: Callable[[str], None]) -> LoadedCheckpoint:
     """The checkpoint at ``latest_path`` (on the pyarrow ``filesystem``: local disk or a bucket),
     or, when it fails its check, the newest older checkpoint of the run that passes. ``log`` gets

@@ -17,7 +17,7 @@ from linearard_ray.ray_env import ensure_ray, worker_env
 from linearard_ray.storage import read_text, write_text
 from linearard_ray.training import run_lock
 from linearard_ray.training.checkpointing import stand_in_for_deleted_checkpoints
-from linearard_ray.training.checks import check_config
+from linearard_ray.training.checks import check_config, check_resumable
 from linearard_ray.training.plan import JOB_FILE, JobSpec, TrainResult, job_paths, plan_steps, prepare_streams
 from linearard_ray.training.run_lock import Acquired
 from linearard_ray.training.worker import train_loop_per_worker
@@ -161,6 +161,7 @@ def run_distill(cfg: Config, *, callbacks: list | None = None) -> TrainResult:
     the student and the MLflow run are. The run name is locked for the job's whole life."""
     check_config(cfg)
     storage_dir, _ = job_paths(cfg)
+    check_resumable(cfg, storage_dir)
     lock = run_lock.acquire(storage_dir, cfg.train.run_name, takeover=cfg.train.takeover)
     if lock.replaced is not None:
         log.info(

@@ -43,49 +43,6 @@ class Trainee:
     sharded: bool = False  # teacher and student sharded with FSDP2 (train.parallelism: fsdp)
 
 
-def check_same_world(
-    loaded: LoadedCheckpoint, world: int, micro_batch_size: int | None = None, grad_accum: int | None = None
-) -> None:
-    """A checkpoint resumes on ``world`` workers only with the global batch it was written with
-    (workers × micro-batch × grad_accum; ``micro_batch_size``/``grad_accum`` not given: the
-    checkpoint's). One written before it recorded its batch shape resumes only on as many workers."""
-    s = loaded.state
-    if s.world_size == world:
-        return
-    mb = micro_batch_size if micro_batch_size is not None else s.micro_batch_size
-    accum = grad_accum if grad_accum is not None else s.grad_accum
-    if s.micro_batch_size is None or s.grad_accum is None or mb is None or accum is None:
-        raise RuntimeError(
-            f"checkpoint was written by {s.world_size} workers; resuming with {world} would change "
-            "the data order. Keep train.num_workers or start a new train.run_name."
-        )
-    before, after = s.world_size * s.micro_batch_size * s.grad_accum, world * mb * accum
-    if before == after:
-        return
-    keep = f"train.grad_accum={before // (world * mb)}" if before % (world * mb) == 0 else None
-    hint = (
-        f"Set {keep} to keep it"
-        if keep
-        else f"No train.grad_accum keeps it with train.micro_batch_size={mb}: choose micro_batch_size and "
-        f"grad_accum with {world} × micro_batch_size × grad_accum = {before}"
-    )
-    raise RuntimeError(
-        f"checkpoint was written by {s.world_size} workers; resuming with {world} (micro-batch {mb}, grad_accum "
-        f"{accum}) would change the global batch from {before} to {after} blocks per step, and with it the data "
-        f"order. {hint}, keep train.num_workers={s.world_size}, or start a new train.run_name."
-    )
-
-
-def check_same_parallelism(loaded: LoadedCheckpoint, parallelism: str) -> None:
-    """A sharded (DCP) checkpoint resumes only under fsdp, a whole one only under ddp."""
-    written = "fsdp" if loaded.dcp_dir is not None else "ddp"
-    if written != parallelism:
-        raise RuntimeError(
-            f"checkpoint was written with train.parallelism={written}; resuming with {parallelism} is not "
-            f"supported. Set train.parallelism={written} or start a new train.run_name."
-        )
-
-
 def build_trainee(
     cfg: Config, job: JobSpec, device: torch.device, rank: int, world: int, loaded: LoadedCheckpoint | None
 ) -> Trainee:

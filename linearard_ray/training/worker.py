@@ -21,6 +21,8 @@ from linearard_ray.storage import read_text, write_text
 from linearard_ray.training.checkpointing import (
     LoadedCheckpoint,
     capture_rng,
+    check_same_parallelism,
+    check_same_world,
     load_newest_intact,
     new_checkpoint_dir_name,
 )
@@ -32,8 +34,6 @@ from linearard_ray.training.step import WorkerStreams, open_streams, optimizatio
 from linearard_ray.training.trainee import (
     Trainee,
     build_trainee,
-    check_same_parallelism,
-    check_same_world,
     write_checkpoint,
 )
 
@@ -102,8 +102,8 @@ def _resume_checkpoint(w: Worker) -> LoadedCheckpoint | None:
         return None
     loaded = load_newest_intact(ckpt.filesystem, ckpt.path, log.info if w.rank == 0 else lambda _line: None)
     t = w.cfg.train
-    check_same_parallelism(loaded, t.parallelism)
-    check_same_world(loaded, w.world, t.micro_batch_size, t.grad_accum)
+    check_same_parallelism(loaded.dcp_dir is not None, t.parallelism)
+    check_same_world(loaded.state, w.world, t.micro_batch_size, t.grad_accum)
     return loaded
 
 

@@ -239,3 +239,45 @@ def test_an_internal_failure_is_not_reported_as_the_users(no_ray, monkeypatch):
     monkeypatch.setattr(driver, "run_distill", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(TINY + ["--set", "data.ctx_len=64"])
+
+
+def test_a_resume_the_workers_would_refuse_is_refused_by_the_driver_and_the_dry_run(
+    no_ray, tiny_model_dir, tmp_path, capsys
+):
+    """A checkpoint written by 1 DDP worker with a global batch of 4 blocks: a start under fsdp, or
+    with a changed global batch, fails before Ray starts, naming what to set; the dry run says the
+    same instead of passing."""
+    from pathlib import Path
+
+    import torch
+
+    from linearard_ray.training.checkpointing import capture_rng, new_checkpoint_dir_name
+    from linearard_ray.training.checks import check_resumable
+    from linearard_ray.training.distributed import gather_objects
+    from linearard_ray.training.plan import StreamSpec, job_paths
+    from linearard_ray.training.trainee import build_trainee, write_checkpoint
+    from tests.training.test_resume import _cfg, _job
+
+    tiny_model_dir("llama")
+    storage = {"train.storage_path": str(tmp_path / "ray"), "train.run_name": "resumable"}
+    cfg = _cfg(**storage)
+    storage_dir, _ = job_paths(cfg)
+    check_resumable(cfg, storage_dir)  # nothing to resume yet
+    job = _job(cfg, tmp_path, {"train": StreamSpec("train", "/unused", 10, 16)}, "train")
+    trainee = build_trainee(cfg, job, torch.device("cpu"), 0, 1, loaded=None)
+    checkpoint = Path(storage_dir) / new_checkpoint_dir_name(storage_dir, 0)
+    write_checkpoint(checkpoint, trainee, gather_objects(capture_rng()))
+
+    check_resumable(cfg, storage_dir)  # the same shape resumes
+    check_resumable(_cfg(**storage, **{"train.num_workers": 2, "train.grad_accum": 1}), storage_dir)  # 2 × 2 × 1
+    with pytest.raises(ConfigError, match="from 4 to 8 blocks per step.*Set train.grad_accum=1 to keep it"):
+        check_resumable(_cfg(**storage, **{"train.num_workers": 2}), storage_dir)
+    with pytest.raises(ConfigError, match="written with train.parallelism=ddp; resuming with fsdp"):
+        check_resumable(_cfg(**storage, **{"train.parallelism": "fsdp"}), storage_dir)
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"train:\n  storage_path: {tmp_path / 'ray'}\n  run_name: resumable\n")
+    for flags in (["--set", "train.parallelism=fsdp"], ["--set", "train.parallelism=fsdp", "--dry-run"]):
+        assert _exit_status(["--config", str(config), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "run 'resumable' cannot resume its step-0 checkpoint" in err and "Set train.parallelism=ddp" in err

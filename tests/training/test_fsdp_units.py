@@ -14,14 +14,14 @@ from linearard_ray.training.checkpointing import (
     DCP_METADATA,
     MANIFEST_FILE,
     CheckpointError,
-    LoadedCheckpoint,
     TrainState,
     capture_rng,
+    check_same_world,
     load_checkpoint,
     verify_checkpoint,
 )
 from linearard_ray.training.plan import StreamSpec
-from linearard_ray.training.trainee import check_same_world, resumed_state
+from linearard_ray.training.trainee import resumed_state
 from tests.training.test_resume import _cfg, _job, _opener
 
 CPU = torch.device("cpu")
@@ -88,20 +88,19 @@ def test_the_default_epoch_length_is_unchanged_and_odd_epochs_do_not_split():
         remap_position(StreamPosition(0, 3), 22, 1, 2, 1, "train")
 
 
-def _loaded(world: int, mb: int | None, accum: int | None) -> LoadedCheckpoint:
-    state = TrainState(step=4, world_size=world, micro_batch_size=mb, grad_accum=accum)
-    return LoadedCheckpoint(None, None, {}, [], state)
+def _state(world: int, mb: int | None, accum: int | None) -> TrainState:
+    return TrainState(step=4, world_size=world, micro_batch_size=mb, grad_accum=accum)
 
 
 def test_resume_on_another_worker_count_needs_the_same_global_batch():
-    check_same_world(_loaded(2, 1, 1), 1, 1, 2)
-    check_same_world(_loaded(1, 2, 2), 4, 1, 1)
+    check_same_world(_state(2, 1, 1), 1, 1, 2)
+    check_same_world(_state(1, 2, 2), 4, 1, 1)
     with pytest.raises(RuntimeError, match=r"from 2 to 1 blocks per step.*Set train.grad_accum=2 to keep it"):
-        check_same_world(_loaded(2, 1, 1), 1, 1, 1)
+        check_same_world(_state(2, 1, 1), 1, 1, 1)
     with pytest.raises(RuntimeError, match="No train.grad_accum keeps it with train.micro_batch_size=2"):
-        check_same_world(_loaded(3, 1, 1), 1, 2, 1)
+        check_same_world(_state(3, 1, 1), 1, 2, 1)
     with pytest.raises(RuntimeError, match="written by 2 workers; resuming with 1 would change the data order"):
-        check_same_world(_loaded(2, None, None), 1, 1, 2)  # written before the batch shape was recorded
+        check_same_world(_state(2, None, None), 1, 1, 2)  # written before the batch shape was recorded
 
 
 def test_resumed_state_recounts_the_positions_for_the_new_workers(tmp_path):

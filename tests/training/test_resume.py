@@ -11,11 +11,17 @@ import pytest
 import torch
 
 from linearard_ray.config import build_config
-from linearard_ray.training.checkpointing import StreamPosition, capture_rng, load_checkpoint, read_state
+from linearard_ray.training.checkpointing import (
+    StreamPosition,
+    capture_rng,
+    check_same_world,
+    load_checkpoint,
+    read_state,
+)
 from linearard_ray.training.distributed import gather_objects
 from linearard_ray.training.plan import JobSpec, StreamSpec, lm_every
 from linearard_ray.training.step import open_streams, optimization_step
-from linearard_ray.training.trainee import build_trainee, check_same_world, write_checkpoint
+from linearard_ray.training.trainee import build_trainee, write_checkpoint
 
 CPU = torch.device("cpu")
 STEPS = 5
@@ -106,9 +112,9 @@ def test_resumed_run_ends_bitwise_where_the_uninterrupted_one_ends(tiny_model_di
 
     torch.manual_seed(12345)  # whatever ran in between: the checkpoint's RNG must win
     loaded = load_checkpoint(tmp_path / "ckpt")
-    check_same_world(loaded, 1)
+    check_same_world(loaded.state, 1)
     with pytest.raises(RuntimeError, match="written by 1 workers; resuming with 2"):
-        check_same_world(loaded, 2)
+        check_same_world(loaded.state, 2)
     resumed = build_trainee(cfg, job, CPU, 0, 1, loaded=loaded)
     assert resumed.state.step == cut
     streams = open_streams(cfg, job, resumed.state, 0, 1, opener, pin_memory=False)
