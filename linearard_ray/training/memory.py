@@ -567,21 +567,14 @@ def what_would_fit(cfg, model_config: Any, gpu_memory: float, max_workers: int =
     block or a smaller LoRA rank (halved until it fits). Empty when nothing tried fits."""
     fits = lambda **ch: estimate_for_config(cfg, model_config, gpu_memory, **ch).fits  # noqa: E731
     out = []
-    start = cfg.train.num_workers if cfg.train.parallelism == "fsdp" else 1
-    for offload in (False, True):
-        n = next(
-            (
-                n
-                for n in range(max(start, 1), max_workers + 1)
-                if fits(parallelism="fsdp", workers=n, offload_teacher=offload)
-            ),
-            None,
-        )
-        if n is not None and (n > cfg.train.num_workers or cfg.train.parallelism != "fsdp" or offload):
-            extra = ", train.fsdp.offload_teacher=true" if offload else ""
-            out.append(f"train.parallelism=fsdp with train.num_workers={n}{extra}")
-            if not offload:
-                break
+    start = max(cfg.train.num_workers if cfg.train.parallelism == "fsdp" else 1, 1)
+    workers = range(start, max_workers + 1)
+    whole = next((n for n in workers if fits(parallelism="fsdp", workers=n, offload_teacher=False)), None)
+    offloaded = next((n for n in workers if fits(parallelism="fsdp", workers=n, offload_teacher=True)), None)
+    if whole is not None and (whole > cfg.train.num_workers or cfg.train.parallelism != "fsdp"):
+        out.append(f"train.parallelism=fsdp with train.num_workers={whole}")
+    if offloaded is not None and (whole is None or offloaded < whole):
+        out.append(f"train.parallelism=fsdp with train.num_workers={offloaded}, train.fsdp.offload_teacher=true")
     for name, key, value, floor in (
         ("data.ctx_len", "seq_len", cfg.data.ctx_len, 256),
         ("lora.r", "lora_rank", cfg.lora.r, 8),

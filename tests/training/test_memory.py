@@ -169,3 +169,14 @@ def test_what_would_fit_a_13b_job_on_one_a100():
     n = int(fsdp.split("num_workers=")[1].split(",")[0])
     assert estimate_for_config(cfg, LLAMA2_13B, 39.4, parallelism="fsdp", workers=n).fits
     assert not estimate_for_config(cfg, LLAMA2_13B, 39.4, parallelism="fsdp", workers=n - 1).fits
+
+
+def test_what_would_fit_names_teacher_offload_when_it_takes_fewer_workers():
+    cfg = load_config("configs/llama3-70b-x4.yaml", ["train.fsdp.offload_teacher=false", "train.num_workers=1"])
+    fixes = what_would_fit(cfg, LLAMA3_70B, 79.1)
+    fsdp = [f for f in fixes if f.startswith("train.parallelism")]
+    counts = {"offload" in f: int(f.split("num_workers=")[1].split(",")[0]) for f in fsdp}
+    assert counts[True] < counts[False], fixes  # both listed: offload needs fewer GPUs
+    offloaded = dict(parallelism="fsdp", offload_teacher=True)
+    assert estimate_for_config(cfg, LLAMA3_70B, 79.1, workers=counts[True], **offloaded).fits
+    assert not estimate_for_config(cfg, LLAMA3_70B, 79.1, workers=counts[True] - 1, **offloaded).fits
