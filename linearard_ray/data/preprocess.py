@@ -163,7 +163,7 @@ class _Progress:
         if now - self.last >= self.every:
             self.last = now
             log.info(
-                f"preprocess: {docs} documents, {blocks} blocks, {tokens} tokens "
+                f"preprocess: so far {docs} documents, {blocks} blocks, {tokens} tokens "
                 f"({tokens / (now - self.t0):.0f} tokens/s)"
             )
 

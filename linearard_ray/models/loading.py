@@ -109,6 +109,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             model.config.use_cache = True
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            _readable_by_others(tmp)  # the weights come out 0600, like the export's
             (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
             if out_dir.exists():
                 shutil.rmtree(out_dir)
@@ -673,8 +674,8 @@ def export_student(
 
 
 def _readable_by_others(directory: Path) -> None:
-    """Give every exported file the mode the umask gives new files. The weights are written through
-    a private temporary file (0600), so on a shared cluster nobody else could load the student."""
+    """Give every file in ``directory`` the mode the umask gives new files. The weights are written
+    through a private temporary file (0600), so on a shared cluster nobody else could load them."""
     umask = os.umask(0)
     os.umask(umask)
     for f in directory.iterdir():
