@@ -1209,6 +1209,7 @@ RESULTS_ROUND = {
     "attention-map": "11",
     "attention-map-seeds": "12",
     "pi4-restore-long": "13",
+    "unseen-baselines": "u",  # untrained models only, on the study preset's windows (not a training round)
 }
 
 
