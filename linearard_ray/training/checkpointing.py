@@ -370,9 +370,10 @@ def recovery_candidates(filesystem, latest_path: str) -> list[str]:
     return [latest_path, *older]
 
 
-def newest_complete_checkpoint(storage_dir: str) -> tuple[int, str] | None:
-    """(step, path) of the run's newest checkpoint whose files have the sizes its manifest records,
-    without hashing them (a quick look, as --dry-run takes; a resume checks the sha256s)."""
+def _newest_complete(storage_dir: str) -> tuple[int, str, dict[str, Any], str] | None:
+    """(step, path, manifest files, state.json's text) of the run's newest checkpoint whose files
+    have the sizes its manifest records, without hashing them (a quick look; a resume checks the
+    sha256s)."""
     import pyarrow.fs as pafs
 
     fs, base = fs_and_path(storage_dir)
@@ -381,10 +382,17 @@ def newest_complete_checkpoint(storage_dir: str) -> tuple[int, str] | None:
             files = json.loads(read_text(f"{path}/{MANIFEST_FILE}") or "")["files"]
             sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(path))}
             if all(sizes.get(name) == want["size"] for name, want in files.items()):
-                return int(json.loads(read_text(f"{path}/{STATE_FILE}") or "")["step"]), path
+                state = read_text(f"{path}/{STATE_FILE}") or ""
+                return int(json.loads(state)["step"]), path, files, state
         except (ValueError, KeyError, TypeError):
             continue
     return None
+
+
+def newest_complete_checkpoint(storage_dir: str) -> tuple[int, str] | None:
+    """(step, path) of the run's newest complete checkpoint (sizes only, as --dry-run looks)."""
+    found = _newest_complete(storage_dir)
+    return None if found is None else found[:2]
 
 
 def check_same_world(
@@ -433,15 +441,11 @@ def check_same_parallelism(sharded: bool, parallelism: str) -> None:
 def newest_checkpoint_shape(storage_dir: str) -> tuple[TrainState, bool] | None:
     """The ``TrainState`` of the run's newest complete checkpoint and whether it is sharded (DCP),
     read without loading it: what the driver needs to refuse a resume before any worker starts."""
-    found = newest_complete_checkpoint(storage_dir)
+    found = _newest_complete(storage_dir)
     if found is None:
         return None
-    import pyarrow.fs as pafs
-
-    _, path = found
-    state = TrainState.from_json(read_text(f"{path}/{STATE_FILE}") or "")
-    fs, local = fs_and_path(f"{path}/{DCP_METADATA}")
-    return state, fs.get_file_info(local).type == pafs.FileType.File
+    _, _, files, state = found
+    return TrainState.from_json(state), DCP_METADATA in files
 
 
 def load_newest_intact(filesystem, latest_path: str, log: Callable[[str], None]) -> LoadedCheckpoint:

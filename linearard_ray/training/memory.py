@@ -568,12 +568,13 @@ def what_would_fit(cfg, model_config: Any, gpu_memory: float, max_workers: int =
     fits = lambda **ch: estimate_for_config(cfg, model_config, gpu_memory, **ch).fits  # noqa: E731
     out = []
     start = max(cfg.train.num_workers if cfg.train.parallelism == "fsdp" else 1, 1)
-    workers = range(start, max_workers + 1)
-    whole = next((n for n in workers if fits(parallelism="fsdp", workers=n, offload_teacher=False)), None)
-    offloaded = next((n for n in workers if fits(parallelism="fsdp", workers=n, offload_teacher=True)), None)
+    counts = range(start, max_workers + 1)
+    whole = next((n for n in counts if fits(parallelism="fsdp", workers=n, offload_teacher=False)), None)
     if whole is not None and (whole > cfg.train.num_workers or cfg.train.parallelism != "fsdp"):
         out.append(f"train.parallelism=fsdp with train.num_workers={whole}")
-    if offloaded is not None and (whole is None or offloaded < whole):
+    fewer = range(start, whole or max_workers + 1)  # offloading is worth naming only if it saves GPUs
+    offloaded = next((n for n in fewer if fits(parallelism="fsdp", workers=n, offload_teacher=True)), None)
+    if offloaded is not None:
         out.append(f"train.parallelism=fsdp with train.num_workers={offloaded}, train.fsdp.offload_teacher=true")
     for name, key, value, floor in (
         ("data.ctx_len", "seq_len", cfg.data.ctx_len, 256),
