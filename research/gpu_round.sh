@@ -15,7 +15,9 @@
 # [16384,32768] / [8192,16384,30000]; jobs at lengths the seed file has are still reused, and
 # EVAL_ONLY (comma list, default VARIANTS) can add the untrained baselines (PI×4, YaRN×4) for new lengths.
 # EVAL_SETS (space-separated key=value, no spaces inside) adds evaluate.py overrides, e.g. eval.preset=study;
-# built genre corpora in .gpu-genres (carried) replace the host's cache.
+# built genre corpora in .gpu-genres (carried) replace the host's cache. LONG_ONLY (comma list) splits the
+# evaluation in two so that a short hold still brings back every model's short text: first short text
+# alone for EVAL_ONLY, then long context and passkey only for LONG_ONLY.
 set -uo pipefail
 phase=$1 work=$2
 log="$work/driver.log"
@@ -23,6 +25,7 @@ case "$phase" in
 start)
   variants=$3 seed_jobs=${4:-}
   long=${LONG_LENGTHS:-[16384,32768]} passkey=${PASSKEY_LENGTHS:-[8192,16384,30000]} only=${EVAL_ONLY:-$3}
+  long_only=${LONG_ONLY:-}
   eval_sets=""; for e in ${EVAL_SETS:-}; do eval_sets="$eval_sets --set '$e'"; done
   mkdir -p "$work/eval" "$HOME/.cache/linearard_ray/downloads/smollm2-135m"
   cp -n /tmp/stage/*.gguf "$HOME/.cache/linearard_ray/downloads/smollm2-135m/"
@@ -43,9 +46,18 @@ date +%s > $work/t_start
 date +%s > $work/t_sampled
 python3 research/restoration_study.py train --budget 4250000 --parallel $n --work $work --variants $variants || exit 12
 date +%s > $work/t_trained
-python3 research/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only '$only' \\
-  --set 'eval.long_lengths=$long' --set 'eval.passkey_lengths=$passkey' --set eval.passkey_trials=8 \\
-  --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 $eval_sets --out $work/out || exit 13
+evaluate() {  # models, long lengths, passkey lengths, report folder
+  python3 research/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only "\$1" \\
+    --set "eval.long_lengths=\$2" --set "eval.passkey_lengths=\$3" --set eval.passkey_trials=8 \\
+    --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 $eval_sets --out "\$4"
+}
+if [ -n '$long_only' ]; then
+  evaluate '$only' '[]' '[]' $work/out-short || exit 13
+  date +%s > $work/t_evaluated_short
+  evaluate '$long_only' '$long' '$passkey' $work/out || exit 14
+else
+  evaluate '$only' '$long' '$passkey' $work/out || exit 13
+fi
 date +%s > $work/t_evaluated
 EOF
   setsid nohup bash -c "bash $work/chain.sh; echo \$? > $work/DONE" >"$log" 2>&1 < /dev/null &
@@ -61,10 +73,10 @@ wait)
   ;;
 fetch)
   # eval --out leaves the report, tables, plots, runs and logs in WORK/out once it ends; before
-  # that, the live job records and the logs are what there is to bring back.
-  cp "$work"/out/* "$OUT/" 2>/dev/null
+  # that, the live job records and the logs are what there is to bring back. Few files come back
+  # from a device call, so everything but the job records travels as one archive.
   cp "$work"/eval/jobs.jsonl "$work"/runs.jsonl "$log" "$OUT/" 2>/dev/null
-  [ -f "$OUT/logs.tar.gz" ] || tar -czf "$OUT/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log t_* 2>/dev/null) 2>/dev/null
+  tar -czf "$OUT/round.tar.gz" -C "$work" $(cd "$work" && ls -d out out-short *.log t_* 2>/dev/null) 2>/dev/null
   ls -la "$OUT"
   ;;
 esac
