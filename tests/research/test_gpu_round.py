@@ -1,5 +1,6 @@
 """research/gpu_round.sh on a CPU box: `start` writes the chain with the lengths and models the
-environment asks for (round 10's by default) and detaches it, `wait` reports how it ended, `fetch`
+environment asks for (round 10's by default; with LONG_ONLY, short text for every model first and
+long context for those named) and detaches it, `wait` reports how it ended, `fetch`
 brings the job records and logs to $OUT. A variant the study does not know stops the chain at its
 training step with that step's exit code, so nothing heavier than the argument check runs."""
 
@@ -33,8 +34,11 @@ def _run(tmp_path, *args, env_extra=None):
     )
 
 
-@pytest.mark.parametrize("lengths", [None, ("[8192,16384,32768]", "[4096,8192,16384,30000]")])
-def test_gpu_round_chain_start_wait_fetch(tmp_path, lengths):
+@pytest.mark.parametrize(
+    "lengths, long_only",
+    [(None, None), (("[8192,16384,32768]", "[4096,8192,16384,30000]"), None), (None, "no-such-variant")],
+)
+def test_gpu_round_chain_start_wait_fetch(tmp_path, lengths, long_only):
     work = tmp_path / "work"
     seed = tmp_path / "seed_jobs.jsonl"
     seed.write_text('{"key": "k", "result": {"kind": "nll", "model": "teacher"}}\n')
@@ -43,12 +47,19 @@ def test_gpu_round_chain_start_wait_fetch(tmp_path, lengths):
         if lengths is None
         else {"LONG_LENGTHS": lengths[0], "PASSKEY_LENGTHS": lengths[1], "EVAL_ONLY": "no-such-variant,PI×4,YaRN×4"}
     )
+    if long_only:
+        extra["LONG_ONLY"] = long_only
     started = _run(tmp_path, "start", str(work), "no-such-variant", str(seed), env_extra=extra)
     assert started.returncode == 0 and "started chain" in started.stdout
     chain = (work / "chain.sh").read_text()
     want_long, want_pk = lengths or ("[16384,32768]", "[8192,16384,30000]")
-    assert f"--set 'eval.long_lengths={want_long}' --set 'eval.passkey_lengths={want_pk}'" in chain
-    assert f"--only '{extra.get('EVAL_ONLY', 'no-such-variant')}'" in chain
+    only = extra.get("EVAL_ONLY", "no-such-variant")
+    if long_only:
+        assert f"evaluate '{only}' '[]' '[]' {work}/out-short" in chain
+        assert f"evaluate '{long_only}' '{want_long}' '{want_pk}' {work}/out" in chain
+    else:
+        assert f"evaluate '{only}' '{want_long}' '{want_pk}' {work}/out" in chain
+    assert '--set "eval.long_lengths=$2" --set "eval.passkey_lengths=$3"' in chain
     assert (work / "eval" / "jobs.jsonl").read_text() == seed.read_text()  # the seed's jobs are reused
     waited = _run(tmp_path, "wait", str(work), "240")
     assert waited.returncode == 0 and "chain exit 12" in waited.stdout  # 12: the training step refused it
@@ -60,4 +71,4 @@ def test_gpu_round_chain_start_wait_fetch(tmp_path, lengths):
     (tmp_path / "out").mkdir()
     fetched = _run(tmp_path, "fetch", str(work))
     assert fetched.returncode == 0
-    assert {"jobs.jsonl", "driver.log", "logs.tar.gz"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"jobs.jsonl", "driver.log", "round.tar.gz"} <= {p.name for p in (tmp_path / "out").iterdir()}
