@@ -1306,7 +1306,103 @@ def render_job_tables(
         out += _answers_table(trials, n, models)
     out += _recipe_table(models, ppl, trials, domains)
     out += _recipe_versus_table(models, records, trials, domains, baseline, versus)
+    out += _unseen_tables(records, ppl, teacher, [baseline, versus])
     return "\n".join(out) + "\n" + _window_table(records, domains, versus)
+
+
+KNOWN_DOMAINS = ("main", "other")  # SOTU and pydocs: the study's training genre and its first held-out one
+
+
+def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, versus: list[str]) -> list[str]:
+    """Recovery on the held-out genres (eval.preset=study's domains) per recipe, the mean over
+    genres and the worst genre beside each, then each recipe against each of ``versus`` window by
+    window. Recipes are compared over all their trainings (each window's NLL averaged over a side's
+    trainings first); "all" pools the genres' windows, which weigh alike (the same count per genre)."""
+    unseen = sorted({d for (_, d, _) in ppl if d not in KNOWN_DOMAINS})
+    lengths = sorted({L for (m, d, L) in ppl if m == teacher and d in unseen})
+    if not unseen or not lengths:
+        return []
+    groups = {g: ms for g, ms in _recipe_groups([m for m in dict.fromkeys(r["model"] for r in records)]).items()}
+    groups.pop(teacher, None)
+
+    def recovery(m: str, d: str, L: int) -> float | None:
+        v = ppl.get((m, d, L))
+        return None if v is None else 100 * ppl[(teacher, d, L)] / v
+
+    head = ["recipe", "trainings"]
+    for L in lengths:
+        head += [*(f"{d} @{_len_label(L)}" for d in unseen), f"mean @{_len_label(L)}", f"worst @{_len_label(L)}"]
+    head.append("lowest (any training, genre, length)")
+    out = [
+        "",
+        "Recovery on the unseen genres (teacher ppl ÷ model ppl, %; recipes trained more than once: mean "
+        "over trainings, range in brackets; worst: the genre whose mean is lowest):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for g, ms in groups.items():
+        done = [m for m in ms if all(recovery(m, d, L) is not None for d in unseen for L in lengths)]
+        if not done:
+            continue
+        cells = [g, str(len(done))]
+        for L in lengths:
+            per_genre = {d: [recovery(m, d, L) for m in done] for d in unseen}
+            worst = min(unseen, key=lambda d: sum(per_genre[d]))
+            cells += [_one_or_spread(per_genre[d]) for d in unseen]
+            cells.append(_one_or_spread([sum(recovery(m, d, L) for d in unseen) / len(unseen) for m in done]))
+            cells.append(f"{worst} {sum(per_genre[worst]) / len(done):.1f}")
+        cells.append(f"{min(recovery(m, d, L) for m in done for d in unseen for L in lengths):.1f}")
+        out.append("| " + " | ".join(cells) + " |")
+    for other in versus:
+        out += _unseen_versus_table(records, groups, unseen, lengths, other)
+    return out
+
+
+def _one_or_spread(xs: list[float]) -> str:
+    return f"{xs[0]:.1f}" if len(xs) == 1 else spread(xs, "{:.1f}")
+
+
+def _unseen_versus_table(
+    records: list[dict], groups: dict[str, list[str]], unseen: list[str], lengths: list[int], versus: str
+) -> list[str]:
+    """Each recipe against ``versus``'s trainings on the unseen genres' windows (lower NLL is better)."""
+    from linearard_ray.evaluation.paired_stats import pooled_windows
+
+    win = {
+        (r["model"], r["domain"], int(r["length"])): r["window_nll"]
+        for r in records
+        if r["kind"] == "nll" and r.get("window_nll") and r["domain"] in unseen
+    }
+    base = groups.get(versus, [])
+    cols = [(d, L) for L in lengths for d in (*unseen, "all")]
+
+    def windows(m: str, d: str, L: int) -> list[float] | None:
+        keys = [(m, g, L) for g in (unseen if d == "all" else [d])]
+        return [x for k in keys for x in win[k]] if all(k in win for k in keys) else None
+
+    def cell(ms: list[str], d: str, L: int) -> str:
+        mine, theirs = [windows(m, d, L) for m in ms], [windows(m, d, L) for m in base]
+        if not theirs or None in mine or None in theirs:
+            return "–"
+        v = pooled_windows(mine, theirs)
+        return "–" if v is None else f"{v['mean_diff']:+.4f} ({v['better']}/{v['windows']}, p {v['p_value']:.2g})"
+
+    rows = [(g, ms) for g, ms in groups.items() if g != versus and any(windows(m, "all", lengths[0]) for m in ms)]
+    if not base or not rows:
+        return []
+    out = [
+        "",
+        f"Unseen genres against {versus} ({len(base)} training(s)), window by window: mean NLL difference in "
+        "nats per token (negative: lower than it), windows better, sign-flip p; each side's trainings "
+        "averaged per window first:",
+        "",
+        "| recipe | trainings | " + " | ".join(f"{d} @{_len_label(L)}" for d, L in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for g, ms in rows:
+        out.append(f"| {g} | {len(ms)} | " + " | ".join(cell(ms, d, L) for d, L in cols) + " |")
+    return out
 
 
 SEED_SUFFIX = re.compile(r"-s\d+$")

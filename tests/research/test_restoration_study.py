@@ -607,3 +607,58 @@ def test_pi_long_restore_recipe_is_the_measured_study_variant():
         recipe["objective"]["next_token"]["weight"],
         recipe["objective"]["relation"]["weights"]["qk"],
     ) == ("linear", 4.0, 2.2, 1.0)
+
+
+def test_study_unseen_tables_recovery_worst_genre_and_pooled_windows(tmp_path):
+    """Recovery on the held-out genres per recipe (mean over trainings, the worst genre, the lowest
+    single figure) and each recipe against the baselines on those windows, pooled over genres in
+    'all'. The figures are recomputed here from the random window NLLs the records carry."""
+    import json
+
+    study = _study()
+    rng = np.random.default_rng()
+    genres, models = ["history", "legal"], ["teacher", "r", "r-s1", "r-s2", "cpt", "cpt-s1", "YaRN×4"]
+    wins = {(m, d): rng.uniform(2.0, 3.0, 4) for m in models for d in genres}
+    lines = [
+        {
+            "kind": "nll",
+            "model": m,
+            "domain": d,
+            "length": 512,
+            "nll_sum": float(w.sum()) * 511,
+            "tokens": 4 * 511,
+            "window_nll": [float(x) for x in w],
+        }
+        for (m, d), w in wins.items()
+    ]
+    (tmp_path / "jobs.jsonl").write_text(
+        "".join(json.dumps({"key": str(i), "result": r}) + "\n" for i, r in enumerate(lines))
+    )
+    text = study.render_job_tables(study.read_job_records([tmp_path / "jobs.jsonl"]), {"main": "SOTU"}, versus="cpt")
+    lines = text.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("Recovery on the unseen genres"))
+    rows = {x.split(" | ")[0][2:]: x.split(" | ")[1:] for x in lines[start + 4 : lines.index("", start + 2)]}
+
+    def rec(m, d):
+        return 100 * np.exp(wins[("teacher", d)].mean()) / np.exp(wins[(m, d)].mean())
+
+    recipe = ["r", "r-s1", "r-s2"]
+    got = rows["r"]
+    assert got[0] == "3"
+    for i, d in enumerate(genres):
+        assert got[1 + i].startswith(f"{np.mean([rec(m, d) for m in recipe]):.1f} (")
+    worst = min(genres, key=lambda d: np.mean([rec(m, d) for m in recipe]))
+    assert got[4] == f"{worst} {np.mean([rec(m, worst) for m in recipe]):.1f}"
+    assert got[5].rstrip(" |") == f"{min(rec(m, d) for m in recipe for d in genres):.1f}"
+    table = text.splitlines()[
+        next(i for i, x in enumerate(text.splitlines()) if x.startswith("Unseen genres against cpt")) :
+    ]
+    r_row = next(x for x in table if x.startswith("| r |")).split(" | ")
+    pooled = [
+        np.mean([wins[(m, d)] for m in recipe], axis=0) - np.mean([wins[(m, d)] for m in ("cpt", "cpt-s1")], axis=0)
+        for d in genres
+    ]
+    assert r_row[2 + len(genres)].startswith(
+        f"{np.concatenate(pooled).mean():+.4f} ({int((np.concatenate(pooled) < 0).sum())}/8,"
+    )
+    assert not any(x.startswith("| cpt |") for x in table[: table.index("", 4)])  # the reference is no row
