@@ -1210,6 +1210,7 @@ RESULTS_ROUND = {
     "attention-map-seeds": "12",
     "pi4-restore-long": "13",
     "unseen-baselines": "u",  # untrained models only, on the study preset's windows (not a training round)
+    "unseen-genre-round": "14",
 }
 
 
@@ -1333,10 +1334,16 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
     for L in lengths:
         head += [*(f"{d} @{_len_label(L)}" for d in unseen), f"mean @{_len_label(L)}", f"worst @{_len_label(L)}"]
     head.append("lowest (any training, genre, length)")
+    win = {
+        (r["model"], r["domain"], int(r["length"])): r["window_nll"]
+        for r in records
+        if r["kind"] == "nll" and r.get("window_nll") and r["domain"] in unseen
+    }
     out = [
         "",
         "Recovery on the unseen genres (teacher ppl ÷ model ppl, %; recipes trained more than once: mean "
-        "over trainings, range in brackets; worst: the genre whose mean is lowest):",
+        "over trainings, range in brackets; worst: the genre whose mean is lowest; in square brackets the "
+        "95% bootstrap interval over windows of the recipe's window NLLs averaged over its trainings):",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -1349,14 +1356,36 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
         for L in lengths:
             per_genre = {d: [recovery(m, d, L) for m in done] for d in unseen}
             worst = min(unseen, key=lambda d: sum(per_genre[d]))
+            ci = _pooled_recovery_ci(win, teacher, done, unseen, L)
             cells += [_one_or_spread(per_genre[d]) for d in unseen]
-            cells.append(_one_or_spread([sum(recovery(m, d, L) for d in unseen) / len(unseen) for m in done]))
-            cells.append(f"{worst} {sum(per_genre[worst]) / len(done):.1f}")
+            cells.append(
+                _one_or_spread([sum(recovery(m, d, L) for d in unseen) / len(unseen) for m in done])
+                + (f" [{ci['mean']['ci'][0]:.1f}–{ci['mean']['ci'][1]:.1f}]" if ci else "")
+            )
+            cells.append(
+                f"{worst} {sum(per_genre[worst]) / len(done):.1f}"
+                + (f" [{ci['domains'][worst]['ci'][0]:.1f}–{ci['domains'][worst]['ci'][1]:.1f}]" if ci else "")
+            )
         cells.append(f"{min(recovery(m, d, L) for m in done for d in unseen for L in lengths):.1f}")
         out.append("| " + " | ".join(cells) + " |")
     for other in versus:
         out += _unseen_versus_table(records, groups, unseen, lengths, other)
     return out
+
+
+def _pooled_recovery_ci(win: dict, teacher: str, models: list[str], unseen: list[str], L: int) -> dict | None:
+    """paired_stats.bootstrap_recovery over the unseen genres for the trainings' window NLLs
+    averaged window by window (the recipe as one model); None where a window list is missing."""
+    import numpy as np
+
+    from linearard_ray.evaluation.paired_stats import bootstrap_recovery
+
+    keys = [(m, d, L) for m in [teacher, *models] for d in unseen]
+    if not all(k in win for k in keys):
+        return None
+    return bootstrap_recovery(
+        {d: (win[(teacher, d, L)], np.mean([win[(m, d, L)] for m in models], axis=0)) for d in unseen}
+    )
 
 
 def _one_or_spread(xs: list[float]) -> str:

@@ -648,7 +648,14 @@ def test_study_unseen_tables_recovery_worst_genre_and_pooled_windows(tmp_path):
     for i, d in enumerate(genres):
         assert got[1 + i].startswith(f"{np.mean([rec(m, d) for m in recipe]):.1f} (")
     worst = min(genres, key=lambda d: np.mean([rec(m, d) for m in recipe]))
-    assert got[4] == f"{worst} {np.mean([rec(m, worst) for m in recipe]):.1f}"
+    from linearard_ray.evaluation.paired_stats import bootstrap_recovery
+
+    ci = bootstrap_recovery(
+        {d: (wins[("teacher", d)], np.mean([wins[(m, d)] for m in recipe], axis=0)) for d in genres}
+    )
+    low, high = ci["domains"][worst]["ci"]
+    assert got[4] == f"{worst} {np.mean([rec(m, worst) for m in recipe]):.1f} [{low:.1f}–{high:.1f}]"
+    assert got[3].endswith(f"[{ci['mean']['ci'][0]:.1f}–{ci['mean']['ci'][1]:.1f}]")
     assert got[5].rstrip(" |") == f"{min(rec(m, d) for m in recipe for d in genres):.1f}"
     table = text.splitlines()[
         next(i for i, x in enumerate(text.splitlines()) if x.startswith("Unseen genres against cpt")) :
@@ -662,3 +669,23 @@ def test_study_unseen_tables_recovery_worst_genre_and_pooled_windows(tmp_path):
         f"{np.concatenate(pooled).mean():+.4f} ({int((np.concatenate(pooled) < 0).sum())}/8,"
     )
     assert not any(x.startswith("| cpt |") for x in table[: table.index("", 4)])  # the reference is no row
+
+
+def test_general_restore_recipe_is_the_measured_study_variant():
+    """configs/smollm2-135m-x4-restore-general.yaml must train what the unseen-genre round's
+    genre-long ran: -restore-long on the packed general mix with -restore's teacher samples (the job
+    appends them after the genres). Only what it measures differs: the held-out genres in training
+    and the study preset in evaluation."""
+    study = _study()
+    sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS["genre-long"][0]]
+    ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*sets, "train.budget_tokens=4250000"]).model_dump()
+    recipe = load_config(CONFIGS / "smollm2-135m-x4-restore-general.yaml").model_dump()
+    restore = load_config(CONFIGS / "smollm2-135m-x4-restore.yaml").model_dump()
+    assert recipe["data"].pop("teacher_samples") == restore["data"]["teacher_samples"]
+    ran["data"].pop("teacher_samples")
+    assert recipe["train"].pop("eval_sources") == {g: [f"genre:{g}"] for g in ("legal", "standards", "history")}
+    ran["train"].pop("eval_sources")
+    assert recipe.pop("eval")["preset"] == "study"
+    ran.pop("eval")
+    ran["train"]["run_name"] = recipe["train"]["run_name"]
+    assert recipe == ran
