@@ -253,3 +253,13 @@ def test_distill_dry_run_says_from_which_checkpoint_a_start_resumes(preprocessed
         f.truncate(10)  # the newest is broken: a start goes back to step 2
     assert _exit_status(["distill", "--dry-run", *argv]) == 0
     assert f"checkpoint: a start resumes at step 2 ({storage_dir}/checkpoint_step0000002)" in capsys.readouterr().out
+
+
+def test_evaluate_dry_run_names_the_held_out_domains_and_their_windows(capsys):
+    """The plan says which named domains the report averages and how many windows each gets, so a
+    user sees before a long evaluation whether the held-out genres are in it."""
+    argv = ["evaluate", "--dry-run", "--set", "model.teacher=tiny:llama"]
+    assert _exit_status([*argv, "--set", "eval.domains={docs: [builtin:pydocs]}", "--set", "eval.max_windows=3"]) == 0
+    assert "held-out domains: docs (3 windows of 512, 3 windows of 2048 tokens each;" in capsys.readouterr().out
+    assert _exit_status(argv) == 0
+    assert "held-out domains: none" in capsys.readouterr().out

@@ -103,9 +103,18 @@ def dry_run(cfg: Config, ray_address: str | None, jobs_per_gpu: int | None) -> l
     lines += [
         f"texts: {', '.join(ev.texts)} (other domain: {', '.join(ev.other_texts) or 'none'}); "
         f"long lengths {ev.long_lengths}",
+        _held_out_line(ev),
         f"output: {out_dir}"
         + (f" (finished jobs in {finished} are reused)" if ev.resume and finished.exists() else ""),
         f"runs in: {where}",
         tracking_line(cfg),
     ]
     return lines
+
+
+def _held_out_line(ev) -> str:
+    """The named held-out domains (eval.domains) and the windows each gets per short length."""
+    if not ev.domains:
+        return "held-out domains: none (eval.domains; eval.preset=study names three genres)"
+    windows = ", ".join(f"{ev.windows_by_length.get(L, ev.max_windows)} windows of {L}" for L in ev.short_lengths)
+    return f"held-out domains: {', '.join(ev.domains)} ({windows} tokens each; mean and worst reported)"
