@@ -1323,22 +1323,13 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
     lengths = sorted({L for (m, d, L) in ppl if m == teacher and d in unseen})
     if not unseen or not lengths:
         return []
-    groups = {g: ms for g, ms in _recipe_groups([m for m in dict.fromkeys(r["model"] for r in records)]).items()}
+    groups = _recipe_groups(list(dict.fromkeys(r["model"] for r in records)))
     groups.pop(teacher, None)
-
-    def recovery(m: str, d: str, L: int) -> float | None:
-        v = ppl.get((m, d, L))
-        return None if v is None else 100 * ppl[(teacher, d, L)] / v
-
+    win = _unseen_windows(records, unseen)
     head = ["recipe", "trainings"]
     for L in lengths:
         head += [*(f"{d} @{_len_label(L)}" for d in unseen), f"mean @{_len_label(L)}", f"worst @{_len_label(L)}"]
     head.append("lowest (any training, genre, length)")
-    win = {
-        (r["model"], r["domain"], int(r["length"])): r["window_nll"]
-        for r in records
-        if r["kind"] == "nll" and r.get("window_nll") and r["domain"] in unseen
-    }
     out = [
         "",
         "Recovery on the unseen genres (teacher ppl ÷ model ppl, %; recipes trained more than once: mean "
@@ -1349,28 +1340,50 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
         "|" + "---|" * len(head),
     ]
     for g, ms in groups.items():
-        done = [m for m in ms if all(recovery(m, d, L) is not None for d in unseen for L in lengths)]
-        if not done:
-            continue
-        cells = [g, str(len(done))]
-        for L in lengths:
-            per_genre = {d: [recovery(m, d, L) for m in done] for d in unseen}
-            worst = min(unseen, key=lambda d: sum(per_genre[d]))
-            ci = _pooled_recovery_ci(win, teacher, done, unseen, L)
-            cells += [_one_or_spread(per_genre[d]) for d in unseen]
-            cells.append(
-                _one_or_spread([sum(recovery(m, d, L) for d in unseen) / len(unseen) for m in done])
-                + (f" [{ci['mean']['ci'][0]:.1f}–{ci['mean']['ci'][1]:.1f}]" if ci else "")
-            )
-            cells.append(
-                f"{worst} {sum(per_genre[worst]) / len(done):.1f}"
-                + (f" [{ci['domains'][worst]['ci'][0]:.1f}–{ci['domains'][worst]['ci'][1]:.1f}]" if ci else "")
-            )
-        cells.append(f"{min(recovery(m, d, L) for m in done for d in unseen for L in lengths):.1f}")
-        out.append("| " + " | ".join(cells) + " |")
+        row = _unseen_row(ppl, win, teacher, ms, unseen, lengths)
+        if row:
+            out.append(f"| {g} | " + " | ".join(row) + " |")
     for other in versus:
-        out += _unseen_versus_table(records, groups, unseen, lengths, other)
+        out += _unseen_versus_table(win, groups, unseen, lengths, other)
     return out
+
+
+def _unseen_windows(records: list[dict], unseen: list[str]) -> dict[tuple, list[float]]:
+    """(model, genre, length) -> per-window NLLs, for the records that keep them."""
+    return {
+        (r["model"], r["domain"], int(r["length"])): r["window_nll"]
+        for r in records
+        if r["kind"] == "nll" and r.get("window_nll") and r["domain"] in unseen
+    }
+
+
+def _unseen_row(
+    ppl: dict[tuple, float], win: dict, teacher: str, models: list[str], unseen: list[str], lengths: list[int]
+) -> list[str] | None:
+    """One recipe's cells after its name: trainings, then per length each genre, the mean and the
+    worst genre, then the lowest single figure; None when no training has every genre's figure."""
+
+    def recovery(m: str, d: str, L: int) -> float | None:
+        v = ppl.get((m, d, L))
+        return None if v is None else 100 * ppl[(teacher, d, L)] / v
+
+    done = [m for m in models if all(recovery(m, d, L) is not None for d in unseen for L in lengths)]
+    if not done:
+        return None
+    cells = [str(len(done))]
+    for L in lengths:
+        per_genre = {d: [recovery(m, d, L) for m in done] for d in unseen}
+        worst = min(unseen, key=lambda d: sum(per_genre[d]))
+        ci = _pooled_recovery_ci(win, teacher, done, unseen, L)
+        mean = _one_or_spread([sum(recovery(m, d, L) for d in unseen) / len(unseen) for m in done])
+        cells += [_one_or_spread(per_genre[d]) for d in unseen]
+        cells.append(mean + (f" [{ci['mean']['ci'][0]:.1f}–{ci['mean']['ci'][1]:.1f}]" if ci else ""))
+        cells.append(
+            f"{worst} {sum(per_genre[worst]) / len(done):.1f}"
+            + (f" [{ci['domains'][worst]['ci'][0]:.1f}–{ci['domains'][worst]['ci'][1]:.1f}]" if ci else "")
+        )
+    cells.append(f"{min(recovery(m, d, L) for m in done for d in unseen for L in lengths):.1f}")
+    return cells
 
 
 def _pooled_recovery_ci(win: dict, teacher: str, models: list[str], unseen: list[str], L: int) -> dict | None:
@@ -1393,16 +1406,11 @@ def _one_or_spread(xs: list[float]) -> str:
 
 
 def _unseen_versus_table(
-    records: list[dict], groups: dict[str, list[str]], unseen: list[str], lengths: list[int], versus: str
+    win: dict, groups: dict[str, list[str]], unseen: list[str], lengths: list[int], versus: str
 ) -> list[str]:
     """Each recipe against ``versus``'s trainings on the unseen genres' windows (lower NLL is better)."""
     from linearard_ray.evaluation.paired_stats import pooled_windows
 
-    win = {
-        (r["model"], r["domain"], int(r["length"])): r["window_nll"]
-        for r in records
-        if r["kind"] == "nll" and r.get("window_nll") and r["domain"] in unseen
-    }
     base = groups.get(versus, [])
     cols = [(d, L) for L in lengths for d in (*unseen, "all")]
 
