@@ -255,11 +255,17 @@ def test_distill_dry_run_says_from_which_checkpoint_a_start_resumes(preprocessed
     assert f"checkpoint: a start resumes at step 2 ({storage_dir}/checkpoint_step0000002)" in capsys.readouterr().out
 
 
-def test_evaluate_dry_run_names_the_held_out_domains_and_their_windows(capsys):
-    """The plan says which named domains the report averages and how many windows each gets, so a
-    user sees before a long evaluation whether the held-out genres are in it."""
+def test_evaluate_dry_run_names_the_held_out_domains_and_their_windows(tmp_path, monkeypatch, capsys):
+    """The plan says which named domains the report averages and how many windows each gets, and
+    which models get their own RoPE, so a user sees before a long evaluation what it holds; a genre
+    not built yet fails the dry run as it would fail the run, naming the build command."""
     argv = ["evaluate", "--dry-run", "--set", "model.teacher=tiny:llama"]
     assert _exit_status([*argv, "--set", "eval.domains={docs: [builtin:pydocs]}", "--set", "eval.max_windows=3"]) == 0
-    assert "held-out domains: docs (3 windows of 512, 3 windows of 2048 tokens each;" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out domains: docs (3 windows of 512, 3 windows of 2048 tokens each;" in out
+    assert "(scaled): tiny:llama, rope linear ×4" in out and "(teacher): tiny:llama\n" in out
     assert _exit_status(argv) == 0
     assert "held-out domains: none" in capsys.readouterr().out
+    monkeypatch.setenv("LINEARARD_CACHE", str(tmp_path / "cache"))
+    assert _exit_status([*argv, "--set", "eval.domains={legal: [genre:legal]}"]) == 2
+    assert "eval.domains.legal: 'genre:legal': genre 'legal' has not been built" in capsys.readouterr().err

@@ -83,6 +83,7 @@ def dry_run(cfg: Config, ray_address: str | None, jobs_per_gpu: int | None) -> l
     from pathlib import Path
 
     from linearard_ray.commands.dry_run import tracking_line
+    from linearard_ray.evaluation.evaluate import check_eval_texts
     from linearard_ray.evaluation.harness import check_lm_eval
     from linearard_ray.evaluation.specs import check_model_paths, model_specs
 
@@ -90,6 +91,7 @@ def dry_run(cfg: Config, ray_address: str | None, jobs_per_gpu: int | None) -> l
     check_lm_eval(ev.lm_eval_tasks, ev.lm_eval_args)
     if not ev.texts:
         raise ConfigError("eval.texts is empty: give at least one text source (default builtin:sotu/eval)")
+    check_eval_texts(cfg)  # a genre not built yet is named here, as the run would
     specs = model_specs(cfg)
     check_model_paths(specs, cfg)
     out_dir = Path(output_path(ev.output_dir))
@@ -99,7 +101,7 @@ def dry_run(cfg: Config, ray_address: str | None, jobs_per_gpu: int | None) -> l
         where = f"Ray tasks, {jobs_per_gpu} per GPU"
     elif ray_address:
         where = f"this process, or Ray tasks on {ray_address} when it has more than one GPU"
-    lines = [f"model {s.name} ({s.role}): {s.path}" for s in specs]
+    lines = [f"model {s.name} ({s.role}): {s.path}{_rope_note(s.rope)}" for s in specs]
     lines += [
         f"texts: {', '.join(ev.texts)} (other domain: {', '.join(ev.other_texts) or 'none'}); "
         f"long lengths {ev.long_lengths}",
@@ -110,6 +112,11 @@ def dry_run(cfg: Config, ray_address: str | None, jobs_per_gpu: int | None) -> l
         tracking_line(cfg),
     ]
     return lines
+
+
+def _rope_note(rope) -> str:
+    """', rope linear ×4' for a model given its own RoPE; nothing where the checkpoint's is kept."""
+    return "" if rope is None else f", rope {rope.type} ×{rope.factor:g}"
 
 
 def _held_out_line(ev) -> str:

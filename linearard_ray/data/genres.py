@@ -337,9 +337,13 @@ def genre_files(source: str, root: Path | None = None) -> list[Path]:
     root = root or genres_root()
     files = sorted((root / g.name / part).glob("*.jsonl.xz"))
     if not (root / g.name / "manifest.json").is_file() or not files:
-        how = f"{BUILD_COMMAND} --genres {g.name}"
-        if g.from_file:
-            how += " --teacher-samples <samples.jsonl[.xz]>"
+        # every package genre in one call: the overlap check of evaluation against training text
+        # (build.json) covers only the genres built together
+        how = (
+            f"{BUILD_COMMAND} --genres {g.name} --teacher-samples <samples.jsonl[.xz]>"
+            if g.from_file
+            else f"{BUILD_COMMAND} (every genre at once, with the overlap check)"
+        )
         raise GenreError(f"{source!r}: genre {g.name!r} has not been built under {root}; build it with: {how}")
     return files
 

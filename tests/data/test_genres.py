@@ -221,9 +221,9 @@ def test_genre_sources_resolve_and_refuse_what_they_must(tmp_path, monkeypatch):
     from linearard_ray.evaluation.texts import TextsError, check_source, load_documents
 
     monkeypatch.setenv("LINEARARD_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(DataError, match="not been built.*build_genre_corpora.py --genres legal"):
+    with pytest.raises(DataError, match=r"not been built.*build_genre_corpora.py \(every genre at once"):
         resolve_source(0, "genre:legal", field="train.eval_sources")
-    with pytest.raises(TextsError, match="build_genre_corpora.py --genres history"):
+    with pytest.raises(TextsError, match=r"build_genre_corpora.py \(every genre at once"):
         check_source("genre:history")
     _build(tmp_path, "cache/genres")
     _teacher_genre(tmp_path, tmp_path / "cache/genres")

@@ -669,6 +669,7 @@ def test_study_unseen_tables_recovery_worst_genre_and_pooled_windows(tmp_path):
         f"{np.concatenate(pooled).mean():+.4f} ({int((np.concatenate(pooled) < 0).sum())}/8,"
     )
     assert not any(x.startswith("| cpt |") for x in table[: table.index("", 4)])  # the reference is no row
+    assert "Recipes trained more than once" not in text  # short text only: no long-context or passkey table
 
 
 def test_general_restore_recipe_is_the_measured_study_variant():
