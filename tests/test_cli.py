@@ -147,6 +147,7 @@ def test_distill_dry_run_shows_the_plan_and_the_lock_holder_without_starting_ray
     assert f"'dry' is HELD by {held.owner.describe()}" in out and "--force" in out
     assert f"storage (checkpoints): {storage_dir}" in out and f"export: {export_dir}" in out
     assert "(preprocessed: 40 blocks × 64 tokens; reused)" in out
+    assert f"training text: {', '.join(cfg.data.sources)}\n" in out  # what it trains on, before it trains
 
 
 def test_distill_dry_run_shows_the_memory_estimate_and_its_verdict(preprocessed_run, capsys):

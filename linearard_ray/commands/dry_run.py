@@ -97,6 +97,7 @@ def training_lines(cfg: Config) -> list[str]:
     check_resumable(cfg, storage_dir)
     lines = [
         "config: checks passed (run name, sources, block lengths against the models' windows, relation layers)",
+        sources_line(cfg),
         lock_line(storage_dir, cfg.train.run_name, cfg.train.takeover),
         f"storage (checkpoints): {storage_dir}",
         checkpoint_line(storage_dir),
@@ -114,6 +115,17 @@ def training_lines(cfg: Config) -> list[str]:
     lines += [data_line(name, *found[name]) for name in found]
     lines.append(step_plan_line(cfg, found))
     return lines
+
+
+def sources_line(cfg: Config) -> str:
+    """What the job trains on, held-out parts and teacher text included, so the plan shows the mix."""
+    sources = list(cfg.data.sources)
+    if cfg.data.teacher_samples is not None:
+        sources.append("text sampled from the teacher (data.teacher_samples)")
+    line = f"training text: {', '.join(sources)}" + (", packed" if cfg.data.pack else "")
+    if cfg.data.lm_sources:
+        line += f"; next-token stream: {', '.join(cfg.data.lm_sources)}"
+    return line
 
 
 def memory_lines(cfg: Config) -> list[str]:
