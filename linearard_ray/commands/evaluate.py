@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
-from linearard_ray.config import Config, ConfigError
+from linearard_ray.config import Config
 from linearard_ray.logs import get_logger, show_result
 from linearard_ray.paths import output_path
 
@@ -83,17 +83,10 @@ def dry_run(cfg: Config, ray_address: str | None, jobs_per_gpu: int | None) -> l
     from pathlib import Path
 
     from linearard_ray.commands.dry_run import tracking_line
-    from linearard_ray.evaluation.evaluate import check_eval_texts
-    from linearard_ray.evaluation.harness import check_lm_eval
-    from linearard_ray.evaluation.specs import check_model_paths, model_specs
+    from linearard_ray.evaluation.evaluate import check_inputs
 
     ev = cfg.eval
-    check_lm_eval(ev.lm_eval_tasks, ev.lm_eval_args)
-    if not ev.texts:
-        raise ConfigError("eval.texts is empty: give at least one text source (default builtin:sotu/eval)")
-    check_eval_texts(cfg)  # a genre not built yet is named here, as the run would
-    specs = model_specs(cfg)
-    check_model_paths(specs, cfg)
+    specs = check_inputs(cfg)  # the run's own checks: a genre not built yet fails here as it would there
     out_dir = Path(output_path(ev.output_dir))
     finished = out_dir / "jobs.jsonl"
     where = "this process"

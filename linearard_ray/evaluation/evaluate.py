@@ -45,6 +45,7 @@ from linearard_ray.evaluation.jobs import (
 from linearard_ray.evaluation.passkey import min_length, prompts_for
 from linearard_ray.evaluation.specs import (
     EvalError,
+    ModelSpec,
     check_model_paths,
     log_progress,
     model_specs,
@@ -79,6 +80,19 @@ def check_eval_texts(cfg: Config) -> None:
                 check_source(src)
             except TextsError as e:
                 raise ConfigError(f"{fields.get(dom, f'eval.domains.{dom}')}: {e}") from None
+
+
+def check_inputs(cfg: Config) -> list[ModelSpec]:
+    """Every check ``evaluate`` makes before it loads a model (lm-eval tasks, the texts, the models'
+    paths), raising ConfigError; returns the model specs. --dry-run makes the same checks."""
+    ev = cfg.eval
+    check_lm_eval(ev.lm_eval_tasks, ev.lm_eval_args)
+    if not ev.texts:
+        raise ConfigError("eval.texts is empty: give at least one text source (default builtin:sotu/eval)")
+    check_eval_texts(cfg)
+    specs = model_specs(cfg)
+    check_model_paths(specs, cfg)  # a wrong student path fails now, not after the teacher's jobs
+    return specs
 
 
 def in_domain(sources: list[str], cfg: Config) -> bool:
@@ -182,12 +196,7 @@ def evaluate(
 
     t_start = time.time()
     ev = cfg.eval
-    check_lm_eval(ev.lm_eval_tasks, ev.lm_eval_args)
-    if not ev.texts:
-        raise ConfigError("eval.texts is empty: give at least one text source (default builtin:sotu/eval)")
-    check_eval_texts(cfg)
-    specs = model_specs(cfg)
-    check_model_paths(specs, cfg)  # a wrong student path fails now, not after the teacher's jobs
+    specs = check_inputs(cfg)
     _log_preset(ev)
     teacher_spec = next(s for s in specs if s.role == "teacher")
     out_dir = Path(output_path(ev.output_dir))  # not in Ray's copy of a submitted job's working_dir
