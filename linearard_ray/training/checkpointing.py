@@ -28,13 +28,16 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from linearard_ray.data.streams import StreamPosition
 from linearard_ray.storage import fs_and_path, read_text, write_text
+
+if TYPE_CHECKING:
+    from linearard_ray.config.job import TrainConfig
 
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.pt"
@@ -436,6 +439,15 @@ def check_same_parallelism(sharded: bool, parallelism: str) -> None:
             f"checkpoint was written with train.parallelism={written}; resuming with {parallelism} is not "
             f"supported. Set train.parallelism={written} or start a new train.run_name."
         )
+
+
+def check_resumes_under(s: TrainState, sharded: bool, train: TrainConfig, world: int) -> None:
+    """A checkpoint (its ``TrainState``, whether it is sharded) resumes under the ``train`` config
+    section on ``world`` workers: the same parallelism and the same global batch. RuntimeError
+    naming the setting to change otherwise; checked by the driver before Ray starts and by the
+    workers on the checkpoint Ray hands them."""
+    check_same_parallelism(sharded, train.parallelism)
+    check_same_world(s, world, train.micro_batch_size, train.grad_accum)
 
 
 def newest_checkpoint_shape(storage_dir: str) -> tuple[TrainState, bool] | None:

@@ -131,15 +131,13 @@ def check_resumable(cfg: Config, storage_dir: str) -> None:
     parallelism and the same global batch. Checked by the driver (and the dry run), so a refused
     resume fails in a second, not after Ray has retried the workers' refusal; the workers check
     again on the checkpoint Ray hands them."""
-    from linearard_ray.training.checkpointing import check_same_parallelism, check_same_world, newest_checkpoint_shape
+    from linearard_ray.training.checkpointing import check_resumes_under, newest_checkpoint_shape
 
     found = newest_checkpoint_shape(storage_dir)
     if found is None:
         return
     state, sharded = found
-    t = cfg.train
     try:
-        check_same_parallelism(sharded, t.parallelism)
-        check_same_world(state, t.num_workers, t.micro_batch_size, t.grad_accum)
+        check_resumes_under(state, sharded, cfg.train, cfg.train.num_workers)
     except RuntimeError as e:
-        raise ConfigError(f"run {t.run_name!r} cannot resume its step-{state.step} checkpoint: {e}") from None
+        raise ConfigError(f"run {cfg.train.run_name!r} cannot resume its step-{state.step} checkpoint: {e}") from None

@@ -21,8 +21,7 @@ from linearard_ray.storage import read_text, write_text
 from linearard_ray.training.checkpointing import (
     LoadedCheckpoint,
     capture_rng,
-    check_same_parallelism,
-    check_same_world,
+    check_resumes_under,
     load_newest_intact,
     new_checkpoint_dir_name,
 )
@@ -101,9 +100,7 @@ def _resume_checkpoint(w: Worker) -> LoadedCheckpoint | None:
     if ckpt is None:
         return None
     loaded = load_newest_intact(ckpt.filesystem, ckpt.path, log.info if w.rank == 0 else lambda _line: None)
-    t = w.cfg.train
-    check_same_parallelism(loaded.dcp_dir is not None, t.parallelism)
-    check_same_world(loaded.state, w.world, t.micro_batch_size, t.grad_accum)
+    check_resumes_under(loaded.state, loaded.dcp_dir is not None, w.cfg.train, w.world)
     return loaded
 
 
