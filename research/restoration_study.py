@@ -1423,7 +1423,7 @@ def _unseen_versus_table(
         if not theirs or None in mine or None in theirs:
             return "–"
         v = pooled_windows(mine, theirs)
-        return "–" if v is None else f"{v['mean_diff']:+.4f} ({v['better']}/{v['windows']}, p {v['p_value']:.2g})"
+        return _window_diff_cell(v)
 
     rows = [(g, ms) for g, ms in groups.items() if g != versus and any(windows(m, "all", lengths[0]) for m in ms)]
     if not base or not rows:
@@ -1440,6 +1440,12 @@ def _unseen_versus_table(
     for g, ms in rows:
         out.append(f"| {g} | {len(ms)} | " + " | ".join(cell(ms, d, L) for d, L in cols) + " |")
     return out
+
+
+def _window_diff_cell(v: dict | None) -> str:
+    """A window-by-window comparison (paired_stats.paired_windows / pooled_windows) as a table cell:
+    mean NLL difference, windows better, sign-flip p; a dash without one."""
+    return "–" if v is None else f"{v['mean_diff']:+.4f} ({v['better']}/{v['windows']}, p {v['p_value']:.2g})"
 
 
 SEED_SUFFIX = re.compile(r"-s\d+$")
@@ -1579,7 +1585,7 @@ def _recipe_versus_table(
             if len(mine) == len(ms)
             else None
         )
-        return "–" if v is None else f"{v['mean_diff']:+.4f} ({v['better']}/{v['windows']}, p {v['p_value']:.2g})"
+        return _window_diff_cell(v)
 
     nb, nv = len(base_trials), len([m for m in groups.get(versus, []) if any((m, L) in win for L in longs)])
     head = [
@@ -1755,9 +1761,7 @@ def _window_table(records: list[dict], domains: dict[str, str], versus: str) -> 
         cells = []
         for d, L in cols:
             v = paired_windows(win[(m, d, L)], win[(versus, d, L)]) if (m, d, L) in win else None
-            cells.append(
-                "–" if v is None else f"{v['mean_diff']:+.4f} ({v['better']}/{v['windows']}, p {v['p_value']:.2g})"
-            )
+            cells.append(_window_diff_cell(v))
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
