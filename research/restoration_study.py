@@ -1325,7 +1325,7 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
         return []
     groups = _recipe_groups(list(dict.fromkeys(r["model"] for r in records)))
     groups.pop(teacher, None)
-    win = _unseen_windows(records, unseen)
+    win = _window_nlls(records, unseen)
     head = ["recipe", "trainings"]
     for L in lengths:
         head += [*(f"{d} @{_len_label(L)}" for d in unseen), f"mean @{_len_label(L)}", f"worst @{_len_label(L)}"]
@@ -1348,12 +1348,13 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
     return out
 
 
-def _unseen_windows(records: list[dict], unseen: list[str]) -> dict[tuple, list[float]]:
-    """(model, genre, length) -> per-window NLLs, for the records that keep them."""
+def _window_nlls(records: list[dict], domains: list[str] | None = None) -> dict[tuple, list[float]]:
+    """(model, domain, length) -> per-window NLLs, for the records that keep them (of ``domains``
+    only, where given)."""
     return {
         (r["model"], r["domain"], int(r["length"])): r["window_nll"]
         for r in records
-        if r["kind"] == "nll" and r.get("window_nll") and r["domain"] in unseen
+        if r["kind"] == "nll" and r.get("window_nll") and (domains is None or r["domain"] in domains)
     }
 
 
@@ -1740,11 +1741,7 @@ def _window_table(records: list[dict], domains: dict[str, str], versus: str) -> 
     keep per-window NLL): mean NLL difference, windows won and the permutation p."""
     from linearard_ray.evaluation.paired_stats import paired_windows
 
-    win = {
-        (r["model"], r["domain"], int(r["length"])): r["window_nll"]
-        for r in records
-        if r["kind"] == "nll" and r.get("window_nll")
-    }
+    win = _window_nlls(records)
     cols = sorted({(d, L) for m, d, L in win if m == versus}, key=lambda c: (c[0] != "main", c[0], c[1]))
     models = [m for m in dict.fromkeys(k[0] for k in win) if m != versus]
     if not cols or not models:
