@@ -18,10 +18,20 @@
 # built genre corpora in .gpu-genres (carried) replace the host's cache. LONG_ONLY (comma list) splits the
 # evaluation in two so that a short hold still brings back every model's short text: first short text
 # alone for EVAL_ONLY, then long context and passkey only for LONG_ONLY.
+#   genres: bash research/gpu_round.sh genres                  (installs a carried .gpu-genres alone)
 set -uo pipefail
-phase=$1 work=$2
+phase=$1 work=${2:-}
 log="$work/driver.log"
+install_genres() {  # built here at set-up (scripts/build_genre_corpora.py): the host cannot reach Debian
+  [ -d .gpu-genres ] || return 0
+  mkdir -p "$HOME/.cache/linearard_ray"
+  rm -rf "$HOME/.cache/linearard_ray/genres"
+  cp -r .gpu-genres "$HOME/.cache/linearard_ray/genres"
+}
 case "$phase" in
+genres)
+  install_genres
+  ;;
 start)
   variants=$3 seed_jobs=${4:-}
   long=${LONG_LENGTHS:-[16384,32768]} passkey=${PASSKEY_LENGTHS:-[8192,16384,30000]} only=${EVAL_ONLY:-$3}
@@ -29,8 +39,7 @@ start)
   eval_sets=""; for e in ${EVAL_SETS:-}; do eval_sets="$eval_sets --set '$e'"; done
   mkdir -p "$work/eval" "$HOME/.cache/linearard_ray/downloads/smollm2-135m"
   cp -n /tmp/stage/*.gguf "$HOME/.cache/linearard_ray/downloads/smollm2-135m/"
-  # genre corpora built here at set-up (scripts/build_genre_corpora.py): the host cannot reach Debian
-  [ -d .gpu-genres ] && { rm -rf "$HOME/.cache/linearard_ray/genres"; cp -r .gpu-genres "$HOME/.cache/linearard_ray/genres"; }
+  install_genres
   [ -n "$seed_jobs" ] && cp "$seed_jobs" "$work/eval/jobs.jsonl"
   samples=research/data/smollm2_teacher_samples.jsonl.xz
   [ -s "$work/teacher_samples.jsonl" ] || { [ -f "$samples" ] && xz -dc "$samples" >"$work/teacher_samples.jsonl"; }

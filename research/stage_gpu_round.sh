@@ -50,10 +50,9 @@ done
 (cd "$(dirname "$gguf")" && sha256sum "$name") > ".gpu-stage/$n/manifest.sha256"
 
 unpack="mkdir -p /tmp/site && tar -xJf .gpu-bundle/site.tar.xz -C /tmp/site"
-genres_home='$HOME/.cache/linearard_ray/genres'
 echo "staged $name in $n part(s) beside a working tree of $tree bytes. Make these calls back to back:"
 if [ "$with_bundle" = 1 ]; then
-  echo "  call 0: carry [\".gpu-bundle\", \".gpu-genres\"]  command: $unpack && rm -rf $genres_home && mkdir -p \$(dirname $genres_home) && cp -r .gpu-genres $genres_home"
+  echo "  call 0: carry [\".gpu-bundle\", \".gpu-genres\"]  command: $unpack && bash research/gpu_round.sh genres"
 else
   echo "  call 0: carry [\".gpu-bundle\"]  command: $unpack"
 fi

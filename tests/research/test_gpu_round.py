@@ -72,3 +72,20 @@ def test_gpu_round_chain_start_wait_fetch(tmp_path, lengths, long_only):
     fetched = _run(tmp_path, "fetch", str(work))
     assert fetched.returncode == 0
     assert {"jobs.jsonl", "driver.log", "round.tar.gz"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_gpu_round_genres_installs_the_carried_genres_over_the_hosts(tmp_path):
+    """`genres` (the staging's first call, and `start` itself) replaces the host's genre cache with a
+    carried .gpu-genres, and leaves it alone when none was carried."""
+    home = tmp_path / "home"
+    stale = home / ".cache" / "linearard_ray" / "genres" / "stale"
+    stale.mkdir(parents=True)
+    env = {**os.environ, "HOME": str(home)}
+    script = str(ROOT / "research" / "gpu_round.sh")
+    assert subprocess.run(["bash", script, "genres"], cwd=tmp_path, env=env).returncode == 0
+    assert stale.is_dir()  # nothing carried: the host's cache stays
+    (tmp_path / ".gpu-genres" / "legal").mkdir(parents=True)
+    (tmp_path / ".gpu-genres" / "build.json").write_text("{}\n")
+    assert subprocess.run(["bash", script, "genres"], cwd=tmp_path, env=env).returncode == 0
+    installed = home / ".cache" / "linearard_ray" / "genres"
+    assert sorted(p.name for p in installed.iterdir()) == ["build.json", "legal"]
