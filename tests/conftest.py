@@ -34,3 +34,26 @@ def tiny_model_dir(cache_dir):
         return resolve_tiny(f"tiny:{family}", cache_dir)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _package_log_level_restored():
+    """Each test leaves the package's log level as it found it. A test that runs a command in-process
+    with --quiet or --verbose (``setup_logging``) sets the level for the whole pytest process, and
+    LINEARARD_LOG_LEVEL, which every Ray worker started later reads: the later tests that assert on
+    ``[distill]`` INFO lines (the driver's and the workers') then find none. That showed only when no
+    test that happens to reset the level ran in between, as in the slow tier alone, where
+    tests/data/test_preprocess.py's ``--quiet`` command precedes tests/training."""
+    from linearard_ray import logs
+
+    pkg = logs.get_logger(logs.LOGGER_NAME)
+    level, env = pkg.level, os.environ.get(logs.LEVEL_ENV)
+    yield
+    if pkg.level == level and os.environ.get(logs.LEVEL_ENV) == env:
+        return
+    logs.setup_logging(logs.NORMAL)  # also gives Ray's and MLflow's loggers back the levels --quiet raised
+    pkg.setLevel(level)
+    if env is None:
+        os.environ.pop(logs.LEVEL_ENV, None)
+    else:
+        os.environ[logs.LEVEL_ENV] = env
