@@ -186,7 +186,8 @@ def _run_locked(cfg: Config, lock: Acquired, heartbeat: run_lock.Heartbeat, call
         f"[distill] run {job.run_name}: {job.total_steps} steps × {job.tokens_per_step} tokens "
         f"on {cfg.train.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); storage {job.storage_dir}"
     )
-    stand_in_for_deleted_checkpoints(job.storage_dir, log.info)  # else Ray Train refuses the whole run
+    # else Ray Train refuses the whole run; a warning, so that --quiet still says a checkpoint was lost
+    stand_in_for_deleted_checkpoints(job.storage_dir, log.warning)
     result = _fit(build_trainer(cfg, job, datasets, worker_env=env, callbacks=callbacks), job, heartbeat)
     res = _train_result(job, result)
     if cfg.train.evaluate_at_end and res.student_dir:

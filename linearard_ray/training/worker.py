@@ -99,7 +99,8 @@ def _resume_checkpoint(w: Worker) -> LoadedCheckpoint | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    loaded = load_newest_intact(ckpt.filesystem, ckpt.path, log.info if w.rank == 0 else lambda _line: None)
+    # a skipped checkpoint means steps done again: a warning, which --quiet still shows
+    loaded = load_newest_intact(ckpt.filesystem, ckpt.path, log.warning if w.rank == 0 else lambda _line: None)
     check_resumes_under(loaded.state, loaded.dcp_dir is not None, w.cfg.train, w.world)
     return loaded
 

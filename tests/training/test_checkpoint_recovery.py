@@ -114,10 +114,10 @@ def test_job_started_again_after_its_newest_checkpoint_was_truncated(reference, 
     _truncate(run / "checkpoint_step0000004" / TRAINABLE_FILE)
 
     res = run_distill(cfg)
-    out = capfd.readouterr().out
+    err = capfd.readouterr().err  # skipped checkpoints are warnings: stderr, shown under --quiet too
     bad, good = run / "checkpoint_step0000004", run / "checkpoint_step0000002"
-    assert f"[distill] checkpoint {bad} failed its check (trainable.pt has " in out
-    assert f"; resuming from step 2 ({good})" in out
+    assert f"[distill] checkpoint {bad} failed its check (trainable.pt has " in err
+    assert f"; resuming from step 2 ({good})" in err
     _assert_same_end(ref, res)
     # step 4 was written again beside the broken one; Ray's num_to_keep then dropped the broken one
     kept = sorted(p.name for p in run.glob("checkpoint_step*"))
@@ -134,11 +134,11 @@ def test_job_started_again_after_its_newest_checkpoint_was_deleted_by_hand(refer
     shutil.rmtree(run / "checkpoint_step0000004")
 
     res = run_distill(cfg)
-    out = capfd.readouterr().out
+    err = capfd.readouterr().err  # skipped checkpoints are warnings: stderr, shown under --quiet too
     bad = run / "checkpoint_step0000004"
-    assert f"[distill] checkpoint {bad} is named in Ray Train's record of the run but was deleted" in out
-    assert f"[distill] checkpoint {bad} failed its check (was deleted; only a placeholder stands in for it)" in out
-    assert f"; resuming from step 2 ({run / 'checkpoint_step0000002'})" in out
+    assert f"[distill] checkpoint {bad} is named in Ray Train's record of the run but was deleted" in err
+    assert f"[distill] checkpoint {bad} failed its check (was deleted; only a placeholder stands in for it)" in err
+    assert f"; resuming from step 2 ({run / 'checkpoint_step0000002'})" in err
     _assert_same_end(ref, res)
     assert sorted(p.name for p in run.glob("checkpoint_step*")) == [
         "checkpoint_step0000004_1",
