@@ -19,6 +19,11 @@
 # evaluation in two so that a short hold still brings back every model's short text: first short text
 # alone for EVAL_ONLY, then long context and passkey only for LONG_ONLY.
 #   genres: bash research/gpu_round.sh genres                  (installs a carried .gpu-genres alone)
+#   sweep:  bash research/gpu_round.sh sweep WORK CONFIG [TRIALS_PER_GPU] [k=v ...]
+#           a pipelines/tune.py sweep (with these --set overrides) detached the same way, on the shipped
+#           teacher corpus (research/sweep_on_shipped_samples.py) instead of sampling it, TRIALS_PER_GPU
+#           trials (default 4) sharing each card; `wait` and `fetch` as above (fetch adds the sweep's
+#           tables, plot and best config).
 set -uo pipefail
 phase=$1 work=${2:-}
 log="$work/driver.log"
@@ -27,6 +32,17 @@ install_genres() {  # built here at set-up (scripts/build_genre_corpora.py): the
   mkdir -p "$HOME/.cache/linearard_ray"
   rm -rf "$HOME/.cache/linearard_ray/genres"
   cp -r .gpu-genres "$HOME/.cache/linearard_ray/genres"
+}
+prepare() {  # the staged GGUF, the carried genres and the shipped teacher corpus where the jobs look
+  mkdir -p "$work/eval" "$HOME/.cache/linearard_ray/downloads/smollm2-135m"
+  cp -n /tmp/stage/*.gguf "$HOME/.cache/linearard_ray/downloads/smollm2-135m/"
+  install_genres
+  local samples=research/data/smollm2_teacher_samples.jsonl.xz
+  [ -s "$work/teacher_samples.jsonl" ] || { [ -f "$samples" ] && xz -dc "$samples" >"$work/teacher_samples.jsonl"; }
+}
+detach() {  # run WORK/chain.sh so that it outlives this call; DONE gets its exit code
+  setsid nohup bash -c "bash $work/chain.sh; echo \$? > $work/DONE" >"$log" 2>&1 < /dev/null &
+  echo "started chain in $work (pid $!)"
 }
 case "$phase" in
 genres)
@@ -37,12 +53,8 @@ start)
   long=${LONG_LENGTHS:-[16384,32768]} passkey=${PASSKEY_LENGTHS:-[8192,16384,30000]} only=${EVAL_ONLY:-$3}
   long_only=${LONG_ONLY:-}
   eval_sets=""; for e in ${EVAL_SETS:-}; do eval_sets="$eval_sets --set '$e'"; done
-  mkdir -p "$work/eval" "$HOME/.cache/linearard_ray/downloads/smollm2-135m"
-  cp -n /tmp/stage/*.gguf "$HOME/.cache/linearard_ray/downloads/smollm2-135m/"
-  install_genres
+  prepare
   [ -n "$seed_jobs" ] && cp "$seed_jobs" "$work/eval/jobs.jsonl"
-  samples=research/data/smollm2_teacher_samples.jsonl.xz
-  [ -s "$work/teacher_samples.jsonl" ] || { [ -f "$samples" ] && xz -dc "$samples" >"$work/teacher_samples.jsonl"; }
   n=$(tr ',' '\n' <<<"$variants" | grep -c .)
   gpus=$(nvidia-smi -L | grep -c GPU)
   cat >"$work/chain.sh" <<EOF
@@ -69,8 +81,25 @@ else
 fi
 date +%s > $work/t_evaluated
 EOF
-  setsid nohup bash -c "bash $work/chain.sh; echo \$? > $work/DONE" >"$log" 2>&1 < /dev/null &
-  echo "started chain in $work (pid $!)"
+  detach
+  ;;
+sweep)
+  config=$3 share=${4:-4}
+  sets=""; for e in "${@:5}"; do sets="$sets --set '$e'"; done
+  prepare
+  python3 research/sweep_on_shipped_samples.py --config "$config" --samples "$work/teacher_samples.jsonl" \
+    --out "$work/sweep.yaml" || exit 2
+  cat >"$work/chain.sh" <<EOF
+set -x
+cd $PWD
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:\$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+nvidia-smi --query-gpu=name --format=csv,noheader
+date +%s > $work/t_start
+python3 pipelines/tune.py --config $work/sweep.yaml --set train.gpus_per_worker=$(awk "BEGIN {print 1 / $share}") \\
+  --set tune.storage_path=$work/tune $sets || exit 15
+date +%s > $work/t_swept
+EOF
+  detach
   ;;
 wait)
   limit=$3 t0=$(date +%s)
@@ -85,7 +114,9 @@ fetch)
   # that, the live job records and the logs are what there is to bring back. Few files come back
   # from a device call, so everything but the job records travels as one archive.
   cp "$work"/eval/jobs.jsonl "$work"/runs.jsonl "$log" "$OUT/" 2>/dev/null
-  tar -czf "$OUT/round.tar.gz" -C "$work" $(cd "$work" && ls -d out out-short *.log t_* 2>/dev/null) 2>/dev/null
+  # a sweep's tables, plot and best config, without its trials' checkpoints and students
+  tar -czf "$OUT/round.tar.gz" -C "$work" $(cd "$work" && ls -d out out-short *.log t_* sweep.yaml \
+    tune/*/results.* tune/*/objective.png tune/*/best_config.yaml 2>/dev/null) 2>/dev/null
   ls -la "$OUT"
   ;;
 esac

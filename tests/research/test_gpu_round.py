@@ -89,3 +89,22 @@ def test_gpu_round_genres_installs_the_carried_genres_over_the_hosts(tmp_path):
     assert subprocess.run(["bash", script, "genres"], cwd=tmp_path, env=env).returncode == 0
     installed = home / ".cache" / "linearard_ray" / "genres"
     assert sorted(p.name for p in installed.iterdir()) == ["build.json", "legal"]
+
+
+def test_gpu_round_sweep_reads_the_shipped_corpus_and_shares_the_card(tmp_path):
+    """`sweep` derives the sweep config with the unpacked shipped corpus, runs pipelines/tune.py with
+    TRIALS_PER_GPU trials a card and the overrides given; a bad override stops the chain at the sweep
+    (exit 15) after tune.py's own config check, so nothing trains here."""
+    work = tmp_path / "work"
+    started = _run(
+        tmp_path, "sweep", str(work), "configs/sweep-smollm2-135m-genres.yaml", "4", "tune.metric=no_such_metric"
+    )
+    assert started.returncode == 0 and "started chain" in started.stdout, started.stderr
+    derived = (work / "sweep.yaml").read_text()
+    assert str(work / "teacher_samples.jsonl") in derived and "teacher_samples:" not in derived
+    chain = (work / "chain.sh").read_text()
+    assert "--set train.gpus_per_worker=0.25" in chain and f"--set tune.storage_path={work}/tune" in chain
+    assert "--set 'tune.metric=no_such_metric'" in chain
+    waited = _run(tmp_path, "wait", str(work), "240")
+    assert waited.returncode == 0 and "chain exit 15" in waited.stdout
+    assert "no_such_metric" in (work / "driver.log").read_text()
