@@ -87,7 +87,8 @@ sweep)
   config=$3 share=${4:-4}
   sets=""; for e in "${@:5}"; do sets="$sets --set '$e'"; done
   prepare
-  python3 research/sweep_on_shipped_samples.py --config "$config" --samples "$work/teacher_samples.jsonl" \
+  # with the Ray bundle on the path, as in the chain: the host's own Python may lack the package's dependencies
+  PYTHONPATH="/tmp/site:$PWD" python3 research/sweep_on_shipped_samples.py --config "$config" --samples "$work/teacher_samples.jsonl" \
     --out "$work/sweep.yaml" || exit 2
   cat >"$work/chain.sh" <<EOF
 set -x
