@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from linearard_ray.evaluation.markdown import render_markdown
-from linearard_ray.evaluation.plots import plot_passkey, plot_passkey_summary, plot_ppl_vs_length
+from linearard_ray.evaluation.plots import plot_passkey, plot_passkey_summary, plot_ppl_vs_length, plot_unseen
 from linearard_ray.evaluation.report import clean_json, flat_metrics, safe_name
 from linearard_ray.evaluation.students import link_students_in_mlflow
 
@@ -19,8 +19,8 @@ def write_json(report: dict, path: Path) -> Path:
 
 
 def write_report(report: dict, out_dir: Path) -> list[Path]:
-    """report.json, report.md, ppl_vs_length.png, passkey_summary.png and passkey_<model>.png; the
-    report lists its plots."""
+    """report.json, report.md, ppl_vs_length.png, unseen_recovery.png (held-out genres in
+    eval.domains), passkey_summary.png and passkey_<model>.png; the report lists its plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ppl_plot = out_dir / "ppl_vs_length.png"
@@ -31,6 +31,8 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
         # directory would otherwise pass for this report's.
         ppl_plot.unlink(missing_ok=True)
         plots = []
+    if report.get("unseen_recovery"):
+        plots.append(plot_unseen(report, out_dir / "unseen_recovery.png"))
     if report["passkey"]:
         plots.append(plot_passkey_summary(report, out_dir / "passkey_summary.png"))
     for n in report["passkey"]:

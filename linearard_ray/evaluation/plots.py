@@ -1,5 +1,6 @@
-"""The report's PNG plots: perplexity against context length, a passkey heatmap per model, and
-the passkey summary (accuracies with their intervals, the forced choice, the key's log-probability).
+"""The report's PNG plots: perplexity against context length, the recovery on unseen genres, a
+passkey heatmap per model, and the passkey summary (accuracies with their intervals, the forced
+choice, the key's log-probability).
 
 Each plot is built by a ``*_figure`` function (what the readability test draws) and saved at
 ``DPI`` by its ``plot_*`` function. Sizes and fonts are chosen for the saved PNG at its real size:
@@ -265,3 +266,59 @@ def passkey_summary_figure(report: dict):
 def plot_passkey_summary(report: dict, path: Path) -> Path:
     """passkey_summary.png (see ``passkey_summary_figure``)."""
     return _save(passkey_summary_figure(report), path)
+
+
+def unseen_figure(report: dict):
+    """One panel per short length: each model's recovery on every unseen genre and their mean, as
+    bars with the bootstrap interval over windows, against the teacher's 100%. The worst genre is
+    where a recipe falls short, so each model's worst bar is outlined; the mean alone hides it."""
+    plt = _pyplot()
+    unseen = report["unseen_recovery"]
+    lengths = sorted({int(L) for by_len in unseen.values() for L in by_len})
+    genres = sorted({d for by_len in unseen.values() for u in by_len.values() for d in u["domains"]})
+    fig, axes = plt.subplots(len(lengths), 1, figsize=(9.5, 2.9 * len(lengths) + 0.6), squeeze=False)
+    for ax, length in zip(axes[:, 0], lengths, strict=True):
+        _unseen_panel(ax, {n: by_len[str(length)] for n, by_len in unseen.items() if str(length) in by_len}, genres)
+        ax.set_title(f"recovery on unseen genres at {length} tokens", fontsize=TITLE_PT)
+    fig.suptitle(
+        "teacher perplexity ÷ model perplexity (dashed: the teacher; bars: bootstrap interval; outlined: "
+        "each model's worst genre)",
+        fontsize=NOTE_PT,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _unseen_panel(ax, by_model: dict, genres: list[str]) -> None:
+    """Grouped bars: one group per genre and one for the mean, one bar per model."""
+    from matplotlib.patches import Patch
+
+    groups = [*genres, "mean"]
+    width = 0.8 / len(by_model)
+    tops = [100.0]
+    for i, (name, u) in enumerate(by_model.items()):
+        figures = {**u["domains"], "mean": u["mean"]}
+        shown = [g for g in groups if g in figures]
+        xs = [groups.index(g) + (i - (len(by_model) - 1) / 2) * width for g in shown]
+        ys = [figures[g]["recovery_pct"] for g in shown]
+        errs = [[y - figures[g]["ci"][0] for g, y in zip(shown, ys, strict=True)]]
+        errs.append([figures[g]["ci"][1] - y for g, y in zip(shown, ys, strict=True)])
+        bars = ax.bar(xs, ys, width * 0.9, yerr=errs, capsize=2, label=name)
+        worst = bars[shown.index(u["worst"]["domain"])]
+        worst.set_edgecolor("black")
+        worst.set_linewidth(1.5)
+        tops += [figures[g]["ci"][1] for g in shown]
+    ax.axhline(100.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(groups)), groups, fontsize=TEXT_PT)
+    ax.tick_params(axis="y", labelsize=TEXT_PT)
+    ax.set_ylim(0, max(tops) * 1.08)
+    ax.set_ylabel("recovery %", fontsize=LABEL_PT)
+    # plain swatches: a legend drawn from the bars would copy a worst bar's outline
+    bar_sets = [c for c in ax.containers if hasattr(c, "patches")]  # not the error bars
+    handles = [Patch(facecolor=c.patches[0].get_facecolor(), label=c.get_label()) for c in bar_sets]
+    ax.legend(handles=handles, fontsize=TEXT_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot_unseen(report: dict, path: Path) -> Path:
+    """unseen_recovery.png (see ``unseen_figure``)."""
+    return _save(unseen_figure(report), path)

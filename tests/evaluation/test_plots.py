@@ -1,8 +1,8 @@
 """Every PNG the product writes is readable at its saved size: the evaluation's perplexity plot,
-passkey heatmaps and passkey summary, and the sweep's objective plot, drawn from small synthetic
-inputs. Checked on the figure as drawn at the saved DPI: the PNG's pixel size, text of at least
-MIN_TEXT_PX pixels, every text (titles included) inside the figure, and at least two labelled
-ticks on every axis that shows data."""
+passkey heatmaps and passkey summary, the recovery on unseen genres, and the sweep's objective
+plot, drawn from small synthetic inputs. Checked on the figure as drawn at the saved DPI: the PNG's
+pixel size, text of at least MIN_TEXT_PX pixels, every text (titles included) inside the figure,
+and at least two labelled ticks on every axis that shows data."""
 
 from __future__ import annotations
 
@@ -185,3 +185,16 @@ def test_sweep_objective_plot_is_readable(space):
     for r in rows:
         r["train.lr"] = float(rng.uniform(1e-4, 1e-3))
     check_readable(objective_figure(rows, specs, "nll_gap"), plot_objective(rows, specs, "nll_gap"), OBJECTIVE_DPI)
+
+
+def test_unseen_genre_plot_is_readable_and_outlines_each_models_worst_genre(tmp_path):
+    from tests.evaluation.test_unseen_genres import _report_on_three_genres
+
+    rep = _report_on_three_genres()
+    fig = plots.unseen_figure(rep)
+    check_readable(fig, _saved(tmp_path, plots.plot_unseen, rep), plots.DPI)
+    for ax, length in zip(fig.axes, ("512", "2048"), strict=True):
+        outlined = sorted(p.get_height() for p in ax.patches if p.get_linewidth() == 1.5)
+        worst = sorted(by_len[length]["worst"]["recovery_pct"] for by_len in rep["unseen_recovery"].values())
+        assert outlined == pytest.approx(worst)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["history", "legal", "standards", "mean"]
