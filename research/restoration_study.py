@@ -1319,8 +1319,7 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
     genres and the worst genre beside each, then each recipe against each of ``versus`` window by
     window. Recipes are compared over all their trainings (each window's NLL averaged over a side's
     trainings first); "all" pools the genres' windows, which weigh alike (the same count per genre)."""
-    unseen = sorted({d for (_, d, _) in ppl if d not in KNOWN_DOMAINS})
-    lengths = sorted({L for (m, d, L) in ppl if m == teacher and d in unseen})
+    unseen, lengths = _unseen_axes(ppl, teacher)
     if not unseen or not lengths:
         return []
     groups = _recipe_groups(list(dict.fromkeys(r["model"] for r in records)))
@@ -1345,6 +1344,30 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
             out.append(f"| {g} | " + " | ".join(row) + " |")
     for other in versus:
         out += _unseen_versus_table(win, groups, unseen, lengths, other)
+    return out
+
+
+def _unseen_axes(ppl: dict[tuple, float], teacher: str) -> tuple[list[str], list[int]]:
+    """The held-out genres among the figures and the lengths the teacher was scored at on them."""
+    unseen = sorted({d for (_, d, _) in ppl if d not in KNOWN_DOMAINS})
+    return unseen, sorted({L for (m, d, L) in ppl if m == teacher and d in unseen})
+
+
+def unseen_recovery_by_recipe(records: list[dict], teacher: str = "teacher") -> dict:
+    """{recipe: {length: figures}} in the shape of evaluate's report["unseen_recovery"], each recipe
+    as one model (its trainings' window NLLs averaged window by window, as the table's intervals
+    are), so that the product's unseen_recovery plot draws the study's recipes."""
+    ppl, _ = job_figures(records)
+    unseen, lengths = _unseen_axes(ppl, teacher)
+    groups = _recipe_groups(list(dict.fromkeys(r["model"] for r in records)))
+    groups.pop(teacher, None)
+    win = _window_nlls(records, unseen)
+    out: dict = {}
+    for recipe, models in groups.items():
+        for L in lengths:
+            figures = _pooled_recovery_ci(win, teacher, models, unseen, L)
+            if figures:
+                out.setdefault(recipe, {})[str(L)] = figures
     return out
 
 
@@ -1763,6 +1786,18 @@ def _window_table(records: list[dict], domains: dict[str, str], versus: str) -> 
     return "\n".join(out) + "\n"
 
 
+def _plot_unseen(records: list[dict], path: str) -> int:
+    from linearard_ray.evaluation.plots import plot_unseen
+
+    unseen = unseen_recovery_by_recipe(records)
+    if not unseen:
+        print("restoration_study.py: --plot-unseen: the jobs hold no held-out genre's window NLLs", file=sys.stderr)
+        return 2
+    plot_unseen({"unseen_recovery": unseen}, Path(path))
+    print(f"wrote {path}")
+    return 0
+
+
 def run_table(work: Path, report_path: str | None, runs_path: str | None) -> int:
     rp = Path(report_path) if report_path else work / "eval" / "report.json"
     if not rp.exists():
@@ -1850,6 +1885,13 @@ def main() -> int:
         "per-window NLL (default cpt, the baseline issue 9 and 10 name)",
     )
     p.add_argument(
+        "--plot-unseen",
+        default=None,
+        metavar="PNG",
+        help="table --jobs: also draw each recipe's recovery on the held-out genres (evaluate's "
+        "unseen_recovery plot, a recipe's trainings averaged window by window) into PNG",
+    )
+    p.add_argument(
         "--apart",
         action="store_true",
         help="table --jobs: keep a model trained again in a later file as a training of its own, "
@@ -1863,11 +1905,9 @@ def main() -> int:
             if missing:
                 raise SystemExit(f"restoration_study.py: --jobs files not found: {missing}")
             domains = dict(x.split("=", 1) for x in a.domains.split(","))
-            print(
-                render_job_tables(read_job_records([Path(j) for j in a.jobs], a.apart), domains, versus=a.versus),
-                end="",
-            )
-            return 0
+            records = read_job_records([Path(j) for j in a.jobs], a.apart)
+            print(render_job_tables(records, domains, versus=a.versus), end="")
+            return _plot_unseen(records, a.plot_unseen) if a.plot_unseen else 0
         return run_table(work, a.report, a.runs)
     if not a.dry_run:
         work.mkdir(parents=True, exist_ok=True)

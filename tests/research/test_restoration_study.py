@@ -670,6 +670,14 @@ def test_study_unseen_tables_recovery_worst_genre_and_pooled_windows(tmp_path):
     )
     assert not any(x.startswith("| cpt |") for x in table[: table.index("", 4)])  # the reference is no row
     assert "Recipes trained more than once" not in text  # short text only: no long-context or passkey table
+    # the plot's figures: each recipe as one model, its trainings' windows averaged
+    by_recipe = study.unseen_recovery_by_recipe(study.read_job_records([tmp_path / "jobs.jsonl"]))
+    assert sorted(by_recipe) == ["YaRN×4", "cpt", "r"] and list(by_recipe["r"]) == ["512"]
+    for d in genres:
+        pooled_r = np.mean([wins[(m, d)] for m in recipe], axis=0)
+        want = 100 * np.exp(wins[("teacher", d)].mean() - pooled_r.mean())
+        assert by_recipe["r"]["512"]["domains"][d]["recovery_pct"] == pytest.approx(want)
+    assert by_recipe["r"]["512"]["mean"]["ci"] == pytest.approx(ci["mean"]["ci"])
 
 
 def test_general_restore_recipe_is_the_measured_study_variant():
@@ -690,3 +698,27 @@ def test_general_restore_recipe_is_the_measured_study_variant():
     ran.pop("eval")
     ran["train"]["run_name"] = recipe["train"]["run_name"]
     assert recipe == ran
+
+
+def test_study_table_draws_the_committed_unseen_genre_round(tmp_path):
+    """`table --jobs ... --plot-unseen PNG` on the unseen-genre round's committed jobs draws every
+    recipe and baseline; a jobs file without held-out genres is refused by name."""
+    import subprocess
+    import sys
+
+    from tests.scripts import ROOT
+
+    round_jobs = ROOT / "research" / "results" / "unseen-genre-round" / "jobs.jsonl"
+    cmd = [sys.executable, "research/restoration_study.py", "table", "--versus", "cpt-genre", "--jobs"]
+    ok = subprocess.run(
+        [*cmd, str(round_jobs), "--plot-unseen", str(tmp_path / "u.png")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = _study().unseen_recovery_by_recipe(_study().read_job_records([round_jobs]))
+    assert sorted(drawn) == ["PI×4", "YaRN×4", "cpt-genre", "genre-long"]
+    old = ROOT / "research" / "results" / "pi4-restore-long" / "jobs.jsonl"
+    refused = subprocess.run(
+        [*cmd, str(old), "--plot-unseen", str(tmp_path / "v.png")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "no held-out genre's window NLLs" in refused.stderr
