@@ -45,6 +45,9 @@ trained again as a training of its own ("<model> (r13)"), so a retrained seed ad
 
     python research/restoration_study.py table --apart \
         --jobs research/results/{yarn4-restore,attention-map,attention-map-seeds,pi4-restore-long}/jobs.jsonl
+
+With the held-out genres (eval.preset=study), `--plot-unseen PNG` also draws each recipe's recovery
+on them with evaluate's unseen_recovery plot.
 """
 
 from __future__ import annotations
