@@ -509,6 +509,12 @@ def resolve_source(idx: int, source: str, fmt: str = "auto", field: str = "data.
     return _resolve_fs_source(idx, source, fmt, field)
 
 
+def is_named_source(source: str) -> bool:
+    """A source that names a corpus (``builtin:``, ``hf:``, ``genre:``) rather than a path or URI:
+    it resolves the same from any working directory."""
+    return is_builtin(source) or source.startswith(HF_PREFIX) or is_genre(source)
+
+
 TRAINING_FIELDS = ("data.sources", "data.lm_sources")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from linearard_ray.config import Config, build_config
+from linearard_ray.data.sources import is_named_source
 from linearard_ray.logs import get_logger
 from linearard_ray.paths import output_base
 from linearard_ray.storage import is_uri
@@ -106,7 +107,7 @@ def _absolutize(d: dict, cwd: str, out_base: str) -> dict:
         m["cache_dir"] = absolute_path(m["cache_dir"], cwd)
 
     def src(s: str) -> str:
-        return s if is_uri(s) or s.startswith(("builtin:", "hf:")) else absolute_path(s, cwd)
+        return s if is_uri(s) or is_named_source(s) else absolute_path(s, cwd)
 
     data["sources"] = [src(s) for s in data["sources"]]
     t = d["train"]

@@ -12,12 +12,12 @@ def test_trial_run_config_is_absolute_and_untracked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = base_config(
         **{
-            "data.sources": ["corpus/*.txt", "builtin:sotu/train"],
+            "data.sources": ["corpus/*.txt", "builtin:sotu/train", "genre:scripture"],
             "train.checkpoint_every": 5,
             "train.eval_every": 2,
             "tune.storage_path": "sweeps",
             "train.output_dir": "students",
-            "train.eval_sources": {"mine": ["held/*.md", "builtin:pydocs"]},
+            "train.eval_sources": {"mine": ["held/*.md", "builtin:pydocs"], "legal": ["genre:legal"]},
         }
     )
     specs = parse_space({"rope.factor": {"grid": [2.0, 3.0]}}, base)
@@ -27,8 +27,12 @@ def test_trial_run_config_is_absolute_and_untracked(tmp_path, monkeypatch):
     assert cfg.rope.factor == 3.0 and cfg.train.run_name == name
     assert cfg.train.storage_path == str(tmp_path / "sweeps" / base.tune.sweep_name / "runs")
     assert cfg.train.output_dir == str(tmp_path / "students" / base.tune.sweep_name)
-    assert cfg.data.sources == [str(tmp_path / "corpus" / "*.txt"), "builtin:sotu/train"]
-    assert cfg.train.eval_sources == {"mine": [str(tmp_path / "held" / "*.md"), "builtin:pydocs"]}
+    # named corpora resolve from any directory: only paths are made absolute
+    assert cfg.data.sources == [str(tmp_path / "corpus" / "*.txt"), "builtin:sotu/train", "genre:scripture"]
+    assert cfg.train.eval_sources == {
+        "mine": [str(tmp_path / "held" / "*.md"), "builtin:pydocs"],
+        "legal": ["genre:legal"],
+    }
     assert cfg.tracking.enabled is False
     assert cfg.train.checkpoint_every == 6  # a multiple of eval_every, so every report has a fresh objective
 
