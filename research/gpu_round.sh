@@ -97,7 +97,7 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:\$PATH PYTHONUNBUFFERED=1 RA
 nvidia-smi --query-gpu=name --format=csv,noheader
 date +%s > $work/t_start
 python3 pipelines/tune.py --config $work/sweep.yaml --set train.gpus_per_worker=$(awk "BEGIN {print 1 / $share}") \\
-  --set tune.storage_path=$work/tune $sets || exit 15
+  --set tune.storage_path=$work/tune --set train.output_dir=$work/students $sets || exit 15
 date +%s > $work/t_swept
 EOF
   detach

@@ -104,6 +104,7 @@ def test_gpu_round_sweep_reads_the_shipped_corpus_and_shares_the_card(tmp_path):
     assert str(work / "teacher_samples.jsonl") in derived and "teacher_samples:" not in derived
     chain = (work / "chain.sh").read_text()
     assert "--set train.gpus_per_worker=0.25" in chain and f"--set tune.storage_path={work}/tune" in chain
+    assert f"--set train.output_dir={work}/students" in chain  # the winner's student stays on the host
     assert "--set 'tune.metric=no_such_metric'" in chain
     waited = _run(tmp_path, "wait", str(work), "240")
     assert waited.returncode == 0 and "chain exit 15" in waited.stdout
