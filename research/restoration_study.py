@@ -1322,12 +1322,9 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
     genres and the worst genre beside each, then each recipe against each of ``versus`` window by
     window. Recipes are compared over all their trainings (each window's NLL averaged over a side's
     trainings first); "all" pools the genres' windows, which weigh alike (the same count per genre)."""
-    unseen, lengths = _unseen_axes(ppl, teacher)
+    unseen, lengths, groups, win = _unseen_recipes(records, ppl, teacher)
     if not unseen or not lengths:
         return []
-    groups = _recipe_groups(list(dict.fromkeys(r["model"] for r in records)))
-    groups.pop(teacher, None)
-    win = _window_nlls(records, unseen)
     head = ["recipe", "trainings"]
     for L in lengths:
         head += [*(f"{d} @{_len_label(L)}" for d in unseen), f"mean @{_len_label(L)}", f"worst @{_len_label(L)}"]
@@ -1350,21 +1347,24 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
     return out
 
 
-def _unseen_axes(ppl: dict[tuple, float], teacher: str) -> tuple[list[str], list[int]]:
-    """The held-out genres among the figures and the lengths the teacher was scored at on them."""
+def _unseen_recipes(
+    records: list[dict], ppl: dict[tuple, float], teacher: str
+) -> tuple[list[str], list[int], dict[str, list[str]], dict[tuple, list[float]]]:
+    """What the unseen-genre table and plot both start from: the held-out genres among the figures,
+    the lengths the teacher was scored at on them, each recipe's trainings (the teacher left out)
+    and the per-window NLLs on those genres."""
     unseen = sorted({d for (_, d, _) in ppl if d not in KNOWN_DOMAINS})
-    return unseen, sorted({L for (m, d, L) in ppl if m == teacher and d in unseen})
+    lengths = sorted({L for (m, d, L) in ppl if m == teacher and d in unseen})
+    groups = _recipe_groups(list(dict.fromkeys(r["model"] for r in records)))
+    groups.pop(teacher, None)
+    return unseen, lengths, groups, _window_nlls(records, unseen)
 
 
 def unseen_recovery_by_recipe(records: list[dict], teacher: str = "teacher") -> dict:
     """{recipe: {length: figures}} in the shape of evaluate's report["unseen_recovery"], each recipe
     as one model (its trainings' window NLLs averaged window by window, as the table's intervals
     are), so that the product's unseen_recovery plot draws the study's recipes."""
-    ppl, _ = job_figures(records)
-    unseen, lengths = _unseen_axes(ppl, teacher)
-    groups = _recipe_groups(list(dict.fromkeys(r["model"] for r in records)))
-    groups.pop(teacher, None)
-    win = _window_nlls(records, unseen)
+    unseen, lengths, groups, win = _unseen_recipes(records, job_figures(records)[0], teacher)
     out: dict = {}
     for recipe, models in groups.items():
         for L in lengths:
