@@ -40,7 +40,17 @@ prepare() {  # the staged GGUF, the carried genres and the shipped teacher corpu
   local samples=research/data/smollm2_teacher_samples.jsonl.xz
   [ -s "$work/teacher_samples.jsonl" ] || { [ -f "$samples" ] && xz -dc "$samples" >"$work/teacher_samples.jsonl"; }
 }
-detach() {  # run WORK/chain.sh so that it outlives this call; DONE gets its exit code
+site="/tmp/site:$PWD"  # the Ray bundle first: the host's own Python may lack the package's dependencies
+detach() {  # WORK/chain.sh = the host's environment, then the steps on stdin; run so that it outlives
+  # this call, DONE getting its exit code
+  { cat <<EOF
+set -x
+cd $PWD
+export PYTHONPATH=$site PATH=/tmp/site/bin:\$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+nvidia-smi --query-gpu=name --format=csv,noheader
+date +%s > $work/t_start
+EOF
+    cat; } >"$work/chain.sh"
   setsid nohup bash -c "bash $work/chain.sh; echo \$? > $work/DONE" >"$log" 2>&1 < /dev/null &
   echo "started chain in $work (pid $!)"
 }
@@ -57,12 +67,7 @@ start)
   [ -n "$seed_jobs" ] && cp "$seed_jobs" "$work/eval/jobs.jsonl"
   n=$(tr ',' '\n' <<<"$variants" | grep -c .)
   gpus=$(nvidia-smi -L | grep -c GPU)
-  cat >"$work/chain.sh" <<EOF
-set -x
-cd $PWD
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:\$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
-nvidia-smi --query-gpu=name --format=csv,noheader
-date +%s > $work/t_start
+  detach <<EOF
 [ -s $work/teacher_samples.jsonl ] || python3 research/restoration_study.py sample --work $work --samples 2080 --sample-batch 1040 || exit 11
 date +%s > $work/t_sampled
 python3 research/restoration_study.py train --budget 4250000 --parallel $n --work $work --variants $variants || exit 12
@@ -81,26 +86,18 @@ else
 fi
 date +%s > $work/t_evaluated
 EOF
-  detach
   ;;
 sweep)
   config=$3 share=${4:-4}
   sets=""; for e in "${@:5}"; do sets="$sets --set '$e'"; done
   prepare
-  # with the Ray bundle on the path, as in the chain: the host's own Python may lack the package's dependencies
-  PYTHONPATH="/tmp/site:$PWD" python3 research/sweep_on_shipped_samples.py --config "$config" --samples "$work/teacher_samples.jsonl" \
+  PYTHONPATH="$site" python3 research/sweep_on_shipped_samples.py --config "$config" --samples "$work/teacher_samples.jsonl" \
     --out "$work/sweep.yaml" || exit 2
-  cat >"$work/chain.sh" <<EOF
-set -x
-cd $PWD
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:\$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
-nvidia-smi --query-gpu=name --format=csv,noheader
-date +%s > $work/t_start
+  detach <<EOF
 python3 pipelines/tune.py --config $work/sweep.yaml --set train.gpus_per_worker=$(awk "BEGIN {print 1 / $share}") \\
   --set tune.storage_path=$work/tune --set train.output_dir=$work/students $sets || exit 15
 date +%s > $work/t_swept
 EOF
-  detach
   ;;
 wait)
   limit=$3 t0=$(date +%s)
