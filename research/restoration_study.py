@@ -813,23 +813,40 @@ def seeded_twin(name: str) -> str:
     return name
 
 
-def run_train(a, work: Path) -> int:
+def _variant_names(a) -> list[str]:
+    """The variants --variants and --seeds name, each defined (seeded twins included) or refused."""
     names = list(VARIANTS) if a.variants == "all" else [seeded_twin(v) for v in a.variants.split(",")]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         raise SystemExit(f"restoration_study.py: unknown variants {bad}; choose from {list(VARIANTS)} or 'all'")
-    if a.seeds:
-        names = expand_seeds(names, parse_seeds(a.seeds))
-    n = max(1, a.parallel)
-    head = None
-    gpu_fraction = None
-    if n > 1:
-        gpus = a.gpus if a.gpus is not None else detect_gpus()
-        # Each concurrent run holds 1 CPU for its Train worker and needs more for Ray Data reading.
-        cpus = a.ray_cpus or max(os.cpu_count() or 1, 2 * n + 2)
-        head = RayHead(gpus, cpus, work)
-        if gpus > 0:
-            gpu_fraction = gpu_share(gpus, n)
+    return expand_seeds(names, parse_seeds(a.seeds)) if a.seeds else names
+
+
+def _shared_head(a, n: int, work: Path) -> tuple[RayHead | None, float | None]:
+    """The Ray head that ``n`` > 1 concurrent runs share, and each run's GPU share (None: serial runs
+    each start their own local Ray, or the head has no GPU)."""
+    if n <= 1:
+        return None, None
+    gpus = a.gpus if a.gpus is not None else detect_gpus()
+    # Each concurrent run holds 1 CPU for its Train worker and needs more for Ray Data reading.
+    cpus = a.ray_cpus or max(os.cpu_count() or 1, 2 * n + 2)
+    return RayHead(gpus, cpus, work), (gpu_share(gpus, n) if gpus > 0 else None)
+
+
+def _variant_summary(cfg) -> str:
+    t, lo = cfg.train, cfg.lora
+    return (
+        f"objective {cfg.objective.name} (relation {cfg.objective.relation.weight:g}, "
+        f"logits {cfg.objective.logits.weight:g}, next-token {cfg.objective.next_token.weight:g}); "
+        f"{'LoRA r=' + str(lo.r) if lo.enabled else 'full fine-tuning'} on {','.join(lo.target_modules)}; "
+        f"lr {t.lr:g}; dtype {cfg.model.dtype}, precision {t.precision}; budget {t.budget_tokens} tokens; "
+        f"GPU share {t.gpus_per_worker:g}"
+    )
+
+
+def _validated_jobs(a, names: list[str], work: Path, gpu_fraction: float | None) -> list[Job]:
+    """One Job per variant, its configuration validated first so that a bad override stops the study
+    before anything starts (a dry run also prints what each variant trains)."""
     jobs = []
     for name in names:
         sets = variant_sets(name, work, a.budget, a.extra, gpu_fraction)
@@ -839,87 +856,110 @@ def run_train(a, work: Path) -> int:
             raise SystemExit(f"restoration_study.py: variant {name}: {e}") from None
         jobs.append(Job(name, distill_cmd(a.recipe, sets), sets, work))
         if cfg is not None and a.dry_run:
-            t, lo = cfg.train, cfg.lora
-            print(
-                f"   {name}: objective {cfg.objective.name} (relation {cfg.objective.relation.weight:g}, "
-                f"logits {cfg.objective.logits.weight:g}, next-token {cfg.objective.next_token.weight:g}); "
-                f"{'LoRA r=' + str(lo.r) if lo.enabled else 'full fine-tuning'} on {','.join(lo.target_modules)}; "
-                f"lr {t.lr:g}; dtype {cfg.model.dtype}, precision {t.precision}; budget {t.budget_tokens} tokens; "
-                f"GPU share {t.gpus_per_worker:g}",
-                flush=True,
-            )
-    if a.dry_run:
-        if head is not None:
-            print(
-                f"== dry run, --parallel {n}: would start the Ray head (env PYTHONPATH={ROOT}:..., "
-                f"RAY_AUTH_MODE={head.env()['RAY_AUTH_MODE']})\n   {_quote(head.cmd)}\n"
-                f"   then run these with RAY_ADDRESS={head.address}, at most {n} at a time, and stop the head:",
-                flush=True,
-            )
-        else:
-            print(
-                "== dry run, serial: would run these one after the other, each starting its own local Ray:", flush=True
-            )
-        for j in jobs:
-            print(f"   [{j.name}] {_quote(j.cmd)}", flush=True)
-        return 0
+            print(f"   {name}: {_variant_summary(cfg)}", flush=True)
+    return jobs
 
+
+def _print_train_plan(jobs: list[Job], head: RayHead | None, n: int) -> None:
+    if head is not None:
+        print(
+            f"== dry run, --parallel {n}: would start the Ray head (env PYTHONPATH={ROOT}:..., "
+            f"RAY_AUTH_MODE={head.env()['RAY_AUTH_MODE']})\n   {_quote(head.cmd)}\n"
+            f"   then run these with RAY_ADDRESS={head.address}, at most {n} at a time, and stop the head:",
+            flush=True,
+        )
+    else:
+        print("== dry run, serial: would run these one after the other, each starting its own local Ray:", flush=True)
+    for j in jobs:
+        print(f"   [{j.name}] {_quote(j.cmd)}", flush=True)
+
+
+def _poll_jobs(jobs: list[Job], env: dict, n: int, status_every: float, running: list[Job], rcs: list[int]) -> None:
+    """Run ``jobs``, at most ``n`` at a time, until all have ended. ``running`` and ``rcs`` are the
+    caller's, so that an interruption knows which jobs to stop and what has already ended."""
+    queue = list(jobs)
+    last_status = time.time()
+    while queue or running:
+        while queue and len(running) < n:
+            job = queue.pop(0)
+            job.start(env)
+            running.append(job)
+        time.sleep(2 if n > 1 else 1)
+        for job in [j for j in running if j.proc.poll() is not None]:
+            running.remove(job)
+            rcs.append(job.record(n)["returncode"])
+        if n > 1 and running and time.time() - last_status > status_every:
+            last_status = time.time()
+            for job in running:
+                print(f"   .. {job.name} ({time.time() - job.t0:.0f}s): {_last_step(job.log)}", flush=True)
+
+
+def _stop_running(running: list[Job], n: int, interrupted: str | None, rcs: list[int]) -> None:
+    if running:
+        print(
+            f"== {'interrupted (' + interrupted + ')' if interrupted else 'error'}; "
+            f"stopping {len(running)} running job(s)",
+            flush=True,
+        )
+    for job in running:
+        job.kill()
+        if interrupted:
+            rcs.append(job.record(n, interrupted=True)["returncode"])
+    if interrupted:
+        rcs.append(130)
+
+
+def _run_jobs(jobs: list[Job], head: RayHead | None, n: int, a) -> list[int]:
+    """Every job's return code; on SIGINT/SIGTERM or an error the running jobs and the head are
+    stopped, and an interruption adds 130."""
     # SIGINT too: a shell starts background jobs with SIGINT ignored, where Python would never
     # raise KeyboardInterrupt.
     old_handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    env = dict(os.environ)
     running: list[Job] = []
-    queue = list(jobs)
     rcs: list[int] = []
     interrupted = None
     try:
+        env = dict(os.environ)
         if head is not None:
             head.start()
             env = head.env()
             env["RAY_ADDRESS"] = head.address
             _init_tracking(jobs, a.recipe)
-        last_status = time.time()
-        while queue or running:
-            while queue and len(running) < n:
-                job = queue.pop(0)
-                job.start(env)
-                running.append(job)
-            time.sleep(2 if n > 1 else 1)
-            for job in [j for j in running if j.proc.poll() is not None]:
-                running.remove(job)
-                rcs.append(job.record(n)["returncode"])
-            if n > 1 and running and time.time() - last_status > a.status_every:
-                last_status = time.time()
-                for job in running:
-                    print(f"   .. {job.name} ({time.time() - job.t0:.0f}s): {_last_step(job.log)}", flush=True)
+        _poll_jobs(jobs, env, n, a.status_every, running, rcs)
     except (KeyboardInterrupt, _Stop) as e:
         interrupted = str(e) or type(e).__name__
     finally:
         for sig in old_handlers:  # a second signal must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)
-        if running:
-            print(
-                f"== {'interrupted (' + interrupted + ')' if interrupted else 'error'}; "
-                f"stopping {len(running)} running job(s)",
-                flush=True,
-            )
-        for job in running:
-            job.kill()
-            if interrupted:
-                rcs.append(job.record(n, interrupted=True)["returncode"])
-        if interrupted:
-            rcs.append(130)
+        _stop_running(running, n, interrupted, rcs)
         if head is not None:
             head.stop()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
+    return rcs
+
+
+def _archive_logs(work: Path, out: Path) -> None:
+    """<work>/*.log as one logs.tar.gz in ``out``."""
+    logs = sorted(work.glob("*.log"))
+    if logs:
+        subprocess.run(["tar", "-czf", str(out / "logs.tar.gz"), "-C", str(work), *[x.name for x in logs]])
+
+
+def run_train(a, work: Path) -> int:
+    names = _variant_names(a)
+    n = max(1, a.parallel)
+    head, gpu_fraction = _shared_head(a, n, work)
+    jobs = _validated_jobs(a, names, work, gpu_fraction)
+    if a.dry_run:
+        _print_train_plan(jobs, head, n)
+        return 0
+    rcs = _run_jobs(jobs, head, n, a)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         if (work / "runs.jsonl").exists():
             shutil.copy(work / "runs.jsonl", Path(a.out) / "runs.jsonl")
-        logs = sorted(work.glob("*.log"))
-        if logs:
-            subprocess.run(["tar", "-czf", str(Path(a.out) / "logs.tar.gz"), "-C", str(work), *[x.name for x in logs]])
+        _archive_logs(work, Path(a.out))
     bad_rcs = [r for r in rcs if r != 0]
     return (max(bad_rcs) if max(bad_rcs) > 0 else 1) if bad_rcs else 0
 
@@ -946,23 +986,16 @@ def _init_tracking(jobs: list[Job], recipe: str) -> None:
 # --------------------------------------------------------------------------- eval
 
 
-def run_eval(
-    work: Path,
-    out: Path | None,
-    extra: list[str],
-    recipe: str,
-    dry_run: bool = False,
-    jobs_per_gpu: int = 1,
-    only: list[str] | None = None,
-) -> int:
-    runs = _read_runs(work / "runs.jsonl")
-    models = [
-        {"name": "teacher", "path": "smollm2-135m"},
-        {"name": "PI×4", "path": "smollm2-135m", "rope": {"type": "linear", "factor": 4.0}},
-        {"name": "YaRN×4", "path": "smollm2-135m", "rope": {"type": "yarn", "factor": 4.0}},
-    ]
-    # A variant with a log but no record is still training or exporting (or was killed): say so,
-    # or the report silently lacks it.
+UNTRAINED_MODELS = [
+    {"name": "teacher", "path": "smollm2-135m"},
+    {"name": "PI×4", "path": "smollm2-135m", "rope": {"type": "linear", "factor": 4.0}},
+    {"name": "YaRN×4", "path": "smollm2-135m", "rope": {"type": "yarn", "factor": 4.0}},
+]
+
+
+def _warn_unrecorded(work: Path, runs: list[dict]) -> None:
+    """A variant with a log but no record is still training or exporting (or was killed): say so,
+    or the report silently lacks it."""
     recorded = {r["variant"] for r in runs}
     pending = sorted(
         p.stem for p in work.glob("*.log") if SEED_SUFFIX.sub("", p.stem) in VARIANTS and p.stem not in recorded
@@ -973,23 +1006,31 @@ def run_eval(
             "they are not in this report",
             flush=True,
         )
+
+
+def _eval_models(runs: list[dict], only: list[str] | None) -> list[dict]:
+    """The untrained references and the latest finished student of each variant, or those --only names."""
+    models = [dict(m) for m in UNTRAINED_MODELS]
     seen = set()
     for r in reversed(runs):  # latest run of each variant
         if r["returncode"] == 0 and r["variant"] not in seen and Path(r["student"]).exists():
             seen.add(r["variant"])
             models.append({"name": r["variant"], "path": r["student"]})
-    if only:
-        # Long-context jobs dominate the wall time; the untrained baselines' long figures do not
-        # change between rounds (same windows, seeds and prompts), so a round may skip them.
-        unknown = sorted(set(only) - {m["name"] for m in models})
-        if unknown:
-            raise SystemExit(
-                f"restoration_study.py: --only names {unknown} that are not among the models "
-                f"{[m['name'] for m in models]}"
-            )
-        # evaluate.py measures recovery and relation KL against the model named "teacher" (else the
-        # first one), so the teacher stays whatever --only says; its jobs are the cheap ones.
-        models = [m for m in models if m["name"] in only or m["name"] == "teacher"]
+    if not only:
+        return models
+    # Long-context jobs dominate the wall time; the untrained baselines' long figures do not
+    # change between rounds (same windows, seeds and prompts), so a round may skip them.
+    unknown = sorted(set(only) - {m["name"] for m in models})
+    if unknown:
+        raise SystemExit(
+            f"restoration_study.py: --only names {unknown} that are not among the models {[m['name'] for m in models]}"
+        )
+    # evaluate.py measures recovery and relation KL against the model named "teacher" (else the
+    # first one), so the teacher stays whatever --only says; its jobs are the cheap ones.
+    return [m for m in models if m["name"] in only or m["name"] == "teacher"]
+
+
+def _eval_cmd(work: Path, models: list[dict], extra: list[str], recipe: str, jobs_per_gpu: int) -> list[str]:
     cmd = [
         sys.executable,
         "pipelines/evaluate.py",
@@ -1005,6 +1046,37 @@ def run_eval(
     ]
     if jobs_per_gpu > 1:  # 135M models leave the GPU mostly idle: several (model, length) jobs at once
         cmd += ["--jobs-per-gpu", str(jobs_per_gpu)]
+    return cmd
+
+
+def _archive_eval(work: Path, out: Path, rc: int) -> None:
+    """The report, runs.jsonl, the plots and logs (as archives) and, after a clean run, tables.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    for p in [work / "eval" / "report.md", work / "eval" / "report.json", work / "runs.jsonl"]:
+        if p.exists():
+            shutil.copy(p, out / p.name)
+    pngs = sorted((work / "eval").glob("*.png"))
+    if pngs:
+        subprocess.run(["tar", "-czf", str(out / "plots.tar.gz"), "-C", str(work / "eval"), *[p.name for p in pngs]])
+    _archive_logs(work, out)
+    if rc == 0 and (work / "eval" / "report.json").exists():
+        (out / "tables.md").write_text(
+            render_tables(json.loads((work / "eval" / "report.json").read_text()), _read_runs(work / "runs.jsonl"))
+        )
+
+
+def run_eval(
+    work: Path,
+    out: Path | None,
+    extra: list[str],
+    recipe: str,
+    dry_run: bool = False,
+    jobs_per_gpu: int = 1,
+    only: list[str] | None = None,
+) -> int:
+    runs = _read_runs(work / "runs.jsonl")
+    _warn_unrecorded(work, runs)
+    cmd = _eval_cmd(work, _eval_models(runs, only), extra, recipe, jobs_per_gpu)
     print("== eval:", " ".join(cmd), flush=True)
     if dry_run:
         return 0
@@ -1012,22 +1084,7 @@ def run_eval(
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     print(f"   eval rc={rc} wall={time.time() - t0:.0f}s", flush=True)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for p in [work / "eval" / "report.md", work / "eval" / "report.json", work / "runs.jsonl"]:
-            if p.exists():
-                shutil.copy(p, out / p.name)
-        pngs = sorted((work / "eval").glob("*.png"))
-        if pngs:
-            subprocess.run(
-                ["tar", "-czf", str(out / "plots.tar.gz"), "-C", str(work / "eval"), *[p.name for p in pngs]]
-            )
-        logs = sorted(work.glob("*.log"))
-        if logs:
-            subprocess.run(["tar", "-czf", str(out / "logs.tar.gz"), "-C", str(work), *[p.name for p in logs]])
-        if rc == 0 and (work / "eval" / "report.json").exists():
-            (out / "tables.md").write_text(
-                render_tables(json.loads((work / "eval" / "report.json").read_text()), _read_runs(work / "runs.jsonl"))
-            )
+        _archive_eval(work, out, rc)
     return rc
 
 
@@ -1082,24 +1139,17 @@ def _model_label(m: dict, report: dict) -> str:
     return f"{m['name']}, untrained" if untrained else m["name"]
 
 
-def render_tables(report: dict, runs: list[dict]) -> str:
-    models = report["models"]
-    domains = report["domains"]
-    dlabel = {d: _domain_label(info) for d, info in domains.items()}
-    short = [str(L) for L in report["short_lengths"]]
-    long = [str(L) for L in report["long_lengths"] if str(L) not in short]
+def _short_text_table(report: dict, short: list[str], dlabel: dict[str, str]) -> list[str]:
+    """Perplexity and recovery of every model at the short lengths, one column per domain and length."""
     teacher = report["reference"]["teacher"]
-    out: list[str] = []
-
-    # perplexity + recovery at the short lengths
-    cols = [(d, L) for d in domains for L in short]
-    out += [
+    cols = [(d, L) for d in report["domains"] for L in short]
+    out = [
         "Perplexity (recovery = teacher ppl ÷ model ppl):",
         "",
         "| model | " + " | ".join(f"{dlabel[d]} @{L}" for d, L in cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
-    for m in models:
+    for m in report["models"]:
         cells = []
         for d, L in cols:
             v = report["nll"].get(d, {}).get(m["name"], {}).get(L)
@@ -1113,54 +1163,76 @@ def render_tables(report: dict, runs: list[dict]) -> str:
                 else f"{_ppl4(v['ppl'])} ({r['recovery_pct']:.1f}%)"
             )
         out.append(f"| {_model_label(m, report)} | " + " | ".join(cells) + " |")
+    return out
 
-    # long-context perplexity per domain, passkey per length
+
+def _long_context_table(report: dict, long: list[str], dlabel: dict[str, str]) -> list[str]:
+    """Long-context perplexity per domain and passkey accuracy per length; nothing when neither ran."""
+    domains = report["domains"]
     pk_lengths = sorted({int(L) for pk in report.get("passkey", {}).values() for L in pk["lengths"]})
     head = [f"{dlabel[d]} {' / '.join(_len_label(L) for L in long)}" for d in domains] if long else []
     if pk_lengths:
         head.append(f"passkey {' / '.join(_len_label(L) for L in pk_lengths)}")
-    if head:
-        out += [
-            "",
-            "Long context (perplexity) and passkey (accuracy over depths × trials per length):",
-            "",
-            "| model | " + " | ".join(head) + " |",
-            "|---|" + "---|" * len(head),
-        ]
-        for m in models:
-            cells = []
-            for d in domains if long else []:
-                by_len = report["nll"].get(d, {}).get(m["name"], {})
-                cells.append(" / ".join(_ppl3(by_len[L]["ppl"]) if L in by_len else "–" for L in long))
-            if pk_lengths:
-                pk = report.get("passkey", {}).get(m["name"])
-                acc = (pk or {}).get("accuracy_by_length", {})
-                cells.append(" / ".join(_acc(acc.get(str(L))) for L in pk_lengths))
-            out.append(f"| {_model_label(m, report)} | " + " | ".join(cells) + " |")
+    if not head:
+        return []
+    out = [
+        "",
+        "Long context (perplexity) and passkey (accuracy over depths × trials per length):",
+        "",
+        "| model | " + " | ".join(head) + " |",
+        "|---|" + "---|" * len(head),
+    ]
+    for m in report["models"]:
+        cells = []
+        for d in domains if long else []:
+            by_len = report["nll"].get(d, {}).get(m["name"], {})
+            cells.append(" / ".join(_ppl3(by_len[L]["ppl"]) if L in by_len else "–" for L in long))
+        if pk_lengths:
+            acc = (report.get("passkey", {}).get(m["name"]) or {}).get("accuracy_by_length", {})
+            cells.append(" / ".join(_acc(acc.get(str(L))) for L in pk_lengths))
+        out.append(f"| {_model_label(m, report)} | " + " | ".join(cells) + " |")
+    return out
 
-    # training runs (latest record of each variant, in first-run order)
-    if runs:
-        latest: dict[str, dict] = {}
-        for r in runs:
-            latest.pop(r["variant"], None)
-            latest[r["variant"]] = r
-        order = list(dict.fromkeys(r["variant"] for r in runs))
-        out += [
-            "",
-            "Training runs (latest of each variant; wall time includes Ray start, model load and export; "
-            "tok/s from the step lines; --parallel = how many jobs could share the GPU):",
-            "",
-            "| variant | what | rc | wall s | tok/s last | tok/s median | --parallel |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for v in order:
-            r = latest[v]
-            f = lambda x: "–" if x is None else f"{x:,.0f}"  # noqa: E731
-            rc = f"{r['returncode']}{' (interrupted)' if r.get('interrupted') else ''}"
-            out.append(
-                f"| {v} | {r.get('description', '')} | {rc} | {r['wall_s']:.0f} | {f(r.get('tokens_per_s_last'))} | "
-                f"{f(r.get('tokens_per_s_median'))} | {r.get('parallel', 1)} |"
-            )
+
+def _count(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f}"
+
+
+def _training_runs_table(runs: list[dict]) -> list[str]:
+    """The latest record of each variant, in first-run order; nothing without runs."""
+    if not runs:
+        return []
+    latest: dict[str, dict] = {}
+    for r in runs:
+        latest.pop(r["variant"], None)
+        latest[r["variant"]] = r
+    out = [
+        "",
+        "Training runs (latest of each variant; wall time includes Ray start, model load and export; "
+        "tok/s from the step lines; --parallel = how many jobs could share the GPU):",
+        "",
+        "| variant | what | rc | wall s | tok/s last | tok/s median | --parallel |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in dict.fromkeys(r["variant"] for r in runs):
+        r = latest[v]
+        rc = f"{r['returncode']}{' (interrupted)' if r.get('interrupted') else ''}"
+        out.append(
+            f"| {v} | {r.get('description', '')} | {rc} | {r['wall_s']:.0f} | {_count(r.get('tokens_per_s_last'))} | "
+            f"{_count(r.get('tokens_per_s_median'))} | {r.get('parallel', 1)} |"
+        )
+    return out
+
+
+def render_tables(report: dict, runs: list[dict]) -> str:
+    dlabel = {d: _domain_label(info) for d, info in report["domains"].items()}
+    short = [str(L) for L in report["short_lengths"]]
+    long = [str(L) for L in report["long_lengths"] if str(L) not in short]
+    out = [
+        *_short_text_table(report, short, dlabel),
+        *_long_context_table(report, long, dlabel),
+        *_training_runs_table(runs),
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -1197,7 +1269,8 @@ def read_job_records(paths: list[Path], apart: bool = False) -> list[dict]:
     return out
 
 
-UNTRAINED = {"teacher", "PI×4", "YaRN×4"}  # the same model, and so the same figures, in every round
+# the same model, and so the same figures, in every round
+UNTRAINED = {m["name"] for m in UNTRAINED_MODELS}
 RESULTS = Path(__file__).resolve().parent / "results"
 # research/results/<study>/jobs.jsonl: the round of research/LOG.md each folder holds, for the
 # "(r<round>)" names that keep a retrained model apart (once taken from "smollm2_study<round>_jobs")
@@ -1556,6 +1629,29 @@ def recipe_of(model: str) -> str:
     return SEED_SUFFIX.sub("", ROUND_TAG.sub("", model))
 
 
+def _pooled_passkey_cell(ms: list[str], base_trials: list[dict], trials: dict, n: int | None, field: str) -> str:
+    """A recipe's trainings ``ms`` against the baseline's on the passkey prompts, each prompt averaged
+    over each side's trainings; a dash unless every training has the field scored."""
+    from linearard_ray.evaluation.paired_stats import pooled_passkey
+
+    mine = [trials[(m, n)] for m in ms if (m, n) in trials and _scored_trials(trials[(m, n)], field)]
+    v = pooled_passkey(mine, base_trials, field) if len(mine) == len(ms) else None
+    if v is None:
+        return "–"
+    return f"{v['recipe']:.2f} vs {v['baseline']:.2f} ({v['higher']}/{v['lower']}, p {v['p_value']:.2g})"
+
+
+def _pooled_window_cell(ms: list[str], versus_ms: list[str], win: dict[tuple[str, int], list], L: int) -> str:
+    """A recipe's trainings ``ms`` against ``versus_ms`` on the windows of length ``L``, each window
+    averaged over each side's trainings; a dash unless every training has them."""
+    from linearard_ray.evaluation.paired_stats import pooled_windows
+
+    mine = [win[(m, L)] for m in ms if (m, L) in win]
+    if len(mine) != len(ms):
+        return _window_diff_cell(None)
+    return _window_diff_cell(pooled_windows(mine, [win[(m, L)] for m in versus_ms if (m, L) in win]))
+
+
 def _recipe_versus_table(
     models: list[str],
     records: list[dict],
@@ -1569,8 +1665,6 @@ def _recipe_versus_table(
     window's figure is averaged over each side's trainings before the sign-flip test
     (linearard_ray.evaluation.paired_stats.pooled_passkey / pooled_windows), so a recipe claim rests on every
     training, and the prompts, not the (training, prompt) pairs, are the draws."""
-    from linearard_ray.evaluation.paired_stats import pooled_passkey, pooled_windows
-
     groups = _recipe_groups(models)
     recipes = {g: ms for g, ms in groups.items() if len(ms) > 1 and g not in (baseline, versus)}
     if not recipes:
@@ -1581,7 +1675,8 @@ def _recipe_versus_table(
         for r in records
         if r["kind"] == "nll" and r["domain"] == dom and r.get("window_nll")
     }
-    longs = sorted({L for (m, L) in win if L > 8192 and m in groups.get(versus, [])})
+    versus_ms = groups.get(versus, [])
+    longs = sorted({L for (m, L) in win if L > 8192 and m in versus_ms})
     n = max((k[1] for k in trials if k[0] in groups.get(baseline, [])), default=None)
     base_trials = [trials[(m, n)] for m in groups.get(baseline, []) if (m, n) in trials]
     fields = [
@@ -1591,30 +1686,7 @@ def _recipe_versus_table(
     ]
     if not fields and not longs:
         return []
-
-    def passkey_cell(ms: list[str], field: str) -> str:
-        mine = [trials[(m, n)] for m in ms if (m, n) in trials and _scored_trials(trials[(m, n)], field)]
-        v = pooled_passkey(mine, base_trials, field) if len(mine) == len(ms) else None
-        fmt = "{:.2f}"
-        return (
-            "–"
-            if v is None
-            else (
-                f"{fmt.format(v['recipe'])} vs {fmt.format(v['baseline'])} "
-                f"({v['higher']}/{v['lower']}, p {v['p_value']:.2g})"
-            )
-        )
-
-    def window_cell(ms: list[str], L: int) -> str:
-        mine = [win[(m, L)] for m in ms if (m, L) in win]
-        v = (
-            pooled_windows(mine, [win[(m, L)] for m in groups[versus] if (m, L) in win])
-            if len(mine) == len(ms)
-            else None
-        )
-        return _window_diff_cell(v)
-
-    nb, nv = len(base_trials), len([m for m in groups.get(versus, []) if any((m, L) in win for L in longs)])
+    nb, nv = len(base_trials), len([m for m in versus_ms if any((m, L) in win for L in longs)])
     head = [
         "recipe",
         "trainings",
@@ -1631,7 +1703,12 @@ def _recipe_versus_table(
         "|" + "---|" * len(head),
     ]
     for g, ms in recipes.items():
-        cells = [g, str(len(ms)), *(passkey_cell(ms, f) for f, _ in fields), *(window_cell(ms, L) for L in longs)]
+        cells = [
+            g,
+            str(len(ms)),
+            *(_pooled_passkey_cell(ms, base_trials, trials, n, f) for f, _ in fields),
+            *(_pooled_window_cell(ms, versus_ms, win, L) for L in longs),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -1815,7 +1892,7 @@ def run_table(work: Path, report_path: str | None, runs_path: str | None) -> int
 # --------------------------------------------------------------------------- main
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "phase",
@@ -1900,39 +1977,49 @@ def main() -> int:
         help="table --jobs: keep a model trained again in a later file as a training of its own, "
         "named '<model> (r<round>)', instead of letting the later file win",
     )
-    a = p.parse_args()
+    return p
+
+
+def run_job_tables(a) -> int:
+    missing = [j for j in a.jobs if not Path(j).exists()]
+    if missing:
+        raise SystemExit(f"restoration_study.py: --jobs files not found: {missing}")
+    domains = dict(x.split("=", 1) for x in a.domains.split(","))
+    records = read_job_records([Path(j) for j in a.jobs], a.apart)
+    print(render_job_tables(records, domains, versus=a.versus), end="")
+    return _plot_unseen(records, a.plot_unseen) if a.plot_unseen else 0
+
+
+def run_sample(a, work: Path) -> int:
+    cmd = [
+        sys.executable,
+        "pipelines/sample_teacher.py",
+        "--config",
+        a.recipe,
+        "--out",
+        TEACHER_SAMPLES.format(work=work),
+        "--samples",
+        str(a.samples),
+        "--tokens",
+        "2048",
+        "--batch-size",
+        str(a.sample_batch),
+        "--top-p",
+        "0.95",
+    ]  # a 135M model's far tail drifts off into noise
+    print(" ".join(cmd), flush=True)
+    return 0 if a.dry_run else subprocess.call(cmd, cwd=ROOT)
+
+
+def main() -> int:
+    a = _parser().parse_args()
     work = Path(a.work).expanduser().resolve()  # absolute: Ray workers do not share this cwd
     if a.phase == "table":
-        if a.jobs:
-            missing = [j for j in a.jobs if not Path(j).exists()]
-            if missing:
-                raise SystemExit(f"restoration_study.py: --jobs files not found: {missing}")
-            domains = dict(x.split("=", 1) for x in a.domains.split(","))
-            records = read_job_records([Path(j) for j in a.jobs], a.apart)
-            print(render_job_tables(records, domains, versus=a.versus), end="")
-            return _plot_unseen(records, a.plot_unseen) if a.plot_unseen else 0
-        return run_table(work, a.report, a.runs)
+        return run_job_tables(a) if a.jobs else run_table(work, a.report, a.runs)
     if not a.dry_run:
         work.mkdir(parents=True, exist_ok=True)
     if a.phase == "sample":
-        cmd = [
-            sys.executable,
-            "pipelines/sample_teacher.py",
-            "--config",
-            a.recipe,
-            "--out",
-            TEACHER_SAMPLES.format(work=work),
-            "--samples",
-            str(a.samples),
-            "--tokens",
-            "2048",
-            "--batch-size",
-            str(a.sample_batch),
-            "--top-p",
-            "0.95",
-        ]  # a 135M model's far tail drifts off into noise
-        print(" ".join(cmd), flush=True)
-        return 0 if a.dry_run else subprocess.call(cmd, cwd=ROOT)
+        return run_sample(a, work)
     if a.phase == "train":
         return run_train(a, work)
     return run_eval(
