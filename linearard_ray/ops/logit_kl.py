@@ -168,6 +168,47 @@ def _check_common(chunk_size: int, reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _check_logit_kl_args(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    temperature: float,
+    top_k_positions: int | None,
+    chunk_size: int,
+    reduction: str,
+) -> None:
+    _check_common(chunk_size, reduction)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k_positions is not None and top_k_positions < 1:
+        raise ValueError(f"top_k_positions must be >= 1, got {top_k_positions}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
+            "cover different positions"
+        )
+    if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
+        raise ValueError(
+            f"student vocabulary {student_head_weight.shape[0]} != teacher vocabulary {teacher_head_weight.shape[0]}"
+        )
+    for name, h, w in (
+        ("student", student_hidden, student_head_weight),
+        ("teacher", teacher_hidden, teacher_head_weight),
+    ):
+        if h.shape[-1] != w.shape[1]:
+            raise ValueError(f"{name} hidden size {h.shape[-1]} != head weight input size {w.shape[1]}")
+
+
+def _top_k_positions(per_position: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """The mask of the ``k`` valid positions with the largest values, per sequence (the last axis;
+    per call for 1-D input); chosen on the values, so it carries no gradient."""
+    scores = per_position.detach().masked_fill(~valid, float("-inf"))
+    flat = scores.reshape(1, -1) if scores.dim() == 1 else scores.reshape(-1, scores.shape[-1])
+    top = flat.topk(min(k, flat.shape[-1]), dim=-1).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).view(valid.shape) & valid
+
+
 def chunked_logit_kl(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -195,26 +236,16 @@ def chunked_logit_kl(
     position does not contribute). Only the student side gets gradients; the teacher side is
     treated as a constant.
     """
-    _check_common(chunk_size, reduction)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k_positions is not None and top_k_positions < 1:
-        raise ValueError(f"top_k_positions must be >= 1, got {top_k_positions}")
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
-            "cover different positions"
-        )
-    if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
-        raise ValueError(
-            f"student vocabulary {student_head_weight.shape[0]} != teacher vocabulary {teacher_head_weight.shape[0]}"
-        )
-    for name, h, w in (
-        ("student", student_hidden, student_head_weight),
-        ("teacher", teacher_hidden, teacher_head_weight),
-    ):
-        if h.shape[-1] != w.shape[1]:
-            raise ValueError(f"{name} hidden size {h.shape[-1]} != head weight input size {w.shape[1]}")
+    _check_logit_kl_args(
+        student_hidden,
+        teacher_hidden,
+        student_head_weight,
+        teacher_head_weight,
+        temperature,
+        top_k_positions,
+        chunk_size,
+        reduction,
+    )
     valid = _valid_mask(student_hidden, attention_mask, "attention_mask")
     hs, idx = _rows(student_hidden, valid)
     ht, _ = _rows(teacher_hidden.detach(), valid)
@@ -229,12 +260,7 @@ def chunked_logit_kl(
     full = torch.zeros(valid.numel(), dtype=per.dtype, device=per.device).index_put((idx,), per).view(valid.shape)
     used = valid
     if top_k_positions is not None:
-        scores = full.detach().masked_fill(~valid, float("-inf"))
-        flat_scores = scores.reshape(1, -1) if scores.dim() == 1 else scores.reshape(-1, scores.shape[-1])
-        k = min(int(top_k_positions), flat_scores.shape[-1])
-        top = flat_scores.topk(k, dim=-1).indices
-        sel = torch.zeros_like(flat_scores, dtype=torch.bool).scatter_(1, top, True).view(valid.shape)
-        used = sel & valid
+        used = _top_k_positions(full, valid, int(top_k_positions))
         full = full * used
     if reduction == "none":
         return full
