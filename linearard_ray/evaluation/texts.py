@@ -236,44 +236,61 @@ def make_windows(
     if body < 2:
         raise TextsError(f"window length {length} is too short")
     rng = np.random.default_rng([seed, length])
-    total = int(sum(len(t) for t in token_docs))
-
+    ws = WindowSet(length=length, requested=n, available_tokens=int(sum(len(t) for t in token_docs)))
     single = [(di, s) for di, t in enumerate(token_docs) for s in range(0, len(t) - body + 1, body)]
-    ws = WindowSet(length=length, requested=n, available_tokens=total)
     if len(single) >= n:
-        pick = sorted(rng.choice(len(single), size=n, replace=False).tolist())
-        rows = [token_docs[single[i][0]][single[i][1] : single[i][1] + body] for i in pick]
-        ws.doc_ids = [[doc_ids[single[i][0]]] for i in pick]
-        ws.starts = [single[i][1] for i in pick]
-        ws.pool = len(single)
-        ws.construction = "single documents"
-        ws.docs_per_window = 1.0
+        rows = _single_document_windows(ws, token_docs, doc_ids, single, body, rng)
     else:
-        parts, owner = [], []
-        for di, t in enumerate(token_docs):
-            if di and separator is not None:
-                parts.append(np.asarray([separator], dtype=np.int64))
-                owner.append(np.full(1, di, dtype=np.int64))
-            parts.append(t)
-            owner.append(np.full(len(t), di, dtype=np.int64))
-        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        owners = np.concatenate(owner) if owner else np.zeros(0, dtype=np.int64)
-        starts = list(range(0, len(stream) - body + 1, body))
-        if not starts:
-            ws.skipped_reason = (
-                f"needs {length} tokens but all {len(token_docs)} documents together hold only "
-                f"{len(stream) + len(prefix)} (with separators)"
-            )
-            ws.construction = "concatenated documents"
-            return ws
-        k = min(n, len(starts))
-        pick = sorted(rng.choice(len(starts), size=k, replace=False).tolist())
-        rows = [stream[starts[i] : starts[i] + body] for i in pick]
-        ws.doc_ids = [[doc_ids[j] for j in np.unique(owners[starts[i] : starts[i] + body])] for i in pick]
-        ws.starts = [starts[i] for i in pick]
-        ws.pool = len(starts)
-        ws.construction = "concatenated documents"
-        ws.docs_per_window = float(np.mean([len(d) for d in ws.doc_ids]))
-    arr = np.stack([np.concatenate([np.asarray(prefix, dtype=np.int64), r]) for r in rows])
-    ws.windows = arr
+        rows = _joined_document_windows(ws, token_docs, doc_ids, body, rng, separator)
+    if rows is not None:
+        ws.windows = np.stack([np.concatenate([np.asarray(prefix, dtype=np.int64), r]) for r in rows])
     return ws
+
+
+def _single_document_windows(
+    ws: WindowSet, token_docs: list[np.ndarray], doc_ids: list[str], single: list[tuple[int, int]], body: int, rng
+) -> list[np.ndarray]:
+    """``ws.requested`` of the (document, start) cuts in ``single``, each window inside one document."""
+    pick = sorted(rng.choice(len(single), size=ws.requested, replace=False).tolist())
+    ws.doc_ids = [[doc_ids[single[i][0]]] for i in pick]
+    ws.starts = [single[i][1] for i in pick]
+    ws.pool = len(single)
+    ws.construction = "single documents"
+    ws.docs_per_window = 1.0
+    return [token_docs[single[i][0]][single[i][1] : single[i][1] + body] for i in pick]
+
+
+def _joined_stream(token_docs: list[np.ndarray], separator: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The documents joined in order (``separator`` between them) and each token's document index."""
+    parts, owner = [], []
+    for di, t in enumerate(token_docs):
+        if di and separator is not None:
+            parts.append(np.asarray([separator], dtype=np.int64))
+            owner.append(np.full(1, di, dtype=np.int64))
+        parts.append(t)
+        owner.append(np.full(len(t), di, dtype=np.int64))
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(parts), np.concatenate(owner)
+
+
+def _joined_document_windows(
+    ws: WindowSet, token_docs: list[np.ndarray], doc_ids: list[str], body: int, rng, separator: int | None
+) -> list[np.ndarray] | None:
+    """Up to ``ws.requested`` windows cut from the joined documents; None, with ``ws.skipped_reason``
+    set, when even the joined text is shorter than one window."""
+    stream, owners = _joined_stream(token_docs, separator)
+    ws.construction = "concatenated documents"
+    starts = list(range(0, len(stream) - body + 1, body))
+    if not starts:
+        ws.skipped_reason = (
+            f"needs {ws.length} tokens but all {len(token_docs)} documents together hold only "
+            f"{len(stream) + ws.length - body} (with separators)"
+        )
+        return None
+    pick = sorted(rng.choice(len(starts), size=min(ws.requested, len(starts)), replace=False).tolist())
+    ws.doc_ids = [[doc_ids[j] for j in np.unique(owners[starts[i] : starts[i] + body])] for i in pick]
+    ws.starts = [starts[i] for i in pick]
+    ws.pool = len(starts)
+    ws.docs_per_window = float(np.mean([len(d) for d in ws.doc_ids]))
+    return [stream[starts[i] : starts[i] + body] for i in pick]
