@@ -477,6 +477,37 @@ def _write_parts(g: Genre, stem: str, docs: list[tuple[str, str]], out: Path, se
     return files
 
 
+def _build_from_file(g: Genre, samples_file: Path | None, out: Path, seed: int, tokenizer, stats: BuildStats) -> dict:
+    """The genre's part files from a JSONL file (teacher samples), named by the file's hash."""
+    if samples_file is None:
+        raise GenreError(f"genre {g.name!r} is built from a file: give --teacher-samples <samples.jsonl[.xz]>")
+    docs = _source_documents(g, _jsonl_documents(samples_file), stats)
+    sha = hashlib.sha256(samples_file.read_bytes()).hexdigest()
+    files = _write_parts(g, f"{samples_file.name.split('.')[0]}_{sha[:12]}", docs, out, seed, tokenizer)
+    return {"file": str(samples_file), "sha256": sha, "files": files}
+
+
+def _build_from_package(
+    g: Genre, src: PackageSource, trees: dict[str, PackageTree], out: Path, seed: int, tokenizer, stats: BuildStats
+) -> dict:
+    """The genre's part files from one unpacked package (read with its helper packages), named by
+    the package and its version."""
+    missing = [p for p in (src.package, *src.helpers) if p not in trees]
+    if missing:
+        raise GenreError(f"genre {g.name!r}: package(s) {', '.join(missing)} not unpacked")
+    tree = trees[src.package]
+    helpers = {h: trees[h].root for h in src.helpers}
+    read_before = stats.read
+    docs = _source_documents(g, src.reader(tree.root, helpers), stats)
+    if stats.read == read_before:  # all dropped as duplicates of an earlier package is fine
+        raise GenreError(f"genre {g.name!r}: package {src.package} {tree.version} holds no document to read")
+    files = _write_parts(g, f"{src.package}_{_version_in_name(tree.version)}", docs, out, seed, tokenizer)
+    entry = {"package": src.package, "version": tree.version, "files": files}
+    if helpers:
+        entry["read_with"] = {h: trees[h].version for h in src.helpers}
+    return entry
+
+
 def build_genre(
     g: Genre,
     trees: dict[str, PackageTree],
@@ -497,27 +528,9 @@ def build_genre(
     stats = BuildStats()
     sources = []
     if g.from_file:
-        if samples_file is None:
-            raise GenreError(f"genre {g.name!r} is built from a file: give --teacher-samples <samples.jsonl[.xz]>")
-        docs = _source_documents(g, _jsonl_documents(samples_file), stats)
-        sha = hashlib.sha256(samples_file.read_bytes()).hexdigest()
-        files = _write_parts(g, f"{samples_file.name.split('.')[0]}_{sha[:12]}", docs, out, seed, tokenizer)
-        sources.append({"file": str(samples_file), "sha256": sha, "files": files})
+        sources.append(_build_from_file(g, samples_file, out, seed, tokenizer, stats))
     for src in g.packages:
-        missing = [p for p in (src.package, *src.helpers) if p not in trees]
-        if missing:
-            raise GenreError(f"genre {g.name!r}: package(s) {', '.join(missing)} not unpacked")
-        tree = trees[src.package]
-        helpers = {h: trees[h].root for h in src.helpers}
-        read_before = stats.read
-        docs = _source_documents(g, src.reader(tree.root, helpers), stats)
-        if stats.read == read_before:  # all dropped as duplicates of an earlier package is fine
-            raise GenreError(f"genre {g.name!r}: package {src.package} {tree.version} holds no document to read")
-        files = _write_parts(g, f"{src.package}_{_version_in_name(tree.version)}", docs, out, seed, tokenizer)
-        entry = {"package": src.package, "version": tree.version, "files": files}
-        if helpers:
-            entry["read_with"] = {h: trees[h].version for h in src.helpers}
-        sources.append(entry)
+        sources.append(_build_from_package(g, src, trees, out, seed, tokenizer, stats))
     manifest = {
         "genre": g.name,
         "role": g.role,
