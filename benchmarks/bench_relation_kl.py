@@ -1,4 +1,4 @@
-"""Time and measure linearard_ray.ops.relation_kl_triton on a GPU against PyTorch SDPA flash attention.
+"""Time and measure linearard_ray.ops.relation_kl_triton on a GPU against PyTorch SDPA (flash and cuDNN).
 
     PYTHONPATH=$PWD python benchmarks/bench_relation_kl.py [--check] [--sweep] [--quick]
 
@@ -6,11 +6,12 @@
          in each backward mode (sweep, atomic, rowfwd).
 --sweep  time a few tile configurations at T=8K and use the fastest for the tables.
 --backward  only the backward modes of a causal self-relation (sweep, atomic, rowfwd), each with a
-         small tile sweep first, fwd and bwd apart and fwd+bwd end to end against SDPA flash:
+         small tile sweep first, fwd and bwd apart and fwd+bwd end to end against the fastest SDPA:
 
     PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python benchmarks/bench_relation_kl.py --check --backward
 Prints markdown tables: median times (triton.testing.do_bench), peak memory beyond inputs and
-returned tensors, and ratios to SDPA of the same shape in the same process.
+returned tensors, and ratios to the faster of SDPA flash and cuDNN of the same shape in the same
+process (the backend named beside each ratio).
 """
 
 from __future__ import annotations
@@ -228,40 +229,45 @@ def naive_fns(q, tq):
     return fwd, fb, [qg]
 
 
-def sdpa_fns(q, k, v):
+SDPA_PEERS = ("flash", "cuDNN")  # every ratio is taken against the faster of the two
+
+
+def sdpa_fns(q, k, v, backend="flash"):
+    """Causal SDPA of the same tensors on one backend (``SDPA_PEERS``), GQA included."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cuDNN": SDPBackend.CUDNN_ATTENTION}[backend]
     gqa = q.shape[1] != k.shape[1]
 
     def fwd():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(which):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     dout = torch.randn_like(q)
 
     def fb():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(which):
             F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=gqa).backward(dout)
 
     return fwd, fb, leaves
 
 
-def sdpa_cudnn_fns(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def sdpa_peers(q, k, v, label):
+    """Rows for SDPA flash and cuDNN of the same shape, measured in this process."""
+    return [measure(f"SDPA {b} ({label})", *sdpa_fns(q, k, v, b), fwd_keep=nbytes(q)) for b in SDPA_PEERS]
 
-    def fwd():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    dout = torch.randn_like(q)
+def fastest_peer(rows, key):
+    """The SDPA row with the smallest ``key`` time (a backend that refused the shape has none)."""
+    return min((r for r in rows if r["name"].startswith("SDPA") and key in r), key=lambda r: r[key], default=None)
 
-    def fb():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            F.scaled_dot_product_attention(*leaves, is_causal=True).backward(dout)
 
-    return fwd, fb, leaves
+def ratio_cell(row, peer, key):
+    """``row``'s time over the fastest peer's, with the peer's backend: '1.27x cuDNN'."""
+    if peer is None or key not in row:
+        return "-"
+    return f"{row[key] / peer[key]:.2f}x {peer['name'].split()[1]}"
 
 
 def measure(name, fwd, fb, leaves, fwd_keep=0):
@@ -296,20 +302,19 @@ def fmt_mb(v):
 def table(title, rows):
     log(f"\n### {title}\n")
     log(
-        "| T | case | fwd ms | fwd+bwd ms | fwd / SDPA | fwd+bwd / SDPA | peak extra fwd MiB | peak extra fwd+bwd MiB |"
+        "| T | case | fwd ms | fwd+bwd ms | fwd / fastest SDPA | fwd+bwd / fastest SDPA | peak extra fwd MiB | "
+        "peak extra fwd+bwd MiB |"
     )
     log("|---|---|---|---|---|---|---|---|")
     for T, rs in rows:
-        sd = next((r for r in rs if r["name"].startswith("SDPA flash")), None)
+        fastest = {key: fastest_peer(rs, key) for key in ("fwd", "fb")}
         for r in rs:
             if r.get("oom"):
                 log(f"| {T} | {r['name']} | {r['oom']} | | | | | |")
                 continue
-            rf = r["fwd"] / sd["fwd"] if sd and "fwd" in sd else None
-            rb = r["fb"] / sd["fb"] if sd and "fb" in sd else None
             log(
                 f"| {T} | {r['name']} | {fmt_ms(r['fwd'])} | {fmt_ms(r['fb'])} | "
-                f"{'-' if rf is None else f'{rf:.2f}x'} | {'-' if rb is None else f'{rb:.2f}x'} | "
+                f"{ratio_cell(r, fastest['fwd'], 'fwd')} | {ratio_cell(r, fastest['fb'], 'fb')} | "
                 f"{fmt_mb(r['mem_fwd'])} | {fmt_mb(r['mem_fb'])} |"
             )
 
@@ -429,11 +434,21 @@ def _bwd_ms(qg, tq) -> float:
     return bench(lambda: kl.backward(retain_graph=True), grad_to_none=[qg])
 
 
+def _fb_only(q, k, v, backend) -> dict:
+    """{"fb": SDPA fwd+bwd ms} on ``backend``, or {} where it refuses the shape."""
+    _, fb, leaves = sdpa_fns(q, k, v, backend)
+    try:
+        return {"fb": bench(fb, grad_to_none=leaves)}
+    except Exception as e:  # e.g. cuDNN without a kernel for this shape: the other peer stands
+        log(f"SDPA {backend}: {type(e).__name__}: {str(e)[:80]}")
+        return {}
+
+
 def _backward_row(T: int, D: int) -> str:
     q, k, v = inputs(1, 32, 32, T, D)
     tq = q + 0.5 * torch.randn_like(q)
-    _, sdpa_fb, sleaves = sdpa_fns(q, k, v)
-    t_sdpa = bench(sdpa_fb, grad_to_none=sleaves)
+    peer = fastest_peer([{"name": f"SDPA {b}", **_fb_only(q, k, v, b)} for b in SDPA_PEERS], "fb")
+    t_sdpa = peer["fb"]
     qg = q.clone().requires_grad_(True)
     fw, bw, fb = {}, {}, {}
     for mode in ("sweep", "atomic", "rowfwd"):
@@ -452,7 +467,7 @@ def _backward_row(T: int, D: int) -> str:
     qg.grad = None
     rk.set_backward_mode(None)
     cells = [
-        fmt_ms(t_sdpa),
+        f"{fmt_ms(t_sdpa)} {peer['name'].split()[1]}",
         fmt_ms(fw["sweep"]),
         fmt_ms(bw["sweep"]),
         fmt_ms(bw["atomic"]),
@@ -468,7 +483,7 @@ def _backward_row(T: int, D: int) -> str:
 def backward_modes(Ts=(2048, 4096, 8192, 16384), tiles=True):
     """Causal self-relation backward modes: the two-recompute sweep, the one-recompute atomic kernel
     (bwd1) and rowfwd (row part in the forward, column-only backward), each after a small tile
-    sweep; fwd and bwd apart, fwd+bwd end to end, ratios against SDPA flash fwd+bwd."""
+    sweep; fwd and bwd apart, fwd+bwd end to end, ratios against the fastest SDPA fwd+bwd."""
     TC = rk.TileConfig
     cands = {
         128: [TC(64, 128, 8, 2), TC(128, 128, 8, 2), TC(128, 64, 8, 2), TC(64, 64, 4, 2), TC(64, 128, 4, 2)],
@@ -494,10 +509,11 @@ def backward_modes(Ts=(2048, 4096, 8192, 16384), tiles=True):
         log(
             "fwd: the plain forward (sweep, atomic) or the one that also stores the row part (rowfwd, "
             "student requiring grad); bwd: backward alone; fwd+bwd: one call end to end; "
-            "/ SDPA: fwd+bwd over SDPA flash fwd+bwd; peak: rowfwd fwd+bwd extra memory (R included).\n"
+            "/ SDPA: fwd+bwd over the fastest SDPA backend's fwd+bwd (flash or cuDNN, named in its column); "
+            "peak: rowfwd fwd+bwd extra memory (R included).\n"
         )
         log(
-            "| T | SDPA flash fwd+bwd ms | fwd ms | sweep bwd ms | atomic bwd ms | rowfwd fwd ms | rowfwd bwd ms | "
+            "| T | fastest SDPA fwd+bwd ms | fwd ms | sweep bwd ms | atomic bwd ms | rowfwd fwd ms | rowfwd bwd ms | "
             "sweep fwd+bwd ms | atomic fwd+bwd ms | rowfwd fwd+bwd ms | sweep / SDPA | atomic / SDPA | "
             "rowfwd / SDPA | rowfwd speed-up over sweep | rowfwd peak extra MiB |"
         )
@@ -562,6 +578,92 @@ def integration(B=1, T=4096, H=32, Hkv=32, D=128):
     api.FUSED_LAYER_MAX_ROWS = FUSED_DEFAULT
 
 
+# ----------------------------------------------------------------------------- tables
+def self_relation_table(quick):
+    """The headline: a causal Q/Q self-relation at D=128 against both SDPA peers and, to 8K, the
+    naive materialised loss."""
+    rows = []
+    for T in [2048, 8192, 32768] if quick else [2048, 4096, 8192, 16384, 32768]:
+        q, k, v = inputs(1, 32, 32, T, 128)
+        tq = q + 0.5 * torch.randn_like(q)
+        rs = [*sdpa_peers(q, k, v, "32 heads"), measure("relation_kl Q/Q (ours)", *ours_fns(q, tq))]
+        if T <= 8192:
+            rs.append(measure("naive materialised", *naive_fns(q, tq)))
+        rows.append((T, rs))
+        log(f"T={T} done")
+        del q, k, v, tq
+    table("B=1, H=32, D=128, bf16, causal self-relation", rows)
+
+
+def head_dim_64_table(quick):
+    rows = []
+    for T in [8192] if quick else [4096, 16384]:
+        q, k, v = inputs(1, 32, 32, T, 64)
+        tq = q + 0.5 * torch.randn_like(q)
+        rows.append((T, [*sdpa_peers(q, k, v, "32 heads"), measure("relation_kl Q/Q D=64 (ours)", *ours_fns(q, tq))]))
+        del q, k, v, tq
+    table("B=1, H=32, D=64, bf16, causal self-relation", rows)
+
+
+def gqa_table(quick):
+    rows = []
+    for T in [8192] if quick else [4096, 16384]:
+        q, k, v = inputs(1, 32, 8, T, 128)
+        tq, tk = q + 0.5 * torch.randn_like(q), k + 0.5 * torch.randn_like(k)
+        ours = [
+            measure("relation_kl K/K, 8 heads (ours)", *ours_fns(k, tk)),
+            measure("relation_kl Q/K cross GQA 32/8 (ours)", *ours_fns(q, tq, k, tk)),
+        ]
+        rows.append((T, [*sdpa_peers(q, k, v, "GQA 32/8"), *ours]))
+        del q, k, v, tq, tk
+    table("GQA 32 query / 8 KV heads, D=128, bf16, causal", rows)
+
+
+def fused_layer_table(quick):
+    """The fused Q/Q+K/K+V/V call of one layer against three separate calls."""
+    log("\n### One layer: fused Q/Q+K/K+V/V call vs three calls (GQA 32/8, D=128, bf16, causal)\n")
+    log("| T | fused fwd ms | 3 calls fwd ms | fwd ratio | fused fwd+bwd ms | 3 calls fwd+bwd ms | fwd+bwd ratio |")
+    log("|---|---|---|---|---|---|---|")
+    for T in [2048, 8192] if quick else [2048, 4096, 8192, 16384]:
+        q, k, v = inputs(1, 32, 8, T, 128)
+        t = [x + 0.5 * torch.randn_like(x) for x in (q, k, v)]
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+
+        # the loop's tensors bound as defaults: each closure runs in its own pass only
+        def fused_f(q=q, k=k, v=v, t=t):
+            return relation_kl_layer(q, k, v, *t)
+
+        def three_f(q=q, k=k, v=v, t=t):
+            return [relation_kl(s, None, tt, None) for s, tt in zip((q, k, v), t, strict=False)]
+
+        def fused_fb(leaves=leaves, t=t):
+            sum(relation_kl_layer(*leaves, *t)).backward()
+
+        def three_fb(leaves=leaves, t=t):
+            sum(relation_kl(s, None, tt, None) for s, tt in zip(leaves, t, strict=False)).backward()
+
+        a, b = bench(fused_f), bench(three_f)
+        c, d = bench(fused_fb, grad_to_none=leaves), bench(three_fb, grad_to_none=leaves)
+        log(f"| {T} | {fmt_ms(a)} | {fmt_ms(b)} | {a / b:.2f}x | {fmt_ms(c)} | {fmt_ms(d)} | {c / d:.2f}x |")
+        if T == 2048:
+            _log_registers(fused_fb, three_fb)
+        del q, k, v, t, leaves
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _log_registers(fused_fb, three_fb):
+    """Registers and spills of the fused and the single-relation kernels, as last compiled."""
+    fused_fb()
+    kf, kb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
+    three_fb()
+    sf, sb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
+    log(
+        f"(registers/spills fused fwd {kf.n_regs}/{kf.n_spills} bwd {kb.n_regs}/{kb.n_spills}; "
+        f"single fwd {sf.n_regs}/{sf.n_spills} bwd {sb.n_regs}/{sb.n_spills})"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
@@ -604,90 +706,11 @@ def main():
         if args.sweep_only:
             return 0
 
-    Ts = [2048, 8192, 32768] if args.quick else [2048, 4096, 8192, 16384, 32768]
-    rows = []
-    for T in Ts:
-        q, k, v = inputs(1, 32, 32, T, 128)
-        tq = q + 0.5 * torch.randn_like(q)
-        rs = [measure("SDPA flash (32 heads)", *sdpa_fns(q, k, v), fwd_keep=nbytes(q))]
-        rs.append(measure("SDPA cuDNN (32 heads; not in the ratios)", *sdpa_cudnn_fns(q, k, v), fwd_keep=nbytes(q)))
-        rs.append(measure("relation_kl Q/Q (ours)", *ours_fns(q, tq)))
-        if T <= 8192:
-            rs.append(measure("naive materialised", *naive_fns(q, tq)))
-        rows.append((T, rs))
-        log(f"T={T} done")
-        del q, k, v, tq
-    table("B=1, H=32, D=128, bf16, causal self-relation", rows)
-
-    rows = []
-    for T in [8192] if args.quick else [4096, 16384]:
-        q, k, v = inputs(1, 32, 32, T, 64)
-        tq = q + 0.5 * torch.randn_like(q)
-        rows.append(
-            (
-                T,
-                [
-                    measure("SDPA flash (32 heads)", *sdpa_fns(q, k, v), fwd_keep=nbytes(q)),
-                    measure("relation_kl Q/Q D=64 (ours)", *ours_fns(q, tq)),
-                ],
-            )
-        )
-        del q, k, v, tq
-    table("B=1, H=32, D=64, bf16, causal self-relation", rows)
-
-    rows = []
-    for T in [8192] if args.quick else [4096, 16384]:
-        q, k, v = inputs(1, 32, 8, T, 128)
-        tq, tk = q + 0.5 * torch.randn_like(q), k + 0.5 * torch.randn_like(k)
-        rows.append(
-            (
-                T,
-                [
-                    measure("SDPA flash GQA 32/8", *sdpa_fns(q, k, v), fwd_keep=nbytes(q)),
-                    measure("relation_kl K/K, 8 heads (ours)", *ours_fns(k, tk)),
-                    measure("relation_kl Q/K cross GQA 32/8 (ours)", *ours_fns(q, tq, k, tk)),
-                ],
-            )
-        )
-        del q, k, v, tq, tk
-    table("GQA 32 query / 8 KV heads, D=128, bf16, causal", rows)
-
-    log("\n### One layer: fused Q/Q+K/K+V/V call vs three calls (GQA 32/8, D=128, bf16, causal)\n")
-    log("| T | fused fwd ms | 3 calls fwd ms | fwd ratio | fused fwd+bwd ms | 3 calls fwd+bwd ms | fwd+bwd ratio |")
-    log("|---|---|---|---|---|---|---|")
-    for T in [2048, 8192] if args.quick else [2048, 4096, 8192, 16384]:
-        q, k, v = inputs(1, 32, 8, T, 128)
-        t = [x + 0.5 * torch.randn_like(x) for x in (q, k, v)]
-        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-
-        # the loop's tensors bound as defaults: each closure runs in its own pass only
-        def fused_f(q=q, k=k, v=v, t=t):
-            return relation_kl_layer(q, k, v, *t)
-
-        def three_f(q=q, k=k, v=v, t=t):
-            return [relation_kl(s, None, tt, None) for s, tt in zip((q, k, v), t, strict=False)]
-
-        def fused_fb(leaves=leaves, t=t):
-            sum(relation_kl_layer(*leaves, *t)).backward()
-
-        def three_fb(leaves=leaves, t=t):
-            sum(relation_kl(s, None, tt, None) for s, tt in zip(leaves, t, strict=False)).backward()
-
-        a, b = bench(fused_f), bench(three_f)
-        c, d = bench(fused_fb, grad_to_none=leaves), bench(three_fb, grad_to_none=leaves)
-        log(f"| {T} | {fmt_ms(a)} | {fmt_ms(b)} | {a / b:.2f}x | {fmt_ms(c)} | {fmt_ms(d)} | {c / d:.2f}x |")
-        if T == 2048:
-            fused_fb()
-            kf, kb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
-            three_fb()
-            sf, sb = rk.last_compiled["fwd"], rk.last_compiled["bwd"]
-            log(
-                f"(registers/spills fused fwd {kf.n_regs}/{kf.n_spills} bwd {kb.n_regs}/{kb.n_spills}; "
-                f"single fwd {sf.n_regs}/{sf.n_spills} bwd {sb.n_regs}/{sb.n_spills})"
-            )
-        del q, k, v, t, leaves
-        gc.collect()
-        torch.cuda.empty_cache()
+    self_relation_table(args.quick)
+    head_dim_64_table(args.quick)
+    gqa_table(args.quick)
+    fused_layer_table(args.quick)
+    return 0
 
 
 if __name__ == "__main__":
