@@ -170,7 +170,7 @@ def resolve_tokenizer(name: str) -> str:
     return tokenizer_path_for(name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--tokenizer", default="smollm2-135m", help="model name (smollm2-135m, tiny:llama, hub id) or tokenizer dir"
@@ -187,63 +187,52 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of builtin:sotu/train, N jsonl files each holding a copy of it (a larger corpus)",
     )
     ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return ap
 
-    tok_path = resolve_tokenizer(args.tokenizer)
-    tmp = tempfile.TemporaryDirectory()
-    sources = ["builtin:sotu/train"]
-    if args.copies:
-        from linearard_ray.data.corpus import iter_sotu
 
-        lines = "".join(json.dumps({"text": d["text"]}) + "\n" for d in iter_sotu("train"))
-        for i in range(args.copies):
-            (Path(tmp.name) / f"sotu-{i:03d}.jsonl").write_text(lines)
-        sources = [tmp.name]
-    results: dict = {
-        "tokenizer": args.tokenizer,
-        "tokenizer_path": tok_path,
-        "batch": args.batch,
-        "sources": sources,
-        "copies": args.copies,
-        "ctx_len": args.ctx_len,
-        "cpus": os.cpu_count(),
-        "ray_num_cpus": args.num_cpus,
-        "machine": platform.processor() or platform.machine(),
-        "runs": [],
-    }
+def _corpus(copies: int, tmp: str) -> list[str]:
+    """builtin:sotu/train, or a directory of ``copies`` jsonl copies of it (a larger corpus)."""
+    if not copies:
+        return ["builtin:sotu/train"]
+    from linearard_ray.data.corpus import iter_sotu
 
-    import ray
+    lines = "".join(json.dumps({"text": d["text"]}) + "\n" for d in iter_sotu("train"))
+    for i in range(copies):
+        (Path(tmp) / f"sotu-{i:03d}.jsonl").write_text(lines)
+    return [tmp]
 
-    t0 = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    results["ray_init_s"] = time.perf_counter() - t0
+
+def _settings(actors: str) -> list[tuple]:
+    """(name, function, keywords) of every setting timed: one process either way, then Ray Data."""
     settings = [
         (f"single process, TOKENIZERS_PARALLELISM={'true' if p else 'false'}", single_process, {"parallel": p})
         for p in (False, True)
     ]
-    settings += [
+    return settings + [
         (f"Ray Data preprocess, {n} tokenizer actor(s), end to end", ray_pipeline, {"actors": n})
-        for n in (int(x) for x in args.actors.split(","))
+        for n in (int(x) for x in actors.split(","))
     ]
+
+
+def _time_settings(settings: list[tuple], args, sources: list[str], tok_path: str) -> dict[str, list[dict]]:
+    """Every setting ``args.repeats`` times, interleaved round by round so that load from other
+    processes hits all alike."""
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
-    results["load_avg_before"] = os.getloadavg()
-    try:
-        # Settings interleaved round by round, so that load from other processes hits all alike.
-        for _ in range(args.repeats):
-            for name, fn, kw in settings:
-                r = fn(sources=sources, tok_path=tok_path, batch=args.batch, ctx_len=args.ctx_len, **kw)
-                runs[name].append(r)
-                print(
-                    f"  {name:<58} {r['tokens_per_s']:>10.0f} tok/s  {r['tokens_per_cpu_s']:>10.0f} tok/CPU-s  "
-                    f"({r['tokens']} tokens, {r['seconds']:.1f} s, {r['cpu_seconds']:.1f} CPU-s, "
-                    f"load {os.getloadavg()[0]:.1f})",
-                    flush=True,
-                )
-    finally:
-        ray.shutdown()
-    results["load_avg_after"] = os.getloadavg()
-    tmp.cleanup()
+    for _ in range(args.repeats):
+        for name, fn, kw in settings:
+            r = fn(sources=sources, tok_path=tok_path, batch=args.batch, ctx_len=args.ctx_len, **kw)
+            runs[name].append(r)
+            print(
+                f"  {name:<58} {r['tokens_per_s']:>10.0f} tok/s  {r['tokens_per_cpu_s']:>10.0f} tok/CPU-s  "
+                f"({r['tokens']} tokens, {r['seconds']:.1f} s, {r['cpu_seconds']:.1f} CPU-s, "
+                f"load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
+    return runs
+
+
+def _summarise(runs: dict[str, list[dict]], results: dict, args) -> None:
+    """The best and median run of each setting, printed and added to ``results``."""
     corpus = f"{args.copies} copies of SOTU 1790-1989 as jsonl" if args.copies else "builtin:sotu/train"
     load = f"load average {results['load_avg_before'][0]:.1f} -> {results['load_avg_after'][0]:.1f}"
     print(
@@ -262,6 +251,41 @@ def main(argv: list[str] | None = None) -> int:
         f"(ray.init: {results['ray_init_s']:.1f} s, not counted; TOKENIZERS_PARALLELISM in Ray workers: "
         f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')})"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tok_path = resolve_tokenizer(args.tokenizer)
+    tmp = tempfile.TemporaryDirectory()
+    sources = _corpus(args.copies, tmp.name)
+    results: dict = {
+        "tokenizer": args.tokenizer,
+        "tokenizer_path": tok_path,
+        "batch": args.batch,
+        "sources": sources,
+        "copies": args.copies,
+        "ctx_len": args.ctx_len,
+        "cpus": os.cpu_count(),
+        "ray_num_cpus": args.num_cpus,
+        "machine": platform.processor() or platform.machine(),
+        "runs": [],
+    }
+
+    import ray
+
+    t0 = time.perf_counter()
+    # address="local": a fresh cluster of its own, never one RAY_ADDRESS points at
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    results["ray_init_s"] = time.perf_counter() - t0
+    results["load_avg_before"] = os.getloadavg()
+    try:
+        runs = _time_settings(_settings(args.actors), args, sources, tok_path)
+    finally:
+        ray.shutdown()
+    results["load_avg_after"] = os.getloadavg()
+    tmp.cleanup()
+    _summarise(runs, results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
