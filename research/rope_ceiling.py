@@ -65,7 +65,7 @@ def row_figures(q, k, scale: float, fast: list[int]):
     return kl, var(F), var(R)
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="smollm2-135m")
     p.add_argument("--factor", type=float, default=4.0)
@@ -79,84 +79,102 @@ def main() -> int:
     )
     p.add_argument("--seed", type=int, default=0, help="window seed (the evaluation's default, so the same windows)")
     p.add_argument("--json", default=None)
-    a = p.parse_args()
+    return p
 
+
+def _rotary_frequencies(cfg):
+    """The model's head dimension, RoPE base and per-pair inverse frequencies (float64)."""
     import torch
 
-    from linearard_ray.config import ModelConfig
-    from linearard_ray.evaluation.texts import bos_prefix, load_documents, make_windows, tokenize_documents
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
+    return D, theta, 1.0 / (float(theta) ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+
+
+def _window_figures(model, window, layers: list[int], fast: list[int]):
+    """Per layer, on one window: the mean row KL, and the fast and remaining pairs' summed variance."""
+    import torch
+
     from linearard_ray.models.capture import capture_qkv
+
+    ids = torch.as_tensor(window, dtype=torch.long)[None]
+    with torch.no_grad(), capture_qkv(model, layers, what=("q", "k")) as cap:
+        model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    per_layer = []
+    for layer in layers:
+        q, k = cap.q[layer][0], cap.k[layer][0]
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        per_layer.append(row_figures(q.double(), k.double(), float(cap.scaling[layer]), fast))
+    return (
+        torch.stack([x[0].mean() for x in per_layer]),
+        torch.stack([x[1].sum() for x in per_layer]),
+        torch.stack([x[2].sum() for x in per_layer]),
+    )
+
+
+def _domain_figures(model, tok, name: str, source: str, layers: list[int], fast: list[int], a) -> dict:
+    """One domain's KL and fast-pair variance share per layer, over ``a.windows`` windows."""
+    import torch
+
+    from linearard_ray.evaluation.texts import bos_prefix, load_documents, make_windows, tokenize_documents
+
+    docs = load_documents([source])
+    tok_docs = tokenize_documents(docs, tok)
+    ws = make_windows(
+        tok_docs, [d.id for d in docs.documents], a.length, a.windows, a.seed, bos_prefix(tok), tok.eos_token_id
+    )
+    figures = [_window_figures(model, w, layers, fast) for w in ws.windows]
+    kl = torch.stack([f[0] for f in figures]).mean(0)
+    vf, vr = torch.stack([f[1] for f in figures]).sum(0), torch.stack([f[2] for f in figures]).sum(0)
+    share = vf / (vf + vr)
+    print(
+        f"{name} ({source}, {len(ws.windows)} windows of {a.length}): mean over layers "
+        f"KL {float(kl.mean()):.4f} nats/row, fast-pair variance share {100 * float(share.mean()):.1f}%",
+        flush=True,
+    )
+    return {
+        "source": source,
+        "kl_per_layer": kl.tolist(),
+        "share_per_layer": share.tolist(),
+        "kl_mean": float(kl.mean()),
+        "share_mean": float(share.mean()),
+    }
+
+
+def _print_layer_table(domains: dict[str, dict], layers: list[int]) -> None:
+    names = list(domains)
+    print("\n| layer | " + " | ".join(f"{n} KL | {n} share" for n in names) + " |")
+    print("|---|" + "---|---|" * len(names))
+    for layer in layers:
+        cells = []
+        for n in names:
+            d = domains[n]
+            cells += [f"{d['kl_per_layer'][layer]:.4f}", f"{100 * d['share_per_layer'][layer]:.1f}%"]
+        print(f"| {layer} | " + " | ".join(cells) + " |")
+
+
+def main() -> int:
+    a = _parser().parse_args()
+
+    from linearard_ray.config import ModelConfig
     from linearard_ray.models.loading import load_model, load_tokenizer
 
     domains = dict(d.split("=", 1) for d in (a.domain or ["SOTU=builtin:sotu/eval", "pydocs=builtin:pydocs"]))
     mcfg = ModelConfig(teacher=a.teacher, dtype="float32")
     tok = load_tokenizer(mcfg)
     model = load_model(a.teacher, mcfg, device="cpu")
-    cfg = model.config
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
-    inv_freq = 1.0 / (float(theta) ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    D, theta, inv_freq = _rotary_frequencies(model.config)
     fast = fast_pairs(inv_freq, a.factor)
-    layers = list(range(cfg.num_hidden_layers))
+    layers = list(range(model.config.num_hidden_layers))
     print(
         f"{a.teacher}: head_dim {D}, theta {theta:g}; PI×{a.factor:g} leaves the student's fastest pair at "
         f"{float(inv_freq.max()) / a.factor:.3f} rad/token; teacher pairs faster than that: {fast} "
         f"({', '.join(f'{float(inv_freq[i]):.3f}' for i in fast)} rad/token)",
         flush=True,
     )
-
-    out = {
-        "teacher": a.teacher,
-        "factor": a.factor,
-        "length": a.length,
-        "windows": a.windows,
-        "fast_pairs": fast,
-        "domains": {},
-    }
-    for name, source in domains.items():
-        docs = load_documents([source])
-        tok_docs = tokenize_documents(docs, tok)
-        ws = make_windows(
-            tok_docs, [d.id for d in docs.documents], a.length, a.windows, a.seed, bos_prefix(tok), tok.eos_token_id
-        )
-        kl_l, vf_l, vr_l = [], [], []
-        for w in ws.windows:
-            ids = torch.as_tensor(w, dtype=torch.long)[None]
-            with torch.no_grad(), capture_qkv(model, layers, what=("q", "k")) as cap:
-                model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-            per_layer = []
-            for layer in layers:
-                q, k = cap.q[layer][0], cap.k[layer][0]
-                k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-                per_layer.append(row_figures(q.double(), k.double(), float(cap.scaling[layer]), fast))
-            kl_l.append(torch.stack([x[0].mean() for x in per_layer]))
-            vf_l.append(torch.stack([x[1].sum() for x in per_layer]))
-            vr_l.append(torch.stack([x[2].sum() for x in per_layer]))
-        kl = torch.stack(kl_l).mean(0)
-        vf, vr = torch.stack(vf_l).sum(0), torch.stack(vr_l).sum(0)
-        share = vf / (vf + vr)
-        out["domains"][name] = {
-            "source": source,
-            "kl_per_layer": kl.tolist(),
-            "share_per_layer": share.tolist(),
-            "kl_mean": float(kl.mean()),
-            "share_mean": float(share.mean()),
-        }
-        print(
-            f"{name} ({source}, {len(ws.windows)} windows of {a.length}): mean over layers "
-            f"KL {float(kl.mean()):.4f} nats/row, fast-pair variance share {100 * float(share.mean()):.1f}%",
-            flush=True,
-        )
-
-    names = list(out["domains"])
-    print("\n| layer | " + " | ".join(f"{n} KL | {n} share" for n in names) + " |")
-    print("|---|" + "---|---|" * len(names))
-    for layer in layers:
-        cells = []
-        for n in names:
-            d = out["domains"][n]
-            cells += [f"{d['kl_per_layer'][layer]:.4f}", f"{100 * d['share_per_layer'][layer]:.1f}%"]
-        print(f"| {layer} | " + " | ".join(cells) + " |")
+    out = {"teacher": a.teacher, "factor": a.factor, "length": a.length, "windows": a.windows, "fast_pairs": fast}
+    out["domains"] = {name: _domain_figures(model, tok, name, src, layers, fast, a) for name, src in domains.items()}
+    _print_layer_table(out["domains"], layers)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0
