@@ -1,8 +1,9 @@
 """research/gpu_round.sh on a CPU box: `start` writes the chain with the lengths and models the
-environment asks for (round 10's by default; with LONG_ONLY, short text for every model first and
+environment asks for (the study's by default; with LONG_ONLY, short text for every model first and
 long context for those named) and detaches it, `wait` reports how it ended, `fetch`
 brings the job records and logs to $OUT. A variant the study does not know stops the chain at its
-training step with that step's exit code, so nothing heavier than the argument check runs."""
+training step with that step's exit code, so nothing heavier than the argument check runs. Missing
+arguments, bundle or model are refused before anything detaches."""
 
 from __future__ import annotations
 
@@ -17,16 +18,24 @@ from tests.scripts import ROOT
 pytestmark = pytest.mark.skipif(shutil.which("xz") is None, reason="gpu_round.sh unpacks the teacher corpus with xz")
 
 
-def _run(tmp_path, *args, env_extra=None):
+def _run(tmp_path, *args, env_extra=None, gguf=True):
+    """gpu_round.sh with a fake nvidia-smi, an empty Ray bundle folder and, with ``gguf``, a staged
+    model file (its name is all the script checks)."""
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake (UUID: GPU-0)'\n")
     (fake / "nvidia-smi").chmod(0o755)
+    (tmp_path / "site").mkdir(exist_ok=True)
+    (tmp_path / "stage").mkdir(exist_ok=True)
+    if gguf:
+        (tmp_path / "stage" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_text("stub")
     env = {
         **os.environ,
         "PATH": f"{fake}:{os.environ['PATH']}",
         "HOME": str(tmp_path / "home"),
         "OUT": str(tmp_path / "out"),
+        "SITE_DIR": str(tmp_path / "site"),
+        "STAGE_DIR": str(tmp_path / "stage"),
         **(env_extra or {}),
     }
     return subprocess.run(
@@ -97,9 +106,16 @@ def test_gpu_round_sweep_reads_the_shipped_corpus_and_shares_the_card(tmp_path):
     (exit 15) after tune.py's own config check, so nothing trains here."""
     work = tmp_path / "work"
     started = _run(
-        tmp_path, "sweep", str(work), "configs/sweep-smollm2-135m-genres.yaml", "4", "tune.metric=no_such_metric"
+        tmp_path,
+        "sweep",
+        str(work),
+        "configs/sweep-smollm2-135m-genres.yaml",
+        "4",
+        "tune.metric=no_such_metric",
+        gguf=False,  # a sweep may use a teacher that needs no download: a warning, not a refusal
     )
     assert started.returncode == 0 and "started chain" in started.stdout, started.stderr
+    assert "no SmolLM2 GGUF staged" in started.stderr
     derived = (work / "sweep.yaml").read_text()
     assert str(work / "teacher_samples.jsonl") in derived and "teacher_samples:" not in derived
     chain = (work / "chain.sh").read_text()
@@ -109,3 +125,40 @@ def test_gpu_round_sweep_reads_the_shipped_corpus_and_shares_the_card(tmp_path):
     waited = _run(tmp_path, "wait", str(work), "240")
     assert waited.returncode == 0 and "chain exit 15" in waited.stdout
     assert "no_such_metric" in (work / "driver.log").read_text()
+
+
+def test_gpu_round_refuses_before_detaching(tmp_path):
+    """No phase, an unknown one, missing arguments, a missing model, bundle or seed file and fetch
+    without $OUT each exit 2 with a line naming what is missing, and no chain is started."""
+    work = tmp_path / "work"
+    cases = [
+        ((), {}, True, "One restoration-study round"),  # the usage text
+        (("bogus",), {}, True, "unknown phase 'bogus'"),
+        (("start",), {}, True, "start needs WORK"),
+        (("start", str(work)), {}, True, "start needs WORK and VARIANTS"),
+        (("start", str(work), "genre-long"), {}, False, "no SmolLM2 GGUF"),
+        (("start", str(work), "genre-long"), {"SITE_DIR": str(tmp_path / "nowhere")}, True, "no Ray bundle"),
+        (("start", str(work), "genre-long", f"{tmp_path}/a.jsonl"), {}, True, "no seed jobs file"),
+        (("sweep", str(work), "configs/none.yaml"), {}, True, "no sweep config configs/none.yaml"),
+        (("wait", str(work)), {}, True, "wait needs WORK and SECONDS"),
+        (("fetch", str(work)), {"OUT": str(tmp_path / "no-out")}, True, "fetch copies to $OUT"),
+    ]
+    for args, env, gguf, message in cases:
+        for f in (tmp_path / "stage").glob("*.gguf"):
+            f.unlink()
+        r = _run(tmp_path, *args, env_extra=env, gguf=gguf)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert not (work / "chain.sh").exists()
+    help_text = _run(tmp_path, "--help")
+    assert help_text.returncode == 0 and "sweep:  bash research/gpu_round.sh sweep" in help_text.stdout
+
+
+def test_gpu_round_seeds_the_evaluation_with_several_job_files(tmp_path):
+    work = tmp_path / "work"
+    seeds = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for i, f in enumerate(seeds):
+        f.write_text(f'{{"key": "k{i}", "result": {{"kind": "nll", "model": "teacher"}}}}\n')
+    started = _run(tmp_path, "start", str(work), "no-such-variant", ",".join(map(str, seeds)))
+    assert started.returncode == 0, started.stderr
+    assert (work / "eval" / "jobs.jsonl").read_text() == "".join(f.read_text() for f in seeds)
+    assert _run(tmp_path, "wait", str(work), "240").returncode == 0
