@@ -270,3 +270,21 @@ def test_evaluate_dry_run_names_the_held_out_domains_and_their_windows(tmp_path,
     monkeypatch.setenv("LINEARARD_CACHE", str(tmp_path / "cache"))
     assert _exit_status([*argv, "--set", "eval.domains={legal: [genre:legal]}"]) == 2
     assert "eval.domains.legal: 'genre:legal': genre 'legal' has not been built" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", [None, "configs/smollm2-135m-x4-restore-general.yaml"])
+def test_distills_next_step_is_an_evaluate_command_for_that_student(config, tmp_path):
+    """The line a finished distill.py prints: a command that evaluate.py parses into the same
+    recipe and the exported student, even where the path needs quoting."""
+    import shlex
+
+    from linearard_ray.cli import build_parser, parse_config
+    from linearard_ray.commands.distill import next_step
+
+    student = tmp_path / "run with spaces" / "merged"
+    words = shlex.split(next_step(config, str(student)).split(": ", 1)[1])
+    assert words[:2] == ["python", "pipelines/evaluate.py"]
+    _, cfg = parse_config(build_parser("evaluate.py", ""), words[2:])
+    assert cfg.eval.student_path == str(student)
+    if config:
+        assert cfg.rope.type == "linear" and cfg.data.pack  # the recipe's own fields, not the default's

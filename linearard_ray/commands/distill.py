@@ -15,9 +15,14 @@ the config and shows the run lock, the paths, the data and the step plan without
 
 from __future__ import annotations
 
+import shlex
+
 from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
 from linearard_ray.config import Config
+from linearard_ray.logs import get_logger
 from linearard_ray.paths import output_path
+
+log = get_logger(__name__)
 
 
 def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
@@ -35,10 +40,22 @@ def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
             return show_plan(prog, dry_run(cfg))
         from linearard_ray.training.driver import run_distill
 
-        run_distill(cfg)
+        result = run_distill(cfg)
     except user_errors() as e:  # the user's input, not a bug: no traceback
         return user_error(prog, e)
+    if result.student_dir and not cfg.train.evaluate_at_end:
+        log.info(next_step(args.config, result.student_dir))
     return 0
+
+
+def next_step(config: str | None, student_dir: str) -> str:
+    """The command that judges the student: teacher, untrained RoPE-scaled model and student on
+    short and long text (a progress line, so --quiet leaves only the result)."""
+    with_config = f" --config {shlex.quote(config)}" if config else ""
+    return (
+        f"[distill] next, to measure what it restored: python pipelines/evaluate.py{with_config} "
+        f"--set eval.student_path={shlex.quote(student_dir)}"
+    )
 
 
 def dry_run(cfg: Config) -> list[str]:
