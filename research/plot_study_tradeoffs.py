@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Rounds 5 to 13 of the SmolLM2 study in one figure: the two tensions the open targets sit on.
 
-Left (issue 10): short-text recovery on the unseen pydocs against pydocs perplexity at 32K. The
+Left (the unseen-domain target): short-text recovery on the unseen pydocs against pydocs perplexity at 32K. The
 target corner is ≥ 95% and below the CPT baseline's 32K figure; documentation-genre training text
 (unixdocs) on 2K blocks reaches the first and loses the second (round 6); on 8K blocks, or with an
 8K next-token stream, it reaches both (round 7). CPT on the same text (cpt-unix) is drawn too.
-Right (issue 9): SOTU perplexity at 32K against passkey accuracy (mean over 8K / 16K / 30K, the
+Right (the long-context target): SOTU perplexity at 32K against passkey accuracy (mean over 8K / 16K / 30K, the
 lengths every round scored; round 13 added 4K). The target corner is below CPT's 32K and above
 YaRN×4's passkey. The five trainings of the weight-2 recipe (round 6, its repeat and seeds 1-3 in
 round 8) are drawn in orange, the nine of weight 2.2 (round 8, seeds 1-5 in round 9, seeds 0-2
@@ -173,12 +173,12 @@ def main() -> int:
         ax1.axhline(fair, color="tab:red", ls=":", lw=1, label=f"CPT (SOTU + unixdocs) 32K: {fair:.2f}")
     ax1.axvline(95, color="tab:green", ls="--", lw=1, label="target: 95% of the teacher")
     (x0, x1), (y0, _) = ax1.get_xlim(), ax1.get_ylim()
-    ax1.fill_between([95, x1], [y0] * 2, [cpt32] * 2, color="tab:green", alpha=0.08, label="issue 10's corner")
+    ax1.fill_between([95, x1], [y0] * 2, [cpt32] * 2, color="tab:green", alpha=0.08, label="target corner")
     ax1.set_xlim(x0, x1)
     ax1.set(
         xlabel="pydocs @2048: recovery (teacher ppl ÷ model ppl, %)",
         ylabel="pydocs @32K: perplexity",
-        title="Unseen domain: short text vs 32K (issue 10)",
+        title="Unseen domain: short text vs 32K",
     )
     ax1.legend(fontsize=7, loc="upper left")
 
@@ -193,7 +193,7 @@ def main() -> int:
     ax2.set(
         xlabel="SOTU @32K: perplexity",
         ylabel="passkey accuracy, mean of 8K / 16K / 30K",
-        title="Training domain 32K vs passkey (issue 9)",
+        title="Training domain 32K vs passkey",
     )
     ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the top is where the points are
     fig.tight_layout()

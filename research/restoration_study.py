@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The SmolLM2-135M restoration study (issues 9 and 10), driven through the real pipelines.
+r"""The SmolLM2-135M restoration study, driven through the real pipelines.
 
 Each variant is one `pipelines/distill.py` job (Ray Train, one worker) with `--set` overrides on
 `configs/smollm2-135m-x4.yaml` (`--recipe` picks another); one `pipelines/evaluate.py` job then
@@ -8,7 +8,7 @@ so all numbers share the same windows and passkey prompts.
 
     python research/restoration_study.py train --variants linearard,logits,cpt --work /tmp/study
     python research/restoration_study.py sample --work /tmp/study   # teacher samples for tsample-*
-    # or, instead of `sample`, the shipped draw (round 5's settings, research/README.md):
+    # or, instead of `sample`, the shipped draw (research/README.md says how it was drawn):
     xz -dc research/data/smollm2_teacher_samples.jsonl.xz > /tmp/study/teacher_samples.jsonl
     python research/restoration_study.py train --variants all --parallel 4 --work /tmp/study
     python research/restoration_study.py train --variants tsample-vmix-ce22,cpt --seeds 0-3 --parallel 8 \
@@ -88,8 +88,9 @@ SOTU_SAMPLES_UNIX = f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}, {UNIX
 
 
 def _next_token_variant(weight: str, sources: list[str], data: str) -> tuple[list[str], str]:
-    """Round 5's objective: the V-heavy relation KL + logit KL + a next-token term at ``weight`` on
-    the same 2K blocks (no extra stream, so no tokens taken from the KL terms), lr 1e-3."""
+    """The next-token study's objective (round 5): the V-heavy relation KL + logit KL + a next-token
+    term at ``weight`` on the same 2K blocks (no extra stream, so no tokens taken from the KL terms),
+    lr 1e-3."""
     return (
         [
             "objective.name=custom",
@@ -130,7 +131,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "k-only": (["objective.relation.weights={q: 0.0, k: 1.0, v: 0.0}"], "ablation: K/K only"),
     "v-only": (["objective.relation.weights={q: 0.0, k: 0.0, v: 1.0}"], "ablation: V/V only"),
     "last-third": (["objective.relation.layers=last:10"], "ablation: last third of the layers (10 of 30)"),
-    # issue 10: objectives and settings
+    # objectives and settings (research/LOG.md#objectives)
     "logits-only": (
         ["objective.name=custom", "objective.relation.weight=0", "objective.logits.weight=1.0"],
         "output-logit KL only (no relation term), LoRA q/k/v, PI×4",
@@ -149,7 +150,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         "norms and head frozen), lr 5e-5, fp32 master weights, PI×4",
     ),
     "logits-hilr": ([*LOGITS, "train.lr=1e-3"], "relation KL + logit KL, LoRA q/k/v, lr 1e-3, PI×4"),
-    # round 3 (issues 9/10): V/V carried the ablation, logit KL and lr 1e-3 the capacity round;
+    # round 3: V/V carried the ablation, logit KL and lr 1e-3 the capacity round;
     # 8K blocks (the teacher's whole window) and a long next-token stream aim at long context.
     "vlogits-hilr": (
         [*LOGITS, V_HEAVY, "train.lr=1e-3"],
@@ -190,9 +191,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         [*LOGITS, "train.lr=1e-3", SOTU_AND_SAMPLES],
         "relation KL + logit KL, lr 1e-3, on SOTU 1790-1989 + teacher samples, PI×4",
     ),
-    # round 4 (issue 10's unseen domain): round 3's best weighting (V-heavy) on teacher samples,
+    # round 4 (the unseen domain): round 3's best weighting (V-heavy) on teacher samples,
     # alone, next to SOTU, at a higher lr, and with a weak next-token term on SOTU 8K blocks
-    # (issue 9's long context).
+    # (long context).
     "tsample-vlogits": (
         [*LOGITS, V_HEAVY, "train.lr=1e-3", f"data.sources=[{TEACHER_SAMPLES}]"],
         "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 1e-3, on teacher samples only, PI×4",
@@ -235,24 +236,24 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         "relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 5e-4, on SOTU 1790-1989 + teacher samples, PI×4",
     ),
     # An upper bound, not a recipe: the round-3/4 objective distilled on pydocs itself (the
-    # evaluation's own documents included). If this stays below 95% on pydocs, issue 10's
+    # evaluation's own documents included). If this stays below 95% on pydocs, the
     # unseen-domain target is beyond what LoRA q/k/v can give PI×4 at this budget, whatever the data.
     "pydocs-oracle": (
         [*LOGITS, V_HEAVY, "train.lr=1e-3", "data.sources=[builtin:pydocs]"],
         "upper bound: relation KL (q/k/v 0.1/0.1/1) + logit KL, lr 1e-3, on pydocs itself "
         "(evaluation documents included), PI×4",
     ),
-    # round 5 (session 5): a next-token term on the KL terms' own blocks (no extra tokens; the
-    # in-domain fit that gives CPT its SOTU long-context lead, issue 9), and Q/K left out.
+    # round 5: a next-token term on the KL terms' own blocks (no extra tokens; the
+    # in-domain fit that gives CPT its SOTU long-context lead), and Q/K left out.
     "tsample-vmix-ce2": _next_token_variant("0.2", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     "tsample-vmix-ce5": _next_token_variant("0.5", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     "tsample-vmix-ce10": _next_token_variant("1.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
-    # further along round 5's trend for issue 9's SOTU long context (ce20 ran in round 6; the
+    # further along round 5's trend for SOTU long context (ce20 ran in round 6; the
     # SOTU-only run was taken at weight 2, vlogits-ce20 below, instead of vlogits-ce10)
     "tsample-vmix-ce20": _next_token_variant("2.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     "vlogits-ce10": _next_token_variant("1.0", [], "SOTU only"),
     "vlogits-ce20": _next_token_variant("2.0", [], "SOTU only"),
-    # round 6 (session 6): issue 10's unseen domain as a question of genre. unixdocs
+    # round 6: the unseen domain as a question of genre. unixdocs
     # (scripts/build_unixdocs_corpus.py: rendered man pages and C headers, nothing named after or
     # about Python) is technical text like pydocs without being it; CPT gets the same text, so the
     # long-context comparison on pydocs stays fair.
@@ -268,10 +269,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         ],
         "plain next-token training on 8K blocks of SOTU + unixdocs (the CPT baseline on round 6's text), PI×4",
     ),
-    # next (defined, not run): round 6 left issue 9 at SOTU 32K 20.69 vs CPT's 20.61 (weight 2 on
-    # SOTU + samples) and issue 10 at pydocs 32K (unixdocs hurt it). With data.pack=false a document
-    # shorter than one 2K block is dropped (counted in the preprocessing report): the samples runs
-    # used ~420 of 1,849 samples, the unixdocs runs ~390 of 1,429 documents. Packing keeps them all.
+    # next (defined, not run): round 6 left SOTU 32K at 20.69 vs CPT's 20.61 (weight 2 on
+    # SOTU + samples) and the unseen domain short of CPT at pydocs 32K (unixdocs hurt it). With
+    # data.pack=false a document shorter than one 2K block is dropped (counted in the preprocessing
+    # report): the samples runs used ~420 of 1,849 samples, the unixdocs runs ~390 of 1,429
+    # documents. Packing keeps them all.
     "tsample-vmix-ce40": _next_token_variant("4.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     # round 7a: ce40 won SOTU 32K (20.30) but lost passkey (18 of 72); between 2 and 4
     "tsample-vmix-ce30": _next_token_variant("3.0", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
@@ -282,7 +284,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         "0.2", [SOTU_SAMPLES_UNIX, "data.pack=true"], "SOTU + teacher samples + unixdocs, packed (no document dropped)"
     ),
     "unix-vmix-ce20": _next_token_variant("2.0", [SOTU_SAMPLES_UNIX], "SOTU + teacher samples + unixdocs"),
-    # issue 10's suggested split: KL terms on 2K blocks, the next-token term on its own 8K blocks
+    # the split the unseen-domain target suggested: KL terms on 2K blocks, the next-token term on its own 8K blocks
     # (what gives cpt-unix its pydocs 32K), drawn every 6th step so the KL terms keep 60% of the budget
     "unix-vmix-lm8k": (
         [
@@ -300,9 +302,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         "relation KL (q/k/v 0.1/0.1/1) + logit KL on 2K blocks of SOTU + samples + unixdocs, + "
         "next-token (weight 1) on its own 8K blocks of SOTU + unixdocs every 6th step, lr 1e-3, PI×4",
     ),
-    # round 7 (session 7), second GPU: the weight between 2 and 3, and packing at weight 3 (issue 9);
+    # round 7, second GPU: the weight between 2 and 3, and packing at weight 3 (long context);
     # more of the 8K next-token stream, lm8k packed, and the KL terms themselves on 8K blocks (the
-    # teacher's whole window, which the PI×4 student stretches to 32K; issue 10 allows it)
+    # teacher's whole window, which the PI×4 student stretches to 32K; the unseen-domain target allows it)
     "tsample-vmix-ce25": _next_token_variant("2.5", [SOTU_AND_SAMPLES], "SOTU + teacher samples"),
     "tsample-vmix-ce30-pack": _next_token_variant(
         "3.0", [SOTU_AND_SAMPLES, "data.pack=true"], "SOTU + teacher samples, packed (no document dropped)"
@@ -836,6 +838,7 @@ def _shared_head(a, n: int, work: Path) -> tuple[RayHead | None, float | None]:
 def _variant_summary(cfg) -> str:
     t, lo = cfg.train, cfg.lora
     return (
+        f"rope {cfg.rope.type}×{cfg.rope.factor:g}; "
         f"objective {cfg.objective.name} (relation {cfg.objective.relation.weight:g}, "
         f"logits {cfg.objective.logits.weight:g}, next-token {cfg.objective.next_token.weight:g}); "
         f"{'LoRA r=' + str(lo.r) if lo.enabled else 'full fine-tuning'} on {','.join(lo.target_modules)}; "
@@ -1077,7 +1080,7 @@ def run_eval(
     runs = _read_runs(work / "runs.jsonl")
     _warn_unrecorded(work, runs)
     cmd = _eval_cmd(work, _eval_models(runs, only), extra, recipe, jobs_per_gpu)
-    print("== eval:", " ".join(cmd), flush=True)
+    print("== eval:", _quote(cmd), flush=True)  # quoted: the models' JSON holds spaces
     if dry_run:
         return 0
     t0 = time.time()
@@ -1962,7 +1965,7 @@ def _parser() -> argparse.ArgumentParser:
         "--versus",
         default="cpt",
         help="table --jobs: the model every other is compared with window by window, where the jobs keep "
-        "per-window NLL (default cpt, the baseline issue 9 and 10 name)",
+        "per-window NLL (default cpt, the continual pre-training baseline)",
     )
     p.add_argument(
         "--plot-unseen",

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Experiment (issue 5): where the one-recompute backward's time goes, and whether TMA bulk
+"""Experiment: where the one-recompute backward's time goes, and whether TMA bulk
 reductions pay for the 6-product floor.
 
-Not part of the product. ncu on an H200 (research/LOG.md, session 16) puts the op's
+Not part of the product. ncu on an H200 (research/LOG.md#kernel-profile) puts the op's
 sweep backward at 52% tensor-pipe use: its 6 products per causal logit (two recomputes and two
 gradient products) are already about half its time, so only a backward with 4 products (each
 tile once, the row part added across programs) can be much faster. The op's version of that
@@ -17,7 +17,7 @@ the row part
 
 and checks ``atomic`` and ``tma`` against the op's own atomic backward (values must agree).
 
-Measured on an H200 in session 16 (research/LOG.md): at T=4096, D=128, best tiles, 1.111 /
+Measured on an H200 (research/LOG.md#kernel-profile): at T=4096, D=128, best tiles, 1.111 /
 1.056 / 1.136 / 1.082 ms against the op's sweep backward at 0.855 ms. Writing the row part costs
 5-15%, TMA reductions save 3% of that, and the kernel is slower than the sweep even with nothing
 written: the atomics are not what holds it back.

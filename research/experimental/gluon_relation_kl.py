@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Experiment (issue 5): the relation-KL forward and backward as Gluon kernels (TMA, async wgmma).
+"""Experiment: the relation-KL forward and backward as Gluon kernels (TMA, async wgmma).
 
 Not part of the product. It compiles for sm_90 on a CPU machine (``--compile``: registers,
 spills, and whether ptxas serialised the async wgmma); values and speed need the GPU host
@@ -9,7 +9,7 @@ the relation tiles past the Triton ``tl.dot`` kernels of ``linearard_ray/ops/rel
 and whether a backward that computes each causal tile once (6 products per relation with the
 forward; the op's sweep does 8) pays for its atomics.
 
-Measured on an H200 in session 14 (research/LOG.md, "Session 14, one H200"): both kernels are correct.
+Measured on an H200 (research/LOG.md#gluon-kernels-gpu): both kernels are correct.
 The forward matches the Triton one (1.00-1.05x at D=128, 0.91-0.98x at D=64), not faster. The
 backward is slower than the op's sweep at every shape measured.
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Experiment (issue 5): the relation-KL forward as a warp-specialised Gluon kernel.
+"""Experiment: the relation-KL forward as a warp-specialised Gluon kernel.
 
-Not part of the product. Session 16's counters (research/LOG.md) show the op's forward
+Not part of the product. The kernel profile (research/LOG.md#kernel-profile) shows the op's forward
 latency-bound: one program of 8 warps per SM, its two warpgroups in step, a third of the tensor
 pipe and of the issue slots used. This kernel splits the work the way FlashAttention-3 does: a
 one-warp producer issues the TMA copies of the key tiles into a ring, and two consumer
@@ -11,7 +11,7 @@ other's products are on the tensor cores; with ``PINGPONG`` they are made to alt
 products explicitly (two mbarriers pass the turn), with ``OVERLAP`` each also issues its next
 tile's products before this tile's statistics.
 
-Measured on an H200 in session 16 (research/LOG.md, "Session 16, one H200"), B=1, H=32, bf16:
+Measured on an H200 (research/LOG.md#ws-forward), B=1, H=32, bf16:
 at D=128 the plain mode takes 0.388 ms at T=4096 and 1.385 ms at 8K, 1.14x and 1.11x the op's
 Triton forward, the fastest forward of the project so far; explicit ping-pong (0.405 / 1.423 ms)
 and the intra-warpgroup overlap on top (0.450 / 1.579 ms) are slower. At D=64 it is 0.94-0.99x the op.
@@ -393,7 +393,7 @@ def _bench(Ts) -> None:
                 "ws": triton.testing.do_bench(lambda s=s, t=t: relation_kl_rows_ws(s, t)),
                 "ws pingpong": triton.testing.do_bench(lambda s=s, t=t: relation_kl_rows_ws(s, t, pingpong=True)),
                 "ws overlap": triton.testing.do_bench(lambda s=s, t=t: relation_kl_rows_ws(s, t, overlap=True)),
-                "gluon (session 13)": triton.testing.do_bench(lambda s=s, t=t: g1.relation_kl_rows_gluon(s, t)),
+                "gluon first kernel": triton.testing.do_bench(lambda s=s, t=t: g1.relation_kl_rows_gluon(s, t)),
                 "op triton": triton.testing.do_bench(
                     lambda s=s, t=t, D=D: rk.relation_kl_rows(s, None, t, None, None, True, D**-0.5, D**-0.5)
                 ),

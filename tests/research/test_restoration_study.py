@@ -190,6 +190,7 @@ def test_study_eval_only_keeps_the_named_models(tmp_path, capsys):
     """The long-context round evaluates the trained students (and the teacher, evaluate.py's reference for
     recovery and relation KL); a misspelt name must not shrink it silently."""
     import json
+    import shlex
 
     study = _study()
     student = tmp_path / "students" / "tsample-vonly"
@@ -199,7 +200,8 @@ def test_study_eval_only_keeps_the_named_models(tmp_path, capsys):
     )
     assert study.run_eval(tmp_path, None, [], study.RECIPE, dry_run=True, only=["tsample-vonly", "YaRN×4"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("== eval:"))
-    models = json.loads(line.split("eval.models=", 1)[1].split(" --set ", 1)[0])
+    words = shlex.split(line.removeprefix("== eval:"))  # the printed command pastes into a shell
+    models = json.loads(next(w for w in words if w.startswith("eval.models=")).removeprefix("eval.models="))
     assert [m["name"] for m in models] == ["teacher", "YaRN×4", "tsample-vonly"]
     assert models[2]["path"] == str(student)
     with pytest.raises(SystemExit, match="tsample-vmix"):
@@ -402,7 +404,7 @@ def test_study_window_table_against_cpt(tmp_path):
     v = paired_windows(win["s"], win["cpt"])
     assert f"| s | {v['mean_diff']:+.4f} ({v['better']}/6, p {v['p_value']:.2g}) |" in lines[start:]
     assert not any(x.startswith("| old |") or x.startswith("| cpt |") for x in lines[start:])
-    # no per-window NLL anywhere (rounds before session 7): no such table
+    # no per-window NLL anywhere (jobs from before they were kept): no such table
     for r in recs:
         r["result"].pop("window_nll", None)
     (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
