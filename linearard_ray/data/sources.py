@@ -212,6 +212,16 @@ def _item(idx: int, source: str, uri: str, fs, info, fmt: str | None) -> InputFi
     return InputFile(idx, source, uri, fmt, info.path, fs, size, mtime)
 
 
+# Corpora a recipe names by path that the repository builds at set-up rather than ships.
+BUILT_AT_SETUP = {"unixdocs.jsonl.xz": "python scripts/build_unixdocs_corpus.py --out {path}"}
+
+
+def _built_at_setup_hint(path: str) -> str:
+    """The command that builds a missing corpus the recipes expect to be built; empty for others."""
+    command = BUILT_AT_SETUP.get(Path(path).name)
+    return f"; it is built at set-up: {command.format(path=path)}" if command else ""
+
+
 def _uploaded_working_dir_hint() -> str:
     """Why a local file can be missing inside a submitted Ray job: `ray job submit --working-dir .`
     uploads the checkout without what .gitignore names (outputs/ among them), and the job's driver
@@ -268,7 +278,8 @@ def _resolve_fs_source(idx: int, source: str, fmt: str, field: str) -> list[Inpu
         raise DataError(f"{field}[{idx}]: cannot look up {source!r}: {e}") from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(
-            f"{field}[{idx}]: {source!r} does not exist" + (_uploaded_working_dir_hint() if scheme is None else "")
+            f"{field}[{idx}]: {source!r} does not exist"
+            + (_built_at_setup_hint(path) + _uploaded_working_dir_hint() if scheme is None else "")
         )
     if info.type == pafs.FileType.File:
         return [_item(idx, source, uri_of(info.path), fs, info, file_format(info.path, fmt, explicit=True))]

@@ -158,6 +158,17 @@ def test_local_missing_sources_fail_early(tmp_path):
         resolve_sources(["builtin:nosuch/train"])
 
 
+def test_a_missing_corpus_built_at_setup_names_its_build_command(tmp_path):
+    """The documentation-genre recipe names a corpus the repository builds rather than ships: its
+    absence says how to build it, where any other missing file gets no such line."""
+    with pytest.raises(DataError) as built:
+        resolve_sources([str(tmp_path / "data" / "unixdocs.jsonl.xz")])
+    assert f"build_unixdocs_corpus.py --out {tmp_path / 'data' / 'unixdocs.jsonl.xz'}" in str(built.value)
+    with pytest.raises(DataError) as other:
+        resolve_sources([str(tmp_path / "mine.jsonl.xz")])
+    assert "built at set-up" not in str(other.value)
+
+
 def test_directory_listing_order_formats_and_unsupported(tmp_path):
     (tmp_path / "d" / "z").mkdir(parents=True)
     (tmp_path / "d" / ".git").mkdir()
