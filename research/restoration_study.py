@@ -85,6 +85,10 @@ BLOCKS_8K = ["data.ctx_len=8192", "train.micro_batch_size=1"]
 SOTU_AND_SAMPLES = f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"
 UNIXDOCS = "{work}/unixdocs.jsonl.xz"  # built by scripts/build_unixdocs_corpus.py, copied into --work
 SOTU_SAMPLES_UNIX = f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}, {UNIXDOCS}]"
+MISSING_HINT = (
+    "draw the teacher corpus with the `sample` phase or unpack the shipped one "
+    "(research/data/smollm2_teacher_samples.jsonl.xz); build unixdocs with scripts/build_unixdocs_corpus.py"
+)
 
 
 def _next_token_variant(weight: str, sources: list[str], data: str) -> tuple[list[str], str]:
@@ -847,9 +851,17 @@ def _variant_summary(cfg) -> str:
     )
 
 
+def _missing_inputs(sets: list[str], work: Path) -> list[str]:
+    """The files under --work that a variant's overrides read (the teacher corpus, unixdocs) and
+    that are not there yet."""
+    paths = [t.format(work=work) for t in (TEACHER_SAMPLES, UNIXDOCS)]
+    return [p for p in paths if any(p in s for s in sets) and not Path(p).exists()]
+
+
 def _validated_jobs(a, names: list[str], work: Path, gpu_fraction: float | None) -> list[Job]:
-    """One Job per variant, its configuration validated first so that a bad override stops the study
-    before anything starts (a dry run also prints what each variant trains)."""
+    """One Job per variant, its configuration and input files checked first so that a bad override
+    or a missing corpus stops the study before anything starts (a dry run names what is missing
+    and prints what each variant trains)."""
     jobs = []
     for name in names:
         sets = variant_sets(name, work, a.budget, a.extra, gpu_fraction)
@@ -857,6 +869,11 @@ def _validated_jobs(a, names: list[str], work: Path, gpu_fraction: float | None)
             cfg = validate(a.recipe, sets)
         except ValueError as e:  # ConfigError
             raise SystemExit(f"restoration_study.py: variant {name}: {e}") from None
+        missing = _missing_inputs(sets, work)
+        if missing and not a.dry_run:
+            raise SystemExit(f"restoration_study.py: variant {name} reads {missing}, not there: {MISSING_HINT}")
+        if missing:
+            print(f"   {name}: needs {missing} ({MISSING_HINT})", flush=True)
         jobs.append(Job(name, distill_cmd(a.recipe, sets), sets, work))
         if cfg is not None and a.dry_run:
             print(f"   {name}: {_variant_summary(cfg)}", flush=True)

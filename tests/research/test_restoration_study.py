@@ -724,3 +724,25 @@ def test_study_table_draws_the_committed_unseen_genre_round(tmp_path):
         [*cmd, str(old), "--plot-unseen", str(tmp_path / "v.png")], cwd=ROOT, capture_output=True, text=True
     )
     assert refused.returncode == 2 and "no held-out genre's window NLLs" in refused.stderr
+
+
+def test_train_refuses_a_variant_whose_corpus_is_not_in_work(tmp_path):
+    """A teacher-text variant with no <work>/teacher_samples.jsonl: the dry run names the missing
+    file beside the plan, the real run exits before any job starts (no log, no runs.jsonl), and
+    once the file is there the dry run no longer names it."""
+    import subprocess
+    import sys
+
+    from tests.scripts import ROOT
+
+    cmd = [sys.executable, "research/restoration_study.py", "train", "--variants", "genre-long,cpt", "--work"]
+    missing = str(tmp_path / "teacher_samples.jsonl")
+    dry = subprocess.run([*cmd, str(tmp_path), "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert dry.returncode == 0 and f"genre-long: needs ['{missing}']" in dry.stdout
+    assert "cpt: needs" not in dry.stdout
+    real = subprocess.run([*cmd, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert real.returncode == 1 and f"variant genre-long reads ['{missing}'], not there" in real.stderr
+    assert not list(tmp_path.glob("*.log")) and not (tmp_path / "runs.jsonl").exists()
+    (tmp_path / "teacher_samples.jsonl").write_text('{"text": "sampled"}\n')
+    again = subprocess.run([*cmd, str(tmp_path), "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and "needs" not in again.stdout
