@@ -51,7 +51,10 @@ def _kernels(prof) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other option is bench_distill_step.py's (python benchmarks/bench_distill_step.py --help).",
+    )
     p.add_argument("--top", type=int, default=0, help="also print the top-N kernels and host ops")
     own, rest = p.parse_known_args(sys.argv[1:])
     a = b.parse(rest)
