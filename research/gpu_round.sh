@@ -22,7 +22,9 @@
 # EVAL_SETS (space-separated key=value, no spaces inside) adds evaluate.py overrides, e.g. eval.preset=study;
 # built genre corpora in .gpu-genres (carried) replace the host's cache. LONG_ONLY (comma list) splits the
 # evaluation in two so that a short hold still brings back every model's short text: first short text
-# alone for EVAL_ONLY, then long context and passkey only for LONG_ONLY.
+# alone for EVAL_ONLY, then long context and passkey only for LONG_ONLY. RECIPE_VARIANTS
+# (space-separated NAME=CONFIG) defines variants from recipe configs (restoration_study.py
+# --recipe-variant), e.g. a searched recipe from research/recipe_from_sweep.py, trained as NAME-s0,...
 # `sweep` runs pipelines/tune.py (with these --set overrides) detached the same way, on the shipped
 # teacher corpus (research/sweep_on_shipped_samples.py) instead of sampling it, TRIALS_PER_GPU
 # trials (default 4) sharing each card; `wait` and `fetch` as above (fetch adds the sweep's tables,
@@ -85,6 +87,7 @@ start)
   long=${LONG_LENGTHS:-[16384,32768]} passkey=${PASSKEY_LENGTHS:-[8192,16384,30000]} only=${EVAL_ONLY:-$3}
   long_only=${LONG_ONLY:-}
   eval_sets=""; for e in ${EVAL_SETS:-}; do eval_sets="$eval_sets --set '$e'"; done
+  recipes=""; for e in ${RECIPE_VARIANTS:-}; do recipes="$recipes --recipe-variant '$e'"; done
   for f in ${seed_jobs//,/ }; do [ -f "$f" ] || die "no seed jobs file $f"; done
   prepare
   [ -z "$seed_jobs" ] || for f in ${seed_jobs//,/ }; do cat "$f"; done >"$work/eval/jobs.jsonl"
@@ -93,10 +96,10 @@ start)
   detach <<EOF
 [ -s $work/teacher_samples.jsonl ] || python3 research/restoration_study.py sample --work $work --samples 2080 --sample-batch 1040 || exit 11
 date +%s > $work/t_sampled
-python3 research/restoration_study.py train --budget 4250000 --parallel $n --work $work --variants $variants || exit 12
+python3 research/restoration_study.py train --budget 4250000 --parallel $n --work $work --variants $variants$recipes || exit 12
 date +%s > $work/t_trained
 evaluate() {  # models, long lengths, passkey lengths, report folder
-  python3 research/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only "\$1" \\
+  python3 research/restoration_study.py eval --work $work --parallel $((6 * gpus)) --only "\$1"$recipes \\
     --set "eval.long_lengths=\$2" --set "eval.passkey_lengths=\$3" --set eval.passkey_trials=8 \\
     --set eval.passkey_distractors=one_digit --set eval.passkey_choices=45 $eval_sets --out "\$4"
 }

@@ -456,6 +456,78 @@ VARIANTS["cpt-genre"] = (
     "(the CPT baseline on the general mix), PI×4",
 )
 
+# --------------------------------------------------------------------------- recipes as variants
+
+# What a recipe or a sweep sets for its own runs rather than for what is trained: the study sets
+# these itself (run name, storage, budget, GPU share, tracking, its own evaluation job).
+PLUMBING_SECTIONS = ("tune", "tracking", "eval", "export")
+PLUMBING_FIELDS = {
+    "data.output_dir",
+    "data.teacher_samples",
+    "train.run_name",
+    "train.seed",
+    "train.budget_tokens",
+    "train.max_steps",
+    "train.num_workers",
+    "train.gpus_per_worker",
+    "train.storage_path",
+    "train.output_dir",
+    "train.checkpoint_every",
+    "train.max_failures",
+    "train.fail_at_step",
+    "train.takeover",
+    "train.evaluate_at_end",
+    "train.eval_every",
+    "train.eval_texts",
+    "train.eval_long_len",
+    "train.eval_sources",
+}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Dotted leaf paths of a nested dict; lists and scalars are leaves."""
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def is_plumbing(key: str) -> bool:
+    return key.split(".", 1)[0] in PLUMBING_SECTIONS or any(
+        key == f or key.startswith(f + ".") for f in PLUMBING_FIELDS
+    )
+
+
+def training_changes(config: dict, base: dict) -> dict:
+    """The training fields (dotted) where one full config dump differs from another."""
+    base_flat = flatten(base)
+    missing = object()
+    return {k: v for k, v in flatten(config).items() if not is_plumbing(k) and base_flat.get(k, missing) != v}
+
+
+def define_recipe_variant(name: str, path: str) -> str:
+    """Variant ``name``: the recipe config at ``path`` as overrides on the study's base, its teacher
+    text read from the study's corpus where the job would sample it (after the recipe's sources).
+    So a candidate recipe (research/recipe_from_sweep.py) trains in a round beside the others."""
+    from linearard_ray.config import load_config
+
+    if name in VARIANTS:
+        raise SystemExit(f"restoration_study.py: --recipe-variant {name!r} is already a variant")
+    if not Path(path).is_file():
+        raise SystemExit(f"restoration_study.py: --recipe-variant {name}: no recipe at {path}")
+    recipe = load_config(path).model_dump(mode="json")
+    if recipe["data"]["teacher_samples"]:
+        recipe["data"]["sources"] = [*recipe["data"]["sources"], TEACHER_SAMPLES]
+    base = load_config(ROOT / RECIPE).model_dump(mode="json")
+    overrides = [f"{k}={json.dumps(v)}" for k, v in training_changes(recipe, base).items()]
+    VARIANTS[name] = (overrides, f"the recipe {path}")
+    return name
+
+
 HEAD_LOG = "ray-head.log"
 
 
@@ -1922,6 +1994,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--variants", default="linearard", help=f"comma list of {', '.join(VARIANTS)}; or 'all'")
     p.add_argument(
+        "--recipe-variant",
+        action="append",
+        default=[],
+        metavar="NAME=CONFIG",
+        help="define variant NAME as the recipe config CONFIG (its training fields on the study's base; "
+        "teacher text from the study's corpus); repeatable, for train and eval alike",
+    )
+    p.add_argument(
         "--seeds",
         default=None,
         help="train: each variant once per seed, e.g. 0-5 or 0,2,7 (seed k > 0 runs as <variant>-s<k>: "
@@ -2033,6 +2113,11 @@ def run_sample(a, work: Path) -> int:
 
 def main() -> int:
     a = _parser().parse_args()
+    for spec in a.recipe_variant:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"restoration_study.py: --recipe-variant takes NAME=CONFIG, not {spec!r}")
+        define_recipe_variant(name, path)
     work = Path(a.work).expanduser().resolve()  # absolute: Ray workers do not share this cwd
     if a.phase == "table":
         return run_job_tables(a) if a.jobs else run_table(work, a.report, a.runs)

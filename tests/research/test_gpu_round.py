@@ -162,3 +162,17 @@ def test_gpu_round_seeds_the_evaluation_with_several_job_files(tmp_path):
     assert started.returncode == 0, started.stderr
     assert (work / "eval" / "jobs.jsonl").read_text() == "".join(f.read_text() for f in seeds)
     assert _run(tmp_path, "wait", str(work), "240").returncode == 0
+
+
+def test_gpu_round_passes_recipe_variants_to_training_and_evaluation(tmp_path):
+    """RECIPE_VARIANTS reaches restoration_study.py's train and eval alike: here a recipe file that
+    does not exist stops the chain at training (exit 12) with the study's own message."""
+    work = tmp_path / "work"
+    env = {"RECIPE_VARIANTS": "cand=configs/none.yaml"}
+    started = _run(tmp_path, "start", str(work), "cand-s0,cand-s1", env_extra=env)
+    assert started.returncode == 0, started.stderr
+    chain = (work / "chain.sh").read_text()
+    assert chain.count("--recipe-variant 'cand=configs/none.yaml'") == 2  # train and the eval function
+    waited = _run(tmp_path, "wait", str(work), "240")
+    assert "chain exit 12" in waited.stdout
+    assert "--recipe-variant cand: no recipe at configs/none.yaml" in (work / "driver.log").read_text()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from linearard_ray.config import load_config
 from tests.scripts import load_script
@@ -746,3 +747,43 @@ def test_train_refuses_a_variant_whose_corpus_is_not_in_work(tmp_path):
     (tmp_path / "teacher_samples.jsonl").write_text('{"text": "sampled"}\n')
     again = subprocess.run([*cmd, str(tmp_path), "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "needs" not in again.stdout
+
+
+def test_a_recipe_variant_trains_what_its_config_trains(tmp_path):
+    """--recipe-variant NAME=CONFIG: the general-mix recipe as a variant trains what genre-long
+    trained (the teacher text in the job's own place, after the recipe's sources), and a candidate
+    written by recipe_from_sweep.py trains its changed fields, so a searched recipe can run in a
+    round beside CPT; a name already taken or a missing file is refused."""
+    study = _study()
+    try:
+        name = study.define_recipe_variant("general", str(CONFIGS / "smollm2-135m-x4-restore-general.yaml"))
+        as_recipe = load_config(
+            CONFIGS / "smollm2-135m-x4.yaml", study.variant_sets(name, tmp_path, 4_250_000, [], None)
+        )
+        ran = load_config(
+            CONFIGS / "smollm2-135m-x4.yaml", study.variant_sets("genre-long", tmp_path, 4_250_000, [], None)
+        )
+        samples = f"{tmp_path}/teacher_samples.jsonl"
+        assert as_recipe.data.sources == [*[s for s in ran.data.sources if s != samples], samples]
+        a, b = as_recipe.model_dump(), ran.model_dump()
+        for d in (a, b):
+            d["data"].pop("sources")
+            d["train"].pop("run_name")
+        assert a == b
+        candidate = yaml.safe_load((CONFIGS / "smollm2-135m-x4-restore-general.yaml").read_text())
+        candidate["rope"]["type"] = "yarn"
+        candidate["objective"]["logits"]["weight"] = 0.5
+        (tmp_path / "candidate.yaml").write_text(yaml.safe_dump(candidate))
+        study.define_recipe_variant("candidate", str(tmp_path / "candidate.yaml"))
+        trains = load_config(
+            CONFIGS / "smollm2-135m-x4.yaml", study.variant_sets("candidate", tmp_path, 4_250_000, [], None)
+        )
+        assert (trains.rope.type, trains.objective.logits.weight) == ("yarn", 0.5)
+        assert trains.objective.relation.weights == ran.objective.relation.weights
+        with pytest.raises(SystemExit, match="already a variant"):
+            study.define_recipe_variant("genre-long", str(CONFIGS / "smollm2-135m-x4-restore-general.yaml"))
+        with pytest.raises(SystemExit, match="no recipe at"):
+            study.define_recipe_variant("other", str(tmp_path / "none.yaml"))
+    finally:
+        study.VARIANTS.pop("general", None)
+        study.VARIANTS.pop("candidate", None)
