@@ -50,18 +50,23 @@ install_genres() {  # built here at set-up (scripts/build_genre_corpora.py): the
 prepare() {  # the staged GGUF, the carried genres and the shipped teacher corpus where the jobs look;
   # refused here, before anything detaches, when the bundle or the model is missing (the host has no
   # network, so a chain without them would only fail later, out of sight). $1 = "model optional"
-  # for a sweep whose teacher needs no download (tiny:...).
+  # for a sweep whose teacher is a tiny random model.
   [ -d "$site_dir" ] || die "no Ray bundle at $site_dir: unpack .gpu-bundle/site.tar.xz there first (research/README.md)"
   local models="$HOME/.cache/linearard_ray/downloads/smollm2-135m"
   mkdir -p "$work/eval" "$models"
   cp -n "$stage_dir"/*.gguf "$models/" 2>/dev/null
   if ! ls "$models"/*.gguf >/dev/null 2>&1; then
     [ "${1:-}" = "model optional" ] || die "no SmolLM2 GGUF in $stage_dir or $models: stage it (bash research/stage_gpu_round.sh)"
-    echo "gpu_round.sh: no SmolLM2 GGUF staged; only a teacher that needs no download can run" >&2
+    echo "gpu_round.sh: no SmolLM2 GGUF staged; fine for this tiny teacher" >&2
   fi
   install_genres
   local samples=research/data/smollm2_teacher_samples.jsonl.xz
   [ -s "$work/teacher_samples.jsonl" ] || { [ -f "$samples" ] && xz -dc "$samples" >"$work/teacher_samples.jsonl"; }
+}
+tiny_teacher() {  # CONFIG [k=v ...]: whether the teacher is a tiny random model (no download, no GGUF)
+  local config=$1 e; shift
+  for e in "$@"; do case "$e" in model.teacher=tiny:*) return 0 ;; model.teacher=*) return 1 ;; esac; done
+  grep -Eq "^[[:space:]]*teacher:[[:space:]]*[\"']?tiny:" "$config"
 }
 site="$site_dir:$PWD"  # the Ray bundle first: the host's own Python may lack the package's dependencies
 detach() {  # WORK/chain.sh = the host's environment, then the steps on stdin; run so that it outlives
@@ -69,7 +74,7 @@ detach() {  # WORK/chain.sh = the host's environment, then the steps on stdin; r
   { cat <<EOF
 set -x
 cd $PWD
-export PYTHONPATH=$site PATH=$site_dir/bin:\$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+export PYTHONPATH='$site' PATH='$site_dir/bin':\$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 nvidia-smi --query-gpu=name --format=csv,noheader
 date +%s > $work/t_start
 EOF
@@ -89,6 +94,10 @@ start)
   eval_sets=""; for e in ${EVAL_SETS:-}; do eval_sets="$eval_sets --set '$e'"; done
   recipes=""; for e in ${RECIPE_VARIANTS:-}; do recipes="$recipes --recipe-variant '$e'"; done
   for f in ${seed_jobs//,/ }; do [ -f "$f" ] || die "no seed jobs file $f"; done
+  for e in ${RECIPE_VARIANTS:-}; do
+    [[ "$e" == ?*=?* ]] || die "RECIPE_VARIANTS takes NAME=CONFIG entries, not '$e'"
+    [ -f "${e#*=}" ] || die "RECIPE_VARIANTS: no recipe config ${e#*=}"
+  done
   prepare
   [ -z "$seed_jobs" ] || for f in ${seed_jobs//,/ }; do cat "$f"; done >"$work/eval/jobs.jsonl"
   n=$(tr ',' '\n' <<<"$variants" | grep -c .)
@@ -118,7 +127,7 @@ sweep)
   [ -f "$3" ] || die "no sweep config $3"
   config=$3 share=${4:-4}
   sets=""; for e in "${@:5}"; do sets="$sets --set '$e'"; done
-  prepare "model optional"
+  if tiny_teacher "$config" "${@:5}"; then prepare "model optional"; else prepare; fi
   PYTHONPATH="$site" python3 research/sweep_on_shipped_samples.py --config "$config" --samples "$work/teacher_samples.jsonl" \
     --out "$work/sweep.yaml" || exit 2
   detach <<EOF

@@ -7,8 +7,9 @@ storage under the sweep's working directory and, on a lent host, the unpacked te
 plain source). A recipe in ``configs/`` is short and trains at the study's budget. This writes the
 base recipe (its own fields, in its own order) with every training field where the winner differs
 from it: objective weights, mix, RoPE, LoRA, learning rate, ... The plumbing stays the base
-recipe's, and a local source that the base does not list (the unpacked teacher corpus) is dropped,
-since the recipe samples its teacher text itself (``data.teacher_samples``).
+recipe's, and the unpacked teacher corpus is dropped from the mix, since the recipe samples its
+teacher text itself (``data.teacher_samples``); another local file in the mix is kept, with a
+warning.
 
     python research/recipe_from_sweep.py --best /tmp/w/tune/smollm2-135m-pi4-genres/best_config.yaml \\
         --base configs/smollm2-135m-x4-restore-general.yaml --out configs/smollm2-135m-x4-restore-searched.yaml
@@ -43,17 +44,26 @@ def _study():
     return restoration_study
 
 
+# The name gpu_round.sh unpacks the shipped teacher corpus to, as a plain source of the sweep.
+UNPACKED_SAMPLES = "teacher_samples.jsonl"
+
+
 def winner_changes(best: dict, base_full: dict) -> dict[str, Any]:
-    """The training fields where the best trial's full config differs from the base recipe's, its
-    unpacked local sources (those the base does not list) left out of the mix."""
+    """The training fields where the best trial's full config differs from the base recipe's, the
+    unpacked teacher corpus left out of the mix (the recipe samples its teacher text itself)."""
     changes = _study().training_changes(best, base_full)
     if "data.sources" in changes:
-        kept = [s for s in changes["data.sources"] if is_named_source(s) or s in base_full["data"]["sources"]]
+        kept = [s for s in changes["data.sources"] if is_named_source(s) or Path(s).name != UNPACKED_SAMPLES]
         if kept == base_full["data"]["sources"]:
             del changes["data.sources"]
         else:
             changes["data.sources"] = kept
     return changes
+
+
+def local_sources(changes: dict[str, Any]) -> list[str]:
+    """Files the new mix names by path: a recipe's users need them at the same place."""
+    return [s for s in changes.get("data.sources", []) if not is_named_source(s)]
 
 
 def recipe_from_winner(best: dict, base_raw: dict, base_full: dict, run_name: str) -> tuple[dict, dict[str, Any]]:
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {a.out}: {a.base} with {len(changes)} change(s) from the best trial")
     for k, v in changes.items():
         print(f"  {k}: {base_flat.get(k)!r} -> {v!r}")
+    for path in local_sources(changes):
+        print(f"  warning: the mix reads {path} by path; users of the recipe need that file there", file=sys.stderr)
     return 0
 
 

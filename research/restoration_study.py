@@ -85,10 +85,11 @@ BLOCKS_8K = ["data.ctx_len=8192", "train.micro_batch_size=1"]
 SOTU_AND_SAMPLES = f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}]"
 UNIXDOCS = "{work}/unixdocs.jsonl.xz"  # built by scripts/build_unixdocs_corpus.py, copied into --work
 SOTU_SAMPLES_UNIX = f"data.sources=[builtin:sotu/train, {TEACHER_SAMPLES}, {UNIXDOCS}]"
-MISSING_HINT = (
-    "draw the teacher corpus with the `sample` phase or unpack the shipped one "
-    "(research/data/smollm2_teacher_samples.jsonl.xz); build unixdocs with scripts/build_unixdocs_corpus.py"
-)
+# How to make each corpus a variant reads from --work.
+MAKE_INPUT = {
+    TEACHER_SAMPLES: "draw it with the `sample` phase, or unpack research/data/smollm2_teacher_samples.jsonl.xz",
+    UNIXDOCS: "build it with scripts/build_unixdocs_corpus.py and copy it there",
+}
 
 
 def _next_token_variant(weight: str, sources: list[str], data: str) -> tuple[list[str], str]:
@@ -462,8 +463,12 @@ VARIANTS["cpt-genre"] = (
 # these itself (run name, storage, budget, GPU share, tracking, its own evaluation job).
 PLUMBING_SECTIONS = ("tune", "tracking", "eval", "export")
 PLUMBING_FIELDS = {
+    "model.cache_dir",
     "data.output_dir",
+    "data.preprocessed",
     "data.teacher_samples",
+    "train.log_every",
+    "train.keep_checkpoints",
     "train.run_name",
     "train.seed",
     "train.budget_tokens",
@@ -502,17 +507,32 @@ def is_plumbing(key: str) -> bool:
     )
 
 
+def dotted_get(d: dict, key: str):
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
 def training_changes(config: dict, base: dict) -> dict:
-    """The training fields (dotted) where one full config dump differs from another."""
-    base_flat = flatten(base)
+    """The training fields (dotted) where one full config dump differs from another. Where the
+    config's dict lacks an entry the base's has (relation weights without ``qk``), the whole dict
+    is the change, so that setting the changes on the base leaves no entry of the base behind."""
+    flat, base_flat = flatten(config), flatten(base)
     missing = object()
-    return {k: v for k, v in flatten(config).items() if not is_plumbing(k) and base_flat.get(k, missing) != v}
+    changes = {k: v for k, v in flat.items() if not is_plumbing(k) and base_flat.get(k, missing) != v}
+    for k in base_flat:
+        if k not in flat and not is_plumbing(k):
+            parent = k.rsplit(".", 1)[0]
+            changes = {c: v for c, v in changes.items() if not c.startswith(parent + ".")}
+            changes[parent] = dotted_get(config, parent)
+    return changes
 
 
-def define_recipe_variant(name: str, path: str) -> str:
-    """Variant ``name``: the recipe config at ``path`` as overrides on the study's base, its teacher
-    text read from the study's corpus where the job would sample it (after the recipe's sources).
-    So a candidate recipe (research/recipe_from_sweep.py) trains in a round beside the others."""
+def define_recipe_variant(name: str, path: str, base_recipe: str = RECIPE) -> str:
+    """Variant ``name``: the recipe config at ``path`` as overrides on ``base_recipe`` (--recipe), its
+    teacher text read from the study's corpus where the job would sample it (after the recipe's
+    sources), its budget the recipe's unless --budget says otherwise. So a candidate recipe
+    (research/recipe_from_sweep.py) trains in a round beside the others."""
     from linearard_ray.config import load_config
 
     if name in VARIANTS:
@@ -522,8 +542,13 @@ def define_recipe_variant(name: str, path: str) -> str:
     recipe = load_config(path).model_dump(mode="json")
     if recipe["data"]["teacher_samples"]:
         recipe["data"]["sources"] = [*recipe["data"]["sources"], TEACHER_SAMPLES]
-    base = load_config(ROOT / RECIPE).model_dump(mode="json")
-    overrides = [f"{k}={json.dumps(v)}" for k, v in training_changes(recipe, base).items()]
+    base = load_config(ROOT / base_recipe if not Path(base_recipe).is_absolute() else base_recipe).model_dump(
+        mode="json"
+    )
+    changes = training_changes(recipe, base)
+    if recipe["train"]["budget_tokens"] != base["train"]["budget_tokens"]:
+        changes["train.budget_tokens"] = recipe["train"]["budget_tokens"]  # --budget comes later and wins
+    overrides = [f"{k}={json.dumps(v)}" for k, v in changes.items()]
     VARIANTS[name] = (overrides, f"the recipe {path}")
     return name
 
@@ -924,10 +949,10 @@ def _variant_summary(cfg) -> str:
 
 
 def _missing_inputs(sets: list[str], work: Path) -> list[str]:
-    """The files under --work that a variant's overrides read (the teacher corpus, unixdocs) and
-    that are not there yet."""
-    paths = [t.format(work=work) for t in (TEACHER_SAMPLES, UNIXDOCS)]
-    return [p for p in paths if any(p in s for s in sets) and not Path(p).exists()]
+    """Each file under --work that a variant's overrides read (the teacher corpus, unixdocs) and
+    that is not there yet, with how to make it."""
+    paths = {t.format(work=work): how for t, how in MAKE_INPUT.items()}
+    return [f"{p} ({how})" for p, how in paths.items() if any(p in s for s in sets) and not Path(p).exists()]
 
 
 def _validated_jobs(a, names: list[str], work: Path, gpu_fraction: float | None) -> list[Job]:
@@ -941,11 +966,11 @@ def _validated_jobs(a, names: list[str], work: Path, gpu_fraction: float | None)
             cfg = validate(a.recipe, sets)
         except ValueError as e:  # ConfigError
             raise SystemExit(f"restoration_study.py: variant {name}: {e}") from None
-        missing = _missing_inputs(sets, work)
+        missing = "; ".join(_missing_inputs(sets, work))
         if missing and not a.dry_run:
-            raise SystemExit(f"restoration_study.py: variant {name} reads {missing}, not there: {MISSING_HINT}")
+            raise SystemExit(f"restoration_study.py: variant {name} reads what is not there: {missing}")
         if missing:
-            print(f"   {name}: needs {missing} ({MISSING_HINT})", flush=True)
+            print(f"   {name}: needs {missing}", flush=True)
         jobs.append(Job(name, distill_cmd(a.recipe, sets), sets, work))
         if cfg is not None and a.dry_run:
             print(f"   {name}: {_variant_summary(cfg)}", flush=True)
@@ -1986,6 +2011,14 @@ def run_table(work: Path, report_path: str | None, runs_path: str | None) -> int
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_job_arguments(p)
+    _add_run_arguments(p.add_argument_group("running (train, eval, sample)"))
+    _add_table_arguments(p.add_argument_group("table"))
+    return p
+
+
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The phase, the variants and what every job shares."""
     p.add_argument(
         "phase",
         choices=["sample", "train", "eval", "table"],
@@ -2012,6 +2045,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--recipe", default=RECIPE, help=f"base recipe of every job (default {RECIPE})")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for every job")
+
+
+def _add_run_arguments(p) -> None:
     p.add_argument(
         "--parallel",
         type=int,
@@ -2044,6 +2080,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="eval: comma list of the models to evaluate (teacher, PI×4, YaRN×4 or variant names); default all",
     )
+
+
+def _add_table_arguments(p) -> None:
     p.add_argument("--report", default=None, help="table: report.json to read (default <work>/eval/report.json)")
     p.add_argument(
         "--jobs",
@@ -2077,7 +2116,6 @@ def _parser() -> argparse.ArgumentParser:
         help="table --jobs: keep a model trained again in a later file as a training of its own, "
         "named '<model> (r<round>)', instead of letting the later file win",
     )
-    return p
 
 
 def run_job_tables(a) -> int:
@@ -2117,7 +2155,7 @@ def main() -> int:
         name, sep, path = spec.partition("=")
         if not sep or not name:
             raise SystemExit(f"restoration_study.py: --recipe-variant takes NAME=CONFIG, not {spec!r}")
-        define_recipe_variant(name, path)
+        define_recipe_variant(name, path, a.recipe)
     work = Path(a.work).expanduser().resolve()  # absolute: Ray workers do not share this cwd
     if a.phase == "table":
         return run_job_tables(a) if a.jobs else run_table(work, a.report, a.runs)

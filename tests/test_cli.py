@@ -273,18 +273,22 @@ def test_evaluate_dry_run_names_the_held_out_domains_and_their_windows(tmp_path,
 
 
 @pytest.mark.parametrize("config", [None, "configs/smollm2-135m-x4-restore-general.yaml"])
-def test_distills_next_step_is_an_evaluate_command_for_that_student(config, tmp_path):
-    """The line a finished distill.py prints: a command that evaluate.py parses into the same
-    recipe and the exported student, even where the path needs quoting."""
+def test_distills_next_step_evaluates_that_student_as_it_was_trained(config, tmp_path):
+    """The line a finished distill.py prints: a command that evaluate.py parses into the job's own
+    teacher and RoPE scaling (its config and its overrides) and the exported student, its report
+    beside the student as train.evaluate_at_end puts it, even where the path needs quoting."""
     import shlex
 
     from linearard_ray.cli import build_parser, parse_config
     from linearard_ray.commands.distill import next_step
 
+    overrides = ["rope.factor=8", "model.teacher=tiny:llama"]
+    argv = [*(["--config", config] if config else []), *[w for o in overrides for w in ("--set", o)]]
+    _, trained = parse_config(build_parser("distill.py", ""), argv)
     student = tmp_path / "run with spaces" / "merged"
-    words = shlex.split(next_step(config, str(student)).split(": ", 1)[1])
+    words = shlex.split(next_step(config, overrides, str(student), trained).split(": ", 1)[1])
     assert words[:2] == ["python", "pipelines/evaluate.py"]
     _, cfg = parse_config(build_parser("evaluate.py", ""), words[2:])
-    assert cfg.eval.student_path == str(student)
-    if config:
-        assert cfg.rope.type == "linear" and cfg.data.pack  # the recipe's own fields, not the default's
+    assert cfg.eval.student_path == str(student) and cfg.eval.output_dir == str(student / "eval")
+    assert (cfg.model, cfg.rope, cfg.data.pack) == (trained.model, trained.rope, trained.data.pack)
+    assert cfg.rope.factor == 8.0 and cfg.model.teacher == "tiny:llama"

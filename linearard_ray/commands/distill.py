@@ -16,9 +16,10 @@ the config and shows the run lock, the paths, the data and the step plan without
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from linearard_ray.cli import build_parser, parse_config, show_plan, user_error, user_errors
-from linearard_ray.config import Config
+from linearard_ray.config import Config, EvalConfig
 from linearard_ray.logs import get_logger
 from linearard_ray.paths import output_path
 
@@ -44,18 +45,19 @@ def main(argv: list[str] | None = None, prog: str = "distill.py") -> int:
     except user_errors() as e:  # the user's input, not a bug: no traceback
         return user_error(prog, e)
     if result.student_dir and not cfg.train.evaluate_at_end:
-        log.info(next_step(args.config, result.student_dir))
+        log.info(next_step(args.config, args.overrides, result.student_dir, cfg))
     return 0
 
 
-def next_step(config: str | None, student_dir: str) -> str:
-    """The command that judges the student: teacher, untrained RoPE-scaled model and student on
-    short and long text (a progress line, so --quiet leaves only the result)."""
-    with_config = f" --config {shlex.quote(config)}" if config else ""
-    return (
-        f"[distill] next, to measure what it restored: python pipelines/evaluate.py{with_config} "
-        f"--set eval.student_path={shlex.quote(student_dir)}"
-    )
+def next_step(config: str | None, overrides: list[str], student_dir: str, cfg: Config) -> str:
+    """The command that judges the student as train.evaluate_at_end would: this job's config and
+    overrides (so the same teacher and RoPE scaling), its report beside the student unless the
+    config names another place. A progress line, so --quiet leaves only the result."""
+    words = ["python", "pipelines/evaluate.py", *(["--config", config] if config else [])]
+    words += [w for o in overrides for w in ("--set", o)] + ["--set", f"eval.student_path={student_dir}"]
+    if cfg.eval.output_dir == EvalConfig().output_dir:
+        words += ["--set", f"eval.output_dir={Path(student_dir) / 'eval'}"]
+    return f"[distill] next, to measure what it restored: {shlex.join(words)}"
 
 
 def dry_run(cfg: Config) -> list[str]:

@@ -111,11 +111,12 @@ def test_gpu_round_sweep_reads_the_shipped_corpus_and_shares_the_card(tmp_path):
         str(work),
         "configs/sweep-smollm2-135m-genres.yaml",
         "4",
+        "model.teacher=tiny:llama",
         "tune.metric=no_such_metric",
-        gguf=False,  # a sweep may use a teacher that needs no download: a warning, not a refusal
+        gguf=False,  # a tiny random teacher needs no model file: a note, not a refusal
     )
     assert started.returncode == 0 and "started chain" in started.stdout, started.stderr
-    assert "no SmolLM2 GGUF staged" in started.stderr
+    assert "fine for this tiny teacher" in started.stderr
     derived = (work / "sweep.yaml").read_text()
     assert str(work / "teacher_samples.jsonl") in derived and "teacher_samples:" not in derived
     chain = (work / "chain.sh").read_text()
@@ -140,6 +141,9 @@ def test_gpu_round_refuses_before_detaching(tmp_path):
         (("start", str(work), "genre-long"), {"SITE_DIR": str(tmp_path / "nowhere")}, True, "no Ray bundle"),
         (("start", str(work), "genre-long", f"{tmp_path}/a.jsonl"), {}, True, "no seed jobs file"),
         (("sweep", str(work), "configs/none.yaml"), {}, True, "no sweep config configs/none.yaml"),
+        (("sweep", str(work), "configs/sweep-smollm2-135m-genres.yaml"), {}, False, "no SmolLM2 GGUF"),
+        (("start", str(work), "x-s0"), {"RECIPE_VARIANTS": "x=configs/none.yaml"}, True, "no recipe config"),
+        (("start", str(work), "x-s0"), {"RECIPE_VARIANTS": "configs/a.yaml"}, True, "NAME=CONFIG entries"),
         (("wait", str(work)), {}, True, "wait needs WORK and SECONDS"),
         (("fetch", str(work)), {"OUT": str(tmp_path / "no-out")}, True, "fetch copies to $OUT"),
     ]
@@ -165,14 +169,14 @@ def test_gpu_round_seeds_the_evaluation_with_several_job_files(tmp_path):
 
 
 def test_gpu_round_passes_recipe_variants_to_training_and_evaluation(tmp_path):
-    """RECIPE_VARIANTS reaches restoration_study.py's train and eval alike: here a recipe file that
-    does not exist stops the chain at training (exit 12) with the study's own message."""
+    """RECIPE_VARIANTS reaches restoration_study.py's train and eval alike; the study defines the
+    variant and then refuses the unknown one beside it, at the training step (exit 12)."""
     work = tmp_path / "work"
-    env = {"RECIPE_VARIANTS": "cand=configs/none.yaml"}
-    started = _run(tmp_path, "start", str(work), "cand-s0,cand-s1", env_extra=env)
+    env = {"RECIPE_VARIANTS": "cand=configs/smollm2-135m-x4-restore-general.yaml"}
+    started = _run(tmp_path, "start", str(work), "cand-s0,no-such-variant", env_extra=env)
     assert started.returncode == 0, started.stderr
     chain = (work / "chain.sh").read_text()
-    assert chain.count("--recipe-variant 'cand=configs/none.yaml'") == 2  # train and the eval function
+    assert chain.count("--recipe-variant 'cand=configs/smollm2-135m-x4-restore-general.yaml'") == 2
     waited = _run(tmp_path, "wait", str(work), "240")
     assert "chain exit 12" in waited.stdout
-    assert "--recipe-variant cand: no recipe at configs/none.yaml" in (work / "driver.log").read_text()
+    assert "unknown variants ['no-such-variant']" in (work / "driver.log").read_text()

@@ -80,3 +80,21 @@ def test_a_winner_equal_to_the_base_writes_nothing(tmp_path, capsys):
     out = tmp_path / "same.yaml"
     assert mod.main(["--best", str(best), "--base", str(BASE), "--out", str(out)]) == 0
     assert not out.exists() and "nothing to write" in capsys.readouterr().out
+
+
+def test_only_the_unpacked_teacher_corpus_leaves_the_mix(tmp_path, capsys):
+    """A local corpus the winner trained on stays in the recipe, named in a warning; the unpacked
+    teacher corpus goes (the recipe samples its own)."""
+    import copy
+
+    mod = load_script("research/recipe_from_sweep.py")
+    base = load_config(BASE).model_dump(mode="json")
+    best = copy.deepcopy(base)
+    best["data"]["sources"] = ["genre:scripture", "/data/unixdocs.jsonl.xz", "/tmp/w/teacher_samples.jsonl"]
+    changes = mod.winner_changes(best, base)
+    assert changes == {"data.sources": ["genre:scripture", "/data/unixdocs.jsonl.xz"]}
+    assert mod.local_sources(changes) == ["/data/unixdocs.jsonl.xz"]
+    best_file = tmp_path / "best_config.yaml"
+    best_file.write_text(yaml.safe_dump(best))
+    assert mod.main(["--best", str(best_file), "--base", str(BASE), "--out", str(tmp_path / "r.yaml")]) == 0
+    assert "the mix reads /data/unixdocs.jsonl.xz by path" in capsys.readouterr().err

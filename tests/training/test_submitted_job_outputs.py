@@ -51,6 +51,8 @@ def test_relative_outputs_of_a_submitted_job_land_under_linearard_home(head_node
     assert [(run.info.run_name, run.info.status) for run in runs] == [("job", "FINISHED")]
 
     assert f"[distill] student: {student}" in out
+    assert "[distill] next, to measure what it restored: python pipelines/evaluate.py --config " in out
+    assert f"eval.student_path={student}" in out  # the next step names this student
     assert f"[distill] MLflow run: sqlite:///{db} (" in out and runs[0].info.run_id in out
     assert f"storage {storage}" in out
 
