@@ -525,6 +525,9 @@ def process_group(rank: int, world: int, port: int, device: torch.device):
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         yield
+        # Every rank done with its collectives before any tears the group down: one CPU CI run saw
+        # rank 0 abort in teardown ("terminate called without an active exception", gloo) once.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
