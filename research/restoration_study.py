@@ -1541,10 +1541,15 @@ def _unseen_recipes(
     records: list[dict], ppl: dict[tuple, float], teacher: str
 ) -> tuple[list[str], list[int], dict[str, list[str]], dict[tuple, list[float]]]:
     """What the unseen-genre table and plot both start from: the held-out genres among the figures,
-    the lengths the teacher was scored at on them, each recipe's trainings (the teacher left out)
-    and the per-window NLLs on those genres."""
+    the short lengths the teacher was scored at on them (within its own window: beyond it its
+    perplexity explodes, and a ratio to it says nothing about restoration), each recipe's trainings
+    (the teacher left out) and the per-window NLLs on those genres."""
     unseen = sorted({d for (_, d, _) in ppl if d not in KNOWN_DOMAINS})
-    lengths = sorted({L for (m, d, L) in ppl if m == teacher and d in unseen})
+    window = min(
+        (r.get("max_position_embeddings") or 0 for r in records if r["model"] == teacher and r["kind"] == "nll"),
+        default=0,
+    )
+    lengths = sorted({L for (m, d, L) in ppl if m == teacher and d in unseen and (not window or L <= window)})
     groups = _recipe_groups(list(dict.fromkeys(r["model"] for r in records)))
     groups.pop(teacher, None)
     return unseen, lengths, groups, _window_nlls(records, unseen)

@@ -786,3 +786,20 @@ def test_a_recipe_variant_trains_what_its_config_trains(base, tmp_path):
     finally:
         study.VARIANTS.pop("general", None)
         study.VARIANTS.pop("candidate", None)
+
+
+def test_unseen_recovery_keeps_to_the_teachers_window():
+    """The YaRN×4 round also scored the held-out genres at 16K and 32K, beyond the teacher's 8K
+    window where its perplexity explodes: recovery there is no restoration, so the unseen-genre
+    table keeps to 512 and 2K, with every training of each recipe."""
+    study = _study()
+    results = CONFIGS.parent / "research" / "results"
+    records = study.read_job_records(
+        [results / "unseen-genre-round" / "jobs.jsonl", results / "yarn4-genre-round" / "jobs.jsonl"]
+    )
+    text = study.render_job_tables(records, {"main": "SOTU", "other": "pydocs"}, versus="cpt-genre")
+    section = text.split("Recovery on the unseen genres", 1)[1].split("\n\n", 2)[1]
+    header, rows = section.splitlines()[0], section.splitlines()[2:]
+    assert "@2K" in header and "@16K" not in header and "@32K" not in header
+    yarn = next(r for r in rows if r.startswith("| genre-long-yarn |"))
+    assert yarn.split(" | ")[1] == "3"  # all three trainings, though only s0 ran long context
