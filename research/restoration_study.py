@@ -1404,6 +1404,7 @@ RESULTS_ROUND = {
     "pi4-restore-long": "13",
     "unseen-baselines": "u",  # untrained models only, on the study preset's windows (not a training round)
     "unseen-genre-round": "14",
+    "yarn4-genre-round": "15",
 }
 
 

@@ -803,3 +803,23 @@ def test_unseen_recovery_keeps_to_the_teachers_window():
     assert "@2K" in header and "@16K" not in header and "@32K" not in header
     yarn = next(r for r in rows if r.startswith("| genre-long-yarn |"))
     assert yarn.split(" | ")[1] == "3"  # all three trainings, though only s0 ran long context
+
+
+def test_yarn_general_recipe_is_the_measured_study_variant():
+    """configs/smollm2-135m-yarn4-restore-general.yaml must train what the YaRN×4 round's
+    genre-long-yarn ran, and differ from the PI×4 general-mix recipe in the RoPE type alone."""
+    study = _study()
+    sets = [s.replace(f", {study.TEACHER_SAMPLES}", "") for s in study.VARIANTS["genre-long-yarn"][0]]
+    ran = load_config(CONFIGS / "smollm2-135m-x4.yaml", [*sets, "train.budget_tokens=4250000"]).model_dump()
+    recipe = load_config(CONFIGS / "smollm2-135m-yarn4-restore-general.yaml").model_dump()
+    pi4 = load_config(CONFIGS / "smollm2-135m-x4-restore-general.yaml").model_dump()
+    assert (recipe["rope"]["type"], pi4["rope"]["type"]) == ("yarn", "linear")
+    recipe["rope"]["type"] = "linear"
+    recipe["train"]["run_name"] = pi4["train"]["run_name"]
+    assert recipe == pi4
+    recipe = load_config(CONFIGS / "smollm2-135m-yarn4-restore-general.yaml").model_dump()
+    recipe["data"].pop("teacher_samples"), ran["data"].pop("teacher_samples")
+    recipe["train"].pop("eval_sources"), ran["train"].pop("eval_sources")
+    recipe.pop("eval"), ran.pop("eval")
+    ran["train"]["run_name"] = recipe["train"]["run_name"]
+    assert recipe == ran
