@@ -528,6 +528,11 @@ def training_changes(config: dict, base: dict) -> dict:
     return changes
 
 
+def recipe_path(recipe: str) -> Path:
+    """A --recipe as given, relative to the repository when not absolute (jobs run from its root)."""
+    return Path(recipe) if Path(recipe).is_absolute() else ROOT / recipe
+
+
 def define_recipe_variant(name: str, path: str, base_recipe: str = RECIPE) -> str:
     """Variant ``name``: the recipe config at ``path`` as overrides on ``base_recipe`` (--recipe), its
     teacher text read from the study's corpus where the job would sample it (after the recipe's
@@ -542,9 +547,7 @@ def define_recipe_variant(name: str, path: str, base_recipe: str = RECIPE) -> st
     recipe = load_config(path).model_dump(mode="json")
     if recipe["data"]["teacher_samples"]:
         recipe["data"]["sources"] = [*recipe["data"]["sources"], TEACHER_SAMPLES]
-    base = load_config(ROOT / base_recipe if not Path(base_recipe).is_absolute() else base_recipe).model_dump(
-        mode="json"
-    )
+    base = load_config(recipe_path(base_recipe)).model_dump(mode="json")
     changes = training_changes(recipe, base)
     if recipe["train"]["budget_tokens"] != base["train"]["budget_tokens"]:
         changes["train.budget_tokens"] = recipe["train"]["budget_tokens"]  # --budget comes later and wins
@@ -593,7 +596,7 @@ def validate(recipe: str, sets: list[str]):
     except ImportError as e:  # pragma: no cover - a host without pydantic/yaml
         print(f"   (configuration not validated: {e})", flush=True)
         return None
-    return load_config(ROOT / recipe if not Path(recipe).is_absolute() else recipe, sets)
+    return load_config(recipe_path(recipe), sets)
 
 
 def _quote(cmd: list[str]) -> str:
@@ -1232,6 +1235,11 @@ def _domain_label(info: dict) -> str:
     return "+".join(names) or "?"
 
 
+def _table_head(head: list[str]) -> list[str]:
+    """A markdown table's header row and its separator."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def _ppl4(v: float) -> str:
     """Short-text perplexity as research/LOG.md writes it: 26.97, 119.4."""
     return f"{v:.0f}" if v >= 1000 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
@@ -1263,8 +1271,7 @@ def _short_text_table(report: dict, short: list[str], dlabel: dict[str, str]) ->
     out = [
         "Perplexity (recovery = teacher ppl ÷ model ppl):",
         "",
-        "| model | " + " | ".join(f"{dlabel[d]} @{L}" for d, L in cols) + " |",
-        "|---|" + "---|" * len(cols),
+        *_table_head(["model", *(f"{dlabel[d]} @{L}" for d, L in cols)]),
     ]
     for m in report["models"]:
         cells = []
@@ -1296,8 +1303,7 @@ def _long_context_table(report: dict, long: list[str], dlabel: dict[str, str]) -
         "",
         "Long context (perplexity) and passkey (accuracy over depths × trials per length):",
         "",
-        "| model | " + " | ".join(head) + " |",
-        "|---|" + "---|" * len(head),
+        *_table_head(["model", *head]),
     ]
     for m in report["models"]:
         cells = []
@@ -1328,8 +1334,7 @@ def _training_runs_table(runs: list[dict]) -> list[str]:
         "Training runs (latest of each variant; wall time includes Ray start, model load and export; "
         "tok/s from the step lines; --parallel = how many jobs could share the GPU):",
         "",
-        "| variant | what | rc | wall s | tok/s last | tok/s median | --parallel |",
-        "|---|---|---|---|---|---|---|",
+        *_table_head(["variant", "what", "rc", "wall s", "tok/s last", "tok/s median", "--parallel"]),
     ]
     for v in dict.fromkeys(r["variant"] for r in runs):
         r = latest[v]
@@ -1472,8 +1477,7 @@ def render_job_tables(
     out = [
         "Perplexity (recovery = teacher ppl ÷ model ppl where the teacher ran at that length):",
         "",
-        "| model | " + " | ".join(f"{domains.get(d, d)} @{_len_label(L)}" for d, L in cols) + " |",
-        "|---|" + "---|" * len(cols),
+        *_table_head(["model", *(f"{domains.get(d, d)} @{_len_label(L)}" for d, L in cols)]),
     ]
     for m in models:
         cells = []
@@ -1526,8 +1530,7 @@ def _unseen_tables(records: list[dict], ppl: dict[tuple, float], teacher: str, v
         "over trainings, range in brackets; worst: the genre whose mean is lowest; in square brackets the "
         "95% bootstrap interval over windows of the recipe's window NLLs averaged over its trainings):",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *_table_head(head),
     ]
     for g, ms in groups.items():
         row = _unseen_row(ppl, win, teacher, ms, unseen, lengths)
@@ -1657,8 +1660,7 @@ def _unseen_versus_table(
         "nats per token (negative: lower than it), windows better, sign-flip p; each side's trainings "
         "averaged per window first:",
         "",
-        "| recipe | trainings | " + " | ".join(f"{d} @{_len_label(L)}" for d, L in cols) + " |",
-        "|---|---|" + "---|" * len(cols),
+        *_table_head(["recipe", "trainings", *(f"{d} @{_len_label(L)}" for d, L in cols)]),
     ]
     for g, ms in rows:
         out.append(f"| {g} | {len(ms)} | " + " | ".join(cell(ms, d, L) for d, L in cols) + " |")
@@ -1716,8 +1718,7 @@ def _recipe_table(
         "",
         "Recipes trained more than once (mean over trainings, range in brackets):",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *_table_head(head),
     ]
     for g, ms in groups.items():
         cells = [
@@ -1822,8 +1823,7 @@ def _recipe_versus_table(
         f"trainings first (trainings in brackets; passkey: recipe vs {baseline}, prompts higher / lower; "
         "windows: mean NLL difference in nats per token, windows better; sign-flip p over prompts or windows):",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *_table_head(head),
     ]
     for g, ms in recipes.items():
         cells = [
@@ -1868,11 +1868,14 @@ def _logprob_table(
         f"Passkey, the true key's log-probability after the question (teacher-forced, summed over the key's "
         f"tokens; mean over {n} prompts per length):",
         "",
-        "| model | "
-        + " | ".join(_len_label(L) for L in lengths)
-        + " | all |"
-        + (f" vs {baseline}: higher / lower (mean diff) | p |" if base else ""),
-        "|---|" + "---|" * (len(lengths) + 1) + ("---|---|" if base else ""),
+        *_table_head(
+            [
+                "model",
+                *(_len_label(L) for L in lengths),
+                "all",
+                *([f"vs {baseline}: higher / lower (mean diff)", "p"] if base else []),
+            ]
+        ),
     ]
     for m, mine in have.items():
         per_len = [_mean_field({L: mine[L]}, "key_logprob") if mine.get(L) else None for L in lengths]
@@ -1898,8 +1901,9 @@ def _answers_table(trials: dict[tuple[str, int], dict[int, list[dict]]], n: int,
         "",
         f"Passkey, greedy answers ({n} prompts per length, all lengths):",
         "",
-        "| model | right | another number | of which the key with a doubled digit written once | no number |",
-        "|---|---|---|---|---|",
+        *_table_head(
+            ["model", "right", "another number", "of which the key with a doubled digit written once", "no number"]
+        ),
     ]
     for m in models:
         if (m, n) not in trials:
@@ -1946,11 +1950,14 @@ def _passkey_table(
         "",
         title,
         "",
-        "| model | "
-        + " | ".join(_len_label(L) for L in lengths)
-        + " | correct / prompts |"
-        + (f" vs {baseline}: wins / losses (p) |" if base else ""),
-        "|---|" + "---|" * (len(lengths) + 1) + ("---|" if base else ""),
+        *_table_head(
+            [
+                "model",
+                *(_len_label(L) for L in lengths),
+                "correct / prompts",
+                *([f"vs {baseline}: wins / losses (p)"] if base else []),
+            ]
+        ),
     ]
     for m, mine in have.items():
         per_len = [sum(bool(x[field]) for x in mine[L]) / len(mine[L]) if mine.get(L) else None for L in lengths]
@@ -1977,8 +1984,7 @@ def _window_table(records: list[dict], domains: dict[str, str], versus: str) -> 
         f"Against {versus}, window by window (mean NLL difference in nats per token, windows better, "
         "sign-flip permutation p):",
         "",
-        "| model | " + " | ".join(f"{domains.get(d, d)} @{_len_label(L)}" for d, L in cols) + " |",
-        "|---|" + "---|" * len(cols),
+        *_table_head(["model", *(f"{domains.get(d, d)} @{_len_label(L)}" for d, L in cols)]),
     ]
     for m in models:
         cells = []
