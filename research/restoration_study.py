@@ -1410,6 +1410,7 @@ RESULTS_ROUND = {
     "unseen-baselines": "u",  # untrained models only, on the study preset's windows (not a training round)
     "unseen-genre-round": "14",
     "yarn4-genre-round": "15",
+    "pi4-general-long": "16",
 }
 
 
