@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 from linearard_ray.logs import LEVEL_ENV
@@ -49,6 +50,12 @@ def worker_env(tracking_uri: str | None = None) -> dict[str, str]:
     return env
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ray_logging_config():
     """Under ``--quiet`` (the package's level above INFO), Ray's own Python loggers in every Ray
     process (the Train controller's resume notices, Ray Data's progress) at the same level; else
@@ -82,12 +89,22 @@ def ensure_ray(env: dict[str, str] | None = None) -> None:
     local_env["PYTHONPATH"] = os.pathsep.join(
         [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     )
+    # Ray's State API, asked without an address (as Ray Train's placement-group cleaner asks it from
+    # inside the cluster), looks for the Ray instances on the host and gives up when it finds more
+    # than this one. The cleaner then dies, and every Tune trial stopped early keeps its CPU and GPU
+    # share. Naming this instance's dashboard to its workers keeps the lookup to this instance.
+    dashboard_port = _free_loopback_port()
+    local_env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     notice = _DropAuthDefaultNotice()
     auth_logger = logging.getLogger(_AUTH_LOGGER)
     auth_logger.addFilter(notice)
     try:
         ray.init(
-            address="local", runtime_env={"env_vars": local_env}, log_to_driver=True, logging_config=logging_config
+            address="local",
+            dashboard_port=dashboard_port,
+            runtime_env={"env_vars": local_env},
+            log_to_driver=True,
+            logging_config=logging_config,
         )
     finally:
         auth_logger.removeFilter(notice)

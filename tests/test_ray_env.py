@@ -1,0 +1,70 @@
+"""The private Ray instance that ensure_ray starts, beside another Ray instance on the same machine
+(another user's, a study's head): Ray's State API asked from inside it, without an address, as Ray
+Train's placement-group cleaner asks it, must find this instance and not give up on finding two."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests.local_ray import head_port_flags
+from tests.scripts import ROOT
+
+pytestmark = pytest.mark.slow
+
+ASK_STATE_FROM_A_WORKER = """
+from linearard_ray.ray_env import ensure_ray
+ensure_ray()
+import ray
+
+@ray.remote(num_cpus=0)
+def actors_seen_from_a_worker():
+    from ray.util.state import list_actors  # no address: the lookup the cleaner makes
+    return len(list_actors())
+
+print("actors:", ray.get(actors_seen_from_a_worker.remote()))
+"""
+
+
+def _start_other_instance(log_path) -> subprocess.Popen:
+    temp = tempfile.mkdtemp(prefix="lrother", dir="/tmp")  # short: socket paths live under it
+    head = subprocess.Popen(
+        [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp}",
+            "--include-dashboard=false", "--disable-usage-stats",
+            *(f"--{flag}={p}" for flag, p in head_port_flags().items()),
+        ],
+        stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while "Ray runtime started" not in log_path.read_text():
+        assert head.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+        time.sleep(0.5)
+    return head
+
+
+def test_state_api_from_a_worker_finds_its_own_instance_beside_another(tmp_path):
+    other = _start_other_instance(tmp_path / "other.log")
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+        done = subprocess.run(
+            [sys.executable, "-c", ASK_STATE_FROM_A_WORKER],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        try:
+            other.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # Ray drains a node for up to 30 s; nothing here to drain
+            os.killpg(other.pid, signal.SIGKILL)
+            other.wait(timeout=30)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Found multiple active Ray instances" not in done.stderr
+    assert "actors:" in done.stdout
