@@ -214,6 +214,7 @@ def test_genre_sweep_ranks_by_the_worst_unseen_genre_and_names_the_build_step(tm
     cfg = load_config(path)
     assert cfg.tune.metric == "unseen_worst_recovery_pct" and cfg.tune.mode == "max"
     assert set(cfg.train.eval_sources) == {"legal", "standards", "history"}
+    assert cfg.train.eval_long_len == 16384  # the long-context screen read beside the winner
     mixes = cfg.tune.space["data.sources"]["choice"]
     assert all(not any(src in m for src in ("genre:legal", "genre:standards", "genre:history")) for m in mixes)
 
