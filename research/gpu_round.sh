@@ -133,8 +133,10 @@ sweep)
     --out "$work/sweep.yaml" || exit 2
   detach <<EOF
 # Its own Ray head, named to every Ray process through RAY_ADDRESS. Beside another Ray instance on
-# the host (a study round's head), Ray Train's placement-group cleaner cannot tell which cluster is
-# its own and dies, so the GPU share of every trial that ASHA stops is never given back.
+# the host (a study round's head), Ray Train's placement-group cleaner could not tell which cluster
+# was its own and died, so the GPU share of every trial that ASHA stopped was never given back.
+# ensure_ray's private instance now names itself to its workers too (tests/test_ray_env.py); this
+# head is the second guard, since a search that stalls costs a whole lent session.
 read port dash client agent < <(python3 -c 'import socket
 ss = [socket.socket() for _ in range(4)]
 [s.bind(("127.0.0.1", 0)) for s in ss]

@@ -24,11 +24,20 @@ ensure_ray()
 import ray
 
 @ray.remote(num_cpus=0)
-def actors_seen_from_a_worker():
-    from ray.util.state import list_actors  # no address: the lookup the cleaner makes
-    return len(list_actors())
+class Cleaner:  # like Ray Train's placement-group cleaner: detached, started from inside the job
+    def actors_seen(self):
+        from ray.util.state import list_actors  # no address: the lookup the cleaner makes
+        return len(list_actors())
 
-print("actors:", ray.get(actors_seen_from_a_worker.remote()))
+@ray.remote(num_cpus=0)
+def start_a_cleaner():
+    cleaner = Cleaner.options(lifetime="detached").remote()
+    try:
+        return ray.get(cleaner.actors_seen.remote())
+    finally:
+        ray.kill(cleaner)
+
+print("actors:", ray.get(start_a_cleaner.remote()))
 """
 
 
