@@ -7,7 +7,8 @@ that names everything its numbers depend on:
 
 - the job (``('nll', domain, L)``, ``('relkl', domain, L)``, ``('passkey', L)``);
 - the model: name, path, RoPE override, and for a local checkpoint the size and mtime of its
-  files, so a student retrained into the same directory is evaluated again;
+  files (not the student record that evaluations rewrite), so a student retrained into the same
+  directory is evaluated again;
 - for relation KL, the teacher the same way, and the YaRN logit correction;
 - the model settings that change numbers (``model.*``), the device and batch size;
 - a digest of the job's inputs: the token windows, or the passkey prompts.
@@ -39,7 +40,13 @@ def model_fingerprint(path: str) -> Any:
         st = p.stat()
         return [[p.name, st.st_size, st.st_mtime_ns]]
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+        # The student record is rewritten by every evaluation that logs its figures to the
+        # training run; counting it would make the next evaluation redo all of that model's jobs.
+        from linearard_ray.models.loading import STUDENT_RECORD
+
+        files = sorted(
+            f for f in p.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES) and f.name != STUDENT_RECORD
+        )
         return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     return path
 

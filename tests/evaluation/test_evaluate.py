@@ -514,6 +514,12 @@ def test_resume_reruns_a_student_retrained_into_the_same_directory(tmp_path, stu
     first = evaluate(cfg)
     assert len(calls) == 5  # teacher nll + passkey; restored nll + relation KL + passkey
 
+    # The student record (where evaluations log their figures) rewritten: no job runs again.
+    record = student / "linearard_student.json"
+    record.write_text(json.dumps({"figures": "logged by an earlier evaluation"}) + "\n")
+    calls.clear()
+    assert _figures(evaluate(cfg)) == _figures(first) and calls == []
+
     weights = next(student.glob("*.safetensors"))
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # "retrained": new file
