@@ -99,7 +99,7 @@ def ensure_ray(env: dict[str, str] | None = None) -> None:
     auth_logger = logging.getLogger(_AUTH_LOGGER)
     auth_logger.addFilter(notice)
     try:
-        ray.init(
+        context = ray.init(
             address="local",
             dashboard_port=dashboard_port,
             runtime_env={"env_vars": local_env},
@@ -108,3 +108,10 @@ def ensure_ray(env: dict[str, str] | None = None) -> None:
         )
     finally:
         auth_logger.removeFilter(notice)
+    if not str(context.dashboard_url or "").endswith(f":{dashboard_port}"):  # taken meanwhile, or no dashboard
+        logging.getLogger(__name__).warning(
+            "Ray's dashboard is not on port %d (%s): beside another Ray instance on this machine, "
+            "Tune trials stopped early may keep their CPU/GPU share",
+            dashboard_port,
+            context.dashboard_url or "not started",
+        )
