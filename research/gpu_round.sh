@@ -128,30 +128,9 @@ sweep)
   config=$3 share=${4:-4}
   sets=""; for e in "${@:5}"; do sets="$sets --set '$e'"; done
   if tiny_teacher "$config" "${@:5}"; then prepare "model optional"; else prepare; fi
-  gpus=$(nvidia-smi -L | grep -c GPU)
   PYTHONPATH="$site" python3 research/sweep_on_shipped_samples.py --config "$config" --samples "$work/teacher_samples.jsonl" \
     --out "$work/sweep.yaml" || exit 2
   detach <<EOF
-# Its own Ray head, named to every Ray process through RAY_ADDRESS. Beside another Ray instance on
-# the host (a study round's head), Ray Train's placement-group cleaner could not tell which cluster
-# was its own and died, so the GPU share of every trial that ASHA stopped was never given back.
-# ensure_ray's private instance now names itself to its workers too (tests/test_ray_env.py); this
-# head is the second guard, since a stalled search costs its whole round.
-read port dash client agent < <(python3 -c 'import socket
-ss = [socket.socket() for _ in range(4)]
-[s.bind(("127.0.0.1", 0)) for s in ss]
-print(*[s.getsockname()[1] for s in ss])')
-export RAY_ADDRESS=127.0.0.1:\$port
-setsid ray start --head --block --node-ip-address 127.0.0.1 --port \$port --dashboard-port \$dash \\
-  --ray-client-server-port \$client --dashboard-agent-listen-port \$agent --num-gpus $gpus \\
-  --temp-dir /tmp/rsweep-\$port --disable-usage-stats > $work/ray-head.log 2>&1 &
-head_pid=\$!
-trap 'kill -TERM -- -\$head_pid 2>/dev/null; wait \$head_pid' EXIT  # DONE once the head has let go of the GPU
-for i in \$(seq 120); do  # the raylet up too, not only the GCS
-  grep -q "Ray runtime started" $work/ray-head.log && break
-  kill -0 \$head_pid 2>/dev/null || { echo "the sweep's Ray head died: $work/ray-head.log"; exit 16; }
-  sleep 1
-done
 python3 pipelines/tune.py --config $work/sweep.yaml --set train.gpus_per_worker=$(awk "BEGIN {print 1 / $share}") \\
   --set tune.storage_path=$work/tune --set train.output_dir=$work/students $sets || exit 15
 date +%s > $work/t_swept

@@ -123,13 +123,9 @@ def test_gpu_round_sweep_reads_the_shipped_corpus_and_shares_the_card(tmp_path):
     assert "--set train.gpus_per_worker=0.25" in chain and f"--set tune.storage_path={work}/tune" in chain
     assert f"--set train.output_dir={work}/students" in chain  # the winner's student stays on the host
     assert "--set 'tune.metric=no_such_metric'" in chain
-    # its own head, named through RAY_ADDRESS, beside whatever other Ray instance the host runs
-    assert "export RAY_ADDRESS=127.0.0.1:" in chain and "ray start --head --block" in chain
     waited = _run(tmp_path, "wait", str(work), "240")
     assert waited.returncode == 0 and "chain exit 15" in waited.stdout
     assert "no_such_metric" in (work / "driver.log").read_text()
-    assert "Ray runtime started" in (work / "ray-head.log").read_text()
-    assert "kill -TERM" in (work / "driver.log").read_text()  # the head is stopped with the chain
 
 
 def test_gpu_round_refuses_before_detaching(tmp_path):
