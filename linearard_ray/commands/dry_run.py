@@ -122,7 +122,9 @@ def sources_line(cfg: Config) -> str:
     sources = list(cfg.data.sources)
     if cfg.data.teacher_samples is not None:
         sources.append("text sampled from the teacher (data.teacher_samples)")
-    line = f"training text: {', '.join(sources)}" + (", packed" if cfg.data.pack else "")
+    line = f"training text: {', '.join(sources)}" + {True: ", packed", "best_fit": ", best-fit packed"}.get(
+        cfg.data.pack, ""
+    )
     if cfg.data.lm_sources:
         line += f"; next-token stream: {', '.join(cfg.data.lm_sources)}"
     return line

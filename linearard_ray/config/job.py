@@ -63,6 +63,10 @@ class TeacherSamplesConfig(SampleSpec):
         return v
 
 
+# Strings pydantic reads as a boolean.
+_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "t", "f", "y", "n", "1", "0")
+
+
 class DataConfig(Section):
     sources: list[str] = Field(
         default_factory=_default_sources,
@@ -86,8 +90,15 @@ class DataConfig(Section):
         "in the report; or replace them with U+FFFD, the replaced characters counted.",
     )
     ctx_len: int = Field(512, ge=8, description="Tokens per training block.")
-    pack: bool = Field(False, description="Pack across documents with EOS separators instead of cutting per document.")
-    tail: Literal["drop", "pad"] = Field("drop", description="What to do with a document's last partial block.")
+    pack: bool | Literal["best_fit"] = Field(
+        False,
+        description="Pack across documents with EOS separators instead of cutting per document. best_fit: "
+        "long documents give their own full blocks from their start; short ones (and long ones' remainders) "
+        "go whole into the open block they fill best, so none is split across blocks; nothing is dropped.",
+    )
+    tail: Literal["drop", "pad"] = Field(
+        "drop", description="What to do with a document's (or the packed stream's) last partial block."
+    )
     min_doc_tokens: int = Field(64, ge=1, description="Documents with fewer tokens are skipped (and counted).")
     add_bos: bool | None = Field(None, description="Default: what the tokenizer does.")
     add_eos: bool = Field(
@@ -116,6 +127,14 @@ class DataConfig(Section):
         description="Text sampled from the teacher before training (on a GPU when train.use_gpu), resumable, "
         "and appended to data.sources; e.g. {num_samples: 2080, batch_size: 1040, top_p: 0.95}.",
     )
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _known_layout(cls, v):
+        # One message naming the three layouts, instead of one error per member of the union.
+        if isinstance(v, str) and v != "best_fit" and v.lower() not in _BOOLEAN_WORDS:
+            raise ValueError(f"must be false (per document), true (packed) or best_fit, not {v!r}")
+        return v
 
     @field_validator("encoding")
     @classmethod

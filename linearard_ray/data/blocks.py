@@ -1,8 +1,14 @@
 """Cutting token streams into fixed-length training blocks.
 
-Two layouts: per document (a block never mixes documents, as the paper trains) or packed (the
-documents, each ending in EOS, are concatenated and cut regardless of boundaries). A document's
-(or the packed stream's) last partial block is dropped or padded with attention_mask 0.
+Three layouts:
+- per document: a block never mixes documents, as the paper trains; a document shorter than one
+  block gives none (unless padded);
+- packed: the documents, each ending in EOS, are concatenated and cut regardless of boundaries, so
+  nothing is dropped but a document may start anywhere in a block and run on into the next;
+- best-fit packed: a long document is cut into its own full blocks from its start, and the short
+  documents (and long ones' remainders) are placed whole into the open block they fill best, so no
+  document shorter than a block is ever split; blocks that nothing more fits are padded.
+A document's (or the packed stream's) last partial block is dropped or padded with attention_mask 0.
 """
 
 from __future__ import annotations
@@ -111,6 +117,13 @@ def cut_document(ids: np.ndarray, doc_id: str, ctx_len: int, tail: str, pad_id: 
 _MAX_IDS_IN_NAME = 8
 
 
+def _block_name(ids: list[str]) -> str:
+    """A packed block's doc_id: the documents it holds, 'a+b+c', at most 8 then '+…(n more)'."""
+    if len(ids) <= _MAX_IDS_IN_NAME:
+        return "+".join(ids)
+    return "+".join(ids[:_MAX_IDS_IN_NAME]) + f"+…({len(ids) - _MAX_IDS_IN_NAME} more)"
+
+
 class Packer:
     """Concatenates framed documents and emits full blocks as they fill.
 
@@ -125,11 +138,6 @@ class Packer:
         self._ids: list[str] = []  # documents with tokens in the current block
         self._next_index = 0
 
-    def _name(self, ids: list[str]) -> str:
-        if len(ids) <= _MAX_IDS_IN_NAME:
-            return "+".join(ids)
-        return "+".join(ids[:_MAX_IDS_IN_NAME]) + f"+…({len(ids) - _MAX_IDS_IN_NAME} more)"
-
     def add(self, doc_id: str, ids: np.ndarray) -> Iterator[Block]:
         pos = 0
         n = len(ids)
@@ -142,7 +150,7 @@ class Packer:
             pos += take
             if self._buf_len == self.ctx_len:
                 block = np.concatenate(self._buf).astype(np.int32, copy=False)
-                yield Block(block, np.ones(self.ctx_len, dtype=np.int8), self._name(self._ids), self._next_index)
+                yield Block(block, np.ones(self.ctx_len, dtype=np.int8), _block_name(self._ids), self._next_index)
                 self._next_index += 1
                 self._buf, self._buf_len, self._ids = [], 0, []
 
@@ -152,7 +160,7 @@ class Packer:
             return [], 0
         rest = self._buf_len
         ids = np.concatenate(self._buf)
-        name = self._name(self._ids)
+        name = _block_name(self._ids)
         self._buf, self._buf_len, self._ids = [], 0, []
         if self.tail == "drop":
             return [], rest
@@ -160,3 +168,76 @@ class Packer:
         block = Block(ids_p, mask, name, self._next_index)
         self._next_index += 1
         return [block], 0
+
+
+@dataclass(eq=False)  # identity: list.remove must not compare the arrays
+class _OpenBlock:
+    parts: list[np.ndarray]
+    ids: list[str]
+    used: int
+    opened: int  # order of opening: ties in fit and the blocks left at the end go oldest first
+
+
+class BestFitPacker:
+    """Packs whole documents into blocks (``data.pack: best_fit``), emitting blocks as they fill.
+
+    Plain packing cuts the concatenated stream, so most short documents straddle two blocks and a
+    block's tokens see, on average, far less of their own document than cutting per document gives
+    (research/LOG.md#packing-context). Here a document of ctx_len tokens or more gives its own full
+    blocks from its start, as per document; what is left of it, and every shorter document, goes
+    whole into the open block whose free space it fills most tightly (best fit). A piece that fits
+    no open block opens a new one; with ``max_open`` blocks already open, the fullest is first
+    closed, padded. No token is dropped: ``finish`` pads the blocks still open.
+    """
+
+    def __init__(self, ctx_len: int, pad_id: int, max_open: int = 64):
+        if max_open < 1:
+            raise ValueError(f"max_open must be at least 1, not {max_open}")
+        self.ctx_len, self.pad_id, self.max_open = ctx_len, pad_id, max_open
+        self._open: list[_OpenBlock] = []
+        self._opened = 0
+        self._next_index = 0
+
+    def add(self, doc_id: str, ids: np.ndarray) -> Iterator[Block]:
+        n_full = len(ids) // self.ctx_len
+        for i in range(n_full):
+            piece = ids[i * self.ctx_len : (i + 1) * self.ctx_len]
+            yield self._emit(_OpenBlock([piece], [doc_id], self.ctx_len, -1))
+        rest = ids[n_full * self.ctx_len :]
+        if len(rest):
+            yield from self._place(doc_id, rest)
+
+    def finish(self) -> tuple[list[Block], int]:
+        """The blocks still open, padded, oldest first; nothing is dropped."""
+        left = sorted(self._open, key=lambda b: b.opened)
+        self._open = []
+        return [self._emit(b) for b in left], 0
+
+    def _place(self, doc_id: str, piece: np.ndarray) -> Iterator[Block]:
+        fits = [b for b in self._open if self.ctx_len - b.used >= len(piece)]
+        if fits:
+            target = min(fits, key=lambda b: (self.ctx_len - b.used, b.opened))
+        else:
+            if len(self._open) >= self.max_open:
+                fullest = min(self._open, key=lambda b: (self.ctx_len - b.used, b.opened))
+                self._open.remove(fullest)
+                yield self._emit(fullest)
+            target = _OpenBlock([], [], 0, self._opened)
+            self._opened += 1
+            self._open.append(target)
+        target.parts.append(piece)
+        target.ids.append(doc_id)
+        target.used += len(piece)
+        if target.used == self.ctx_len:
+            self._open.remove(target)
+            yield self._emit(target)
+
+    def _emit(self, b: _OpenBlock) -> Block:
+        ids = np.concatenate(b.parts).astype(np.int32, copy=False)
+        if b.used < self.ctx_len:
+            ids, mask = _pad(ids, self.ctx_len, self.pad_id)
+        else:
+            mask = np.ones(self.ctx_len, dtype=np.int8)
+        block = Block(ids, mask, _block_name(b.ids), self._next_index)
+        self._next_index += 1
+        return block

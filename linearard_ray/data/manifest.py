@@ -150,7 +150,8 @@ def format_report(manifest: dict, out: str | Path | None = None, max_skips: int 
     """A human summary of a manifest: what was read, kept, skipped and why, and where it went."""
     m = manifest
     tok = m["tokenizer"]
-    layout = "packed" if m["pack"] else "per document"
+    layout = {True: "packed", "best_fit": "best-fit packed"}.get(m["pack"], "per document")
+    tail = "" if m["pack"] == "best_fit" else f", tail={m['tail']}"  # best fit pads, never drops
     lines = [f"preprocessed data: {out}"] if out is not None else []
     lines += [
         f"  sources: {', '.join(m['sources'])} ({m['input_files']} input files)",
@@ -158,7 +159,7 @@ def format_report(manifest: dict, out: str | Path | None = None, max_skips: int 
         f"  documents: {m['docs_read']} read, {m['docs_used']} used, {m['docs_skipped']} skipped",
         f"  tokens: {m['tokens']} in used documents, {m['tokens_in_blocks']} in blocks, "
         f"{m['tokens_dropped']} dropped (tail), {m['pad_tokens']} padding",
-        f"  blocks: {m['blocks']} x {m['ctx_len']} tokens ({layout}, tail={m['tail']}) in {len(m['shards'])} shard(s)",
+        f"  blocks: {m['blocks']} x {m['ctx_len']} tokens ({layout}{tail}) in {len(m['shards'])} shard(s)",
         f"  wall time: {m['wall_time_s']:.1f} s ({m['tokens_per_s']:.0f} tokens/s)",
     ]
     if m.get("chars_replaced"):

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from linearard_ray.config import Config, DataConfig
-from linearard_ray.data.blocks import Packer, TokenSpec, resolve_token_spec, vocab_hash
+from linearard_ray.data.blocks import BestFitPacker, Packer, TokenSpec, resolve_token_spec, vocab_hash
 from linearard_ray.data.dataset import build_dataset, data_context
 from linearard_ray.data.manifest import (
     MANIFEST,
@@ -271,6 +271,13 @@ def _readable(items: list[InputFile], stats: _Stats) -> list[InputFile]:
     return readable
 
 
+def _packer(data_cfg: DataConfig, spec: TokenSpec) -> Packer | BestFitPacker | None:
+    """What joins documents into blocks on the driver (None: the actors cut per document)."""
+    if data_cfg.pack == "best_fit":
+        return BestFitPacker(data_cfg.ctx_len, spec.pad_id)
+    return Packer(data_cfg.ctx_len, data_cfg.tail, spec.pad_id) if data_cfg.pack else None
+
+
 def _stream_blocks(
     readable: list[InputFile],
     data_cfg: DataConfig,
@@ -281,7 +288,7 @@ def _stream_blocks(
     progress: bool,
 ) -> None:
     """Run the Ray Data pipeline over `readable` and hand every block table, in order, to `put`."""
-    packer = Packer(data_cfg.ctx_len, data_cfg.tail, spec.pad_id) if data_cfg.pack else None
+    packer = _packer(data_cfg, spec)
     if readable:
         ensure_ray()
     bar = _Progress(progress)
@@ -331,7 +338,9 @@ def _no_block_error(stats: _Stats, data_cfg: DataConfig) -> DataError:
     )
 
 
-def _consume(batch: pa.Table, stats: _Stats, packer: Packer | None, put: Callable[[pa.Table], None]) -> None:
+def _consume(
+    batch: pa.Table, stats: _Stats, packer: Packer | BestFitPacker | None, put: Callable[[pa.Table], None]
+) -> None:
     """Count one table of the actors' stream and pass its blocks on (through the packer when packing)."""
     kind = batch.column("kind").to_numpy()
     for i in np.flatnonzero(kind == KIND_SKIP):
@@ -358,7 +367,9 @@ def _consume_blocks(blocks: pa.Table, stats: _Stats, put: Callable[[pa.Table], N
     put(blocks.select(["input_ids", "attention_mask", "doc_id", "block_index"]))
 
 
-def _consume_documents(docs: pa.Table, stats: _Stats, packer: Packer, put: Callable[[pa.Table], None]) -> None:
+def _consume_documents(
+    docs: pa.Table, stats: _Stats, packer: Packer | BestFitPacker, put: Callable[[pa.Table], None]
+) -> None:
     if docs.num_rows == 0:
         return
     stats.count_replaced(docs.column("replaced").to_numpy())

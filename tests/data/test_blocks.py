@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from linearard_ray.data.blocks import (
+    BestFitPacker,
     Packer,
     cut_document,
     frame_document,
@@ -70,6 +71,60 @@ def test_packer_equals_cutting_the_concatenation(tail):
             assert got[:8] == want[:8] and got[8] == f"…({len(want) - 8} more)"
         else:
             assert got == want
+
+
+def _best_fit(docs: dict[str, np.ndarray], ctx: int, max_open: int = 64) -> list:
+    p = BestFitPacker(ctx, pad_id=-1, max_open=max_open)
+    out = [b for name, d in docs.items() for b in p.add(name, d)]
+    last, dropped = p.finish()
+    assert dropped == 0
+    return out + last
+
+
+def test_best_fit_keeps_every_token_and_splits_no_short_document():
+    rng = np.random.default_rng()
+    ctx = int(rng.integers(8, 60))
+    max_open = int(rng.integers(1, 6))
+    # Every token id is unique, so each token's place in the blocks tells which document it is from.
+    lengths = [int(rng.integers(1, 4 * ctx)) for _ in range(int(rng.integers(5, 60)))]
+    ids = rng.permutation(sum(lengths)).astype(np.int32) + 10
+    bounds = np.cumsum([0, *lengths])
+    docs = {f"doc{i}": ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths))}
+    out = _best_fit(docs, ctx, max_open)
+    assert [b.block_index for b in out] == list(range(len(out)))
+    where = {}  # token -> (block, position)
+    for k, b in enumerate(out):
+        n = int(b.attention_mask.sum())
+        assert len(b.input_ids) == ctx and b.input_ids.dtype == np.int32
+        np.testing.assert_array_equal(b.attention_mask, (np.arange(ctx) < n).astype(np.int8))
+        assert (b.input_ids[n:] == -1).all()
+        where.update({int(t): (k, j) for j, t in enumerate(b.input_ids[:n])})
+    assert sorted(where) == sorted(ids.tolist())  # nothing dropped, nothing twice
+    for name, d in docs.items():
+        n_full = len(d) // ctx
+        for i in range(n_full):  # a long document's full blocks: its own, cut from its start
+            block = out[where[int(d[i * ctx])][0]]
+            assert block.doc_id == name
+            np.testing.assert_array_equal(block.input_ids, d[i * ctx : (i + 1) * ctx])
+        rest = d[n_full * ctx :]
+        if len(rest):  # the remainder (or a short document) lies whole, in order, in one block
+            k, j = where[int(rest[0])]
+            np.testing.assert_array_equal(out[k].input_ids[j : j + len(rest)], rest)
+            assert name in out[k].doc_id.split("+") or "more)" in out[k].doc_id
+
+
+def test_best_fit_chooses_the_tightest_open_block_and_closes_the_fullest_when_full():
+    doc = lambda n, first: np.arange(first, first + n, dtype=np.int32)  # noqa: E731
+    # ctx 10: a (5) and b (6) open two blocks; c (4) fills b's 4 free exactly, not the older a's 5.
+    out = _best_fit({"a": doc(5, 100), "b": doc(6, 200), "c": doc(4, 300)}, ctx=10)
+    assert [(b.doc_id, int(b.attention_mask.sum())) for b in out] == [("b+c", 10), ("a", 5)]
+    # One open block at most: b does not fit a's block, which is closed padded first.
+    out = _best_fit({"a": doc(5, 100), "b": doc(6, 200), "c": doc(4, 300)}, ctx=10, max_open=1)
+    assert [(b.doc_id, int(b.attention_mask.sum())) for b in out] == [("a", 5), ("b+c", 10)]
+    # A long document gives its own full blocks; its remainder is packed like a short document.
+    out = _best_fit({"a": doc(3, 100), "long": doc(27, 200)}, ctx=10)
+    assert [b.doc_id for b in out] == ["long", "long", "a+long"]
+    np.testing.assert_array_equal(out[2].input_ids[:10], np.r_[doc(3, 100), doc(7, 220)])
 
 
 def test_frame_document_and_token_spec(tiny_model_dir):

@@ -286,6 +286,24 @@ def test_pack_and_pad(ray_cluster, corpus, tok, tok_dir, tmp_path):
     assert [t for r in rows for t in r["input_ids"]] == stream[: len(rows) * CTX]
     assert any("+" in r["doc_id"] for r in rows)  # blocks cross document boundaries
 
+    fitted = preprocess(_cfg([corpus.root], tmp_path / "fit", pack="best_fit", shuffle=False), tok_dir, progress=False)
+    m = read_manifest(fitted)
+    rows = _read_shards(fitted).to_pylist()
+    assert (m["pack"], m["docs_used"], m["tokens"]) == ("best_fit", exp["docs_used"], len(stream))
+    assert m["tokens_in_blocks"] == len(stream) and m["tokens_dropped"] == 0 and "best-fit packed)" in format_report(m)
+    assert m["pad_tokens"] == sum(CTX - sum(r["attention_mask"]) for r in rows) and len(rows) == m["blocks"]
+    held = [[t for t, k in zip(r["input_ids"], r["attention_mask"], strict=False) if k] for r in rows]
+    for doc_id, ids in exp["ids"].items():  # whole: full blocks from its start, then its remainder in one block
+        n_full = len(ids) // CTX
+        for i in range(n_full):
+            assert ids[i * CTX : (i + 1) * CTX] in held
+        rest = ids[n_full * CTX :]
+        assert not rest or any(_holds(h, rest) for h in held), doc_id
+
+
+def _holds(seq: list, part: list) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
 
 def test_no_usable_block_is_an_error(ray_cluster, corpus, tok_dir, tmp_path):
     out = tmp_path / "none"

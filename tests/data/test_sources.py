@@ -387,6 +387,15 @@ def test_encoding_fields_are_validated_and_change_the_config_hash():
             build_config({"data": {"encoding": bad}})
     with pytest.raises(ConfigError, match="data.encoding_errors"):
         build_config({"data": {"encoding_errors": "ignore"}})
+    with pytest.raises(
+        ConfigError, match=r"data.pack: must be false \(per document\), true \(packed\) or best_fit, not 'bestfit'"
+    ):
+        build_config({"data": {"pack": "bestfit"}})
+    assert [build_config({"data": {"pack": v}}).data.pack for v in (True, "off", "best_fit")] == [
+        True,
+        False,
+        "best_fit",
+    ]
     tok = {k: 0 for k in ("vocab_hash", "add_bos", "add_eos", "bos_id", "eos_id", "pad_id")}
     hashes = {
         hash_payload(config_payload(DataConfig(**kw), tok, "inputs"))
