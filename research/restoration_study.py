@@ -451,6 +451,20 @@ VARIANTS["genre-long-yarn"] = (
     [*VARIANTS["genre-long"][0], "rope.type=yarn"],
     VARIANTS["genre-long"][1].replace("PI×4", "YaRN×4 student"),
 )
+# next: packing cuts the concatenated stream, so the general mix's tokens see about two thirds of
+# the own-document context that -restore-long's per-document blocks give (research/block_context.py,
+# LOG.md#packing-context), and -restore-long's per-document cut keeps only the 447 teacher samples
+# that fill a whole block. data.pack=best_fit keeps every document shorter than a block whole.
+VARIANTS["genre-long-fit"] = (
+    [*_restore_long, GENRE_MIX, "data.pack=best_fit"],
+    _restore_long_text.replace(
+        "SOTU + teacher samples", "SOTU + teacher samples + scripture/fortunes/lexicon, best-fit packed"
+    ),
+)
+VARIANTS["tsample-vmix-ce22-qk-fit"] = (
+    [*_restore_long, "data.pack=best_fit"],
+    _restore_long_text.replace("SOTU + teacher samples", "SOTU + every teacher sample, best-fit packed"),
+)
 VARIANTS["cpt-genre"] = (
     [*VARIANTS["cpt"][0], GENRE_MIX, "data.pack=true"],
     "plain next-token training on 8K blocks of SOTU + teacher samples + scripture/fortunes/lexicon, packed "

@@ -227,6 +227,7 @@ def test_samples_shorter_than_a_block_are_announced_unless_packed(tmp_path):
     base = ["data.teacher_samples={num_samples: 8, batch_size: 4}", "data.ctx_len=100"]
     short = sum(n < 100 for n in lengths)
     note = short_samples_note(load_config(None, base), path)
-    assert note.startswith(f"{short} of {len(lengths)} samples") and "data.pack: true" in note
+    assert note.startswith(f"{short} of {len(lengths)} samples") and "data.pack: best_fit" in note
     assert short_samples_note(load_config(None, [*base, "data.pack=true"]), path) is None
+    assert short_samples_note(load_config(None, [*base, "data.pack=best_fit"]), path) is None
     assert short_samples_note(load_config(None, [*base, "data.tail=pad"]), path) is None

@@ -33,6 +33,7 @@ def test_the_winner_changes_only_what_it_trained_differently(tmp_path):
     samples = str(tmp_path / "w" / "teacher_samples.jsonl")
     params = {
         "data.sources": ["genre:scripture", "genre:fortunes", "genre:lexicon", samples],
+        "data.pack": "best_fit",
         "objective.relation.weights.q": 0.1,  # the base recipe's own value: no change
         "objective.relation.weights.k": 0.0,
         "objective.relation.weights.qk": 3.0,
@@ -46,6 +47,7 @@ def test_the_winner_changes_only_what_it_trained_differently(tmp_path):
     recipe, base = load_config(out), load_config(BASE)
     assert recipe.data.sources == ["genre:scripture", "genre:fortunes", "genre:lexicon"]  # corpus dropped
     assert recipe.rope.type == "yarn"  # the sweep's override is part of what the winner trained
+    assert recipe.data.pack == "best_fit"
     weights = recipe.objective.relation.weights
     assert (weights["q"], weights["k"], weights["qk"]) == (0.1, 0.0, 3.0) and recipe.objective.logits.weight == 0.5
     assert recipe.train.run_name == out.stem
@@ -56,6 +58,7 @@ def test_the_winner_changes_only_what_it_trained_differently(tmp_path):
     changed = {line.split(":")[0].strip("# ") for line in out.read_text().splitlines() if " -> " in line}
     assert changed == {
         "data.sources",
+        "data.pack",
         "rope.type",
         "objective.relation.weights.k",
         "objective.relation.weights.qk",
@@ -69,6 +72,7 @@ def test_a_winner_equal_to_the_base_writes_nothing(tmp_path, capsys):
     samples = str(tmp_path / "w" / "teacher_samples.jsonl")
     params = {
         "data.sources": ["builtin:sotu/train", "genre:scripture", "genre:fortunes", "genre:lexicon", samples],
+        "data.pack": True,
         "objective.relation.weights.q": 0.1,
         "objective.relation.weights.k": 0.1,
         "objective.relation.weights.qk": 1.0,
