@@ -119,12 +119,12 @@ def training_lines(cfg: Config) -> list[str]:
 
 def sources_line(cfg: Config) -> str:
     """What the job trains on, held-out parts and teacher text included, so the plan shows the mix."""
+    from linearard_ray.data.blocks import layout_name
+
     sources = list(cfg.data.sources)
     if cfg.data.teacher_samples is not None:
         sources.append("text sampled from the teacher (data.teacher_samples)")
-    line = f"training text: {', '.join(sources)}" + {True: ", packed", "best_fit": ", best-fit packed"}.get(
-        cfg.data.pack, ""
-    )
+    line = f"training text: {', '.join(sources)}" + (f", {layout_name(cfg.data.pack)}" if cfg.data.pack else "")
     if cfg.data.lm_sources:
         line += f"; next-token stream: {', '.join(cfg.data.lm_sources)}"
     return line

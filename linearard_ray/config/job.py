@@ -97,7 +97,8 @@ class DataConfig(Section):
         "go whole into the open block they fill best, so none is split across blocks; nothing is dropped.",
     )
     tail: Literal["drop", "pad"] = Field(
-        "drop", description="What to do with a document's (or the packed stream's) last partial block."
+        "drop",
+        description="What to do with a document's (or the packed stream's) last partial block; best_fit pads.",
     )
     min_doc_tokens: int = Field(64, ge=1, description="Documents with fewer tokens are skipped (and counted).")
     add_bos: bool | None = Field(None, description="Default: what the tokenizer does.")

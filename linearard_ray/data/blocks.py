@@ -21,6 +21,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 
+def layout_name(pack: bool | str) -> str:
+    """How ``data.pack`` lays documents into blocks, in words for reports."""
+    return {True: "packed", "best_fit": "best-fit packed"}.get(pack, "per document")
+
+
 @dataclass(frozen=True)
 class TokenSpec:
     """Special tokens around each document, as the model's tokenizer expects them."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from linearard_ray.config import DataConfig
-from linearard_ray.data.blocks import TokenSpec, vocab_hash
+from linearard_ray.data.blocks import TokenSpec, layout_name, vocab_hash
 from linearard_ray.data.sources import DataError
 from linearard_ray.paths import output_path
 
@@ -150,7 +150,7 @@ def format_report(manifest: dict, out: str | Path | None = None, max_skips: int 
     """A human summary of a manifest: what was read, kept, skipped and why, and where it went."""
     m = manifest
     tok = m["tokenizer"]
-    layout = {True: "packed", "best_fit": "best-fit packed"}.get(m["pack"], "per document")
+    layout = layout_name(m["pack"])
     tail = "" if m["pack"] == "best_fit" else f", tail={m['tail']}"  # best fit pads, never drops
     lines = [f"preprocessed data: {out}"] if out is not None else []
     lines += [
