@@ -142,10 +142,13 @@ class Packer:
         self._buf_len = 0
         self._ids: list[str] = []  # documents with tokens in the current block
         self._next_index = 0
+        self.docs_split = 0  # documents no longer than a block that run across two
 
     def add(self, doc_id: str, ids: np.ndarray) -> Iterator[Block]:
         pos = 0
         n = len(ids)
+        if n <= self.ctx_len < self._buf_len + n:
+            self.docs_split += 1
         while pos < n:
             if not self._ids or self._ids[-1] != doc_id:
                 self._ids.append(doc_id)
@@ -202,6 +205,7 @@ class BestFitPacker:
         self._open: list[_OpenBlock] = []
         self._opened = 0
         self._next_index = 0
+        self.docs_split = 0  # as Packer counts it: none, by construction
 
     def add(self, doc_id: str, ids: np.ndarray) -> Iterator[Block]:
         n_full = len(ids) // self.ctx_len

@@ -167,6 +167,11 @@ def format_report(manifest: dict, out: str | Path | None = None, max_skips: int 
             f"  decoding: {m['chars_replaced']} undecodable characters replaced with U+FFFD in "
             f"{m['docs_replaced']} used documents (encoding={m['encoding']})"
         )
+    if m.get("docs_split"):
+        lines.append(
+            f"  split: {m['docs_split']} documents no longer than a block run across two blocks "
+            "(data.pack: best_fit keeps each whole)"
+        )
     if m["docs_skipped"]:
         lines += _skip_report(m, max_skips)
     return "\n".join(lines)

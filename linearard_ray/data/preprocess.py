@@ -94,6 +94,7 @@ class _Stats:
         self.real_tokens = 0
         self.docs_replaced = 0  # used documents with characters decoded as U+FFFD
         self.chars_replaced = 0
+        self.docs_split = 0  # packed: documents no longer than a block that run across two
 
     def count_replaced(self, replaced: np.ndarray) -> None:
         self.docs_replaced += int((replaced > 0).sum())
@@ -137,6 +138,7 @@ class _Stats:
             "skipped_listed": len(self.skipped),
             "docs_replaced": self.docs_replaced,
             "chars_replaced": self.chars_replaced,
+            "docs_split": self.docs_split,
         }
 
 
@@ -302,6 +304,7 @@ def _stream_blocks(
         if packer is not None:
             last, dropped = packer.finish()
             stats.dropped += dropped
+            stats.docs_split = packer.docs_split
             if last:
                 put(table_of_blocks(last))
     finally:

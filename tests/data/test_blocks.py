@@ -63,6 +63,8 @@ def test_packer_equals_cutting_the_concatenation(tail):
         np.testing.assert_array_equal(a.attention_mask, b.attention_mask)
     # Each block names exactly the documents whose tokens it holds, in order.
     bounds = np.cumsum([0] + [len(d) for d in docs])
+    starts, ends = bounds[:-1], bounds[1:] - 1  # first and last token of each document in the stream
+    assert p.docs_split == sum(e - s < ctx and s // ctx != e // ctx for s, e in zip(starts, ends, strict=True))
     for i, blk in enumerate(out):
         lo, hi = i * ctx, min((i + 1) * ctx, bounds[-1])
         want = [names[j] for j in range(len(docs)) if bounds[j] < hi and bounds[j + 1] > lo]
@@ -77,7 +79,7 @@ def _best_fit(docs: dict[str, np.ndarray], ctx: int, max_open: int = 64) -> list
     p = BestFitPacker(ctx, pad_id=-1, max_open=max_open)
     out = [b for name, d in docs.items() for b in p.add(name, d)]
     last, dropped = p.finish()
-    assert dropped == 0
+    assert dropped == 0 and p.docs_split == 0
     return out + last
 
 

@@ -12,6 +12,7 @@ import random
 import string
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -285,12 +286,16 @@ def test_pack_and_pad(ray_cluster, corpus, tok, tok_dir, tmp_path):
     assert [r["block_index"] for r in rows] == list(range(len(rows)))
     assert [t for r in rows for t in r["input_ids"]] == stream[: len(rows) * CTX]
     assert any("+" in r["doc_id"] for r in rows)  # blocks cross document boundaries
+    bounds = np.cumsum([0] + [len(exp["ids"][d[0]]) for d in corpus.docs if d[0] in exp["ids"]])
+    split = sum(b - a <= CTX and a // CTX != (b - 1) // CTX for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    assert m["docs_split"] == split > 0 and f"split: {split} documents no longer than a block" in format_report(m)
 
     fitted = preprocess(_cfg([corpus.root], tmp_path / "fit", pack="best_fit", shuffle=False), tok_dir, progress=False)
     m = read_manifest(fitted)
     rows = _read_shards(fitted).to_pylist()
     assert (m["pack"], m["docs_used"], m["tokens"]) == ("best_fit", exp["docs_used"], len(stream))
-    assert m["tokens_in_blocks"] == len(stream) and m["tokens_dropped"] == 0 and "best-fit packed)" in format_report(m)
+    assert m["tokens_in_blocks"] == len(stream) and m["tokens_dropped"] == 0 and m["docs_split"] == 0
+    assert "best-fit packed)" in format_report(m) and "split:" not in format_report(m)
     assert m["pad_tokens"] == sum(CTX - sum(r["attention_mask"]) for r in rows) and len(rows) == m["blocks"]
     held = [[t for t, k in zip(r["input_ids"], r["attention_mask"], strict=False) if k] for r in rows]
     for doc_id, ids in exp["ids"].items():  # whole: full blocks from its start, then its remainder in one block
