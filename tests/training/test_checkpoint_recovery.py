@@ -8,6 +8,7 @@ or deleted by hand)."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -28,6 +29,20 @@ from tests.training.test_resume import CPU, OVERRIDES, SPECS, STEPS, _cfg, _dete
 # the end-to-end tests' corpus and uninterrupted reference run, as this module's fixtures (the Ray
 # cluster comes from tests/training/conftest.py)
 corpus, workdir, reference = e2e.corpus, e2e.workdir, e2e.reference
+
+
+def _stderr_with(capfd, *wanted: str, timeout: float = 30.0) -> str:
+    """The test's stderr once it holds every ``wanted`` text, or what came within ``timeout``: a
+    worker's lines reach the driver through Ray's log monitor, which may forward them after
+    run_distill has returned (skipped checkpoints are warnings: stderr, shown under --quiet too)."""
+    err, end = "", time.time() + timeout
+    while True:
+        err += capfd.readouterr().err
+        if all(w in err for w in wanted) or time.time() > end:
+            return err
+        time.sleep(0.5)
+
+
 RAY_STEPS = e2e.STEPS
 
 
@@ -114,10 +129,13 @@ def test_job_started_again_after_its_newest_checkpoint_was_truncated(reference, 
     _truncate(run / "checkpoint_step0000004" / TRAINABLE_FILE)
 
     res = run_distill(cfg)
-    err = capfd.readouterr().err  # skipped checkpoints are warnings: stderr, shown under --quiet too
     bad, good = run / "checkpoint_step0000004", run / "checkpoint_step0000002"
-    assert f"[distill] checkpoint {bad} failed its check (trainable.pt has " in err
-    assert f"; resuming from step 2 ({good})" in err
+    failed, resumed = (
+        f"[distill] checkpoint {bad} failed its check (trainable.pt has ",
+        f"; resuming from step 2 ({good})",
+    )
+    err = _stderr_with(capfd, failed, resumed)
+    assert failed in err and resumed in err
     _assert_same_end(ref, res)
     # step 4 was written again beside the broken one; Ray's num_to_keep then dropped the broken one
     kept = sorted(p.name for p in run.glob("checkpoint_step*"))
@@ -134,11 +152,14 @@ def test_job_started_again_after_its_newest_checkpoint_was_deleted_by_hand(refer
     shutil.rmtree(run / "checkpoint_step0000004")
 
     res = run_distill(cfg)
-    err = capfd.readouterr().err  # skipped checkpoints are warnings: stderr, shown under --quiet too
     bad = run / "checkpoint_step0000004"
-    assert f"[distill] checkpoint {bad} is named in Ray Train's record of the run but was deleted" in err
-    assert f"[distill] checkpoint {bad} failed its check (was deleted; only a placeholder stands in for it)" in err
-    assert f"; resuming from step 2 ({run / 'checkpoint_step0000002'})" in err
+    wanted = (
+        f"[distill] checkpoint {bad} is named in Ray Train's record of the run but was deleted",
+        f"[distill] checkpoint {bad} failed its check (was deleted; only a placeholder stands in for it)",
+        f"; resuming from step 2 ({run / 'checkpoint_step0000002'})",
+    )
+    err = _stderr_with(capfd, *wanted)
+    assert all(w in err for w in wanted), err[-3000:]
     _assert_same_end(ref, res)
     assert sorted(p.name for p in run.glob("checkpoint_step*")) == [
         "checkpoint_step0000004_1",
