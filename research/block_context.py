@@ -71,8 +71,8 @@ def block_context(directory: Path) -> dict[str, dict]:
     for row in table.to_pylist():
         ids, mask = np.asarray(row["input_ids"]), np.asarray(row["attention_mask"])
         ctx = own_context(ids, mask, eos)
-        docs = 1 + int(np.count_nonzero(ids[: int(mask.sum()) - 1] == eos))
-        by_source[source_of(row["doc_id"])].append((ctx, docs, ctx_len - int(mask.sum())))
+        docs = int(np.count_nonzero(ctx == 0))  # each document starts with no context of its own
+        by_source[source_of(row["doc_id"])].append((ctx, docs, ctx_len - len(ctx)))
     out = {s: summarise(rows, ctx_len) for s, rows in sorted(by_source.items())}
     out["all"] = summarise([r for rows in by_source.values() for r in rows], ctx_len)
     return out

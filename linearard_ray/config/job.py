@@ -10,6 +10,8 @@ from pydantic import (
     AfterValidator,
     BeforeValidator,
     Field,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -61,10 +63,6 @@ class TeacherSamplesConfig(SampleSpec):
         if v is not None and not v.endswith(".jsonl"):
             raise ValueError(f"must name a .jsonl file, got {v!r}")
         return v
-
-
-# Strings pydantic reads as a boolean.
-_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "t", "f", "y", "n", "1", "0")
 
 
 class DataConfig(Section):
@@ -132,9 +130,13 @@ class DataConfig(Section):
     @field_validator("pack", mode="before")
     @classmethod
     def _known_layout(cls, v):
-        # One message naming the three layouts, instead of one error per member of the union.
-        if isinstance(v, str) and v != "best_fit" and v.lower() not in _BOOLEAN_WORDS:
-            raise ValueError(f"must be false (per document), true (packed) or best_fit, not {v!r}")
+        # One message naming the three layouts, instead of one error per member of the union; a
+        # string pydantic reads as a boolean ("yes", "off", ...) stays one.
+        if isinstance(v, str) and v != "best_fit":
+            try:
+                TypeAdapter(bool).validate_python(v)
+            except ValidationError:
+                raise ValueError(f"must be false (per document), true (packed) or best_fit, not {v!r}") from None
         return v
 
     @field_validator("encoding")

@@ -183,7 +183,6 @@ class _OpenBlock:
     parts: list[np.ndarray]
     ids: list[str]
     used: int
-    opened: int  # order of opening: ties in fit and the blocks left at the end go oldest first
 
 
 class BestFitPacker:
@@ -202,8 +201,8 @@ class BestFitPacker:
         if max_open < 1:
             raise ValueError(f"max_open must be at least 1, not {max_open}")
         self.ctx_len, self.pad_id, self.max_open = ctx_len, pad_id, max_open
+        # in the order they were opened: min() takes the oldest of equal fits, finish() pads oldest first
         self._open: list[_OpenBlock] = []
-        self._opened = 0
         self._next_index = 0
         self.docs_split = 0  # as Packer counts it: none, by construction
 
@@ -211,28 +210,26 @@ class BestFitPacker:
         n_full = len(ids) // self.ctx_len
         for i in range(n_full):
             piece = ids[i * self.ctx_len : (i + 1) * self.ctx_len]
-            yield self._emit(_OpenBlock([piece], [doc_id], self.ctx_len, -1))
+            yield self._emit(_OpenBlock([piece], [doc_id], self.ctx_len))
         rest = ids[n_full * self.ctx_len :]
         if len(rest):
             yield from self._place(doc_id, rest)
 
     def finish(self) -> tuple[list[Block], int]:
         """The blocks still open, padded, oldest first; nothing is dropped."""
-        left = sorted(self._open, key=lambda b: b.opened)
-        self._open = []
+        left, self._open = self._open, []
         return [self._emit(b) for b in left], 0
 
     def _place(self, doc_id: str, piece: np.ndarray) -> Iterator[Block]:
         fits = [b for b in self._open if self.ctx_len - b.used >= len(piece)]
         if fits:
-            target = min(fits, key=lambda b: (self.ctx_len - b.used, b.opened))
+            target = min(fits, key=lambda b: self.ctx_len - b.used)
         else:
             if len(self._open) >= self.max_open:
-                fullest = min(self._open, key=lambda b: (self.ctx_len - b.used, b.opened))
+                fullest = min(self._open, key=lambda b: self.ctx_len - b.used)
                 self._open.remove(fullest)
                 yield self._emit(fullest)
-            target = _OpenBlock([], [], 0, self._opened)
-            self._opened += 1
+            target = _OpenBlock([], [], 0)
             self._open.append(target)
         target.parts.append(piece)
         target.ids.append(doc_id)
