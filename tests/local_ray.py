@@ -4,6 +4,11 @@ the machine (``address="local"``), with the tests' model cache visible to every 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -45,3 +50,29 @@ def free_port() -> int:
 def head_port_flags() -> dict[str, int]:
     """A free port for every flag in ``HEAD_PORT_FLAGS``."""
     return {flag: free_port() for flag in HEAD_PORT_FLAGS}
+
+
+def wait_head_started(head: subprocess.Popen, log_path: Path, timeout: float) -> bool:
+    """Whether `ray start --head --block` (logging to ``log_path``) logged that its node runs
+    ("Ray runtime started.", once the raylet has registered) before it exited or ``timeout`` passed."""
+    end = time.monotonic() + timeout
+    while head.poll() is None and time.monotonic() < end:
+        if "Ray runtime started" in log_path.read_text():
+            return True
+        time.sleep(0.5)
+    return head.poll() is None and "Ray runtime started" in log_path.read_text()
+
+
+def stop_head(head: subprocess.Popen, grace_s: float) -> None:
+    """Stop a `ray start --block` head started in a session of its own: SIGTERM (it stops its own
+    cluster, and only it), then after ``grace_s`` SIGKILL to that session, so nothing is left."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    head.wait(timeout=30)

@@ -5,15 +5,13 @@ Train's placement-group cleaner asks it, must find this instance and not give up
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
-from tests.local_ray import head_port_flags
+from tests.local_ray import head_port_flags, stop_head, wait_head_started
 from tests.scripts import ROOT
 
 pytestmark = pytest.mark.slow
@@ -52,10 +50,7 @@ def _start_other_instance(log_path) -> subprocess.Popen:
         ],
         stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while "Ray runtime started" not in log_path.read_text():
-        assert head.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
-        time.sleep(0.5)
+    assert wait_head_started(head, log_path, timeout=120), log_path.read_text()[-2000:]
     return head
 
 
@@ -68,12 +63,7 @@ def test_state_api_from_a_worker_finds_its_own_instance_beside_another(tmp_path)
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     finally:
-        os.killpg(other.pid, signal.SIGTERM)
-        try:
-            other.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # Ray drains a node for up to 30 s; nothing here to drain
-            os.killpg(other.pid, signal.SIGKILL)
-            other.wait(timeout=30)
+        stop_head(other, grace_s=10)  # Ray drains a node for up to 30 s; nothing here to drain
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Found multiple active Ray instances" not in done.stderr
     assert "actors:" in done.stdout

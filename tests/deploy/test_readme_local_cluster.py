@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_ray import head_port_flags
+from tests.local_ray import head_port_flags, stop_head
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -149,10 +148,5 @@ def test_readme_local_cluster_runs_as_written(tmp_path):
         )
         assert bare.returncode != 0 and "Missing authentication token" in bare.stdout + bare.stderr
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its own cluster, and only it
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+        stop_head(head, grace_s=60)
         shutil.rmtree(temp, ignore_errors=True)  # the job's copy of the checkout and its outputs

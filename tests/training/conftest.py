@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.local_ray import head_port_flags, local_ray
+from tests.local_ray import head_port_flags, local_ray, stop_head, wait_head_started
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -97,25 +96,6 @@ def ray_cluster(cache_dir):
         yield
 
 
-# What `ray start --block` logs once its node has registered with the GCS.
-_STARTED = "Ray runtime started."
-
-
-def _stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL to the head's whole session (its own, so nothing else is hit): after a
-    job, Ray's orderly stop waits about 30 s for its processes, half a minute per test."""
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=30)
-
-
 def _start_head(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, int, str] | None:
     """One `ray start --head --block` on loopback with its own temp dir: (process, dashboard port,
     temp dir) once the node runs, or None (stopped, temp dir removed) if the start failed."""
@@ -142,12 +122,9 @@ def _start_head(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, 
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    end = time.time() + 180
-    while head.poll() is None and time.time() < end and _STARTED not in log_path.read_text():
-        time.sleep(1)
-    if head.poll() is None and _STARTED in log_path.read_text():
+    if wait_head_started(head, log_path, timeout=180):
         return head, ports["dashboard-port"], temp
-    _stop_head(head)
+    stop_head(head, grace_s=5)
     shutil.rmtree(temp, ignore_errors=True)
     return None
 
@@ -182,5 +159,6 @@ def head_node(tmp_path):
         assert refused.value.code == 401
         yield HeadNode(f"http://127.0.0.1:{dash}", env, Path(temp))
     finally:
-        _stop_head(head)
+        # after a job, Ray's orderly stop waits about 30 s for its processes: half a minute per test
+        stop_head(head, grace_s=5)
         shutil.rmtree(temp, ignore_errors=True)
